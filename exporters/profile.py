@@ -1,0 +1,113 @@
+"""The neutral Profile model: what every encoder reads.
+
+It knows nothing of pprof or OTLP. A Location is one program counter in one
+mapping with the frames that address resolves to, innermost (inlined) first,
+exactly the order pprof's Location.line uses. A Sample's stack is leaf first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from symbolizer.frames import Frame, Mapping
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """A sample value's meaning, as pprof's ValueType: ('cpu', 'nanoseconds')."""
+
+    type: str
+    unit: str
+
+
+@dataclass(frozen=True)
+class Location:
+    """One address. `frames` empty means unresolved: encoders keep the address.
+
+    `address` is the runtime virtual address in the process (or kernel); the
+    mapping, when known, lets readers compute the file offset.
+    """
+
+    address: int
+    mapping: Mapping | None
+    frames: tuple[Frame, ...] = ()
+
+
+@dataclass(frozen=True)
+class SampleKey:
+    """What makes two samples the same sample: stack and every attribute."""
+
+    stack: tuple[Location, ...]
+    pid: int
+    tid: int
+    thread_name: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Sample:
+    """Aggregated events of one SampleKey: values add, timestamps are all kept."""
+
+    key: SampleKey
+    values: list[int]
+    timestamps_ns: list[int] = field(default_factory=list)
+
+    @property
+    def stack(self) -> tuple[Location, ...]:
+        return self.key.stack
+
+
+@dataclass
+class Profile:
+    """A profile of one kind (cpu, heap...) over one time window.
+
+    `start_time_ns` is wall-clock (Unix epoch) nanoseconds; per-sample
+    timestamps are wall-clock too. `period` is in `period_type` units.
+    `comments` carry things a reader should know (drops, truncations).
+    """
+
+    sample_types: list[ValueType]
+    period_type: ValueType
+    period: int
+    start_time_ns: int
+    duration_ns: int
+    samples: list[Sample] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    default_sample_type: str = ""
+
+    def add(self, key: SampleKey, values: list[int], timestamp_ns: int | None = None) -> None:
+        """Add one event; merges with an existing sample of the same key."""
+        index = self._index()
+        sample = index.get(key)
+        if sample is None:
+            sample = Sample(key=key, values=[0] * len(self.sample_types))
+            self.samples.append(sample)
+            index[key] = sample
+        for i, v in enumerate(values):
+            sample.values[i] += v
+        if timestamp_ns is not None:
+            sample.timestamps_ns.append(timestamp_ns)
+
+    def _index(self) -> dict[SampleKey, Sample]:
+        idx = self.__dict__.get("_by_key")
+        if idx is None or len(idx) != len(self.samples):
+            idx = {s.key: s for s in self.samples}
+            self.__dict__["_by_key"] = idx
+        return idx
+
+    def total(self, value_index: int = 0) -> int:
+        """Sum of one value over all samples."""
+        return sum(s.values[value_index] for s in self.samples)
+
+
+def cpu_profile(start_time_ns: int, duration_ns: int, frequency_hz: int) -> Profile:
+    """An empty CPU profile with runtime/pprof's sample types."""
+    period_ns = 1_000_000_000 // frequency_hz
+    return Profile(
+        sample_types=[ValueType("samples", "count"), ValueType("cpu", "nanoseconds")],
+        period_type=ValueType("cpu", "nanoseconds"),
+        period=period_ns,
+        start_time_ns=start_time_ns,
+        duration_ns=duration_ns,
+        default_sample_type="cpu",
+    )

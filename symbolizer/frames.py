@@ -1,0 +1,70 @@
+"""The types the symbolizer hands out: mappings and frames.
+
+These are the only symbolizer names `exporters` may import.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FrameKind(str, enum.Enum):
+    """Where a frame's code comes from (OTel `profile.frame.type` values)."""
+
+    GO = "go"
+    NATIVE = "native"
+    KERNEL = "kernel"
+
+
+class BuildIdKind(str, enum.Enum):
+    """Which identity a mapping's build id is (OTel `process.executable.build_id.*`)."""
+
+    GNU = "gnu"  # .note.gnu.build-id, hex
+    GO = "go"  # Go's own build id (.note.go.buildid), as printed by `go tool buildid`
+    HASH = "htlhash"  # no build id in the file: a hash of its head and tail
+    NONE = ""  # file not readable (e.g. [vdso] before it was dumped, anonymous code)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One executable mapping of a process, as /proc/PID/maps shows it.
+
+    `path` is the path inside the process's mount namespace; files are read
+    through /proc/PID/root. `build_id` is the cache key of the file's symbols.
+    """
+
+    start: int
+    end: int
+    file_offset: int
+    path: str
+    build_id: str = ""
+    build_id_kind: BuildIdKind = BuildIdKind.NONE
+
+    @property
+    def name(self) -> str:
+        """Basename for display: 'libc.so.6', '[vdso]', '[kernel.kallsyms]'."""
+        return self.path.rsplit("/", 1)[-1] if self.path else "[unknown]"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One function activation at one source position.
+
+    `function` is for display (demangled); `system_name` is the raw symbol.
+    `line` 0 and `file` "" mean unknown. `inlined` is true when this frame was
+    inlined into the next (outer) frame of the same address.
+    """
+
+    function: str
+    kind: FrameKind
+    file: str = ""
+    line: int = 0
+    system_name: str = ""
+    inlined: bool = False
+    start_line: int = 0
+
+
+# A frame for an address no symbol covers. The agent still keeps the address
+# and its mapping, so `go tool pprof` shows `module+0xoffset`.
+UNKNOWN_FUNCTION = ""
