@@ -1,0 +1,284 @@
+"""ELF files: identity (build ids, file hash), load segments, address translation.
+
+Address translation contract (used for executables, PIE, shared libraries and
+the vdso alike):
+
+    runtime address `addr` in a mapping (start, file_offset)
+      -> file offset   off   = addr - start + file_offset
+      -> ELF vaddr     vaddr = off - seg.offset + seg.vaddr
+         where `seg` is the PT_LOAD segment whose file range holds `off`.
+
+The ELF vaddr is what .symtab, .dynsym, DWARF and .gopclntab speak. Going
+through the file offset (not "start - lowest vaddr") needs no guess about the
+load bias, so it is right for non-PIE executables (bias 0), PIE and shared
+libraries (bias = start of the first mapping) and files mapped in pieces.
+
+Every parse error -- pyelftools', struct's, a bounds check's -- surfaces as
+ElfParseError; callers turn that into an unknown frame and a counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import struct
+from functools import cached_property
+from typing import Iterator, NamedTuple
+
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import Section
+
+from symbolizer.errors import ElfParseError
+
+# Bytes of head and tail that file_hash() reads, as OTel's "htlhash" does.
+HASH_CHUNK_BYTES = 4096
+
+PT_LOAD = 1
+PT_NOTE = 4
+SHT_NOTE = 7
+SHT_NOBITS = 8
+NT_GNU_BUILD_ID = 3
+NT_GO_BUILD_ID = 4  # Go's linker writes note type 4 with name "Go"
+PF_X = 1
+
+
+class LoadSegment(NamedTuple):
+    """A PT_LOAD program header; `flags` are PF_X|PF_W|PF_R bits."""
+
+    vaddr: int
+    memsz: int
+    offset: int
+    filesz: int
+    flags: int
+
+
+@contextlib.contextmanager
+def elf_errors(what: str) -> Iterator[None]:
+    """Turn any exception of a parser over untrusted bytes into ElfParseError.
+
+    pyelftools raises ELFError, DWARFError, construct's StreamError, and on
+    corrupt input also ValueError, IndexError, KeyError, struct.error,
+    UnicodeDecodeError... The contract to callers is one exception type, so
+    the net is deliberately wide.
+    """
+    try:
+        yield
+    except ElfParseError:
+        raise
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 -- see docstring
+        raise ElfParseError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+class ElfFile:
+    """One ELF file, read through an mmap (or a bytes image, e.g. the vdso).
+
+    `image` is the whole file as a buffer; other parsers (gopclntab,
+    elf_symbols) slice it directly instead of going through pyelftools.
+    Construction validates the ELF header; other properties parse lazily.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    raise ElfParseError(f"{self.path}: empty file")
+                image: mmap.mmap | bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise ElfParseError(f"{self.path}: cannot read: {exc}") from exc
+        self._init(image)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "<memory>") -> "ElfFile":
+        """An ElfFile over an in-memory image (the vdso copied from /proc/PID/mem)."""
+        self = cls.__new__(cls)
+        self.path = name
+        self._init(bytes(data))
+        return self
+
+    def _init(self, image: mmap.mmap | bytes) -> None:
+        self.image = image
+        # pyelftools reads through seek/read; mmap has both. bytes needs a view.
+        stream = image if isinstance(image, mmap.mmap) else _BytesStream(image)
+        with elf_errors(self.path):
+            if image[:4] != b"\x7fELF":
+                raise ElfParseError(f"{self.path}: not an ELF file")
+            self.elf = ELFFile(stream)
+            self.elfclass: int = self.elf.elfclass
+            self.little_endian: bool = self.elf.little_endian
+            self.e_type: str = self.elf.header["e_type"]
+            self.machine: str = self.elf.header["e_machine"]
+
+    def close(self) -> None:
+        """Release the mmap. Buffers others took from `image` must be gone first."""
+        if isinstance(self.image, mmap.mmap):
+            with contextlib.suppress(BufferError):
+                self.image.close()
+
+    def __enter__(self) -> "ElfFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sections -----------------------------------------------------------
+
+    def section(self, name: str) -> Section | None:
+        """The section called `name`, or None (also for stripped section headers)."""
+        with elf_errors(f"{self.path}: section {name}"):
+            return self.elf.get_section_by_name(name)
+
+    def section_bytes(self, name: str) -> bytes | None:
+        """Contents of section `name` (decompressed if SHF_COMPRESSED), or None."""
+        sec = self.section(name)
+        if sec is None or sec["sh_type"] == "SHT_NOBITS":
+            return None
+        with elf_errors(f"{self.path}: section {name}"):
+            return sec.data()
+
+    @cached_property
+    def has_dwarf(self) -> bool:
+        """True when the file carries line tables (.debug_info and .debug_line with bytes)."""
+        with elf_errors(f"{self.path}: sections"):
+            for name in (".debug_info", ".debug_line"):
+                sec = self.elf.get_section_by_name(name) or self.elf.get_section_by_name(".z" + name[1:])
+                if sec is None or sec["sh_type"] == "SHT_NOBITS" or sec["sh_size"] == 0:
+                    return False
+            return True
+
+    # -- segments and addresses ---------------------------------------------
+
+    @cached_property
+    def load_segments(self) -> list[LoadSegment]:
+        """PT_LOAD program headers, in file order."""
+        with elf_errors(f"{self.path}: program headers"):
+            out = []
+            for i in range(self.elf.num_segments()):
+                h = self.elf._get_segment_header(i)
+                if h["p_type"] == "PT_LOAD":
+                    out.append(LoadSegment(h["p_vaddr"], h["p_memsz"], h["p_offset"], h["p_filesz"], h["p_flags"]))
+            return out
+
+    @property
+    def is_pie_or_shared(self) -> bool:
+        """ET_DYN: a PIE executable or a shared library (loaded at a bias)."""
+        return self.e_type == "ET_DYN"
+
+    def vaddr_for_offset(self, file_offset: int) -> int | None:
+        """The ELF vaddr of `file_offset`, via the PT_LOAD segment holding it; None if none does.
+
+        A mapping starts on a page boundary, so an offset just before a
+        segment's p_offset (the page's head) is still translated by that
+        segment: offset and vaddr are congruent modulo the page size.
+        """
+        segs = self.load_segments
+        for seg in segs:
+            if seg.offset <= file_offset < seg.offset + seg.filesz:
+                return file_offset - seg.offset + seg.vaddr
+        for seg in segs:
+            page_start = seg.offset & ~0xFFF
+            if page_start <= file_offset < seg.offset + max(seg.filesz, 1):
+                return file_offset - seg.offset + seg.vaddr
+        return None
+
+    def vaddr_for_runtime(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
+        """The ELF vaddr of runtime address `addr` in a mapping (start, file offset)."""
+        return self.vaddr_for_offset(addr - map_start + map_file_offset)
+
+    # -- identity ------------------------------------------------------------
+
+    def _notes(self) -> Iterator[tuple[bytes, int, bytes]]:
+        """(name, type, desc) of every note, from SHT_NOTE sections, else PT_NOTE segments."""
+        with elf_errors(f"{self.path}: notes"):
+            ranges: list[tuple[int, int, int]] = []
+            for sec in self.elf.iter_sections():
+                if sec["sh_type"] == "SHT_NOTE":
+                    ranges.append((sec["sh_offset"], sec["sh_size"], sec["sh_addralign"]))
+            if not ranges:  # section headers stripped: fall back to program headers
+                for i in range(self.elf.num_segments()):
+                    h = self.elf._get_segment_header(i)
+                    if h["p_type"] == "PT_NOTE":
+                        ranges.append((h["p_offset"], h["p_filesz"], h["p_align"]))
+            endian = "<" if self.little_endian else ">"
+            for off, size, align in ranges:
+                yield from _parse_notes(self.image, off, size, 8 if align == 8 else 4, endian)
+
+    @cached_property
+    def gnu_build_id(self) -> str | None:
+        """The NT_GNU_BUILD_ID as lowercase hex (what `readelf -n` prints), or None."""
+        for name, ntype, desc in self._notes():
+            if name == b"GNU" and ntype == NT_GNU_BUILD_ID and desc:
+                return desc.hex()
+        return None
+
+    @cached_property
+    def go_build_id(self) -> str | None:
+        """Go's build id (note "Go", type 4, in .note.go.buildid), as `go tool buildid` prints it."""
+        for name, ntype, desc in self._notes():
+            if name == b"Go" and ntype == NT_GO_BUILD_ID and desc:
+                return desc.decode("utf-8", "replace")
+        return None
+
+    def file_hash(self) -> str:
+        """Identity for files without a build id: sha256(head 4 KiB + tail 4 KiB + size), 128 bits hex.
+
+        Like the OTel profiler's "htlhash": reading 8 KiB is cheap, and head
+        (ELF/program headers) plus tail (section headers, .symtab/.strtab) plus
+        size change with essentially any rebuild.
+        """
+        img = self.image
+        size = len(img)
+        h = hashlib.sha256()
+        h.update(bytes(img[:HASH_CHUNK_BYTES]))
+        h.update(bytes(img[max(0, size - HASH_CHUNK_BYTES):]))
+        h.update(size.to_bytes(8, "little"))
+        return h.hexdigest()[:32]
+
+
+def file_to_vaddr(elf: ElfFile, file_offset: int) -> int | None:
+    """Module-level spelling of ElfFile.vaddr_for_offset."""
+    return elf.vaddr_for_offset(file_offset)
+
+
+def _parse_notes(image: bytes | mmap.mmap, off: int, size: int, align: int,
+                 endian: str) -> Iterator[tuple[bytes, int, bytes]]:
+    end = off + size
+    if off < 0 or end > len(image):
+        raise ElfParseError(f"note range {off:#x}+{size:#x} beyond end of file")
+    hdr = struct.Struct(endian + "III")
+    pos = off
+    while pos + hdr.size <= end:
+        namesz, descsz, ntype = hdr.unpack_from(image, pos)
+        pos += hdr.size
+        name_end = pos + namesz
+        desc_start = (name_end + align - 1) & ~(align - 1)
+        desc_end = desc_start + descsz
+        if desc_end > end:
+            raise ElfParseError(f"note at {pos:#x} runs past its section")
+        yield bytes(image[pos:name_end]).rstrip(b"\0"), ntype, bytes(image[desc_start:desc_end])
+        pos = (desc_end + align - 1) & ~(align - 1)
+
+
+class _BytesStream:
+    """The seek/read/tell subset pyelftools needs, over bytes without copying."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._data))[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n is None or n < 0 else self._pos + n
+        out = bytes(self._data[self._pos:end])
+        self._pos += len(out)
+        return out
