@@ -1,0 +1,25 @@
+"""The output formats a profile can be written as, by name (`--format pprof`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from exporters.folded import encode_folded
+from exporters.pprof import encode_pprof
+from exporters.profile import Profile
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A file format: its name, the extension files get, and its pure encoder."""
+
+    name: str
+    extension: str
+    encode: Callable[[Profile], bytes]
+
+
+FORMATS: dict[str, OutputFormat] = {
+    "pprof": OutputFormat("pprof", extension=".pb.gz", encode=encode_pprof),
+    "folded": OutputFormat("folded", extension=".folded", encode=encode_folded),
+}
