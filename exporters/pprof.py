@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import re
 from collections import Counter
+from collections.abc import Callable
 
 from exporters.profile import Location, Profile, Sample
 from exporters.proto import profile_pb2
@@ -152,7 +153,10 @@ def encode_pprof(profile: Profile) -> bytes:
     return gzip.compress(msg.SerializeToString(), compresslevel=6, mtime=0)
 
 
-def _add_sample(msg: profile_pb2.Profile, s: _Strings, sample: Sample, location_id) -> None:
+def _add_sample(
+    msg: profile_pb2.Profile, s: _Strings, sample: Sample, location_id: Callable[[Location], int]
+) -> None:
+    # pid 0 (the idle task) reads back without a pid tag: pprof drops num 0 labels.
     key = sample.key
     out = msg.sample.add(location_id=[location_id(loc) for loc in key.stack], value=sample.values)
     out.label.add(key=s("pid"), num=key.pid)
