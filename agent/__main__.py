@@ -1,0 +1,5 @@
+"""`python -m agent` is `bpfprof`."""
+
+from agent.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""One module per `bpfprof` subcommand: parse options, build config, call the library."""

@@ -1,0 +1,123 @@
+"""`bpfprof record`: one capture to a file, with a live progress line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from exporters.formats import FORMATS
+from exporters.summary import top_functions
+from symbolizer.errors import ConfigError
+
+from agent.session import CaptureStats, RecordOptions, RecordSession
+from agent.targets import validate_pids
+
+MAX_FREQUENCY_HZ = 20_000
+MAX_SAMPLE_RATE = Path("/proc/sys/kernel/perf_event_max_sample_rate")
+
+
+def _check_frequency(hz: int) -> int:
+    limit = MAX_FREQUENCY_HZ
+    try:
+        limit = min(limit, int(MAX_SAMPLE_RATE.read_text()))
+    except (OSError, ValueError):
+        pass
+    if not 1 <= hz <= limit:
+        raise ConfigError(f"--frequency {hz} is out of range: use 1 to {limit} Hz (default 99)")
+    return hz
+
+
+def _check_output(path: Path) -> Path:
+    """Fail before recording, not after, if the file cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"cannot write {path}: permission denied")
+    return path
+
+
+class _Progress:
+    """The live line on a terminal; silent when stderr is not one."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, st: CaptureStats) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last < 0.25:
+            return
+        self._last = now
+        sys.stderr.write(f"\rrecording {st.elapsed_s:6.1f}s  samples {st.samples:8d}  processes {st.processes:5d} ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option("--pid", "pids", type=int, multiple=True, help="Process to profile (repeatable).")
+@click.option("--all", "all_", is_flag=True, help="Profile the whole system (the default).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to record. Default: until Ctrl-C, or until COMMAND exits.")
+@click.option("--frequency", type=int, default=99, show_default=True, help="Samples per second per CPU.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file. Default: bpfprof-<timestamp> with the format's extension.")
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="pprof", show_default=True)
+@click.option("--no-kernel", is_flag=True, help="Leave kernel frames out.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency: int, output: Path | None,
+           fmt: str, no_kernel: bool, command: tuple[str, ...]) -> None:
+    """Record CPU stacks to a pprof (or folded) file.
+
+    \b
+    Targets: --pid PID (repeatable), --all (default), or -- COMMAND ARGS
+    (start it, profile it and its children, stop when it exits).
+    """
+    chosen = sum(bool(x) for x in (pids, all_, command))
+    if chosen > 1:
+        raise ConfigError("choose one target: --pid, --all or -- COMMAND")
+    _check_frequency(frequency)
+    out_format = FORMATS[fmt]
+    if output is None:
+        output = Path(f"bpfprof-{time.strftime('%Y%m%d-%H%M%S')}{out_format.extension}")
+    _check_output(output)
+    options = RecordOptions(
+        frequency_hz=frequency, duration_s=duration,
+        pids=tuple(validate_pids(pids)) if pids else None,
+        command=command or None, with_kernel=not no_kernel)
+    if options.duration_s is None and not command:
+        click.echo("recording until Ctrl-C", err=True)
+
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    session = RecordSession(options)
+    progress = _Progress()
+    try:
+        stats = session.run(stop, progress)
+    finally:
+        progress.done()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    profile = session.build_profile()
+    output.write_bytes(out_format.encode(profile))
+
+    total = profile.total()
+    click.echo(f"{stats.samples} samples of {stats.processes} processes in {stats.elapsed_s:.1f}s")
+    for line in stats.drop_lines():
+        click.echo(f"dropped: {line}")
+    if total:
+        click.echo(f"{'flat%':>7} {'cum%':>7}  function")
+        for f in top_functions(profile, 10):
+            click.echo(f"{100 * f.flat / total:6.2f}% {100 * f.cum / total:6.2f}%  {f.name}")
+    click.echo(f"wrote {output}")

@@ -1,0 +1,164 @@
+"""Symbols of one file, whatever it is, cached by build id.
+
+The middle tier of the symbolizer: a FileSymbols knows one binary (Go
+pclntab, ELF symbol tables, DWARF lines) and nothing of the processes that
+map it; process_symbols.py holds the per-process load addresses. Everything
+is parsed lazily, on the first lookup that needs it, because most mapped
+files (a process maps dozens of libraries) never appear in a sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+from symbolizer.demangle import demangle
+from symbolizer.elf import ElfFile
+from symbolizer.elf_symbols import ElfSymbols
+from symbolizer.errors import BpfprofError
+from symbolizer.frames import BuildIdKind, Frame, FrameKind
+from symbolizer.gopclntab import GoPclntab, load_pclntab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileId:
+    """A file's identity: the cache key of its symbols (never its path)."""
+
+    build_id: str
+    kind: BuildIdKind
+
+
+def file_id(elf: ElfFile) -> FileId:
+    """GNU build id, else Go build id, else a hash of the file's head and tail."""
+    try:
+        gnu = elf.gnu_build_id
+        if gnu:
+            return FileId(gnu, BuildIdKind.GNU)
+        go = elf.go_build_id
+        if go:
+            return FileId(go, BuildIdKind.GO)
+    except BpfprofError:
+        pass  # corrupt notes: the hash still identifies the file
+    return FileId(elf.file_hash(), BuildIdKind.HASH)
+
+
+class FileSymbols:
+    """Address (ELF vaddr) -> frames for one binary. Never raises on lookup.
+
+    A part of the file that fails to parse (corrupt pclntab, bogus DWARF) is
+    logged once and left out; the other parts still answer.
+    """
+
+    def __init__(self, elf: ElfFile, fid: FileId) -> None:
+        self.elf = elf
+        self.id = fid
+        self.errors: list[str] = []
+
+    def _guarded(self, what: str, make: Callable[[], object]) -> object | None:
+        try:
+            return make()
+        except BpfprofError as e:
+            msg = f"{self.elf.path}: {what}: {e}"
+            self.errors.append(msg)
+            log.warning("%s", msg)
+            return None
+
+    @cached_property
+    def go(self) -> GoPclntab | None:
+        return self._guarded("pclntab", lambda: load_pclntab(self.elf.image))  # type: ignore[return-value]
+
+    @cached_property
+    def symbols(self) -> ElfSymbols | None:
+        return self._guarded("symbols", lambda: ElfSymbols(self.elf))  # type: ignore[return-value]
+
+    @cached_property
+    def lines(self):  # DwarfLines | None
+        if not self.elf.has_dwarf:
+            return None
+        from symbolizer.dwarf_lines import DwarfLines  # noqa: PLC0415  (pyelftools DWARF is heavy)
+
+        return self._guarded("dwarf", lambda: DwarfLines(self.elf))
+
+    def translate(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
+        """Runtime address in a mapping -> ELF vaddr (PIE, shared libraries, exes alike)."""
+        try:
+            return self.elf.vaddr_for_runtime(addr, map_start, map_file_offset)
+        except BpfprofError:
+            return None
+
+    def symbolize(self, vaddr: int) -> tuple[Frame, ...]:
+        """Frames at `vaddr`, innermost first; () when nothing covers it."""
+        go = self.go
+        if go is not None:
+            frames = go.lookup(vaddr)
+            if frames:
+                return frames
+        syms = self.symbols
+        sym = syms.lookup(vaddr) if syms is not None else None
+        if sym is None:
+            return ()
+        lines = self.lines
+        if lines is not None:
+            try:
+                chain = lines.frames(vaddr)
+                row = None if chain else lines.lookup(vaddr)
+            except BpfprofError:
+                chain, row = [], None
+            if chain:
+                # The outermost frame is the physical function: name it by its
+                # ELF symbol so DWARF and non-DWARF builds agree.
+                *inner, _outer = chain
+                out = [Frame(function=demangle(f.function), kind=FrameKind.NATIVE, file=f.file, line=f.line,
+                             system_name=f.function, inlined=True) for f in inner]
+                out.append(Frame(function=demangle(sym.name), kind=FrameKind.NATIVE, file=_outer.file,
+                                 line=_outer.line, system_name=sym.name))
+                return tuple(out)
+            if row is not None:
+                return (Frame(function=demangle(sym.name), kind=FrameKind.NATIVE, file=row.file, line=row.line,
+                              system_name=sym.name),)
+        return (Frame(function=demangle(sym.name), kind=FrameKind.NATIVE, system_name=sym.name),)
+
+
+class SymbolCache:
+    """FileSymbols by build id, least recently used evicted past `max_files`.
+
+    Shared by every session of a process, so a second capture of the same
+    binary reuses what the first one parsed.
+    """
+
+    def __init__(self, max_files: int = 4096) -> None:
+        self.max_files = max_files
+        self._by_id: OrderedDict[FileId, FileSymbols] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, elf: ElfFile) -> FileSymbols:
+        """The cached FileSymbols of this file's build id, or a new one for it."""
+        fid = file_id(elf)
+        with self._lock:
+            fs = self._by_id.get(fid)
+            if fs is not None:
+                self.hits += 1
+                self._by_id.move_to_end(fid)
+                return fs
+            self.misses += 1
+            fs = FileSymbols(elf, fid)
+            self._by_id[fid] = fs
+            while len(self._by_id) > self.max_files:
+                self._by_id.popitem(last=False)
+                self.evictions += 1
+            return fs
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+DEFAULT_CACHE = SymbolCache()
