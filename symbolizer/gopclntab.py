@@ -26,14 +26,18 @@ symbol, `go.func.*` before 1.20), which the header does not record: it comes
 from the symbol table, or, in stripped binaries, from the moduledata found in
 the writable data by its pointer back to the pcHeader.
 
-Measured on tests/fixtures/go/pcgroundtruth (Go 1.27, 2.4 MB, 2,270 funcs, one
-x86_64 core): load_pclntab ~1.5 ms unstripped, ~2 ms stripped (moduledata
-scan); lookup() ~180k/s cold over all PCs of a function, ~600k/s warm
-(bench: tests/unit/test_gopclntab.py::test_speed prints the figures).
+Measured on tests/fixtures/go/pcgroundtruth (Go 1.27, amd64, 2.4 MB, 1,854
+funcs, one core; tests/unit/test_gopclntab.py::test_speed prints them):
+load_pclntab ~0.5 ms with .symtab, ~0.4 ms stripped (moduledata scan);
+lookup() ~150k/s on never-seen PCs (decodes and caches the function's
+tables), ~7M/s on repeated PCs (per-PC cache). Parse cost is O(nfunc) list
+building plus one pass over .symtab, so a 10k-function binary stays in the
+low milliseconds.
 """
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import re
 import struct
@@ -69,6 +73,8 @@ MAX_INLINE_DEPTH = 256
 # Functions whose decoded tables stay cached; a profile touches a few
 # thousand hot functions, each holding three small decoded tables.
 FUNC_CACHE_SIZE = 8192
+# Symbolized PCs kept (frames are immutable, so shared between callers).
+PC_CACHE_SIZE = 65536
 
 # Names of the runtime functions whose callers' inlined wrappers stay visible
 # (runtime.elideWrapperCalling). Matched by name because funcID numbers shift
@@ -181,21 +187,25 @@ class _Elf:
         found: dict[str, int] = {}
         if sec is None or sec.type != self.SHT_SYMTAB or sec.link >= len(self._raw_sections):
             return found
-        str_off = self._raw_sections[sec.link][3]
+        _, _, _, str_off, str_size, _, _ = self._raw_sections[sec.link]
+        strtab = self.buf[str_off:str_off + str_size]
+        # Find each name's string-table offset first, then match symbols by
+        # that integer: no decoding of tens of thousands of names.
+        by_off: dict[int, str] = {}
+        for name in wanted:
+            for m in re.finditer(b"\x00" + re.escape(name.encode()) + b"\x00", strtab):
+                by_off[m.start() + 1] = name
+        if not by_off:
+            return found
         fmt = self.bo + ("IBBHQQ" if self.is64 else "IIIBBH")
-        entsize = sec.entsize or struct.calcsize(fmt)
-        end = min(sec.offset + sec.size, len(self.buf))
-        # Names are compared as bytes at their string-table offset: cheaper than
-        # decoding every one of tens of thousands of names.
-        targets = {n.encode(): n for n in wanted}
-        for off in range(sec.offset, end - entsize + 1, entsize):
-            ent = struct.unpack_from(fmt, self.buf, off)
-            value = ent[4] if self.is64 else ent[1]
-            name_off = str_off + ent[0]
-            for raw_name, name in targets.items():
-                n = len(raw_name)
-                if self.buf[name_off:name_off + n + 1] == raw_name + b"\x00":
-                    found.setdefault(name, value)
+        entsize = struct.calcsize(fmt)
+        if sec.entsize and sec.entsize != entsize:
+            return found
+        n = min(sec.size, len(self.buf) - sec.offset) // entsize
+        for ent in struct.iter_unpack(fmt, self.buf[sec.offset:sec.offset + n * entsize]):
+            name = by_off.get(ent[0])
+            if name is not None:
+                found.setdefault(name, ent[4] if self.is64 else ent[1])
         return found
 
 
@@ -232,7 +242,7 @@ class GoPclntab:
     objects, so concurrent lookups are safe under the GIL.
     """
 
-    def __init__(self, buf: memoryview, start: int, end: int, text_start: int | None,
+    def __init__(self, buf: memoryview, start: int, end: int, text_start: int,
                  gofunc_off: int | None, elf: _Elf | None) -> None:
         self._buf = buf
         self._base = start
@@ -253,7 +263,7 @@ class GoPclntab:
         if buf[start + 4] or buf[start + 5] or self._quantum not in (1, 2, 4) or self._ptr not in (4, 8):
             raise PclntabError("bad .gopclntab header")
         word = "Q" if self._ptr == 8 else "I"
-        (nfunc, _nfiles, hdr_text, funcname, cu, filetab, pctab, pcln) = struct.unpack_from(
+        (nfunc, _nfiles, _text, funcname, cu, filetab, pctab, pcln) = struct.unpack_from(
             self._bo + word * 8, buf, start + 8)
         size = end - start
         hdr_size = 8 + 8 * self._ptr
@@ -270,28 +280,29 @@ class GoPclntab:
         if self._pcln + (nfunc + 1) * 8 > end:
             raise PclntabError("truncated .gopclntab functab")
         self._nfunc = nfunc
-        # Text start, in order of authority (see _text_start_of): what the
-        # loader found, else the header's field (zero since Go 1.26).
-        if text_start is None:
-            if not hdr_text:
-                raise PclntabError("no text start: header field is 0 and no runtime.text/moduledata/.text")
-            text_start = hdr_text
-        self.text_start: int = text_start
         self._gofunc_off = gofunc_off
         self._elf = elf
-        pairs = struct.unpack_from(f"{self._bo}{2 * (nfunc + 1)}I", buf, self._pcln)
-        offs = pairs[0::2]
-        self._entries: list[int] = [text_start + e for e in offs]
-        self._funcoffs = pairs[1::2]
-        # A sorted functab is what binary search needs; an unsorted one is corrupt.
-        if any(a > b for a, b in zip(offs, offs[1:])):
-            raise PclntabError("functab is not sorted")
-        self._func_size = 44 if self.version != "1.18" else 36
-        self._inl_size = 16 if self.version != "1.18" else 20
         self._names: dict[int, str] = {}
         self._files: dict[int, str] = {}
         self._cache: OrderedDict[int, _Func] = OrderedDict()
+        self._pc_cache: dict[int, tuple[Frame, ...]] = {}
         self._wrapper_id: int | None = None
+        pairs = struct.unpack_from(f"{self._bo}{2 * (nfunc + 1)}I", buf, self._pcln)
+        self._entry_offs = pairs[0::2]
+        self._funcoffs = pairs[1::2]
+        # A sorted functab is what binary search needs; an unsorted one is corrupt.
+        if sorted(self._entry_offs) != list(self._entry_offs):
+            raise PclntabError("functab is not sorted")
+        self._rebase(text_start)
+        self._func_size = 44 if self.version != "1.18" else 36
+        self._inl_size = 16 if self.version != "1.18" else 20
+
+    def _rebase(self, text_start: int) -> None:
+        """Set the text start entry offsets are relative to; drops caches."""
+        self.text_start: int = text_start
+        self._entries: list[int] = [text_start + e for e in self._entry_offs]
+        self._cache.clear()
+        self._pc_cache.clear()
 
     # -- reading helpers ----------------------------------------------------
 
@@ -489,10 +500,20 @@ class GoPclntab:
         frames are elided as runtime.CallersFrames does. Raises PclntabError
         if the table is corrupt at this address.
         """
+        frames = self._pc_cache.get(vaddr)
+        if frames is not None:
+            return frames
         idx = self._index(vaddr)
         if idx < 0:
             return ()
-        return _guard("lookup", lambda: self._expand(self._func(idx), vaddr))
+        frames = _guard("lookup", lambda: self._expand(self._func(idx), vaddr))
+        if len(self._pc_cache) >= PC_CACHE_SIZE:
+            # Profiles revisit the same hot PCs; dropping the oldest half
+            # keeps the cache bounded without per-hit bookkeeping.
+            for pc in list(itertools.islice(self._pc_cache, PC_CACHE_SIZE // 2)):
+                del self._pc_cache[pc]
+        self._pc_cache[vaddr] = frames
+        return frames
 
     def _expand(self, f: _Func, pc: int) -> tuple[Frame, ...]:
         frames: list[Frame] = []
@@ -608,12 +629,14 @@ def _load(buf: memoryview, elf: _Elf) -> GoPclntab | None:
         return None
     start, end, vaddr = found
     # A fresh table to read the header offsets from; text/gofunc come next.
-    probe = GoPclntab(buf, start, end, text_start=0, gofunc_off=None, elf=elf)
+    table = GoPclntab(buf, start, end, text_start=0, gofunc_off=None, elf=elf)
     syms = elf.symbols({"runtime.text", "go:func.*", "go.func.*"})
-    moddata = _find_moduledata(buf, elf, probe, vaddr) if vaddr is not None else None
-    text_start = _text_start_of(elf, syms, moddata, buf, start, probe._ptr, probe._bo)
+    moddata = _find_moduledata(buf, elf, table, vaddr) if vaddr is not None else None
+    text_start = _text_start_of(elf, syms, moddata, buf, start, table._ptr, table._bo)
+    if text_start is None:
+        raise PclntabError("no text start: header field is 0 and no runtime.text/moduledata/.text")
+    table._rebase(text_start)
     gofunc_vaddr = syms.get("go:func.*") or syms.get("go.func.*")
-    table = GoPclntab(buf, start, end, text_start, None, elf)
     if gofunc_vaddr is None and moddata is not None:
         gofunc_vaddr = _gofunc_from_moduledata(table, elf, moddata)
     if gofunc_vaddr is not None:
@@ -671,7 +694,8 @@ def _find_table(buf: memoryview, elf: _Elf) -> tuple[int, int, int | None] | Non
             magic = struct.unpack_from("<I", buf, at)[0]
             if magic not in _SUPPORTED and magic not in _UNSUPPORTED:
                 magic = struct.unpack_from(">I", buf, at)[0]
-            if magic in _UNSUPPORTED:
+            nfunc = struct.unpack_from(("<" if buf[at] != 0xFF else ">") + ("Q" if ptr == 8 else "I"), buf, at + 8)[0]
+            if magic in _UNSUPPORTED and 0 < nfunc < (seg_end - at) // 8:
                 raise PclntabError(f"unsupported .gopclntab version (Go {_UNSUPPORTED[magic]})")
             try:
                 GoPclntab(buf, at, seg_end, text_start=0, gofunc_off=None, elf=elf)
@@ -699,7 +723,7 @@ def _find_moduledata(buf: memoryview, elf: _Elf, table: GoPclntab, vaddr: int) -
     """The first words of runtime.firstmoduledata, found by its pcHeader pointer.
 
     The linker writes moduledata into writable data (.noptrdata; .go.module
-    since 1.27) starting with a pointer to the pcHeader and then the
+    in the 1.27 we build with) starting with a pointer to the pcHeader and then the
     funcnametab slice, whose pointer is pcHeader + funcnameOffset. Both
     together, plus ftab pointing at the functab, pin it down.
     """
@@ -745,7 +769,10 @@ def _inline_sample(table: GoPclntab, want: int = 16) -> list[_Func]:
     found: list[_Func] = []
     step = max(1, table._nfunc // 512)
     for idx in range(0, table._nfunc, step):
-        f = table._func(idx)
+        try:
+            f = table._func(idx)
+        except PclntabError:
+            continue  # one bad record should not decide the layout
         if f.inl_pcdata and f.inl_funcdata != NO_FUNCDATA:
             found.append(f)
             if len(found) >= want:
