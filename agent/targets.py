@@ -1,14 +1,16 @@
 """What to profile: existing processes by pid, or a command bpfprof starts.
 
-A started command waits on a pipe before exec until its pid is a BPF target,
-so neither its first instructions nor its first children escape the profile.
+A started command is held before exec until its pid is a BPF target, so
+neither its first instructions nor its first children escape the profile.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Sequence
 
 import psutil
@@ -27,38 +29,60 @@ def validate_pids(pids: Sequence[int]) -> list[int]:
 
 
 class GatedCommand:
-    """A child process held before exec until release() is called."""
+    """A child process held before exec until release() is called.
+
+    Popen returns only once the child has exec'd, so the gate cannot be a
+    preexec_fn that blocks: a shell stops itself with SIGSTOP, and once its
+    pid is a BPF target, SIGCONT lets it exec the command in place (same pid).
+    """
+
+    GATE = 'kill -STOP $$; exec "$@"'
+    STOP_WAIT_S = 10.0
 
     def __init__(self, argv: Sequence[str]) -> None:
         if not argv:
             raise TargetError("no command given after --")
         exe = argv[0]
-        if shutil.which(exe) is None and not os.path.exists(exe):
+        if shutil.which(exe) is None:
             raise TargetError(f"command not found: {exe}")
-        read_fd, self._write_fd = os.pipe()
-        # Popen returns only once the child has exec'd, so the gate cannot be
-        # a preexec_fn: a shell waits on the pipe, then execs the command in
-        # place (same pid), with the pipe closed.
-        gate = f'read -r _ <&{read_fd}; exec {read_fd}<&-; exec "$@"'
         try:
-            self.process = subprocess.Popen(["/bin/sh", "-c", gate, "bpfprof-gate", *argv], pass_fds=(read_fd,))
+            self.process = subprocess.Popen(["/bin/sh", "-c", self.GATE, "bpfprof-gate", *argv])
         except OSError as e:
-            os.close(self._write_fd)
             raise TargetError(f"cannot start {exe}: {e.strerror}") from e
-        finally:
-            os.close(read_fd)
         self.pid = self.process.pid
+        self._released = False
+        self._wait_stopped()
+
+    def _wait_stopped(self) -> None:
+        deadline = time.monotonic() + self.STOP_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "X"
+            if state in ("T", "t"):
+                return
+            if self.process.poll() is not None:
+                raise TargetError(f"{argv0(self.process)} exited before it could be profiled")
+            time.sleep(0.001)
+        self.kill()
+        raise TargetError("the command did not start in time")
 
     def release(self) -> None:
         """Let the command exec and run."""
-        if self._write_fd >= 0:
-            os.write(self._write_fd, b"x")
-            os.close(self._write_fd)
-            self._write_fd = -1
+        if not self._released:
+            self._released = True
+            os.kill(self.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """Stop an unreleased or running command (used when set-up fails)."""
-        self.release()
         if self.process.poll() is None:
             self.process.kill()
+            self.release()
             self.process.wait()
+
+
+def argv0(process: subprocess.Popen) -> str:
+    args = process.args
+    return str(args[3] if isinstance(args, list) and len(args) > 3 else args)
