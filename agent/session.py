@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import psutil
+
 from exporters.profile import Profile, SampleKey, cpu_profile
 from symbolizer.kallsyms import KernelSymbols
 
@@ -49,6 +51,7 @@ class CaptureStats:
     processes: int = 0
     drops: dict[Drop, int] = field(default_factory=dict)
     command_exit: int | None = None
+    first_sample_s: float | None = None  # since this process started: the start-up cost users wait for
 
     def drop_lines(self) -> list[str]:
         return [f"{n} {DROP_DESCRIPTIONS[d]}" for d, n in self.drops.items() if n]
@@ -71,6 +74,8 @@ class RecordSession:
         self._end_ns = 0
 
     def _on_sample(self, s: RawSample) -> None:
+        if not self.samples:
+            self.stats.first_sample_s = time.time() - psutil.Process().create_time()
         self.samples.append(s)
         if s.pid not in self.tracker:
             self.tracker.observe(s.pid)

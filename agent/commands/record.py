@@ -113,7 +113,8 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     output.write_bytes(out_format.encode(profile))
 
     total = profile.total()
-    click.echo(f"{stats.samples} samples of {stats.processes} processes in {stats.elapsed_s:.1f}s")
+    first = f", first after {stats.first_sample_s:.2f}s" if stats.first_sample_s is not None else ""
+    click.echo(f"{stats.samples} samples of {stats.processes} processes in {stats.elapsed_s:.1f}s{first}")
     for line in stats.drop_lines():
         click.echo(f"dropped: {line}")
     if total:

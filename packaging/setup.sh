@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Sets up this machine for bpfprof, then runs a job. Idempotent; run as root.
+#
+#   packaging/setup.sh demo   set up, then record a CPU profile of a demo workload
+#   packaging/setup.sh test   set up, then run the whole test suite
+#   packaging/setup.sh        set up only
+#
+# Set-up: Debian packages (BCC, kernel headers, perf, compilers), a venv at
+# .venv with bpfprof and its test tools, bcc made importable from the venv
+# (that one package, not all of dist-packages), tracefs/debugfs mounted and
+# kernel headers linked for the running kernel (`bpfprof doctor --fix`).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+JOB=${1:-setup}
+VENV="$ROOT/.venv"
+PYTHON=${PYTHON:-python3}
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: run as root (BPF needs it): sudo $0 $*" >&2
+    exit 2
+fi
+
+# --- system packages --------------------------------------------------------
+ARCH=$(dpkg --print-architecture)
+PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" linux-perf python3-venv gcc g++ binutils)
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# --- virtual environment ------------------------------------------------------
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.bpfprof-installed"
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+    log "installing bpfprof into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    touch "$stamp"
+fi
+
+# bcc comes from Debian's python3-bpfcc; expose that one package to the venv.
+BCC_DIR=$(/usr/bin/python3 -c 'import bcc, os; print(os.path.dirname(os.path.dirname(bcc.__file__)))' 2>/dev/null \
+          || echo /usr/lib/python3/dist-packages)
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+mkdir -p "$VENV/bcc-only"
+ln -sfn "$BCC_DIR/bcc" "$VENV/bcc-only/bcc"
+echo "$VENV/bcc-only" > "$SITE/bcc-only.pth"
+
+# --- kernel: tracefs, debugfs, headers ---------------------------------------
+"$VENV/bin/bpfprof" doctor --fix
+
+# --- the job ----------------------------------------------------------------
+case "$JOB" in
+    setup) ;;
+    demo)
+        mkdir -p build/demo
+        ( cd tests/fixtures/go/cpusplit && GO111MODULE=off GOTOOLCHAIN=local GOPROXY=off \
+            GOCACHE="$ROOT/build/demo/gocache" "$VENV/bin/go" build -o "$ROOT/build/demo/cpusplit" . )
+        log "recording the demo workload (spinA ~70%, spinB ~30% of its CPU)"
+        "$VENV/bin/bpfprof" record --output bpfprof-demo.pb.gz -- build/demo/cpusplit -duration 5s
+        log "open it with: $VENV/bin/go tool pprof -top bpfprof-demo.pb.gz"
+        ;;
+    test)
+        export BPFPROF_REQUIRE_BPF=1  # a skipped BPF test is a failure here
+        "$VENV/bin/python" -m pytest "${@:2}"
+        ;;
+    *)
+        echo "setup: unknown job '$JOB' (demo, test)" >&2
+        exit 2
+        ;;
+esac
