@@ -97,7 +97,10 @@ class DwarfLines:
     def frames(self, vaddr: int) -> list[InlineFrame]:
         """The call chain at `vaddr`, innermost first (what `addr2line -f -i` prints).
 
-        Empty when no DWARF function covers `vaddr`. Raises ElfParseError on corrupt DWARF.
+        Empty when DWARF knows nothing of `vaddr`; one frame with function ""
+        when a line row covers it but no function DIE does (inter-function
+        padding), as addr2line then takes the name from the symbol table.
+        Raises ElfParseError on corrupt DWARF.
         """
         with elf_errors(f"{self._elf.path}: DWARF inline tree"):
             cu_off = self._cu_for(vaddr)
@@ -108,7 +111,10 @@ class DwarfLines:
                 data.scopes = self._scopes(cu_off)
             chain = [s for s in data.scopes if any(lo <= vaddr < hi for lo, hi in s.ranges)]
             if not chain:
-                return []
+                # Padding after a function still has line rows: keep the position,
+                # leave the name to the symbol table.
+                row = self.lookup(vaddr)
+                return [InlineFrame("", row.file, row.line, False)] if row else []
             chain.sort(key=lambda s: s.depth)
             # Drop scopes outside the innermost subprogram (nested functions are rare; keep the last).
             first = max(i for i, s in enumerate(chain) if not s.inlined)
