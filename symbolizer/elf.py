@@ -24,8 +24,9 @@ import hashlib
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from functools import cached_property
-from typing import Iterator, NamedTuple
+from typing import NamedTuple, Self
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section
@@ -67,7 +68,7 @@ def elf_errors(what: str) -> Iterator[None]:
         yield
     except ElfParseError:
         raise
-    except (Exception, RecursionError) as exc:  # noqa: BLE001 -- see docstring
+    except (Exception, RecursionError) as exc:
         raise ElfParseError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -77,6 +78,8 @@ class ElfFile:
     `image` is the whole file as a buffer; other parsers (gopclntab,
     elf_symbols) slice it directly instead of going through pyelftools.
     Construction validates the ELF header; other properties parse lazily.
+    pyelftools reads through one shared stream position, so an ElfFile is
+    not safe to use from several threads at once: give each its own or lock.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -92,7 +95,7 @@ class ElfFile:
         self._init(image)
 
     @classmethod
-    def from_bytes(cls, data: bytes, name: str = "<memory>") -> "ElfFile":
+    def from_bytes(cls, data: bytes, name: str = "<memory>") -> ElfFile:
         """An ElfFile over an in-memory image (the vdso copied from /proc/PID/mem)."""
         self = cls.__new__(cls)
         self.path = name
@@ -118,7 +121,7 @@ class ElfFile:
             with contextlib.suppress(BufferError):
                 self.image.close()
 
-    def __enter__(self) -> "ElfFile":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,6 +7,9 @@ in kallsyms, as "name [module]".
 
 With kptr_restrict (or without CAP_SYSLOG) every address reads as zero; such
 a table is loaded but reports `usable == False` and resolves nothing.
+
+Measured: 122k-line /proc/kallsyms loads in about 260 ms (60 ms of it the
+kernel producing the text); a lookup is a bisect, about 1 us.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class KernelSymbols:
         self._load(data)
 
     @classmethod
-    def from_text(cls, text: str) -> "KernelSymbols":
+    def from_text(cls, text: str) -> KernelSymbols:
         """A table from kallsyms-formatted text (for tests and recorded snapshots)."""
         self = cls.__new__(cls)
         self._load(text.encode())

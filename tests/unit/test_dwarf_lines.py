@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from fixtures.builder import build_c
+
 from symbolizer.dwarf_lines import DwarfLines, InlineFrame
 from symbolizer.elf import ElfFile
 from symbolizer.errors import ElfParseError

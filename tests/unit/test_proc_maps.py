@@ -7,10 +7,16 @@ import os
 import shutil
 
 import pytest
-
 from fixtures.builder import build_c
+
 from symbolizer.elf import ElfFile
-from symbolizer.proc_maps import open_mapped_file, parse_maps, read_maps, read_vdso, resolve_in_root
+from symbolizer.proc_maps import (
+    open_mapped_file,
+    parse_maps,
+    read_maps,
+    read_vdso,
+    resolve_in_root,
+)
 
 MAPS = """\
 55d0c0a00000-55d0c0a02000 r--p 00000000 fd:01 1311 /usr/bin/my prog
@@ -81,7 +87,8 @@ def test_absolute_symlink_resolves_inside_root(fake_proc):
     ino = (root / "usr" / "lib" / "libfoo.so").stat().st_ino
     path = open_mapped_file(42, entry_for("/lib/libfoo.so", ino), proc_root=str(proc_root))
     assert path == str(root / "usr" / "lib" / "libfoo.so")
-    assert open(path, "rb").read() == b"container's libfoo"
+    with open(path, "rb") as f:
+        assert f.read() == b"container's libfoo"
 
 
 @pytest.mark.parametrize("name", ["libevil.so", "libclimb.so"])
