@@ -17,12 +17,28 @@ EXIT_USAGE = 2
 
 
 class _Group(click.Group):
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    """Click group whose errors, click's own usage errors included, are one line."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        kwargs["standalone_mode"] = False
         try:
-            return super().invoke(ctx)
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message(), err=True)  # bare `bpfprof`: the help, as click does
+            sys.exit(EXIT_USAGE)
+        except click.UsageError as e:
+            _fail(e.format_message(), e.ctx)
         except BpfprofError as e:
-            click.echo(f"bpfprof: error: {e}", err=True)
-            ctx.exit(EXIT_USAGE)
+            _fail(str(e))
+        except click.Abort:
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, ctx: click.Context | None = None) -> None:
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    click.echo(f"bpfprof: error: {message}{hint}", err=True)
+    sys.exit(EXIT_USAGE)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

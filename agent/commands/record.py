@@ -36,12 +36,15 @@ def _check_frequency(hz: int) -> int:
 def _check_output(path: Path) -> Path:
     """Fail before recording, not after, if the file cannot be written."""
     parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ConfigError(f"cannot write {path}: it is a directory")
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"cannot write {path}: permission denied")
+    try:
+        if path.is_dir():
+            raise ConfigError(f"cannot write {path}: it is a directory")
+        if not parent.is_dir():
+            raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"cannot write {path}: permission denied")
+    except PermissionError:
+        raise ConfigError(f"cannot write {path}: permission denied") from None
     return path
 
 
@@ -71,7 +74,7 @@ class _Progress:
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds to record. Default: until Ctrl-C, or until COMMAND exits.")
 @click.option("--frequency", type=int, default=99, show_default=True, help="Samples per second per CPU.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Output file. Default: bpfprof-<timestamp> with the format's extension.")
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="pprof", show_default=True)
 @click.option("--no-kernel", is_flag=True, help="Leave kernel frames out.")
