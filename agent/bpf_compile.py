@@ -55,6 +55,6 @@ def compile_program(file_name: str, defines: dict[str, int]) -> Any:
     text = source_path(file_name).read_text()
     cflags = [f"-D{k}={int(v)}" for k, v in sorted(defines.items())] + [f"-I{BPF_DIR}"]
     try:
-        return bcc.BPF(text=text, cflags=cflags)
+        return bcc.BPF(text=text.encode(), cflags=cflags)
     except Exception as e:  # bcc raises plain Exception on compile/load failure
         raise BpfLoadError(f"could not compile or load {file_name}: {e}") from e

@@ -82,18 +82,18 @@ class CpuSampler:
 
     def add_target(self, pid: int) -> None:
         """Sample this process too (only when the sampler filters by pid)."""
-        targets = self._bpf["targets"]
+        targets = self._bpf[b"targets"]
         targets[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     def start(self, callback: Callable[[RawSample], None]) -> None:
         """Attach the perf events; `callback` gets every sample from poll()."""
         bcc = bpf_compile.import_bcc()
         self._callback = callback
-        self._bpf["records"].open_ring_buffer(self._on_record)
+        self._bpf[b"records"].open_ring_buffer(self._on_record)
         try:
             self._bpf.attach_perf_event(
                 ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
-                fn_name="on_cpu_sample", sample_freq=self.frequency_hz, cpu=-1)
+                fn_name=b"on_cpu_sample", sample_freq=self.frequency_hz, cpu=-1)
         except Exception as e:
             raise bpf_compile.BpfLoadError(f"could not open perf events at {self.frequency_hz} Hz: {e}") from e
 
@@ -111,7 +111,7 @@ class CpuSampler:
 
     def drops(self) -> dict[Drop, int]:
         """Sum of each drop counter over all CPUs."""
-        table = self._bpf["drops"]
+        table = self._bpf[b"drops"]
         out = {}
         for d in Drop:
             out[d] = sum(int(v) for v in table[ctypes.c_int(d)])

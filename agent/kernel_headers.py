@@ -72,9 +72,9 @@ def _newest_installed(usr_src: Path) -> tuple[Path, Path] | None:
             continue
         common = None
         mk = (d / "Makefile").read_text(errors="replace")
-        m = re.search(r"(/usr/src/linux-headers-[^\s/]+-common)", mk)
-        if m and Path(m.group(1)).is_dir():
-            common = Path(m.group(1))
+        m = re.search(r"linux-headers-[^\s/]+-common", mk)  # Debian's build tree includes its common tree
+        if m and (usr_src / m.group(0)).is_dir():
+            common = usr_src / m.group(0)
         elif (d / "include" / "linux" / "kconfig.h").is_file():
             common = d
         if common is not None:
