@@ -23,6 +23,6 @@ def test_flat_and_cum():
     p.add(SampleKey((main,), 1, 2, "t"), [1, 10])
     p.add(SampleKey((Location(0x8000, APP),), 1, 2, "t"), [2, 20])
     top = {f.name: (f.flat, f.cum) for f in top_functions(p, 10)}
-    assert top == {"hot": (6, 6), "work": (3, 9), "main": (1, 10), "app+0x8000": (2, 2)}
+    assert top == {"hot": (6, 6), "work": (3, 9), "main": (1, 10), "app+0x7000": (2, 2)}
     assert [f.name for f in top_functions(p, 2)] == ["hot", "work"]
     assert [f.name for f in top_functions(p, 1, value_index=1)] == ["hot"]
