@@ -80,8 +80,12 @@ class RecordSession:
         if s.pid not in self.tracker:
             self.tracker.observe(s.pid)
 
-    def run(self, stop: threading.Event, progress: Callable[[CaptureStats], None] | None = None) -> CaptureStats:
-        """Record; returns the final stats. BpfprofError if set-up fails."""
+    def run(self, stop: threading.Event, progress: Callable[[CaptureStats], None] | None = None,
+            on_start: Callable[[], None] | None = None) -> CaptureStats:
+        """Record; returns the final stats. BpfprofError if set-up fails.
+
+        `on_start` is called once the perf events are attached and sampling.
+        """
         opts = self.options
         pids: Sequence[int] | None = opts.pids
         command = None
@@ -97,6 +101,8 @@ class RecordSession:
             sampler.start(self._on_sample)
             self._start_ns = time.time_ns()
             start = time.monotonic()
+            if on_start is not None:
+                on_start()
             if command is not None:
                 command.release()
             while not stop.is_set():

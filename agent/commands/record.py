@@ -99,15 +99,21 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
         frequency_hz=frequency, duration_s=duration,
         pids=tuple(validate_pids(pids)) if pids else None,
         command=command or None, with_kernel=not no_kernel)
-    if options.duration_s is None and not command:
-        click.echo("recording until Ctrl-C", err=True)
+    if options.pids:
+        what = "pid " + ", ".join(map(str, options.pids))
+    elif command:
+        what = command[0] + " and its children"
+    else:
+        what = "all processes"
+    until = f"for {duration:g}s" if duration else ("until it exits" if command else "until Ctrl-C")
 
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     session = RecordSession(options)
     progress = _Progress()
     try:
-        stats = session.run(stop, progress)
+        stats = session.run(stop, progress, on_start=lambda: click.echo(
+            f"sampling {what} at {frequency} Hz {until}", err=True))
     finally:
         progress.done()
         for s, h in previous.items():
