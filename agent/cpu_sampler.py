@@ -3,7 +3,8 @@
 Turns ring-buffer records into RawSample objects; symbolization happens
 elsewhere. The ring buffer is sized from CPU count x frequency x drain
 interval (DESIGN.md), so a full buffer means the agent fell behind, and that
-is counted in BPF and reported.
+is counted in BPF and reported. The program is compiled in a child process
+(agent/bpf_compile.py); this process holds only its file descriptors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from agent import bpf_compile
+from agent import bpf_compile, libbpf
+from agent.bpf_compile import ProgType
 from agent.records import HEADER_SIZE, MAX_FRAMES, Drop, StackRecord
 
 _HEADER = struct.Struct("<IIIIQQHHhh16s")
@@ -62,12 +64,16 @@ def parse_record(buf: bytes) -> RawSample:
 class CpuSampler:
     """Owns the loaded CPU program. Use as a context manager; close() detaches."""
 
+    PROGRAM = "on_cpu_sample"
+    FORK_PROGRAM = "tracepoint__sched__sched_process_fork"
+
     def __init__(self, frequency_hz: int, pids: Iterable[int] | None = None,
                  follow_children: bool = False, with_kernel: bool = True,
                  drain_interval_s: float = 0.1) -> None:
         self.frequency_hz = frequency_hz
         self._pids = None if pids is None else list(pids)
-        cpus = os.cpu_count() or 1
+        self._follow = follow_children
+        cpus = len(libbpf.online_cpus())
         defines = {
             "RINGBUF_PAGES": ringbuf_pages(cpus, frequency_hz, drain_interval_s),
             "FILTER_PIDS": int(self._pids is not None),
@@ -75,53 +81,48 @@ class CpuSampler:
             "WITH_KERNEL": int(with_kernel),
             "MAX_TARGETS": MAX_TARGETS,
         }
-        self._bpf = bpf_compile.compile_program("cpu.bpf.c", defines)
-        self._callback: Callable[[RawSample], None] | None = None
+        programs = {self.PROGRAM: ProgType.PERF_EVENT}
+        if follow_children:
+            programs[self.FORK_PROGRAM] = ProgType.TRACEPOINT
+        self._objs = bpf_compile.load_programs("cpu.bpf.c", defines, programs, ["records", "drops", "targets"])
+        self._events: list[int] = []
+        self._ring: libbpf.RingBuffer | None = None
         for pid in self._pids or ():
             self.add_target(pid)
 
     def add_target(self, pid: int) -> None:
         """Sample this process too (only when the sampler filters by pid)."""
-        targets = self._bpf[b"targets"]
-        targets[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        libbpf.map_update(self._objs.maps["targets"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
 
     def start(self, callback: Callable[[RawSample], None]) -> None:
         """Attach the perf events; `callback` gets every sample from poll()."""
-        bcc = bpf_compile.import_bcc()
-        self._callback = callback
-        self._bpf[b"records"].open_ring_buffer(self._on_record)
-        try:
-            self._bpf.attach_perf_event(
-                ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
-                fn_name=b"on_cpu_sample", sample_freq=self.frequency_hz, cpu=-1)
-        except Exception as e:
-            raise bpf_compile.BpfLoadError(f"could not open perf events at {self.frequency_hz} Hz: {e}") from e
-
-    def _on_record(self, _ctx: int, data: int, size: int) -> None:
-        if self._callback is not None:
-            self._callback(parse_record(ctypes.string_at(data, size)))
+        self._ring = libbpf.RingBuffer(self._objs.maps["records"], lambda buf: callback(parse_record(buf)))
+        if self._follow:
+            self._events += libbpf.attach_tracepoint(self._objs.programs[self.FORK_PROGRAM],
+                                                     "sched", "sched_process_fork")
+        self._events += libbpf.attach_cpu_clock(self._objs.programs[self.PROGRAM], self.frequency_hz)
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms for records and deliver them all to the callback."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+        if self._ring is not None:
+            self._ring.poll(timeout_ms)
 
     def drain(self) -> None:
         """Deliver every record already in the buffer without waiting."""
-        self._bpf.ring_buffer_consume()
+        if self._ring is not None:
+            self._ring.consume()
 
     def drops(self) -> dict[Drop, int]:
         """Sum of each drop counter over all CPUs."""
-        table = self._bpf[b"drops"]
-        out = {}
-        for d in Drop:
-            out[d] = sum(int(v) for v in table[ctypes.c_int(d)])
-        return out
+        return {d: sum(libbpf.map_lookup_percpu_u64(self._objs.maps["drops"], d)) for d in Drop}
 
     def close(self) -> None:
-        """Detach and free the program (idempotent)."""
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        """Detach and free everything (idempotent)."""
+        libbpf.detach(self._events)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._objs.close()
 
     def __enter__(self) -> CpuSampler:
         return self

@@ -10,12 +10,11 @@ loop short.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import psutil
 
 from exporters.profile import Profile, SampleKey, cpu_profile
 from symbolizer.kallsyms import KernelSymbols
@@ -57,6 +56,17 @@ class CaptureStats:
         return [f"{n} {DROP_DESCRIPTIONS[d]}" for d, n in self.drops.items() if n]
 
 
+def process_age_s() -> float:
+    """Seconds since this process started, from /proc/self/stat and CLOCK_BOOTTIME.
+
+    Not psutil's create_time: it is built on /proc/stat's whole-second boot
+    time and can be off by most of a second.
+    """
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _wall_offset_ns() -> int:
     """Add to a CLOCK_MONOTONIC time (bpf_ktime_get_ns) to get Unix time."""
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -75,7 +85,7 @@ class RecordSession:
 
     def _on_sample(self, s: RawSample) -> None:
         if not self.samples:
-            self.stats.first_sample_s = time.time() - psutil.Process().create_time()
+            self.stats.first_sample_s = process_age_s()
         self.samples.append(s)
         if s.pid not in self.tracker:
             self.tracker.observe(s.pid)
