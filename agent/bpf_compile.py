@@ -20,10 +20,9 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import kernel_headers
 from bpf import BPF_DIR, source_path
 from symbolizer.errors import BpfLoadError, PrivilegeError
-
-from agent import kernel_headers
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ _MAX_FDS = 64
 _MAX_MESSAGE = 1 << 16
 
 
-class ProgType(str, enum.Enum):
+class ProgType(enum.StrEnum):
     PERF_EVENT = "PERF_EVENT"
     TRACEPOINT = "TRACEPOINT"
 

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from symbolizer.errors import BpfprofError
-
 from agent import bpf_compile, kernel_headers
+from symbolizer.errors import BpfprofError
 
 TRACEFS = Path("/sys/kernel/tracing")
 DEBUGFS = Path("/sys/kernel/debug")

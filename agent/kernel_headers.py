@@ -28,7 +28,7 @@ USR_SRC = Path("/usr/src")
 PACKAGE_HINT = "install them: apt-get install linux-headers-amd64 (or linux-headers-$(uname -r))"
 
 
-class HeaderSource(str, enum.Enum):
+class HeaderSource(enum.StrEnum):
     RUNNING_KERNEL = "running kernel"
     ENVIRONMENT = ENV_KERNEL_SOURCE
     KHEADERS = "kheaders"

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from agent.containers import ContainerInfo, read_container_info, read_environ_var
 from symbolizer import proc_maps
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
@@ -31,6 +32,8 @@ class ProcessInfo:
     name: str  # comm of the process (its main thread)
     exe: str  # path of the executable inside the process's mount namespace
     symbols: ProcessSymbols
+    container: ContainerInfo = field(default_factory=ContainerInfo)
+    service_name: str = ""  # OTEL_SERVICE_NAME from its environment, "" if unset
     exited: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -104,7 +107,9 @@ class ProcessTracker:
                 build_id=ident.build_id if ident else "",
                 build_id_kind=ident.kind if ident else BuildIdKind.NONE)
             mapped.append(MappedFile(mapping, fs))
-        return ProcessInfo(pid=pid, name=name, exe=exe.removesuffix(" (deleted)"), symbols=ProcessSymbols(mapped))
+        return ProcessInfo(pid=pid, name=name, exe=exe.removesuffix(" (deleted)"), symbols=ProcessSymbols(mapped),
+                           container=read_container_info(pid, self.proc_root),
+                           service_name=read_environ_var(pid, "OTEL_SERVICE_NAME", self.proc_root))
 
     def _symbols_for(self, pid: int, entry: proc_maps.MapsEntry) -> FileSymbols | None:
         if entry.is_vdso:

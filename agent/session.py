@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from exporters.profile import Profile, SampleKey, cpu_profile
-from symbolizer.kallsyms import KernelSymbols
-
 from agent.cpu_sampler import CpuSampler, RawSample
 from agent.process_tracker import ProcessTracker
 from agent.records import DROP_DESCRIPTIONS, Drop
 from agent.stack_resolver import StackResolver
 from agent.targets import GatedCommand
+from exporters.profile import ProcessMeta, Profile, SampleKey, cpu_profile
+from symbolizer.kallsyms import KernelSymbols
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +156,10 @@ class RecordSession:
             key = SampleKey(stack=stack, pid=s.pid, tid=s.tid, thread_name=s.thread_name,
                             labels=(("process_name", info.name),) if info else ())
             profile.add(key, [s.value, s.value * period], s.ktime_ns + offset)
+        for info in self.tracker.processes():
+            profile.processes[info.pid] = ProcessMeta(
+                pid=info.pid, name=info.name, executable_path=info.exe, container_id=info.container.container_id,
+                service_name=info.service_name or info.exe.rsplit("/", 1)[-1] or info.name)
         for line in self.stats.drop_lines():
             profile.comments.append(f"dropped: {line}")
         st = resolver.stats

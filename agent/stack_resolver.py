@@ -13,11 +13,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.process_tracker import ProcessTracker
 from exporters.profile import Location
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 from symbolizer.kallsyms import KernelSymbols
-
-from agent.process_tracker import ProcessTracker
 
 log = logging.getLogger(__name__)
 

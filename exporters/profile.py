@@ -34,14 +34,39 @@ class Location:
 
 
 @dataclass(frozen=True)
+class TraceLink:
+    """The trace and span that were running when a sample was taken.
+
+    `trace_id` is 16 bytes, `span_id` 8; a zero trace id means only the span
+    is known (the otel-profiling-go convention of a lone span_id label).
+    """
+
+    trace_id: bytes
+    span_id: bytes
+
+
+@dataclass(frozen=True)
+class ProcessMeta:
+    """What is known of a process, for resource attributes (OTLP) and labels."""
+
+    pid: int
+    name: str = ""  # comm
+    executable_path: str = ""  # inside the process's mount namespace
+    container_id: str = ""
+    service_name: str = ""  # OTEL_SERVICE_NAME of the process, else its executable name
+
+
+@dataclass(frozen=True)
 class SampleKey:
-    """What makes two samples the same sample: stack and every attribute."""
+    """What makes two samples the same sample: stack and every attribute, link included."""
 
     stack: tuple[Location, ...]
     pid: int
     tid: int
     thread_name: str
     labels: tuple[tuple[str, str], ...] = ()
+    cpu: int = -1  # logical CPU, -1 when not kept (it splits samples that would merge)
+    link: TraceLink | None = None
 
 
 @dataclass
@@ -74,6 +99,8 @@ class Profile:
     samples: list[Sample] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
     default_sample_type: str = ""
+    processes: dict[int, ProcessMeta] = field(default_factory=dict)
+    kind: str = ""  # profile type name: "cpu", "offcpu", "heap", "lock", "goroutine"
 
     def add(self, key: SampleKey, values: list[int], timestamp_ns: int | None = None) -> None:
         """Add one event; merges with an existing sample of the same key."""
@@ -110,4 +137,5 @@ def cpu_profile(start_time_ns: int, duration_ns: int, frequency_hz: int) -> Prof
         start_time_ns=start_time_ns,
         duration_ns=duration_ns,
         default_sample_type="cpu",
+        kind="cpu",
     )

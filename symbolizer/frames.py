@@ -9,7 +9,7 @@ import enum
 from dataclasses import dataclass
 
 
-class FrameKind(str, enum.Enum):
+class FrameKind(enum.StrEnum):
     """Where a frame's code comes from (OTel `profile.frame.type` values)."""
 
     GO = "go"
@@ -17,7 +17,7 @@ class FrameKind(str, enum.Enum):
     KERNEL = "kernel"
 
 
-class BuildIdKind(str, enum.Enum):
+class BuildIdKind(enum.StrEnum):
     """Which identity a mapping's build id is (OTel `process.executable.build_id.*`)."""
 
     GNU = "gnu"  # .note.gnu.build-id, hex

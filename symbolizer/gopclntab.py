@@ -43,8 +43,9 @@ import re
 import struct
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Callable, Iterator, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 from symbolizer.errors import PclntabError
 from symbolizer.frames import Frame, FrameKind
@@ -557,9 +558,10 @@ class GoPclntab:
         """(entry, end, raw name) of every function, in address order."""
         bo = self._bo
         for idx in range(self._nfunc):
-            name_off = _guard("name", lambda: struct.unpack_from(
-                bo + "i", self._buf, self._pcln + self._funcoffs[idx] + 4)[0])
-            name = _guard("name", lambda: self._name(name_off))
+            # the lambdas run at once, inside this iteration
+            name_off = _guard("name", lambda: struct.unpack_from(  # noqa: B023
+                bo + "i", self._buf, self._pcln + self._funcoffs[idx] + 4)[0])  # noqa: B023
+            name = _guard("name", lambda: self._name(name_off))  # noqa: B023
             yield self._entries[idx], self._entries[idx + 1], name
 
     def __len__(self) -> int:

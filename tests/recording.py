@@ -65,7 +65,7 @@ def read_pprof(path: Path) -> Decoded:
     for loc in p.location:
         names = [fn[line.function_id] for line in loc.line]
         locs[loc.id] = (names, maps.get(loc.mapping_id, ""))
-        for inner, outer in zip(names, names[1:]):
+        for inner, outer in zip(names, names[1:], strict=False):
             pairs.add((inner, outer))
     samples = []
     for s in p.sample:

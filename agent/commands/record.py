@@ -11,12 +11,11 @@ from pathlib import Path
 
 import click
 
+from agent.session import CaptureStats, RecordOptions, RecordSession
+from agent.targets import validate_pids
 from exporters.formats import FORMATS
 from exporters.summary import top_functions
 from symbolizer.errors import ConfigError
-
-from agent.session import CaptureStats, RecordOptions, RecordSession
-from agent.targets import validate_pids
 
 MAX_FREQUENCY_HZ = 20_000
 MAX_SAMPLE_RATE = Path("/proc/sys/kernel/perf_event_max_sample_rate")

@@ -33,7 +33,7 @@ def test_process_that_exited_and_was_deleted_is_symbolized(tmp_path):
     fixture = [s for s in prof.samples if s.labels.get("process_name") == "shortlived"]
     count = sum(s.values[0] for s in fixture)
     assert count >= 100, f"only {count} samples of the fixture"
-    own = [loc for s in fixture for loc, m in zip(s.locations, s.kinds) if m.endswith("shortlived")]
+    own = [loc for s in fixture for loc, m in zip(s.locations, s.kinds, strict=True) if m.endswith("shortlived")]
     assert own, "no frames in the fixture's own binary"
     assert all(own), "a frame of the exited, deleted binary was left unresolved"
     assert sum(s.values[0] for s in fixture if {"spin", "main"} <= set(s.functions)) >= 0.9 * count
@@ -49,7 +49,7 @@ def test_kernel_frames_and_no_kernel(tmp_path):
     prof = read_pprof(with_k)
     in_kernel = [s for s in prof.samples if KERNEL in s.kinds]
     assert sum(s.values[0] for s in in_kernel) >= 0.8 * prof.total(), "a read() loop runs mostly in the kernel"
-    kernel_names = [loc for s in in_kernel for loc, m in zip(s.locations, s.kinds) if m == KERNEL]
+    kernel_names = [loc for s in in_kernel for loc, m in zip(s.locations, s.kinds, strict=True) if m == KERNEL]
     assert all(names and names[0].split()[0] in kallsyms for names in kernel_names)
     assert any("read" in names[0] for names in kernel_names)
     # user frames sit under the kernel ones, and reach the fixture's main
@@ -72,7 +72,7 @@ def test_folded_output(tmp_path):
     reported = int(proc.stdout.split(" samples", 1)[0])
     assert sum(counts) == reported
     assert all(line.split(";")[0].startswith(("c-callchain", "bpfprof-gate", "sh")) for line in lines)
-    assert sum(c for line, c in zip(lines, counts) if ";main;" in line) >= 0.95 * reported
+    assert sum(c for line, c in zip(lines, counts, strict=True) if ";main;" in line) >= 0.95 * reported
 
 
 def test_pid_target_records_only_that_process(tmp_path):

@@ -9,8 +9,8 @@ import re
 import subprocess
 
 import pytest
-from fixtures.builder import build_c
 
+from fixtures.builder import build_c
 from symbolizer.dwarf_lines import DwarfLines
 from symbolizer.elf import ElfFile, file_to_vaddr
 from symbolizer.elf_symbols import ElfSymbols

@@ -141,7 +141,7 @@ def test_functions_cover_go_tool_nm(unstripped):
             assert (int(parts[0], 16), parts[2].removesuffix(".abi0")) in ours, line
     assert text_syms > 1000
     spans = list(table.functions())
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert all(table.func_for(e) == (e, n) and table.func_for(end - 1)[0] == e for e, end, n in spans[::50])
 
 

@@ -7,8 +7,8 @@ import os
 import shutil
 
 import pytest
-from fixtures.builder import build_c
 
+from fixtures.builder import build_c
 from symbolizer.elf import ElfFile
 from symbolizer.proc_maps import (
     open_mapped_file,

@@ -7,6 +7,7 @@ addresses are computed from `nm` plus the load bias in /proc/PID/maps.
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -20,6 +21,10 @@ from symbolizer.frames import FrameKind
 def pie_process():
     binary = build_c("callchain", flags=("-O2", "-g", "-fno-omit-frame-pointer", "-fPIE", "-pie"))
     proc = subprocess.Popen([str(binary), "30"])
+    deadline = time.monotonic() + 10
+    while "libc.so" not in open(f"/proc/{proc.pid}/maps").read():  # the loader is still mapping
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     try:
         yield binary, proc.pid
     finally:
@@ -64,7 +69,7 @@ def _calls(binary, caller: str) -> list[tuple[int, int]]:
                          capture_output=True, text=True, check=True).stdout
     body = out.split(f"<{caller}>:\n", 1)[1].split("\n\n", 1)[0].splitlines()
     addrs = [int(line.split(":")[0], 16) for line in body if ":" in line]
-    return [(a, addrs[i + 1]) for i, (a, line) in enumerate(zip(addrs, body))
+    return [(a, addrs[i + 1]) for i, (a, line) in enumerate(zip(addrs, body, strict=True))
             if "\tcall" in line and i + 1 < len(addrs)]
 
 
