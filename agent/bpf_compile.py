@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import kernel_headers
-from bpf import BPF_DIR, source_path
+from bpf import BPF_DIR
 from symbolizer.errors import BpfLoadError, PrivilegeError
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,11 @@ class LoadedObjects:
         self.maps.clear()
 
 
-def _compile_and_send(sock: socket.socket, file_name: str, cflags: list[str],
+def _compile_and_send(sock: socket.socket, text: str, cflags: list[str],
                       programs: dict[str, ProgType], maps: list[str]) -> None:
     """Child side: compile, load, send the fds, wait for the parent to hold them."""
     try:
         bcc = import_bcc()
-        text = source_path(file_name).read_text()
         b = bcc.BPF(text=text.encode(), cflags=cflags)
         names, fds = [], []
         for name, ptype in programs.items():
@@ -103,9 +102,13 @@ def _compile_and_send(sock: socket.socket, file_name: str, cflags: list[str],
             pass
 
 
-def load_programs(file_name: str, defines: dict[str, int], programs: dict[str, ProgType],
+def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgType],
                   maps: list[str]) -> LoadedObjects:
-    """Compile bpf/<file_name> with `-D` defines in a child; return the loaded objects' fds."""
+    """Compile C `text` (it #includes files of bpf/) with `-D` defines in a child.
+
+    Returns the fds of the loaded `programs` and `maps`; BpfLoadError with the
+    compiler's message if anything fails (clang's own output goes to stderr).
+    """
     check_privileges()
     headers = kernel_headers.resolve(link=True)
     if headers.warning:
@@ -116,7 +119,7 @@ def load_programs(file_name: str, defines: dict[str, int], programs: dict[str, P
     pid = os.fork()
     if pid == 0:  # child
         parent.close()
-        _compile_and_send(child, file_name, cflags, programs, maps)
+        _compile_and_send(child, text, cflags, programs, maps)
         os._exit(0)
     child.close()
     try:
@@ -125,7 +128,7 @@ def load_programs(file_name: str, defines: dict[str, int], programs: dict[str, P
         if not reply["ok"]:
             for fd in fds:
                 os.close(fd)
-            raise BpfLoadError(f"could not compile or load {file_name}: {reply['error']}")
+            raise BpfLoadError(f"could not compile or load the BPF programs: {reply['error']}")
         loaded = LoadedObjects()
         for name, fd in zip(reply["names"], fds, strict=True):
             kind, _, short = name.partition(":")

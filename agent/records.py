@@ -14,7 +14,14 @@ COMM_LEN = 16
 
 
 class RecordKind(enum.IntEnum):
+    """enum bpfprof_kind: what a record is, and so what its value and aux mean."""
+
     CPU = 1
+    OFFCPU = 2
+    ALLOC = 3
+    FREE = 4
+    LOCK = 5
+    GOROUTINE = 6
 
 
 class Drop(enum.IntEnum):
@@ -46,6 +53,7 @@ class Header(ctypes.Structure):
         ("cpu", ctypes.c_uint32),
         ("ktime_ns", ctypes.c_uint64),
         ("value", ctypes.c_uint64),
+        ("aux", ctypes.c_uint64),
         ("kernel_frames", ctypes.c_uint16),
         ("user_frames", ctypes.c_uint16),
         ("kernel_err", ctypes.c_int16),

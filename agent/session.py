@@ -1,9 +1,9 @@
-"""A recording session: sample, remember processes, then build the Profile.
+"""A recording session: record, remember processes, then build the Profiles.
 
-The loop drains the ring buffer every `drain_interval_s`; a pid seen for the
+The loop drains the ring buffer every `DRAIN_INTERVAL_S`; a pid seen for the
 first time is snapshotted right then (ProcessTracker), so its stacks resolve
 even if it exits seconds later. Symbolization runs once at the end over the
-distinct addresses, which is cheaper than per sample and keeps the drain
+distinct addresses, which is cheaper than per record and keeps the drain
 loop short.
 """
 
@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.cpu_sampler import CpuSampler, RawSample
+from agent.probe import Probe, ProbeConfig, RawRecord, Window
+from agent.probe_set import ProbeSet
+from agent.probes import PROBES
 from agent.process_tracker import ProcessTracker
+from agent.profile_builder import add_process_meta
 from agent.records import DROP_DESCRIPTIONS, Drop
 from agent.stack_resolver import StackResolver
 from agent.targets import GatedCommand
-from exporters.profile import ProcessMeta, Profile, SampleKey, cpu_profile
+from exporters.profile import Profile
+from symbolizer.errors import ConfigError
 from symbolizer.kallsyms import KernelSymbols
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,8 @@ class RecordOptions:
     pids: tuple[int, ...] | None = None
     command: tuple[str, ...] | None = None
     with_kernel: bool = True
+    profiles: tuple[str, ...] = ("cpu",)
+    offcpu_min_ns: int = 0
 
 
 @dataclass
@@ -77,23 +84,32 @@ class RecordSession:
     def __init__(self, options: RecordOptions, tracker: ProcessTracker | None = None) -> None:
         self.options = options
         self.tracker = tracker or ProcessTracker()
-        self.samples: list[RawSample] = []
+        config = ProbeConfig(frequency_hz=options.frequency_hz, with_kernel=options.with_kernel,
+                             offcpu_min_ns=options.offcpu_min_ns, pids=options.pids)
+        unknown = [p for p in options.profiles if p not in PROBES]
+        if unknown:
+            raise ConfigError(f"unknown profile type {unknown[0]!r}: choose from {', '.join(PROBES)}")
+        self.probes: list[Probe] = [PROBES[name](config) for name in PROBES if name in options.profiles]
         self.stats = CaptureStats()
+        self._records = 0
         self._start_ns = 0
         self._end_ns = 0
+        self._has_kernel_stacks = False
 
-    def _on_sample(self, s: RawSample) -> None:
-        if not self.samples:
+    def _on_record(self, r: RawRecord) -> None:
+        if not self._records:
             self.stats.first_sample_s = process_age_s()
-        self.samples.append(s)
-        if s.pid not in self.tracker:
-            self.tracker.observe(s.pid)
+        self._records += 1
+        if r.kernel_ips:
+            self._has_kernel_stacks = True
+        if r.pid not in self.tracker:
+            self.tracker.observe(r.pid)
 
     def run(self, stop: threading.Event, progress: Callable[[CaptureStats], None] | None = None,
             on_start: Callable[[], None] | None = None) -> CaptureStats:
         """Record; returns the final stats. BpfprofError if set-up fails.
 
-        `on_start` is called once the perf events are attached and sampling.
+        `on_start` is called once the probes are attached and recording.
         """
         opts = self.options
         pids: Sequence[int] | None = opts.pids
@@ -101,13 +117,13 @@ class RecordSession:
         follow = False
         if opts.command:
             pids, follow = (), True
-        sampler = CpuSampler(opts.frequency_hz, pids=pids, follow_children=follow, with_kernel=opts.with_kernel,
+        probe_set = ProbeSet(self.probes, pids=pids, follow_children=follow, with_kernel=opts.with_kernel,
                              drain_interval_s=DRAIN_INTERVAL_S)
         try:
             if opts.command:
                 command = GatedCommand(opts.command)
-                sampler.add_target(command.pid)
-            sampler.start(self._on_sample)
+                probe_set.add_target(command.pid)
+            probe_set.start(self._on_record)
             self._start_ns = time.time_ns()
             start = time.monotonic()
             if on_start is not None:
@@ -115,9 +131,9 @@ class RecordSession:
             if command is not None:
                 command.release()
             while not stop.is_set():
-                sampler.poll(int(DRAIN_INTERVAL_S * 1000))
+                probe_set.poll(int(DRAIN_INTERVAL_S * 1000))
                 self.stats.elapsed_s = time.monotonic() - start
-                self.stats.samples = len(self.samples)
+                self.stats.samples = self._records
                 self.stats.processes = self.tracker.stats.processes
                 if progress is not None:
                     progress(self.stats)
@@ -125,44 +141,39 @@ class RecordSession:
                     break
                 if command is not None and command.process.poll() is not None:
                     break
-            sampler.drain()
+            probe_set.drain()
             self._end_ns = time.time_ns()
-            self.stats.drops = sampler.drops()
+            self.stats.drops = probe_set.drops()
         finally:
-            sampler.close()
+            probe_set.close()
             if command is not None:
                 if command.process.poll() is None and stop.is_set():
                     command.process.terminate()
                 try:
                     self.stats.command_exit = command.process.wait(timeout=5)
-                except Exception:  # noqa: BLE001  (a command that ignores SIGTERM is left running, not waited on forever)
+                except subprocess.TimeoutExpired:  # a command that ignores SIGTERM is left running
                     log.warning("command %d still running after the capture", command.pid)
-        self.stats.samples = len(self.samples)
+        self.stats.samples = self._records
         self.stats.processes = self.tracker.stats.processes
         return self.stats
 
-    def build_profile(self, kernel: KernelSymbols | None = None) -> Profile:
-        """Symbolize every sample into a CPU Profile (pprof's cpu sample types)."""
-        opts = self.options
-        if kernel is None and opts.with_kernel and any(s.kernel_ips for s in self.samples):
+    def build_profiles(self, kernel: KernelSymbols | None = None) -> list[Profile]:
+        """Symbolize every record into one Profile per profile type, in PROBES order."""
+        if kernel is None and self.options.with_kernel and self._has_kernel_stacks:
             kernel = KernelSymbols()
         resolver = StackResolver(self.tracker, kernel)
-        profile = cpu_profile(self._start_ns, max(0, self._end_ns - self._start_ns), opts.frequency_hz)
-        period = profile.period
-        offset = _wall_offset_ns()
-        for s in self.samples:
-            stack = resolver.stack(s.pid, s.kernel_ips if opts.with_kernel else (), s.user_ips)
-            info = self.tracker.get(s.pid)
-            key = SampleKey(stack=stack, pid=s.pid, tid=s.tid, thread_name=s.thread_name,
-                            labels=(("process_name", info.name),) if info else ())
-            profile.add(key, [s.value, s.value * period], s.ktime_ns + offset)
-        for info in self.tracker.processes():
-            profile.processes[info.pid] = ProcessMeta(
-                pid=info.pid, name=info.name, executable_path=info.exe, container_id=info.container.container_id,
-                service_name=info.service_name or info.exe.rsplit("/", 1)[-1] or info.name)
-        for line in self.stats.drop_lines():
-            profile.comments.append(f"dropped: {line}")
+        window = Window(self._start_ns, self._end_ns, _wall_offset_ns())
+        out = []
+        for probe in self.probes:
+            for profile in probe.profiles(resolver, self.tracker, window):
+                add_process_meta(profile, self.tracker)
+                profile.comments.extend(f"dropped: {line}" for line in self.stats.drop_lines())
+                out.append(profile)
         st = resolver.stats
         if st.user_unresolved:
             log.info("%d of %d user addresses unresolved", st.user_unresolved, st.user_addresses)
-        return profile
+        return out
+
+    def build_profile(self, kernel: KernelSymbols | None = None) -> Profile:
+        """The first profile (the CPU one when it was recorded)."""
+        return self.build_profiles(kernel)[0]

@@ -28,6 +28,15 @@ def validate_pids(pids: Sequence[int]) -> list[int]:
     return out
 
 
+def validate_command(argv: Sequence[str]) -> list[str]:
+    """Return argv if its program can be found; TargetError otherwise (checked before BPF is loaded)."""
+    if not argv:
+        raise TargetError("no command given after --")
+    if shutil.which(argv[0]) is None:
+        raise TargetError(f"command not found: {argv[0]}")
+    return list(argv)
+
+
 class GatedCommand:
     """A child process held before exec until release() is called.
 
@@ -40,11 +49,7 @@ class GatedCommand:
     STOP_WAIT_S = 10.0
 
     def __init__(self, argv: Sequence[str]) -> None:
-        if not argv:
-            raise TargetError("no command given after --")
-        exe = argv[0]
-        if shutil.which(exe) is None:
-            raise TargetError(f"command not found: {exe}")
+        exe = validate_command(argv)[0]
         try:
             self.process = subprocess.Popen(["/bin/sh", "-c", self.GATE, "bpfprof-gate", *argv])
         except OSError as e:

@@ -16,8 +16,14 @@
 #define BPFPROF_MAX_FRAMES 127  /* the kernel's default perf_event_max_stack */
 #define BPFPROF_COMM_LEN 16
 
+/* Record kinds. Each probe family owns a range; agent/records.py mirrors them. */
 enum bpfprof_kind {
-    BPFPROF_KIND_CPU = 1,
+    BPFPROF_KIND_CPU = 1,       /* value: 1 sample */
+    BPFPROF_KIND_OFFCPU = 2,    /* value: ns off CPU */
+    BPFPROF_KIND_ALLOC = 3,     /* value: bytes; aux: address */
+    BPFPROF_KIND_FREE = 4,      /* value: 0; aux: address; no stack */
+    BPFPROF_KIND_LOCK = 5,      /* value: ns waited; aux: lock address */
+    BPFPROF_KIND_GOROUTINE = 6, /* value: event; aux: goroutine id */
 };
 
 /* Indices of the per-CPU `drops` counter array. */
@@ -36,7 +42,8 @@ struct bpfprof_header {
     u32 tid;           /* kernel thread id */
     u32 cpu;
     u64 ktime_ns;      /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
-    u64 value;         /* cpu: 1 per sample */
+    u64 value;         /* meaning by kind, see enum bpfprof_kind */
+    u64 aux;           /* meaning by kind (an address, an id), else 0 */
     u16 kernel_frames; /* number of kernel addresses, first in ips[] */
     u16 user_frames;   /* number of user addresses, after the kernel ones */
     s16 kernel_err;    /* 0, or the negative errno of bpf_get_stack */

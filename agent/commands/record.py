@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
+from agent.probes import PROBES
 from agent.session import CaptureStats, RecordOptions, RecordSession
-from agent.targets import validate_pids
+from agent.targets import validate_command, validate_pids
 from exporters.formats import FORMATS
 from exporters.summary import top_functions
 from symbolizer.errors import ConfigError
@@ -77,14 +78,19 @@ class _Progress:
               help="Output file. Default: bpfprof-<timestamp> with the format's extension.")
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="pprof", show_default=True)
 @click.option("--no-kernel", is_flag=True, help="Leave kernel frames out.")
+@click.option("--profile", "profile_types", default="cpu", show_default=True, metavar="TYPES",
+              help=f"Comma-separated profile types: {', '.join(PROBES)}. Several write one file each.")
+@click.option("--offcpu-min-us", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Off-CPU: ignore blocks shorter than this (microseconds).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency: int, output: Path | None,
-           fmt: str, no_kernel: bool, command: tuple[str, ...]) -> None:
-    """Record CPU stacks to a pprof (or folded) file.
+           fmt: str, no_kernel: bool, profile_types: str, offcpu_min_us: int, command: tuple[str, ...]) -> None:
+    """Record stacks (CPU by default) to a pprof (or folded) file.
 
     \b
     Targets: --pid PID (repeatable), --all (default), or -- COMMAND ARGS
     (start it, profile it and its children, stop when it exits).
+    With several --profile types, OUTPUT.TYPE.EXT is written for each.
     """
     chosen = sum(bool(x) for x in (pids, all_, command))
     if chosen > 1:
@@ -94,10 +100,16 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     if output is None:
         output = Path(f"bpfprof-{time.strftime('%Y%m%d-%H%M%S')}{out_format.extension}")
     _check_output(output)
+    types = tuple(t.strip() for t in profile_types.split(",") if t.strip())
+    for t in types:
+        if t not in PROBES:
+            raise ConfigError(f"--profile {t!r} is not a profile type: choose from {', '.join(PROBES)}")
     options = RecordOptions(
         frequency_hz=frequency, duration_s=duration,
         pids=tuple(validate_pids(pids)) if pids else None,
-        command=command or None, with_kernel=not no_kernel)
+        command=tuple(validate_command(command)) if command else None,
+        with_kernel=not no_kernel, profiles=types or ("cpu",),
+        offcpu_min_ns=offcpu_min_us * 1000)
     if options.pids:
         what = "pid " + ", ".join(map(str, options.pids))
     elif command:
@@ -117,16 +129,32 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
         progress.done()
         for s, h in previous.items():
             signal.signal(s, h)
-    profile = session.build_profile()
-    output.write_bytes(out_format.encode(profile))
-
-    total = profile.total()
+    profiles = session.build_profiles()
     first = f", first after {stats.first_sample_s:.2f}s" if stats.first_sample_s is not None else ""
     click.echo(f"{stats.samples} samples of {stats.processes} processes in {stats.elapsed_s:.1f}s{first}")
     for line in stats.drop_lines():
         click.echo(f"dropped: {line}")
-    if total:
-        click.echo(f"{'flat%':>7} {'cum%':>7}  function")
-        for f in top_functions(profile, 10):
-            click.echo(f"{100 * f.flat / total:6.2f}% {100 * f.cum / total:6.2f}%  {f.name}")
-    click.echo(f"wrote {output}")
+    for profile in profiles:
+        path = output if len(profiles) == 1 else per_type_path(output, profile.kind, out_format.extension)
+        path.write_bytes(out_format.encode(profile))
+        _print_top(profile, len(profiles) > 1)
+        click.echo(f"wrote {path}")
+
+
+def per_type_path(output: Path, kind: str, extension: str) -> Path:
+    """OUTPUT.TYPE.EXT: 'app.pb.gz' -> 'app.heap.pb.gz', 'app' -> 'app.heap.pb.gz'."""
+    name = output.name.removesuffix(extension)
+    return output.with_name(f"{name}.{kind}{extension}")
+
+
+def _print_top(profile, titled: bool) -> None:
+    index = next((i for i, t in enumerate(profile.sample_types) if t.type == profile.default_sample_type), 0)
+    total = profile.total(index)
+    if not total:
+        return
+    unit = profile.sample_types[index]
+    if titled:
+        click.echo(f"{profile.kind}: {unit.type}/{unit.unit}")
+    click.echo(f"{'flat%':>7} {'cum%':>7}  function")
+    for f in top_functions(profile, 10, value_index=index):
+        click.echo(f"{100 * f.flat / total:6.2f}% {100 * f.cum / total:6.2f}%  {f.name}")

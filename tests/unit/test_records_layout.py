@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
-from agent.records import HEADER_SIZE, Drop, Header, StackRecord
+from agent.records import HEADER_SIZE, Drop, Header, RecordKind, StackRecord
 from bpf import BPF_DIR
 
 PROGRAM = r"""
@@ -23,7 +23,8 @@ int main(void) {
     printf("header %zu\n", sizeof(struct bpfprof_header));
     printf("record %zu\n", sizeof(struct bpfprof_stack_record));
     printf("drops %d\n", BPFPROF_DROP_MAX);
-    F(kind) F(pid) F(tid) F(cpu) F(ktime_ns) F(value) F(kernel_frames) F(user_frames)
+    printf("kinds %d\n", BPFPROF_KIND_GOROUTINE);
+    F(kind) F(pid) F(tid) F(cpu) F(ktime_ns) F(value) F(aux) F(kernel_frames) F(user_frames)
     F(kernel_err) F(user_err) F(comm)
     return 0;
 }
@@ -40,5 +41,6 @@ def test_sizes_and_offsets_agree(tmp_path):
     assert int(c["header"]) == ctypes.sizeof(Header) == HEADER_SIZE
     assert int(c["record"]) == ctypes.sizeof(StackRecord)
     assert int(c["drops"]) == len(Drop)
+    assert int(c["kinds"]) == max(RecordKind)
     for name, _ in Header._fields_:
         assert int(c[name]) == getattr(Header, name).offset, name

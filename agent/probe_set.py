@@ -1,0 +1,154 @@
+"""The BPF side of a capture: the selected probe families compiled together.
+
+One clang run compiles every selected bpf/<family>.bpf.c as one translation
+unit (in a child, agent/bpf_compile.py); they share the ring buffer, the
+drop counters and the target set of bpf/common.bpf.h. The ring buffer is
+sized from CPU count x expected event rate x drain interval (DESIGN.md), so
+a full buffer means the agent fell behind, and that is counted in BPF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+
+from agent import bpf_compile, libbpf
+from agent.bpf_compile import LoadedObjects
+from agent.probe import Probe, RawRecord
+from agent.records import HEADER_SIZE, MAX_FRAMES, Drop, StackRecord
+from bpf import source_path
+
+_HEADER = struct.Struct("<IIIIQQQHHhh16s")
+assert _HEADER.size == HEADER_SIZE
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MIN_RINGBUF_PAGES = 64
+MAX_TARGETS = 65536
+# Headroom over the worst case of full-size records: drains are late when the
+# machine is busy, which is exactly when samples matter.
+RINGBUF_HEADROOM = 4
+SHARED_MAPS = ["records", "drops", "targets"]
+
+
+def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float) -> int:
+    """Pages for the ring buffer: worst-case bytes per drain interval x headroom, power of two."""
+    need = cpus * events_per_cpu_s * drain_interval_s * ctypes.sizeof(StackRecord) * RINGBUF_HEADROOM
+    pages = MIN_RINGBUF_PAGES
+    while pages * PAGE_SIZE < need:
+        pages *= 2
+    return pages
+
+
+def parse_record(buf: bytes) -> RawRecord:
+    """Decode one ring-buffer record (a bpfprof_header plus addresses)."""
+    (kind, pid, tid, cpu, ktime, value, aux, kn, un, _kerr, _uerr, comm) = _HEADER.unpack_from(buf)
+    ips = struct.unpack_from(f"<{kn + un}Q", buf, HEADER_SIZE) if kn + un else ()
+    return RawRecord(kind, pid, tid, cpu, ktime, value, aux, comm.split(b"\0", 1)[0].decode(errors="replace"),
+                     ips[:kn], ips[kn:])
+
+
+FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
+COMMON_SOURCE = "common.bpf.h"
+
+
+def combined_source(sources: Sequence[str]) -> str:
+    """One translation unit: the shared header, then each source's text once.
+
+    Texts are pasted, not #included, because BCC rewrites map accesses and
+    generates TRACEPOINT_PROBE argument structs only in its main file. The
+    header's include guard turns each source's own `#include "common.bpf.h"`
+    (which lets a source compile alone) into a no-op.
+    """
+    return "\n".join(source_path(name).read_text() for name in dict.fromkeys([COMMON_SOURCE, *sources]))
+
+
+class ProbeSet:
+    """Owns the loaded programs of a capture. Use as a context manager; close() detaches."""
+
+    def __init__(self, probes: Sequence[Probe], pids: Iterable[int] | None = None, follow_children: bool = False,
+                 with_kernel: bool = True, drain_interval_s: float = 0.1) -> None:
+        self.probes = list(probes)
+        self._by_kind = {int(k): p for p in self.probes for k in p.kinds}
+        self._pids = None if pids is None else list(pids)
+        cpus = len(libbpf.online_cpus())
+        rate = sum(p.events_per_cpu_s for p in self.probes)
+        defines = {
+            "RINGBUF_PAGES": ringbuf_pages(cpus, rate, drain_interval_s),
+            "FILTER_PIDS": int(self._pids is not None),
+            "WITH_KERNEL": int(with_kernel),
+            "MAX_TARGETS": MAX_TARGETS,
+        }
+        programs: dict[str, bpf_compile.ProgType] = {}
+        maps = list(SHARED_MAPS)
+        for p in self.probes:
+            defines.update(p.defines())
+            programs.update(p.programs())
+            maps += [m for m in p.maps() if m not in maps]
+        self._follow = follow_children
+        sources = [p.source for p in self.probes]
+        if follow_children:
+            programs["tracepoint__sched__sched_process_fork"] = bpf_compile.ProgType.TRACEPOINT
+            sources.append(FOLLOW_CHILDREN_SOURCE)
+        self.objs: LoadedObjects = bpf_compile.load_programs(combined_source(sources), defines, programs, maps)
+        self._events: list[int] = []
+        self._ring: libbpf.RingBuffer | None = None
+        for pid in self._pids or ():
+            self.add_target(pid)
+
+    def add_target(self, pid: int) -> None:
+        """Record this process too (only when the set filters by pid)."""
+        libbpf.map_update(self.objs.maps["targets"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
+
+    def start(self, on_record: Callable[[RawRecord], None] | None = None) -> None:
+        """Attach every probe; records go to their probe (and to `on_record` first)."""
+        by_kind = self._by_kind
+
+        def dispatch(buf: bytes) -> None:
+            rec = parse_record(buf)
+            if on_record is not None:
+                on_record(rec)
+            probe = by_kind.get(rec.kind)
+            if probe is not None:
+                probe.on_record(rec)
+
+        self._ring = libbpf.RingBuffer(self.objs.maps["records"], dispatch)
+        if self._follow:
+            self._events += libbpf.attach_tracepoint(
+                self.objs.programs["tracepoint__sched__sched_process_fork"], "sched", "sched_process_fork")
+        for p in self.probes:
+            self._events += p.attach(self.objs)
+        for p in self.probes:
+            p.on_start(self.objs)
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for records and deliver them all."""
+        if self._ring is not None:
+            self._ring.poll(timeout_ms)
+
+    def drain(self) -> None:
+        """Deliver every record already in the buffer without waiting."""
+        if self._ring is not None:
+            self._ring.consume()
+
+    def drops(self) -> dict[Drop, int]:
+        """Sum of each drop counter over all CPUs."""
+        return {d: sum(libbpf.map_lookup_percpu_u64(self.objs.maps["drops"], d)) for d in Drop}
+
+    def close(self) -> None:
+        """Detach and free everything (idempotent)."""
+        libbpf.detach(self._events)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.objs.close()
+
+    def __enter__(self) -> ProbeSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+assert MAX_FRAMES == 127  # common.bpf.h bounds frame counts with `& 127`

@@ -1,0 +1,10 @@
+"""The probe families `--profile` can name, in the order profiles are written."""
+
+from __future__ import annotations
+
+from agent.cpu_probe import CpuProbe
+from agent.probe import Probe
+
+PROBES: dict[str, type[Probe]] = {
+    "cpu": CpuProbe,
+}

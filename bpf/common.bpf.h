@@ -1,0 +1,118 @@
+/* Maps and helpers every probe family shares.
+ *
+ * All families selected for a capture are compiled as one translation unit
+ * (agent/probe_set.py includes each .bpf.c), so they share one ring buffer,
+ * one drop counter array and one target set. The include guard makes each
+ * defined once.
+ *
+ * Compile-time switches (-D, set by the agent):
+ *   RINGBUF_PAGES    ring buffer size in pages (power of two), sized by the agent
+ *                    from CPU count x event rate x drain interval
+ *   FILTER_PIDS      1: only processes in `targets` are recorded
+ *   WITH_KERNEL      1: record kernel stacks too
+ *   MAX_TARGETS      capacity of `targets`
+ */
+#ifndef BPFPROF_COMMON_BPF_H
+#define BPFPROF_COMMON_BPF_H
+
+#include "bpfprof.h"
+
+BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(scratch, struct bpfprof_stack_record, 1);
+BPF_PERCPU_ARRAY(drops, u64, BPFPROF_DROP_MAX);
+BPF_HASH(targets, u32, u8, MAX_TARGETS);
+
+static __always_inline void count_drop(u32 reason)
+{
+    u64 *c = drops.lookup(&reason);
+    if (c)
+        (*c)++;  /* per-CPU slot: no atomics needed */
+}
+
+/* Whether this process is recorded at all (the idle task never is). */
+static __always_inline int is_target(u32 tgid)
+{
+    if (tgid == 0)
+        return 0;
+#if FILTER_PIDS
+    if (!targets.lookup(&tgid))
+        return 0;
+#endif
+    return 1;
+}
+
+/* The per-CPU scratch record with its header filled for the current task. */
+static __always_inline struct bpfprof_stack_record *new_record(u32 kind, u64 value, u64 aux)
+{
+    u32 zero = 0;
+    struct bpfprof_stack_record *r = scratch.lookup(&zero);
+    if (!r)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    r->h.kind = kind;
+    r->h.pid = id >> 32;
+    r->h.tid = (u32)id;
+    r->h.cpu = bpf_get_smp_processor_id();
+    r->h.ktime_ns = bpf_ktime_get_ns();
+    r->h.value = value;
+    r->h.aux = aux;
+    r->h.kernel_frames = 0;
+    r->h.user_frames = 0;
+    r->h.kernel_err = 0;
+    r->h.user_err = 0;
+    bpf_get_current_comm(&r->h.comm, sizeof(r->h.comm));
+    return r;
+}
+
+/* Copy the current kernel (if WITH_KERNEL) and user stacks into `r`, then
+ * send header + addresses. `ctx` is the program's context (perf event,
+ * tracepoint or uprobe): bpf_get_stack takes the registers from it. */
+static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_record *r)
+{
+    long kn = 0;
+#if WITH_KERNEL
+    kn = bpf_get_stack(ctx, r->ips, BPFPROF_MAX_FRAMES * sizeof(u64), 0);
+    if (kn < 0) {
+        r->h.kernel_err = kn;
+        count_drop(BPFPROF_DROP_KERNEL_STACK_ERR);
+        kn = 0;
+    }
+    kn /= sizeof(u64);
+    if (kn >= BPFPROF_MAX_FRAMES) {
+        kn = BPFPROF_MAX_FRAMES;
+        count_drop(BPFPROF_DROP_KERNEL_TRUNCATED);
+    }
+#endif
+    kn &= 127;  /* bound for the verifier; BPFPROF_MAX_FRAMES == 127 */
+
+    long un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
+    if (un < 0) {
+        /* kernel threads get 0 frames, not an error: this is a real loss */
+        r->h.user_err = un;
+        count_drop(BPFPROF_DROP_USER_STACK_ERR);
+        un = 0;
+    }
+    un /= sizeof(u64);
+    if (un >= BPFPROF_MAX_FRAMES) {
+        un = BPFPROF_MAX_FRAMES;
+        count_drop(BPFPROF_DROP_USER_TRUNCATED);
+    }
+    un &= 127;
+    r->h.kernel_frames = kn;
+    r->h.user_frames = un;
+
+    u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
+    if (size > sizeof(*r))
+        return;
+    if (records.ringbuf_output(r, size, 0) != 0)
+        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+}
+
+/* Send only the header (events without a stack, such as frees). */
+static __always_inline void submit_header(struct bpfprof_stack_record *r)
+{
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header), 0) != 0)
+        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+}
+
+#endif /* BPFPROF_COMMON_BPF_H */
