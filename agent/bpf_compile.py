@@ -31,8 +31,11 @@ _MAX_MESSAGE = 1 << 16
 
 
 class ProgType(enum.StrEnum):
+    """BPF program types, by BCC's names; uprobes are KPROBE programs."""
+
     PERF_EVENT = "PERF_EVENT"
     TRACEPOINT = "TRACEPOINT"
+    KPROBE = "KPROBE"
 
 
 def import_bcc() -> Any:

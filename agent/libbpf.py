@@ -182,3 +182,27 @@ class RingBuffer:
         if self._rb:
             lib().ring_buffer__free(self._rb)
             self._rb = None
+
+
+UPROBE_PMU_TYPE = Path("/sys/bus/event_source/devices/uprobe/type")
+_UPROBE_RETPROBE_BIT = 1 << 0  # format/retprobe: config:0
+
+
+def attach_uprobe(prog_fd: int, path: str, file_offset: int, pid: int = -1, retprobe: bool = False) -> list[int]:
+    """Run `prog_fd` when code at `file_offset` of the file at `path` executes.
+
+    Through the uprobe PMU (no tracefs writes): with pid -1 it fires in every
+    process mapping that file, with a pid only in that process. Never use
+    `retprobe` on Go functions: Go moves stacks and the return trampoline
+    crashes the program (DESIGN.md); instrument their RET instructions instead.
+    """
+    try:
+        pmu = int(UPROBE_PMU_TYPE.read_text())
+    except (OSError, ValueError) as e:
+        raise BpfLoadError(f"uprobes are not available here ({UPROBE_PMU_TYPE}): {e}") from e
+    attr = _attr(pmu, _UPROBE_RETPROBE_BIT if retprobe else 0, 1, _FLAG_DISABLED)
+    path_buf = ctypes.create_string_buffer(os.fsencode(path))
+    ctypes.c_uint64.from_buffer(attr, 56).value = ctypes.addressof(path_buf)  # config1: uprobe_path
+    ctypes.c_uint64.from_buffer(attr, 64).value = file_offset  # config2: probe_offset
+    fd = _perf_event_open(attr, pid, 0 if pid == -1 else -1)
+    return [_attach(fd, prog_fd)]
