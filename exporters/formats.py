@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporters.folded import encode_folded
+from exporters.otlp import encode_otlp_bytes
 from exporters.pprof import encode_pprof
 from exporters.profile import Profile
 
@@ -22,4 +24,6 @@ class OutputFormat:
 FORMATS: dict[str, OutputFormat] = {
     "pprof": OutputFormat("pprof", extension=".pb.gz", encode=encode_pprof),
     "folded": OutputFormat("folded", extension=".folded", encode=encode_folded),
+    # The binary ExportProfilesServiceRequest, as sent to a collector; host.name is this host's.
+    "otlp": OutputFormat("otlp", extension=".otlp.pb", encode=lambda p: encode_otlp_bytes([p], socket.gethostname())),
 }

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -14,7 +16,10 @@ import click
 from agent.probes import PROBES
 from agent.session import CaptureStats, RecordOptions, RecordSession
 from agent.targets import validate_command, validate_pids
-from exporters.formats import FORMATS
+from exporters.formats import FORMATS, OutputFormat
+from exporters.otlp import encode_otlp
+from exporters.otlp_sender import DEFAULT_TIMEOUT_S, ExportStatus, OtlpExporter, parse_headers
+from exporters.profile import Profile
 from exporters.summary import top_functions
 from symbolizer.errors import ConfigError
 
@@ -82,24 +87,46 @@ class _Progress:
               help=f"Comma-separated profile types: {', '.join(PROBES)}. Several write one file each.")
 @click.option("--offcpu-min-us", type=click.IntRange(min=0), default=0, show_default=True,
               help="Off-CPU: ignore blocks shorter than this (microseconds).")
+@click.option("--otlp-endpoint", metavar="URL", default=None,
+              help="Send the profiles to an OTLP collector: http(s)://host:4318 (HTTP), "
+                   "grpc://host:4317 or host:4317 (gRPC, TLS unless --otlp-insecure).")
+@click.option("--otlp-protocol", type=click.Choice(["grpc", "http"]), default=None,
+              help="Override the protocol the endpoint's scheme implies.")
+@click.option("--otlp-header", "otlp_headers", metavar="KEY=VALUE", multiple=True,
+              help="Header (gRPC metadata) to send, e.g. an auth token (repeatable).")
+@click.option("--otlp-insecure", is_flag=True, help="Plaintext gRPC to a host:port endpoint.")
+@click.option("--otlp-ca-file", type=click.Path(dir_okay=False), default=None,
+              help="PEM CA bundle to verify the collector's certificate with.")
+@click.option("--otlp-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S,
+              show_default=True, help="Seconds one export may take, retries included.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency: int, output: Path | None,
-           fmt: str, no_kernel: bool, profile_types: str, offcpu_min_us: int, command: tuple[str, ...]) -> None:
-    """Record stacks (CPU by default) to a pprof (or folded) file.
+           fmt: str, no_kernel: bool, profile_types: str, offcpu_min_us: int, otlp_endpoint: str | None,
+           otlp_protocol: str | None, otlp_headers: tuple[str, ...], otlp_insecure: bool, otlp_ca_file: str | None,
+           otlp_timeout: float, command: tuple[str, ...]) -> None:
+    """Record stacks (CPU by default) to a pprof (folded, OTLP) file or an OTLP collector.
 
     \b
     Targets: --pid PID (repeatable), --all (default), or -- COMMAND ARGS
     (start it, profile it and its children, stop when it exits).
     With several --profile types, OUTPUT.TYPE.EXT is written for each.
+    With --otlp-endpoint the profiles are sent in one export, and written to
+    --output only if it is given; if sending fails they are saved to the file
+    instead and the exit code is 1.
     """
     chosen = sum(bool(x) for x in (pids, all_, command))
     if chosen > 1:
         raise ConfigError("choose one target: --pid, --all or -- COMMAND")
     _check_frequency(frequency)
     out_format = FORMATS[fmt]
+    write_files = output is not None or otlp_endpoint is None
     if output is None:
         output = Path(f"bpfprof-{time.strftime('%Y%m%d-%H%M%S')}{out_format.extension}")
     _check_output(output)
+    exporter = None
+    if otlp_endpoint is not None:  # built now, so that a bad endpoint fails before the capture
+        exporter = OtlpExporter(otlp_endpoint, protocol=otlp_protocol, headers=parse_headers(otlp_headers),
+                                timeout_s=otlp_timeout, insecure=otlp_insecure, ca_file=otlp_ca_file)
     types = tuple(t.strip() for t in profile_types.split(",") if t.strip())
     for t in types:
         if t not in PROBES:
@@ -135,10 +162,37 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     for line in stats.drop_lines():
         click.echo(f"dropped: {line}")
     for profile in profiles:
+        _print_top(profile, len(profiles) > 1)
+    written = _write(profiles, output, out_format) if write_files else []
+    if exporter is not None:
+        _send(exporter, profiles, lambda: written or _write(profiles, output, out_format))
+
+
+def _write(profiles: list[Profile], output: Path, out_format: OutputFormat) -> list[Path]:
+    paths = []
+    for profile in profiles:
         path = output if len(profiles) == 1 else per_type_path(output, profile.kind, out_format.extension)
         path.write_bytes(out_format.encode(profile))
-        _print_top(profile, len(profiles) > 1)
         click.echo(f"wrote {path}")
+        paths.append(path)
+    return paths
+
+
+def _send(exporter: OtlpExporter, profiles: list[Profile], save: Callable[[], list[Path]]) -> None:
+    """One export of all profiles; on failure save them (unless written already), say so in one line, exit 1."""
+    try:
+        result = exporter.export(encode_otlp(profiles, socket.gethostname()))
+    finally:
+        exporter.shutdown()
+    if result.ok:
+        rejected = (f"; the collector rejected {result.rejected_profiles} profile(s): {result.message}"
+                    if result.status == ExportStatus.PARTIAL_SUCCESS else "")
+        click.echo(f"sent to {exporter.endpoint} in {result.attempts} attempt(s){rejected}")
+        return
+    saved = save()
+    where = f"; capture saved to {', '.join(map(str, saved))}" if saved else ""
+    click.echo(f"bpfprof: error: could not export to {result.message}{where}", err=True)
+    raise click.exceptions.Exit(1)
 
 
 def per_type_path(output: Path, kind: str, extension: str) -> Path:

@@ -1,0 +1,98 @@
+"""Read a pprof profile back into the neutral Profile (for `bpfprof convert`).
+
+The inverse of encode_pprof as far as pprof carries it: labels `pid` and
+`tid` (numeric) and `thread_name` become SampleKey fields, other string
+labels stay labels; per-sample timestamps, cpu and trace links are not in
+pprof and come back empty. pprof has no build-id kind: a build id with a
+'/' is Go's, 32 hex digits our file hash (htlhash), anything else GNU.
+Frame kinds: locations in `[kernel.kallsyms]` are kernel, functions named
+like Go (`runtime.`, `pkg.Func`) in a mapping with a Go build id are go,
+everything else native.
+"""
+
+from __future__ import annotations
+
+import re
+
+from exporters.pprof import decode_pprof
+from exporters.profile import Location, ProcessMeta, Profile, SampleKey, ValueType
+from exporters.proto import profile_pb2
+from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
+
+
+def _build_id_kind(build_id: str) -> BuildIdKind:
+    if not build_id:
+        return BuildIdKind.NONE
+    if "/" in build_id:
+        return BuildIdKind.GO
+    if _HEX32.match(build_id):
+        return BuildIdKind.HASH
+    return BuildIdKind.GNU
+
+
+def _frame_kind(mapping: Mapping | None) -> FrameKind:
+    if mapping is not None and mapping.path == KERNEL_MAPPING_PATH:
+        return FrameKind.KERNEL
+    if mapping is not None and mapping.build_id_kind == BuildIdKind.GO:
+        return FrameKind.GO
+    return FrameKind.NATIVE
+
+
+def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
+    """A neutral Profile from pprof bytes (gzip'd or not) or a parsed message.
+
+    Raises google.protobuf.message.DecodeError on bytes that are not a profile.
+    """
+    msg = decode_pprof(data) if isinstance(data, bytes) else data
+    st = msg.string_table
+
+    def vt(v: profile_pb2.ValueType) -> ValueType:
+        return ValueType(st[v.type], st[v.unit])
+
+    mappings: dict[int, Mapping] = {}
+    for m in msg.mapping:
+        build_id = st[m.build_id]
+        mappings[m.id] = Mapping(start=m.memory_start, end=m.memory_limit, file_offset=m.file_offset,
+                                 path=st[m.filename], build_id=build_id, build_id_kind=_build_id_kind(build_id))
+    functions = {f.id: f for f in msg.function}
+    locations: dict[int, Location] = {}
+    for loc in msg.location:
+        mapping = mappings.get(loc.mapping_id)
+        kind = _frame_kind(mapping)
+        frames = []
+        for n, line in enumerate(loc.line):
+            f = functions[line.function_id]
+            name, system_name = st[f.name], st[f.system_name]
+            frames.append(Frame(function=name, kind=kind, file=st[f.filename], line=line.line,
+                                system_name="" if system_name == name else system_name,
+                                inlined=n < len(loc.line) - 1, start_line=f.start_line))
+        locations[loc.id] = Location(address=loc.address, mapping=mapping, frames=tuple(frames))
+
+    profile = Profile(sample_types=[vt(t) for t in msg.sample_type], period_type=vt(msg.period_type),
+                      period=msg.period, start_time_ns=msg.time_nanos, duration_ns=msg.duration_nanos,
+                      comments=[st[c] for c in msg.comment], default_sample_type=st[msg.default_sample_type])
+    defaults = {"cpu": "cpu", "alloc_space": "heap", "inuse_space": "heap", "delay": "lock", "goroutine": "goroutine"}
+    profile.kind = defaults.get(profile.default_sample_type or (profile.sample_types[-1].type
+                                                                if profile.sample_types else ""), "")
+    for s in msg.sample:
+        pid, tid, thread_name, labels = 0, 0, "", []
+        for label in s.label:
+            key = st[label.key]
+            if key == "pid" and not label.str:
+                pid = label.num
+            elif key == "tid" and not label.str:
+                tid = label.num
+            elif key == "thread_name":
+                thread_name = st[label.str]
+            elif label.str:
+                labels.append((key, st[label.str]))
+        key = SampleKey(stack=tuple(locations[i] for i in s.location_id), pid=pid, tid=tid,
+                        thread_name=thread_name, labels=tuple(labels))
+        profile.add(key, list(s.value))
+        if pid not in profile.processes:
+            name = dict(labels).get("process_name", "")
+            profile.processes[pid] = ProcessMeta(pid=pid, name=name, service_name=name)
+    return profile
