@@ -66,3 +66,29 @@ def test_real_kallsyms():
         hit = k.lookup(text[name] + 1)
         # An alias at the same address may be chosen; it must start where `name` does.
         assert hit is not None and hit.start == text[name]
+
+
+def test_column_split_and_regex_fallback_agree():
+    """The fast column split and the general regex path give the same table (also when unsorted, 32-bit)."""
+    core = [line for line in SAMPLE.splitlines(keepends=True) if "\t" not in line]
+    modules = [line for line in SAMPLE.splitlines(keepends=True) if "\t" in line]
+    modules += ["ffffffffc0b00000 t z_last\t[zmod]\n", "ffffffffc0a00800 d mod_data\t[ext4]\n",
+                "ffffffffc0a00000 t _ext4_alias\t[ext4]\n"]
+    texts = {
+        "sample": "".join(core + modules),
+        "modules first": "".join(modules + core),  # not the column layout: regex path
+        "32-bit": "".join(line[8:] for line in core + modules),
+    }
+    probes = [0xFFFFFFFF81000010, 0xFFFFFFFF81001900, 0xFFFFFFFF81002010, 0xFFFFFFFF81003005,
+              0xFFFFFFFFC0A00010, 0xFFFFFFFFC0A00900, 0xFFFFFFFFC0A01010, 0xFFFFFFFFC0B00001]
+    expected = None
+    for what, text in texts.items():
+        k = KernelSymbols.from_text(text)
+        got = [k.lookup(a if what != "32-bit" else a & 0xFFFFFFFF) for a in probes]
+        got = [(s.name, s.start & 0xFFFFFFFF) for s in got]
+        if expected is None:
+            expected = got
+        assert got == expected, what
+        assert len(k) == 7, what
+    assert expected[4] == ("ext4_init [ext4]", 0xC0A00000)  # global beats local alias in a module too
+    assert expected[5] == ("ext4_init [ext4]", 0xC0A00000)  # module data symbols do not split functions
