@@ -1,0 +1,159 @@
+"""In-test OTLP profiles collectors on port 0: a gRPC ProfilesService and an HTTP endpoint.
+
+Each answers from a script, one entry per call, then OK; every request that
+arrives is kept (decoded), with its headers, for the test to inspect.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2_grpc
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+    ExportProfilesServiceResponse,
+)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer. gRPC: `code` (None = OK); HTTP: `http_status`."""
+
+    code: grpc.StatusCode | None = None
+    details: str = ""
+    retry_delay_s: float | None = None  # gRPC RetryInfo
+    http_status: int = 200
+    retry_after: str | None = None  # HTTP Retry-After header
+    body: bytes | None = None  # HTTP error body
+    rejected: int = 0  # partial_success
+    message: str = ""
+
+
+@dataclass
+class Received:
+    requests: list[ExportProfilesServiceRequest] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+def _response(reply: Reply) -> ExportProfilesServiceResponse:
+    response = ExportProfilesServiceResponse()
+    if reply.rejected or reply.message:
+        response.partial_success.rejected_profiles = reply.rejected
+        response.partial_success.error_message = reply.message
+    return response
+
+
+class _Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
+    def __init__(self, script: list[Reply], received: Received) -> None:
+        self.script, self.received = script, received
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):  # noqa: N802  (the generated servicer's name)
+        with self.lock:
+            self.received.requests.append(request)
+            self.received.headers.append(dict(context.invocation_metadata()))
+            reply = self.script.pop(0) if self.script else Reply()
+        if reply.code is not None:
+            if reply.retry_delay_s is not None:
+                info = error_details_pb2.RetryInfo(retry_delay=Duration(
+                    seconds=int(reply.retry_delay_s), nanos=int(reply.retry_delay_s % 1 * 1e9)))
+                status = status_pb2.Status(code=reply.code.value[0], message=reply.details)
+                status.details.add().Pack(info)
+                context.set_trailing_metadata([("grpc-status-details-bin", status.SerializeToString())])
+            context.set_code(reply.code)
+            context.set_details(reply.details)
+            return ExportProfilesServiceResponse()
+        return _response(reply)
+
+
+class GrpcCollector:
+    """`with GrpcCollector([Reply(...)]) as c:` then export to f"grpc://127.0.0.1:{c.port}"."""
+
+    def __init__(self, script: list[Reply] | None = None) -> None:
+        self.received = Received()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        profiles_service_pb2_grpc.add_ProfilesServiceServicer_to_server(
+            _Servicer(list(script or []), self.received), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+
+    @property
+    def url(self) -> str:
+        return f"grpc://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> GrpcCollector:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.stop(grace=None).wait()
+
+
+class HttpCollector:
+    """`with HttpCollector([Reply(http_status=503, retry_after="1")]) as c:` then POST to c.url."""
+
+    def __init__(self, script: list[Reply] | None = None) -> None:
+        self.received = Received()
+        script = list(script or [])
+        received = self.received
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802  (BaseHTTPRequestHandler's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportProfilesServiceRequest()
+                request.ParseFromString(body)
+                with lock:
+                    received.requests.append(request)
+                    received.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    received.paths.append(self.path)
+                    reply = script.pop(0) if script else Reply()
+                if reply.http_status == 200:
+                    data = _response(reply).SerializeToString()
+                else:
+                    data = reply.body or b""
+                self.send_response(reply.http_status)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(data)))
+                if reply.retry_after is not None:
+                    self.send_header("Retry-After", reply.retry_after)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> HttpCollector:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
