@@ -85,7 +85,7 @@ def test_empty_profile_is_empty():
 
 
 def test_formats_registry():
-    assert set(FORMATS) == {"pprof", "folded"}
+    assert set(FORMATS) == {"pprof", "folded", "otlp"}
     for name, fmt in FORMATS.items():
         assert isinstance(fmt, OutputFormat) and fmt.name == name
     assert FORMATS["pprof"].extension == ".pb.gz"
