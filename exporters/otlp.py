@@ -74,12 +74,12 @@ AttrValue = str | int
 class _Table:
     """One dictionary table: index 0 is the zero value, each distinct key stored once."""
 
-    def __init__(self, container) -> None:  # noqa: ANN001  (a repeated message field)
+    def __init__(self, container) -> None:  # a repeated message field of the dictionary
         self.container = container
         container.add()  # the zero value
         self._index: dict[Hashable, int] = {}
 
-    def get(self, key: Hashable, build) -> int:  # noqa: ANN001  (fills the new element)
+    def get(self, key: Hashable, build) -> int:  # build(element) fills a new element
         i = self._index.get(key)
         if i is None:
             i = self._index[key] = len(self.container)
