@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from agent.cpu_probe import CpuProbe
+from agent.heap_probe import HeapProbe
+from agent.offcpu_probe import OffCpuProbe
 from agent.probe import Probe
 
 PROBES: dict[str, type[Probe]] = {
     "cpu": CpuProbe,
+    "heap": HeapProbe,
+    "offcpu": OffCpuProbe,
 }

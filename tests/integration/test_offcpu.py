@@ -1,0 +1,56 @@
+"""Off-CPU profile of a fixture that blocks known durations in known functions."""
+
+from __future__ import annotations
+
+from fixtures.builder import build_c
+from gotool import gotool_total
+from recording import read_pprof, run_bpfprof
+
+# function -> nominal seconds blocked (tests/fixtures/c/offcpu_blocks.c)
+KNOWN_S = {"wait_in_nanosleep": 0.6, "wait_in_poll": 1.0, "wait_in_pipe": 1.4, "pipe_writer": 1.4}
+KERNEL_WAIT = {"wait_in_nanosleep": "do_nanosleep", "wait_in_poll": "do_sys_poll", "wait_in_pipe": "pipe_read"}
+
+
+def _record(tmp_path, *flags: str):
+    binary = build_c("offcpu_blocks")
+    out = tmp_path / "offcpu.pb.gz"
+    proc = run_bpfprof("record", "--profile", "offcpu", *flags, "-o", str(out), "--", str(binary), "0.2")
+    truth = {name: int(ns) for name, ns in (line.split() for line in proc.stdout.splitlines()
+                                             if line.split()[:1] and line.split()[0] in (*KNOWN_S, "short_naps"))}
+    return out, read_pprof(out), truth
+
+
+def _off_cpu_ns(prof, function: str) -> int:
+    return sum(s.values[1] for s in prof.samples if function in s.functions)
+
+
+def test_off_cpu_time_per_function_matches_known_blocks(tmp_path):
+    out, prof, truth = _record(tmp_path)
+    assert prof.sample_types == [("samples", "count"), ("off_cpu", "nanoseconds")]
+    assert prof.raw.string_table[prof.raw.default_sample_type] == "off_cpu"
+    for function, nominal_s in KNOWN_S.items():
+        got = _off_cpu_ns(prof, function)
+        assert abs(got - nominal_s * 1e9) <= 0.10 * nominal_s * 1e9, (function, got)
+        if function in truth:  # the fixture's own clock around each blocking call
+            assert abs(got - truth[function]) <= 0.10 * truth[function], (function, got, truth[function])
+    # where it blocked in the kernel, under the user frames of the function
+    for function, kernel_fn in KERNEL_WAIT.items():
+        mine = [s for s in prof.samples if function in s.functions]
+        assert sum(s.values[1] for s in mine if any(kernel_fn in f for f in s.functions)) >= 0.95 * _off_cpu_ns(
+            prof, function), function
+        assert {s.labels["state"] for s in mine} <= {"sleeping", "preempted"}
+    # blocks are counted one by one: 30 naps, 40 polls, 40 reads
+    assert 30 <= sum(s.values[0] for s in prof.samples if "wait_in_nanosleep" in s.functions) <= 32
+    for index, unit in (("samples", "minimum"), ("off_cpu", "ns")):
+        assert gotool_total(tmp_path, out, index, unit) == prof.total(0 if index == "samples" else 1)
+
+
+def test_min_duration_threshold_leaves_short_blocks_out(tmp_path):
+    _out, prof, truth = _record(tmp_path, "--offcpu-min-us", "5000")
+    assert truth["short_naps"] > 0.2e9  # 2000 x 100 us really happened
+    assert _off_cpu_ns(prof, "short_naps") == 0
+    for function, nominal_s in KNOWN_S.items():
+        assert abs(_off_cpu_ns(prof, function) - nominal_s * 1e9) <= 0.10 * nominal_s * 1e9, function
+    comments = [prof.raw.string_table[i] for i in prof.raw.comment]
+    left_out = [int(c.rsplit(" ", 1)[1]) for c in comments if "shorter than 5000000 ns left out" in c]
+    assert left_out and left_out[0] >= 2000  # the naps, counted in BPF

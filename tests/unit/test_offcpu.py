@@ -1,0 +1,30 @@
+"""Off-CPU probe pieces that need no kernel: state labels, profile shape, defines."""
+
+from __future__ import annotations
+
+from agent.offcpu_probe import OffCpuProbe, offcpu_profile, state_label
+from agent.probe import ProbeConfig
+from exporters.pprof import decode_pprof, encode_pprof
+from exporters.profile import SampleKey
+
+
+def test_state_labels_follow_sched_switch_prev_state():
+    assert state_label(1) == "sleeping"
+    assert state_label(2) == "disk"
+    assert state_label(0x100) == "preempted"
+    assert state_label(0x101) == "preempted"
+    assert state_label(0x40) == "state_0x40"
+
+
+def test_profile_types_and_default():
+    p = offcpu_profile(1, 2)
+    p.add(SampleKey(stack=(), pid=1, tid=1, thread_name="t"), [1, 500])
+    msg = decode_pprof(encode_pprof(p))
+    st = msg.string_table
+    assert [(st[t.type], st[t.unit]) for t in msg.sample_type] == [("samples", "count"), ("off_cpu", "nanoseconds")]
+    assert (st[msg.period_type.type], st[msg.period_type.unit]) == ("off_cpu", "nanoseconds")
+    assert st[msg.default_sample_type] == "off_cpu"
+
+
+def test_threshold_reaches_bpf():
+    assert OffCpuProbe(ProbeConfig(offcpu_min_ns=1500)).defines()["OFFCPU_MIN_NS"] == 1500
