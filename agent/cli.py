@@ -51,11 +51,12 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
-    from agent.commands import convert, doctor, record  # noqa: PLC0415  (commands import the CLI group)
+    from agent.commands import agent, convert, doctor, record  # noqa: PLC0415  (commands import the CLI group)
 
     main.add_command(record.record)
     main.add_command(doctor.doctor)
     main.add_command(convert.convert)
+    main.add_command(agent.agent)
 
 
 _register()
