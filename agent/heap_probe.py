@@ -1,0 +1,338 @@
+"""Heap profile: bpf/heap.bpf.c on the allocators of the target processes.
+
+Native processes: uprobes on glibc's allocation functions in every mapped
+file that exports malloc (libc, or a static executable), per target process
+(so other processes never trap); a whole-system capture probes the system
+libc in every process. Sampling is decided in BPF (see heap.bpf.c). Go
+binaries: uprobes on the runtime's own sampling path (agent/go_heap.py).
+
+mmap/munmap are not probed: glibc's malloc calls the same `mmap` symbol for
+its large blocks, so those bytes would be counted twice, and telling the
+application's own mappings apart needs per-call state on every malloc.
+
+The agent keeps the sampled objects that are still live (an ALLOC whose
+FREE has not come), so in-use values are those at the end of the capture;
+objects of processes that exited count as in use at exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from elftools.elf.elffile import ELFFile
+
+from agent import go_heap, libbpf
+from agent.bpf_compile import LoadedObjects, ProgType
+from agent.go_heap import GoHeapTarget
+from agent.probe import Probe, RawRecord, Window
+from agent.process_tracker import ProcessTracker
+from agent.records import RecordKind
+from agent.stack_resolver import StackResolver
+from agent.targets import GatedCommand
+from agent.uprobes import vaddr_to_offset
+from exporters.profile import Location, Profile, SampleKey, ValueType
+from symbolizer.elf import ElfFile
+from symbolizer.errors import BpfLoadError
+from symbolizer.proc_maps import open_mapped_file, read_maps
+
+log = logging.getLogger(__name__)
+
+SYSTEM_LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+# libc symbol -> (entry program, whether the return is probed for the address).
+# aligned_alloc and memalign are one function in glibc: probe points are
+# deduplicated by offset so nothing fires twice.
+LIBC_PROBES: dict[str, tuple[str, bool]] = {
+    "malloc": ("heap_malloc_enter", True),
+    "calloc": ("heap_calloc_enter", True),
+    "realloc": ("heap_realloc_enter", True),
+    "aligned_alloc": ("heap_aligned_alloc_enter", True),
+    "memalign": ("heap_aligned_alloc_enter", True),
+    "posix_memalign": ("heap_posix_memalign_enter", True),
+    "free": ("heap_free_enter", False),
+}
+RETURN_PROGRAM = "heap_alloc_return"
+GO_MALLOC_PROGRAM = "heap_go_malloc"
+GO_FREE_PROGRAM = "heap_go_free"
+STATS_MAP = "heap_stats"
+HEAP_STAT_LIVE_FULL = 0  # heap.bpf.c HEAP_STAT_*
+HEAP_STAT_NULL_RESULT = 1
+# Frames runtime/pprof hides at the leaf of a Go heap sample (protomem.go).
+GO_RUNTIME_PREFIXES = ("runtime.", "internal/runtime/")
+# Sampled allocations per CPU-second the ring buffer is sized for: 1 GB/s
+# of allocation at 512 KiB is ~2000; a full buffer is counted, not fatal.
+EVENTS_PER_CPU_S = 4000
+
+
+def heap_profile(start_time_ns: int, duration_ns: int, rate_bytes: int) -> Profile:
+    """An empty heap profile with runtime/pprof's sample types and period."""
+    return Profile(
+        sample_types=[ValueType("alloc_objects", "count"), ValueType("alloc_space", "bytes"),
+                      ValueType("inuse_objects", "count"), ValueType("inuse_space", "bytes")],
+        period_type=ValueType("space", "bytes"),
+        period=rate_bytes,
+        start_time_ns=start_time_ns,
+        duration_ns=duration_ns,
+        default_sample_type="inuse_space",
+        kind="heap",
+    )
+
+
+def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
+    """Go's scaleHeapSample: (count, count*size) divided by the chance 1-exp(-size/rate) of sampling."""
+    if count == 0 or size == 0:
+        return 0, 0
+    if rate <= 1:
+        return count, count * size
+    scale = 1 / (1 - math.exp(-size / rate))
+    return int(count * scale), int(count * size * scale)
+
+
+@dataclass(frozen=True)
+class _GroupKey:
+    """Sampled objects that share a sample: Go's bucket (stack, size) plus our per-thread split."""
+
+    pid: int
+    tid: int
+    thread_name: str
+    kernel_ips: tuple[int, ...]
+    user_ips: tuple[int, ...]
+    size: int
+
+
+@dataclass
+class _Group:
+    first: RawRecord
+    allocs: int = 0
+    live: int = 0
+
+
+@dataclass
+class HeapTracker:
+    """ALLOC/FREE records -> per (stack, size) allocation and live counts. No kernel needed."""
+
+    groups: dict[_GroupKey, _Group] = field(default_factory=dict)
+    live: dict[tuple[int, int], _GroupKey] = field(default_factory=dict)  # (pid, address) -> its group
+    records: int = 0
+    unmatched_frees: int = 0
+
+    def add(self, rec: RawRecord) -> None:
+        self.records += 1
+        if rec.kind == RecordKind.ALLOC:
+            key = _GroupKey(rec.pid, rec.tid, rec.thread_name, rec.kernel_ips, rec.user_ips, rec.value)
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = _Group(rec)
+            group.allocs += 1
+            group.live += 1
+            old = self.live.get((rec.pid, rec.aux))
+            if old is not None:  # the free of the previous object there was missed
+                self.groups[old].live -= 1
+            self.live[(rec.pid, rec.aux)] = key
+        elif rec.kind == RecordKind.FREE:
+            key = self.live.pop((rec.pid, rec.aux), None)
+            if key is None:
+                self.unmatched_frees += 1  # its ALLOC came before the capture
+            else:
+                self.groups[key].live -= 1
+
+    def scaled(self, rate_of: dict[int, int], default_rate: int) -> Iterable[tuple[_Group, list[int]]]:
+        """Each group with [alloc_objects, alloc_space, inuse_objects, inuse_space] scaled as Go does."""
+        for key, g in self.groups.items():
+            rate = rate_of.get(key.pid, default_rate)
+            yield g, [*scale_heap_sample(g.allocs, key.size, rate), *scale_heap_sample(g.live, key.size, rate)]
+
+
+def hide_runtime_frames(stack: tuple[Location, ...]) -> tuple[Location, ...]:
+    """Drop leading Go runtime locations (the allocator itself), as runtime/pprof does; keep all if all are."""
+    for i, loc in enumerate(stack):
+        if not loc.frames or not all(f.function.startswith(GO_RUNTIME_PREFIXES) for f in loc.frames):
+            return stack[i:]
+    return stack
+
+
+@dataclass(frozen=True)
+class _ProbePoint:
+    path: str
+    offset: int
+    program: str
+    retprobe: bool
+
+
+def libc_probe_points(path: str) -> list[_ProbePoint]:
+    """Entry (and return) probe points of the allocation functions `path` exports."""
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        dynsym = elf.get_section_by_name(".dynsym")
+        if dynsym is None:
+            return []
+        vaddrs = {}
+        for name in LIBC_PROBES:
+            syms = [s for s in (dynsym.get_symbol_by_name(name) or ()) if s["st_shndx"] != "SHN_UNDEF"]
+            if syms:
+                vaddrs[name] = syms[0]["st_value"]
+    if "malloc" not in vaddrs or "free" not in vaddrs:
+        return []
+    points: list[_ProbePoint] = []
+    seen: set[int] = set()
+    with ElfFile(path) as ef:
+        for name, vaddr in vaddrs.items():
+            off = vaddr_to_offset(ef, vaddr)
+            if off in seen:
+                continue
+            seen.add(off)
+            program, returns = LIBC_PROBES[name]
+            points.append(_ProbePoint(path, off, program, False))
+            if returns:
+                points.append(_ProbePoint(path, off, RETURN_PROGRAM, True))
+    return points
+
+
+def _gated_command_path(pid: int) -> str | None:
+    """The program a bpfprof gate shell (agent/targets.py) is about to exec, else None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")]
+    except OSError:
+        return None
+    if len(argv) > 4 and argv[1] == "-c" and argv[2] == GatedCommand.GATE and argv[3] == "bpfprof-gate":
+        return shutil.which(argv[4])
+    return None
+
+
+def _target_pids(targets_fd: int) -> list[int]:
+    """Keys of the shared `targets` map: the pids (or the gated command) this capture records."""
+    so = libbpf.lib()
+    pids = []
+    key, nxt = ctypes.c_uint32(), ctypes.c_uint32()
+    prev = None
+    while so.bpf_map_get_next_key(targets_fd, prev, ctypes.byref(nxt)) == 0:
+        pids.append(nxt.value)
+        key.value = nxt.value
+        prev = ctypes.byref(key)
+    return pids
+
+
+class HeapProbe(Probe):
+    name = "heap"
+    source = "heap.bpf.c"
+    kinds = (RecordKind.ALLOC, RecordKind.FREE)
+    events_per_cpu_s = EVENTS_PER_CPU_S
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.tracker = HeapTracker()
+        self.go_targets: dict[int, GoHeapTarget] = {}  # pid -> its Go binary
+        self.go_rates: dict[int, int] = {}  # pid -> runtime.MemProfileRate
+        self._stats_fd = -1
+
+    def defines(self) -> dict[str, int]:
+        return {"HEAP_SAMPLE_BYTES": self.config.heap_sample_bytes}
+
+    def programs(self) -> dict[str, ProgType]:
+        names = {p for p, _ in LIBC_PROBES.values()} | {RETURN_PROGRAM, GO_MALLOC_PROGRAM, GO_FREE_PROGRAM}
+        return dict.fromkeys(sorted(names), ProgType.KPROBE)
+
+    def maps(self) -> list[str]:
+        return [STATS_MAP]
+
+    def attach(self, objs: LoadedObjects) -> list[int]:
+        # Our own reference: profiles() runs after the probe set has closed its fds.
+        self._stats_fd = os.dup(objs.maps[STATS_MAP])
+        pids = list(self.config.pids) if self.config.pids is not None else _target_pids(objs.maps["targets"])
+        fds: list[int] = []
+        try:
+            if not pids:  # the whole system: every process mapping the system libc
+                for pt in libc_probe_points(SYSTEM_LIBC):
+                    fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, -1, pt.retprobe)
+            for pid in pids:
+                fds += self._attach_pid(objs, pid)
+        except BpfLoadError:
+            libbpf.detach(fds)
+            raise
+        if not fds:
+            log.warning("heap: no allocator found to probe in the target processes")
+        return fds
+
+    def _attach_pid(self, objs: LoadedObjects, pid: int) -> list[int]:
+        """Probe the allocators of one process: its mapped libc-like files, and its Go runtime."""
+        files: dict[int, str] = {}  # inode -> a readable path
+        exe = _gated_command_path(pid)
+        try:
+            for entry in read_maps(pid):
+                if "x" in entry.perms and entry.is_file and entry.inode not in files:
+                    path = open_mapped_file(pid, entry)
+                    if path is not None:
+                        files[entry.inode] = path
+            if exe is not None:  # not mapped yet: the gate execs it once released
+                files.setdefault(os.stat(exe).st_ino, exe)
+        except OSError as e:
+            log.warning("heap: cannot read the mappings of pid %d: %s", pid, e)
+            return []
+        fds: list[int] = []
+        for path in files.values():
+            go = go_heap.go_heap_target(path)
+            if go is not None:
+                if go.profiling_disabled:
+                    log.warning("heap: %s does not use runtime/pprof, so its runtime never samples "
+                                "allocations: no Go heap profile for pid %d", path, pid)
+                self.go_targets[pid] = go
+                fds += libbpf.attach_uprobe(objs.programs[GO_MALLOC_PROGRAM], path, go.malloc_offset, pid)
+                fds += libbpf.attach_uprobe(objs.programs[GO_FREE_PROGRAM], path, go.free_offset, pid)
+                continue
+            try:
+                points = libc_probe_points(path)
+            except Exception as e:  # noqa: BLE001  (one unreadable file must not end the capture)
+                log.debug("heap: %s: %s", path, e)
+                continue
+            for pt in points:
+                fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, pid, pt.retprobe)
+        return fds
+
+    def on_record(self, rec: RawRecord) -> None:
+        if rec.kind == RecordKind.ALLOC and rec.pid not in self.go_rates and rec.pid in self.go_targets:
+            self.go_rates[rec.pid] = go_heap.read_memprofile_rate(rec.pid, self.go_targets[rec.pid])
+        self.tracker.add(rec)
+
+    def record_count(self) -> int:
+        return self.tracker.records
+
+    def bpf_stats(self) -> tuple[int, int]:
+        """(sampled objects not tracked because heap_live was full, sampled allocations that failed)."""
+        if self._stats_fd < 0:
+            return 0, 0
+        try:
+            return (sum(libbpf.map_lookup_percpu_u64(self._stats_fd, HEAP_STAT_LIVE_FULL)),
+                    sum(libbpf.map_lookup_percpu_u64(self._stats_fd, HEAP_STAT_NULL_RESULT)))
+        finally:
+            os.close(self._stats_fd)
+            self._stats_fd = -1
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        rate = self.config.heap_sample_bytes
+        rates = set(self.go_rates.values()) | ({rate} if len(self.go_rates) < len(
+            {k.pid for k in self.tracker.groups}) else set())
+        # One period per profile: the native rate, unless every sampled process is Go.
+        period = rate if rate in rates or not rates else min(rates)
+        profile = heap_profile(window.start_ns, max(0, window.end_ns - window.start_ns), period)
+        with_kernel = self.config.with_kernel
+        for group, values in self.tracker.scaled(self.go_rates, rate):
+            r = group.first
+            stack = hide_runtime_frames(resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips))
+            info = tracker.get(r.pid)
+            key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
+                            labels=(("process_name", info.name),) if info else ())
+            profile.add(key, values, r.ktime_ns + window.wall_offset_ns)
+        live_full, failed = self.bpf_stats()
+        if live_full:
+            profile.comments.append(f"heap: {live_full} sampled objects untracked (live map full): in-use overstated")
+        if self.tracker.unmatched_frees:
+            profile.comments.append(f"heap: {self.tracker.unmatched_frees} frees of objects sampled before the capture")
+        if failed:
+            profile.comments.append(f"heap: {failed} sampled allocations returned NULL")
+        return [profile]
