@@ -1,0 +1,114 @@
+"""Heap probe logic that needs no kernel: scaling, live tracking, runtime-frame hiding, probe points."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+
+from agent.heap_probe import (
+    LIBC_PROBES,
+    RETURN_PROGRAM,
+    SYSTEM_LIBC,
+    HeapTracker,
+    _gated_command_path,
+    hide_runtime_frames,
+    libc_probe_points,
+    scale_heap_sample,
+)
+from agent.probe import RawRecord
+from agent.records import RecordKind
+from agent.targets import GatedCommand
+from exporters.profile import Location
+from symbolizer.frames import Frame, FrameKind
+
+RATE = 512 * 1024
+
+
+def rec(kind: RecordKind, addr: int, size: int = 0, ips: tuple[int, ...] = (0x10,), pid: int = 7) -> RawRecord:
+    return RawRecord(int(kind), pid, pid, 0, 1, size, addr, "t", (), ips)
+
+
+def test_scale_is_gos_scaleHeapSample():  # noqa: N802  (Go's name)
+    # values computed with Go's formula: int64(count * 1/(1-exp(-size/rate)))
+    scale = 1 / (1 - math.exp(-16384 / RATE))
+    assert scale_heap_sample(10, 16384, RATE) == (int(10 * scale), int(10 * 16384 * scale))
+    assert scale_heap_sample(0, 16384, RATE) == (0, 0)
+    assert scale_heap_sample(3, 100, 1) == (3, 300)  # rate 1: everything sampled
+    big = scale_heap_sample(1, 64 * RATE, RATE)  # a huge block is always sampled
+    assert big == (1, 64 * RATE)
+
+
+def test_tracker_alloc_free_and_inuse():
+    t = HeapTracker()
+    t.add(rec(RecordKind.ALLOC, 0x1000, 64))
+    t.add(rec(RecordKind.ALLOC, 0x2000, 64))
+    t.add(rec(RecordKind.ALLOC, 0x3000, 128, ips=(0x20,)))
+    t.add(rec(RecordKind.FREE, 0x1000))
+    t.add(rec(RecordKind.FREE, 0x9000))  # allocated before the capture
+    groups = {(g.first.user_ips, g.first.value): (g.allocs, g.live) for g in t.groups.values()}
+    assert groups == {((0x10,), 64): (2, 1), ((0x20,), 128): (1, 1)}
+    assert t.unmatched_frees == 1
+    values = {g.first.value: v for g, v in t.scaled({}, 1)}
+    assert values[64] == [2, 128, 1, 64]
+
+
+def test_tracker_reused_address_retires_the_old_object():
+    t = HeapTracker()
+    t.add(rec(RecordKind.ALLOC, 0x1000, 64))
+    t.add(rec(RecordKind.ALLOC, 0x1000, 32))  # the free of the first was not seen
+    live = sorted((g.first.value, g.live) for g in t.groups.values())
+    assert live == [(32, 1), (64, 0)]
+
+
+def test_tracker_addresses_are_per_process():
+    t = HeapTracker()
+    t.add(rec(RecordKind.ALLOC, 0x1000, 64, pid=1))
+    t.add(rec(RecordKind.FREE, 0x1000, pid=2))
+    assert [g.live for g in t.groups.values()] == [1]
+
+
+def test_per_process_rates_scale_go_processes_with_their_own():
+    t = HeapTracker()
+    t.add(rec(RecordKind.ALLOC, 0x1000, 4096, pid=1))
+    t.add(rec(RecordKind.ALLOC, 0x1000, 4096, pid=2))
+    by_pid = {g.first.pid: v for g, v in t.scaled({2: 1}, RATE)}
+    assert by_pid[2] == [1, 4096, 1, 4096]
+    assert by_pid[1][1] == scale_heap_sample(1, 4096, RATE)[1]
+
+
+def _loc(*names: str) -> Location:
+    return Location(0x1, None, tuple(Frame(function=n, kind=FrameKind.GO) for n in names))
+
+
+def test_hide_runtime_frames():
+    stack = (_loc("runtime.mProf_Malloc"), _loc("runtime.mallocgc"), _loc("main.f"), _loc("runtime.main"))
+    assert hide_runtime_frames(stack) == stack[2:]
+    only_runtime = (_loc("runtime.malg"), _loc("runtime.newproc1"))
+    assert hide_runtime_frames(only_runtime) == only_runtime
+    unresolved = (Location(0x5, None), _loc("main.f"))
+    assert hide_runtime_frames(unresolved) == unresolved
+
+
+@pytest.mark.skipif(not os.path.exists(SYSTEM_LIBC), reason="not a Debian-layout glibc system")
+def test_libc_probe_points_cover_every_allocator_once():
+    points = libc_probe_points(SYSTEM_LIBC)
+    entries = [p for p in points if not p.retprobe]
+    offsets = [p.offset for p in entries]
+    assert len(offsets) == len(set(offsets)), "two uprobes on one address would count twice"
+    programs = {p.program for p in entries}
+    assert programs == {prog for prog, _ in LIBC_PROBES.values()}
+    returns = [p for p in points if p.retprobe]
+    assert {p.program for p in returns} == {RETURN_PROGRAM}
+    assert len(returns) == len(entries) - 1  # every allocating entry but free's
+
+
+def test_gated_command_is_recognised(tmp_path):
+    gate = GatedCommand(["true"])
+    try:
+        assert _gated_command_path(gate.pid) == shutil.which("true")
+    finally:
+        gate.kill()
+    assert _gated_command_path(os.getpid()) is None
