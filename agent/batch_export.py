@@ -187,9 +187,11 @@ class InMemoryBatchExporter:
         self.calls = 0
         self.block = threading.Event()
         self.block.set()
+        self.entered = threading.Event()  # set once export() has been called
         self.is_shutdown = False
 
     def export(self, batch: Batch) -> ExportResult:
+        self.entered.set()
         self.block.wait()
         self.calls += 1
         result = self.results.pop(0) if self.results else ExportResult(ExportStatus.SUCCESS)
@@ -236,13 +238,22 @@ class ExportQueue:
         self._idle = threading.Event()
         self._idle.set()
         self._failures = 0
+        self._inflight: Batch | None = None
         self._thread = threading.Thread(target=self._run, name=f"export-{self.name}", daemon=True)
         self._thread.start()
 
     def put(self, batch: Batch) -> None:
         with self._lock:
             while len(self._queue) >= self.max_batches:
-                self._drop(self._queue.popleft(), "queue full")
+                # the batch being sent stays: it may be delivered, and must not count as dropped too
+                if self._queue[0] is self._inflight:
+                    if len(self._queue) == 1:
+                        break
+                    victim = self._queue[1]
+                    del self._queue[1]
+                else:
+                    victim = self._queue.popleft()
+                self._drop(victim, "queue full")
             self._queue.append(batch)
             self.stats.depth = len(self._queue)
             self._idle.clear()
@@ -256,7 +267,7 @@ class ExportQueue:
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                batch = self._queue[0] if self._queue else None
+                batch = self._inflight = self._queue[0] if self._queue else None
                 if batch is None:
                     self._idle.set()
                     self._wake.clear()
@@ -271,6 +282,7 @@ class ExportQueue:
         except Exception as e:  # noqa: BLE001  (an exporter bug must not kill the worker)
             result = ExportResult(ExportStatus.FAILURE, f"{type(e).__name__}: {e}")
         with self._lock:
+            self._inflight = None
             if result.ok:
                 if self._queue and self._queue[0] is batch:
                     self._queue.popleft()

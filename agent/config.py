@@ -34,7 +34,7 @@ ENV_CONFIG = "BPFPROF_CONFIG"
 ENV_LOG_LEVEL = "BPFPROF_LOG_LEVEL"
 ENV_HOST_PROC = "BPFPROF_HOST_PROC"
 ENV_NODE_NAME = "BPFPROF_NODE_NAME"
-ENV_NODE_NAME_FALLBACK = "NODE_NAME"  # what most DaemonSets already set from spec.nodeName
+ENV_NODE_NAME_FALLBACK = "NODE_NAME"  # what most DaemonSets already set from spec.nodeName (containers.NODE_NAME_VARS)
 ENV_OTLP_ENDPOINT = "BPFPROF_OTLP_ENDPOINT"
 ENV_EXPORT_INTERVAL_S = "BPFPROF_EXPORT_INTERVAL_S"
 ENV_PPROF_DIR = "BPFPROF_PPROF_DIR"
@@ -406,7 +406,10 @@ def read_config_file(path: str, environ: Mapping[str, str]) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top, got {type(data).__name__}")
-    return _expand_tree(data, "", environ)
+    try:
+        return _expand_tree(data, "", environ)
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
 
 
 def load_config(path: str | None = None, flags: Mapping[str, Any] | None = None,
@@ -430,9 +433,10 @@ def load_config(path: str | None = None, flags: Mapping[str, Any] | None = None,
         if value is not None:
             _set_path(tree, key, value)
     if not tree.get("node_name"):
-        fallback = environ.get(ENV_NODE_NAME_FALLBACK, "")
-        if fallback:
-            tree["node_name"] = fallback
+        from agent.containers import node_name  # noqa: PLC0415
+
+        if node_name(environ):
+            tree["node_name"] = node_name(environ)
     prefix = f"config {path}: " if (explicit or os.path.exists(path)) else "config: "
     try:
         return validate(_build(AgentConfig, tree, ""))

@@ -8,14 +8,21 @@ Kubernetes pods with either cgroup driver:
   0::/kubepods/burstable/pod<uid>/<id>                      cgroupfs driver
   12:memory:/docker/<id>                                   cgroup v1
   0::/machine.slice/libpod-<id>.scope                      podman
+  0::/kubepods.slice/.../crio-<id>.scope                   CRI-O (crio-conmon-<id> is its monitor, not the container)
+
+k8s.node.name is not in any cgroup: node_name() takes it from the
+environment, where a DaemonSet puts it with the downward API.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 _CONTAINER = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+_NOT_CONTAINER = re.compile(r"conmon-[0-9a-f]{64}")  # CRI-O/podman's monitor process, outside the container
 _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 
 
@@ -38,7 +45,7 @@ def parse_cgroup(text: str) -> ContainerInfo:
     for _, path in paths:
         for component in reversed(path.rstrip("/").split("/")):
             m = _CONTAINER.search(component)
-            if m and not container:
+            if m and not container and not _NOT_CONTAINER.search(component):
                 container = m.group(1)
             p = _POD.search(component)
             if p and not pod:
@@ -67,3 +74,12 @@ def read_environ_var(pid: int, name: str, proc_root: str = "/proc") -> str:
     except OSError:
         pass
     return ""
+
+
+NODE_NAME_VARS = ("BPFPROF_NODE_NAME", "NODE_NAME", "KUBE_NODE_NAME")
+
+
+def node_name(environ: Mapping[str, str] | None = None) -> str:
+    """k8s.node.name from the first of NODE_NAME_VARS that is set, "" outside Kubernetes."""
+    env = os.environ if environ is None else environ
+    return next((env[v] for v in NODE_NAME_VARS if env.get(v)), "")
