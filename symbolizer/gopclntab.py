@@ -50,7 +50,7 @@ from typing import NamedTuple, TypeVar
 from symbolizer.errors import PclntabError
 from symbolizer.frames import Frame, FrameKind
 
-__all__ = ["GoPclntab", "load_pclntab"]
+__all__ = ["GoFrameInfo", "GoPclntab", "load_pclntab"]
 
 # Header magics (internal/abi PCLnTabMagic), read in the file's byte order.
 MAGIC_GO12 = 0xFFFFFFFB
@@ -59,6 +59,11 @@ MAGIC_GO118 = 0xFFFFFFF0
 MAGIC_GO120 = 0xFFFFFFF1
 _SUPPORTED = {MAGIC_GO118: "1.18", MAGIC_GO120: "1.20"}
 _UNSUPPORTED = {MAGIC_GO12: "1.2", MAGIC_GO116: "1.16"}
+
+# abi.FuncFlag bits (internal/abi/symtab.go), stable since Go 1.18.
+FUNC_FLAG_TOP_FRAME = 1  # the outermost frame of a stack (goexit, mstart, rt0_go)
+FUNC_FLAG_SPWRITE = 2  # writes SP in a way pcsp does not describe (stack switches)
+FUNC_FLAG_ASM = 4
 
 # Indices into _func's pcdata/funcdata arrays (internal/abi).
 PCDATA_INL_TREE_INDEX = 2
@@ -221,14 +226,32 @@ class _InlinedCall(NamedTuple):
     start_line: int
 
 
+class GoFrameInfo(NamedTuple):
+    """What unwinding needs at one PC of a Go function.
+
+    `sp_delta` is runtime.funcspdelta: bytes the function has pushed or
+    reserved below its entry SP at this PC (0 at entry and in frameless
+    leaves). On amd64 the caller's SP (the CFA) is SP + sp_delta + 8 and the
+    return address sits at CFA-8 (runtime.(*unwinder).resolveInternal).
+    `flag` holds abi.FuncFlag bits: FUNC_FLAG_TOP_FRAME ends the stack,
+    FUNC_FLAG_SPWRITE means the SP cannot be trusted past this frame.
+    """
+
+    entry: int
+    sp_delta: int
+    flag: int
+    func_id: int
+
+
 class _Func:
     """One _func record plus its lazily decoded pcvalue tables."""
 
-    __slots__ = ("entry", "end", "name_off", "pcfile", "pcln", "cu_offset", "start_line",
-                 "func_id", "inl_pcdata", "inl_funcdata", "_file_tab", "_line_tab", "_inl_tab", "_inl_tree")
+    __slots__ = ("entry", "end", "name_off", "pcsp", "pcfile", "pcln", "cu_offset", "start_line",
+                 "func_id", "flag", "inl_pcdata", "inl_funcdata", "_file_tab", "_line_tab", "_inl_tab",
+                 "_inl_tree", "_sp_tab")
 
     def __init__(self) -> None:
-        self._file_tab = self._line_tab = self._inl_tab = None
+        self._file_tab = self._line_tab = self._inl_tab = self._sp_tab = None
         self._inl_tree: dict[int, _InlinedCall] | None = None
 
 
@@ -340,12 +363,12 @@ class GoPclntab:
             raise PclntabError(f"func {idx} out of range")
         bo = self._bo
         if self.version == "1.18":
-            (entry_off, name_off, _, _, _, pcfile, pcln, npcdata, cu_off,
-             func_id, _, _, nfuncdata) = struct.unpack_from(bo + "IiiIIIIIIBBBB", self._buf, off)
+            (entry_off, name_off, _, _, pcsp, pcfile, pcln, npcdata, cu_off,
+             func_id, flag, _, nfuncdata) = struct.unpack_from(bo + "IiiIIIIIIBBBB", self._buf, off)
             start_line = 0
         else:
-            (entry_off, name_off, _, _, _, pcfile, pcln, npcdata, cu_off, start_line,
-             func_id, _, _, nfuncdata) = struct.unpack_from(bo + "IiiIIIIIIiBBBB", self._buf, off)
+            (entry_off, name_off, _, _, pcsp, pcfile, pcln, npcdata, cu_off, start_line,
+             func_id, flag, _, nfuncdata) = struct.unpack_from(bo + "IiiIIIIIIiBBBB", self._buf, off)
         f = _Func()
         f.entry = self.text_start + entry_off
         f.end = self._entries[idx + 1]
@@ -353,6 +376,7 @@ class GoPclntab:
             raise PclntabError(f"func {idx} entry disagrees with functab")
         f.name_off, f.pcfile, f.pcln, f.cu_offset = name_off, pcfile, pcln, cu_off
         f.start_line, f.func_id = start_line, func_id
+        f.pcsp, f.flag = pcsp, flag
         tail = off + self._func_size
         f.inl_pcdata = 0
         if npcdata > PCDATA_INL_TREE_INDEX:
@@ -545,6 +569,33 @@ class GoPclntab:
                 raise PclntabError("inline parentPc outside its function")
             ix = self._inline_index(f, pc)
         raise PclntabError("inline tree too deep (cycle?)")
+
+    def frame_info(self, vaddr: int) -> GoFrameInfo | None:
+        """Unwind facts at ELF vaddr (see GoFrameInfo); None when no Go function covers it.
+
+        Also None for a function without a pcsp table (external code such as
+        race-detector stubs; the runtime's traceback stops there too), or
+        when the table has no value at this PC. Like lookup(), give a return
+        address as pc - 1. Raises PclntabError if the table is corrupt here.
+        """
+        idx = self._index(vaddr)
+        if idx < 0:
+            return None
+        f = self._func(idx)
+        if not f.pcsp:
+            return None
+        tab = f._sp_tab
+        if tab is None:
+            tab = f._sp_tab = _guard("pcsp", lambda: self._decode(f.pcsp))
+        delta = self._value(tab, vaddr - f.entry)
+        if delta < 0:
+            return None
+        return GoFrameInfo(f.entry, delta, f.flag, f.func_id)
+
+    def sp_delta(self, vaddr: int) -> int | None:
+        """runtime.funcspdelta at ELF vaddr, or None (see frame_info)."""
+        info = self.frame_info(vaddr)
+        return info.sp_delta if info is not None else None
 
     def func_for(self, vaddr: int) -> tuple[int, str] | None:
         """(entry, raw name) of the physical function covering vaddr, else None."""

@@ -1,0 +1,331 @@
+"""User-space stack unwinding from registers plus a copy of the stack top.
+
+The BPF side hands us, per sample, the user registers RIP, RSP, RBP (the
+task's pt_regs, also when the sample hit kernel mode) and a bounded copy of
+user memory starting at RSP. This module walks that copy with each mapped
+file's unwind rules:
+
+  native code    CFI rows from .eh_frame/.debug_frame (symbolizer/cfi.py)
+  Go code        .gopclntab pcsp: CFA = RSP + spdelta + 8, RA at CFA-8,
+                 exactly runtime.(*unwinder).resolveInternal on amd64;
+                 stop at FuncFlagTopFrame (goexit, mstart) and FuncFlagSPWrite
+                 (stack switches: systemstack, mcall, morestack, asmcgocall)
+  no CFI at all  frame pointers: CFA = RBP + 16, RA at [RBP+8], RBP' = [RBP];
+                 such frames are marked FrameSource.FP
+  signal frames  glibc's __restore_rt FDE ('S' augmentation): RIP, RSP, RBP
+                 reloaded from the kernel's ucontext; the frame after it is an
+                 interrupted PC, not a return address (FrameSource.SIGNAL)
+
+Why user space rather than BPF (the OTel profiler and Parca unwind in BPF):
+a per-sample copy of the stack top costs the BPF program one
+bpf_probe_read_user (a few µs for 8-16 KiB, no maps of unwind rows to keep in
+sync with every process's mappings), while the walk itself runs at
+drain time, where tables are already built per build id and cost nothing
+more per process. bench/unwind_speed.py prints the walk's cost against a
+frame-pointer walk of the same dumps.
+
+The walk never invents a frame: each return address comes from a rule that
+covers the PC, and it stops (with a StopReason, counted) at the first PC it
+cannot explain, at a read outside the copy, when the CFA fails to move up
+the stack, or at the outermost frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from collections import Counter
+from enum import IntEnum, StrEnum
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from symbolizer.cfi import RBP_LOST, RBP_SAME, CfaKind, UnwindTable
+from symbolizer.errors import BpfprofError
+from symbolizer.gopclntab import FUNC_FLAG_SPWRITE, FUNC_FLAG_TOP_FRAME, GoPclntab
+
+if TYPE_CHECKING:
+    from symbolizer.process_symbols import MappedFile
+
+__all__ = ["FrameSource", "MappingLookup", "Regs", "StopReason", "UnwindResult", "Unwinder",
+           "frame_pointer_walk", "unwind"]
+
+# Frames walked per sample at most: deeper stacks are cut (StopReason.MAX_DEPTH).
+# perf's default is 127; recursive programs go past it.
+DEFAULT_MAX_FRAMES = 256
+
+_U64 = struct.Struct("<Q")
+
+
+class Regs(NamedTuple):
+    """User registers at the sample (from pt_regs)."""
+
+    rip: int
+    rsp: int
+    rbp: int
+
+
+class FrameSource(IntEnum):
+    """How a frame's address was found."""
+
+    LEAF = 0  # RIP itself
+    CFI = 1  # return address by .eh_frame/.debug_frame rules
+    GO = 2  # return address by .gopclntab's pcsp
+    FP = 3  # return address by the frame-pointer fallback (no CFI covered the callee)
+    SIGNAL = 4  # interrupted PC from a signal frame: exact, not a return address
+
+
+class StopReason(StrEnum):
+    """Why a walk ended. OUTERMOST is the only complete ending."""
+
+    OUTERMOST = "outermost"  # RA undefined (_start, clone), RA 0, Go top frame
+    STACK_TRUNCATED = "stack_truncated"  # a read fell outside the stack copy
+    UNMAPPED_PC = "unmapped_pc"  # PC in no executable mapping (JIT code, garbage)
+    NO_CFI = "no_cfi"  # no rule for the PC and no usable frame pointer
+    UNSUPPORTED_CFI = "unsupported_cfi"  # CFA on another register or an unknown expression
+    BAD_CFA = "bad_cfa"  # the CFA did not move up the stack (corrupt stack or rules)
+    RBP_UNKNOWN = "rbp_unknown"  # the rule needs RBP and an earlier frame lost it
+    GO_SPWRITE = "go_spwrite"  # Go function that switched stacks (systemstack, asmcgocall...)
+    MAX_DEPTH = "max_depth"  # cut at max_frames
+
+
+class UnwindResult(NamedTuple):
+    """One walked stack.
+
+    `pcs[0]` is RIP; every later entry is a return address (look it up at
+    pc - 1), except where `sources[i]` is SIGNAL (an interrupted PC, exact).
+    """
+
+    pcs: list[int]
+    sources: list[FrameSource]
+    stop: StopReason
+
+    @property
+    def complete(self) -> bool:
+        return self.stop == StopReason.OUTERMOST
+
+
+class MappingLookup(Protocol):
+    """What the unwinder needs of a process: ProcessSymbols satisfies it."""
+
+    def mapping_at(self, addr: int) -> MappedFile | None: ...
+
+
+class _View(NamedTuple):
+    """A mapping's runtime range [lo, hi) that one load segment translates by `bias`."""
+
+    lo: int
+    hi: int
+    bias: int  # ELF vaddr = runtime address + bias
+    table: UnwindTable | None
+    go: GoPclntab | None
+
+
+_NO_VIEW = _View(0, 0, 0, None, None)
+
+
+class Unwinder:
+    """Walks sampled stacks; keeps per-mapping translations and stop counters.
+
+    Counters: `stops[reason]` per walk, `frames[source]` per frame, `samples`.
+    One Unwinder per drain thread (the counters are plain Counters).
+    """
+
+    def __init__(self, max_frames: int = DEFAULT_MAX_FRAMES) -> None:
+        self.max_frames = max_frames
+        self.stops: Counter[StopReason] = Counter()
+        self.frames: Counter[FrameSource] = Counter()
+        self.samples = 0
+        self._views: dict[int, tuple[MappedFile, list[_View]]] = {}
+
+    def _view(self, mf: MappedFile, pc: int) -> _View:
+        """Translation and tables for `pc` in mapping `mf` (cached per mapping and segment)."""
+        got = self._views.get(id(mf))
+        if got is not None and got[0] is mf:
+            for v in got[1]:
+                if v.lo <= pc < v.hi:
+                    return v
+        else:
+            got = (mf, [])
+            self._views[id(mf)] = got
+        fs = mf.symbols
+        m = mf.mapping
+        if fs is None:
+            view = _View(m.start, m.end, 0, None, None)
+        else:
+            vaddr = fs.translate(pc, m.start, m.file_offset)
+            if vaddr is None:
+                return _NO_VIEW
+            bias = vaddr - pc
+            lo, hi = m.start, m.end
+            for seg in fs.elf.load_segments:
+                if seg.vaddr <= vaddr < seg.vaddr + seg.memsz:
+                    lo, hi = max(lo, seg.vaddr - bias), min(hi, seg.vaddr + seg.memsz - bias)
+                    break
+            view = _View(lo, hi, bias, fs.unwind_table, fs.go)
+        got[1].append(view)
+        return view
+
+    def unwind(self, regs: Regs | tuple[int, int, int], stack: bytes | memoryview, process: MappingLookup,
+               stack_base: int | None = None) -> UnwindResult:
+        """Walk one sample's stack, leaf first.
+
+        `stack` holds user memory from `stack_base` (default: RSP) upward.
+        Never raises on bad input: a corrupt table or stack ends the walk
+        with a StopReason.
+        """
+        rip, rsp, rbp_val = regs
+        rbp: int | None = rbp_val
+        base = rsp if stack_base is None else stack_base
+        limit = base + len(stack)
+        unpack = _U64.unpack_from
+        pcs = [rip]
+        sources = [FrameSource.LEAF]
+        pc = rip
+        is_return = False
+        stop = StopReason.MAX_DEPTH
+        for _ in range(self.max_frames):
+            lookup_pc = pc - 1 if is_return else pc
+            mf = process.mapping_at(lookup_pc)
+            if mf is None:
+                stop = StopReason.UNMAPPED_PC
+                break
+            view = self._view(mf, lookup_pc)
+            vaddr = lookup_pc + view.bias
+            source = FrameSource.CFI
+            new_rbp = rbp
+            new_rsp = -1
+            ra = -1
+            go_info = None
+            if view.go is not None:
+                try:
+                    go_info = view.go.frame_info(vaddr)
+                except BpfprofError:
+                    go_info = None
+            if go_info is not None:
+                if go_info.flag & FUNC_FLAG_TOP_FRAME:
+                    stop = StopReason.OUTERMOST
+                    break
+                if go_info.flag & FUNC_FLAG_SPWRITE:
+                    stop = StopReason.GO_SPWRITE
+                    break
+                delta = go_info.sp_delta
+                cfa = rsp + delta + 8
+                source = FrameSource.GO
+                if delta >= 16 and base <= cfa - 16 and cfa <= limit:
+                    # Go saves the caller's BP just below the return address in
+                    # every function with a frame (cmd/internal/obj/x86 prologue).
+                    saved = unpack(stack, cfa - 16 - base)[0]
+                    new_rbp = saved if saved >= cfa else None
+                elif delta:
+                    new_rbp = None  # between PUSHQ BP and the frame's end: not modelled
+                kind = -1
+            else:
+                table = view.table
+                if table is not None:
+                    i = bisect_right(table.pcs, vaddr) - 1
+                    kind = table.kinds[i] if i >= 0 else CfaKind.NONE
+                else:
+                    kind = CfaKind.NONE
+                if kind == CfaKind.RSP:
+                    cfa = rsp + table.cfa_offs[i]  # type: ignore[union-attr]
+                elif kind == CfaKind.RBP:
+                    if rbp is None:
+                        stop = StopReason.RBP_UNKNOWN
+                        break
+                    cfa = rbp + table.cfa_offs[i]  # type: ignore[union-attr]
+                elif kind == CfaKind.NONE:
+                    # Frame-pointer fallback: the callee is assumed to have pushed RBP.
+                    if rbp is None or rbp < rsp or rbp & 7:
+                        stop = StopReason.NO_CFI
+                        break
+                    if rbp < base or rbp + 16 > limit:
+                        stop = StopReason.STACK_TRUNCATED
+                        break
+                    new_rbp = unpack(stack, rbp - base)[0]
+                    cfa = rbp + 16
+                    source = FrameSource.FP
+                elif kind == CfaKind.OUTERMOST:
+                    stop = StopReason.OUTERMOST
+                    break
+                elif kind == CfaKind.PLT:
+                    cfa = rsp + table.cfa_offs[i] + (8 if (vaddr & 15) >= table.rbp_offs[i] else 0)  # type: ignore[union-attr]
+                elif kind == CfaKind.SIGNAL:
+                    off = table.cfa_offs[i]  # type: ignore[union-attr]
+                    rbp_at = rsp + table.rbp_offs[i]  # type: ignore[union-attr]
+                    if rsp + off < base or rsp + off + 16 > limit or rbp_at < base or rbp_at + 8 > limit:
+                        stop = StopReason.STACK_TRUNCATED
+                        break
+                    new_rsp = unpack(stack, rsp + off - base)[0]
+                    ra = unpack(stack, rsp + off + 8 - base)[0]
+                    new_rbp = unpack(stack, rbp_at - base)[0]
+                    source = FrameSource.SIGNAL
+                    cfa = new_rsp
+                elif kind == CfaKind.DEREF_RSP or kind == CfaKind.DEREF_RBP:
+                    reg = rsp if kind == CfaKind.DEREF_RSP else rbp
+                    if reg is None:
+                        stop = StopReason.RBP_UNKNOWN
+                        break
+                    at = reg + table.cfa_offs[i]  # type: ignore[union-attr]
+                    if at < base or at + 8 > limit:
+                        stop = StopReason.STACK_TRUNCATED
+                        break
+                    cfa = unpack(stack, at - base)[0]
+                else:
+                    stop = StopReason.UNSUPPORTED_CFI
+                    break
+            if source != FrameSource.SIGNAL:
+                if cfa <= rsp:
+                    stop = StopReason.BAD_CFA
+                    break
+                if cfa - 8 < base or cfa > limit:
+                    stop = StopReason.STACK_TRUNCATED
+                    break
+                ra = unpack(stack, cfa - 8 - base)[0]
+                if kind > 0 and kind != CfaKind.NONE and kind != CfaKind.PLT:
+                    r = table.rbp_offs[i]  # type: ignore[union-attr]
+                    if r == RBP_LOST:
+                        new_rbp = None
+                    elif r != RBP_SAME:
+                        if cfa + r < base or cfa + r + 8 > limit:
+                            stop = StopReason.STACK_TRUNCATED
+                            break
+                        new_rbp = unpack(stack, cfa + r - base)[0]
+                new_rsp = cfa
+            if ra == 0:
+                stop = StopReason.OUTERMOST
+                break
+            pcs.append(ra)
+            sources.append(source)
+            pc, rsp, rbp = ra, new_rsp, new_rbp
+            is_return = source != FrameSource.SIGNAL
+        self.samples += 1
+        self.stops[stop] += 1
+        self.frames.update(sources)
+        return UnwindResult(pcs, sources, stop)
+
+
+def unwind(regs: Regs | tuple[int, int, int], stack: bytes | memoryview, process: MappingLookup,
+           stack_base: int | None = None) -> UnwindResult:
+    """One-off walk with a throwaway Unwinder (keep an Unwinder for many samples)."""
+    return Unwinder().unwind(regs, stack, process, stack_base)
+
+
+def frame_pointer_walk(regs: Regs | tuple[int, int, int], stack: bytes | memoryview,
+                       stack_base: int | None = None, max_frames: int = DEFAULT_MAX_FRAMES) -> list[int]:
+    """What bpf_get_stackid / perf --call-graph fp see: RIP, then [RBP+8] up the RBP chain.
+
+    The baseline for tests and bench/unwind_speed.py: it loses the caller of
+    every frameless leaf and stops in code without frame pointers.
+    """
+    rip, rsp, rbp = regs
+    base = rsp if stack_base is None else stack_base
+    limit = base + len(stack)
+    unpack = _U64.unpack_from
+    out = [rip]
+    prev = rsp
+    while len(out) < max_frames and prev <= rbp and base <= rbp and rbp + 16 <= limit and not rbp & 7:
+        nxt, ra = unpack(stack, rbp - base)[0], unpack(stack, rbp + 8 - base)[0]
+        if ra == 0:
+            break
+        out.append(ra)
+        prev, rbp = rbp + 16, nxt
+    return out
