@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agent.cpu_probe import CpuProbe
 from agent.heap_probe import HeapProbe
+from agent.lock_probe import LockProbe
 from agent.offcpu_probe import OffCpuProbe
 from agent.probe import Probe
 
@@ -11,4 +12,5 @@ PROBES: dict[str, type[Probe]] = {
     "cpu": CpuProbe,
     "heap": HeapProbe,
     "offcpu": OffCpuProbe,
+    "lock": LockProbe,
 }

@@ -1,0 +1,345 @@
+/* Lock contention: who waited for a lock, where, how long (agent/lock_probe.py).
+ *
+ * Sources, told apart by the top nibble of the record's aux (user addresses
+ * never use it; kernel addresses have it all ones):
+ *   futex    sys_enter/exit_futex (every wait op) and futex_waitv, outside
+ *            the pthread calls below; stack read at exit (same user regs)
+ *   pthread  uprobe at pthread_mutex_*lock / pthread_rwlock_*lock entry
+ *            notes the start; a futex wait inside marks it contended; the
+ *            uretprobe sends it. At the return the registers are the
+ *            caller's (ip = the call site, rbp its frame), so the call site
+ *            is found although Debian's libc has no frame pointers.
+ *   go       uprobes on runtime.semacquire1: entry (start, keyed by process
+ *            and g = R14 of Go's ABIInternal), the instruction after its
+ *            call to gopark (it parked: contended), each RET instruction
+ *            (send). No uretprobe: Go moves stacks. At a RET rbp is already
+ *            the caller's, so the return address at [rsp] is put back as
+ *            the second frame.
+ *   kernel   lock:contention_begin/end (LOCK_KERNEL), kernel + user stacks
+ * Record: value = ns waited, aux = lock address | source << 60.
+ * An exec of a target sends a header-only record with aux = LOCK_EXEC and
+ * the pid in value, so the agent can put its uprobes in the new program.
+ */
+#include <uapi/linux/ptrace.h>
+#include "common.bpf.h"
+
+#define LOCK_SRC_FUTEX 0ULL
+#define LOCK_SRC_PTHREAD_MUTEX 1ULL
+#define LOCK_SRC_PTHREAD_RWLOCK 2ULL
+#define LOCK_SRC_GO 3ULL
+#define LOCK_SRC_EXEC 0xeULL
+#define LOCK_EXEC (LOCK_SRC_EXEC << 60)
+#define LOCK_ADDR_MASK ((1ULL << 60) - 1)
+
+/* Indices of lock_counts. */
+#define LOCK_MAP_FULL 0   /* a wait could not be noted: it is lost */
+#define LOCK_COUNTERS 1
+
+#define LOCK_EAGAIN 11
+
+struct lock_wait {
+    u64 t0;
+    u64 addr;
+};
+
+struct lock_call {
+    u64 t0;
+    u64 addr;
+    u64 func;    /* the pthread function's address: the sample's leaf */
+    u32 waited;  /* a futex wait happened inside: the lock was contended */
+    u32 source;
+};
+
+struct lock_go_key {
+    u64 g;
+    u32 tgid;
+    u32 pad;
+};
+
+struct lock_go_wait {
+    u64 t0;
+    u64 addr;
+    u64 parked;
+};
+
+BPF_HASH(lock_futex_waits, u32, struct lock_wait, LOCK_MAX_THREADS);
+BPF_HASH(lock_pthread_calls, u32, struct lock_call, LOCK_MAX_THREADS);
+BPF_HASH(lock_go_waits, struct lock_go_key, struct lock_go_wait, LOCK_MAX_GOROUTINES);
+BPF_PERCPU_ARRAY(lock_counts, u64, LOCK_COUNTERS);
+
+static __always_inline void lock_count(u32 what)
+{
+    u64 *c = lock_counts.lookup(&what);
+    if (c)
+        (*c)++;
+}
+
+/* Send `r` with the user stack of `ctx` (and the kernel one when `kernel`).
+ * `extra` != 0 is one more user frame: the leaf when `extra_is_leaf` (the
+ * pthread function, whose caller's registers a uretprobe sees), else the
+ * second frame (Go at a RET: the return address still at [rsp]). */
+static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, u64 extra,
+                                        int extra_is_leaf)
+{
+    long kn = 0;
+#if WITH_KERNEL
+    if (kernel) {
+        kn = bpf_get_stack(ctx, r->ips, BPFPROF_MAX_FRAMES * sizeof(u64), 0);
+        if (kn < 0) {
+            r->h.kernel_err = kn;
+            count_drop(BPFPROF_DROP_KERNEL_STACK_ERR);
+            kn = 0;
+        }
+        kn /= sizeof(u64);
+        if (kn >= BPFPROF_MAX_FRAMES) {
+            kn = BPFPROF_MAX_FRAMES;
+            count_drop(BPFPROF_DROP_KERNEL_TRUNCATED);
+        }
+    }
+#endif
+    kn &= 127;
+    long un;
+    if (extra) {
+        un = bpf_get_stack(ctx, &r->ips[kn + 1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
+    } else {
+        un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
+    }
+    if (un < 0) {
+        r->h.user_err = un;
+        count_drop(BPFPROF_DROP_USER_STACK_ERR);
+        un = 0;
+    }
+    un /= sizeof(u64);
+    if (extra && un > 0) {
+        if (extra_is_leaf) {
+            r->ips[kn] = extra;
+        } else {
+            r->ips[kn] = r->ips[kn + 1];
+            r->ips[kn + 1] = extra;
+        }
+        un += 1;
+    }
+    if (un >= BPFPROF_MAX_FRAMES) {
+        un = BPFPROF_MAX_FRAMES;
+        count_drop(BPFPROF_DROP_USER_TRUNCATED);
+    }
+    un &= 127;
+    r->h.kernel_frames = kn;
+    r->h.user_frames = un;
+    u64 n = kn + un;
+    asm volatile("" : "+r"(n));  /* clang knows n <= 254 and would drop the check the verifier needs */
+    if (n > 2 * BPFPROF_MAX_FRAMES)
+        return;
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + n * sizeof(u64), 0) != 0)
+        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+}
+
+/* ---- futex ---------------------------------------------------------------- */
+
+static __always_inline int lock_futex_enter(u64 uaddr)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!is_target(id >> 32))
+        return 0;
+    u32 tid = id;
+    struct lock_wait w = {bpf_ktime_get_ns(), uaddr};
+    if (lock_futex_waits.update(&tid, &w) != 0)
+        lock_count(LOCK_MAP_FULL);
+    return 0;
+}
+
+static __always_inline int lock_futex_exit(void *ctx, long ret)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct lock_wait *w = lock_futex_waits.lookup(&tid);
+    if (!w)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - w->t0;
+    u64 addr = w->addr;
+    lock_futex_waits.delete(&tid);
+    struct lock_call *c = lock_pthread_calls.lookup(&tid);
+    if (c) {  /* inside pthread_*lock: the uretprobe reports the whole acquisition */
+        c->waited = 1;
+        return 0;
+    }
+    if (ret == -LOCK_EAGAIN)  /* the word had changed: it never slept */
+        return 0;
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta,
+                                                (addr & LOCK_ADDR_MASK) | (LOCK_SRC_FUTEX << 60));
+    if (r)
+        lock_submit(ctx, r, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_futex)
+{
+    /* FUTEX_WAIT 0, LOCK_PI 6, WAIT_BITSET 9, WAIT_REQUEUE_PI 11, LOCK_PI2 13;
+     * 127 masks out FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256). */
+    int cmd = args->op & 127;
+    if (cmd == 0 || cmd == 6 || cmd == 9 || cmd == 11 || cmd == 13)
+        return lock_futex_enter((u64)args->uaddr);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_futex)
+{
+    return lock_futex_exit(args, args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_futex_waitv)
+{
+    u64 uaddr = 0;  /* the first futex of the vector stands for it: struct futex_waitv.uaddr at +8 */
+    bpf_probe_read_user(&uaddr, sizeof(uaddr), (void *)args->waiters + 8);
+    return lock_futex_enter(uaddr);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_futex_waitv)
+{
+    return lock_futex_exit(args, args->ret);
+}
+
+/* ---- pthread -------------------------------------------------------------- */
+
+static __always_inline int lock_pthread_enter(struct pt_regs *ctx, u32 source)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!is_target(id >> 32))
+        return 0;
+    u32 tid = id;
+    struct lock_call c = {bpf_ktime_get_ns(), PT_REGS_PARM1(ctx), PT_REGS_IP(ctx), 0, source};
+    if (lock_pthread_calls.update(&tid, &c) != 0)
+        lock_count(LOCK_MAP_FULL);
+    return 0;
+}
+
+int lock_pthread_mutex_enter(struct pt_regs *ctx)
+{
+    return lock_pthread_enter(ctx, LOCK_SRC_PTHREAD_MUTEX);
+}
+
+int lock_pthread_rwlock_enter(struct pt_regs *ctx)
+{
+    return lock_pthread_enter(ctx, LOCK_SRC_PTHREAD_RWLOCK);
+}
+
+int lock_pthread_return(struct pt_regs *ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct lock_call *c = lock_pthread_calls.lookup(&tid);
+    if (!c)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - c->t0;
+    u64 aux = (c->addr & LOCK_ADDR_MASK) | ((u64)c->source << 60);
+    u32 waited = c->waited;
+    u64 func = c->func;
+    lock_pthread_calls.delete(&tid);
+    if (!waited)
+        return 0;
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, aux);
+    if (r)
+        lock_submit(ctx, r, 0, func, 1);
+    return 0;
+}
+
+/* ---- Go ------------------------------------------------------------------- */
+
+static __always_inline struct lock_go_key lock_go_key_of(struct pt_regs *ctx, u32 tgid)
+{
+    struct lock_go_key k = {ctx->r14, tgid, 0};
+    return k;
+}
+
+int lock_go_sema_enter(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return 0;
+    struct lock_go_key k = lock_go_key_of(ctx, tgid);
+    struct lock_go_wait w = {bpf_ktime_get_ns(), ctx->ax, 0};  /* addr: first argument, RAX */
+    if (lock_go_waits.update(&k, &w) != 0)
+        lock_count(LOCK_MAP_FULL);
+    return 0;
+}
+
+int lock_go_sema_resume(struct pt_regs *ctx)
+{
+    struct lock_go_key k = lock_go_key_of(ctx, bpf_get_current_pid_tgid() >> 32);
+    struct lock_go_wait *w = lock_go_waits.lookup(&k);
+    if (w)
+        w->parked = 1;
+    return 0;
+}
+
+int lock_go_sema_return(struct pt_regs *ctx)
+{
+    struct lock_go_key k = lock_go_key_of(ctx, bpf_get_current_pid_tgid() >> 32);
+    struct lock_go_wait *w = lock_go_waits.lookup(&k);
+    if (!w)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - w->t0;
+    u64 aux = (w->addr & LOCK_ADDR_MASK) | (LOCK_SRC_GO << 60);
+    u64 parked = w->parked;
+    lock_go_waits.delete(&k);
+    if (!parked)
+        return 0;
+    u64 ret_addr = 0;
+    bpf_probe_read_user(&ret_addr, sizeof(ret_addr), (void *)ctx->sp);
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, aux);
+    if (r)
+        lock_submit(ctx, r, 0, ret_addr, 0);
+    return 0;
+}
+
+/* ---- kernel locks ---------------------------------------------------------- */
+
+#if LOCK_KERNEL
+BPF_HASH(lock_kernel_waits, u32, struct lock_wait, LOCK_MAX_THREADS);
+
+TRACEPOINT_PROBE(lock, contention_begin)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!is_target(id >> 32))
+        return 0;
+    u32 tid = id;
+    struct lock_wait w = {bpf_ktime_get_ns(), (u64)args->lock_addr};
+    /* keep the outermost wait: a spinlock inside a mutex slow path is part of it */
+    if (lock_kernel_waits.insert(&tid, &w) != 0 && !lock_kernel_waits.lookup(&tid))
+        lock_count(LOCK_MAP_FULL);
+    return 0;
+}
+
+TRACEPOINT_PROBE(lock, contention_end)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct lock_wait *w = lock_kernel_waits.lookup(&tid);
+    if (!w || w->addr != (u64)args->lock_addr)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - w->t0;
+    u64 addr = w->addr;
+    lock_kernel_waits.delete(&tid);
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, addr);
+    if (r)
+        lock_submit(args, r, 1, 0, 0);
+    return 0;
+}
+#endif
+
+/* ---- exec ------------------------------------------------------------------ */
+
+/* The notice names the process in `value` and has pid 0: the session
+ * snapshots a pid's mappings at its first record, and at exec the dynamic
+ * loader has not mapped libc yet, so a notice under the real pid would make
+ * every later libc frame of it unresolvable. */
+int lock_on_exec(void *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return 0;
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, tgid, LOCK_EXEC);
+    if (r) {
+        r->h.pid = 0;
+        r->h.tid = 0;
+        submit_header(r);
+    }
+    return 0;
+}
