@@ -51,11 +51,13 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
-    from agent.commands import agent, convert, doctor, record  # noqa: PLC0415  (commands import the CLI group)
+    # serve imports viewer: only the CLI, the top of the import graph, may.
+    from agent.commands import agent, convert, doctor, record, serve  # noqa: PLC0415  (commands import the CLI group)
 
     main.add_command(record.record)
     main.add_command(doctor.doctor)
     main.add_command(convert.convert)
+    main.add_command(serve.serve)
     main.add_command(agent.agent)
 
 

@@ -27,6 +27,10 @@ fi
 # --- system packages --------------------------------------------------------
 ARCH=$(dpkg --print-architecture)
 PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" linux-perf python3-venv gcc g++ binutils)
+# `bpfprof serve`'s browser tests: Debian's Chromium and its driver (never a downloaded browser).
+PACKAGES+=(chromium chromium-driver)
+# npm installs the web UI's flame graph library; a machine with Node.js from elsewhere keeps it.
+command -v npm >/dev/null || PACKAGES+=(nodejs npm)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -48,6 +52,14 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e ".[test]"
     touch "$stamp"
+fi
+
+# The web UI's JS libraries (viewer/package-lock.json) into viewer/node_modules, never into git.
+npm_stamp="viewer/node_modules/.bpfprof-installed"
+if [[ ! -f "$npm_stamp" || viewer/package-lock.json -nt "$npm_stamp" ]]; then
+    log "installing the web UI's npm packages"
+    ( cd viewer && npm ci --no-audit --no-fund --loglevel=error )
+    touch "$npm_stamp"
 fi
 
 # bcc comes from Debian's python3-bpfcc; expose that one package to the venv.

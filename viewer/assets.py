@@ -1,0 +1,60 @@
+"""The page: one template with every asset inlined, so it works with no other request and offline.
+
+The flame graph library comes from the npm registry (viewer/package.json,
+installed into viewer/node_modules by packaging/setup.sh's `npm ci`); our own
+JS and CSS sit in viewer/static. BPFPROF_VIEWER_NODE_MODULES points elsewhere
+(an installed package that has no node_modules beside it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+from exporters.otlp_sender import ConfigError
+
+HERE = Path(__file__).resolve().parent
+ENV_NODE_MODULES = "BPFPROF_VIEWER_NODE_MODULES"
+
+# Placeholder in the template -> file, relative to node_modules ("npm:") or to viewer/.
+ASSETS = {
+    "d3_flamegraph_css": "npm:d3-flame-graph/dist/d3-flamegraph.css",
+    "d3_selection_js": "npm:d3-selection/dist/d3-selection.min.js",
+    "d3_flamegraph_js": "npm:d3-flame-graph/dist/d3-flamegraph.min.js",
+    "d3_flamegraph_colormapper_js": "npm:d3-flame-graph/dist/d3-flamegraph-colorMapper.min.js",
+    "app_css": "static/app.css",
+    "flame_js": "static/flame.js",
+    "app_js": "static/app.js",
+}
+_PLACEHOLDER = re.compile(r"/\*\{\{(\w+)\}\}\*/")
+
+
+def node_modules() -> Path:
+    return Path(os.environ.get(ENV_NODE_MODULES) or HERE / "node_modules")
+
+
+def _read(spec: str) -> str:
+    if spec.startswith("npm:"):
+        path = node_modules() / spec.removeprefix("npm:")
+        if not path.is_file():
+            raise ConfigError(f"web UI asset {path} is missing: run `npm ci` in {HERE} "
+                              f"(packaging/setup.sh does), or set {ENV_NODE_MODULES}")
+    else:
+        path = HERE / spec
+    return path.read_text(encoding="utf-8")
+
+
+def _inline(name: str, text: str) -> str:
+    # Inside <script>/<style>, only a closing tag can end the element early.
+    if name.endswith("_js"):
+        return text.replace("</script", "<\\/script")
+    return text.replace("</style", "<\\/style")
+
+
+@functools.cache
+def render_page() -> bytes:
+    """The one HTML page, assets inlined. Raises ConfigError when the npm assets are not installed."""
+    template = (HERE / "templates" / "index.html").read_text(encoding="utf-8")
+    return _PLACEHOLDER.sub(lambda m: _inline(m.group(1), _read(ASSETS[m.group(1)])), template).encode()

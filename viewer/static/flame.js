@@ -1,0 +1,111 @@
+// Pure functions over the compact flame graph JSON of viewer/flamegraph.py:
+//   {names: [...], nodes: {name: [...], parent: [...], self: [...], base?: [...]}, total, unit}
+// No DOM here: the browser page and node's test runner (viewer/js_tests) load the same file.
+(function (root, factory) {
+  if (typeof module === 'object' && module.exports) module.exports = factory();
+  else root.bpfflame = factory();
+})(typeof self !== 'undefined' ? self : this, function () {
+  'use strict';
+
+  // Children lists and subtree totals from the parent/self columns (parents come before children).
+  function index(compact) {
+    const n = compact.nodes.name.length;
+    const children = Array.from({ length: n }, () => []);
+    const total = compact.nodes.self.slice();
+    const base = compact.nodes.base ? compact.nodes.base.slice() : null;
+    for (let i = n - 1; i > 0; i--) {
+      const p = compact.nodes.parent[i];
+      children[p].unshift(i);
+      total[p] += total[i];
+      if (base) base[p] += base[i];
+    }
+    return { n, children, total, base };
+  }
+
+  // The nested {name, value, children[, d]} tree d3-flame-graph draws: value is the subtree total,
+  // d the node's own change against the baseline (d3-flame-graph sums it with computeDelta).
+  function toD3(compact) {
+    const idx = index(compact);
+    const build = (i) => {
+      const node = {
+        name: compact.names[compact.nodes.name[i]],
+        value: idx.total[i],
+        children: idx.children[i].filter((c) => idx.total[c] > 0).map(build),
+      };
+      if (compact.nodes.base) node.d = compact.nodes.self[i] - compact.nodes.base[i];
+      return node;
+    };
+    return build(0);
+  }
+
+  // Per function: self (value where it is the leaf) and total (value of stacks it is on,
+  // counted once per stack even when it recurses). Sorted by self, then total, then name.
+  function topTable(compact) {
+    const idx = index(compact);
+    const rows = new Map();
+    const row = (name) => {
+      if (!rows.has(name)) rows.set(name, { name, self: 0, total: 0 });
+      return rows.get(name);
+    };
+    const walk = (i, onPath) => {
+      const name = compact.names[compact.nodes.name[i]];
+      if (i !== 0) {
+        row(name).self += compact.nodes.self[i];
+        if (!onPath.has(name)) row(name).total += idx.total[i];
+      }
+      const next = i === 0 || onPath.has(name) ? onPath : new Set(onPath).add(name);
+      for (const c of idx.children[i]) walk(c, next);
+    };
+    walk(0, new Set());
+    return Array.from(rows.values())
+      .filter((r) => r.total > 0)
+      .sort((a, b) => b.self - a.self || b.total - a.total || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  }
+
+  // Case-insensitive substring match (not a RegExp: user input like "foo(" must not throw).
+  function matches(name, term) {
+    return !!term && name.toLowerCase().includes(term.toLowerCase());
+  }
+
+  // Nodes whose name matches, and the value they cover: a match under a matching ancestor
+  // is already counted in it.
+  function searchSum(compact, term) {
+    const idx = index(compact);
+    let sum = 0;
+    let count = 0;
+    const names = new Set();
+    const walk = (i, covered) => {
+      const name = compact.names[compact.nodes.name[i]];
+      const hit = i !== 0 && matches(name, term);
+      if (hit) {
+        count += 1;
+        names.add(name);
+        if (!covered) sum += idx.total[i];
+      }
+      for (const c of idx.children[i]) walk(c, covered || hit);
+    };
+    if (term) walk(0, false);
+    return { count, functions: names.size, sum, total: idx.total[0] };
+  }
+
+  const UNITS = {
+    nanoseconds: [[1e9, 's'], [1e6, 'ms'], [1e3, 'µs'], [1, 'ns']],
+    bytes: [[1 << 30, 'GiB'], [1 << 20, 'MiB'], [1 << 10, 'KiB'], [1, 'B']],
+  };
+
+  // "1.23 s", "4.5 MiB", "1,234": a value in its unit, short.
+  function formatValue(v, unit) {
+    const scale = UNITS[unit];
+    if (!scale) return Math.round(v).toLocaleString('en-US');
+    for (const [div, name] of scale) {
+      if (Math.abs(v) >= div) return `${+(v / div).toFixed(2)} ${name}`;
+    }
+    return `0 ${scale[scale.length - 1][1]}`;
+  }
+
+  function percent(v, total) {
+    return total ? `${((100 * v) / total).toFixed(1)}%` : '0%';
+  }
+
+  return { index, toD3, topTable, matches, searchSum, formatValue, percent };
+});
