@@ -39,12 +39,15 @@ Any structural corruption (a length past the section, a CIE pointer to
 nowhere, a truncated operand) raises ElfParseError; an FDE whose program has
 an opcode we do not know is kept as UNSUPPORTED over its range and counted.
 
-Measured (Python 3.11, this 2-CPU VM, tests/unit/test_eh_frame.py::test_build_speed
+Measured (Python 3.11, this 2-CPU VM, one core; tests/unit/test_eh_frame.py::test_build_speed
 prints them):
-  libc.so.6       (2,859 FDEs)   ~75 ms,  28k rows, 0.25 MB of arrays
-  libstdc++.so.6  (5,150 FDEs)   ~80 ms,  31k rows
-  /usr/bin/python3.11 (6.8 MB, 5,700 FDEs)  ~0.2 s, 83k rows
-  /usr/bin/node   (~100 MB, 118k FDEs)        ~2.5 s,  1.2M rows, 11 MB
+  libc.so.6            1.9 MB,  3,713 FDEs,  28k rows, 0.5 MB of arrays,  46 ms CPU
+  libstdc++.so.6       2.2 MB,  4,867 FDEs,  34k rows, 0.6 MB,            57 ms
+  /usr/bin/python3.11  6.8 MB, 10,221 FDEs,  65k rows, 1.1 MB,           113 ms
+  /usr/bin/node       99 MB,   75,922 FDEs, 372k rows, 6.3 MB,           740 ms
+(17 bytes a row.) Cheap enough to build on first use per build id, so there
+is no on-disk cache: reading one back would save under a second once per
+binary per agent start.
 """
 
 from __future__ import annotations
@@ -334,15 +337,17 @@ class _Parser:
             pos += aug_len
         if pos > end:
             raise ElfParseError(f"FDE at {pos:#x}: header runs past its end")
+        if begin + pc_range >= 1 << 64:
+            raise ElfParseError(f"FDE at {pos:#x}: range past the end of the address space")
         if pc_range == 0 or begin == 0:
             return  # a discarded function (gc-sections / COMDAT): covers nothing
-        init = self.cie_states.get(cie_off)
-        if init is None:
-            init = _execute(self, cie, cie.init_start, cie.init_end, 0, 0, 1 << 64, None, None)
-            self.cie_states[cie_off] = init
         out = self.out
         i0 = len(out.pcs)
         try:
+            init = self.cie_states.get(cie_off)
+            if init is None:
+                init = _execute(self, cie, cie.init_start, cie.init_end, 0, 0, 1 << 64, None, None)
+                self.cie_states[cie_off] = init
             _execute(self, cie, pos, end, begin, begin, begin + pc_range, init, out)
         except _Unsupported:
             del out.pcs[i0:], out.kinds[i0:], out.cfa[i0:], out.rbp[i0:]
@@ -663,7 +668,7 @@ def parse_cfi(sections: list[_Section], text_vaddr: int = 0, got_vaddr: int = 0)
         p = _Parser(sec, text_vaddr, got_vaddr, rows)
         try:
             p.run()
-        except (IndexError, struct.error, ValueError, OverflowError) as exc:
+        except (IndexError, struct.error, ValueError, OverflowError, MemoryError, _Unsupported) as exc:
             raise ElfParseError(f"corrupt {'.eh_frame' if sec.is_eh else '.debug_frame'}: {exc!r}") from exc
         unsupported += p.unsupported_fdes
     return _merge(rows, unsupported, tuple(".eh_frame" if s.is_eh else ".debug_frame" for s in sections))

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from symbolizer.demangle import demangle
 from symbolizer.elf import ElfFile
@@ -22,6 +23,9 @@ from symbolizer.elf_symbols import ElfSymbols
 from symbolizer.errors import BpfprofError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind
 from symbolizer.gopclntab import GoPclntab, load_pclntab
+
+if TYPE_CHECKING:
+    from symbolizer.cfi import UnwindTable
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ class FileSymbols:
         return self._guarded("dwarf", lambda: DwarfLines(self.elf))
 
     @cached_property
-    def unwind_table(self):  # UnwindTable | None
+    def unwind_table(self) -> UnwindTable | None:
         """CFI rows for the unwinder, built on first use (libc: ~50 ms, node: ~0.8 s); None if corrupt."""
         from symbolizer.cfi import UnwindTable  # noqa: PLC0415  (only unwinding needs it)
 
