@@ -1,0 +1,349 @@
+"""`bpfprof agent` end to end: real BPF, real exporters, real signals.
+
+Each test runs the installed CLI as a child with a config file, waits for
+/readyz, and judges by what arrived (OTLP requests at an in-test collector,
+pprof files, /metrics). Intervals are 1-2 s so the suite stays short; the
+issue's long figures (2 min outage, 1000 processes/min for 2 min) are in
+bench/agent_churn.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
+
+from exporters.otlp import decode_otlp
+from fixtures.builder import build_c, build_go
+from otlp_collector import HttpCollector, closed_port
+from recording import BPFPROF, read_pprof
+
+
+class Agent:
+    """A `bpfprof agent` child with its config; stop() sends SIGTERM and returns (code, stderr)."""
+
+    def __init__(self, tmp_path: Path, config: dict, extra_args: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = ()) -> None:
+        self.metrics_port = closed_port()
+        config.setdefault("metrics", {"listen": f"127.0.0.1:{self.metrics_port}"})
+        config.setdefault("log_level", "info")
+        self.config_path = tmp_path / "agent.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.stderr_path = tmp_path / "agent.stderr"
+        self._err = open(self.stderr_path, "w")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen([*prefix, str(BPFPROF), "agent", "--config", str(self.config_path), *extra_args],
+                                     stdout=subprocess.DEVNULL, stderr=self._err, start_new_session=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}{path}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+        except OSError:
+            return 0, ""
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"agent exited {self.proc.returncode}: {self.stderr()}"
+            if self.get("/readyz")[0] == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"agent not ready in {timeout_s}s: {self.stderr()}")
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples (all label sets)."""
+        code, text = self.get("/metrics")
+        assert code == 200
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    def wait_metric(self, name: str, at_least: float, timeout_s: float = 60) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = self.metric(name)
+            if value >= at_least:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"{name} stayed below {at_least}: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)  # the group: under unshare the agent is a grandchild
+        try:
+            code = self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self._err.close()
+        return code, self.stderr()
+
+
+@pytest.fixture
+def load():
+    """A C program burning CPU in a known call chain, for 120 s at most."""
+    proc = subprocess.Popen([str(build_c("callchain")), "120"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def otlp_pids(requests: list[ExportProfilesServiceRequest]) -> dict[int, int]:
+    """pid -> samples over every request."""
+    out: dict[int, int] = {}
+    for req in requests:
+        for profile in decode_otlp(req):
+            for s in profile.samples:
+                out[s.key.pid] = out.get(s.key.pid, 0) + (len(s.timestamps_ns) or 1)
+    return out
+
+
+def test_sigterm_delivers_the_last_interval(tmp_path, load):
+    """A 60 s interval cut short by SIGTERM: its data reaches the exporters, exit 0."""
+    with HttpCollector() as collector:
+        agent = Agent(tmp_path, {"selection": {"pids": [load.pid]},
+                                 "export": {"interval_s": 60, "timeout_s": 10,
+                                            "otlp": {"endpoint": collector.url},
+                                            "pprof_dir": {"path": str(tmp_path / "pprof")}}})
+        agent.wait_ready()
+        agent.wait_metric("bpfprof_samples_total", 50)
+        t0 = time.monotonic()
+        code, err = agent.stop()
+        assert code == 0, err
+        assert time.monotonic() - t0 < 30
+    assert len(collector.received.requests) == 1
+    pids = otlp_pids(collector.received.requests)
+    assert set(pids) == {load.pid} and pids[load.pid] >= 50
+    files = list((tmp_path / "pprof").glob("*.cpu.pb.gz"))
+    assert len(files) == 1
+    prof = read_pprof(files[0])
+    assert prof.total() == pids[load.pid]
+    assert prof.cum_share("main") > 0.9
+
+
+class _LateCollector:
+    """An HTTP OTLP receiver bound to a fixed port only when start() is called (the endpoint 'comes back')."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.requests: list[ExportProfilesServiceRequest] = []
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        requests = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                req = ExportProfilesServiceRequest()
+                req.ParseFromString(body)
+                requests.append(req)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+@pytest.mark.parametrize(("queue", "lossless"), [(30, True), (2, False)], ids=["fits", "overflows"])
+def test_endpoint_down_then_back(tmp_path, load, queue, lossless):
+    """Down for ~6 intervals: what fit in the queue all arrives in order; beyond it drops are counted.
+
+    The pprof directory gets every interval (its own queue), so it is the
+    count of intervals to compare with. Sampling never waits: samples keep
+    growing while the collector is down.
+    """
+    port = closed_port()
+    late = _LateCollector(port)
+    agent = Agent(tmp_path, {"selection": {"pids": [load.pid]},
+                             "export": {"interval_s": 1, "timeout_s": 1, "queue_max_batches": queue,
+                                        "otlp": {"endpoint": f"http://127.0.0.1:{port}"},
+                                        "pprof_dir": {"path": str(tmp_path / "pprof")}}})
+    try:
+        agent.wait_ready()
+        agent.wait_metric("bpfprof_intervals_total", 6)
+        assert agent.metric("bpfprof_export_failures_total") >= 1
+        before = agent.metric("bpfprof_samples_total")
+        agent.wait_metric("bpfprof_samples_total", before + 50)  # sampling goes on during the outage
+        late.start()
+        agent.wait_metric('bpfprof_export_batches_total{exporter="otlp"}', 1)
+        code, err = agent.stop()
+    finally:
+        late.close()
+    assert code == 0, err
+    intervals = len(list((tmp_path / "pprof").glob("*.cpu.pb.gz")))
+    dropped = int(re.findall(r"export otlp: dropped interval", err).__len__())
+    assert len(late.requests) + dropped == intervals, err
+    if lossless:
+        assert dropped == 0
+    else:
+        assert dropped >= 1
+    times = [min(p.time_unix_nano for rp in r.resource_profiles for sp in rp.scope_profiles for p in sp.profiles)
+             for r in late.requests if r.resource_profiles]
+    assert times == sorted(times)
+
+
+def test_sighup_reload_and_bad_reload_keeps_config(tmp_path, load):
+    agent = Agent(tmp_path, {"selection": {"pids": [load.pid]},
+                             "export": {"interval_s": 1, "pprof_dir": {"path": str(tmp_path / "a")}}})
+    try:
+        agent.wait_ready()
+        agent.wait_metric("bpfprof_intervals_total", 1)
+        cfg = yaml.safe_load(agent.config_path.read_text())
+        cfg["export"]["pprof_dir"]["path"] = str(tmp_path / "b")
+        agent.config_path.write_text(yaml.safe_dump(cfg))
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_metric("bpfprof_config_reloads_total", 1)
+        n = agent.metric("bpfprof_intervals_total")
+        agent.wait_metric("bpfprof_intervals_total", n + 2)
+        agent.config_path.write_text("export:\n  interval_s: never\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_metric("bpfprof_config_reload_failures_total", 1)
+        n = agent.metric("bpfprof_intervals_total")
+        agent.wait_metric("bpfprof_intervals_total", n + 1)  # still running on the old config
+        code, err = agent.stop()
+    finally:
+        if agent.proc.poll() is None:
+            agent.stop()
+    assert code == 0, err
+    assert list((tmp_path / "b").glob("*.pb.gz"))
+    assert "reload rejected, keeping the running config" in err and "export.interval_s" in err
+
+
+def _elf_section_headers(data: bytes) -> tuple[int, int, int, int]:
+    """(e_shoff, e_shentsize, e_shnum, e_shstrndx) of a 64-bit little-endian ELF."""
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    return shoff, shentsize, shnum, shstrndx
+
+
+def _section_offset_field(data: bytes, name: bytes) -> int:
+    """File offset of sh_offset of the section called `name`."""
+    shoff, entsize, shnum, strndx = _elf_section_headers(data)
+    str_off, = struct.unpack_from("<Q", data, shoff + strndx * entsize + 0x18)
+    for i in range(shnum):
+        hdr = shoff + i * entsize
+        name_off, = struct.unpack_from("<I", data, hdr)
+        if data[str_off + name_off:].split(b"\0", 1)[0] == name:
+            return hdr + 0x18
+    raise KeyError(name)
+
+
+def test_malformed_binaries_are_logged_once_and_skipped(tmp_path):
+    """Section tables the runtime never reads, made bad: the processes run, the agent goes on."""
+    go = bytearray(build_go("cpusplit").read_bytes())
+    field = _section_offset_field(go, b".gopclntab")
+    struct.pack_into("<Q", go, field, 64)  # .gopclntab now points at the program headers
+    c_trunc = bytearray(build_c("callchain").read_bytes())
+    struct.pack_into("<Q", c_trunc, 0x28, len(c_trunc) + 4096)  # section headers past the end of file
+    c_dwarf = bytearray(build_c("callchain").read_bytes())
+    info = struct.unpack_from("<Q", c_dwarf, _section_offset_field(c_dwarf, b".debug_info"))[0]
+    c_dwarf[info:info + 256] = bytes(range(256))  # bogus DWARF
+    paths = []
+    for name, data in (("go-bad-pclntab", go), ("c-trunc-shdr", c_trunc), ("c-bad-dwarf", c_dwarf)):
+        p = tmp_path / name
+        p.write_bytes(data)
+        p.chmod(0o755)
+        paths.append(p)
+    procs = [subprocess.Popen([str(paths[0]), "-duration", "60s"]),
+             subprocess.Popen([str(paths[1]), "60"]), subprocess.Popen([str(paths[2]), "60"])]
+    try:
+        agent = Agent(tmp_path, {"selection": {"exe_names": [p.name for p in paths]},
+                                 "export": {"interval_s": 1, "pprof_dir": {"path": str(tmp_path / "pprof")}}})
+        agent.wait_ready()
+        agent.wait_metric("bpfprof_intervals_total", 3)
+        assert all(p.poll() is None for p in procs), "a malformed fixture died by itself"
+        code, err = agent.stop()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert code == 0, err
+    assert "Traceback" not in err
+    for label in ("pclntab",):
+        lines = [line for line in err.splitlines() if "go-bad-pclntab" in line and label in line]
+        assert len(lines) <= 1, lines  # logged once, not per sample or per interval
+    pids = set()
+    for f in (tmp_path / "pprof").glob("*.cpu.pb.gz"):
+        pids |= {s.num_labels.get("pid") for s in read_pprof(f).samples}
+    assert {p.pid for p in procs} <= pids
+
+
+def _cgroup_v1_pids_root() -> Path | None:
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/unified"),
+                 Path("/sys/fs/cgroup")):
+        if (root / "cgroup.procs").exists() and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+def test_agent_in_its_own_pid_and_mount_namespace(tmp_path, load):
+    """The DaemonSet case: agent in a child PID+mount namespace, host /proc at /host-proc-like path.
+
+    The fixture runs outside, in a cgroup named like a Docker container; the
+    agent must report the fixture's host pid and that container id.
+    """
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed")
+    root = _cgroup_v1_pids_root()
+    assert root is not None, "no writable cgroup hierarchy"
+    cid = os.urandom(32).hex()
+    group = root / "bpfprof-test" / f"docker-{cid}.scope"
+    group.mkdir(parents=True)
+    try:
+        (group / "cgroup.procs").write_text(str(load.pid))
+        host_proc = tmp_path / "host-proc"
+        host_proc.mkdir()
+        script = (f"mount --make-rprivate / && mount --rbind /proc {host_proc} && "
+                  f"mount -t proc proc /proc && exec \"$@\"")
+        with HttpCollector() as collector:
+            agent = Agent(tmp_path, {"host_proc": str(host_proc), "selection": {"container_ids": [cid[:12]]},
+                                     "export": {"interval_s": 1, "otlp": {"endpoint": collector.url}}},
+                          prefix=("unshare", "--pid", "--mount", "--fork", "sh", "-c", script, "sh"))
+            agent.wait_ready()
+            agent.wait_metric('bpfprof_export_batches_total{exporter="otlp"}', 2)
+            code, err = agent.stop()
+        assert code == 0, err
+        pids = otlp_pids(collector.received.requests)
+        assert set(pids) == {load.pid}, (pids, err)
+        containers = {a.value.string_value for r in collector.received.requests for rp in r.resource_profiles
+                      for a in rp.resource.attributes if a.key == "container.id"}
+        assert containers == {cid}
+    finally:
+        (root / "cgroup.procs").write_text(str(load.pid))
+        group.rmdir()
+        (root / "bpfprof-test").rmdir()
