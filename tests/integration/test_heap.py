@@ -4,13 +4,14 @@ Go fixture's own runtime/pprof heap profile of the same run."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 
 import pytest
 
 from fixtures.builder import build_c, build_go
 from gotool import go_pprof
-from recording import Decoded, read_pprof, run_bpfprof
+from recording import BPFPROF, Decoded, read_pprof, run_bpfprof
 
 HEAP_TYPES = [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"),
               ("inuse_space", "bytes")]
@@ -114,16 +115,29 @@ def test_go_files_load_in_go_tool_pprof(go_run):
 
 
 def test_pid_target_sees_a_running_process(tmp_path):
-    """--pid: uprobes go into that process's own libc mapping; nothing else traps."""
+    """--pid: uprobes go into that process's own libc mapping (kept across its exec); nothing else traps."""
     binary = build_c("heapsites")
-    script = f'sleep 1.5; exec "{binary}"'
+    go = tmp_path / "go"
+    # the target waits until bpfprof is recording, however long BPF takes to compile under load
+    script = f'while [ ! -e "{go}" ]; do sleep 0.05; done; exec "{binary}"'
     child = subprocess.Popen(["/bin/sh", "-c", script], stdout=subprocess.DEVNULL)
+    out = tmp_path / "pid.pb.gz"
+    rec = subprocess.Popen([str(BPFPROF), "record", "--profile", "heap", "--pid", str(child.pid), "-o", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out = tmp_path / "pid.pb.gz"
-        run_bpfprof("record", "--profile", "heap", "--pid", str(child.pid), "--duration", "6", "-o", str(out))
+        line = rec.stderr.readline()
+        assert line.startswith("sampling"), line + rec.stderr.read()
+        go.touch()
+        child.wait(timeout=120)
+        rec.send_signal(signal.SIGINT)
+        _, err = rec.communicate(timeout=120)
+        assert rec.returncode == 0, err
     finally:
-        child.kill()
-        child.wait()
+        for p in (child, rec):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     prof = read_pprof(out)
     assert {s.num_labels.get("pid") for s in prof.samples} == {child.pid}
-    assert site_value(prof, "site_a", ALLOC_SPACE) > 0.5 * 805306368
+    alloc = site_value(prof, "site_a", ALLOC_SPACE)
+    assert abs(alloc - 805306368) <= TOLERANCE * 805306368
