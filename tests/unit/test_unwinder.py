@@ -300,3 +300,19 @@ def test_synthetic_max_depth():
     res = Unwinder(max_frames=10).unwind(Regs(0x2000, RSP, 0), _stack(*[0x2001] * 64), _proc(table))
     assert res.stop == StopReason.MAX_DEPTH
     assert len(res.pcs) == 11
+
+
+def test_go_frame_info_of_stripped_binary():
+    from symbolizer.gopclntab import FUNC_FLAG_SPWRITE, FUNC_FLAG_TOP_FRAME, load_pclntab  # noqa: PLC0415
+
+    table = load_pclntab(build_go("unwind", stripped=True).read_bytes())
+    funcs = {name: (entry, end) for entry, end, name in table.functions()}
+    entry, end = funcs["main.captureLeaf"]
+    # A frameless leaf: delta 0 at every instruction (that is why its caller is at [RSP]).
+    assert {table.sp_delta(pc) for pc in range(entry, end) if table.sp_delta(pc) is not None} == {0}
+    assert table.frame_info(funcs["runtime.goexit"][0] + 1).flag & FUNC_FLAG_TOP_FRAME
+    assert table.frame_info(funcs["runtime.systemstack"][0]).flag & FUNC_FLAG_SPWRITE
+    entry, end = funcs["main.framed"]
+    deltas = [table.sp_delta(pc) for pc in range(entry, end)]
+    assert deltas[0] == 0 and max(d for d in deltas if d is not None) >= 16 * 8  # [32]int local
+    assert table.frame_info(0) is None
