@@ -18,10 +18,10 @@ file's unwind rules:
 
 Why user space rather than BPF (the OTel profiler and Parca unwind in BPF):
 a per-sample copy of the stack top costs the BPF program one
-bpf_probe_read_user (a few µs for 8-16 KiB, no maps of unwind rows to keep in
-sync with every process's mappings), while the walk itself runs at
-drain time, where tables are already built per build id and cost nothing
-more per process. bench/unwind_speed.py prints the walk's cost against a
+bpf_probe_read_user (its in-kernel cost is not measured here yet: that is
+the BPF side's benchmark) and needs no maps of unwind rows kept in sync with
+every process's mappings, while the walk itself runs at drain time, where
+tables are already built per build id and cost nothing more per process. bench/unwind_speed.py prints the walk's cost against a
 frame-pointer walk of the same dumps; measured on this 2-CPU VM with warm
 tables and rule caches: 0.6-0.9 µs CPU per frame, 7-15 µs per sample of 8-30
 frames, 3.5x a Python frame-pointer walk per frame (which finds 6 of 116
