@@ -207,6 +207,7 @@
       method.replaceChildren(h('b', { text: `method: ${data.method}` }), ' — ', data.reason,
         data.baseline ? ` · baseline: ${data.baseline}` : '');
       method.dataset.method = data.method;
+      method.dataset.type = data.type;
       if (data.types) {
         typeSel.replaceChildren(...data.types.map((t) => h('option', { value: t.key, text: t.key, selected: t.key === data.type })));
       }
@@ -229,7 +230,7 @@
       }
       const unit = compact.unit;
       chart = flamegraph()
-        .width(Math.max(600, graph.clientWidth || app.clientWidth - 20))
+        .width(Math.max(600, (graph.clientWidth || app.clientWidth) - 24)) // room for a scrollbar appearing
         .cellHeight(18)
         .transitionDuration(0)
         .minFrameSize(1)
