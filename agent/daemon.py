@@ -10,7 +10,7 @@ Three threads, so that sampling never waits on symbolization or export:
   export   one worker per exporter (agent/batch_export.py): bounded queue,
            retries, drop counters
 
-Memory is bounded by config: the process table (BoundedProcessTracker, LRU
+Memory is bounded by config: the process table (ProcessTracker, LRU
 over processes not needed by a pending interval), the symbol cache (LRU by
 build id), records per interval, cut intervals waiting for the builder
 (MAX_PENDING_INTERVALS) and batches per exporter queue.
@@ -37,7 +37,7 @@ from agent.metrics import AgentCollector, AgentStats, MetricsServer, make_regist
 from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.probe_set import ProbeSet
 from agent.probes import PROBES
-from agent.process_tracker import ProcessInfo, ProcessTracker
+from agent.process_tracker import ProcessTracker
 from agent.profile_builder import add_process_meta
 from agent.records import Drop
 from agent.relabel import Relabeler
@@ -54,65 +54,6 @@ log = logging.getLogger(__name__)
 POLL_MS = 100
 MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the oldest is dropped
 SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
-INODE_CACHE_MAX = 4096  # (dev, inode) -> symbols entries kept by the process table
-
-
-def process_start_ticks(pid: int, host_proc: str) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a reused pid from the process we snapshotted."""
-    try:
-        with open(f"{host_proc}/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class BoundedProcessTracker(ProcessTracker):
-    """ProcessTracker with a cap, least-recently-sampled eviction and pid-reuse detection.
-
-    `seen(pid, seq)` is called for every accepted record; evict(safe_seq)
-    drops processes last sampled before `safe_seq` (no pending interval
-    needs them) that have exited or whose pid was reused, then the least
-    recently sampled until the table is under `max_processes`.
-    """
-
-    def __init__(self, cache: SymbolCache, proc_root: str, max_processes: int) -> None:
-        super().__init__(cache, proc_root)
-        self.max_processes = max_processes
-        self._last_seen: dict[int, int] = {}
-        self._start: dict[int, int | None] = {}
-        self.evictions = 0
-        self.refused = 0
-
-    def observe(self, pid: int) -> ProcessInfo | None:
-        if pid not in self and len(self._procs) >= self.max_processes:
-            self.refused += 1
-            return None
-        if pid not in self:
-            self._start[pid] = process_start_ticks(pid, self.proc_root)
-        return super().observe(pid)
-
-    def seen(self, pid: int, seq: int) -> None:
-        self._last_seen[pid] = seq
-
-    def evict(self, safe_seq: int) -> int:
-        candidates = sorted((seq, pid) for pid, seq in self._last_seen.items() if seq < safe_seq)
-        gone = [pid for _, pid in candidates
-                if process_start_ticks(pid, self.proc_root) != self._start.get(pid)]
-        excess = len(self._procs) - len(gone) - self.max_processes
-        if excess > 0:
-            gone_set = set(gone)
-            gone += [pid for _, pid in candidates if pid not in gone_set][:excess]
-        for pid in gone:
-            self._procs.pop(pid, None)
-            self._last_seen.pop(pid, None)
-            self._start.pop(pid, None)
-        self.evictions += len(gone)
-        if len(self._by_inode) > INODE_CACHE_MAX:  # binaries that churn (builds): keep the table bounded
-            self._by_inode.clear()
-        return len(gone)
-
-    def __len__(self) -> int:
-        return len(self._procs)
 
 
 @dataclass
@@ -172,7 +113,7 @@ def _wall_offset_ns() -> int:
 class BpfCollector:
     """The BPF side of the agent: one ProbeSet for the agent's life (until a reload changes it)."""
 
-    def __init__(self, cfg: AgentConfig, tracker: BoundedProcessTracker, stats: AgentStats) -> None:
+    def __init__(self, cfg: AgentConfig, tracker: ProcessTracker, stats: AgentStats) -> None:
         self.cfg = cfg
         self.tracker = tracker
         self.stats = stats
@@ -304,7 +245,7 @@ def make_exporters(cfg: AgentConfig, host_name: str) -> list[BatchExporter]:
     return out
 
 
-CollectorFactory = Callable[[AgentConfig, BoundedProcessTracker, AgentStats], BpfCollector]
+CollectorFactory = Callable[[AgentConfig, ProcessTracker, AgentStats], BpfCollector]
 ExportersFactory = Callable[[AgentConfig, str], list[BatchExporter]]
 
 # What needs new probes when it changes on reload.
@@ -325,7 +266,7 @@ class Daemon:
         self.host_name = host_name or cfg.node_name or socket.gethostname()
         self.stats = AgentStats()
         self.cache = cache or SymbolCache(cfg.limits.max_symbol_files)
-        self.tracker = BoundedProcessTracker(self.cache, cfg.host_proc, cfg.limits.max_processes)
+        self.tracker = ProcessTracker(self.cache, cfg.host_proc, max_processes=cfg.limits.max_processes)
         self.relabeler = Relabeler(cfg.relabel)
         self.queues: list[ExportQueue] = []
         self._retired: list[ExportQueue] = []
@@ -401,7 +342,7 @@ class Daemon:
             safe = min([i.seq for i in self._pending] + ([self._building] if self._building is not None else []))
         self._builder_wake.set()
         evicted = self.tracker.evict(safe)
-        self.stats.process_evictions = self.tracker.evictions
+        self.stats.process_evictions = self.tracker.stats.evictions
         self.stats.processes_tracked = len(self.tracker)
         self.stats.snapshot_failures = self.tracker.stats.snapshot_failures
         if evicted:

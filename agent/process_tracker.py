@@ -44,15 +44,35 @@ class TrackerStats:
     snapshot_failures: int = 0  # pid gone before its maps could be read
     unreadable_files: int = 0
     refreshes: int = 0
+    evictions: int = 0  # processes dropped by evict()
+    refused: int = 0  # first sights turned away because the table was full
+
+
+# (dev, inode) -> symbols entries kept; past it the table is cleared (binaries
+# that churn, such as a build, would grow it without bound).
+INODE_CACHE_MAX = 4096
+
+
+def process_start_ticks(pid: int, proc_root: str = "/proc") -> int | None:
+    """Field 22 of /proc/PID/stat: tells a reused pid from the process we snapshotted."""
+    try:
+        with open(f"{proc_root}/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ProcessTracker:
     """Snapshots processes at first sight and keeps them for symbolization."""
 
-    def __init__(self, cache: SymbolCache = DEFAULT_CACHE, proc_root: str = "/proc") -> None:
+    def __init__(self, cache: SymbolCache = DEFAULT_CACHE, proc_root: str = "/proc",
+                 max_processes: int | None = None) -> None:
         self.cache = cache
         self.proc_root = proc_root
+        self.max_processes = max_processes  # None: unbounded (a one-shot capture)
         self._procs: dict[int, ProcessInfo | None] = {}
+        self._last_seen: dict[int, int] = {}  # pid -> interval sequence of its last record
+        self._start: dict[int, int | None] = {}  # pid -> start ticks at first sight
         # (dev, inode) -> symbols: libc is mapped by every process, open it once
         self._by_inode: dict[tuple[str, int], FileSymbols | None] = {}
         self._vdso: FileSymbols | None = None
@@ -64,10 +84,17 @@ class ProcessTracker:
     def get(self, pid: int) -> ProcessInfo | None:
         return self._procs.get(pid)
 
+    def __len__(self) -> int:
+        return len(self._procs)
+
     def observe(self, pid: int) -> ProcessInfo | None:
-        """Snapshot `pid` unless already known; None if it exited before we looked."""
+        """Snapshot `pid` unless already known; None if it exited before we looked or the table is full."""
         if pid in self._procs:
             return self._procs[pid]
+        if self.max_processes is not None and len(self._procs) >= self.max_processes:
+            self.stats.refused += 1
+            return None
+        self._start[pid] = process_start_ticks(pid, self.proc_root)
         info = self._snapshot(pid)
         self._procs[pid] = info
         if info is None:
@@ -144,6 +171,33 @@ class ProcessTracker:
             except (BpfprofError, OSError) as e:
                 log.info("pid %d: cannot read [vdso]: %s", pid, e)
         return self._vdso
+
+    def seen(self, pid: int, seq: int) -> None:
+        """Note that `pid` had a record in interval `seq` (for least-recently-sampled eviction)."""
+        self._last_seen[pid] = seq
+
+    def evict(self, safe_seq: int) -> int:
+        """Drop processes no pending interval needs; returns how many.
+
+        Candidates were last sampled before `safe_seq`. First those that exited
+        or whose pid was reused (start time changed), then the least recently
+        sampled until the table is under `max_processes`.
+        """
+        candidates = sorted((seq, pid) for pid, seq in self._last_seen.items() if seq < safe_seq)
+        gone = [pid for _, pid in candidates if process_start_ticks(pid, self.proc_root) != self._start.get(pid)]
+        if self.max_processes is not None:
+            excess = len(self._procs) - len(gone) - self.max_processes
+            if excess > 0:
+                gone_set = set(gone)
+                gone += [pid for _, pid in candidates if pid not in gone_set][:excess]
+        for pid in gone:
+            self._procs.pop(pid, None)
+            self._last_seen.pop(pid, None)
+            self._start.pop(pid, None)
+        self.stats.evictions += len(gone)
+        if len(self._by_inode) > INODE_CACHE_MAX:
+            self._by_inode.clear()
+        return len(gone)
 
     def processes(self) -> list[ProcessInfo]:
         return [p for p in self._procs.values() if p is not None]
