@@ -289,6 +289,13 @@ class ExportQueue:
                 self.stats.exported_batches += 1
                 self.stats.exported_samples += batch.samples
                 self._failures = 0
+            elif not result.retryable:
+                # the server will never take it: sending it again would only
+                # hold back the intervals queued behind it
+                if self._queue and self._queue[0] is batch:
+                    self._queue.popleft()
+                self.stats.failed_attempts += 1
+                self.stats.dropped_batches += 1
             else:
                 self.stats.failed_attempts += 1
                 self._failures += 1
@@ -298,6 +305,10 @@ class ExportQueue:
                 log.info("export %s: delivering again", self.name)
                 self.stats.last_error = ""
             return True
+        if not result.retryable:
+            log.warning("export %s: interval %d refused for good, dropped: %s", self.name, batch.seq, result.message)
+            self.stats.last_error = result.message
+            return False
         if result.message != self.stats.last_error:
             log.warning("export %s: interval %d not delivered, will retry: %s", self.name, batch.seq, result.message)
             self.stats.last_error = result.message

@@ -80,6 +80,7 @@ class ExportResult:
     message: str = ""
     rejected_profiles: int = 0
     attempts: int = 0
+    retryable: bool = True  # False: the server refused this request for good (bad request, auth)
 
     @property
     def ok(self) -> bool:
@@ -193,7 +194,8 @@ class RetryPolicy:
             if out.result is not None:
                 return replace(out.result, attempts=n)
             if not out.retryable:
-                return ExportResult(ExportStatus.FAILURE, f"{out.reason} (not retryable)", attempts=n)
+                return ExportResult(ExportStatus.FAILURE, f"{out.reason} (not retryable)", attempts=n,
+                                    retryable=False)
             delay = out.retry_after_s if out.retry_after_s is not None else self.backoff_s(n)
             remaining = deadline - self.clock()
             if delay >= remaining:

@@ -102,6 +102,20 @@ def test_failed_batches_are_retried_in_order_and_counted():
         q.shutdown(1)
 
 
+def test_a_batch_refused_for_good_is_dropped_not_retried():
+    refused = ExportResult(ExportStatus.FAILURE, "400 bad request (not retryable)", retryable=False)
+    exp = InMemoryBatchExporter([refused])
+    q = ExportQueue(exp, max_batches=10, retry_initial_s=10, retry_max_s=10)  # a retry would stall flush
+    try:
+        for seq in range(3):
+            q.put(batch(seq, samples=1))
+        assert q.flush(10)
+        assert [b.seq for b in exp.batches] == [1, 2]
+        assert q.stats.dropped_batches == 1 and q.stats.failed_attempts == 1
+    finally:
+        q.shutdown(1)
+
+
 def test_shutdown_is_bounded_and_counts_what_was_not_sent():
     exp = InMemoryBatchExporter([ExportResult(ExportStatus.FAILURE, "down")] * 1000)
     q = ExportQueue(exp, max_batches=10, retry_initial_s=0.01, retry_max_s=0.01)
