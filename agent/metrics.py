@@ -100,7 +100,7 @@ class AgentCollector(Collector):
         yield counter("symbolizer_cache_misses", "Symbol cache misses.", self.cache.misses)
         yield counter("symbolizer_cache_evictions", "Symbol cache evictions (LRU).", self.cache.evictions)
         yield gauge("symbolizer_cache_files", "Files in the symbol cache.", len(self.cache))
-        yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache maps.", cache_bytes(self.cache))
+        yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache maps.", self.cache.mapped_bytes())
         yield counter("config_reloads", "Successful SIGHUP reloads.", s.reloads_ok)
         yield counter("config_reload_failures", "SIGHUP reloads rejected (old config kept).", s.reloads_failed)
         yield gauge("ready", "1 while sampling.", int(s.ready))
@@ -119,17 +119,6 @@ class AgentCollector(Collector):
             for exporter, qs in queues:
                 fam.add_metric([exporter], getattr(qs, attr))
             yield fam
-
-
-def cache_bytes(cache: SymbolCache) -> int:
-    """Sum of the sizes of the files (mmaps) the cache holds."""
-    total = 0
-    for fs in list(getattr(cache, "_by_id", {}).values()):
-        try:
-            total += len(fs.elf.image)
-        except (TypeError, ValueError):  # a closed mmap
-            pass
-    return total
 
 
 def make_registry(collector: AgentCollector) -> CollectorRegistry:

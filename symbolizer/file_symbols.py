@@ -171,5 +171,17 @@ class SymbolCache:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def mapped_bytes(self) -> int:
+        """Sum of the sizes of the files (mmaps, page cache rather than heap) the cache holds."""
+        with self._lock:
+            files = list(self._by_id.values())
+        total = 0
+        for fs in files:
+            try:
+                total += len(fs.elf.image)
+            except (TypeError, ValueError):  # a closed mmap
+                pass
+        return total
+
 
 DEFAULT_CACHE = SymbolCache()
