@@ -30,7 +30,7 @@ _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}
 class ContainerInfo:
     container_id: str = ""
     pod_uid: str = ""  # Kubernetes pod UID, dashed
-    cgroup_path: str = ""  # the unified (v2) path, else the first v1 path
+    cgroup_path: str = ""  # the unified (v2) path, else the first v1 path that is not "/"
 
 
 def parse_cgroup(text: str) -> ContainerInfo:
@@ -52,7 +52,10 @@ def parse_cgroup(text: str) -> ContainerInfo:
                 pod = p.group(1).replace("_", "-")
         if container:
             break
-    return ContainerInfo(container, pod, paths[0][1] if paths else "")
+    # On hybrid hosts the unified line is often just "/" while the v1
+    # controllers hold the real path: take the first path that says something.
+    path = next((p for _, p in paths if p != "/"), paths[0][1] if paths else "")
+    return ContainerInfo(container, pod, path)
 
 
 def read_container_info(pid: int, proc_root: str = "/proc") -> ContainerInfo:

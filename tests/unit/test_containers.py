@@ -35,3 +35,9 @@ def test_environ_of_this_process(monkeypatch):
     assert read_environ_var(os.getpid(), "PATH") == os.environ.get("PATH", "")  # initial environment
     assert read_environ_var(os.getpid(), "BPFPROF_SURELY_UNSET") == ""
     assert read_environ_var(2**22 + 7, "PATH") == ""
+
+
+def test_cgroup_path_on_a_hybrid_host_is_the_v1_one():
+    text = "12:memory:/system.slice/nginx.service\n1:name=systemd:/system.slice/nginx.service\n0::/\n"
+    assert parse_cgroup(text).cgroup_path == "/system.slice/nginx.service"
+    assert parse_cgroup("0::/user.slice\n").cgroup_path == "/user.slice"
