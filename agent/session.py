@@ -45,6 +45,7 @@ class RecordOptions:
     with_kernel: bool = True
     profiles: tuple[str, ...] = ("cpu",)
     offcpu_min_ns: int = 0
+    heap_sample_bytes: int = 512 * 1024
 
 
 @dataclass
@@ -85,7 +86,8 @@ class RecordSession:
         self.options = options
         self.tracker = tracker or ProcessTracker()
         config = ProbeConfig(frequency_hz=options.frequency_hz, with_kernel=options.with_kernel,
-                             offcpu_min_ns=options.offcpu_min_ns, pids=options.pids)
+                             offcpu_min_ns=options.offcpu_min_ns, pids=options.pids,
+                             heap_sample_bytes=options.heap_sample_bytes)
         unknown = [p for p in options.profiles if p not in PROBES]
         if unknown:
             raise ConfigError(f"unknown profile type {unknown[0]!r}: choose from {', '.join(PROBES)}")

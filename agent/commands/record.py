@@ -87,6 +87,8 @@ class _Progress:
               help=f"Comma-separated profile types: {', '.join(PROBES)}. Several write one file each.")
 @click.option("--offcpu-min-us", type=click.IntRange(min=0), default=0, show_default=True,
               help="Off-CPU: ignore blocks shorter than this (microseconds).")
+@click.option("--heap-sample-bytes", type=click.IntRange(min=1), default=512 * 1024, show_default=True,
+              help="Heap (native): mean bytes between sampled allocations, like Go's MemProfileRate.")
 @click.option("--otlp-endpoint", metavar="URL", default=None,
               help="Send the profiles to an OTLP collector: http(s)://host:4318 (HTTP), "
                    "grpc://host:4317 or host:4317 (gRPC, TLS unless --otlp-insecure).")
@@ -101,7 +103,8 @@ class _Progress:
               show_default=True, help="Seconds one export may take, retries included.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency: int, output: Path | None,
-           fmt: str, no_kernel: bool, profile_types: str, offcpu_min_us: int, otlp_endpoint: str | None,
+           fmt: str, no_kernel: bool, profile_types: str, offcpu_min_us: int, heap_sample_bytes: int,
+           otlp_endpoint: str | None,
            otlp_protocol: str | None, otlp_headers: tuple[str, ...], otlp_insecure: bool, otlp_ca_file: str | None,
            otlp_timeout: float, command: tuple[str, ...]) -> None:
     """Record stacks (CPU by default) to a pprof (folded, OTLP) file or an OTLP collector.
@@ -136,7 +139,7 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
         pids=tuple(validate_pids(pids)) if pids else None,
         command=tuple(validate_command(command)) if command else None,
         with_kernel=not no_kernel, profiles=types or ("cpu",),
-        offcpu_min_ns=offcpu_min_us * 1000)
+        offcpu_min_ns=offcpu_min_us * 1000, heap_sample_bytes=heap_sample_bytes)
     if options.pids:
         what = "pid " + ", ".join(map(str, options.pids))
     elif command:
