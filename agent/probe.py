@@ -15,7 +15,7 @@ from agent.bpf_compile import LoadedObjects, ProgType
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
 from agent.stack_resolver import StackResolver
-from exporters.profile import Profile
+from exporters.profile import Profile, TraceLink
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,10 @@ class RawRecord:
     thread_name: str
     kernel_ips: tuple[int, ...]
     user_ips: tuple[int, ...]
+    # Trace context read at sample time (bpf/tracectx.bpf.h), when the probe asked for it:
+    go_labels: tuple[tuple[str, str], ...] = ()  # the running goroutine's pprof labels, in Go's order
+    go_labels_truncated: bool = False  # labels missing or cut: the set above is not the whole set
+    otel_link: TraceLink | None = None  # from an OTEP 4947 thread context record
 
 
 @dataclass(frozen=True)

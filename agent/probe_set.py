@@ -17,8 +17,21 @@ from collections.abc import Callable, Iterable, Sequence
 from agent import bpf_compile, libbpf
 from agent.bpf_compile import LoadedObjects
 from agent.probe import Probe, RawRecord
-from agent.records import HEADER_SIZE, MAX_FRAMES, Drop, StackRecord
+from agent.records import (
+    HEADER_SIZE,
+    LABEL_KEY_LEN,
+    LABEL_VALUE_LEN,
+    MAX_FRAMES,
+    TRACE_CTX_HEADER_SIZE,
+    CtxKind,
+    Drop,
+    GoLabels,
+    Label,
+    StackRecord,
+    TraceCtx,
+)
 from bpf import source_path
+from exporters.profile import TraceLink
 
 _HEADER = struct.Struct("<IIIIQQQHHhh16s")
 assert _HEADER.size == HEADER_SIZE
@@ -41,12 +54,48 @@ def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float) -> 
     return pages
 
 
+_CTX_HEADER = struct.Struct("<II")
+_GO_LABELS_HEADER = struct.Struct("<IHH")
+_LABEL = struct.Struct(f"<HHI{LABEL_KEY_LEN}s{LABEL_VALUE_LEN}s")
+_OTEL = struct.Struct("<16s8sB")
+_LABELS_AT = TRACE_CTX_HEADER_SIZE + GoLabels.labels.offset
+assert _LABEL.size == ctypes.sizeof(Label) and _CTX_HEADER.size == TRACE_CTX_HEADER_SIZE
+assert TraceCtx.otel.offset == TraceCtx.go.offset == TRACE_CTX_HEADER_SIZE
+
+
+def _labels(buf: bytes, pos: int, end: int) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """Go labels of a trailer at `pos`: (pairs, truncated). A cut key or value is dropped, not kept cut."""
+    count, total, cut = _GO_LABELS_HEADER.unpack_from(buf, pos + TRACE_CTX_HEADER_SIZE)
+    out = []
+    for i in range(count):
+        at = pos + _LABELS_AT + i * _LABEL.size
+        if at + _LABEL.size > end:
+            return tuple(out), True
+        klen, vlen, _, key, value = _LABEL.unpack_from(buf, at)
+        if klen <= LABEL_KEY_LEN and vlen <= LABEL_VALUE_LEN:
+            out.append((key[:klen].decode(errors="replace"), value[:vlen].decode(errors="replace")))
+    return tuple(out), bool(cut) or count < total
+
+
 def parse_record(buf: bytes) -> RawRecord:
-    """Decode one ring-buffer record (a bpfprof_header plus addresses)."""
+    """Decode one ring-buffer record: a bpfprof_header, addresses, an optional trace context trailer."""
     (kind, pid, tid, cpu, ktime, value, aux, kn, un, _kerr, _uerr, comm) = _HEADER.unpack_from(buf)
     ips = struct.unpack_from(f"<{kn + un}Q", buf, HEADER_SIZE) if kn + un else ()
-    return RawRecord(kind, pid, tid, cpu, ktime, value, aux, comm.split(b"\0", 1)[0].decode(errors="replace"),
-                     ips[:kn], ips[kn:])
+    name = comm.split(b"\0", 1)[0].decode(errors="replace")
+    pos = HEADER_SIZE + 8 * (kn + un)
+    if len(buf) < pos + TRACE_CTX_HEADER_SIZE:
+        return RawRecord(kind, pid, tid, cpu, ktime, value, aux, name, ips[:kn], ips[kn:])
+    ctx_kind, size = _CTX_HEADER.unpack_from(buf, pos)
+    end = min(len(buf), pos + size)
+    labels: tuple[tuple[str, str], ...] = ()
+    truncated = False
+    link = None
+    if ctx_kind == CtxKind.GO_LABELS and end >= pos + _LABELS_AT:
+        labels, truncated = _labels(buf, pos, end)
+    elif ctx_kind == CtxKind.OTEL and end >= pos + TRACE_CTX_HEADER_SIZE + _OTEL.size:
+        trace_id, span_id, _flags = _OTEL.unpack_from(buf, pos + TRACE_CTX_HEADER_SIZE)
+        link = TraceLink(trace_id, span_id)
+    return RawRecord(kind, pid, tid, cpu, ktime, value, aux, name, ips[:kn], ips[kn:], labels, truncated, link)
 
 
 FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"

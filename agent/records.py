@@ -1,6 +1,6 @@
 """Python mirrors of the record structs in bpf/bpfprof.h.
 
-tests/integration/test_records_layout.py compiles the header and checks the
+tests/unit/test_records_layout.py compiles the header and checks the
 sizes and offsets agree with these.
 """
 
@@ -11,6 +11,9 @@ import enum
 
 MAX_FRAMES = 127
 COMM_LEN = 16
+MAX_LABELS = 8
+LABEL_KEY_LEN = 32
+LABEL_VALUE_LEN = 64
 
 
 class RecordKind(enum.IntEnum):
@@ -32,6 +35,8 @@ class Drop(enum.IntEnum):
     KERNEL_STACK_ERR = 2
     USER_TRUNCATED = 3
     KERNEL_TRUNCATED = 4
+    LABELS_TRUNCATED = 5
+    TRACE_CTX_READ_ERR = 6
 
 
 DROP_DESCRIPTIONS = {
@@ -40,7 +45,31 @@ DROP_DESCRIPTIONS = {
     Drop.KERNEL_STACK_ERR: "kernel stacks that could not be read",
     Drop.USER_TRUNCATED: "user stacks truncated at 127 frames",
     Drop.KERNEL_TRUNCATED: "kernel stacks truncated at 127 frames",
+    Drop.LABELS_TRUNCATED: f"samples whose Go labels were cut (over {MAX_LABELS} labels or a long key/value)",
+    Drop.TRACE_CTX_READ_ERR: "samples whose trace context could not be read",
 }
+
+
+class CtxKind(enum.IntEnum):
+    """enum bpfprof_ctx_kind: which trace context follows a record's addresses."""
+
+    NONE = 0
+    OTEL = 1
+    GO_LABELS = 2
+
+
+class ProcFlag(enum.IntFlag):
+    """BPFPROF_PROC_*: what to read for a process in `trace_procs`."""
+
+    GO = 1
+    OTEL = 2
+
+
+class LabelsForm(enum.IntEnum):
+    """BPFPROF_LABELS_*: how g.labels points at the label set."""
+
+    MAP = 1  # Go <= 1.23: *map[string]string
+    SLICE = 2  # Go >= 1.24: *[]struct{key, value string}
 
 
 class Header(ctypes.Structure):
@@ -62,10 +91,57 @@ class Header(ctypes.Structure):
     ]
 
 
+class OtelCtx(ctypes.Structure):
+    """struct bpfprof_otel_ctx: the fixed part of an OTEP 4947 record."""
+
+    _fields_ = [("trace_id", ctypes.c_uint8 * 16), ("span_id", ctypes.c_uint8 * 8), ("trace_flags", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 7)]
+
+
+class Label(ctypes.Structure):
+    """struct bpfprof_label: lengths are the Go string lengths, copies are cut to the slot."""
+
+    _fields_ = [("key_len", ctypes.c_uint16), ("value_len", ctypes.c_uint16), ("pad", ctypes.c_uint32),
+                ("key", ctypes.c_char * LABEL_KEY_LEN), ("value", ctypes.c_char * LABEL_VALUE_LEN)]
+
+
+class GoLabels(ctypes.Structure):
+    """struct bpfprof_go_labels."""
+
+    _fields_ = [("count", ctypes.c_uint32), ("total", ctypes.c_uint16), ("cut", ctypes.c_uint16),
+                ("labels", Label * MAX_LABELS)]
+
+
+class _CtxUnion(ctypes.Union):
+    _fields_ = [("otel", OtelCtx), ("go", GoLabels)]
+
+
+class TraceCtx(ctypes.Structure):
+    """struct bpfprof_trace_ctx: the optional trailer after a record's addresses."""
+
+    _anonymous_ = ("u",)
+    _fields_ = [("kind", ctypes.c_uint32), ("size", ctypes.c_uint32), ("u", _CtxUnion)]
+
+
 class StackRecord(ctypes.Structure):
-    """struct bpfprof_stack_record (the largest a record can be)."""
+    """struct bpfprof_stack_record (header and the most addresses a record can have)."""
 
     _fields_ = [("h", Header), ("ips", ctypes.c_uint64 * (2 * MAX_FRAMES))]
 
 
+class Scratch(ctypes.Structure):
+    """struct bpfprof_scratch: a record with room for its trace context trailer (the largest a record can be)."""
+
+    _fields_ = [("r", StackRecord), ("ctx_room", TraceCtx)]
+
+
+class ProcCtx(ctypes.Structure):
+    """struct bpfprof_proc_ctx: a `trace_procs` value."""
+
+    _fields_ = [("flags", ctypes.c_uint32), ("g_m", ctypes.c_uint16), ("m_curg", ctypes.c_uint16),
+                ("g_labels", ctypes.c_uint16), ("labels_form", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 5),
+                ("go_tls_g", ctypes.c_int64), ("otel_tls", ctypes.c_int64)]
+
+
 HEADER_SIZE = ctypes.sizeof(Header)
+TRACE_CTX_HEADER_SIZE = 8  # kind, size

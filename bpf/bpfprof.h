@@ -2,7 +2,7 @@
  *
  * Every probe family writes records into a BPF ring buffer; each record starts
  * with struct bpfprof_header. Its Python mirror is agent/records.py; a test
- * checks the sizes agree (tests/integration/test_records_layout.py).
+ * checks the sizes agree (tests/unit/test_records_layout.py).
  *
  * Stacks travel inside the record (bpf_get_stack), not as stack-map ids: a
  * stack map is a hash table whose ids are reused once the agent deletes an
@@ -33,7 +33,16 @@ enum bpfprof_drop {
     BPFPROF_DROP_KERNEL_STACK_ERR = 2,
     BPFPROF_DROP_USER_TRUNCATED = 3,  /* stack deeper than BPFPROF_MAX_FRAMES */
     BPFPROF_DROP_KERNEL_TRUNCATED = 4,
-    BPFPROF_DROP_MAX = 5,
+    BPFPROF_DROP_LABELS_TRUNCATED = 5, /* Go labels beyond BPFPROF_MAX_LABELS or longer than a slot */
+    BPFPROF_DROP_TRACE_CTX_READ_ERR = 6, /* a user read on the way to the trace context failed */
+    BPFPROF_DROP_MAX = 7,
+};
+
+/* Kind of the trace context a record may carry after its addresses. */
+enum bpfprof_ctx_kind {
+    BPFPROF_CTX_NONE = 0,
+    BPFPROF_CTX_OTEL = 1,       /* struct bpfprof_otel_ctx: an OTEP 4947 thread context record */
+    BPFPROF_CTX_GO_LABELS = 2,  /* struct bpfprof_go_labels: the running goroutine's pprof labels */
 };
 
 struct bpfprof_header {
@@ -51,9 +60,77 @@ struct bpfprof_header {
     char comm[BPFPROF_COMM_LEN]; /* thread name */
 };
 
+/* Trace context: the OTEP 4947 record's fixed part, as the process wrote it. */
+struct bpfprof_otel_ctx {
+    u8 trace_id[16];
+    u8 span_id[8];
+    u8 trace_flags;
+    u8 pad[7];
+};
+
+#define BPFPROF_MAX_LABELS 8
+#define BPFPROF_LABEL_KEY_LEN 32    /* "trace_id", "span_id" ... */
+#define BPFPROF_LABEL_VALUE_LEN 64  /* a hex trace id is 32 */
+
+/* One Go pprof label. The lengths are the Go string lengths: a length over the
+ * slot size means the copy was cut (and counted). */
+struct bpfprof_label {
+    u16 key_len;
+    u16 value_len;
+    u32 pad;
+    char key[BPFPROF_LABEL_KEY_LEN];
+    char value[BPFPROF_LABEL_VALUE_LEN];
+};
+
+struct bpfprof_go_labels {
+    u32 count;         /* labels[] entries filled */
+    u16 total;         /* labels the goroutine had (count < total: truncated) */
+    u16 cut;           /* labels whose key or value did not fit its slot */
+    struct bpfprof_label labels[BPFPROF_MAX_LABELS];
+};
+
+/* Optional trailer of a record, right after its addresses. The header is
+ * unchanged: a record longer than header + addresses carries one, and `size`
+ * says how much of it was sent. */
+struct bpfprof_trace_ctx {
+    u32 kind;          /* enum bpfprof_ctx_kind */
+    u32 size;          /* bytes sent: 8 + the used part of the union */
+    union {
+        struct bpfprof_otel_ctx otel;
+        struct bpfprof_go_labels go;
+    };
+};
+
 struct bpfprof_stack_record {
     struct bpfprof_header h;
     u64 ips[2 * BPFPROF_MAX_FRAMES];  /* leaf first, kernel then user */
+};
+
+/* The per-CPU buffer a record is built in: room for the trailer after a full
+ * stack. Kept out of bpfprof_stack_record, which families also store in maps
+ * (offcpu's per-thread stash) that need no trace context. */
+struct bpfprof_scratch {
+    struct bpfprof_stack_record r;
+    struct bpfprof_trace_ctx ctx_room;
+};
+
+/* Per-process facts the agent writes at first sight of a process whose trace
+ * context can be read (map `trace_procs`, key: tgid). Offsets are from the
+ * binary's DWARF, else a per-Go-version table (agent/go_runtime.py). */
+#define BPFPROF_PROC_GO 1    /* read the running goroutine's pprof labels */
+#define BPFPROF_PROC_OTEL 2  /* read the OTEP 4947 TLS pointer otel_thread_ctx_v1 */
+#define BPFPROF_LABELS_MAP 1    /* Go <= 1.23: g.labels -> *map[string]string */
+#define BPFPROF_LABELS_SLICE 2  /* Go >= 1.24: g.labels -> *[]struct{key, value string}, sorted */
+
+struct bpfprof_proc_ctx {
+    u32 flags;         /* BPFPROF_PROC_* */
+    u16 g_m;           /* offsetof(runtime.g, m) */
+    u16 m_curg;        /* offsetof(runtime.m, curg) */
+    u16 g_labels;      /* offsetof(runtime.g, labels) */
+    u8 labels_form;    /* BPFPROF_LABELS_* */
+    u8 pad[5];
+    s64 go_tls_g;      /* address of the current g's TLS slot minus the FS base (-8 for most Go binaries) */
+    s64 otel_tls;      /* address of otel_thread_ctx_v1 minus the FS base */
 };
 
 #endif

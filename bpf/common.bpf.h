@@ -10,17 +10,35 @@
  *                    from CPU count x event rate x drain interval
  *   FILTER_PIDS      1: only processes in `targets` are recorded
  *   WITH_KERNEL      1: record kernel stacks too
- *   MAX_TARGETS      capacity of `targets`
+ *   MAX_TARGETS      capacity of `targets` (and of `trace_procs`)
+ *   TASK_FSBASE_OFFSET  offsetof(task_struct, thread.fsbase) from the running
+ *                    kernel's BTF (agent/btf.py), -1 if unknown: then Go labels
+ *                    are read through R14 in user-mode samples only, and OTEP
+ *                    4947 contexts not at all
+ *
+ * Trace context (bpf/tracectx.bpf.h): a family that wants its records linked
+ * to the running span calls add_trace_ctx() between new_record() and
+ * submit_with_stacks(); the context then travels after the addresses.
  */
 #ifndef BPFPROF_COMMON_BPF_H
 #define BPFPROF_COMMON_BPF_H
 
 #include "bpfprof.h"
+#include "tracectx.bpf.h"
+
+#ifndef TASK_FSBASE_OFFSET
+#define TASK_FSBASE_OFFSET -1
+#endif
 
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(scratch, struct bpfprof_stack_record, 1);
+BPF_PERCPU_ARRAY(scratch, struct bpfprof_scratch, 1);
 BPF_PERCPU_ARRAY(drops, u64, BPFPROF_DROP_MAX);
 BPF_HASH(targets, u32, u8, MAX_TARGETS);
+/* pid -> how to read its trace context; written by the agent at first sight
+ * of a process (agent/trace_context.py). Not preallocated: few processes have one. */
+BPF_F_TABLE("hash", u32, struct bpfprof_proc_ctx, trace_procs, MAX_TARGETS, BPF_F_NO_PREALLOC);
+/* The current record's trace context, until submit_with_stacks() appends it. */
+BPF_PERCPU_ARRAY(trace_ctx_scratch, struct bpfprof_trace_ctx, 1);
 
 static __always_inline void count_drop(u32 reason)
 {
@@ -45,9 +63,10 @@ static __always_inline int is_target(u32 tgid)
 static __always_inline struct bpfprof_stack_record *new_record(u32 kind, u64 value, u64 aux)
 {
     u32 zero = 0;
-    struct bpfprof_stack_record *r = scratch.lookup(&zero);
-    if (!r)
+    struct bpfprof_scratch *s = scratch.lookup(&zero);
+    if (!s)
         return 0;
+    struct bpfprof_stack_record *r = &s->r;
     u64 id = bpf_get_current_pid_tgid();
     r->h.kind = kind;
     r->h.pid = id >> 32;
@@ -61,7 +80,52 @@ static __always_inline struct bpfprof_stack_record *new_record(u32 kind, u64 val
     r->h.kernel_err = 0;
     r->h.user_err = 0;
     bpf_get_current_comm(&r->h.comm, sizeof(r->h.comm));
+    struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);
+    if (t)
+        t->kind = BPFPROF_CTX_NONE;
     return r;
+}
+
+/* The current thread's user FS base (its TLS pointer), 0 if unknown. */
+static __always_inline u64 current_fsbase(void)
+{
+#if TASK_FSBASE_OFFSET >= 0
+    u64 task = bpf_get_current_task();
+    u64 fs = 0;
+    bpf_probe_read_kernel(&fs, sizeof(fs), (void *)(task + TASK_FSBASE_OFFSET));
+    return fs;
+#else
+    return 0;
+#endif
+}
+
+/* Read the trace context of the current thread into the per-CPU trailer, if
+ * its process has one. `user_r14`/`user_cs` are the sampled registers (0 when
+ * the program has none): R14 is Go's g in a user-mode sample of Go code, used
+ * only when the FS base is unknown. */
+static __always_inline void add_trace_ctx(struct bpfprof_stack_record *r, u64 user_r14, u64 user_cs)
+{
+    u32 tgid = r->h.pid, zero = 0;
+    struct bpfprof_proc_ctx *pc = trace_procs.lookup(&tgid);
+    if (!pc)
+        return;
+    struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);
+    if (!t)
+        return;
+    u64 fs = current_fsbase();
+    int rc = 0;
+    if (pc->flags & BPFPROF_PROC_OTEL)
+        rc = read_otel_ctx(pc, fs, t);
+    if (rc == 0 && (pc->flags & BPFPROF_PROC_GO)) {
+        u64 g_hint = (fs == 0 && (user_cs & 3) == 3) ? user_r14 : 0;
+        rc = read_go_labels(pc, fs, g_hint, t);
+        if (rc > 0 && (t->go.count < t->go.total || t->go.cut))
+            count_drop(BPFPROF_DROP_LABELS_TRUNCATED);
+    }
+    if (rc < 0) {
+        t->kind = BPFPROF_CTX_NONE;
+        count_drop(BPFPROF_DROP_TRACE_CTX_READ_ERR);
+    }
 }
 
 /* Copy the current kernel (if WITH_KERNEL) and user stacks into `r`, then
@@ -102,7 +166,18 @@ static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_r
     r->h.user_frames = un;
 
     u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
-    if (size > sizeof(*r))
+    u32 zero = 0;
+    struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);
+    if (t && t->kind != BPFPROF_CTX_NONE) {
+        /* r lives in a bpfprof_scratch: room for the whole trailer after a full stack */
+        u32 ts = t->size;
+        if (ts > sizeof(*t))
+            ts = sizeof(*t);
+        if (bpf_probe_read_kernel(&r->ips[kn + un], sizeof(*t), t) == 0)
+            size += ts;
+        t->kind = BPFPROF_CTX_NONE;  /* consumed: never appended to another record */
+    }
+    if (size > sizeof(struct bpfprof_scratch))
         return;
     if (records.ringbuf_output(r, size, 0) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);

@@ -9,7 +9,25 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
-from agent.records import HEADER_SIZE, Drop, Header, RecordKind, StackRecord
+from agent.records import (
+    HEADER_SIZE,
+    LABEL_KEY_LEN,
+    LABEL_VALUE_LEN,
+    MAX_LABELS,
+    CtxKind,
+    Drop,
+    GoLabels,
+    Header,
+    Label,
+    LabelsForm,
+    OtelCtx,
+    ProcCtx,
+    ProcFlag,
+    RecordKind,
+    Scratch,
+    StackRecord,
+    TraceCtx,
+)
 from bpf import BPF_DIR
 
 PROGRAM = r"""
@@ -17,8 +35,12 @@ PROGRAM = r"""
 #include <stdio.h>
 typedef unsigned short u16; typedef short s16; typedef unsigned int u32;
 typedef unsigned long long u64;
+typedef unsigned char u8; typedef long long s64;
 #include "bpfprof.h"
 #define F(f) printf(#f " %zu\n", offsetof(struct bpfprof_header, f));
+#define O(s, f) printf(#s "." #f " %zu\n", offsetof(struct s, f));
+#define S(s) printf(#s " %zu\n", sizeof(struct s));
+#define D(c) printf(#c " %d\n", (int)(c));
 int main(void) {
     printf("header %zu\n", sizeof(struct bpfprof_header));
     printf("record %zu\n", sizeof(struct bpfprof_stack_record));
@@ -26,6 +48,17 @@ int main(void) {
     printf("kinds %d\n", BPFPROF_KIND_GOROUTINE);
     F(kind) F(pid) F(tid) F(cpu) F(ktime_ns) F(value) F(aux) F(kernel_frames) F(user_frames)
     F(kernel_err) F(user_err) F(comm)
+    S(bpfprof_otel_ctx) S(bpfprof_label) S(bpfprof_go_labels) S(bpfprof_trace_ctx) S(bpfprof_proc_ctx)
+    S(bpfprof_scratch) O(bpfprof_scratch, ctx_room) O(bpfprof_trace_ctx, otel) O(bpfprof_trace_ctx, go)
+    O(bpfprof_otel_ctx, span_id) O(bpfprof_otel_ctx, trace_flags)
+    O(bpfprof_label, key) O(bpfprof_label, value) O(bpfprof_go_labels, total) O(bpfprof_go_labels, cut)
+    O(bpfprof_go_labels, labels)
+    O(bpfprof_proc_ctx, g_m) O(bpfprof_proc_ctx, m_curg) O(bpfprof_proc_ctx, g_labels)
+    O(bpfprof_proc_ctx, labels_form) O(bpfprof_proc_ctx, go_tls_g) O(bpfprof_proc_ctx, otel_tls)
+    D(BPFPROF_MAX_LABELS) D(BPFPROF_LABEL_KEY_LEN) D(BPFPROF_LABEL_VALUE_LEN)
+    D(BPFPROF_CTX_OTEL) D(BPFPROF_CTX_GO_LABELS) D(BPFPROF_PROC_GO) D(BPFPROF_PROC_OTEL)
+    D(BPFPROF_LABELS_MAP) D(BPFPROF_LABELS_SLICE)
+    D(BPFPROF_DROP_LABELS_TRUNCATED) D(BPFPROF_DROP_TRACE_CTX_READ_ERR)
     return 0;
 }
 """
@@ -44,3 +77,29 @@ def test_sizes_and_offsets_agree(tmp_path):
     assert int(c["kinds"]) == max(RecordKind)
     for name, _ in Header._fields_:
         assert int(c[name]) == getattr(Header, name).offset, name
+
+
+def test_trace_context_layout_agrees(tmp_path):
+    src = tmp_path / "layout.c"
+    src.write_text(PROGRAM)
+    exe = tmp_path / "layout"
+    subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(exe), str(src)], check=True)
+    c = {k: int(v) for k, v in (line.split() for line in subprocess.run(
+        [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())}
+    for name, cls in [("bpfprof_otel_ctx", OtelCtx), ("bpfprof_label", Label), ("bpfprof_go_labels", GoLabels),
+                      ("bpfprof_trace_ctx", TraceCtx), ("bpfprof_proc_ctx", ProcCtx)]:
+        assert c[name] == ctypes.sizeof(cls), name
+    assert c["bpfprof_scratch"] == ctypes.sizeof(Scratch)
+    assert c["bpfprof_scratch.ctx_room"] == Scratch.ctx_room.offset == ctypes.sizeof(StackRecord)
+    assert c["bpfprof_trace_ctx.otel"] == TraceCtx.otel.offset and c["bpfprof_trace_ctx.go"] == TraceCtx.go.offset
+    for struct_name, cls in [("bpfprof_otel_ctx", OtelCtx), ("bpfprof_label", Label), ("bpfprof_go_labels", GoLabels),
+                             ("bpfprof_proc_ctx", ProcCtx)]:
+        for field in (k.split(".", 1)[1] for k in c if k.startswith(struct_name + ".")):
+            assert c[f"{struct_name}.{field}"] == getattr(cls, field).offset, (struct_name, field)
+    assert (c["BPFPROF_MAX_LABELS"], c["BPFPROF_LABEL_KEY_LEN"], c["BPFPROF_LABEL_VALUE_LEN"]) == (
+        MAX_LABELS, LABEL_KEY_LEN, LABEL_VALUE_LEN)
+    assert (c["BPFPROF_CTX_OTEL"], c["BPFPROF_CTX_GO_LABELS"]) == (CtxKind.OTEL, CtxKind.GO_LABELS)
+    assert (c["BPFPROF_PROC_GO"], c["BPFPROF_PROC_OTEL"]) == (ProcFlag.GO, ProcFlag.OTEL)
+    assert (c["BPFPROF_LABELS_MAP"], c["BPFPROF_LABELS_SLICE"]) == (LabelsForm.MAP, LabelsForm.SLICE)
+    assert (c["BPFPROF_DROP_LABELS_TRUNCATED"], c["BPFPROF_DROP_TRACE_CTX_READ_ERR"]) == (
+        Drop.LABELS_TRUNCATED, Drop.TRACE_CTX_READ_ERR)
