@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agent.cpu_probe import CpuProbe
+from agent.goroutine_probe import GoroutineProbe
 from agent.heap_probe import HeapProbe
 from agent.lock_probe import LockProbe
 from agent.offcpu_probe import OffCpuProbe
@@ -13,4 +14,5 @@ PROBES: dict[str, type[Probe]] = {
     "heap": HeapProbe,
     "offcpu": OffCpuProbe,
     "lock": LockProbe,
+    "goroutine": GoroutineProbe,
 }

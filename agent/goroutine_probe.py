@@ -1,0 +1,649 @@
+"""Goroutine profile: the live goroutines of each Go process, by stack (bpf/goroutine.bpf.c).
+
+BPF sends a goroutine's creation (with g.startpc, g.gopc and g.labels),
+its parks (with its own stack, from runtime.gopark), its wake-ups and its
+exit; `GoroutineTable` keeps the live set from them. At the end of the
+capture each live goroutine is one sample of `goroutine/count`, at the stack
+where it parked, with its pprof labels and a `created_by` label (the
+function holding g.gopc), like runtime/pprof's goroutine profile. System
+goroutines (entry function in package runtime, but runtime.main) are left
+out as runtime/pprof does.
+
+Goroutines older than the uprobes are read once from the process's memory
+right after the uprobes are in: runtime.allgs (a []*g) through
+/proc/PID/mem, each g's status, ids and g.sched, and their stacks unwound
+from g.sched.pc/sp with the pclntab's SP deltas (runtime.(*unwinder) does the
+same). Not from g.sched.bp: since CL 476235 mcall stores the *caller's
+caller's* frame pointer there, so a frame-pointer walk would lose gopark's
+caller. Events that happen between the uprobes going in and that read are
+seen twice; each sets a goroutine's state outright, so applying them after
+the snapshot gives the right end state.
+
+At the end, a process that is still alive is read once more: goroutines that
+are not parked (running, runnable, in a syscall: BPF does not follow those
+hot transitions) get their stack from g.sched, and the label sets are read
+fresh. For a process that exited during the capture the table as of its exit
+is reported, labels as read when first seen, and the goroutines that were
+not parked at the exit are reported at their entry function only.
+
+Limits: g's field offsets come from the binary's DWARF, else VERSION_TABLE,
+which holds only what was measured here (Go 1.27: agent/go_runtime.py had not
+landed when this was written, and it lacks goid/sched/gopc/startpc anyway).
+Pre-existing goroutines need runtime.allgs from .symtab: in a stripped binary
+only goroutines created during the capture, or parked or woken in it, are seen.
+Labels are read in the Go 1.24+ form (a sorted slice); older runtimes get none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent import libbpf
+from agent.bpf_compile import LoadedObjects, ProgType
+from agent.probe import Probe, ProbeConfig, RawRecord, Window
+from agent.process_tracker import ProcessTracker
+from agent.records import RecordKind
+from agent.stack_resolver import StackResolver
+from agent.uprobes import vaddr_to_offset
+from exporters.profile import Profile, SampleKey, ValueType
+from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.errors import BpfprofError, PclntabError
+from symbolizer.gobuildinfo import read_build_info
+from symbolizer.gopclntab import GoPclntab, load_pclntab
+
+log = logging.getLogger(__name__)
+
+CASGSTATUS = "runtime.casgstatus"
+GOPARK = "runtime.gopark"
+ALLGS = "runtime.allgs"
+EV_SHIFT = 56  # bpf/goroutine.bpf.c GOR_EV_SHIFT
+PAYLOAD_MASK = (1 << EV_SHIFT) - 1
+NO_LAYOUT = 0  # gor_counts index
+MAX_PROCS = 4096
+MAX_FRAMES = 127
+MAX_GOROUTINES_READ = 1 << 20  # a corrupt allglen must not make us read forever
+MAX_LABELS = 64
+CREATED_BY = "created_by"
+# runtime.isSystemGoroutine: these entry functions are user goroutines although in package runtime.
+USER_RUNTIME_ENTRIES = frozenset({"runtime.main", "runtime.corostart", "runtime.handleAsyncEvent"})
+FUNC_FLAG_TOP_FRAME = 1  # abi.FuncFlagTopFrame: goexit, the bottom of every goroutine
+FUNC_FLAG_SPWRITE = 2  # abi.FuncFlagSPWrite: the SP is not derivable past this frame
+
+
+class Event(enum.IntEnum):
+    """Top byte of a goroutine record's value (bpf/goroutine.bpf.c GOR_EV_*)."""
+
+    CREATE = 1
+    PARK = 2
+    WAKE = 3
+    EXIT = 4
+    EXEC = 5
+
+
+class GStatus(enum.IntEnum):
+    """runtime2.go _G* values (the ones this module looks at)."""
+
+    IDLE = 0
+    RUNNABLE = 1
+    RUNNING = 2
+    SYSCALL = 3
+    WAITING = 4
+    DEAD = 6
+    LEAKED = 10
+    DEADEXTRA = 11
+
+
+SCAN_BIT = 0x1000  # _Gscan: a status being scanned by the GC; the rest is the status
+DEAD_STATUSES = frozenset({GStatus.IDLE, GStatus.DEAD, GStatus.DEADEXTRA})
+
+
+# -- runtime.g layout ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class GLayout:
+    """Offsets of the runtime.g fields this profile reads (linux/amd64)."""
+
+    sched: int  # runtime.gobuf: sp at +0, pc at +8
+    atomicstatus: int
+    goid: int
+    gopc: int
+    startpc: int
+    labels: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of g to read to have every field."""
+        return max(self.sched + 16, self.atomicstatus + 4, self.goid + 8, self.gopc + 8, self.startpc + 8,
+                   self.labels + 8)
+
+
+# (major, minor) -> layout, measured from the DWARF of binaries built with that toolchain.
+VERSION_TABLE: dict[tuple[int, int], GLayout] = {
+    (1, 27): GLayout(sched=56, atomicstatus=144, goid=152, gopc=288, startpc=304, labels=352),
+}
+_G_FIELDS = {"sched", "atomicstatus", "goid", "gopc", "startpc", "labels"}
+
+
+def dwarf_layout(elf: ElfFile) -> GLayout | None:
+    """runtime.g's offsets from DWARF; None without DWARF or without one of the fields."""
+    if not elf.has_dwarf:
+        return None
+    with elf_errors(f"{elf.path}: DWARF runtime.g"):
+        for cu in elf.elf.get_dwarf_info().iter_CUs():
+            top = cu.get_top_DIE()
+            name = top.attributes.get("DW_AT_name")
+            if name is None or name.value != b"runtime":
+                continue
+            for die in top.iter_children():
+                sname = die.attributes.get("DW_AT_name")
+                if die.tag != "DW_TAG_structure_type" or sname is None or sname.value != b"runtime.g":
+                    continue
+                found: dict[str, int] = {}
+                for member in die.iter_children():
+                    mname = member.attributes.get("DW_AT_name")
+                    loc = member.attributes.get("DW_AT_data_member_location")
+                    if mname is not None and loc is not None and isinstance(loc.value, int):
+                        key = mname.value.decode(errors="replace")
+                        if key in _G_FIELDS:
+                            found[key] = loc.value
+                return GLayout(**found) if len(found) == len(_G_FIELDS) else None
+    return None
+
+
+@dataclass
+class GoBinary:
+    """What the goroutine probe needs of one Go executable."""
+
+    path: str
+    version: str
+    layout: GLayout
+    layout_source: str  # "dwarf" or "table"
+    casgstatus_offset: int  # file offsets for the uprobes
+    gopark_offset: int
+    allgs_vaddr: int  # 0: stripped, pre-existing goroutines cannot be listed
+    pie: bool
+    pclntab: GoPclntab = field(repr=False)
+
+
+def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
+    """The goroutine probe's view of `path`; None if it is not a Go binary we can handle.
+
+    ElfParseError/OSError propagate for files that cannot be read.
+    """
+    with ElfFile(path) as elf:
+        info = read_build_info(elf)
+        if info is None:
+            return None
+        layout, source = (dwarf_layout(elf) if use_dwarf else None), "dwarf"
+        if layout is None:
+            vt = info.version_tuple
+            layout, source = (VERSION_TABLE.get(vt[:2]) if vt else None), "table"
+        if layout is None:
+            log.info("%s: %s without DWARF is not in the goroutine layout table", path, info.version)
+            return None
+        data = bytes(elf.image)
+        tab = load_pclntab(data)
+        if tab is None:
+            return None
+        entries = {name: entry for entry, _end, name in tab.functions() if name in (CASGSTATUS, GOPARK)}
+        if len(entries) < 2:
+            return None
+        allgs = 0
+        with elf_errors(f"{path}: .symtab"):
+            symtab = elf.elf.get_section_by_name(".symtab")
+            if symtab is not None:
+                found = symtab.get_symbol_by_name(ALLGS)
+                allgs = found[0]["st_value"] if found else 0
+        return GoBinary(path, info.version, layout, source, vaddr_to_offset(elf, entries[CASGSTATUS]),
+                        vaddr_to_offset(elf, entries[GOPARK]), allgs, elf.is_pie_or_shared, tab)
+
+
+# -- reading a live process ----------------------------------------------------
+
+class ProcMem:
+    """Reads of another process's memory through /proc/PID/mem. OSError when gone or unmapped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+
+    def read(self, addr: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, addr)
+        if len(data) != size:
+            raise OSError(f"short read at 0x{addr:x} in {self.pid}")
+        return data
+
+    def u64(self, addr: int) -> int:
+        return struct.unpack("<Q", self.read(addr, 8))[0]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> ProcMem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_bias(pid: int, path: str, pie: bool) -> int:
+    """Runtime address minus ELF vaddr of the executable in `pid` (0 unless PIE)."""
+    if not pie:
+        return 0
+    ino = os.stat(path).st_ino
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and int(parts[2], 16) == 0 and int(parts[4]) == ino:
+                return int(parts[0].split("-")[0], 16)
+    raise OSError(f"{path} is not mapped in {pid}")
+
+
+@dataclass
+class GState:
+    """One runtime.g as read from memory."""
+
+    gp: int
+    goid: int
+    status: int
+    sched_sp: int
+    sched_pc: int
+    gopc: int
+    startpc: int
+    labels: int
+
+
+def parse_g(gp: int, raw: bytes, layout: GLayout) -> GState:
+    u64 = lambda off: struct.unpack_from("<Q", raw, off)[0]  # noqa: E731
+    status = struct.unpack_from("<I", raw, layout.atomicstatus)[0] & ~SCAN_BIT
+    return GState(gp, u64(layout.goid), status, u64(layout.sched), u64(layout.sched + 8), u64(layout.gopc),
+                  u64(layout.startpc), u64(layout.labels))
+
+
+def read_allgs(mem: ProcMem, allgs: int, layout: GLayout) -> list[GState]:
+    """Every g in runtime.allgs (`allgs` is the slice header's runtime address); dead ones too."""
+    ptr, length = struct.unpack("<QQ", mem.read(allgs, 16))
+    if not ptr or length > MAX_GOROUTINES_READ:
+        return []
+    out = []
+    for gp in struct.unpack(f"<{length}Q", mem.read(ptr, 8 * length)):
+        try:
+            out.append(parse_g(gp, mem.read(gp, layout.size), layout))
+        except OSError:
+            continue  # freed between the two reads (allgs never shrinks: rare)
+    return out
+
+
+def unwind(mem: ProcMem, tab: GoPclntab, bias: int, pc: int, sp: int) -> tuple[int, ...]:
+    """PCs of a stopped goroutine from its saved pc/sp, leaf first, goexit last.
+
+    Each frame's return address is at SP + funcspdelta(pc) and the caller's SP
+    8 above it. Stops at the top frame, at an SPWRITE function, at code that is
+    not Go, or at an unreadable word.
+    """
+    frames: list[int] = []
+    while len(frames) < MAX_FRAMES and pc:
+        frames.append(pc)
+        try:
+            info = tab.frame_info(pc - bias - (1 if len(frames) > 1 else 0))
+        except PclntabError:
+            break
+        if info is None or info.flag & (FUNC_FLAG_TOP_FRAME | FUNC_FLAG_SPWRITE):
+            break
+        at = sp + info.sp_delta
+        try:
+            pc = mem.u64(at)
+        except OSError:
+            break
+        sp = at + 8
+    return tuple(frames)
+
+
+def read_labels(mem: ProcMem, ptr: int) -> tuple[tuple[str, str], ...]:
+    """A goroutine's pprof labels at g.labels (Go 1.24+: *labelMap, a slice of {key, value string})."""
+    if not ptr:
+        return ()
+    items, length = struct.unpack("<QQ", mem.read(ptr, 16))
+    if not items or length > MAX_LABELS:
+        return ()
+    words = struct.unpack(f"<{4 * length}Q", mem.read(items, 32 * length))
+    out = []
+    for i in range(length):
+        kp, kl, vp, vl = words[4 * i:4 * i + 4]
+        key = mem.read(kp, kl).decode(errors="replace") if kl else ""
+        value = mem.read(vp, vl).decode(errors="replace") if vl else ""
+        out.append((key, value))
+    return tuple(out)
+
+
+def runtime_pprof_frames(tab: GoPclntab, bias: int, pcs: tuple[int, ...]) -> tuple[int, ...]:
+    """`pcs` without the frames runtime/pprof leaves out of a goroutine profile.
+
+    Wrapper functions (abi.FuncIDWrapper: go-statement wrappers such as
+    main.main.gowrap1, method value wrappers) are elided by tracebackPCs, and
+    runtime/pprof stops at runtime.goexit, the top frame of every goroutine.
+    """
+    wrapper = tab._wrapper_func_id()  # not public in GoPclntab; abi.FuncIDWrapper of this binary
+    out = []
+    for i, pc in enumerate(pcs):
+        try:
+            info = tab.frame_info(pc - bias - (1 if i else 0))
+        except PclntabError:
+            info = None
+        if info is not None and info.flag & FUNC_FLAG_TOP_FRAME:
+            break
+        if info is None or info.func_id != wrapper:
+            out.append(pc)
+    return tuple(out)
+
+
+# -- the live set --------------------------------------------------------------
+
+@dataclass
+class Goroutine:
+    """What is known of one live goroutine."""
+
+    goid: int
+    parked: bool = False  # stack is where it parked and it has not woken since
+    stack: tuple[int, ...] = ()  # user PCs, leaf first; () unknown
+    labels_ptr: int = 0
+    gopc: int = 0
+    startpc: int = 0
+
+
+class GoroutineTable:
+    """Live goroutines per process, from events and memory snapshots (pure: no I/O)."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, dict[int, Goroutine]] = {}
+        self.events = 0
+
+    def apply(self, pid: int, event: Event, goid: int, payload: int, ips: tuple[int, ...]) -> None:
+        gs = self.procs.setdefault(pid, {})
+        self.events += 1
+        if event == Event.CREATE:
+            gs[goid] = Goroutine(goid, labels_ptr=payload, startpc=ips[0] if ips else 0,
+                                 gopc=ips[1] if len(ips) > 1 else 0)
+        elif event == Event.EXIT:
+            gs.pop(goid, None)
+        elif event == Event.PARK:
+            g = gs.get(goid) or gs.setdefault(goid, Goroutine(goid))
+            g.parked, g.stack, g.labels_ptr = True, ips, payload
+        elif event == Event.WAKE:
+            g = gs.get(goid) or gs.setdefault(goid, Goroutine(goid))
+            g.parked, g.stack = False, ()  # where it parked is no longer where it is
+
+    def seed(self, pid: int, snapshot: Iterable[tuple[GState, tuple[int, ...]]]) -> int:
+        """Add goroutines read from memory that no event has described yet; returns how many."""
+        gs = self.procs.setdefault(pid, {})
+        added = 0
+        for st, stack in snapshot:
+            if st.status in DEAD_STATUSES or st.goid in gs:
+                continue
+            gs[st.goid] = Goroutine(st.goid, parked=st.status in (GStatus.WAITING, GStatus.LEAKED), stack=stack,
+                                    labels_ptr=st.labels, gopc=st.gopc, startpc=st.startpc)
+            added += 1
+        return added
+
+
+@dataclass
+class _Proc:
+    """A target Go process: its binary and load bias."""
+
+    binary: GoBinary
+    bias: int
+    labels: dict[int, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # g.labels -> pairs
+
+
+def goroutine_profile(start_time_ns: int, duration_ns: int) -> Profile:
+    return Profile(sample_types=[ValueType("goroutine", "count")], period_type=ValueType("goroutine", "count"),
+                   period=1, start_time_ns=start_time_ns, duration_ns=duration_ns,
+                   default_sample_type="goroutine", kind="goroutine")
+
+
+def _map_keys_u32(fd: int) -> list[int]:
+    """Keys of a BPF hash map with u32 keys (the targets set)."""
+    lib = libbpf.lib()
+    lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    keys: list[int] = []
+    key, nxt = ctypes.c_uint32(), ctypes.c_uint32()
+    prev = None
+    while lib.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt)) == 0:
+        keys.append(nxt.value)
+        key.value = nxt.value
+        prev = ctypes.byref(key)
+    return keys
+
+
+class _LayoutValue(ctypes.Structure):
+    """struct gor_layout."""
+
+    _fields_ = [("goid", ctypes.c_uint16), ("labels", ctypes.c_uint16), ("gopc", ctypes.c_uint16),
+                ("startpc", ctypes.c_uint16)]
+
+
+class GoroutineProbe(Probe):
+    name = "goroutine"
+    source = "goroutine.bpf.c"
+    kinds = (RecordKind.GOROUTINE,)
+    events_per_cpu_s = 20000  # header-only records mostly: creations, parks, wake-ups
+    UPROBES = ("gor_casgstatus", "gor_gopark")
+
+    def __init__(self, config: ProbeConfig) -> None:
+        super().__init__(config)
+        self.table = GoroutineTable()
+        self._objs: LoadedObjects | None = None
+        self._per_pid = False
+        self._binaries: dict[tuple[int, int], GoBinary | None] = {}  # (st_dev, st_ino)
+        self._attached: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
+        self._procs: dict[int, _Proc] = {}
+        self._uprobe_fds: list[int] = []
+        self._counters_fd = -1
+        self.no_layout = 0
+        self.attach_errors = 0
+        self.seeded = 0  # goroutines first known from the start-up memory read
+        self.late_found = 0  # goroutines found only by the end-of-capture read (missed events)
+
+    def defines(self) -> dict[str, int]:
+        return {"GOR_MAX_PROCS": MAX_PROCS}
+
+    def programs(self) -> dict[str, ProgType]:
+        progs = dict.fromkeys(self.UPROBES, ProgType.KPROBE)
+        progs["gor_on_exec"] = ProgType.TRACEPOINT
+        return progs
+
+    def maps(self) -> list[str]:
+        return ["gor_procs", "gor_counts"]
+
+    def attach(self, objs: LoadedObjects) -> list[int]:
+        fds = libbpf.attach_tracepoint(objs.programs["gor_on_exec"], "sched", "sched_process_exec")
+        self._objs = objs
+        pids = list(self.config.pids or _map_keys_u32(objs.maps["targets"]))
+        self._per_pid = bool(pids)
+        for pid in pids or self._all_pids():
+            self._add_process(pid)
+        fds += self._uprobe_fds  # the probe set detaches these with the rest
+        self._uprobe_fds = []  # later ones (exec'd targets): detached by profiles()
+        return fds
+
+    def on_start(self, objs: LoadedObjects) -> None:
+        self._counters_fd = os.dup(objs.maps["gor_counts"])
+
+    @staticmethod
+    def _all_pids() -> list[int]:
+        own = os.getpid()
+        return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != own]
+
+    def _binary(self, exe: str) -> tuple[tuple[int, int], GoBinary | None]:
+        st = os.stat(exe)
+        key = (st.st_dev, st.st_ino)
+        if key not in self._binaries:
+            self._binaries[key] = go_binary(exe)
+        return key, self._binaries[key]
+
+    def _add_process(self, pid: int) -> None:
+        """Describe `pid` to BPF, put the uprobes in its executable, then read its existing goroutines."""
+        exe = f"/proc/{pid}/exe"
+        try:
+            key, binary = self._binary(exe)
+            if binary is None:
+                return
+            layout = binary.layout
+            assert self._objs is not None
+            libbpf.map_update(self._objs.maps["gor_procs"], ctypes.c_uint32(pid),
+                              _LayoutValue(layout.goid, layout.labels, layout.gopc, layout.startpc))
+            target = pid if self._per_pid else -1
+            if (target, *key) not in self._attached:
+                self._attached.add((target, *key))
+                for prog, off in (("gor_casgstatus", binary.casgstatus_offset), ("gor_gopark", binary.gopark_offset)):
+                    self._uprobe_fds += libbpf.attach_uprobe(self._objs.programs[prog], exe, off, target)
+            proc = _Proc(binary, load_bias(pid, exe, binary.pie))
+            self._procs[pid] = proc
+            self.seeded += self._seed(pid, proc)
+        except (OSError, BpfprofError) as e:  # gone, unreadable, or not ours to probe
+            self.attach_errors += 1
+            log.info("goroutine uprobes not placed in pid %d: %s", pid, e)
+
+    def _snapshot(self, pid: int, proc: _Proc) -> list[tuple[GState, tuple[int, ...]]]:
+        """Every g of `pid` with its stack from g.sched; [] without runtime.allgs."""
+        if not proc.binary.allgs_vaddr:
+            return []
+        with ProcMem(pid) as mem:
+            out = []
+            for st in read_allgs(mem, proc.binary.allgs_vaddr + proc.bias, proc.binary.layout):
+                stack = () if st.status in DEAD_STATUSES else unwind(mem, proc.binary.pclntab, proc.bias,
+                                                                     st.sched_pc, st.sched_sp)
+                out.append((st, stack))
+            return out
+
+    def _seed(self, pid: int, proc: _Proc) -> int:
+        try:
+            return self.table.seed(pid, self._snapshot(pid, proc))
+        except OSError as e:
+            log.info("goroutines of pid %d not read: %s", pid, e)
+            return 0
+
+    # -- records -------------------------------------------------------------
+
+    def on_record(self, rec: RawRecord) -> None:
+        event, payload = rec.value >> EV_SHIFT, rec.value & PAYLOAD_MASK
+        if event == Event.EXEC:  # a target (or, system-wide, anyone) runs a new program
+            self._procs.pop(payload, None)
+            self.table.procs.pop(payload, None)  # the old program's goroutines are gone
+            self._add_process(payload)
+            return
+        try:
+            ev = Event(event)
+        except ValueError:
+            return
+        self.table.apply(rec.pid, ev, rec.aux, payload, rec.user_ips)
+        if ev in (Event.CREATE, Event.PARK) and payload:
+            self._remember_labels(rec.pid, payload)
+
+    def _remember_labels(self, pid: int, ptr: int) -> None:
+        """Read a label set at first sight: for a process that exits before the end of the capture."""
+        proc = self._procs.get(pid)
+        if proc is None or ptr in proc.labels:
+            return
+        try:
+            with ProcMem(pid) as mem:
+                proc.labels[ptr] = read_labels(mem, ptr)
+        except (OSError, struct.error):
+            proc.labels[ptr] = ()
+
+    def record_count(self) -> int:
+        return self.table.events
+
+    def _read_counters(self) -> None:
+        if self._counters_fd < 0:
+            return
+        try:
+            self.no_layout = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, NO_LAYOUT))
+        finally:
+            os.close(self._counters_fd)
+            self._counters_fd = -1
+
+    # -- the end of the capture ------------------------------------------------
+
+    def _refresh(self, pid: int, proc: _Proc, gs: dict[int, Goroutine]) -> bool:
+        """Re-read a live process: stacks of goroutines not parked, fresh labels. False if it is gone."""
+        try:
+            snapshot = self._snapshot(pid, proc)
+            with ProcMem(pid) as mem:
+                proc.labels = {}
+                for g in gs.values():
+                    if g.labels_ptr and g.labels_ptr not in proc.labels:
+                        try:
+                            proc.labels[g.labels_ptr] = read_labels(mem, g.labels_ptr)
+                        except (OSError, struct.error):
+                            proc.labels[g.labels_ptr] = ()
+        except OSError:
+            return False
+        if not snapshot:
+            return True
+        by_goid = {st.goid: (st, stack) for st, stack in snapshot if st.status not in DEAD_STATUSES}
+        for goid, g in list(gs.items()):
+            found = by_goid.get(goid)
+            if found is None:
+                del gs[goid]  # its exit was missed (uprobes went in late)
+            elif not g.parked:
+                g.stack = found[1]
+        self.late_found += self.table.seed(pid, by_goid.values())
+        return True
+
+    def _is_system(self, proc: _Proc, startpc: int) -> bool:
+        """runtime.isSystemGoroutine, by the entry function's name."""
+        if not startpc:
+            return False
+        found = proc.binary.pclntab.func_for(startpc - proc.bias)
+        return found is not None and found[1].startswith("runtime.") and found[1] not in USER_RUNTIME_ENTRIES
+
+    def _created_by(self, proc: _Proc, gopc: int) -> str:
+        found = proc.binary.pclntab.func_for(gopc - proc.bias - 1) if gopc else None
+        return found[1] if found else ""
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
+        self._read_counters()
+        profile = goroutine_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
+        exited = entry_only = 0
+        for pid, gs in self.table.procs.items():
+            proc = self._procs.get(pid)
+            if proc is None:
+                continue
+            if not self._refresh(pid, proc, gs):
+                exited += 1
+            if pid not in tracker:
+                tracker.observe(pid)
+            info = tracker.get(pid)
+            base = (("process_name", info.name),) if info else ()
+            for g in gs.values():
+                if self._is_system(proc, g.startpc):
+                    continue
+                stack = g.stack
+                if not stack:  # not parked when its process exited: only where it started is known
+                    entry_only += 1
+                    stack = (g.startpc,) if g.startpc else ()
+                labels = base + (((CREATED_BY, self._created_by(proc, g.gopc)),) if g.gopc else ())
+                labels += tuple(sorted(proc.labels.get(g.labels_ptr, ())))
+                stack = runtime_pprof_frames(proc.binary.pclntab, proc.bias, stack)
+                key = SampleKey(stack=resolver.stack(pid, (), stack), pid=pid, tid=0, thread_name="",
+                                labels=labels)
+                profile.add(key, [1], window.end_ns)
+        profile.comments.append(f"goroutines: {self.table.events} events, {self.seeded} read at start from memory, "
+                                f"{self.late_found} found only at the end")
+        if exited:
+            profile.comments.append(f"{exited} processes exited during the capture: their goroutines as of the exit")
+        if entry_only:
+            profile.comments.append(f"{entry_only} goroutines not parked at the exit: shown at their entry function")
+        if self.no_layout:
+            profile.comments.append(f"dropped: {self.no_layout} goroutine events of processes not yet described")
+        if self.attach_errors:
+            profile.comments.append(f"goroutine uprobes could not be placed in {self.attach_errors} processes")
+        return [profile]

@@ -1,0 +1,178 @@
+/* Goroutine profile: the life of every goroutine of the target Go processes
+ * (agent/goroutine_probe.py keeps the table of live goroutines from these events).
+ *
+ * Uprobes, entry only (never a uretprobe on Go):
+ *   runtime.casgstatus(gp, oldval, newval)   RAX, RBX, RCX (ABIInternal)
+ *       dead -> anything   CREATE  (newproc1 has set goid, gopc, startpc, labels)
+ *       anything -> dead   EXIT    (gdestroy)
+ *       waiting -> other   WAKE    (ready, or a GC wait ends: the parked stack is stale)
+ *     Every other transition (runnable <-> running, syscalls) sends nothing:
+ *     they are the hot ones, and they do not change what is parked where.
+ *   runtime.gopark    PARK: the goroutine's own stack. gopark runs on the
+ *     goroutine's stack (R14 = g); park_m, which sets _Gwaiting, runs on g0.
+ * Record: aux = goid; value = event << 56 | payload:
+ *   CREATE  payload = g.labels; user frames = [g.startpc, g.gopc] (the entry
+ *           function and the creation site, not a stack: newproc1 runs on g0)
+ *   PARK    payload = g.labels; user frames = the stack, gopark first
+ *   WAKE, EXIT  payload = newval
+ *   EXEC    payload = the pid that exec'd; header pid 0 (as lock.bpf.c: the
+ *           session must not snapshot the process before its loader ran)
+ * Offsets of g's fields differ per Go version: the agent writes them per
+ * process into gor_procs (from DWARF or its version table); events of a
+ * process without an entry are counted and dropped.
+ */
+#include <uapi/linux/ptrace.h>
+#include "common.bpf.h"
+
+#define GOR_EV_CREATE 1ULL
+#define GOR_EV_PARK 2ULL
+#define GOR_EV_WAKE 3ULL
+#define GOR_EV_EXIT 4ULL
+#define GOR_EV_EXEC 5ULL
+#define GOR_EV_SHIFT 56
+#define GOR_PAYLOAD_MASK ((1ULL << GOR_EV_SHIFT) - 1)
+
+/* runtime2.go _G* status values (stable since Go 1.0, _Gdeadextra since 1.22-ish, _Gleaked 1.26). */
+#define GOR_G_IDLE 0
+#define GOR_G_WAITING 4
+#define GOR_G_DEAD 6
+#define GOR_G_LEAKED 10
+#define GOR_G_DEADEXTRA 11
+
+/* Indices of gor_counts. */
+#define GOR_NO_LAYOUT 0  /* an event of a process the agent has not described: lost */
+#define GOR_COUNTERS 1
+
+#ifndef GOR_MAX_PROCS
+#define GOR_MAX_PROCS 4096
+#endif
+
+struct gor_layout {
+    u16 goid;     /* offsetof(runtime.g, goid) */
+    u16 labels;   /* offsetof(runtime.g, labels) */
+    u16 gopc;
+    u16 startpc;
+};
+
+BPF_HASH(gor_procs, u32, struct gor_layout, GOR_MAX_PROCS);
+BPF_PERCPU_ARRAY(gor_counts, u64, GOR_COUNTERS);
+
+static __always_inline void gor_count(u32 what)
+{
+    u64 *c = gor_counts.lookup(&what);
+    if (c)
+        (*c)++;
+}
+
+static __always_inline u64 gor_read(u64 addr)
+{
+    u64 v = 0;
+    bpf_probe_read_user(&v, sizeof(v), (void *)addr);
+    return v;
+}
+
+static __always_inline void gor_output(struct bpfprof_stack_record *r, u64 frames)
+{
+    frames &= 127;
+    r->h.user_frames = frames;
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), 0) != 0)
+        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+}
+
+int gor_casgstatus(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u32 oldval = ctx->bx, newval = ctx->cx;
+    int old_dead = oldval == GOR_G_DEAD || oldval == GOR_G_DEADEXTRA;
+    int new_dead = newval == GOR_G_DEAD || newval == GOR_G_DEADEXTRA;
+    u64 ev;
+    if (old_dead && !new_dead)
+        ev = GOR_EV_CREATE;
+    else if (new_dead && !old_dead && oldval != GOR_G_IDLE)
+        ev = GOR_EV_EXIT;
+    else if (oldval == GOR_G_WAITING && newval != GOR_G_LEAKED)  /* a leaked goroutine stays where it parked */
+        ev = GOR_EV_WAKE;
+    else
+        return 0;
+    struct gor_layout *l = gor_procs.lookup(&tgid);
+    if (!l) {
+        gor_count(GOR_NO_LAYOUT);
+        return 0;
+    }
+    u64 gp = ctx->ax;
+    u64 goid = gor_read(gp + l->goid);
+    if (ev != GOR_EV_CREATE) {
+        struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GOROUTINE, (ev << GOR_EV_SHIFT) | newval, goid);
+        if (r)
+            submit_header(r);
+        return 0;
+    }
+    u64 labels = gor_read(gp + l->labels);
+    u64 startpc = gor_read(gp + l->startpc);
+    u64 gopc = gor_read(gp + l->gopc);
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GOROUTINE,
+                                                (ev << GOR_EV_SHIFT) | (labels & GOR_PAYLOAD_MASK), goid);
+    if (!r)
+        return 0;
+    r->ips[0] = startpc;
+    r->ips[1] = gopc;
+    gor_output(r, 2);
+    return 0;
+}
+
+/* At gopark's entry the frame-pointer walk starts at RBP, which is still the
+ * caller's: the caller's own return address sits at [rsp] and is put back
+ * as the second frame (as lock.bpf.c does at a RET). */
+int gor_gopark(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return 0;
+    struct gor_layout *l = gor_procs.lookup(&tgid);
+    if (!l) {
+        gor_count(GOR_NO_LAYOUT);
+        return 0;
+    }
+    u64 g = ctx->r14;
+    u64 goid = gor_read(g + l->goid);
+    u64 labels = gor_read(g + l->labels);
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GOROUTINE,
+                                                (GOR_EV_PARK << GOR_EV_SHIFT) | (labels & GOR_PAYLOAD_MASK), goid);
+    if (!r)
+        return 0;
+    u64 ret_addr = gor_read(ctx->sp);
+    long un = bpf_get_stack(ctx, &r->ips[1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
+    if (un < 0) {
+        r->h.user_err = un;
+        count_drop(BPFPROF_DROP_USER_STACK_ERR);
+        un = 0;
+    }
+    un /= sizeof(u64);
+    if (un > 0) {
+        r->ips[0] = r->ips[1];  /* the probed instruction: gopark's entry */
+        r->ips[1] = ret_addr;
+        un += 1;
+    }
+    if (un >= BPFPROF_MAX_FRAMES) {
+        un = BPFPROF_MAX_FRAMES;
+        count_drop(BPFPROF_DROP_USER_TRUNCATED);
+    }
+    gor_output(r, un);
+    return 0;
+}
+
+int gor_on_exec(void *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return 0;
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GOROUTINE, (GOR_EV_EXEC << GOR_EV_SHIFT) | tgid, 0);
+    if (r) {
+        r->h.pid = 0;
+        r->h.tid = 0;
+        submit_header(r);
+    }
+    return 0;
+}

@@ -1,0 +1,84 @@
+"""Goroutine profile against ground truth: the goroutines fixture parks known numbers of
+goroutines in known functions and writes its own runtime/pprof goroutine profile while they
+are parked; ours must have the same counts per park function, labels and stacks."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+
+from fixtures.builder import build_go
+from gotool import gotool_total
+from recording import Decoded, read_pprof, run_bpfprof
+
+PARKS = {"main.parkA": 120, "main.parkB": 60, "main.parkC": 30}
+CREATED_BY = {"main.parkA": "main.main", "main.parkB": "main.main.func2", "main.parkC": "main.main"}
+
+
+def _by_park(prof: Decoded) -> dict[str, Counter]:
+    """Per park function: count by (stack, sorted pprof labels other than ours)."""
+    out: dict[str, Counter] = {name: Counter() for name in PARKS}
+    for s in prof.samples:
+        park = next((f for f in s.functions if f in PARKS), None)
+        if park is not None:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("process_name", "created_by")))
+            out[park][(tuple(s.functions), labels)] += s.values[0]
+    return out
+
+
+def _comments(prof: Decoded) -> list[str]:
+    st = prof.raw.string_table
+    return [st[i] for i in prof.raw.comment]
+
+
+def _check_against_witness(tmp_path, out, witness) -> Decoded:
+    prof, go = read_pprof(out), read_pprof(witness)
+    assert prof.sample_types == [("goroutine", "count")]
+    assert prof.raw.string_table[prof.raw.period_type.type] == "goroutine"
+    ours, theirs = _by_park(prof), _by_park(go)
+    for park, want in PARKS.items():
+        assert sum(theirs[park].values()) == want, (park, theirs[park])  # the fixture did what it says
+        got = sum(ours[park].values())
+        assert abs(got - want) <= 0.02 * want, (park, got, want)
+        assert ours[park] == theirs[park], park  # same stacks (runtime/pprof's frames) and labels
+        assert {s.labels.get("created_by") for s in prof.samples if park in s.functions} == {CREATED_BY[park]}
+    assert not [s for s in prof.samples if "main.parkD" in s.functions]  # the churn goroutines exited
+    assert not [s for s in prof.samples if any(f.startswith("runtime.bg") for f in s.functions)]  # system ones
+    assert gotool_total(tmp_path, out, "goroutine", "minimum") == prof.total(0)
+    return prof
+
+
+def test_goroutines_created_during_the_capture_match_runtime_pprof(tmp_path):
+    binary = build_go("goroutines")
+    out, witness = tmp_path / "goroutine.pb.gz", tmp_path / "witness.pb.gz"
+    # 1 s before the first goroutine: the uprobes go in when the program execs, after the agent sees it
+    run_bpfprof("record", "--profile", "goroutine", "-o", str(out), "--", str(binary), str(witness), "1", "0.5")
+    prof = _check_against_witness(tmp_path, out, witness)
+    events = int(_comments(prof)[0].split("goroutines: ", 1)[1].split()[0])
+    assert events >= 2 * sum(PARKS.values()), _comments(prof)  # each was created and parked under the probes
+
+
+def test_stripped_binary_uses_the_version_table(tmp_path):
+    binary = build_go("goroutines", stripped=True)
+    out, witness = tmp_path / "goroutine.pb.gz", tmp_path / "witness.pb.gz"
+    run_bpfprof("record", "--profile", "goroutine", "-o", str(out), "--", str(binary), str(witness), "1", "0.5")
+    _check_against_witness(tmp_path, out, witness)
+
+
+def test_goroutines_parked_before_the_capture_are_read_from_memory(tmp_path):
+    binary = build_go("goroutines")
+    out, witness = tmp_path / "goroutine.pb.gz", tmp_path / "witness.pb.gz"
+    fixture = subprocess.Popen([str(binary), str(witness), "0", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fixture.stdout.readline().strip() == "parked"
+        run_bpfprof("record", "--profile", "goroutine", "--pid", str(fixture.pid), "--duration", "1",
+                    "-o", str(out))
+        assert fixture.poll() is None  # the capture ended with the goroutines still parked
+    finally:
+        fixture.kill()
+        fixture.wait()
+    prof = _check_against_witness(tmp_path, out, witness)
+    seeded = int(_comments(prof)[0].split(", ")[1].split()[0])  # "N read at start from memory"
+    assert seeded >= 1 + sum(PARKS.values()), _comments(prof)  # system goroutines are read too, then left out
+    main = [s for s in prof.samples if "main.main" in s.functions and not any(p in s.functions for p in PARKS)]
+    assert [s.functions[:3] for s in main] == [["runtime.gopark", "time.Sleep", "main.main"]]

@@ -1,0 +1,148 @@
+"""Goroutine profile without a kernel: the live-set bookkeeping, g layouts, memory reads and
+the pclntab unwinder, on the goroutines fixture's binary and fake memory."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from agent.goroutine_probe import (
+    VERSION_TABLE,
+    Event,
+    GoroutineProbe,
+    GoroutineTable,
+    GState,
+    GStatus,
+    go_binary,
+    read_allgs,
+    read_labels,
+    runtime_pprof_frames,
+    unwind,
+)
+from agent.probe import ProbeConfig, RawRecord
+from fixtures.builder import build_go
+
+
+class FakeMem:
+    """A sparse address space of little-endian words and byte strings."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[int, int] = {}
+
+    def put(self, addr: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            self.bytes[addr + i] = b
+
+    def put_u64(self, addr: int, *words: int) -> None:
+        self.put(addr, struct.pack(f"<{len(words)}Q", *words))
+
+    def read(self, addr: int, size: int) -> bytes:
+        try:
+            return bytes(self.bytes[a] for a in range(addr, addr + size))
+        except KeyError as e:
+            raise OSError(f"unmapped 0x{e.args[0]:x}") from None
+
+    def u64(self, addr: int) -> int:
+        return struct.unpack("<Q", self.read(addr, 8))[0]
+
+
+@pytest.fixture(scope="module")
+def binary():
+    found = go_binary(str(build_go("goroutines")))
+    assert found is not None
+    return found
+
+
+def _entry(tab, name: str) -> int:
+    return next(entry for entry, _end, n in tab.functions() if n == name)
+
+
+def test_table_follows_create_park_wake_exit():
+    t = GoroutineTable()
+    t.apply(7, Event.CREATE, 10, 0xA0, (0x1000, 0x2000))
+    g = t.procs[7][10]
+    assert (g.startpc, g.gopc, g.labels_ptr, g.parked, g.stack) == (0x1000, 0x2000, 0xA0, False, ())
+    t.apply(7, Event.PARK, 10, 0xB0, (1, 2, 3))
+    assert (g.parked, g.stack, g.labels_ptr) == (True, (1, 2, 3), 0xB0)
+    t.apply(7, Event.WAKE, 10, GStatus.RUNNABLE, ())
+    assert (g.parked, g.stack) == (False, ())  # where it parked is stale now
+    t.apply(7, Event.PARK, 10, 0, (4,))
+    t.apply(7, Event.EXIT, 10, GStatus.DEAD, ())
+    assert t.procs[7] == {}
+    t.apply(7, Event.WAKE, 11, GStatus.RUNNABLE, ())  # older than the probes: known from its first event
+    assert t.procs[7][11].parked is False
+    assert t.events == 6
+
+
+def test_seed_never_overrides_events_and_skips_dead():
+    t = GoroutineTable()
+    t.apply(1, Event.PARK, 5, 0, (9,))
+    st = lambda goid, status: GState(0, goid, status, 0, 0, 0, 0x40, 0)  # noqa: E731
+    added = t.seed(1, [(st(5, GStatus.RUNNING), (1,)), (st(6, GStatus.DEAD), ()), (st(7, GStatus.WAITING), (2, 3)),
+                       (st(8, GStatus.RUNNABLE), (4,))])
+    assert added == 2
+    assert t.procs[1][5].stack == (9,)
+    assert (t.procs[1][7].parked, t.procs[1][7].stack, t.procs[1][7].startpc) == (True, (2, 3), 0x40)
+    assert t.procs[1][8].parked is False
+
+
+def test_probe_decodes_records_without_bpf():
+    probe = GoroutineProbe(ProbeConfig())
+    rec = lambda ev, goid, payload, ips=(): RawRecord(6, 42, 43, 0, 0, (ev << 56) | payload, goid, "x", (), ips)  # noqa: E731
+    probe.on_record(rec(Event.CREATE, 3, 0, (0x10, 0x20)))
+    probe.on_record(rec(Event.PARK, 3, 0, (0x30, 0x40)))
+    probe.on_record(rec(99, 3, 0))  # unknown event: ignored
+    g = probe.table.procs[42][3]
+    assert (g.parked, g.stack, g.gopc) == (True, (0x30, 0x40), 0x20)
+    assert probe.record_count() == 2
+
+
+def test_dwarf_layout_equals_the_version_table(binary):
+    assert binary.layout_source == "dwarf"
+    assert binary.layout == VERSION_TABLE[(1, 27)]
+    assert binary.allgs_vaddr and not binary.pie
+    stripped = go_binary(str(build_go("goroutines", stripped=True)))
+    assert stripped is not None and stripped.layout_source == "table" and stripped.allgs_vaddr == 0
+    assert stripped.layout == binary.layout
+
+
+def test_read_allgs_and_labels_from_memory(binary):
+    layout = binary.layout
+    mem = FakeMem()
+    mem.put_u64(0x5000, 0x6000, 2, 4)  # allgs: ptr, len, cap
+    mem.put_u64(0x6000, 0x7000, 0x8000)
+    for gp, goid, status in ((0x7000, 1, 0x1000 | GStatus.WAITING), (0x8000, 9, GStatus.DEAD)):
+        mem.put(gp, bytes(layout.size))
+        mem.put_u64(gp + layout.goid, goid)
+        mem.put(gp + layout.atomicstatus, struct.pack("<I", status))
+        mem.put_u64(gp + layout.sched, 0x9000, 0x401000)  # sp, pc
+        mem.put_u64(gp + layout.labels, 0xA000)
+    gs = read_allgs(mem, 0x5000, layout)
+    assert [(g.goid, g.status, g.sched_sp, g.sched_pc, g.labels) for g in gs] == [
+        (1, GStatus.WAITING, 0x9000, 0x401000, 0xA000), (9, GStatus.DEAD, 0x9000, 0x401000, 0xA000)]
+    mem.put_u64(0xA000, 0xB000, 2, 2)  # labelMap: []label
+    mem.put_u64(0xB000, 0xC000, 5, 0xC010, 1, 0xC020, 4, 0xC030, 0)
+    mem.put(0xC000, b"group")
+    mem.put(0xC010, b"a")
+    mem.put(0xC020, b"zone")
+    assert read_labels(mem, 0xA000) == (("group", "a"), ("zone", ""))
+    assert read_labels(mem, 0) == ()
+
+
+def test_unwind_follows_sp_deltas_to_goexit(binary):
+    tab = binary.pclntab
+    gopark, park_a, goexit = (_entry(tab, n) for n in ("runtime.gopark", "main.parkA", "runtime.goexit"))
+    # a PC inside gopark past its prologue, a return address inside parkA, goexit+1 as Go sets it up
+    leaf = next(pc for pc in range(gopark + 1, gopark + 200) if (tab.sp_delta(pc) or 0) > 0)
+    ret_a = next(pc for pc in range(park_a + 8, park_a + 200) if (tab.sp_delta(pc - 1) or 0) > 0)
+    mem, sp = FakeMem(), 0x10000
+    at = sp + tab.sp_delta(leaf)
+    mem.put_u64(at, ret_a)
+    at2 = at + 8 + tab.sp_delta(ret_a - 1)
+    mem.put_u64(at2, goexit + 1)
+    assert unwind(mem, tab, 0, leaf, sp) == (leaf, ret_a, goexit + 1)
+    assert unwind(mem, tab, 0, leaf, sp + 8)[:1] == (leaf,)  # a bad word ends the walk, never raises
+    # runtime/pprof's view: goexit gone, and go-statement wrappers elided
+    wrap = _entry(tab, "main.main.gowrap1")
+    assert runtime_pprof_frames(tab, 0, (leaf, ret_a, wrap + 1, goexit + 1)) == (leaf, ret_a)
