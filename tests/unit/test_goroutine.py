@@ -10,10 +10,12 @@ import pytest
 from agent.goroutine_probe import (
     VERSION_TABLE,
     Event,
+    Goroutine,
     GoroutineProbe,
     GoroutineTable,
     GState,
     GStatus,
+    _Proc,
     go_binary,
     read_allgs,
     read_labels,
@@ -146,3 +148,14 @@ def test_unwind_follows_sp_deltas_to_goexit(binary):
     # runtime/pprof's view: goexit gone, and go-statement wrappers elided
     wrap = _entry(tab, "main.main.gowrap1")
     assert runtime_pprof_frames(tab, 0, (leaf, ret_a, wrap + 1, goexit + 1)) == (leaf, ret_a)
+
+
+def test_system_goroutines_by_entry_or_by_the_frame_under_goexit(binary):
+    tab, probe, proc = binary.pclntab, GoroutineProbe(ProbeConfig()), _Proc(binary, 0)
+    bgsweep, park_b, goexit, rt_main = (_entry(tab, n) for n in ("runtime.bgsweep", "main.parkB", "runtime.goexit",
+                                                                  "runtime.main"))
+    assert probe._is_system(proc, Goroutine(1, startpc=bgsweep))
+    assert not probe._is_system(proc, Goroutine(1, startpc=rt_main))  # runtime.main is the user's
+    assert probe._is_system(proc, Goroutine(1, stack=(0x1, bgsweep + 20, goexit + 1)))
+    assert not probe._is_system(proc, Goroutine(1, stack=(0x1, park_b + 20, goexit + 1)))
+    assert not probe._is_system(proc, Goroutine(1, stack=(0x1, bgsweep + 20)))  # stack cut short: unknown
