@@ -26,7 +26,9 @@ MAX_THREADS = 8192
 STASH_FAILED, SHORT = 0, 1
 
 # prev_state at switch-out: the kernel's TASK_REPORT bits, 0x100 = preempted.
-_STATES = {0: "running", 0x100: "preempted", 1: "sleeping", 2: "disk", 0x80: "idle"}
+# 0 (TASK_RUNNING) is a runnable thread that gave the CPU up (cond_resched,
+# sched_yield): off CPU without blocking, which is what "preempted" means here.
+_STATES = {0: "preempted", 0x100: "preempted", 1: "sleeping", 2: "disk", 0x80: "idle"}
 
 
 def state_label(prev_state: int) -> str:

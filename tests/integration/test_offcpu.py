@@ -16,7 +16,7 @@ def _record(tmp_path, *flags: str):
     out = tmp_path / "offcpu.pb.gz"
     proc = run_bpfprof("record", "--profile", "offcpu", *flags, "-o", str(out), "--", str(binary), "0.2")
     truth = {name: int(ns) for name, ns in (line.split() for line in proc.stdout.splitlines()
-                                             if line.split()[:1] and line.split()[0] in (*KNOWN_S, "short_naps"))}
+                                             if line.split()[:1] and line.split()[0] in (*KNOWN_S, "short_naps", "short_naps_over_5ms"))}
     return out, read_pprof(out), truth
 
 
@@ -30,7 +30,9 @@ def test_off_cpu_time_per_function_matches_known_blocks(tmp_path):
     assert prof.raw.string_table[prof.raw.default_sample_type] == "off_cpu"
     for function, nominal_s in KNOWN_S.items():
         got = _off_cpu_ns(prof, function)
-        assert abs(got - nominal_s * 1e9) <= 0.10 * nominal_s * 1e9, (function, got)
+        # the nominal duration, loosely (a loaded machine stretches sleeps); the
+        # fixture's own clock, tightly
+        assert abs(got - nominal_s * 1e9) <= 0.25 * nominal_s * 1e9, (function, got)
         if function in truth:  # the fixture's own clock around each blocking call
             assert abs(got - truth[function]) <= 0.10 * truth[function], (function, got, truth[function])
     # where it blocked in the kernel, under the user frames of the function
@@ -48,9 +50,10 @@ def test_off_cpu_time_per_function_matches_known_blocks(tmp_path):
 def test_min_duration_threshold_leaves_short_blocks_out(tmp_path):
     _out, prof, truth = _record(tmp_path, "--offcpu-min-us", "5000")
     assert truth["short_naps"] > 0.2e9  # 2000 x 100 us really happened
-    assert _off_cpu_ns(prof, "short_naps") == 0
+    # only naps a busy machine stretched past the threshold may show, and no more than they lasted
+    assert _off_cpu_ns(prof, "short_naps") <= 1.1 * truth["short_naps_over_5ms"]
     for function, nominal_s in KNOWN_S.items():
-        assert abs(_off_cpu_ns(prof, function) - nominal_s * 1e9) <= 0.10 * nominal_s * 1e9, function
+        assert abs(_off_cpu_ns(prof, function) - nominal_s * 1e9) <= 0.25 * nominal_s * 1e9, function
     comments = [prof.raw.string_table[i] for i in prof.raw.comment]
     left_out = [int(c.rsplit(" ", 1)[1]) for c in comments if "shorter than 5000000 ns left out" in c]
-    assert left_out and left_out[0] >= 2000  # the naps, counted in BPF
+    assert left_out and left_out[0] >= 1900  # the naps (less any a busy machine stretched), counted in BPF
