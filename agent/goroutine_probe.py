@@ -498,13 +498,14 @@ class GoroutineProbe(Probe):
 
     def _add_process(self, pid: int) -> None:
         """Describe `pid` to BPF, put the uprobes in its executable, then read its existing goroutines."""
+        if self._objs is None:  # an accumulator the daemon swapped in: the template attached, not this one
+            return
         exe = f"/proc/{pid}/exe"
         try:
             key, binary = self._binary(exe)
             if binary is None:
                 return
             layout = binary.layout
-            assert self._objs is not None
             libbpf.map_update(self._objs.maps["gor_procs"], ctypes.c_uint32(pid),
                               _LayoutValue(layout.goid, layout.labels, layout.gopc, layout.startpc))
             target = pid if self._per_pid else -1
