@@ -23,10 +23,12 @@ is open (the sampling events are attached). With every CPU busy at 99 Hz the
 first sample follows attach by about 10 ms, so "perf events attached" is the
 like-for-like first-sample time. After that the script blocks in wait4, so it
 does not itself show up in the captures. bpfprof also reports its own
-first-sample time ("first after Ys"), measured from its process start with
-psutil's create_time; that is based on /proc/stat's whole-second btime and so
-is late by this host's fraction of a second, which the script measures and
-subtracts for a corrected figure.
+first-sample time ("first after Ys"), measured from its process start
+(/proc/self/stat start time against CLOCK_BOOTTIME).
+
+Peak RSS from wait4 is the largest of the process and the children it reaped:
+for bpfprof that is the BPF compile child (clang/LLVM, ~1 s) when it is larger
+than the agent itself, which the agent reports separately with --log-level info.
 
 Other work on the host is sampled too (both tools record system-wide), and
 bpfprof's end-of-capture symbolization cost depends on what was sampled:
@@ -206,20 +208,6 @@ def run_bcc(bcc_profile: str, workdir: Path, n: int, duration_s: float, frequenc
     return replace(result, samples=samples)
 
 
-def psutil_create_time_bias_s() -> float:
-    """How much later than the truth psutil places 'now - create_time' on this host.
-
-    psutil adds process start ticks to /proc/stat's btime, a whole second;
-    the true boot time is now - uptime. The difference is added to every
-    "first after" figure bpfprof prints.
-    """
-    with open("/proc/stat") as f:
-        btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    with open("/proc/uptime") as f:
-        uptime_s = float(f.read().split()[0])
-    return (time.time() - uptime_s) - btime
-
-
 def online_cpus() -> int:
     """CPUs with a perf event each: /sys/devices/system/cpu/online, e.g. "0-3,6"."""
     try:
@@ -273,23 +261,22 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or not b else f"{a / b:.2f}x"
 
 
-def print_run(r: RunResult, bias_s: float) -> None:
+def print_run(r: RunResult) -> None:
     first = ""
     if r.first_sample_reported_s is not None:
-        first = f"  first(reported) {r.first_sample_reported_s:.2f}s (corrected {r.first_sample_reported_s - bias_s:.2f}s)"
+        first = f"  first(reported) {r.first_sample_reported_s:.2f}s"
     print(f"  {r.tool:8s} cpu {r.cpu_s:5.2f}s (user {r.user_s:.2f} sys {r.sys_s:.2f})  rss {r.peak_rss_mb:6.1f}MB"
           f"  wall {r.wall_s:5.2f}s  samples {r.samples:6d}  prog {_fmt(r.prog_loaded_s)}s"
           f"  attached {_fmt(r.perf_attached_s)}s{first}", flush=True)
 
 
-def report(runs: list[RunResult], bias_s: float, expected_samples: int) -> None:
+def report(runs: list[RunResult], expected_samples: int) -> None:
     ours = [r for r in runs if r.tool == "bpfprof"]
     bcc = [r for r in runs if r.tool == "bcc"]
 
     def med(rs: list[RunResult], get) -> float | None:  # noqa: ANN001
         return _median([get(r) for r in rs])
 
-    first_corrected = lambda r: None if r.first_sample_reported_s is None else r.first_sample_reported_s - bias_s  # noqa: E731
     rows = [
         ("profiler CPU, user+sys (s)", lambda r: r.cpu_s, 2),
         ("  user (s)", lambda r: r.user_s, 2),
@@ -301,7 +288,6 @@ def report(runs: list[RunResult], bias_s: float, expected_samples: int) -> None:
         ("BPF program loaded at (s)", lambda r: r.prog_loaded_s, 2),
         ("perf events attached at (s) [1]", lambda r: r.perf_attached_s, 2),
         ("first sample, bpfprof's figure (s) [2]", lambda r: r.first_sample_reported_s, 2),
-        ("first sample, corrected (s) [3]", first_corrected, 2),
     ]
     name_w = max(len(n) for n, _, _ in rows)
     print()
@@ -312,8 +298,7 @@ def report(runs: list[RunResult], bias_s: float, expected_samples: int) -> None:
         print(f"{name:{name_w}}  {_fmt(a, digits):>9}  {_fmt(b, digits):>9}  {_ratio(a, b):>11}")
     print("[1] time from fork until a perf_event fd is open per online CPU (/proc/PID/fd polled every 5 ms);")
     print("    the like-for-like first-sample time: bcc's profile prints nothing until it exits")
-    print("[2] bpfprof's 'first after Ys', measured from its process start with psutil's create_time")
-    print(f"[3] [2] minus psutil's create_time bias on this host ({bias_s:+.3f}s: /proc/stat btime is whole seconds)")
+    print("[2] bpfprof's 'first after Ys', measured from its own process start")
 
     cpu_a, cpu_b = med(ours, lambda r: r.cpu_s), med(bcc, lambda r: r.cpu_s)
     rss_a = med(ours, lambda r: r.peak_rss_mb)
@@ -357,7 +342,6 @@ def main() -> int:
         raise BenchError(f"{bpfprof} not found: run with the venv's python after packaging/setup.sh")
     bcc_profile = find_bcc_profile(args.bcc_profile)
     cpus = online_cpus()
-    bias_s = psutil_create_time_bias_s()
 
     per_run_s = args.duration + CHILD_GRACE_S
     load_s = int((args.repeat + (0 if args.no_warmup else 1)) * 2 * per_run_s + 60)
@@ -377,7 +361,7 @@ def main() -> int:
         if not args.no_warmup:
             print("warm-up (not counted)")
             for tool in ("bpfprof", "bcc"):
-                print_run(runners[tool](0, 1.0), bias_s)
+                print_run(runners[tool](0, 1.0))
         runs: list[RunResult] = []
         for i in range(1, args.repeat + 1):
             order = ("bpfprof", "bcc") if i % 2 else ("bcc", "bpfprof")
@@ -386,9 +370,9 @@ def main() -> int:
                 if load.poll() is not None:
                     raise BenchError(f"the load exited early (status {load.returncode})")
                 r = runners[tool](i, args.duration)
-                print_run(r, bias_s)
+                print_run(r)
                 runs.append(r)
-        report(runs, bias_s, int(args.duration * args.frequency * cpus))
+        report(runs, int(args.duration * args.frequency * cpus))
     finally:
         stop_load(load)
         if args.keep:
