@@ -3,26 +3,52 @@
 Samples carry the thread's trace context (Go labels, OTEP 4947 record) for
 processes registered in `trace_procs` (agent/trace_context.py); the FS base
 offset the BPF side needs comes from the kernel's BTF.
+
+Unwinding (`unwind`): "cfi" has BPF send the user registers and a copy of
+the stack top, and the agent walks it with each binary's CFI / pclntab
+(agent/stack_resolver.py UserStacks) as records arrive, so a capture keeps
+addresses, not stack copies; "fp" keeps the frame-pointer stack BPF walks.
+"cfi" needs a ProcessTracker (use_tracker()); without one the probe uses "fp".
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from enum import StrEnum
 
 from agent import btf, libbpf
 from agent.bpf_compile import LoadedObjects, ProgType
 from agent.probe import Probe, RawRecord, Window
 from agent.process_tracker import ProcessTracker
 from agent.profile_builder import add_records
-from agent.records import ProcCtx, RecordKind
-from agent.stack_resolver import StackResolver
+from agent.records import ProcCtx, RecordKind, Scratch, Ustack
+from agent.stack_resolver import StackResolver, UserStacks
 from agent.trace_context import TraceContextRegistry
 from exporters.profile import Profile, cpu_profile
 from symbolizer.errors import BpfLoadError
 
 log = logging.getLogger(__name__)
 TRACE_PROCS_MAP = "trace_procs"
+
+# Stack copied per sample. 8 KiB held every complete chain of the fixtures
+# (280 B to 3.4 KiB, bench/unwind_speed.py) with room for big frames; deeper
+# stacks continue with the frame-pointer stack. The per-CPU output buffer
+# (bpf/cpu.bpf.c: record + copy + one page of verifier slack) must stay
+# under the kernel's 32 KiB per-CPU value limit.
+DEFAULT_USTACK_BYTES = 8192
+MAX_USTACK_BYTES = 24576
+
+
+class UnwindMode(StrEnum):
+    """How CPU samples' user stacks are walked (`record --unwind`)."""
+
+    CFI = "cfi"  # registers + stack copy from BPF, CFI/pclntab walk in the agent
+    FP = "fp"  # frame pointers, walked by bpf_get_stack
+
+
+# Chosen by bench/unwind_vs_perf.py: see the figures in agent/stack_resolver.py.
+DEFAULT_UNWIND = UnwindMode.CFI
 
 
 def fsbase_offset() -> int:
@@ -46,9 +72,29 @@ class CpuProbe(Probe):
         self.events_per_cpu_s = config.frequency_hz
         self.records: list[RawRecord] = []
         self.trace_contexts: TraceContextRegistry | None = None
+        self.unwind = UnwindMode.FP
+        self.ustack_bytes = 0
+        self.user_stacks: UserStacks | None = None
+
+    def use_tracker(self, tracker: ProcessTracker, unwind: UnwindMode = DEFAULT_UNWIND,
+                    ustack_bytes: int = DEFAULT_USTACK_BYTES) -> None:
+        """Unwind with `unwind`; records are completed against `tracker`'s snapshots as they arrive.
+
+        Call before the probe set is built (the copy size is compiled in).
+        """
+        if not 0 < ustack_bytes <= MAX_USTACK_BYTES:
+            raise ValueError(f"stack copy of {ustack_bytes} bytes: choose 1 to {MAX_USTACK_BYTES}")
+        self.unwind = UnwindMode(unwind)
+        self.ustack_bytes = ((ustack_bytes + 7) & ~7) if self.unwind == UnwindMode.CFI else 0
+        self.user_stacks = UserStacks(tracker) if self.unwind == UnwindMode.CFI else None
+
+    @property
+    def record_bytes(self) -> int:
+        """The largest record this probe sends, for ring-buffer sizing."""
+        return ctypes.sizeof(Scratch) + (ctypes.sizeof(Ustack) + self.ustack_bytes if self.ustack_bytes else 0)
 
     def defines(self) -> dict[str, int]:
-        return {"TASK_FSBASE_OFFSET": fsbase_offset()}
+        return {"TASK_FSBASE_OFFSET": fsbase_offset(), "USTACK_BYTES": self.ustack_bytes}
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.PERF_EVENT}
@@ -77,6 +123,8 @@ class CpuProbe(Probe):
             self.trace_contexts.observe(pid)
 
     def on_record(self, rec: RawRecord) -> None:
+        if self.user_stacks is not None:
+            rec = self.user_stacks.complete(rec)
         self.records.append(rec)
         if self.trace_contexts is not None:
             self.trace_contexts.observe(rec.pid, rec.thread_name)
@@ -89,4 +137,9 @@ class CpuProbe(Probe):
         period = profile.period
         add_records(profile, self.records, resolver, tracker, window, lambda r: [r.value, r.value * period],
                     with_kernel=self.config.with_kernel)
+        profile.comments.extend(f"dropped: {line}" for line in self.unwind_lines())
         return [profile]
+
+    def unwind_lines(self) -> list[str]:
+        """How many user stacks came out short, by reason (empty with frame-pointer unwinding)."""
+        return self.user_stacks.drop_lines() if self.user_stacks is not None else []

@@ -36,6 +36,10 @@ class RawRecord:
     go_labels: tuple[tuple[str, str], ...] = ()  # the running goroutine's pprof labels, in Go's order
     go_labels_truncated: bool = False  # labels missing or cut: the set above is not the whole set
     otel_link: TraceLink | None = None  # from an OTEP 4947 thread context record
+    # CPU samples with a stack copy (bpf/ustack.bpf.h), until the agent unwinds them:
+    user_regs: tuple[int, int, int] | None = None  # RIP, RSP, RBP; None: no copy was sent
+    user_stack: bytes = b""  # user memory from RSP up
+    user_mode: bool = True  # the sample hit user mode (RIP is the interrupted instruction)
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,14 @@ from agent.records import (
     LABEL_VALUE_LEN,
     MAX_FRAMES,
     TRACE_CTX_HEADER_SIZE,
+    USTACK_USER_MODE,
     CtxKind,
     Drop,
     GoLabels,
     Label,
     StackRecord,
     TraceCtx,
+    Ustack,
 )
 from bpf import source_path
 from exporters.profile import TraceLink
@@ -45,9 +47,12 @@ RINGBUF_HEADROOM = 4
 SHARED_MAPS = ["records", "drops", "targets"]
 
 
-def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float) -> int:
-    """Pages for the ring buffer: worst-case bytes per drain interval x headroom, power of two."""
-    need = cpus * events_per_cpu_s * drain_interval_s * ctypes.sizeof(StackRecord) * RINGBUF_HEADROOM
+def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float, record_bytes: int = 0) -> int:
+    """Pages for the ring buffer: worst-case bytes per drain interval x headroom, power of two.
+
+    `record_bytes`: the largest record (default: a full stack record).
+    """
+    need = cpus * events_per_cpu_s * drain_interval_s * (record_bytes or ctypes.sizeof(StackRecord)) * RINGBUF_HEADROOM
     pages = MIN_RINGBUF_PAGES
     while pages * PAGE_SIZE < need:
         pages *= 2
@@ -59,6 +64,8 @@ _GO_LABELS_HEADER = struct.Struct("<IHH")
 _LABEL = struct.Struct(f"<HHI{LABEL_KEY_LEN}s{LABEL_VALUE_LEN}s")
 _OTEL = struct.Struct("<16s8sB")
 _LABELS_AT = TRACE_CTX_HEADER_SIZE + GoLabels.labels.offset
+_USTACK = struct.Struct("<IIQQQIhBB")
+assert _USTACK.size == ctypes.sizeof(Ustack)
 assert _LABEL.size == ctypes.sizeof(Label) and _CTX_HEADER.size == TRACE_CTX_HEADER_SIZE
 assert TraceCtx.otel.offset == TraceCtx.go.offset == TRACE_CTX_HEADER_SIZE
 
@@ -78,24 +85,43 @@ def _labels(buf: bytes, pos: int, end: int) -> tuple[tuple[tuple[str, str], ...]
 
 
 def parse_record(buf: bytes) -> RawRecord:
-    """Decode one ring-buffer record: a bpfprof_header, addresses, an optional trace context trailer."""
+    """Decode one ring-buffer record: a bpfprof_header, addresses, then optional trailers.
+
+    Trailers follow one another, each starting with (kind, size): a trace
+    context (any family), then a user stack copy (CPU samples). An unknown or
+    malformed trailer ends the walk; what came before is kept.
+    """
     (kind, pid, tid, cpu, ktime, value, aux, kn, un, _kerr, _uerr, comm) = _HEADER.unpack_from(buf)
     ips = struct.unpack_from(f"<{kn + un}Q", buf, HEADER_SIZE) if kn + un else ()
     name = comm.split(b"\0", 1)[0].decode(errors="replace")
     pos = HEADER_SIZE + 8 * (kn + un)
     if len(buf) < pos + TRACE_CTX_HEADER_SIZE:
         return RawRecord(kind, pid, tid, cpu, ktime, value, aux, name, ips[:kn], ips[kn:])
-    ctx_kind, size = _CTX_HEADER.unpack_from(buf, pos)
-    end = min(len(buf), pos + size)
     labels: tuple[tuple[str, str], ...] = ()
     truncated = False
     link = None
-    if ctx_kind == CtxKind.GO_LABELS and end >= pos + _LABELS_AT:
-        labels, truncated = _labels(buf, pos, end)
-    elif ctx_kind == CtxKind.OTEL and end >= pos + TRACE_CTX_HEADER_SIZE + _OTEL.size:
-        trace_id, span_id, _flags = _OTEL.unpack_from(buf, pos + TRACE_CTX_HEADER_SIZE)
-        link = TraceLink(trace_id, span_id)
-    return RawRecord(kind, pid, tid, cpu, ktime, value, aux, name, ips[:kn], ips[kn:], labels, truncated, link)
+    regs = None
+    stack = b""
+    user_mode = True
+    while len(buf) >= pos + TRACE_CTX_HEADER_SIZE:
+        ctx_kind, size = _CTX_HEADER.unpack_from(buf, pos)
+        if size < TRACE_CTX_HEADER_SIZE:
+            break
+        end = min(len(buf), pos + size)
+        if ctx_kind == CtxKind.GO_LABELS and end >= pos + _LABELS_AT:
+            labels, truncated = _labels(buf, pos, end)
+        elif ctx_kind == CtxKind.OTEL and end >= pos + TRACE_CTX_HEADER_SIZE + _OTEL.size:
+            trace_id, span_id, _flags = _OTEL.unpack_from(buf, pos + TRACE_CTX_HEADER_SIZE)
+            link = TraceLink(trace_id, span_id)
+        elif ctx_kind == CtxKind.USTACK and end >= pos + _USTACK.size:
+            _k, _s, rip, rsp, rbp, length, _err, flags, _pad = _USTACK.unpack_from(buf, pos)
+            regs = (rip, rsp, rbp)
+            start = pos + _USTACK.size
+            stack = buf[start:min(end, start + length)]
+            user_mode = bool(flags & USTACK_USER_MODE)
+        pos += size
+    return RawRecord(kind, pid, tid, cpu, ktime, value, aux, name, ips[:kn], ips[kn:], labels, truncated, link,
+                     regs, stack, user_mode)
 
 
 FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
@@ -123,8 +149,10 @@ class ProbeSet:
         self._pids = None if pids is None else list(pids)
         cpus = len(libbpf.online_cpus())
         rate = sum(p.events_per_cpu_s for p in self.probes)
+        # Probes whose records are bigger than a stack record (CPU samples with a stack copy) say so.
+        biggest = max((getattr(p, "record_bytes", 0) for p in self.probes), default=0)
         defines = {
-            "RINGBUF_PAGES": ringbuf_pages(cpus, rate, drain_interval_s),
+            "RINGBUF_PAGES": ringbuf_pages(cpus, rate, drain_interval_s, biggest),
             "FILTER_PIDS": int(self._pids is not None),
             "WITH_KERNEL": int(with_kernel),
             "MAX_TARGETS": MAX_TARGETS,

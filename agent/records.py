@@ -56,6 +56,7 @@ class CtxKind(enum.IntEnum):
     NONE = 0
     OTEL = 1
     GO_LABELS = 2
+    USTACK = 3  # BPFPROF_CTX_USTACK (bpf/ustack.bpf.h): user registers + stack copy, CPU samples only
 
 
 class ProcFlag(enum.IntFlag):
@@ -141,6 +142,17 @@ class ProcCtx(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32), ("g_m", ctypes.c_uint16), ("m_curg", ctypes.c_uint16),
                 ("g_labels", ctypes.c_uint16), ("labels_form", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 5),
                 ("go_tls_g", ctypes.c_int64), ("otel_tls", ctypes.c_int64)]
+
+
+USTACK_USER_MODE = 1  # BPFPROF_USTACK_USER_MODE
+
+
+class Ustack(ctypes.Structure):
+    """struct bpfprof_ustack (bpf/ustack.bpf.h): a CPU record's last trailer, then `len` stack bytes."""
+
+    _fields_ = [("kind", ctypes.c_uint32), ("size", ctypes.c_uint32), ("rip", ctypes.c_uint64),
+                ("rsp", ctypes.c_uint64), ("rbp", ctypes.c_uint64), ("len", ctypes.c_uint32),
+                ("err", ctypes.c_int16), ("flags", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
 HEADER_SIZE = ctypes.sizeof(Header)

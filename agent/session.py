@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from agent.cpu_probe import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, CpuProbe, UnwindMode
 from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.probe_set import ProbeSet
 from agent.probes import PROBES
@@ -46,6 +47,8 @@ class RecordOptions:
     profiles: tuple[str, ...] = ("cpu",)
     offcpu_min_ns: int = 0
     heap_sample_bytes: int = 512 * 1024
+    unwind: UnwindMode = DEFAULT_UNWIND  # CPU samples: CFI walk of a stack copy, or frame pointers
+    ustack_bytes: int = DEFAULT_USTACK_BYTES  # stack copied per CPU sample for the CFI walk
 
 
 @dataclass
@@ -58,9 +61,10 @@ class CaptureStats:
     drops: dict[Drop, int] = field(default_factory=dict)
     command_exit: int | None = None
     first_sample_s: float | None = None  # since this process started: the start-up cost users wait for
+    unwind_lines: list[str] = field(default_factory=list)  # user stacks the unwinder left short, by reason
 
     def drop_lines(self) -> list[str]:
-        return [f"{n} {DROP_DESCRIPTIONS[d]}" for d, n in self.drops.items() if n]
+        return [f"{n} {DROP_DESCRIPTIONS[d]}" for d, n in self.drops.items() if n] + self.unwind_lines
 
 
 def process_age_s() -> float:
@@ -92,6 +96,9 @@ class RecordSession:
         if unknown:
             raise ConfigError(f"unknown profile type {unknown[0]!r}: choose from {', '.join(PROBES)}")
         self.probes: list[Probe] = [PROBES[name](config) for name in PROBES if name in options.profiles]
+        for p in self.probes:
+            if isinstance(p, CpuProbe):
+                p.use_tracker(self.tracker, options.unwind, options.ustack_bytes)
         self.stats = CaptureStats()
         self._records = 0
         self._start_ns = 0
@@ -146,6 +153,7 @@ class RecordSession:
             probe_set.drain()
             self._end_ns = time.time_ns()
             self.stats.drops = probe_set.drops()
+            self.stats.unwind_lines = [line for p in self.probes if isinstance(p, CpuProbe) for line in p.unwind_lines()]
         finally:
             probe_set.close()
             if command is not None:
@@ -169,7 +177,8 @@ class RecordSession:
         for probe in self.probes:
             for profile in probe.profiles(resolver, self.tracker, window):
                 add_process_meta(profile, self.tracker)
-                profile.comments.extend(f"dropped: {line}" for line in self.stats.drop_lines())
+                # the CPU profile carries its own unwind lines (CpuProbe.profiles)
+                profile.comments.extend(f"dropped: {n} {DROP_DESCRIPTIONS[d]}" for d, n in self.stats.drops.items() if n)
                 out.append(profile)
         st = resolver.stats
         if st.user_unresolved:

@@ -19,6 +19,8 @@
  * Trace context (bpf/tracectx.bpf.h): a family that wants its records linked
  * to the running span calls add_trace_ctx() between new_record() and
  * submit_with_stacks(); the context then travels after the addresses.
+ * CPU samples may carry a second trailer after it, the user registers and
+ * stack copy of bpf/ustack.bpf.h (cpu.bpf.c sends those with fill_stacks()).
  */
 #ifndef BPFPROF_COMMON_BPF_H
 #define BPFPROF_COMMON_BPF_H
@@ -128,10 +130,11 @@ static __always_inline void add_trace_ctx(struct bpfprof_stack_record *r, u64 us
     }
 }
 
-/* Copy the current kernel (if WITH_KERNEL) and user stacks into `r`, then
- * send header + addresses. `ctx` is the program's context (perf event,
- * tracepoint or uprobe): bpf_get_stack takes the registers from it. */
-static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_record *r)
+/* Copy the current kernel (if WITH_KERNEL) and user stacks into `r` and
+ * append the trace context, if any; returns the record's size (0: too big to
+ * send). `ctx` is the program's context (perf event, tracepoint or uprobe):
+ * bpf_get_stack takes the registers from it. */
+static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r)
 {
     long kn = 0;
 #if WITH_KERNEL
@@ -178,6 +181,15 @@ static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_r
         t->kind = BPFPROF_CTX_NONE;  /* consumed: never appended to another record */
     }
     if (size > sizeof(struct bpfprof_scratch))
+        return 0;
+    return size;
+}
+
+/* fill_stacks, then send header + addresses (+ trace context). */
+static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_record *r)
+{
+    u64 size = fill_stacks(ctx, r);
+    if (size == 0)
         return;
     if (records.ringbuf_output(r, size, 0) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);

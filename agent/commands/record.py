@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from agent.cpu_probe import DEFAULT_UNWIND, UnwindMode
 from agent.probes import PROBES
 from agent.session import CaptureStats, RecordOptions, RecordSession
 from agent.targets import validate_command, validate_pids
@@ -89,6 +90,10 @@ class _Progress:
               help="Off-CPU: ignore blocks shorter than this (microseconds).")
 @click.option("--heap-sample-bytes", type=click.IntRange(min=1), default=512 * 1024, show_default=True,
               help="Heap (native): mean bytes between sampled allocations, like Go's MemProfileRate.")
+@click.option("--unwind", type=click.Choice([m.value for m in UnwindMode]), default=DEFAULT_UNWIND.value,
+              show_default=True,
+              help="CPU user stacks: cfi walks a copy of the stack top with each binary's unwind tables "
+                   "(leaf callers, code without frame pointers); fp follows frame pointers only.")
 @click.option("--otlp-endpoint", metavar="URL", default=None,
               help="Send the profiles to an OTLP collector: http(s)://host:4318 (HTTP), "
                    "grpc://host:4317 or host:4317 (gRPC, TLS unless --otlp-insecure).")
@@ -104,7 +109,7 @@ class _Progress:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency: int, output: Path | None,
            fmt: str, no_kernel: bool, profile_types: str, offcpu_min_us: int, heap_sample_bytes: int,
-           otlp_endpoint: str | None,
+           unwind: str, otlp_endpoint: str | None,
            otlp_protocol: str | None, otlp_headers: tuple[str, ...], otlp_insecure: bool, otlp_ca_file: str | None,
            otlp_timeout: float, command: tuple[str, ...]) -> None:
     """Record stacks (CPU by default) to a pprof (folded, OTLP) file or an OTLP collector.
@@ -139,7 +144,7 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
         pids=tuple(validate_pids(pids)) if pids else None,
         command=tuple(validate_command(command)) if command else None,
         with_kernel=not no_kernel, profiles=types or ("cpu",),
-        offcpu_min_ns=offcpu_min_us * 1000, heap_sample_bytes=heap_sample_bytes)
+        offcpu_min_ns=offcpu_min_us * 1000, heap_sample_bytes=heap_sample_bytes, unwind=UnwindMode(unwind))
     if options.pids:
         what = "pid " + ", ".join(map(str, options.pids))
     elif command:

@@ -14,6 +14,7 @@ from agent.records import (
     LABEL_KEY_LEN,
     LABEL_VALUE_LEN,
     MAX_LABELS,
+    USTACK_USER_MODE,
     CtxKind,
     Drop,
     GoLabels,
@@ -27,6 +28,7 @@ from agent.records import (
     Scratch,
     StackRecord,
     TraceCtx,
+    Ustack,
 )
 from bpf import BPF_DIR
 
@@ -103,3 +105,38 @@ def test_trace_context_layout_agrees(tmp_path):
     assert (c["BPFPROF_LABELS_MAP"], c["BPFPROF_LABELS_SLICE"]) == (LabelsForm.MAP, LabelsForm.SLICE)
     assert (c["BPFPROF_DROP_LABELS_TRUNCATED"], c["BPFPROF_DROP_TRACE_CTX_READ_ERR"]) == (
         Drop.LABELS_TRUNCATED, Drop.TRACE_CTX_READ_ERR)
+
+
+USTACK_PROGRAM = r"""
+#include <stddef.h>
+#include <stdio.h>
+typedef unsigned short u16; typedef short s16; typedef unsigned int u32;
+typedef unsigned long long u64; typedef unsigned char u8; typedef long long s64;
+#include "ustack.bpf.h"
+#define O(f) printf(#f " %zu\n", offsetof(struct bpfprof_ustack, f));
+int main(void) {
+    printf("sizeof %zu\n", sizeof(struct bpfprof_ustack));
+    O(kind) O(size) O(rip) O(rsp) O(rbp) O(len) O(err) O(flags)
+    printf("ctx_kind %d\nuser_mode %d\n", BPFPROF_CTX_USTACK, BPFPROF_USTACK_USER_MODE);
+    return 0;
+}
+"""
+
+
+def test_ustack_trailer_layout_agrees(tmp_path):
+    """bpf/ustack.bpf.h's trailer (USTACK_BYTES 0: only the struct, no BPF code) against the mirror."""
+    src = tmp_path / "ustack.c"
+    src.write_text(USTACK_PROGRAM)
+    exe = tmp_path / "ustack"
+    # the header includes a kernel uapi file; an empty stand-in is enough for the struct
+    uapi = tmp_path / "uapi" / "linux"
+    uapi.mkdir(parents=True)
+    (uapi / "bpf_perf_event.h").write_text("")
+    subprocess.run(["gcc", f"-I{BPF_DIR}", f"-I{tmp_path}", "-o", str(exe), str(src)], check=True)
+    c = {k: int(v) for k, v in (line.split() for line in subprocess.run(
+        [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())}
+    assert c["sizeof"] == ctypes.sizeof(Ustack)
+    for name, _ in Ustack._fields_:
+        if name in c:
+            assert c[name] == getattr(Ustack, name).offset, name
+    assert c["ctx_kind"] == CtxKind.USTACK and c["user_mode"] == USTACK_USER_MODE
