@@ -193,21 +193,51 @@ class ElfFile:
 
     # -- identity ------------------------------------------------------------
 
+    def _note_ranges(self) -> list[tuple[int, int, int]]:
+        """(offset, size, align) of SHT_NOTE sections, else of PT_NOTE segments."""
+        ranges: list[tuple[int, int, int]] = []
+        if self.elfclass == 64 and self.little_endian:
+            # Section headers read with struct: pyelftools builds an object per
+            # section, which made build-id reads the agent's top cost when it
+            # opened every library of every new process.
+            img = self.image
+            shoff, = struct.unpack_from("<Q", img, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", img, 0x3A)
+            if shoff and shentsize >= 64 and shoff + shnum * shentsize <= len(img):
+                for i in range(shnum):
+                    base = shoff + i * shentsize
+                    sh_type, = struct.unpack_from("<I", img, base + 4)
+                    if sh_type == SHT_NOTE:
+                        off, size = struct.unpack_from("<QQ", img, base + 24)
+                        align, = struct.unpack_from("<Q", img, base + 48)
+                        ranges.append((off, size, align))
+                return ranges or self._segment_note_ranges()
+        for sec in self.elf.iter_sections():
+            if sec["sh_type"] == "SHT_NOTE":
+                ranges.append((sec["sh_offset"], sec["sh_size"], sec["sh_addralign"]))
+        return ranges or self._segment_note_ranges()
+
+    def _segment_note_ranges(self) -> list[tuple[int, int, int]]:
+        """PT_NOTE segments: where notes are when section headers are stripped."""
+        ranges = []
+        for i in range(self.elf.num_segments()):
+            h = self.elf._get_segment_header(i)
+            if h["p_type"] == "PT_NOTE":
+                ranges.append((h["p_offset"], h["p_filesz"], h["p_align"]))
+        return ranges
+
+    @cached_property
+    def _note_list(self) -> list[tuple[bytes, int, bytes]]:
+        with elf_errors(f"{self.path}: notes"):
+            endian = "<" if self.little_endian else ">"
+            out: list[tuple[bytes, int, bytes]] = []
+            for off, size, align in self._note_ranges():
+                out.extend(_parse_notes(self.image, off, size, 8 if align == 8 else 4, endian))
+            return out
+
     def _notes(self) -> Iterator[tuple[bytes, int, bytes]]:
         """(name, type, desc) of every note, from SHT_NOTE sections, else PT_NOTE segments."""
-        with elf_errors(f"{self.path}: notes"):
-            ranges: list[tuple[int, int, int]] = []
-            for sec in self.elf.iter_sections():
-                if sec["sh_type"] == "SHT_NOTE":
-                    ranges.append((sec["sh_offset"], sec["sh_size"], sec["sh_addralign"]))
-            if not ranges:  # section headers stripped: fall back to program headers
-                for i in range(self.elf.num_segments()):
-                    h = self.elf._get_segment_header(i)
-                    if h["p_type"] == "PT_NOTE":
-                        ranges.append((h["p_offset"], h["p_filesz"], h["p_align"]))
-            endian = "<" if self.little_endian else ">"
-            for off, size, align in ranges:
-                yield from _parse_notes(self.image, off, size, 8 if align == 8 else 4, endian)
+        return iter(self._note_list)
 
     @cached_property
     def gnu_build_id(self) -> str | None:

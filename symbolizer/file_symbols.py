@@ -75,7 +75,24 @@ class FileSymbols:
 
     @cached_property
     def go(self) -> GoPclntab | None:
+        if not self.looks_like_go:
+            return None
         return self._guarded("pclntab", lambda: load_pclntab(self.elf.image))  # type: ignore[return-value]
+
+    @cached_property
+    def looks_like_go(self) -> bool:
+        """Whether a pclntab is worth looking for.
+
+        The search scans the whole file when there is no .gopclntab section,
+        which cost ~0.2 s per native library; every Go binary has a Go
+        build-id note, a .gopclntab or a .go.buildinfo section (stripped ones
+        included), so files with none of them are skipped.
+        """
+        try:
+            return bool(self.elf.go_build_id or self.elf.section(".gopclntab") is not None
+                        or self.elf.section(".go.buildinfo") is not None)
+        except BpfprofError:
+            return True  # corrupt headers: let the pclntab scan decide
 
     @cached_property
     def symbols(self) -> ElfSymbols | None:
