@@ -6,6 +6,7 @@ code: one line on stderr, exit 2, no traceback.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -16,8 +17,31 @@ from symbolizer.errors import BpfprofError
 EXIT_USAGE = 2
 
 
+# Subcommand -> "module:function". Imported only when that command runs: the
+# agent's start-up is on the path to its first sample, and `record` must not
+# pay for gRPC, SQLite or the viewer. serve imports viewer, which only the CLI
+# (the top of the import graph) may do.
+COMMANDS = {
+    "record": "agent.commands.record:record",
+    "doctor": "agent.commands.doctor:doctor",
+    "convert": "agent.commands.convert:convert",
+    "serve": "agent.commands.serve:serve",
+    "agent": "agent.commands.agent:agent",
+}
+
+
 class _Group(click.Group):
-    """Click group whose errors, click's own usage errors included, are one line."""
+    """Click group with lazily imported subcommands, whose errors are one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def main(self, *args, **kwargs):  # type: ignore[override]
         kwargs["standalone_mode"] = False
@@ -48,17 +72,3 @@ def main(log_level: str) -> None:
     """bpfprof: an eBPF profiler for Go and native programs."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="bpfprof: %(levelname)s: %(name)s: %(message)s")
-
-
-def _register() -> None:
-    # serve imports viewer: only the CLI, the top of the import graph, may.
-    from agent.commands import agent, convert, doctor, record, serve  # noqa: PLC0415  (commands import the CLI group)
-
-    main.add_command(record.record)
-    main.add_command(doctor.doctor)
-    main.add_command(convert.convert)
-    main.add_command(serve.serve)
-    main.add_command(agent.agent)
-
-
-_register()
