@@ -9,22 +9,29 @@ maps re-read once (it mapped new code after first sight).
 Where to unwind. The OpenTelemetry profiler and Parca unwind in BPF: they
 load every binary's CFI rows into BPF maps and walk the stack in the kernel.
 bpfprof copies the user registers and the stack top in BPF
-(bpf/ustack.bpf.h) and walks it here with symbolizer/unwinder.py, because
-measured on this project's 2-CPU VM (bench/unwind_vs_perf.py):
-  - the BPF side's extra cost is a few page-bounded bpf_probe_read_user
-    calls: MEASURED_BPF (see bench output), the same order as the
-    frame-pointer bpf_get_stack it sits next to;
-  - the Python walk costs ~0.6-0.9 us CPU per frame with warm rule caches
-    (bench/unwind_speed.py), a fraction of the ~tens of us per sample the
-    agent already spends decoding and symbolizing;
+(bpf/ustack.bpf.h) and walks it here with symbolizer/unwinder.py. Measured
+on this project's 2-CPU VM (bench/unwind_vs_perf.py, 499 Hz, 5 s captures of
+three fixtures, CPU of the agent after attach including end-of-capture
+symbolization):
+  - the BPF program costs 4-8 us per sample with the 8 KiB copy against
+    3.6-4.3 us without: the copy is cheap, and a BPF walker would spend
+    about that per frame-table lookup chain anyway;
+  - the agent costs ~200 us per sample with the CFI walk against ~87 us with
+    frame pointers (2.3x; perf --call-graph dwarf: ~190 us, record + script).
+    Of the ~113 us difference ~22 us is building libc's unwind table once
+    (55 ms, amortised over a longer capture or a daemon's life) and the rest
+    is per sample: copying and slicing 8 KiB records in Python and the walk
+    (0.6-0.9 us per frame, bench/unwind_speed.py);
   - unwinding in BPF would need every mapped file's rows pushed into maps at
-    first sight of each process (libc alone has ~10k rows; Python map
-    updates cost ~2 us each), kept in sync with mmap/munmap, and a verifier-
-    bounded walker; the cost moves from "per sample" to "per process start",
-    which is what a host with short-lived processes cannot afford.
-The price is ring-buffer bandwidth (8 KiB per sample at most: 1.6 MB/s at
-99 Hz on 2 CPUs) and stacks deeper than the copy, which continue with the
-frame-pointer stack where it agrees (counted).
+    first sight of each process (libc alone has ~10k rows; a Python map
+    update costs ~2 us), kept in sync with mmap/munmap, and a verifier-
+    bounded walker: the cost moves from "per sample" to "per process start",
+    which a host with short-lived processes pays most.
+So user space: correct on every fixture (leaf callers, -fomit-frame-pointer,
+libc, Go frameless leaves) at perf-dwarf's accuracy and about its CPU. The
+price is ring-buffer bandwidth (up to 8 KiB per sample) and stacks deeper
+than the copy, which continue with the frame-pointer stack where it agrees
+(counted). The 2x-of-frame-pointers target is not met yet for short captures.
 """
 
 from __future__ import annotations
