@@ -122,6 +122,13 @@ class CpuProbe(Probe):
         for pid in self.config.pids or ():  # known targets: registered before their first sample
             self.trace_contexts.observe(pid)
 
+    def new_accumulator(self) -> CpuProbe:
+        """Shares the unwinder and the trace-context registry set up in this instance."""
+        acc = CpuProbe(self.config)
+        acc.unwind, acc.ustack_bytes = self.unwind, self.ustack_bytes
+        acc.user_stacks, acc.trace_contexts = self.user_stacks, self.trace_contexts
+        return acc
+
     def on_record(self, rec: RawRecord) -> None:
         if self.user_stacks is not None:
             rec = self.user_stacks.complete(rec)

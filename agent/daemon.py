@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from agent.batch_export import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
 from agent.config import AgentConfig
+from agent.cpu_probe import CpuProbe
 from agent.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.probe_set import ProbeSet
@@ -80,7 +81,7 @@ class _LiveProbe(Probe):
         self.collector = collector
         self.name, self.source, self.kinds = template.name, template.source, template.kinds
         self.events_per_cpu_s = template.events_per_cpu_s
-        self.current: Probe = type(template)(template.config)
+        self.current: Probe = template.new_accumulator()
 
     def defines(self) -> dict[str, int]:
         return self.template.defines()
@@ -96,13 +97,14 @@ class _LiveProbe(Probe):
 
     def on_start(self, objs) -> None:  # noqa: ANN001
         self.template.on_start(objs)
+        self.current = self.template.new_accumulator()  # now with what on_start set up
 
     def on_record(self, rec: RawRecord) -> None:
         if self.collector.accept(rec):
             self.current.on_record(rec)
 
     def swap(self) -> Probe:
-        done, self.current = self.current, type(self.template)(self.template.config)
+        done, self.current = self.current, self.template.new_accumulator()
         return done
 
 
@@ -122,7 +124,11 @@ class BpfCollector:
         pids = tuple(cfg.selection.pids) if self.selector.pid_only else None
         self.probe_config = ProbeConfig(frequency_hz=p.frequency_hz, with_kernel=p.kernel_stacks,
                                         offcpu_min_ns=p.offcpu_min_us * 1000, pids=pids)
-        self.live = [_LiveProbe(PROBES[name](self.probe_config), self) for name in PROBES if name in p.profiles]
+        templates = [PROBES[name](self.probe_config) for name in PROBES if name in p.profiles]
+        for t in templates:
+            if isinstance(t, CpuProbe):
+                t.use_tracker(tracker)  # CFI unwinding against the agent's process table
+        self.live = [_LiveProbe(t, self) for t in templates]
         self._pids = pids
         self._selected: dict[int, bool] = {}
         self._probe_set: ProbeSet | None = None
@@ -162,8 +168,7 @@ class BpfCollector:
         self.stats.samples += 1
         if rec.kernel_ips:
             self._has_kernel = True
-        if pid not in self.tracker:
-            self.tracker.observe(pid)
+        self.tracker.note_record(pid, rec.tid, rec.thread_name)
         self.tracker.seen(pid, self._seq)
         return True
 
@@ -265,7 +270,7 @@ class Daemon:
         self.exporters_factory = exporters_factory
         self.host_name = host_name or cfg.node_name or socket.gethostname()
         self.stats = AgentStats()
-        self.cache = cache or SymbolCache(cfg.limits.max_symbol_files)
+        self.cache = cache if cache is not None else SymbolCache(cfg.limits.max_symbol_files)
         self.tracker = ProcessTracker(self.cache, cfg.host_proc, max_processes=cfg.limits.max_processes)
         self.relabeler = Relabeler(cfg.relabel)
         self.queues: list[ExportQueue] = []

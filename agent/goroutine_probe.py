@@ -438,6 +438,7 @@ class _LayoutValue(ctypes.Structure):
 
 
 class GoroutineProbe(Probe):
+    interval_safe = False  # its state spans the capture: one-shot `record` only
     name = "goroutine"
     source = "goroutine.bpf.c"
     kinds = (RecordKind.GOROUTINE,)

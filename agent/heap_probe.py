@@ -219,6 +219,7 @@ def _target_pids(targets_fd: int) -> list[int]:
 
 
 class HeapProbe(Probe):
+    interval_safe = False  # its state spans the capture: one-shot `record` only
     name = "heap"
     source = "heap.bpf.c"
     kinds = (RecordKind.ALLOC, RecordKind.FREE)

@@ -102,3 +102,16 @@ class Probe:
     def record_count(self) -> int:
         """Records taken so far, for the progress line."""
         return 0
+
+    # Whether the daemon can cut this family's data into intervals under
+    # running programs (agent/daemon.py): families whose state spans the whole
+    # capture (live heap objects, live goroutines) cannot yet.
+    interval_safe: bool = True
+
+    def new_accumulator(self) -> Probe:
+        """A fresh instance to take one interval's records (the daemon swaps these).
+
+        It shares what the loaded programs set up in this instance: override
+        when on_start()/use_*() state is needed to take records.
+        """
+        return type(self)(self.config)

@@ -128,6 +128,22 @@ FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
 COMMON_SOURCE = "common.bpf.h"
 
 
+def host_pid() -> int:
+    """This process's pid in the initial pid namespace (what bpf_get_current_pid_tgid returns).
+
+    In a container with its own pid namespace, /proc/self/status NSpid lists
+    the pid in each namespace, outermost first.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.getpid()
+
+
 def combined_source(sources: Sequence[str]) -> str:
     """One translation unit: the shared header, then each source's text once.
 
@@ -154,6 +170,9 @@ class ProbeSet:
         defines = {
             "RINGBUF_PAGES": ringbuf_pages(cpus, rate, drain_interval_s, biggest),
             "FILTER_PIDS": int(self._pids is not None),
+            # Profiling the profiler would put its symbolization into every
+            # whole-system profile. Its pid as BPF sees it (host namespace).
+            "AGENT_TGID": host_pid(),
             "WITH_KERNEL": int(with_kernel),
             "MAX_TARGETS": MAX_TARGETS,
         }

@@ -103,6 +103,20 @@ class ProcessTracker:
             self.stats.processes += 1
         return info
 
+    def note_record(self, pid: int, tid: int, thread_name: str) -> ProcessInfo | None:
+        """Call for every record: snapshots new processes, re-snapshots after an exec.
+
+        An exec keeps the pid but replaces every mapping; the main thread's
+        name (the kernel's comm, which exec sets to the new program's name)
+        no longer matching the snapshot's is the cheap sign. The new image
+        must be read while the process is alive: after it exits, a refresh
+        at symbolization time would find nothing.
+        """
+        info = self._procs.get(pid) if pid in self._procs else self.observe(pid)
+        if info is not None and tid == pid and thread_name and thread_name != info.name:
+            info = self.refresh(pid)
+        return info
+
     def refresh(self, pid: int) -> ProcessInfo | None:
         """Re-read the maps of a live process (it mapped new code: dlopen, JIT)."""
         info = self._snapshot(pid)

@@ -88,7 +88,7 @@ class RecordSession:
 
     def __init__(self, options: RecordOptions, tracker: ProcessTracker | None = None) -> None:
         self.options = options
-        self.tracker = tracker or ProcessTracker()
+        self.tracker = tracker if tracker is not None else ProcessTracker()
         config = ProbeConfig(frequency_hz=options.frequency_hz, with_kernel=options.with_kernel,
                              offcpu_min_ns=options.offcpu_min_ns, pids=options.pids,
                              heap_sample_bytes=options.heap_sample_bytes)
@@ -111,8 +111,7 @@ class RecordSession:
         self._records += 1
         if r.kernel_ips:
             self._has_kernel_stacks = True
-        if r.pid not in self.tracker:
-            self.tracker.observe(r.pid)
+        self.tracker.note_record(r.pid, r.tid, r.thread_name)
 
     def run(self, stop: threading.Event, progress: Callable[[CaptureStats], None] | None = None,
             on_start: Callable[[], None] | None = None) -> CaptureStats:

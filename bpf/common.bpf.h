@@ -9,6 +9,7 @@
  *   RINGBUF_PAGES    ring buffer size in pages (power of two), sized by the agent
  *                    from CPU count x event rate x drain interval
  *   FILTER_PIDS      1: only processes in `targets` are recorded
+ *   AGENT_TGID       the agent's own pid (host namespace), never recorded
  *   WITH_KERNEL      1: record kernel stacks too
  *   MAX_TARGETS      capacity of `targets` (and of `trace_procs`)
  *   TASK_FSBASE_OFFSET  offsetof(task_struct, thread.fsbase) from the running
@@ -52,8 +53,8 @@ static __always_inline void count_drop(u32 reason)
 /* Whether this process is recorded at all (the idle task never is). */
 static __always_inline int is_target(u32 tgid)
 {
-    if (tgid == 0)
-        return 0;
+    if (tgid == 0 || tgid == AGENT_TGID)
+        return 0;  /* the idle task; the agent itself (its own overhead is in its metrics) */
 #if FILTER_PIDS
     if (!targets.lookup(&tgid))
         return 0;
