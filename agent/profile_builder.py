@@ -60,8 +60,11 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
         info = tracker.get(r.pid)
         extra = labels(r) if labels is not None else ()
         go_labels, link = trace_context(r)
+        # cpu kept per sample for OTLP's cpu.logical_number; pprof readers merge
+        # samples that differ only in it
         key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
-                        labels=((("process_name", info.name),) if info else ()) + extra + go_labels, link=link)
+                        labels=((("process_name", info.name),) if info else ()) + extra + go_labels, link=link,
+                        cpu=r.cpu)
         profile.add(key, values(r), r.ktime_ns + window.wall_offset_ns)
 
 

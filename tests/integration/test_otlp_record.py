@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections import Counter
 
@@ -54,6 +55,9 @@ def check_received(collector, out) -> None:
     assert top_leaves(received)[0][0] == "spin"  # where callchain burns its CPU
     names = {meta.name for meta in profile.processes.values()}
     assert any(n.startswith("c-callchain") for n in names), names
+    # every sample says which CPU it ran on (cpu.logical_number) and which thread
+    cpus = os.cpu_count() or 1
+    assert all(0 <= s.key.cpu < cpus and s.key.tid > 0 for s in profile.samples)
 
 
 @pytest.mark.parametrize("kind", ["grpc", "http"])
