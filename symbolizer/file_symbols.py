@@ -108,10 +108,18 @@ class FileSymbols:
 
     @cached_property
     def unwind_table(self) -> UnwindTable | None:
-        """CFI rows for the unwinder, built on first use (libc: ~50 ms, node: ~0.8 s); None if corrupt."""
-        from symbolizer.cfi import UnwindTable  # noqa: PLC0415  (only unwinding needs it)
+        """CFI rows for the unwinder (None if corrupt): from the on-disk cache by build id,
+        else built (libc: ~50 ms, node: ~0.8 s) and cached for the next capture."""
+        from symbolizer import unwind_cache  # noqa: PLC0415  (only unwinding needs it)
+        from symbolizer.cfi import UnwindTable  # noqa: PLC0415
 
-        return self._guarded("unwind table", lambda: UnwindTable.from_elf(self.elf))
+        cached = unwind_cache.load(self.id.build_id, self.id.kind.value)
+        if cached is not None:
+            return cached
+        table = self._guarded("unwind table", lambda: UnwindTable.from_elf(self.elf))
+        if table is not None:
+            unwind_cache.store(self.id.build_id, self.id.kind.value, table)
+        return table
 
     def translate(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
         """Runtime address in a mapping -> ELF vaddr (PIE, shared libraries, exes alike)."""

@@ -17,3 +17,14 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("BPFPROF_REQUIRE_BPF") == "1" and report.skipped and item.get_closest_marker("bpf"):
         report.outcome = "failed"
         report.longrepr = f"BPF test skipped in CI, which must run it: {report.longrepr}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Caches that outlive a process (unwind tables) go to a directory of this run's own.
+
+    A table cached by another checkout's code must never answer a test;
+    child bpfprof processes inherit the variable.
+    """
+    os.environ["BPFPROF_CACHE_DIR"] = str(tmp_path_factory.mktemp("bpfprof-cache"))
+    yield

@@ -1,0 +1,96 @@
+"""Unwind tables kept on disk per build id.
+
+Building libc's table takes ~50 ms and a large binary's ~0.8 s, which a
+5-second capture pays again every run; read back from disk it is a few
+hundred microseconds. Files are keyed by build id (never by path), written
+atomically, and carry a format version and the byte order: anything that
+does not match is ignored and rebuilt, never trusted.
+
+The directory: $BPFPROF_CACHE_DIR, else /var/cache/bpfprof/unwind when
+writable (the agent runs as root), else ~/.cache/bpfprof/unwind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import sys
+import tempfile
+from array import array
+from pathlib import Path
+
+from symbolizer.cfi import UnwindTable
+
+ENV_CACHE_DIR = "BPFPROF_CACHE_DIR"
+SYSTEM_CACHE_DIR = Path("/var/cache/bpfprof")
+MAGIC = b"BPFUNW"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<6sHBxQQQ")  # magic, version, little-endian?, rows, fde_count, unsupported_fdes
+_TYPECODES = ("Q", "B", "i", "i")  # pcs, kinds, cfa_offs, rbp_offs (as cfi.UnwindTable builds them)
+
+
+def cache_dir() -> Path:
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env:
+        return Path(env) / "unwind"
+    if os.access(SYSTEM_CACHE_DIR.parent, os.W_OK) or os.access(SYSTEM_CACHE_DIR, os.W_OK):
+        return SYSTEM_CACHE_DIR / "unwind"
+    return Path.home() / ".cache" / "bpfprof" / "unwind"
+
+
+def _path(build_id: str, kind: str, directory: Path) -> Path:
+    # Go build ids hold slashes: hash the key into a file name
+    return directory / (hashlib.sha256(f"{kind}:{build_id}".encode()).hexdigest()[:40] + ".unw")
+
+
+def load(build_id: str, kind: str, directory: Path | None = None) -> UnwindTable | None:
+    """The cached table of this build id, or None (absent, other version, corrupt)."""
+    if not build_id:
+        return None
+    path = _path(build_id, kind, directory or cache_dir())
+    try:
+        data = path.read_bytes()
+        magic, version, little, rows, fdes, unsupported = _HEADER.unpack_from(data)
+        if magic != MAGIC or version != FORMAT_VERSION or bool(little) != (sys.byteorder == "little"):
+            return None
+        off = _HEADER.size
+        arrays = []
+        for code in _TYPECODES:
+            a = array(code)
+            end = off + rows * a.itemsize
+            if end > len(data):
+                return None
+            a.frombytes(data[off:end])
+            arrays.append(a)
+            off = end
+        if off != len(data):
+            return None
+        return UnwindTable(*arrays, fde_count=fdes, unsupported_fdes=unsupported, sources=("cache",))
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def store(build_id: str, kind: str, table: UnwindTable, directory: Path | None = None) -> bool:
+    """Write the table for this build id; False (and nothing written) if the directory is not writable."""
+    if not build_id:
+        return False
+    directory = directory or cache_dir()
+    arrays = (table.pcs, table.kinds, table.cfa_offs, table.rbp_offs)
+    if tuple(a.typecode for a in arrays) != _TYPECODES:
+        return False
+    tmp = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, sys.byteorder == "little", len(table.pcs),
+                                 table.fde_count, table.unsupported_fdes))
+            for a in arrays:
+                f.write(a.tobytes())
+        os.replace(tmp, _path(build_id, kind, directory))
+        return True
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        return False

@@ -1,0 +1,67 @@
+"""Unwind tables survive a round trip through the disk cache, and bad files are never trusted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from symbolizer import unwind_cache
+from symbolizer.cfi import UnwindTable
+from symbolizer.elf import ElfFile
+from symbolizer.file_symbols import FileSymbols, file_id
+
+LIBC = Path("/usr/lib/x86_64-linux-gnu/libc.so.6")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(unwind_cache.ENV_CACHE_DIR, str(tmp_path))
+    return tmp_path / "unwind"
+
+
+def test_second_load_comes_from_disk_and_is_identical(cache, monkeypatch):
+    elf = ElfFile(LIBC)
+    built = FileSymbols(elf, file_id(elf)).unwind_table
+    assert built is not None and len(built) > 1000
+    assert len(list(cache.iterdir())) == 1
+
+    def no_build(_elf):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(UnwindTable, "from_elf", staticmethod(no_build))
+    loaded = FileSymbols(elf, file_id(elf)).unwind_table
+    assert loaded.sources == ("cache",)
+    for name in ("pcs", "kinds", "cfa_offs", "rbp_offs"):
+        assert getattr(loaded, name) == getattr(built, name), name
+    assert (loaded.fde_count, loaded.unsupported_fdes) == (built.fde_count, built.unsupported_fdes)
+    for vaddr in list(built.pcs)[::997]:
+        assert loaded.lookup(vaddr + 1) == built.lookup(vaddr + 1)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "version", "garbage", "extra"])
+def test_damaged_files_are_ignored(cache, damage):
+    elf = ElfFile(LIBC)
+    fid = file_id(elf)
+    table = UnwindTable.from_elf(elf)
+    assert unwind_cache.store(fid.build_id, fid.kind.value, table)
+    (path,) = cache.iterdir()
+    data = path.read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "version":
+        data = data[:6] + b"\x63\x00" + data[8:]
+    elif damage == "garbage":
+        data = b"\x00" * len(data)
+    else:
+        data = data + b"\x01"
+    path.write_bytes(data)
+    assert unwind_cache.load(fid.build_id, fid.kind.value) is None
+
+
+def test_unwritable_directory_is_not_an_error(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    table = UnwindTable.from_elf(ElfFile(LIBC))
+    assert unwind_cache.store("abc", "gnu", table, directory=blocked / "sub") is False
+    assert unwind_cache.load("abc", "gnu", directory=blocked / "sub") is None
