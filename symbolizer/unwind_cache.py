@@ -25,7 +25,7 @@ from symbolizer.cfi import UnwindTable
 ENV_CACHE_DIR = "BPFPROF_CACHE_DIR"
 SYSTEM_CACHE_DIR = Path("/var/cache/bpfprof")
 MAGIC = b"BPFUNW"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bump whenever symbolizer/cfi.py changes what a row means
 _HEADER = struct.Struct("<6sHBxQQQ")  # magic, version, little-endian?, rows, fde_count, unsupported_fdes
 _TYPECODES = ("Q", "B", "i", "i")  # pcs, kinds, cfa_offs, rbp_offs (as cfi.UnwindTable builds them)
 
