@@ -3,7 +3,6 @@
  * carries the thread's trace context when its process has one (Go labels,
  * OTEP 4947 thread context) and, when USTACK_BYTES > 0, the user registers
  * and a copy of the user stack top for the agent's unwinder (ustack.bpf.h). */
-#include <uapi/linux/bpf_perf_event.h>
 #include "common.bpf.h"
 #include "ustack.bpf.h"
 

@@ -15,8 +15,21 @@
 #ifndef BPFPROF_USTACK_BPF_H
 #define BPFPROF_USTACK_BPF_H
 
-#include <uapi/linux/bpf_perf_event.h>
+#include <uapi/linux/ptrace.h>
 #include "bpfprof.h"
+
+/* The context of a perf-event program, as uapi/linux/bpf_perf_event.h
+ * defines it (x86_64: the user pt_regs, then sample_period and addr).
+ * Spelled out because that header drags in enough of the kernel's headers
+ * to add ~0.7 s to every compile, the largest part of bpfprof's start-up. */
+#ifndef BPFPROF_PERF_EVENT_DATA
+#define BPFPROF_PERF_EVENT_DATA
+struct bpf_perf_event_data {
+    struct pt_regs regs;
+    u64 sample_period;
+    u64 addr;
+};
+#endif
 
 #ifndef USTACK_BYTES
 #define USTACK_BYTES 0

@@ -128,10 +128,10 @@ def test_ustack_trailer_layout_agrees(tmp_path):
     src = tmp_path / "ustack.c"
     src.write_text(USTACK_PROGRAM)
     exe = tmp_path / "ustack"
-    # the header includes a kernel uapi file; an empty stand-in is enough for the struct
+    # the header includes a kernel uapi file; a stand-in pt_regs is enough for the structs
     uapi = tmp_path / "uapi" / "linux"
     uapi.mkdir(parents=True)
-    (uapi / "bpf_perf_event.h").write_text("")
+    (uapi / "ptrace.h").write_text("struct pt_regs { unsigned long r[21]; };\n")
     subprocess.run(["gcc", f"-I{BPF_DIR}", f"-I{tmp_path}", "-o", str(exe), str(src)], check=True)
     c = {k: int(v) for k, v in (line.split() for line in subprocess.run(
         [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())}
