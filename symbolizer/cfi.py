@@ -56,10 +56,12 @@ import struct
 from array import array
 from bisect import bisect_right
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from symbolizer.elf import ElfFile, elf_errors
 from symbolizer.errors import ElfParseError
+from symbolizer.leb128 import sleb128 as _sleb
+from symbolizer.leb128 import uleb128 as _uleb
 
 __all__ = ["RBP_LOST", "RBP_SAME", "CfaKind", "UnwindRow", "UnwindTable", "parse_cfi"]
 
@@ -135,34 +137,6 @@ class _Cie(NamedTuple):
     addr_size: int
     init_start: int
     init_end: int
-
-
-def _uleb(buf: Any, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ElfParseError("LEB128 too long")
-
-
-def _sleb(buf: Any, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            if b & 0x40:
-                result -= 1 << shift
-            return result, pos
-        if shift > 63:
-            raise ElfParseError("LEB128 too long")
 
 
 class _Section(NamedTuple):

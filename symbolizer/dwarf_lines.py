@@ -60,6 +60,8 @@ from typing import Any, NamedTuple
 
 from symbolizer.elf import ElfFile, elf_errors
 from symbolizer.errors import ElfParseError
+from symbolizer.leb128 import sleb128 as _sleb
+from symbolizer.leb128 import uleb128 as _uleb
 
 # Decoded CUs kept per DwarfLines (least recently used evicted); each holds its
 # line table (16 bytes a row) and subprogram index: 1.2 MB for libpython's largest.
@@ -210,36 +212,6 @@ class InlineFrame(NamedTuple):
 
 
 # -- byte-level readers ----------------------------------------------------------
-
-
-def _uleb(buf: Any, pos: int) -> tuple[int, int]:
-    b = buf[pos]
-    if b < 0x80:
-        return b, pos + 1
-    result = b & 0x7F
-    shift = 7
-    pos += 1
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _sleb(buf: Any, pos: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            if b & 0x40:
-                result -= 1 << shift
-            return result, pos
 
 
 def _cstring_end(buf: Any, pos: int, limit: int) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from symbolizer.elf import ElfFile, elf_errors
 from symbolizer.errors import ElfParseError
+from symbolizer.leb128 import uleb128 as _uvarint  # Go uvarints are unsigned LEB128
 
 MAGIC = b"\xff Go buildinf:"
 HEADER_SIZE = 32
@@ -44,19 +45,6 @@ class GoBuildInfo:
         if m is None:
             return None
         return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-
-
-def _uvarint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ElfParseError("truncated varint in .go.buildinfo")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
 
 
 def _find_blob(elf: ElfFile) -> tuple[bytes, int] | None:
