@@ -120,11 +120,18 @@ class HeapTracker:
     live: dict[tuple[int, int], _GroupKey] = field(default_factory=dict)  # (pid, address) -> its group
     records: int = 0
     unmatched_frees: int = 0
+    duplicates: int = 0
 
     def add(self, rec: RawRecord) -> None:
         self.records += 1
         if rec.kind == RecordKind.ALLOC:
             key = _GroupKey(rec.pid, rec.tid, rec.thread_name, rec.kernel_ips, rec.user_ips, rec.value)
+            if self.live.get((rec.pid, rec.aux)) == key:
+                # The same live object from the same stack again: an entry uprobe
+                # on a Go function fires twice when its prologue grows the stack
+                # (morestack restarts the function). One allocation, not two.
+                self.duplicates += 1
+                return
             group = self.groups.get(key)
             if group is None:
                 group = self.groups[key] = _Group(rec)

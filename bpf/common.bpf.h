@@ -131,15 +131,11 @@ static __always_inline void add_trace_ctx(struct bpfprof_stack_record *r, u64 us
     }
 }
 
-/* Copy the current kernel (if WITH_KERNEL) and user stacks into `r` and
- * append the trace context, if any; returns the record's size (0: too big to
- * send). `ctx` is the program's context (perf event, tracepoint or uprobe):
- * bpf_get_stack takes the registers from it. */
-static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r)
+/* The current task's kernel stack into r->ips[0..]: the frame count, with
+ * read errors and truncation counted. Shared by every probe family. */
+static __always_inline long read_kernel_stack(void *ctx, struct bpfprof_stack_record *r)
 {
-    long kn = 0;
-#if WITH_KERNEL
-    kn = bpf_get_stack(ctx, r->ips, BPFPROF_MAX_FRAMES * sizeof(u64), 0);
+    long kn = bpf_get_stack(ctx, r->ips, BPFPROF_MAX_FRAMES * sizeof(u64), 0);
     if (kn < 0) {
         r->h.kernel_err = kn;
         count_drop(BPFPROF_DROP_KERNEL_STACK_ERR);
@@ -150,9 +146,20 @@ static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r
         kn = BPFPROF_MAX_FRAMES;
         count_drop(BPFPROF_DROP_KERNEL_TRUNCATED);
     }
-#endif
-    kn &= 127;  /* bound for the verifier; BPFPROF_MAX_FRAMES == 127 */
+    return kn & 127;  /* bound for the verifier; BPFPROF_MAX_FRAMES == 127 */
+}
 
+/* The current task's kernel (if WITH_KERNEL) and user stacks into `r`, frame
+ * counts in its header; read errors and truncation counted. `ctx` is the
+ * program's context (perf event, tracepoint or uprobe): bpf_get_stack takes
+ * the registers from it. Returns kernel + user frames. */
+static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r)
+{
+    long kn = 0;
+#if WITH_KERNEL
+    kn = read_kernel_stack(ctx, r);
+#endif
+    kn &= 127;
     long un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
     if (un < 0) {
         /* kernel threads get 0 frames, not an error: this is a real loss */
@@ -168,7 +175,15 @@ static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r
     un &= 127;
     r->h.kernel_frames = kn;
     r->h.user_frames = un;
+    return kn + un;
+}
 
+/* read_stacks, then append the trace context, if any; returns the record's
+ * size (0: too big to send). */
+static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r)
+{
+    read_stacks(ctx, r);
+    u64 kn = r->h.kernel_frames & 127, un = r->h.user_frames & 127;
     u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
     u32 zero = 0;
     struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);

@@ -83,19 +83,8 @@ static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *
 {
     long kn = 0;
 #if WITH_KERNEL
-    if (kernel) {
-        kn = bpf_get_stack(ctx, r->ips, BPFPROF_MAX_FRAMES * sizeof(u64), 0);
-        if (kn < 0) {
-            r->h.kernel_err = kn;
-            count_drop(BPFPROF_DROP_KERNEL_STACK_ERR);
-            kn = 0;
-        }
-        kn /= sizeof(u64);
-        if (kn >= BPFPROF_MAX_FRAMES) {
-            kn = BPFPROF_MAX_FRAMES;
-            count_drop(BPFPROF_DROP_KERNEL_TRUNCATED);
-        }
-    }
+    if (kernel)
+        kn = read_kernel_stack(ctx, r);
 #endif
     kn &= 127;
     long un;

@@ -32,39 +32,6 @@ static __always_inline void offcpu_count(u32 what)
         (*c)++;
 }
 
-/* Stacks of the current task into `r` (as submit_with_stacks, without sending). */
-static __always_inline void offcpu_read_stacks(void *ctx, struct bpfprof_stack_record *r)
-{
-    long kn = 0;
-#if WITH_KERNEL
-    kn = bpf_get_stack(ctx, r->ips, BPFPROF_MAX_FRAMES * sizeof(u64), 0);
-    if (kn < 0) {
-        r->h.kernel_err = kn;
-        count_drop(BPFPROF_DROP_KERNEL_STACK_ERR);
-        kn = 0;
-    }
-    kn /= sizeof(u64);
-    if (kn >= BPFPROF_MAX_FRAMES) {
-        kn = BPFPROF_MAX_FRAMES;
-        count_drop(BPFPROF_DROP_KERNEL_TRUNCATED);
-    }
-#endif
-    kn &= 127;
-    long un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
-    if (un < 0) {
-        r->h.user_err = un;
-        count_drop(BPFPROF_DROP_USER_STACK_ERR);
-        un = 0;
-    }
-    un /= sizeof(u64);
-    if (un >= BPFPROF_MAX_FRAMES) {
-        un = BPFPROF_MAX_FRAMES;
-        count_drop(BPFPROF_DROP_USER_TRUNCATED);
-    }
-    r->h.kernel_frames = kn;
-    r->h.user_frames = un & 127;
-}
-
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u32 prev = args->prev_pid;
@@ -72,7 +39,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (prev != 0 && (u32)id == prev && is_target(id >> 32)) {
         struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_OFFCPU, 0, args->prev_state);
         if (r) {
-            offcpu_read_stacks(args, r);
+            read_stacks(args, r);
             if (offcpu_stash.update(&prev, r) != 0)
                 offcpu_count(OFFCPU_STASH_FAILED);
         }

@@ -112,3 +112,23 @@ def test_gated_command_is_recognised(tmp_path):
     finally:
         gate.kill()
     assert _gated_command_path(os.getpid()) is None
+
+
+def test_an_entry_probe_firing_twice_for_one_allocation_counts_once():
+    """Go's prologue can call morestack and restart the function: mProf_Malloc's entry uprobe fires again."""
+    from agent.heap_probe import HeapTracker
+    from agent.probe import RawRecord
+    from agent.records import RecordKind
+
+    def alloc(addr, size=1024, tid=7):
+        return RawRecord(RecordKind.ALLOC, 1, tid, 0, 0, size, addr, "app", (), (0x401000, 0x402000))
+
+    t = HeapTracker()
+    t.add(alloc(0xC000100000))
+    t.add(alloc(0xC000100000))  # the restarted entry: same object, same stack
+    t.add(alloc(0xC000200000))
+    (group,) = t.groups.values()
+    assert (group.allocs, group.live, t.duplicates) == (2, 2, 1)
+    t.add(RawRecord(RecordKind.FREE, 1, 7, 0, 0, 0, 0xC000100000, "app", (), ()))
+    t.add(alloc(0xC000100000))  # reused after its free: a new allocation
+    assert (group.allocs, group.live) == (3, 2)
