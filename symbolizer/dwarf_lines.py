@@ -214,6 +214,15 @@ class InlineFrame(NamedTuple):
 # -- byte-level readers ----------------------------------------------------------
 
 
+def _initial_length(buf: Any, pos: int, fmt: str) -> tuple[int, int, int]:
+    """A DWARF unit's initial length: (length, offset size 4 or 8, position after it)."""
+    (length,) = struct.unpack_from(fmt + "I", buf, pos)
+    if length == 0xFFFFFFFF:  # 64-bit DWARF
+        (length,) = struct.unpack_from(fmt + "Q", buf, pos + 4)
+        return length, 8, pos + 12
+    return length, 4, pos + 4
+
+
 def _cstring_end(buf: Any, pos: int, limit: int) -> int:
     end = buf.find(b"\0", pos, limit)
     if end < 0:
@@ -340,13 +349,7 @@ class _Unit:
         self.offset = offset
         self.pos0 = pos = info.abs(offset)  # absolute position of the header (CU-relative refs add to it)
         fmt = dw._endian
-        (length,) = struct.unpack_from(fmt + "I", buf, pos)
-        pos += 4
-        self.offset_size = 4
-        if length == 0xFFFFFFFF:
-            (length,) = struct.unpack_from(fmt + "Q", buf, pos)
-            pos += 8
-            self.offset_size = 8
+        length, self.offset_size, pos = _initial_length(buf, pos, fmt)
         self.end = pos + length
         if self.end > info.end:
             raise ElfParseError(f"unit at {offset:#x} runs past .debug_info")
@@ -836,13 +839,7 @@ def _decode_line_program(unit: _Unit, offset: int, comp_dir: str) -> _LineTable:
     buf = sec.buf
     fmt = dw._endian
     pos = sec.abs(offset)
-    (length,) = struct.unpack_from(fmt + "I", buf, pos)
-    pos += 4
-    offset_size = 4
-    if length == 0xFFFFFFFF:
-        (length,) = struct.unpack_from(fmt + "Q", buf, pos)
-        pos += 8
-        offset_size = 8
+    length, offset_size, pos = _initial_length(buf, pos, fmt)
     end = pos + length
     if end > sec.end:
         raise ElfParseError(f"line program at {offset:#x} runs past .debug_line")
@@ -1202,12 +1199,8 @@ class DwarfLines:
         pos = info.base
         while pos + 11 <= info.end:  # smallest header: 4 + 2 + 4 + 1
             offsets.append(pos - info.base)
-            (length,) = struct.unpack_from(fmt + "I", buf, pos)
-            if length == 0xFFFFFFFF:
-                (length,) = struct.unpack_from(fmt + "Q", buf, pos + 4)
-                pos += 12 + length
-            else:
-                pos += 4 + length
+            length, _, pos = _initial_length(buf, pos, fmt)
+            pos += length
         ranges: list[tuple[int, int, int]] = []
         covered = self._read_aranges(ranges)
         known = set(offsets)
@@ -1236,13 +1229,7 @@ class DwarfLines:
         pos = sec.base
         while pos + 16 <= sec.end:
             start = pos
-            (length,) = struct.unpack_from(fmt + "I", buf, pos)
-            pos += 4
-            osz = 4
-            if length == 0xFFFFFFFF:
-                (length,) = struct.unpack_from(fmt + "Q", buf, pos)
-                pos += 8
-                osz = 8
+            length, osz, pos = _initial_length(buf, pos, fmt)
             set_end = pos + length
             if set_end > sec.end:
                 raise ElfParseError(".debug_aranges set runs past its section")
