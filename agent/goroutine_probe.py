@@ -416,20 +416,6 @@ def goroutine_profile(start_time_ns: int, duration_ns: int) -> Profile:
                    default_sample_type="goroutine", kind="goroutine")
 
 
-def _map_keys_u32(fd: int) -> list[int]:
-    """Keys of a BPF hash map with u32 keys (the targets set)."""
-    lib = libbpf.lib()
-    lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    keys: list[int] = []
-    key, nxt = ctypes.c_uint32(), ctypes.c_uint32()
-    prev = None
-    while lib.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt)) == 0:
-        keys.append(nxt.value)
-        key.value = nxt.value
-        prev = ctypes.byref(key)
-    return keys
-
-
 class _LayoutValue(ctypes.Structure):
     """struct gor_layout."""
 
@@ -474,7 +460,7 @@ class GoroutineProbe(Probe):
     def attach(self, objs: LoadedObjects) -> list[int]:
         fds = libbpf.attach_tracepoint(objs.programs["gor_on_exec"], "sched", "sched_process_exec")
         self._objs = objs
-        pids = list(self.config.pids or _map_keys_u32(objs.maps["targets"]))
+        pids = list(self.config.pids or libbpf.map_keys_u32(objs.maps["targets"]))
         self._per_pid = bool(pids)
         for pid in pids or self._all_pids():
             self._add_process(pid)

@@ -17,7 +17,6 @@ objects of processes that exited count as in use at exit.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -212,19 +211,6 @@ def _gated_command_path(pid: int) -> str | None:
     return None
 
 
-def _target_pids(targets_fd: int) -> list[int]:
-    """Keys of the shared `targets` map: the pids (or the gated command) this capture records."""
-    so = libbpf.lib()
-    pids = []
-    key, nxt = ctypes.c_uint32(), ctypes.c_uint32()
-    prev = None
-    while so.bpf_map_get_next_key(targets_fd, prev, ctypes.byref(nxt)) == 0:
-        pids.append(nxt.value)
-        key.value = nxt.value
-        prev = ctypes.byref(key)
-    return pids
-
-
 class HeapProbe(Probe):
     interval_safe = False  # its state spans the capture: one-shot `record` only
     name = "heap"
@@ -252,7 +238,7 @@ class HeapProbe(Probe):
     def attach(self, objs: LoadedObjects) -> list[int]:
         # Our own reference: profiles() runs after the probe set has closed its fds.
         self._stats_fd = os.dup(objs.maps[STATS_MAP])
-        pids = list(self.config.pids) if self.config.pids is not None else _target_pids(objs.maps["targets"])
+        pids = list(self.config.pids) if self.config.pids is not None else libbpf.map_keys_u32(objs.maps["targets"])
         fds: list[int] = []
         try:
             if not pids:  # the whole system: every process mapping the system libc

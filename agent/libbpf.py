@@ -46,6 +46,7 @@ def lib() -> ctypes.CDLL:
         so.bpf_map_update_elem.argtypes = [i, vp, vp, ctypes.c_uint64]
         so.bpf_map_lookup_elem.argtypes = [i, vp, vp]
         so.bpf_map_delete_elem.argtypes = [i, vp]
+        so.bpf_map_get_next_key.argtypes = [i, vp, vp]
         so.ring_buffer__new.argtypes = [i, SAMPLE_FN, vp, vp]
         so.ring_buffer__new.restype = vp
         so.ring_buffer__poll.argtypes = [vp, i]
@@ -71,6 +72,19 @@ def map_lookup_percpu_u64(fd: int, key: int) -> list[int]:
     k = ctypes.c_uint32(key)
     _check(lib().bpf_map_lookup_elem(fd, ctypes.byref(k), values), "bpf map lookup")
     return list(values)
+
+
+def map_keys_u32(fd: int) -> list[int]:
+    """Every key of a BPF hash map with u32 keys (the shared `targets` set, for one)."""
+    so = lib()
+    keys: list[int] = []
+    key, nxt = ctypes.c_uint32(), ctypes.c_uint32()
+    prev = None
+    while so.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt)) == 0:
+        keys.append(nxt.value)
+        key.value = nxt.value
+        prev = ctypes.byref(key)
+    return keys
 
 
 def _cpu_list(path: str) -> list[int]:

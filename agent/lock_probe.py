@@ -15,7 +15,6 @@ agent's own libc and on every Go binary seen running or exec'd.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import os
@@ -35,6 +34,7 @@ from exporters.profile import Profile, ValueType
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
 from symbolizer.gopclntab import load_pclntab
+from symbolizer.proc_maps import open_mapped_file, read_maps
 
 log = logging.getLogger(__name__)
 
@@ -141,30 +141,20 @@ def pthread_offsets(path: str) -> dict[str, int]:
 
 
 def _libc_in_maps(pid: int | str) -> str | None:
-    """Path of the libc mapped by process `pid`, as seen in its mount namespace."""
+    """A host path to the libc process `pid` maps, None if it maps none (yet).
+
+    Through symbolizer.proc_maps: /proc/PID/map_files (the exact inode), else
+    the path resolved inside /proc/PID/root without following symlinks out
+    of the process's root.
+    """
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith("libc.so"):
-                    return parts[5].strip()
+        entries = read_maps(pid)
     except OSError:
         return None
+    for entry in entries:
+        if entry.is_file and os.path.basename(entry.path).startswith("libc.so"):
+            return open_mapped_file(pid, entry)
     return None
-
-
-def _map_keys_u32(fd: int) -> list[int]:
-    """Keys of a BPF hash map with u32 keys (the targets set)."""
-    lib = libbpf.lib()
-    lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    keys: list[int] = []
-    key, nxt = ctypes.c_uint32(), ctypes.c_uint32()
-    prev = None
-    while lib.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt)) == 0:
-        keys.append(nxt.value)
-        key.value = nxt.value
-        prev = ctypes.byref(key)
-    return keys
 
 
 def kernel_lock_tracepoints() -> bool:
@@ -233,7 +223,7 @@ class LockProbe(Probe):
         for prog, (category, event) in tps.items():
             fds += libbpf.attach_tracepoint(objs.programs[prog], category, event)
         self._objs = objs
-        pids = list(self.config.pids or _map_keys_u32(objs.maps["targets"]))
+        pids = list(self.config.pids or libbpf.map_keys_u32(objs.maps["targets"]))
         self._per_pid = bool(pids)
         if pids:
             for pid in pids:
@@ -290,7 +280,7 @@ class LockProbe(Probe):
                 libc = _libc_in_maps(pid)
             target = pid if self._per_pid else -1
             if libc is not None:
-                self._attach_file(f"/proc/{pid}/root{libc}", target)
+                self._attach_file(libc, target)
             if os.path.exists(exe):
                 self._attach_file(exe, target)
         except (OSError, BpfprofError) as e:  # the process went away, or a binary we cannot read
