@@ -26,7 +26,7 @@ fi
 
 # --- system packages --------------------------------------------------------
 ARCH=$(dpkg --print-architecture)
-PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" linux-perf python3-venv gcc g++ binutils systemd)
+PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" linux-perf python3-venv gcc g++ binutils systemd bpftool)
 # `bpfprof serve`'s browser tests: Debian's Chromium and its driver (never a downloaded browser).
 PACKAGES+=(chromium chromium-driver)
 # npm installs the web UI's flame graph library; a machine with Node.js from elsewhere keeps it.
