@@ -324,9 +324,6 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     _check(bool(p.profiles), "profiling.profiles", f"at least one of {', '.join(PROBES)}", list(p.profiles))
     for i, name in enumerate(p.profiles):
         _check(name in PROBES, f"profiling.profiles[{i}]", f"one of {', '.join(PROBES)}", name)
-        _check(PROBES[name].interval_safe, f"profiling.profiles[{i}]",
-               f"a type the agent can export every interval ({', '.join(n for n, c in PROBES.items() if c.interval_safe)};"
-               f" {name} works with `bpfprof record`)", name)
     _check(1 <= p.frequency_hz <= MAX_FREQUENCY_HZ, "profiling.frequency_hz", f"1 to {MAX_FREQUENCY_HZ}",
            p.frequency_hz)
     _check(p.offcpu_min_us >= 0, "profiling.offcpu_min_us", "an integer >= 0", p.offcpu_min_us)

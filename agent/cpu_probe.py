@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from enum import StrEnum
 
 from agent import btf, libbpf
 from agent.bpf_compile import LoadedObjects, ProgType
-from agent.probe import Probe, RawRecord, Window
+from agent.probe import RawRecord, StackCopyProbe, Window
 from agent.process_tracker import ProcessTracker
 from agent.profile_builder import add_records
-from agent.records import ProcCtx, RecordKind, Scratch, Ustack
-from agent.stack_resolver import StackResolver, UserStacks
+from agent.records import ProcCtx, RecordKind
+from agent.stack_resolver import (
+    DEFAULT_UNWIND,
+    DEFAULT_USTACK_BYTES,
+    MAX_USTACK_BYTES,
+    StackResolver,
+    UnwindMode,
+    UserStacks,
+)
 from agent.trace_context import TraceContextRegistry
 from exporters.profile import Profile, cpu_profile
 from symbolizer.errors import BpfLoadError
@@ -36,21 +42,6 @@ TRACE_PROCS_MAP = "trace_procs"
 # stacks continue with the frame-pointer stack. The per-CPU output buffer
 # (bpf/cpu.bpf.c: record + copy + one page of verifier slack) must stay
 # under the kernel's 32 KiB per-CPU value limit.
-DEFAULT_USTACK_BYTES = 8192
-MAX_USTACK_BYTES = 24576
-
-
-class UnwindMode(StrEnum):
-    """How CPU samples' user stacks are walked (`record --unwind`)."""
-
-    CFI = "cfi"  # registers + stack copy from BPF, CFI/pclntab walk in the agent
-    FP = "fp"  # frame pointers, walked by bpf_get_stack
-
-
-# Chosen by bench/unwind_vs_perf.py: see the figures in agent/stack_resolver.py.
-DEFAULT_UNWIND = UnwindMode.CFI
-
-
 def fsbase_offset() -> int:
     """offsetof(task_struct, thread.fsbase) on this kernel, -1 when BTF cannot say."""
     try:
@@ -61,7 +52,7 @@ def fsbase_offset() -> int:
         return -1
 
 
-class CpuProbe(Probe):
+class CpuProbe(StackCopyProbe):
     name = "cpu"
     source = "cpu.bpf.c"
     kinds = (RecordKind.CPU,)
@@ -88,13 +79,8 @@ class CpuProbe(Probe):
         self.ustack_bytes = ((ustack_bytes + 7) & ~7) if self.unwind == UnwindMode.CFI else 0
         self.user_stacks = UserStacks(tracker) if self.unwind == UnwindMode.CFI else None
 
-    @property
-    def record_bytes(self) -> int:
-        """The largest record this probe sends, for ring-buffer sizing."""
-        return ctypes.sizeof(Scratch) + (ctypes.sizeof(Ustack) + self.ustack_bytes if self.ustack_bytes else 0)
-
     def defines(self) -> dict[str, int]:
-        return {"TASK_FSBASE_OFFSET": fsbase_offset(), "USTACK_BYTES": self.ustack_bytes}
+        return {"TASK_FSBASE_OFFSET": fsbase_offset(), **self.ustack_defines("CPU_USTACK")}
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.PERF_EVENT}
@@ -125,13 +111,12 @@ class CpuProbe(Probe):
     def new_accumulator(self) -> CpuProbe:
         """Shares the unwinder and the trace-context registry set up in this instance."""
         acc = CpuProbe(self.config)
-        acc.unwind, acc.ustack_bytes = self.unwind, self.ustack_bytes
-        acc.user_stacks, acc.trace_contexts = self.user_stacks, self.trace_contexts
+        acc.unwind, acc.trace_contexts = self.unwind, self.trace_contexts
+        self.share_unwinder(acc)
         return acc
 
     def on_record(self, rec: RawRecord) -> None:
-        if self.user_stacks is not None:
-            rec = self.user_stacks.complete(rec)
+        rec = self.complete(rec)
         self.records.append(rec)
         if self.trace_contexts is not None:
             self.trace_contexts.observe(rec.pid, rec.thread_name)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import threading
 import time
@@ -33,7 +34,6 @@ from dataclasses import dataclass, field
 
 from agent.batch_export import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
 from agent.config import AgentConfig
-from agent.cpu_probe import CpuProbe
 from agent.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.probe_set import ProbeSet
@@ -98,13 +98,19 @@ class _LiveProbe(Probe):
     def on_start(self, objs) -> None:  # noqa: ANN001
         self.template.on_start(objs)
         self.current = self.template.new_accumulator()  # now with what on_start set up
+        self.template.carry_into(self.current, self.collector.alive)  # what attach() found (live goroutines)
+
+    def detach(self) -> None:
+        self.template.detach()
 
     def on_record(self, rec: RawRecord) -> None:
         if self.collector.accept(rec):
             self.current.on_record(rec)
 
     def swap(self) -> Probe:
-        done, self.current = self.current, self.template.new_accumulator()
+        nxt = self.template.new_accumulator()
+        self.current.carry_into(nxt, self.collector.alive)
+        done, self.current = self.current, nxt
         return done
 
 
@@ -126,8 +132,7 @@ class BpfCollector:
                                         offcpu_min_ns=p.offcpu_min_us * 1000, pids=pids)
         templates = [PROBES[name](self.probe_config) for name in PROBES if name in p.profiles]
         for t in templates:
-            if isinstance(t, CpuProbe):
-                t.use_tracker(tracker)  # CFI unwinding against the agent's process table
+            t.use_tracker(tracker)  # CFI unwinding against the agent's process table
         self.live = [_LiveProbe(t, self) for t in templates]
         self._pids = pids
         self._selected: dict[int, bool] = {}
@@ -136,6 +141,7 @@ class BpfCollector:
         self._count = 0
         self._start_ns = 0
         self._drops_before: dict[Drop, int] = {}
+        self._losses_before: dict[str, int] = {}  # family loss reason -> total at the last cut
         self._kernel: KernelSymbols | None = None
         self._has_kernel = False
 
@@ -172,6 +178,17 @@ class BpfCollector:
         self.tracker.seen(pid, self._seq)
         return True
 
+    def alive(self, pid: int) -> bool:
+        """Whether `pid` still runs, for state carried into the next interval (dropped with its process).
+
+        A carried process is needed by the next interval even if it sends no
+        record in it (objects still live, goroutines parked): its symbols are kept.
+        """
+        if not os.path.exists(f"{self.tracker.proc_root}/{pid}"):
+            return False
+        self.tracker.seen(pid, self._seq + 1)
+        return True
+
     def poll(self) -> None:
         assert self._probe_set is not None
         self._probe_set.poll(POLL_MS)
@@ -184,6 +201,7 @@ class BpfCollector:
         drops = self._probe_set.drops()
         delta = {d.name.lower(): n - self._drops_before.get(d, 0) for d, n in drops.items()}
         self._drops_before = drops
+        delta.update(self._family_losses())
         for reason, n in delta.items():
             if n:
                 self.stats.lose(reason, n)
@@ -196,6 +214,24 @@ class BpfCollector:
         if len(self._selected) > self.tracker.max_processes * 4:
             self._selected.clear()  # decisions are cheap to redo; keep the cache bounded under churn
         return interval
+
+    def _family_losses(self) -> dict[str, int]:
+        """Growth since the last cut of what each family's BPF side lost (full maps), logged when not 0."""
+        assert self._probe_set is not None
+        out = {}
+        for lp in self.live:
+            try:
+                totals = lp.template.bpf_losses(self._probe_set.objs)
+            except BpfprofError as e:  # a counter that cannot be read is not worth an interval
+                log.debug("%s: loss counters unreadable: %s", lp.name, e)
+                continue
+            for reason, total in totals.items():
+                n = total - self._losses_before.get(reason, 0)
+                self._losses_before[reason] = total
+                if n:
+                    log.warning("%s: %d events lost in BPF (%s)", lp.name, n, reason)
+                out[reason] = n
+        return out
 
     @property
     def seq(self) -> int:

@@ -126,6 +126,18 @@ def check_bcc() -> Check:
     return Check("bcc", True, f"bcc {version} from {Path(bcc.__file__).parent}")
 
 
+def check_heap_sampler() -> Check:
+    """The in-process heap sampler builds (it is compiled here on first use): its path, to preload into services."""
+    from agent import heap_sampler  # noqa: PLC0415  (pulls pyelftools: only when doctor runs)
+
+    lib = heap_sampler.library()
+    if lib is None:
+        return Check("heap sampler", False, "cannot be built: native heap profiles fall back to malloc uprobes "
+                     "(a trap per call)", "apt-get install gcc", required=False)
+    return Check("heap sampler", True, f"{lib} (LD_PRELOAD it into a service for cheap native heap profiles)",
+                 required=False)
+
+
 def fix_mounts() -> list[str]:
     """Mount tracefs and debugfs if missing (root); returns what was done."""
     done = []
@@ -140,6 +152,6 @@ def run_checks(fix: bool = False) -> list[Check]:
     """All checks in the order a user would fix them."""
     checks: list[Callable[[], Check]] = [
         check_privileges, check_kernel_version, check_bpf_syscall, check_perf_events,
-        check_tracefs, lambda: check_kernel_headers(link=fix), check_btf, check_bcc,
+        check_tracefs, lambda: check_kernel_headers(link=fix), check_btf, check_bcc, check_heap_sampler,
     ]
     return [c() for c in checks]

@@ -5,11 +5,17 @@ through /proc/PID/mem: the buckets give the same numbers only as of the last
 GC, need the layout of runtime.bucket/memRecord per Go version, and a read
 of the whole bucket list per export (thousands of 100-byte reads at
 ~1 us each in a large program, every interval); the uprobes cost one trap per
-*sampled* object (one per 512 KiB allocated by default: ~2 000 per GB), which
-measured as noise next to the allocations themselves (bench/heap_overhead.py),
-and give each sample its time, thread and address. Their arguments are fixed
+*sampled* object and one per its free (one per 512 KiB allocated by default:
+~2 000 per GB), and give each sample its time, thread and address. Measured
+(bench/overhead.py, this VM): ~15 us per trap, so a program allocating 4 GB/s
+ran 27-30 % slower; ~3-4 % of a CPU per GB/s allocated. The bucket reader
+would cost the program nothing; it is the next step if that figure matters. Their arguments are fixed
 by ABIInternal and have not changed since Go 1.17 for mProf_Malloc(mp, p, size)
 (earlier: (p, size)) and freeSpecial(s, p, size).
+
+A stripped binary has no symbol table: the two functions are found in its
+.gopclntab; runtime.MemProfileRate cannot be found, so its default is
+assumed (a program that changes it is scaled wrongly; the profile says so).
 
 A Go program that never references runtime.MemProfile (no runtime/pprof,
 no net/http/pprof) is linked with runtime.disableMemoryProfiling = true: its
@@ -20,7 +26,6 @@ here either; `go_heap_target` says so.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from dataclasses import dataclass
 
@@ -28,6 +33,8 @@ from elftools.elf.elffile import ELFFile
 
 from agent.uprobes import vaddr_to_offset
 from symbolizer.elf import ElfFile
+from symbolizer.gopclntab import load_pclntab
+from symbolizer.proc_maps import file_base
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +63,14 @@ def go_heap_target(path: str) -> GoHeapTarget | None:
         with open(path, "rb") as f:
             elf = ELFFile(f)
             symtab = elf.get_section_by_name(".symtab")
-            if symtab is None:
-                return None  # stripped: would need the function table of .gopclntab (not done)
             syms = {}
-            for name in (MALLOC_SYMBOL, FREE_SYMBOL, RATE_SYMBOL, DISABLED_SYMBOL):
-                found = symtab.get_symbol_by_name(name)
-                if found:
-                    syms[name] = found[0]["st_value"]
+            if symtab is not None:
+                for name in (MALLOC_SYMBOL, FREE_SYMBOL, RATE_SYMBOL, DISABLED_SYMBOL):
+                    found = symtab.get_symbol_by_name(name)
+                    if found:
+                        syms[name] = found[0]["st_value"]
+            else:  # stripped: the functions are still in .gopclntab (the variables are not: defaults assumed)
+                syms = _pclntab_functions(path, (MALLOC_SYMBOL, FREE_SYMBOL))
             if MALLOC_SYMBOL not in syms or FREE_SYMBOL not in syms:
                 return None
             disabled = False
@@ -81,6 +89,15 @@ def go_heap_target(path: str) -> GoHeapTarget | None:
     return GoHeapTarget(path, malloc_off, free_off, syms.get(RATE_SYMBOL, 0), pie, disabled)
 
 
+def _pclntab_functions(path: str, names: tuple[str, ...]) -> dict[str, int]:
+    """Entry addresses of the Go functions `names` from the binary's .gopclntab."""
+    with open(path, "rb") as f:
+        tab = load_pclntab(f.read())
+    if tab is None:
+        return {}
+    return {name: entry for entry, _, name in tab.functions() if name in names}
+
+
 def _read_vaddr(elf: ELFFile, vaddr: int, size: int) -> bytes | None:
     """Initial bytes of a variable in the file (data sections; bss reads as zero)."""
     for seg in elf.iter_segments():
@@ -96,27 +113,22 @@ def read_memprofile_rate(pid: int, target: GoHeapTarget) -> int:
     """runtime.MemProfileRate of a live process; the default when it cannot be read."""
     if not target.rate_vaddr:
         return DEFAULT_RATE_BYTES
-    addr = target.rate_vaddr
     try:
-        if target.pie:
-            addr += _load_bias(pid, target.path)
+        bias = file_base(pid, target.path) if target.pie else 0  # PIE Go binaries link at vaddr 0
+    except OSError:
+        return DEFAULT_RATE_BYTES
+    return read_rate_at(pid, target.rate_vaddr + bias, DEFAULT_RATE_BYTES)
+
+
+def read_rate_at(pid: int, addr: int, default: int) -> int:
+    """A sampling-rate variable (int64, bytes) of a live process at `addr`; `default` if unreadable or <= 0."""
+    try:
         with open(f"/proc/{pid}/mem", "rb") as mem:
             mem.seek(addr)
             raw = mem.read(8)
     except (OSError, ValueError):
-        return DEFAULT_RATE_BYTES
+        return default
     if len(raw) != 8:
-        return DEFAULT_RATE_BYTES
+        return default
     (rate,) = struct.unpack("<q", raw)
-    return rate if rate > 0 else DEFAULT_RATE_BYTES
-
-
-def _load_bias(pid: int, path: str) -> int:
-    """Start of the file's offset-0 mapping in `pid` (PIE Go binaries link at vaddr 0)."""
-    ino = os.stat(path).st_ino
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and int(parts[2], 16) == 0 and int(parts[4]) == ino:
-                return int(parts[0].split("-")[0], 16)
-    raise ValueError(f"{path} is not mapped in {pid}")
+    return rate if rate > 0 else default

@@ -50,7 +50,7 @@ import enum
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent import libbpf
@@ -59,12 +59,14 @@ from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
 from agent.stack_resolver import StackResolver
+from agent.targets import running_pids
 from agent.uprobes import vaddr_to_offset
 from exporters.profile import Profile, SampleKey, ValueType
 from symbolizer.elf import ElfFile, elf_errors
 from symbolizer.errors import BpfprofError, PclntabError
 from symbolizer.gobuildinfo import read_build_info
 from symbolizer.gopclntab import GoPclntab, load_pclntab
+from symbolizer.proc_maps import file_base
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +244,8 @@ class ProcMem:
 
 
 def load_bias(pid: int, path: str, pie: bool) -> int:
-    """Runtime address minus ELF vaddr of the executable in `pid` (0 unless PIE)."""
-    if not pie:
-        return 0
-    ino = os.stat(path).st_ino
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and int(parts[2], 16) == 0 and int(parts[4]) == ino:
-                return int(parts[0].split("-")[0], 16)
-    raise OSError(f"{path} is not mapped in {pid}")
+    """Runtime address minus ELF vaddr of the executable in `pid` (0 unless PIE: Go links PIE at vaddr 0)."""
+    return file_base(pid, path) if pie else 0
 
 
 @dataclass
@@ -388,6 +382,16 @@ class GoroutineTable:
             g = gs.get(goid) or gs.setdefault(goid, Goroutine(goid))
             g.parked, g.stack = False, ()  # where it parked is no longer where it is
 
+    def carry(self, alive: Callable[[int], bool]) -> GoroutineTable:
+        """A copy with the goroutines of running processes (events mutate them: nothing is shared)."""
+        nxt = GoroutineTable()
+        # Direct construction, not dataclasses.replace: this runs in the polling thread for every live
+        # goroutine at each cut (3-4x faster; 100 000 goroutines ~70 ms).
+        nxt.procs = {pid: {goid: Goroutine(g.goid, g.parked, g.stack, g.labels_ptr, g.gopc, g.startpc)
+                           for goid, g in gs.items()}
+                     for pid, gs in self.procs.items() if alive(pid)}
+        return nxt
+
     def seed(self, pid: int, snapshot: Iterable[tuple[GState, tuple[int, ...]]]) -> int:
         """Add goroutines read from memory that no event has described yet; returns how many."""
         gs = self.procs.setdefault(pid, {})
@@ -424,7 +428,9 @@ class _LayoutValue(ctypes.Structure):
 
 
 class GoroutineProbe(Probe):
-    interval_safe = False  # its state spans the capture: one-shot `record` only
+    """The live goroutines. In the daemon each interval reports those live at its
+    end; the table carries over, the uprobes and binaries are shared."""
+
     name = "goroutine"
     source = "goroutine.bpf.c"
     kinds = (RecordKind.GOROUTINE,)
@@ -460,21 +466,31 @@ class GoroutineProbe(Probe):
     def attach(self, objs: LoadedObjects) -> list[int]:
         fds = libbpf.attach_tracepoint(objs.programs["gor_on_exec"], "sched", "sched_process_exec")
         self._objs = objs
-        pids = list(self.config.pids or libbpf.map_keys_u32(objs.maps["targets"]))
+        pids = self.target_pids(objs)
         self._per_pid = bool(pids)
-        for pid in pids or self._all_pids():
+        for pid in pids or running_pids():
             self._add_process(pid)
         fds += self._uprobe_fds  # the probe set detaches these with the rest
-        self._uprobe_fds = []  # later ones (exec'd targets): detached by profiles()
+        self._uprobe_fds = []  # later ones (exec'd targets): detach()
         return fds
 
     def on_start(self, objs: LoadedObjects) -> None:
         self._counters_fd = os.dup(objs.maps["gor_counts"])
 
-    @staticmethod
-    def _all_pids() -> list[int]:
-        own = os.getpid()
-        return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != own]
+    def new_accumulator(self) -> GoroutineProbe:
+        """Shares the loaded programs, the binaries and the uprobes (exec'd Go targets get theirs placed)."""
+        acc = GoroutineProbe(self.config)
+        acc._objs, acc._per_pid, acc._binaries = self._objs, self._per_pid, self._binaries
+        acc._attached, acc._uprobe_fds = self._attached, self._uprobe_fds
+        return acc
+
+    def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
+        assert isinstance(nxt, GoroutineProbe)
+        nxt.table = self.table.carry(alive)
+        nxt._procs = {pid: proc for pid, proc in self._procs.items() if alive(pid)}
+
+    def detach(self) -> None:
+        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
 
     def _binary(self, exe: str) -> tuple[tuple[int, int], GoBinary | None]:
         st = os.stat(exe)
@@ -557,6 +573,9 @@ class GoroutineProbe(Probe):
     def record_count(self) -> int:
         return self.table.events
 
+    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
+        return {"goroutine_no_layout": sum(libbpf.map_lookup_percpu_u64(objs.maps["gor_counts"], NO_LAYOUT))}
+
     def _read_counters(self) -> None:
         if self._counters_fd < 0:
             return
@@ -618,7 +637,6 @@ class GoroutineProbe(Probe):
         return found[1] if found else ""
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
         self._read_counters()
         profile = goroutine_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
         exited = entry_only = 0

@@ -1,10 +1,15 @@
 """Heap profile: bpf/heap.bpf.c on the allocators of the target processes.
 
-Native processes: uprobes on glibc's allocation functions in every mapped
-file that exports malloc (libc, or a static executable), per target process
-(so other processes never trap); a whole-system capture probes the system
-libc in every process. Sampling is decided in BPF (see heap.bpf.c). Go
-binaries: uprobes on the runtime's own sampling path (agent/go_heap.py).
+Native processes, two ways. A process with bpfprof's in-process sampler
+(agent/heap_sampler.py; `record -- COMMAND` preloads it) samples itself and
+calls two empty functions for sampled objects only: uprobes there, no trap
+per malloc. Any other: uprobes on glibc's allocation functions in every
+mapped file that exports malloc (libc, or a static executable), per target
+process (so other processes never trap), sampling decided in BPF (see
+heap.bpf.c); a whole-system capture probes the system libc in every process.
+Go binaries: uprobes on the runtime's own sampling path (agent/go_heap.py).
+ALLOC records carry a stack copy, unwound here by CFI (DWARF or not, frame
+pointers or not); the allocator's own frames are hidden.
 
 mmap/munmap are not probed: glibc's malloc calls the same `mmap` symbol for
 its large blocks, so those bytes would be counted twice, and telling the
@@ -21,15 +26,15 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from elftools.elf.elffile import ELFFile
 
-from agent import go_heap, libbpf
+from agent import go_heap, heap_sampler, libbpf
 from agent.bpf_compile import LoadedObjects, ProgType
 from agent.go_heap import GoHeapTarget
-from agent.probe import Probe, RawRecord, Window
+from agent.probe import Probe, RawRecord, StackCopyProbe, Window
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
 from agent.stack_resolver import StackResolver
@@ -57,6 +62,8 @@ LIBC_PROBES: dict[str, tuple[str, bool]] = {
 }
 RETURN_PROGRAM = "heap_alloc_return"
 GO_MALLOC_PROGRAM = "heap_go_malloc"
+SAMPLER_ALLOC_PROGRAM = "heap_sampler_alloc"
+SAMPLER_FREE_PROGRAM = "heap_sampler_free"
 GO_FREE_PROGRAM = "heap_go_free"
 STATS_MAP = "heap_stats"
 HEAP_STAT_LIVE_FULL = 0  # heap.bpf.c HEAP_STAT_*
@@ -147,6 +154,15 @@ class HeapTracker:
             else:
                 self.groups[key].live -= 1
 
+    def carry(self, alive: Callable[[int], bool]) -> HeapTracker:
+        """A tracker for the next interval: the live objects of running processes, no allocations yet."""
+        nxt = HeapTracker()
+        for key, g in self.groups.items():
+            if g.live > 0 and alive(key.pid):
+                nxt.groups[key] = _Group(g.first, allocs=0, live=g.live)
+        nxt.live = {obj: key for obj, key in self.live.items() if key in nxt.groups}
+        return nxt
+
     def scaled(self, rate_of: dict[int, int], default_rate: int) -> Iterable[tuple[_Group, list[int]]]:
         """Each group with [alloc_objects, alloc_space, inuse_objects, inuse_space] scaled as Go does."""
         for key, g in self.groups.items():
@@ -154,10 +170,17 @@ class HeapTracker:
             yield g, [*scale_heap_sample(g.allocs, key.size, rate), *scale_heap_sample(g.live, key.size, rate)]
 
 
+def _allocator_location(loc: Location) -> bool:
+    """Go's allocator (runtime frames, as runtime/pprof hides them) or bpfprof's in-process sampler."""
+    if loc.mapping is not None and loc.mapping.path.rsplit("/", 1)[-1] == heap_sampler.LIB_NAME:
+        return True
+    return bool(loc.frames) and all(f.function.startswith(GO_RUNTIME_PREFIXES) for f in loc.frames)
+
+
 def hide_runtime_frames(stack: tuple[Location, ...]) -> tuple[Location, ...]:
-    """Drop leading Go runtime locations (the allocator itself), as runtime/pprof does; keep all if all are."""
+    """Drop the leading allocator locations: the allocation site is the leaf; keep all if all are."""
     for i, loc in enumerate(stack):
-        if not loc.frames or not all(f.function.startswith(GO_RUNTIME_PREFIXES) for f in loc.frames):
+        if not _allocator_location(loc):
             return stack[i:]
     return stack
 
@@ -211,8 +234,11 @@ def _gated_command_path(pid: int) -> str | None:
     return None
 
 
-class HeapProbe(Probe):
-    interval_safe = False  # its state spans the capture: one-shot `record` only
+class HeapProbe(StackCopyProbe):
+    """Allocations and live objects. In the daemon each interval's profile has
+    the allocations made in it (alloc_*) and the sampled objects live at its
+    end (inuse_*), which carry over from interval to interval."""
+
     name = "heap"
     source = "heap.bpf.c"
     kinds = (RecordKind.ALLOC, RecordKind.FREE)
@@ -222,14 +248,25 @@ class HeapProbe(Probe):
         super().__init__(config)
         self.tracker = HeapTracker()
         self.go_targets: dict[int, GoHeapTarget] = {}  # pid -> its Go binary
-        self.go_rates: dict[int, int] = {}  # pid -> runtime.MemProfileRate
+        self.rates: dict[int, int] = {}  # pid -> its own sampling rate (Go's MemProfileRate, the sampler's)
+        self.sampler: heap_sampler.SamplerSites | None = None  # preloaded into the command bpfprof starts
+        self.sampler_pids: dict[int, tuple[heap_sampler.SamplerSites, int]] = {}  # pid -> (its sampler, bias)
         self._stats_fd = -1
 
+    def command_env(self) -> dict[str, str]:
+        """Preload the in-process sampler into the command (agent/heap_sampler.py), when it can be built."""
+        lib = heap_sampler.library()
+        if lib is None:
+            return {}
+        self.sampler = heap_sampler.sampler_sites(str(lib))
+        return heap_sampler.preload_env(lib, self.config.heap_sample_bytes) if self.sampler else {}
+
     def defines(self) -> dict[str, int]:
-        return {"HEAP_SAMPLE_BYTES": self.config.heap_sample_bytes}
+        return {"HEAP_SAMPLE_BYTES": self.config.heap_sample_bytes, **self.ustack_defines("HEAP_USTACK")}
 
     def programs(self) -> dict[str, ProgType]:
-        names = {p for p, _ in LIBC_PROBES.values()} | {RETURN_PROGRAM, GO_MALLOC_PROGRAM, GO_FREE_PROGRAM}
+        names = {p for p, _ in LIBC_PROBES.values()} | {RETURN_PROGRAM, GO_MALLOC_PROGRAM, GO_FREE_PROGRAM,
+                                                         SAMPLER_ALLOC_PROGRAM, SAMPLER_FREE_PROGRAM}
         return dict.fromkeys(sorted(names), ProgType.KPROBE)
 
     def maps(self) -> list[str]:
@@ -238,10 +275,12 @@ class HeapProbe(Probe):
     def attach(self, objs: LoadedObjects) -> list[int]:
         # Our own reference: profiles() runs after the probe set has closed its fds.
         self._stats_fd = os.dup(objs.maps[STATS_MAP])
-        pids = list(self.config.pids) if self.config.pids is not None else libbpf.map_keys_u32(objs.maps["targets"])
+        pids = self.target_pids(objs)
         fds: list[int] = []
         try:
             if not pids:  # the whole system: every process mapping the system libc
+                log.warning("heap: probing malloc and free of every process (whole system); each call "
+                            "traps into a uprobe, so allocation-heavy programs slow down: select processes")
                 for pt in libc_probe_points(SYSTEM_LIBC):
                     fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, -1, pt.retprobe)
             for pid in pids:
@@ -253,10 +292,28 @@ class HeapProbe(Probe):
             log.warning("heap: no allocator found to probe in the target processes")
         return fds
 
+    def _attach_sampler(self, objs: LoadedObjects, pid: int, sites: heap_sampler.SamplerSites) -> list[int]:
+        fds = libbpf.attach_uprobe(objs.programs[SAMPLER_ALLOC_PROGRAM], sites.path, sites.alloc_offset, pid)
+        return fds + libbpf.attach_uprobe(objs.programs[SAMPLER_FREE_PROGRAM], sites.path, sites.free_offset, pid)
+
     def _attach_pid(self, objs: LoadedObjects, pid: int) -> list[int]:
-        """Probe the allocators of one process: its mapped libc-like files, and its Go runtime."""
+        """Probe the allocators of one process: its in-process sampler if it has one, else its mapped
+        libc-like files; and its Go runtime."""
         files: dict[int, str] = {}  # inode -> a readable path
         exe = _gated_command_path(pid)
+        sampler = None
+        if exe is not None and self.sampler is not None:  # preloaded by us, mapped once the gate execs
+            sampler = self.sampler
+            self.rates[pid] = self.config.heap_sample_bytes
+            self.sampler_pids[pid] = (sampler, 0)
+        else:
+            try:
+                found = heap_sampler.sampler_in(pid)
+            except OSError:
+                found = None
+            if found is not None:
+                sampler = found[0]
+                self.sampler_pids[pid] = found
         try:
             for entry in read_maps(pid):
                 if "x" in entry.perms and entry.is_file and entry.inode not in files:
@@ -268,7 +325,7 @@ class HeapProbe(Probe):
         except OSError as e:
             log.warning("heap: cannot read the mappings of pid %d: %s", pid, e)
             return []
-        fds: list[int] = []
+        fds: list[int] = self._attach_sampler(objs, pid, sampler) if sampler is not None else []
         for path in files.values():
             go = go_heap.go_heap_target(path)
             if go is not None:
@@ -279,6 +336,8 @@ class HeapProbe(Probe):
                 fds += libbpf.attach_uprobe(objs.programs[GO_MALLOC_PROGRAM], path, go.malloc_offset, pid)
                 fds += libbpf.attach_uprobe(objs.programs[GO_FREE_PROGRAM], path, go.free_offset, pid)
                 continue
+            if sampler is not None:
+                continue  # its allocator calls are sampled in the process: no trap per call
             try:
                 points = libc_probe_points(path)
             except Exception as e:  # noqa: BLE001  (one unreadable file must not end the capture)
@@ -288,13 +347,33 @@ class HeapProbe(Probe):
                 fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, pid, pt.retprobe)
         return fds
 
+    def new_accumulator(self) -> HeapProbe:
+        acc = HeapProbe(self.config)
+        acc.go_targets, acc.sampler_pids = self.go_targets, self.sampler_pids  # filled by attach() only
+        self.share_unwinder(acc)
+        return acc
+
+    def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
+        assert isinstance(nxt, HeapProbe)
+        nxt.tracker = self.tracker.carry(alive)
+        nxt.rates = {pid: rate for pid, rate in self.rates.items() if alive(pid)}
+
     def on_record(self, rec: RawRecord) -> None:
-        if rec.kind == RecordKind.ALLOC and rec.pid not in self.go_rates and rec.pid in self.go_targets:
-            self.go_rates[rec.pid] = go_heap.read_memprofile_rate(rec.pid, self.go_targets[rec.pid])
+        if rec.kind == RecordKind.ALLOC:
+            if rec.pid not in self.rates:
+                if rec.pid in self.go_targets:
+                    self.rates[rec.pid] = go_heap.read_memprofile_rate(rec.pid, self.go_targets[rec.pid])
+                elif rec.pid in self.sampler_pids:  # found mapped in a running process: it has its own rate
+                    sites, bias = self.sampler_pids[rec.pid]
+                    self.rates[rec.pid] = heap_sampler.read_rate(rec.pid, sites, bias, self.config.heap_sample_bytes)
+            rec = self.complete(rec)
         self.tracker.add(rec)
 
     def record_count(self) -> int:
         return self.tracker.records
+
+    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
+        return {"heap_live_map_full": sum(libbpf.map_lookup_percpu_u64(objs.maps[STATS_MAP], HEAP_STAT_LIVE_FULL))}
 
     def bpf_stats(self) -> tuple[int, int]:
         """(sampled objects not tracked because heap_live was full, sampled allocations that failed)."""
@@ -309,19 +388,30 @@ class HeapProbe(Probe):
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         rate = self.config.heap_sample_bytes
-        rates = set(self.go_rates.values()) | ({rate} if len(self.go_rates) < len(
+        rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(
             {k.pid for k in self.tracker.groups}) else set())
         # One period per profile: the native rate, unless every sampled process is Go.
         period = rate if rate in rates or not rates else min(rates)
         profile = heap_profile(window.start_ns, max(0, window.end_ns - window.start_ns), period)
         with_kernel = self.config.with_kernel
-        for group, values in self.tracker.scaled(self.go_rates, rate):
+        for group, values in self.tracker.scaled(self.rates, rate):
             r = group.first
             stack = hide_runtime_frames(resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips))
             info = tracker.get(r.pid)
             key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
                             labels=(("process_name", info.name),) if info else ())
-            profile.add(key, values, r.ktime_ns + window.wall_offset_ns)
+            # A group carried from an earlier interval is dated at this one's start.
+            profile.add(key, values, max(window.start_ns, r.ktime_ns + window.wall_offset_ns))
+        sampled = {k.pid for k in self.tracker.groups}
+        unknown_rate = sum(1 for pid in sampled if pid in self.go_targets and not self.go_targets[pid].rate_vaddr)
+        if unknown_rate:
+            profile.comments.append(f"heap: {unknown_rate} Go processes without runtime.MemProfileRate in their "
+                                    f"symbols (stripped): its default {go_heap.DEFAULT_RATE_BYTES} assumed")
+        native = sampled - set(self.go_targets)
+        if native:
+            own = len(native & set(self.sampler_pids))
+            profile.comments.append(f"heap: {own} of {len(native)} native processes sampled in process by "
+                                    f"{heap_sampler.LIB_NAME}, {len(native) - own} through uprobes on malloc")
         live_full, failed = self.bpf_stats()
         if live_full:
             profile.comments.append(f"heap: {live_full} sampled objects untracked (live map full): in-use overstated")

@@ -1,16 +1,28 @@
-"""Lock-contention profile: bpf/lock.bpf.c (futex waits, pthread locks, Go semaphores, kernel locks).
+"""Lock-contention profile: bpf/lock.bpf.c (futex waits, Go semaphores, kernel locks).
 
 Samples are waiter-side, like Go's block profile restricted to locks:
-`contentions/count` and `delay/nanoseconds` (the time from the lock call to
-acquisition, for calls that had to wait). A `lock` label names the source:
-futex (raw waits outside the pthread calls, condition variables and Go's idle
-threads included), pthread_mutex, pthread_rwlock, go (sync.Mutex, RWMutex,
-WaitGroup: runtime.semacquire1), kernel.
+`contentions/count` and `delay/nanoseconds` (the time a call spent asleep
+waiting for a lock, for calls that had to sleep). A `lock` label names the
+source: pthread_mutex and pthread_rwlock (futex sleeps inside those calls),
+futex (every other futex sleep: condition variables, semaphores, Go's idle
+threads, hand-rolled locks), go (sync.Mutex, RWMutex, WaitGroup:
+runtime.semacquire1), kernel.
 
-Uprobes go into each target process (`perf_event_open` with its pid) when
+Nothing runs on an uncontended pthread lock call. Each futex sleep is sent
+with the user registers and a stack copy, unwound here by CFI (Debian's libc
+keeps no frame pointers, so a frame-pointer walk from inside it loses the
+call site). A sleep whose stack holds a pthread lock function is that lock's
+contention, shown with the function as the leaf (runtime/pprof shows
+sync.(*Mutex).Lock the same way). glibc may sleep more than once in one call
+(woken, it lost the lock to another thread): sleeps of one thread at the same
+stack pointer and stack (but for the two innermost frames: rwlocks wait at
+two places in one call) with no futex wake of its own in between (BPF flags
+those) and less than MERGE_GAP_NS apart are one contention.
+
+Go uprobes go into each target process (`perf_event_open` with its pid) when
 the targets are known: at start, and again when a target execs (the BPF side
-sends an exec notice). Without targets (--all) they go system-wide, on the
-agent's own libc and on every Go binary seen running or exec'd.
+sends an exec notice). Without targets (--all) they go system-wide on every
+Go binary seen running or exec'd.
 """
 
 from __future__ import annotations
@@ -19,22 +31,21 @@ import enum
 import logging
 import os
 import struct
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent import libbpf
 from agent.bpf_compile import LoadedObjects, ProgType
-from agent.probe import Probe, ProbeConfig, RawRecord, Window
+from agent.probe import ProbeConfig, RawRecord, StackCopyProbe, Window
 from agent.process_tracker import ProcessTracker
 from agent.profile_builder import add_records
 from agent.records import RecordKind
 from agent.stack_resolver import StackResolver
-from agent.uprobes import function_offsets, vaddr_to_offset
-from exporters.profile import Profile, ValueType
+from agent.targets import running_pids
+from agent.uprobes import vaddr_to_offset
+from exporters.profile import Location, Profile, ValueType
 from symbolizer.elf import ElfFile
-from symbolizer.errors import BpfprofError
+from symbolizer.errors import BpfprofError, PclntabError
 from symbolizer.gopclntab import load_pclntab
-from symbolizer.proc_maps import open_mapped_file, read_maps
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +53,19 @@ MAX_THREADS = 16384  # threads waiting at once, per wait kind
 MAX_GOROUTINES = 65536  # goroutines inside runtime.semacquire1 at once
 MAP_FULL = 0  # lock_counts index (LOCK_MAP_FULL)
 SOURCE_SHIFT = 60
-ADDR_MASK = (1 << SOURCE_SHIFT) - 1
+AGAIN = 1 << 59  # bpf/lock.bpf.c LOCK_AGAIN: no futex wake by the thread since its previous sleep
+ADDR_MASK = AGAIN - 1
 
-PTHREAD_MUTEX_FUNCS = ("pthread_mutex_lock", "pthread_mutex_timedlock", "pthread_mutex_clocklock")
-PTHREAD_RWLOCK_FUNCS = ("pthread_rwlock_rdlock", "pthread_rwlock_wrlock", "pthread_rwlock_timedrdlock",
-                        "pthread_rwlock_timedwrlock", "pthread_rwlock_clockrdlock", "pthread_rwlock_clockwrlock")
+PTHREAD_MUTEX_FUNCS = frozenset({"pthread_mutex_lock", "pthread_mutex_timedlock", "pthread_mutex_clocklock"})
+PTHREAD_RWLOCK_FUNCS = frozenset({"pthread_rwlock_rdlock", "pthread_rwlock_wrlock", "pthread_rwlock_timedrdlock",
+                                  "pthread_rwlock_timedwrlock", "pthread_rwlock_clockrdlock",
+                                  "pthread_rwlock_clockwrlock"})
+# Two sleeps of one thread at one stack pointer and caller stack, with no futex wake
+# by it in between (so it released no contended lock) and this close, are one
+# lock call: glibc's wait loop, woken and beaten to the lock, sleeps again.
+# What it cannot tell apart: a lock released uncontended and taken again from
+# the same frame within the gap; then the hold time counts as waiting.
+MERGE_GAP_NS = 500_000
 GO_SEMACQUIRE = "runtime.semacquire1"
 GO_PARK = "runtime.gopark"
 _RET = 0xC3
@@ -57,7 +76,7 @@ class LockSource(enum.IntEnum):
     """Top nibble of a lock record's aux (bpf/lock.bpf.c LOCK_SRC_*)."""
 
     FUTEX = 0
-    PTHREAD_MUTEX = 1
+    PTHREAD_MUTEX = 1  # not sent by BPF: futex sleeps inside a pthread lock call, told by their stack
     PTHREAD_RWLOCK = 2
     GO = 3
     EXEC = 0xE  # not a wait: a target exec'd
@@ -135,26 +154,25 @@ def go_sema_sites(path: str) -> GoSemaSites | None:
     return GoSemaSites(base, tuple(resumes), tuple(returns))
 
 
-def pthread_offsets(path: str) -> dict[str, int]:
-    """File offsets of the pthread lock functions a libc defines."""
-    return function_offsets(path, [*PTHREAD_MUTEX_FUNCS, *PTHREAD_RWLOCK_FUNCS])
-
-
-def _libc_in_maps(pid: int | str) -> str | None:
-    """A host path to the libc process `pid` maps, None if it maps none (yet).
-
-    Through symbolizer.proc_maps: /proc/PID/map_files (the exact inode), else
-    the path resolved inside /proc/PID/root without following symlinks out
-    of the process's root.
-    """
-    try:
-        entries = read_maps(pid)
-    except OSError:
-        return None
-    for entry in entries:
-        if entry.is_file and os.path.basename(entry.path).startswith("libc.so"):
-            return open_mapped_file(pid, entry)
+def pthread_lock_at(stack: tuple[Location, ...]) -> tuple[LockSource, int] | None:
+    """The pthread lock function a futex sleep's stack is inside, and its index (leaf first)."""
+    for i, loc in enumerate(stack):
+        for frame in loc.frames:
+            name = frame.function.removeprefix("__")
+            if name in PTHREAD_MUTEX_FUNCS:
+                return LockSource.PTHREAD_MUTEX, i
+            if name in PTHREAD_RWLOCK_FUNCS:
+                return LockSource.PTHREAD_RWLOCK, i
     return None
+
+
+@dataclass
+class _Sleep:
+    """A futex sleep not yet sent to the records: the next one may continue it."""
+
+    rec: RawRecord
+    rsp: int  # user stack pointer at the syscall: one frame sleeping again has the same
+    end_ns: int
 
 
 def kernel_lock_tracepoints() -> bool:
@@ -167,7 +185,7 @@ def kernel_lock_tracepoints() -> bool:
     return True
 
 
-class LockProbe(Probe):
+class LockProbe(StackCopyProbe):
     name = "lock"
     source = "lock.bpf.c"
     kinds = (RecordKind.LOCK,)
@@ -184,26 +202,26 @@ class LockProbe(Probe):
         "tracepoint__lock__contention_begin": ("lock", "contention_begin"),
         "tracepoint__lock__contention_end": ("lock", "contention_end"),
     }
-    UPROBES = ("lock_pthread_mutex_enter", "lock_pthread_rwlock_enter", "lock_pthread_return",
-               "lock_go_sema_enter", "lock_go_sema_resume", "lock_go_sema_return")
-    EXEC_RETRIES = 20  # ~0.2 s for the dynamic loader of an exec'd target to map libc
+    UPROBES = ("lock_go_sema_enter", "lock_go_sema_resume", "lock_go_sema_return")
 
     def __init__(self, config: ProbeConfig) -> None:
         super().__init__(config)
         self.records: list[RawRecord] = []
         self.kernel_locks = kernel_lock_tracepoints()
+        self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
         self._objs: LoadedObjects | None = None
         self._per_pid = False
         self._attached: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
-        self._offsets: dict[tuple[int, int], object] = {}  # (st_dev, st_ino) -> pthread offsets / Go sites
+        self._go_sites: dict[tuple[int, int], GoSemaSites | None] = {}  # (st_dev, st_ino) -> None: not Go
         self._uprobe_fds: list[int] = []
         self._counters_fd = -1
         self.map_full = 0
         self.attach_errors = 0
+        self.merged_sleeps = 0
 
     def defines(self) -> dict[str, int]:
         return {"LOCK_KERNEL": int(self.kernel_locks), "LOCK_MAX_THREADS": MAX_THREADS,
-                "LOCK_MAX_GOROUTINES": MAX_GOROUTINES}
+                "LOCK_MAX_GOROUTINES": MAX_GOROUTINES, **self.ustack_defines("LOCK_USTACK")}
 
     def programs(self) -> dict[str, ProgType]:
         progs = dict.fromkeys(self.FUTEX_TRACEPOINTS, ProgType.TRACEPOINT)
@@ -223,110 +241,88 @@ class LockProbe(Probe):
         for prog, (category, event) in tps.items():
             fds += libbpf.attach_tracepoint(objs.programs[prog], category, event)
         self._objs = objs
-        pids = list(self.config.pids or libbpf.map_keys_u32(objs.maps["targets"]))
+        pids = self.target_pids(objs)
         self._per_pid = bool(pids)
-        if pids:
-            for pid in pids:
-                self._attach_process(pid, retries=0)
-        else:
-            self._attach_system_wide()
+        for pid in pids or running_pids():
+            self._attach_go(pid)
         fds += self._uprobe_fds  # the probe set detaches these with the rest
-        self._uprobe_fds = []  # later ones (exec'd targets): detached by profiles()
+        self._uprobe_fds = []  # later ones (exec'd targets): detach()
         return fds
 
     def on_start(self, objs: LoadedObjects) -> None:
         self._counters_fd = os.dup(objs.maps[self.COUNTERS])
 
-    # -- uprobes -------------------------------------------------------------
+    def new_accumulator(self) -> LockProbe:
+        """Shares the loaded programs, the unwinder and the uprobes (exec'd Go targets get theirs in the daemon too)."""
+        acc = LockProbe(self.config)
+        self.share_unwinder(acc)
+        acc._objs, acc._per_pid, acc._attached = self._objs, self._per_pid, self._attached
+        acc._go_sites, acc._uprobe_fds = self._go_sites, self._uprobe_fds
+        return acc
 
-    def _uprobe(self, prog: str, path: str, offset: int, pid: int) -> None:
-        assert self._objs is not None
-        self._uprobe_fds += libbpf.attach_uprobe(self._objs.programs[prog], path, offset, pid)
+    def detach(self) -> None:
+        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
 
-    def _attach_file(self, path: str, pid: int) -> None:
-        """Probe the pthread or Go lock paths in the ELF file at `path` (for `pid`, -1: everyone)."""
-        st = os.stat(path)
-        key = (pid, st.st_dev, st.st_ino)
-        if key in self._attached:
-            return
-        self._attached.add(key)
-        file_key = (st.st_dev, st.st_ino)
-        if file_key not in self._offsets:
-            self._offsets[file_key] = go_sema_sites(path) or pthread_offsets(path)
-        found = self._offsets[file_key]
-        if isinstance(found, GoSemaSites):
-            self._uprobe("lock_go_sema_enter", path, found.entry, pid)
-            for off in found.resumes:
-                self._uprobe("lock_go_sema_resume", path, off, pid)
-            for off in found.returns:
-                self._uprobe("lock_go_sema_return", path, off, pid)
-            return
-        for name, off in found.items():  # type: ignore[union-attr]
-            enter = "lock_pthread_mutex_enter" if name in PTHREAD_MUTEX_FUNCS else "lock_pthread_rwlock_enter"
-            self._uprobe(enter, path, off, pid)
-            assert self._objs is not None
-            self._uprobe_fds += libbpf.attach_uprobe(self._objs.programs["lock_pthread_return"], path, off, pid,
-                                                     retprobe=True)
+    # -- Go uprobes ------------------------------------------------------------
 
-    def _attach_process(self, pid: int, retries: int) -> None:
-        """Uprobes in process `pid`: its libc, and its executable when that is Go."""
+    def _attach_go(self, pid: int) -> None:
+        """runtime.semacquire1 uprobes in process `pid`'s executable, when it is Go."""
         exe = f"/proc/{pid}/exe"
         try:
-            libc = _libc_in_maps(pid)
-            for _ in range(retries):
-                if libc is not None:
-                    break
-                time.sleep(0.01)
-                libc = _libc_in_maps(pid)
+            st = os.stat(exe)
+            file_key = (st.st_dev, st.st_ino)
+            if file_key not in self._go_sites:
+                self._go_sites[file_key] = go_sema_sites(exe)
+            sites = self._go_sites[file_key]
             target = pid if self._per_pid else -1
-            if libc is not None:
-                self._attach_file(libc, target)
-            if os.path.exists(exe):
-                self._attach_file(exe, target)
-        except (OSError, BpfprofError) as e:  # the process went away, or a binary we cannot read
-            self.attach_errors += 1
-            log.info("lock uprobes not placed in pid %d: %s", pid, e)
-
-    def _attach_system_wide(self) -> None:
-        own = _libc_in_maps("self")
-        if own is not None:
-            self._attach_file(own, -1)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                try:
-                    if self._is_go(f"/proc/{entry}/exe"):
-                        self._attach_file(f"/proc/{entry}/exe", -1)
-                except (OSError, BpfprofError):
-                    continue
-
-    def _is_go(self, path: str) -> bool:
-        st = os.stat(path)
-        found = self._offsets.get((st.st_dev, st.st_ino))
-        if found is None:
-            found = go_sema_sites(path)
-            if found is None:
-                return False
-            self._offsets[(st.st_dev, st.st_ino)] = found
-        return isinstance(found, GoSemaSites)
+            if sites is None or (target, *file_key) in self._attached:
+                return
+            self._attached.add((target, *file_key))
+            assert self._objs is not None
+            programs = self._objs.programs
+            self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_enter"], exe, sites.entry, target)
+            for off in sites.resumes:
+                self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_resume"], exe, off, target)
+            for off in sites.returns:
+                self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_return"], exe, off, target)
+        except (OSError, BpfprofError, PclntabError) as e:  # gone, a kernel thread, or a binary we cannot read
+            if not isinstance(e, FileNotFoundError):
+                self.attach_errors += 1
+                log.info("lock uprobes not placed in pid %d: %s", pid, e)
 
     # -- records -------------------------------------------------------------
 
     def on_record(self, rec: RawRecord) -> None:
-        if rec.aux >> SOURCE_SHIFT == LockSource.EXEC:  # the exec'd pid is in value (see lock.bpf.c)
-            pid = rec.value
-            if self._per_pid:
-                self._attach_process(pid, self.EXEC_RETRIES)
-            else:
-                try:
-                    if self._is_go(f"/proc/{pid}/exe"):
-                        self._attach_file(f"/proc/{pid}/exe", -1)
-                except (OSError, BpfprofError):
-                    pass
+        source = rec.aux >> SOURCE_SHIFT
+        if source == LockSource.EXEC:  # the exec'd pid is in value (see lock.bpf.c)
+            if self._objs is not None:
+                self._attach_go(rec.value)
             return
-        self.records.append(rec)
+        if source != LockSource.FUTEX:
+            self.records.append(rec)
+            return
+        rsp = rec.user_regs[1] if rec.user_regs is not None else 0
+        rec = self.complete(rec)
+        if rec.kernel_ips:  # BPF sends none with a stack copy; a frame-pointer-only record has the syscall path
+            rec = replace(rec, kernel_ips=())
+        prev = self._sleeps.get(rec.tid)
+        if (prev is not None and rec.aux & AGAIN and rsp and prev.rsp == rsp and prev.rec.pid == rec.pid
+                and 0 <= rec.ktime_ns - rec.value - prev.end_ns < MERGE_GAP_NS
+                and tuple(prev.rec.user_ips[2:]) == tuple(rec.user_ips[2:])):  # one call may wait at two places
+            # the same call sleeping again: one contention, waiting from the first sleep to this end
+            self.merged_sleeps += 1
+            merged = replace(prev.rec, value=prev.rec.value + (rec.ktime_ns - prev.end_ns), ktime_ns=rec.ktime_ns)
+            self._sleeps[rec.tid] = _Sleep(merged, rsp, rec.ktime_ns)
+            return
+        if prev is not None:
+            self.records.append(prev.rec)
+        self._sleeps[rec.tid] = _Sleep(rec, rsp, rec.ktime_ns)
 
     def record_count(self) -> int:
-        return len(self.records)
+        return len(self.records) + len(self._sleeps)
+
+    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
+        return {"lock_wait_map_full": sum(libbpf.map_lookup_percpu_u64(objs.maps[self.COUNTERS], MAP_FULL))}
 
     def _read_counters(self) -> None:
         if self._counters_fd < 0:
@@ -337,15 +333,28 @@ class LockProbe(Probe):
             os.close(self._counters_fd)
             self._counters_fd = -1
 
+    @staticmethod
+    def _reshape(rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
+                                                                        tuple[tuple[str, str], ...]]:
+        source, _ = decode_aux(rec.aux)
+        if source == LockSource.FUTEX:
+            found = pthread_lock_at(stack)
+            if found is not None:  # libc's wait loop under the lock function is not the user's business
+                source, i = found
+                stack = stack[i:]
+        return stack, (("lock", source.name.lower()),)
+
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
         self._read_counters()
+        self.records += [s.rec for s in self._sleeps.values()]
+        self._sleeps.clear()
         profile = lock_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
         add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
-                    with_kernel=self.config.with_kernel,
-                    labels=lambda r: (("lock", decode_aux(r.aux)[0].name.lower()),))
+                    with_kernel=self.config.with_kernel, reshape=self._reshape)
         if self.map_full:
             profile.comments.append(f"dropped: {self.map_full} lock waits (wait map full)")
         if self.attach_errors:
             profile.comments.append(f"lock uprobes could not be placed in {self.attach_errors} processes")
+        if self.user_stacks is not None:
+            profile.comments += self.user_stacks.drop_lines()
         return [profile]

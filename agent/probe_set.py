@@ -179,7 +179,10 @@ class ProbeSet:
         programs: dict[str, bpf_compile.ProgType] = {}
         maps = list(SHARED_MAPS)
         for p in self.probes:
-            defines.update(p.defines())
+            own = p.defines()
+            # One stack-copy buffer for the set: as big as the largest family wants.
+            own["USTACK_BYTES"] = max(own.get("USTACK_BYTES", 0), defines.get("USTACK_BYTES", 0))
+            defines.update(own)
             programs.update(p.programs())
             maps += [m for m in p.maps() if m not in maps]
         self._follow = follow_children
@@ -234,6 +237,8 @@ class ProbeSet:
 
     def close(self) -> None:
         """Detach and free everything (idempotent)."""
+        for p in self.probes:
+            p.detach()
         libbpf.detach(self._events)
         if self._ring is not None:
             self._ring.close()

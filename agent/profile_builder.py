@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from agent.probe import RawRecord, Window
 from agent.process_tracker import ProcessTracker
 from agent.stack_resolver import StackResolver
-from exporters.profile import ProcessMeta, Profile, SampleKey, TraceLink
+from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink
 
 TRACE_ID_LABEL = "trace_id"
 SPAN_ID_LABEL = "span_id"
@@ -53,12 +53,22 @@ def trace_context(r: RawRecord) -> tuple[tuple[tuple[str, str], ...], TraceLink 
 
 def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackResolver, tracker: ProcessTracker,
                 window: Window, values: Callable[[RawRecord], list[int]], with_kernel: bool = True,
-                labels: Callable[[RawRecord], tuple[tuple[str, str], ...]] | None = None) -> None:
-    """Add each record as one event of `profile`, at its symbolized stack."""
+                labels: Callable[[RawRecord], tuple[tuple[str, str], ...]] | None = None,
+                reshape: Callable[[RawRecord, tuple[Location, ...]],
+                                  tuple[tuple[Location, ...], tuple[tuple[str, str], ...]]] | None = None) -> None:
+    """Add each record as one event of `profile`, at its symbolized stack.
+
+    `reshape(record, stack)`, when given, returns the stack to use and the
+    record's labels (instead of `labels`): for families that classify by
+    what the symbolized stack holds.
+    """
     for r in records:
         stack = resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips)
         info = tracker.get(r.pid)
-        extra = labels(r) if labels is not None else ()
+        if reshape is not None:
+            stack, extra = reshape(r, stack)
+        else:
+            extra = labels(r) if labels is not None else ()
         go_labels, link = trace_context(r)
         # cpu kept per sample for OTLP's cpu.logical_number; pprof readers merge
         # samples that differ only in it

@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.cpu_probe import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, CpuProbe, UnwindMode
+from agent.cpu_probe import CpuProbe
 from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.probe_set import ProbeSet
 from agent.probes import PROBES
 from agent.process_tracker import ProcessTracker
 from agent.profile_builder import add_process_meta
 from agent.records import DROP_DESCRIPTIONS, Drop
-from agent.stack_resolver import StackResolver
+from agent.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, StackResolver, UnwindMode
 from agent.targets import GatedCommand
 from exporters.profile import Profile
 from symbolizer.errors import ConfigError
@@ -97,8 +97,7 @@ class RecordSession:
             raise ConfigError(f"unknown profile type {unknown[0]!r}: choose from {', '.join(PROBES)}")
         self.probes: list[Probe] = [PROBES[name](config) for name in PROBES if name in options.profiles]
         for p in self.probes:
-            if isinstance(p, CpuProbe):
-                p.use_tracker(self.tracker, options.unwind, options.ustack_bytes)
+            p.use_tracker(self.tracker, options.unwind, options.ustack_bytes)
         self.stats = CaptureStats()
         self._records = 0
         self._start_ns = 0
@@ -129,7 +128,8 @@ class RecordSession:
                              drain_interval_s=DRAIN_INTERVAL_S)
         try:
             if opts.command:
-                command = GatedCommand(opts.command)
+                env = {k: v for p in self.probes for k, v in p.command_env().items()}
+                command = GatedCommand(opts.command, env)
                 probe_set.add_target(command.pid)
             probe_set.start(self._on_record)
             self._start_ns = time.time_ns()

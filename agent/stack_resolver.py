@@ -40,6 +40,7 @@ import logging
 import struct
 from collections import Counter
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,21 @@ from exporters.profile import Location
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 from symbolizer.kallsyms import KernelSymbols
 from symbolizer.unwinder import FrameSource, StopReason, Unwinder
+
+DEFAULT_USTACK_BYTES = 8192
+MAX_USTACK_BYTES = 24576
+
+
+class UnwindMode(StrEnum):
+    """How user stacks (CPU samples, futex waits) are walked (`record --unwind`)."""
+
+    CFI = "cfi"  # registers + stack copy from BPF, CFI/pclntab walk in the agent
+    FP = "fp"  # frame pointers, walked by bpf_get_stack
+
+
+# Chosen by bench/unwind_vs_perf.py: see the figures above.
+DEFAULT_UNWIND = UnwindMode.CFI
+
 
 if TYPE_CHECKING:
     from agent.probe import RawRecord  # agent.probe imports this module

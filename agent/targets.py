@@ -11,11 +11,17 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import psutil
 
 from symbolizer.errors import TargetError
+
+
+def running_pids() -> list[int]:
+    """Every process running now but this one (what a whole-system capture starts with)."""
+    own = os.getpid()
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != own]
 
 
 def validate_pids(pids: Sequence[int]) -> list[int]:
@@ -48,10 +54,12 @@ class GatedCommand:
     GATE = 'kill -STOP $$; exec "$@"'
     STOP_WAIT_S = 10.0
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """`env`: variables to add to the command's environment (the heap sampler's LD_PRELOAD)."""
         exe = validate_command(argv)[0]
         try:
-            self.process = subprocess.Popen(["/bin/sh", "-c", self.GATE, "bpfprof-gate", *argv])
+            self.process = subprocess.Popen(["/bin/sh", "-c", self.GATE, "bpfprof-gate", *argv],
+                                            env={**os.environ, **env} if env else None)
         except OSError as e:
             raise TargetError(f"cannot start {exe}: {e.strerror}") from e
         self.pid = self.process.pid

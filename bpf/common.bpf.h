@@ -20,14 +20,15 @@
  * Trace context (bpf/tracectx.bpf.h): a family that wants its records linked
  * to the running span calls add_trace_ctx() between new_record() and
  * submit_with_stacks(); the context then travels after the addresses.
- * CPU samples may carry a second trailer after it, the user registers and
- * stack copy of bpf/ustack.bpf.h (cpu.bpf.c sends those with fill_stacks()).
+ * CPU samples and futex waits may carry a second trailer after it, the user
+ * registers and stack copy of bpf/ustack.bpf.h (submit_with_ustack()).
  */
 #ifndef BPFPROF_COMMON_BPF_H
 #define BPFPROF_COMMON_BPF_H
 
 #include "bpfprof.h"
 #include "tracectx.bpf.h"
+#include "ustack.bpf.h"
 
 #ifndef TASK_FSBASE_OFFSET
 #define TASK_FSBASE_OFFSET -1
@@ -149,15 +150,18 @@ static __always_inline long read_kernel_stack(void *ctx, struct bpfprof_stack_re
     return kn & 127;  /* bound for the verifier; BPFPROF_MAX_FRAMES == 127 */
 }
 
-/* The current task's kernel (if WITH_KERNEL) and user stacks into `r`, frame
- * counts in its header; read errors and truncation counted. `ctx` is the
- * program's context (perf event, tracepoint or uprobe): bpf_get_stack takes
- * the registers from it. Returns kernel + user frames. */
-static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r)
+/* The current task's kernel (if WITH_KERNEL and `kernel`) and user stacks
+ * into `r`, frame counts in its header; read errors and truncation counted.
+ * `ctx` is the program's context (perf event, tracepoint or uprobe):
+ * bpf_get_stack takes the registers from it. `kernel` 0: the kernel path is
+ * the same in every record of the family (a futex syscall, a uprobe trap)
+ * and not worth reading. Returns kernel + user frames. */
+static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r, int kernel)
 {
     long kn = 0;
 #if WITH_KERNEL
-    kn = read_kernel_stack(ctx, r);
+    if (kernel)
+        kn = read_kernel_stack(ctx, r);
 #endif
     kn &= 127;
     long un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
@@ -180,9 +184,9 @@ static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r
 
 /* read_stacks, then append the trace context, if any; returns the record's
  * size (0: too big to send). */
-static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r)
+static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r, int kernel)
 {
-    read_stacks(ctx, r);
+    read_stacks(ctx, r, kernel);
     u64 kn = r->h.kernel_frames & 127, un = r->h.user_frames & 127;
     u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
     u32 zero = 0;
@@ -204,12 +208,56 @@ static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r
 /* fill_stacks, then send header + addresses (+ trace context). */
 static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_record *r)
 {
-    u64 size = fill_stacks(ctx, r);
+    u64 size = fill_stacks(ctx, r, 1);
     if (size == 0)
         return;
     if (records.ringbuf_output(r, size, 0) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
+
+#if USTACK_BYTES > 0
+/* One record as sent with a stack copy: the record (header, addresses, trace
+ * context), then the ustack trailer and its bytes. Built per CPU: the record
+ * is copied in after fill_stacks() because the trailer's place depends on
+ * the frame counts. */
+struct ustack_out {
+    u8 buf[sizeof(struct bpfprof_scratch) + sizeof(struct bpfprof_ustack) + USTACK_BYTES + USTACK_PAGE];
+};
+BPF_PERCPU_ARRAY(ustack_out_buf, struct ustack_out, 1);
+
+/* fill_stacks, then send the record with the user stack from `u`'s registers
+ * (`have_regs` 0: no user context, the record alone); `kernel` as read_stacks. */
+static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_record *r, struct bpfprof_ustack *u,
+                                               int have_regs, int kernel)
+{
+    u64 size = fill_stacks(ctx, r, kernel);
+    if (size == 0)
+        return;
+    if (!have_regs) {
+        if (records.ringbuf_output(r, size, 0) != 0)
+            count_drop(BPFPROF_DROP_RINGBUF_FULL);
+        return;
+    }
+    u32 zero = 0;
+    struct ustack_out *out = ustack_out_buf.lookup(&zero);
+    if (!out)
+        return;
+    if (size > sizeof(struct bpfprof_scratch))
+        return;  /* for the verifier: fill_stacks already bounds it */
+    if (bpf_probe_read_kernel(out->buf, size, r) != 0)
+        return;
+    u8 *data = out->buf + size + sizeof(*u);
+    u->len = copy_user_stack(data, u->rsp, &u->err);
+    u->kind = BPFPROF_CTX_USTACK;
+    u->size = (sizeof(*u) + u->len + 7) & ~7;
+    __builtin_memcpy(out->buf + size, u, sizeof(*u));
+    u64 total = size + u->size;
+    if (total > sizeof(out->buf))
+        return;
+    if (records.ringbuf_output(out, total, 0) != 0)
+        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+}
+#endif
 
 /* Send only the header (events without a stack, such as frees). */
 static __always_inline void submit_header(struct bpfprof_stack_record *r)

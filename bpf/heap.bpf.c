@@ -10,6 +10,9 @@
  * (the exponential is memoryless), which is what the agent, like Go's
  * scaleHeapSample, divides by.
  *
+ * Preloaded sampler (agent/heap_sampler.c): the process samples itself and
+ * calls bpfprof_heap_alloc/free for sampled objects only; uprobes there.
+ *
  * Go: the runtime samples at its own MemProfileRate; uprobes at the entry
  * of runtime.mProf_Malloc (one call per sampled object) and of
  * runtime.freeSpecial (where the profile record of a dead sampled object is
@@ -28,6 +31,9 @@
 #define HEAP_MAX_LIVE 262144
 #endif
 #define HEAP_MAX_THREADS 65536
+#ifndef HEAP_USTACK
+#define HEAP_USTACK 0  /* 1: ALLOC records carry the user registers and stack copy */
+#endif
 #define HEAP_PENDING_STALE_NS 100000000ULL /* a sampled call that never returned (longjmp, exit) */
 #define HEAP_GO_SPECIAL_KIND_OFFSET 16     /* runtime.special: next *special, offset uintptr, kind byte */
 #define HEAP_GO_KIND_PROFILE 4             /* runtime._KindSpecialProfile */
@@ -135,16 +141,29 @@ static __always_inline int heap_libc_enter(struct pt_regs *ctx, u64 size, u64 me
     return 0;
 }
 
-/* Send ALLOC for a sampled object and track its address. `ctx` gives the stack. */
-static __always_inline void heap_emit_alloc(struct pt_regs *ctx, u32 tgid, u64 addr, u64 size)
+/* Send ALLOC for a sampled object and track its address. `ctx` gives the
+ * stack; with HEAP_USTACK and `copy` the record also carries the user
+ * registers and a stack copy, so the agent unwinds it by CFI (native code
+ * without frame pointers). Go keeps frame pointers: its walk is whole
+ * without a copy, and a copy costs the agent CPU the program competes for. */
+static __always_inline void heap_emit_alloc(struct pt_regs *ctx, u32 tgid, u64 addr, u64 size, int copy)
 {
     struct heap_live_key key = {.tgid = tgid, .addr = addr};
     u64 one = 1;
     if (heap_live.update(&key, &one) != 0)
         heap_count(HEAP_STAT_LIVE_FULL);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_ALLOC, size, addr);
-    if (r)
-        submit_with_stacks(ctx, r);
+    if (!r)
+        return;
+#if USTACK_BYTES > 0 && HEAP_USTACK
+    if (copy) {
+        struct bpfprof_ustack u = {};
+        int have = user_regs_at_entry(&u);
+        submit_with_ustack(ctx, r, &u, have, 0);  /* a uprobe: no kernel path */
+        return;
+    }
+#endif
+    submit_with_stacks(ctx, r);
 }
 
 /* Send FREE if `addr` is a tracked sampled object of this process. */
@@ -224,7 +243,29 @@ int heap_alloc_return(struct pt_regs *ctx)
         heap_count(HEAP_STAT_NULL_RESULT);
         return 0;
     }
-    heap_emit_alloc(ctx, id >> 32, addr, size);
+    heap_emit_alloc(ctx, id >> 32, addr, size, 1);
+    return 0;
+}
+
+/* bpfprof_heap_alloc(void *ptr, size_t size) of the in-process sampler
+ * (agent/heap_sampler.c, preloaded): it calls this only for the objects it
+ * sampled, so every hit is a sample; no uretprobe, no per-call trap. */
+int heap_sampler_alloc(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!is_target(id >> 32))
+        return 0;
+    heap_emit_alloc(ctx, id >> 32, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 1);
+    return 0;
+}
+
+/* bpfprof_heap_free(void *ptr): a sampled object freed. */
+int heap_sampler_free(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!is_target(id >> 32))
+        return 0;
+    heap_emit_free(id >> 32, PT_REGS_PARM1(ctx));
     return 0;
 }
 
@@ -237,7 +278,7 @@ int heap_go_malloc(struct pt_regs *ctx)
     u64 id = bpf_get_current_pid_tgid();
     if (!is_target(id >> 32))
         return 0;
-    heap_emit_alloc(ctx, id >> 32, ctx->bx, ctx->cx);
+    heap_emit_alloc(ctx, id >> 32, ctx->bx, ctx->cx, 0);
     return 0;
 }
 

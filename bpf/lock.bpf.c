@@ -2,13 +2,18 @@
  *
  * Sources, told apart by the top nibble of the record's aux (user addresses
  * never use it; kernel addresses have it all ones):
- *   futex    sys_enter/exit_futex (every wait op) and futex_waitv, outside
- *            the pthread calls below; stack read at exit (same user regs)
- *   pthread  uprobe at pthread_mutex_*lock / pthread_rwlock_*lock entry
- *            notes the start; a futex wait inside marks it contended; the
- *            uretprobe sends it. At the return the registers are the
- *            caller's (ip = the call site, rbp its frame), so the call site
- *            is found although Debian's libc has no frame pointers.
+ *   futex    sys_enter/exit_futex (every wait op) and futex_waitv: one record
+ *            per sleep, sent at the exit with the user registers saved at
+ *            the syscall and a copy of the stack top (LOCK_USTACK), so the
+ *            agent unwinds through libc (no frame pointers there) by its
+ *            CFI. pthread mutexes and rwlocks are these sleeps too: the agent
+ *            tells them apart by the pthread function in the stack. Nothing
+ *            runs on an uncontended lock call (no uprobe on pthread_*lock:
+ *            two traps per call made a lock-heavy program ~100x slower).
+ *            A sleep is flagged LOCK_AGAIN when its thread issued no futex
+ *            wake since its previous sleep ended: it cannot have released a
+ *            contended lock in between, so it may be the same call sleeping
+ *            again (glibc's wait loop, woken and beaten to the lock).
  *   go       uprobes on runtime.semacquire1: entry (start, keyed by process
  *            and g = R14 of Go's ABIInternal), the instruction after its
  *            call to gopark (it parked: contended), each RET instruction
@@ -24,12 +29,11 @@
 #include "common.bpf.h"
 
 #define LOCK_SRC_FUTEX 0ULL
-#define LOCK_SRC_PTHREAD_MUTEX 1ULL
-#define LOCK_SRC_PTHREAD_RWLOCK 2ULL
 #define LOCK_SRC_GO 3ULL
 #define LOCK_SRC_EXEC 0xeULL
 #define LOCK_EXEC (LOCK_SRC_EXEC << 60)
-#define LOCK_ADDR_MASK ((1ULL << 60) - 1)
+#define LOCK_AGAIN (1ULL << 59)  /* futex sleeps: see above */
+#define LOCK_ADDR_MASK ((1ULL << 59) - 1)
 
 /* Indices of lock_counts. */
 #define LOCK_MAP_FULL 0   /* a wait could not be noted: it is lost */
@@ -37,17 +41,13 @@
 
 #define LOCK_EAGAIN 11
 
+#ifndef LOCK_USTACK
+#define LOCK_USTACK 0  /* 1: futex records carry the user registers and stack copy */
+#endif
+
 struct lock_wait {
     u64 t0;
     u64 addr;
-};
-
-struct lock_call {
-    u64 t0;
-    u64 addr;
-    u64 func;    /* the pthread function's address: the sample's leaf */
-    u32 waited;  /* a futex wait happened inside: the lock was contended */
-    u32 source;
 };
 
 struct lock_go_key {
@@ -63,7 +63,8 @@ struct lock_go_wait {
 };
 
 BPF_HASH(lock_futex_waits, u32, struct lock_wait, LOCK_MAX_THREADS);
-BPF_HASH(lock_pthread_calls, u32, struct lock_call, LOCK_MAX_THREADS);
+/* tid -> 1 if it issued a futex wake since its last sleep ended */
+BPF_TABLE("lru_hash", u32, u8, lock_woke, LOCK_MAX_THREADS);
 BPF_HASH(lock_go_waits, struct lock_go_key, struct lock_go_wait, LOCK_MAX_GOROUTINES);
 BPF_PERCPU_ARRAY(lock_counts, u64, LOCK_COUNTERS);
 
@@ -75,11 +76,9 @@ static __always_inline void lock_count(u32 what)
 }
 
 /* Send `r` with the user stack of `ctx` (and the kernel one when `kernel`).
- * `extra` != 0 is one more user frame: the leaf when `extra_is_leaf` (the
- * pthread function, whose caller's registers a uretprobe sees), else the
- * second frame (Go at a RET: the return address still at [rsp]). */
-static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, u64 extra,
-                                        int extra_is_leaf)
+ * `extra` != 0 is one more user frame, put second (Go at a RET: the return
+ * address still at [rsp], while rbp is already the caller's). */
+static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, u64 extra)
 {
     long kn = 0;
 #if WITH_KERNEL
@@ -100,12 +99,8 @@ static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *
     }
     un /= sizeof(u64);
     if (extra && un > 0) {
-        if (extra_is_leaf) {
-            r->ips[kn] = extra;
-        } else {
-            r->ips[kn] = r->ips[kn + 1];
-            r->ips[kn + 1] = extra;
-        }
+        r->ips[kn] = r->ips[kn + 1];
+        r->ips[kn + 1] = extra;
         un += 1;
     }
     if (un >= BPFPROF_MAX_FRAMES) {
@@ -146,17 +141,23 @@ static __always_inline int lock_futex_exit(void *ctx, long ret)
     u64 delta = bpf_ktime_get_ns() - w->t0;
     u64 addr = w->addr;
     lock_futex_waits.delete(&tid);
-    struct lock_call *c = lock_pthread_calls.lookup(&tid);
-    if (c) {  /* inside pthread_*lock: the uretprobe reports the whole acquisition */
-        c->waited = 1;
-        return 0;
-    }
     if (ret == -LOCK_EAGAIN)  /* the word had changed: it never slept */
         return 0;
+    u8 *woke = lock_woke.lookup(&tid);
+    u64 again = (woke && *woke) ? 0 : LOCK_AGAIN;
+    u8 no = 0;
+    lock_woke.update(&tid, &no);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta,
-                                                (addr & LOCK_ADDR_MASK) | (LOCK_SRC_FUTEX << 60));
-    if (r)
-        lock_submit(ctx, r, 0, 0, 0);
+                                                (addr & LOCK_ADDR_MASK) | again | (LOCK_SRC_FUTEX << 60));
+    if (!r)
+        return 0;
+#if USTACK_BYTES > 0 && LOCK_USTACK
+    struct bpfprof_ustack u = {};
+    int have = user_regs_at_entry(&u);
+    submit_with_ustack(ctx, r, &u, have, 0);  /* the futex syscall: the same in every sleep */
+#else
+    lock_submit(ctx, r, 0, 0);
+#endif
     return 0;
 }
 
@@ -167,6 +168,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex)
     int cmd = args->op & 127;
     if (cmd == 0 || cmd == 6 || cmd == 9 || cmd == 11 || cmd == 13)
         return lock_futex_enter((u64)args->uaddr);
+    /* WAKE 1, REQUEUE 3, CMP_REQUEUE 4, WAKE_OP 5, UNLOCK_PI 7, WAKE_BITSET 10: a lock may have been released */
+    if (cmd == 1 || cmd == 3 || cmd == 4 || cmd == 5 || cmd == 7 || cmd == 10) {
+        u64 id = bpf_get_current_pid_tgid();
+        if (is_target(id >> 32)) {
+            u32 tid = id;
+            u8 yes = 1;
+            lock_woke.update(&tid, &yes);
+        }
+    }
     return 0;
 }
 
@@ -185,49 +195,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex_waitv)
 TRACEPOINT_PROBE(syscalls, sys_exit_futex_waitv)
 {
     return lock_futex_exit(args, args->ret);
-}
-
-/* ---- pthread -------------------------------------------------------------- */
-
-static __always_inline int lock_pthread_enter(struct pt_regs *ctx, u32 source)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    if (!is_target(id >> 32))
-        return 0;
-    u32 tid = id;
-    struct lock_call c = {bpf_ktime_get_ns(), PT_REGS_PARM1(ctx), PT_REGS_IP(ctx), 0, source};
-    if (lock_pthread_calls.update(&tid, &c) != 0)
-        lock_count(LOCK_MAP_FULL);
-    return 0;
-}
-
-int lock_pthread_mutex_enter(struct pt_regs *ctx)
-{
-    return lock_pthread_enter(ctx, LOCK_SRC_PTHREAD_MUTEX);
-}
-
-int lock_pthread_rwlock_enter(struct pt_regs *ctx)
-{
-    return lock_pthread_enter(ctx, LOCK_SRC_PTHREAD_RWLOCK);
-}
-
-int lock_pthread_return(struct pt_regs *ctx)
-{
-    u32 tid = bpf_get_current_pid_tgid();
-    struct lock_call *c = lock_pthread_calls.lookup(&tid);
-    if (!c)
-        return 0;
-    u64 delta = bpf_ktime_get_ns() - c->t0;
-    u64 aux = (c->addr & LOCK_ADDR_MASK) | ((u64)c->source << 60);
-    u32 waited = c->waited;
-    u64 func = c->func;
-    lock_pthread_calls.delete(&tid);
-    if (!waited)
-        return 0;
-    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, aux);
-    if (r)
-        lock_submit(ctx, r, 0, func, 1);
-    return 0;
 }
 
 /* ---- Go ------------------------------------------------------------------- */
@@ -275,7 +242,7 @@ int lock_go_sema_return(struct pt_regs *ctx)
     bpf_probe_read_user(&ret_addr, sizeof(ret_addr), (void *)ctx->sp);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, aux);
     if (r)
-        lock_submit(ctx, r, 0, ret_addr, 0);
+        lock_submit(ctx, r, 0, ret_addr);
     return 0;
 }
 
@@ -308,7 +275,7 @@ TRACEPOINT_PROBE(lock, contention_end)
     lock_kernel_waits.delete(&tid);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, addr);
     if (r)
-        lock_submit(args, r, 1, 0, 0);
+        lock_submit(args, r, 1, 0);
     return 0;
 }
 #endif

@@ -39,7 +39,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (prev != 0 && (u32)id == prev && is_target(id >> 32)) {
         struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_OFFCPU, 0, args->prev_state);
         if (r) {
-            read_stacks(args, r);
+            read_stacks(args, r, 1);
             if (offcpu_stash.update(&prev, r) != 0)
                 offcpu_count(OFFCPU_STASH_FAILED);
         }

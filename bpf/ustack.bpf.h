@@ -2,13 +2,14 @@
  * CFI/pclntab unwinder (symbolizer/unwinder.py; why it unwinds in user space
  * and not here: agent/stack_resolver.py, "Where to unwind").
  *
- * A CPU record may carry, after its addresses and its trace context, one
- * struct bpfprof_ustack followed by `len` bytes of user memory from `rsp` up.
+ * A CPU or lock record may carry, after its addresses and its trace context,
+ * one struct bpfprof_ustack followed by `len` bytes of user memory from `rsp`
+ * up (common.bpf.h submit_with_ustack).
  * The frame-pointer stack (bpf_get_stack) is still sent: the agent falls back
  * to it where the copy or the unwind tables fail.
  *
  * Pure functions over user memory, no maps: BCC rewrites map accesses only in
- * its main file (cpu.bpf.c owns the output buffer).
+ * its main file (common.bpf.h, pasted there, owns the output buffer).
  *
  * Compile-time switch: USTACK_BYTES  bytes of stack to copy (0: none).
  */
@@ -53,10 +54,27 @@ struct bpfprof_ustack {
 };
 
 #if USTACK_BYTES > 0
-/* The user registers of the current task into `u`; 0 for a task with no user
- * context (kernel threads). In a kernel-mode sample they are the ones saved
- * at kernel entry: bpf_task_pt_regs, not task->stack arithmetic, because the
+/* The user registers saved when the current task entered the kernel (a
+ * syscall, an interrupt) into `u`; 0 for a task with no user context (kernel
+ * threads). bpf_task_pt_regs, not task->stack arithmetic, because the
  * top-of-stack padding differs between kernels (FRED) and headers lie here. */
+static __always_inline int user_regs_at_entry(struct bpfprof_ustack *u)
+{
+    struct pt_regs regs;
+    struct pt_regs *entry = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    if (!entry || bpf_probe_read_kernel(&regs, sizeof(regs), entry) != 0)
+        return 0;
+    if ((regs.cs & 3) != 3)
+        return 0;  /* a kernel thread: its pt_regs hold no user context */
+    u->flags = 0;
+    u->rip = regs.ip;
+    u->rsp = regs.sp;
+    u->rbp = regs.bp;
+    return 1;
+}
+
+/* The user registers of a perf-event sample into `u`: the sampled ones in
+ * user mode, else those saved at kernel entry. 0 without a user context. */
 static __always_inline int user_regs(struct bpf_perf_event_data *ctx, struct bpfprof_ustack *u)
 {
     /* Sampled registers as scalars first: clang would otherwise merge the loads
@@ -71,17 +89,7 @@ static __always_inline int user_regs(struct bpf_perf_event_data *ctx, struct bpf
         u->rbp = bp;
         return 1;
     }
-    struct pt_regs regs;
-    struct pt_regs *entry = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    if (!entry || bpf_probe_read_kernel(&regs, sizeof(regs), entry) != 0)
-        return 0;
-    if ((regs.cs & 3) != 3)
-        return 0;  /* a kernel thread: its pt_regs hold no user context */
-    u->flags = 0;
-    u->rip = regs.ip;
-    u->rsp = regs.sp;
-    u->rbp = regs.bp;
-    return 1;
+    return user_regs_at_entry(u);
 }
 
 /* Copy up to USTACK_BYTES from `sp` into `dst`, one page at most per read so

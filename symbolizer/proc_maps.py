@@ -98,6 +98,18 @@ def read_maps(pid: int | str, proc_root: str = "/proc") -> list[MapsEntry]:
         return parse_maps(f.read())
 
 
+def file_base(pid: int | str, path: str, proc_root: str = "/proc") -> int:
+    """Start of the mapping of `path`'s file offset 0 in `pid` (the load base of a PIE or library).
+
+    Matched by inode, so any path to the file will do. OSError if it is not mapped.
+    """
+    inode = os.stat(path).st_ino
+    for entry in read_maps(pid, proc_root):
+        if entry.offset == 0 and entry.inode == inode:
+            return entry.start
+    raise OSError(f"{path} is not mapped in {pid}")
+
+
 def resolve_in_root(root: str, path: str) -> str:
     """`path` as seen by a process whose root is `root`, with symlinks resolved inside `root`.
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from agent.cpu_probe import DEFAULT_UNWIND, UnwindMode
 from agent.probes import PROBES
 from agent.session import CaptureStats, RecordOptions, RecordSession
+from agent.stack_resolver import DEFAULT_UNWIND, UnwindMode
 from agent.targets import validate_command, validate_pids
 from exporters.formats import FORMATS, OutputFormat
 from exporters.otlp import encode_otlp

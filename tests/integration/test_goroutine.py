@@ -15,7 +15,7 @@ PARKS = {"main.parkA": 120, "main.parkB": 60, "main.parkC": 30}
 CREATED_BY = {"main.parkA": "main.main", "main.parkB": "main.main.func2", "main.parkC": "main.main"}
 
 
-def _by_park(prof: Decoded) -> dict[str, Counter]:
+def by_park(prof: Decoded) -> dict[str, Counter]:
     """Per park function: count by (stack, sorted pprof labels other than ours)."""
     out: dict[str, Counter] = {name: Counter() for name in PARKS}
     for s in prof.samples:
@@ -31,11 +31,11 @@ def _comments(prof: Decoded) -> list[str]:
     return [st[i] for i in prof.raw.comment]
 
 
-def _check_against_witness(tmp_path, out, witness) -> Decoded:
+def check_against_witness(tmp_path, out, witness) -> Decoded:
     prof, go = read_pprof(out), read_pprof(witness)
     assert prof.sample_types == [("goroutine", "count")]
     assert prof.raw.string_table[prof.raw.period_type.type] == "goroutine"
-    ours, theirs = _by_park(prof), _by_park(go)
+    ours, theirs = by_park(prof), by_park(go)
     for park, want in PARKS.items():
         assert sum(theirs[park].values()) == want, (park, theirs[park])  # the fixture did what it says
         got = sum(ours[park].values())
@@ -53,7 +53,7 @@ def test_goroutines_created_during_the_capture_match_runtime_pprof(tmp_path):
     out, witness = tmp_path / "goroutine.pb.gz", tmp_path / "witness.pb.gz"
     # 1 s before the first goroutine: the uprobes go in when the program execs, after the agent sees it
     run_bpfprof("record", "--profile", "goroutine", "-o", str(out), "--", str(binary), str(witness), "1", "0.5")
-    prof = _check_against_witness(tmp_path, out, witness)
+    prof = check_against_witness(tmp_path, out, witness)
     events = int(_comments(prof)[0].split("goroutines: ", 1)[1].split()[0])
     assert events >= 2 * sum(PARKS.values()), _comments(prof)  # each was created and parked under the probes
 
@@ -62,7 +62,7 @@ def test_stripped_binary_uses_the_version_table(tmp_path):
     binary = build_go("goroutines", stripped=True)
     out, witness = tmp_path / "goroutine.pb.gz", tmp_path / "witness.pb.gz"
     run_bpfprof("record", "--profile", "goroutine", "-o", str(out), "--", str(binary), str(witness), "1", "0.5")
-    _check_against_witness(tmp_path, out, witness)
+    check_against_witness(tmp_path, out, witness)
 
 
 def test_goroutines_parked_before_the_capture_are_read_from_memory(tmp_path):
@@ -77,7 +77,7 @@ def test_goroutines_parked_before_the_capture_are_read_from_memory(tmp_path):
     finally:
         fixture.kill()
         fixture.wait()
-    prof = _check_against_witness(tmp_path, out, witness)
+    prof = check_against_witness(tmp_path, out, witness)
     seeded = int(_comments(prof)[0].split(", ")[1].split()[0])  # "N read at start from memory"
     assert seeded >= 1 + sum(PARKS.values()), _comments(prof)  # system goroutines are read too, then left out
     main = [s for s in prof.samples if "main.main" in s.functions and not any(p in s.functions for p in PARKS)]

@@ -66,6 +66,24 @@ def test_native_sites_within_tolerance(native_run):
             assert got_inuse == 0, f"{site} freed everything, yet {got_inuse} bytes in use"
 
 
+def _comments(prof: Decoded) -> list[str]:
+    return [prof.raw.string_table[i] for i in prof.raw.comment]
+
+
+def test_a_command_bpfprof_starts_samples_in_process(native_run):
+    """`-- COMMAND` preloads the sampler: no uprobe on every malloc, and its frames are not in the stacks."""
+    _, _, prof, _ = native_run
+    assert "heap: 1 of 1 native processes sampled in process by libbpfprof_heap.so, 0 through uprobes on malloc" \
+        in _comments(prof)
+    assert not [s for s in prof.samples if {"bpfprof_heap_alloc", "malloc", "calloc"} & set(s.functions)]
+    # The leaf is the allocating function. Besides the sites, the program's other
+    # allocations may be sampled too (stdio's buffer for its printf: 4 KiB, a
+    # ~1 % chance at this rate), so those leaves are allowed but are bytes apart.
+    site_bytes = sum(s.values[ALLOC_SPACE] for s in prof.samples
+                     if s.functions[0] in {"site_a", "site_b", "site_b_seed", "site_c"})
+    assert site_bytes >= 0.99 * prof.total(ALLOC_SPACE)
+
+
 def test_native_profile_shape_and_go_tool_reads_it(native_run):
     tmp, path, prof, _ = native_run
     assert prof.sample_types == HEAP_TYPES
@@ -107,6 +125,19 @@ def test_go_stacks_hide_the_allocator_like_runtime_pprof(go_run):
     assert leaves == {"main.allocA"}
 
 
+def test_stripped_go_binary_is_found_by_its_pclntab(tmp_path):
+    """No .symtab: the probe points come from .gopclntab; the rate is the runtime's default (the fixture keeps it)."""
+    binary = build_go("heapsites", stripped=True)
+    ours, theirs = tmp_path / "bpfprof.pb.gz", tmp_path / "runtime-pprof.pb.gz"
+    run_bpfprof("record", "--profile", "heap", "-o", str(ours), "--", str(binary), "-memprofile", str(theirs),
+                "-rounds", "1")
+    prof, go = read_pprof(ours), read_pprof(theirs)
+    for site in GO_SITES:
+        want, got = site_value(go, site, ALLOC_SPACE), site_value(prof, site, ALLOC_SPACE)
+        assert want > 50 * RATE and abs(got - want) <= TOLERANCE * want, (site, got, want)
+    assert any("without runtime.MemProfileRate" in c for c in _comments(prof))
+
+
 def test_go_files_load_in_go_tool_pprof(go_run):
     tmp, ours_path, ours, theirs_path, theirs = go_run
     assert ours.sample_types == theirs.sample_types == HEAP_TYPES
@@ -141,3 +172,6 @@ def test_pid_target_sees_a_running_process(tmp_path):
     assert {s.num_labels.get("pid") for s in prof.samples} == {child.pid}
     alloc = site_value(prof, "site_a", ALLOC_SPACE)
     assert abs(alloc - 805306368) <= TOLERANCE * 805306368
+    # a process bpfprof did not start has no sampler: its malloc is probed
+    assert "heap: 0 of 1 native processes sampled in process by libbpfprof_heap.so, 1 through uprobes on malloc" \
+        in _comments(prof)

@@ -36,7 +36,7 @@ def test_pthread_contention_per_call_site_matches_the_fixture(tmp_path):
              "read_side": ("pthread_rwlock", "pthread_rwlock_rdlock")}
     for site, (lock, func) in sites.items():
         want_ns, want_n = truth[site]
-        assert want_ns > 0.1e9, (site, truth)  # the fixture really contended
+        assert want_ns > 0.03e9 and want_n >= 10, (site, truth)  # the fixture really contended (readers: least)
         n, ns = _delay(prof, site, lock)
         assert abs(ns - want_ns) <= 0.15 * want_ns, (site, ns, want_ns)
         assert abs(n - want_n) <= 0.15 * want_n, (site, n, want_n)

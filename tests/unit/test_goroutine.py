@@ -159,3 +159,15 @@ def test_system_goroutines_by_entry_or_by_the_frame_under_goexit(binary):
     assert probe._is_system(proc, Goroutine(1, stack=(0x1, bgsweep + 20, goexit + 1)))
     assert not probe._is_system(proc, Goroutine(1, stack=(0x1, park_b + 20, goexit + 1)))
     assert not probe._is_system(proc, Goroutine(1, stack=(0x1, bgsweep + 20)))  # stack cut short: unknown
+
+
+def test_carry_copies_the_live_set_of_running_processes():
+    """The next interval's table is a copy: events applied to it do not change the interval being built."""
+    t = GoroutineTable()
+    t.apply(7, Event.PARK, 10, 0xB0, (1, 2, 3))
+    t.apply(8, Event.PARK, 11, 0, (4,))
+    nxt = t.carry(alive=lambda pid: pid == 7)
+    assert set(nxt.procs) == {7} and nxt.events == 0
+    nxt.apply(7, Event.WAKE, 10, GStatus.RUNNABLE, ())
+    assert (t.procs[7][10].parked, t.procs[7][10].stack) == (True, (1, 2, 3))
+    assert (nxt.procs[7][10].parked, nxt.procs[7][10].labels_ptr) == (False, 0xB0)

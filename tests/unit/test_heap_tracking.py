@@ -132,3 +132,19 @@ def test_an_entry_probe_firing_twice_for_one_allocation_counts_once():
     t.add(RawRecord(RecordKind.FREE, 1, 7, 0, 0, 0, 0xC000100000, "app", (), ()))
     t.add(alloc(0xC000100000))  # reused after its free: a new allocation
     assert (group.allocs, group.live) == (3, 2)
+
+
+def test_carry_keeps_live_objects_of_running_processes_and_no_allocations():
+    """The daemon's next interval starts with what is live (in use), none of this interval's allocations."""
+    t = HeapTracker()
+    t.add(rec(RecordKind.ALLOC, 0x100, 64, ips=(0x10,)))
+    t.add(rec(RecordKind.ALLOC, 0x200, 64, ips=(0x10,)))
+    t.add(rec(RecordKind.ALLOC, 0x300, 32, ips=(0x20,)))
+    t.add(rec(RecordKind.FREE, 0x300))  # dead: its group does not carry
+    t.add(rec(RecordKind.ALLOC, 0x100, 64, ips=(0x10,), pid=9))  # a process that exits
+    nxt = t.carry(alive=lambda pid: pid == 7)
+    assert [(k.pid, k.size, g.allocs, g.live) for k, g in nxt.groups.items()] == [(7, 64, 0, 2)]
+    assert set(nxt.live) == {(7, 0x100), (7, 0x200)}
+    nxt.add(rec(RecordKind.FREE, 0x100))  # a free in the next interval lowers in-use there, not here
+    assert [g.live for g in nxt.groups.values()] == [1]
+    assert sorted(g.live for g in t.groups.values()) == [0, 1, 2]

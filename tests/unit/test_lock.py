@@ -1,12 +1,16 @@
-"""Lock probe pieces that need no kernel: aux decoding, profile shape, program set."""
+"""Lock probe pieces that need no kernel: aux decoding, profile shape, program set, sleep merging, labels."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from agent import lock_probe
 from agent.lock_probe import LockProbe, LockSource, decode_aux, lock_profile
-from agent.probe import ProbeConfig
+from agent.probe import ProbeConfig, RawRecord
+from agent.records import RecordKind
 from exporters.pprof import decode_pprof, encode_pprof
-from exporters.profile import SampleKey
+from exporters.profile import Location, SampleKey
+from symbolizer.frames import Frame, FrameKind
 
 
 def test_aux_carries_source_and_address():
@@ -37,3 +41,52 @@ def test_kernel_lock_programs_only_when_the_tracepoints_exist(monkeypatch):
     probe = LockProbe(ProbeConfig())
     assert probe.defines()["LOCK_KERNEL"] == 1
     assert set(LockProbe.KERNEL_TRACEPOINTS) <= set(probe.programs())
+
+
+def _sleep(tid: int, end_ns: int, waited_ns: int, rsp: int, ips=(0x401000, 0x402000), again=True) -> RawRecord:
+    """A futex sleep record as BPF sends it (value: ns asleep, ktime: its end), with its registers."""
+    aux = 0x7F00_0000_1000 | (lock_probe.AGAIN if again else 0)
+    return RawRecord(kind=RecordKind.LOCK, pid=7, tid=tid, cpu=0, ktime_ns=end_ns, value=waited_ns, aux=aux,
+                     thread_name="t", kernel_ips=(0xFFFF_FFFF_8100_0000,), user_ips=ips, user_regs=(ips[0], rsp, 0))
+
+
+def test_sleeps_of_one_call_are_one_contention():
+    """glibc's wait loop sleeps again when woken and beaten to the lock: same thread, frame and stack, a short gap."""
+    probe = LockProbe(ProbeConfig())
+    probe.on_record(_sleep(1, end_ns=1_000_000, waited_ns=400_000, rsp=0x7FF0))
+    probe.on_record(_sleep(1, end_ns=1_500_000, waited_ns=480_000, rsp=0x7FF0))  # 20 us after the first woke
+    probe.on_record(_sleep(2, end_ns=1_500_000, waited_ns=480_000, rsp=0x7FF0))  # another thread
+    probe.on_record(_sleep(1, end_ns=2_000_000, waited_ns=100_000, rsp=0x7FF0, again=False))  # it woke someone
+    probe.on_record(_sleep(1, end_ns=2_900_000, waited_ns=100_000, rsp=0x7FF0))  # 0.8 ms after: a later call
+    probe.on_record(_sleep(1, end_ns=19_000_000, waited_ns=100_000, rsp=0x7FF0))
+    probe.on_record(_sleep(1, end_ns=19_100_000, waited_ns=50_000, rsp=0x7FF0, ips=(0x401000, 0x403000, 0x404000)))
+    probe.on_record(_sleep(1, end_ns=19_160_000, waited_ns=50_000, rsp=0x7FF0,  # the same call, another wait place
+                           ips=(0x401000, 0x403100, 0x404000)))
+    probe.on_record(_sleep(1, end_ns=19_200_000, waited_ns=50_000, rsp=0x7FE0,  # another frame
+                           ips=(0x401000, 0x403000, 0x404000)))
+    probe.on_record(_sleep(1, end_ns=19_300_000, waited_ns=50_000, rsp=0x7FE0,  # another caller
+                           ips=(0x401000, 0x403000, 0x405000)))
+    probe.records += [s.rec for s in probe._sleeps.values()]
+    waits = sorted((r.tid, r.ktime_ns, r.value) for r in probe.records)
+    assert waits == [(1, 1_500_000, 900_000), (1, 2_000_000, 100_000), (1, 2_900_000, 100_000), (1, 19_000_000, 100_000),
+                     (1, 19_160_000, 110_000), (1, 19_200_000, 50_000), (1, 19_300_000, 50_000),
+                     (2, 1_500_000, 480_000)]
+    assert probe.merged_sleeps == 2
+    assert all(r.kernel_ips == () for r in probe.records)  # the futex syscall path is the same in every sleep
+
+
+def _loc(*names: str) -> Location:
+    return Location(address=0x1000, mapping=None, frames=tuple(Frame(function=n, kind=FrameKind.NATIVE) for n in names))
+
+
+def test_pthread_sleeps_are_labelled_and_start_at_the_lock_function():
+    futex = 0x7F00_0000_1000
+    rec = _sleep(1, 1, 1, 1)
+    stack = (_loc(), _loc("__futex_abstimed_wait_common"), _loc("__pthread_rwlock_wrlock"), _loc("writer"))
+    assert LockProbe._reshape(rec, stack) == (stack[2:], (("lock", "pthread_rwlock"),))
+    stack = (_loc(), _loc("pthread_mutex_lock"), _loc("site"))
+    assert LockProbe._reshape(rec, stack) == (stack[1:], (("lock", "pthread_mutex"),))
+    stack = (_loc(), _loc("pthread_cond_wait"), _loc("waiter"))  # a futex sleep that is no lock call
+    assert LockProbe._reshape(rec, stack) == (stack, (("lock", "futex"),))
+    go = replace(rec, aux=(3 << 60) | futex)
+    assert LockProbe._reshape(go, stack) == (stack, (("lock", "go"),))

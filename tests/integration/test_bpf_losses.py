@@ -1,0 +1,57 @@
+"""What a probe family's BPF side loses (a full map) reaches the agent's lost-samples metric.
+
+Real programs in the real kernel under `BpfCollector`, the daemon's BPF side;
+the families' counter maps are set from user space to known per-CPU values
+(filling a 262 144-entry map from a test would take minutes), then each cut
+must report exactly their growth, once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+from agent import libbpf
+from agent.config import AgentConfig, ProfilingConfig, SelectionConfig
+from agent.daemon import BpfCollector
+from agent.heap_probe import HEAP_STAT_LIVE_FULL, STATS_MAP
+from agent.lock_probe import MAP_FULL, LockProbe
+from agent.metrics import AgentStats
+from agent.process_tracker import ProcessTracker
+
+
+def _set_percpu(fd: int, key: int, per_cpu: int) -> int:
+    """Every CPU's slot of `key` set to `per_cpu`; returns the sum the agent should read."""
+    n = libbpf.possible_cpus()
+    libbpf.map_update(fd, ctypes.c_uint32(key), (ctypes.c_uint64 * n)(*[per_cpu] * n))
+    return per_cpu * n
+
+
+def test_family_losses_become_lost_samples_once_per_growth():
+    target = subprocess.Popen(["sleep", "120"])
+    cfg = AgentConfig(profiling=ProfilingConfig(profiles=("heap", "lock", "goroutine")),
+                      selection=SelectionConfig(pids=(target.pid,)))
+    stats = AgentStats()
+    collector = BpfCollector(cfg, ProcessTracker(max_processes=cfg.limits.max_processes), stats)
+    try:
+        collector.start()
+        maps = collector._probe_set.objs.maps
+        collector.cut()
+        assert not {r for r in stats.lost_samples if r.endswith(("map_full", "no_layout"))}  # nothing lost yet
+        heap = _set_percpu(maps[STATS_MAP], HEAP_STAT_LIVE_FULL, 3)
+        lock = _set_percpu(maps[LockProbe.COUNTERS], MAP_FULL, 2)
+        gor = _set_percpu(maps["gor_counts"], 0, 1)
+        interval = collector.cut()
+        assert stats.lost_samples["heap_live_map_full"] == heap
+        assert stats.lost_samples["lock_wait_map_full"] == lock
+        assert stats.lost_samples["goroutine_no_layout"] == gor
+        assert interval.drops["heap_live_map_full"] == heap  # and in that interval's profile comments
+        collector.cut()  # no growth: nothing more
+        assert stats.lost_samples["heap_live_map_full"] == heap
+        _set_percpu(maps[STATS_MAP], HEAP_STAT_LIVE_FULL, 5)
+        collector.cut()
+        assert stats.lost_samples["heap_live_map_full"] == 5 * libbpf.possible_cpus()
+    finally:
+        collector.close()
+        target.kill()
+        target.wait()
