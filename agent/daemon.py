@@ -192,6 +192,8 @@ class BpfCollector:
     def poll(self) -> None:
         assert self._probe_set is not None
         self._probe_set.poll(POLL_MS)
+        for lp in self.live:
+            lp.current.tick()
 
     def cut(self) -> Interval:
         """End the current interval (call from the polling thread); sampling goes on."""

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
+from agent.go_heap_buckets import BucketAddresses, cycle_words
 from agent.uprobes import vaddr_to_offset
 from symbolizer.elf import ElfFile
+from symbolizer.gobuildinfo import read_build_info
 from symbolizer.gopclntab import load_pclntab
 from symbolizer.proc_maps import file_base
 
@@ -42,6 +44,9 @@ MALLOC_SYMBOL = "runtime.mProf_Malloc"
 FREE_SYMBOL = "runtime.freeSpecial"
 RATE_SYMBOL = "runtime.MemProfileRate"
 DISABLED_SYMBOL = "runtime.disableMemoryProfiling"
+BUCKETS_SYMBOL = "runtime.mbuckets"  # agent/go_heap_buckets.py
+CYCLE_SYMBOL = "runtime.mProfCycle"
+EXIT_SYMBOLS = ("runtime.exit.abi0", "runtime.exit")  # assembly (ABI0): exit_group
 DEFAULT_RATE_BYTES = 512 * 1024  # runtime.MemProfileRate's initial value
 
 
@@ -55,6 +60,22 @@ class GoHeapTarget:
     rate_vaddr: int  # runtime.MemProfileRate, 0 if absent
     pie: bool
     profiling_disabled: bool  # linked with disableMemoryProfiling: the runtime never samples
+    # The runtime's own buckets (agent/go_heap_buckets.py); 0: not found (stripped), uprobes instead.
+    buckets_vaddr: int = 0
+    cycle_vaddr: int = 0
+    cycle_words: int = 0
+    exit_offset: int = 0  # file offset of runtime.exit, where a command bpfprof started is read at exit
+
+    @property
+    def reads_buckets(self) -> bool:
+        return bool(self.buckets_vaddr and self.cycle_vaddr and self.cycle_words)
+
+    def bucket_addresses(self, bias: int) -> BucketAddresses:
+        return BucketAddresses(self.buckets_vaddr + bias, self.cycle_vaddr + bias, self.cycle_words)
+
+    def bias(self, pid: int) -> int:
+        """Add to the binary's addresses to get `pid`'s (OSError if it is not mapped there)."""
+        return file_base(pid, self.path) if self.pie else 0  # PIE Go binaries link at vaddr 0
 
 
 def go_heap_target(path: str) -> GoHeapTarget | None:
@@ -65,7 +86,8 @@ def go_heap_target(path: str) -> GoHeapTarget | None:
             symtab = elf.get_section_by_name(".symtab")
             syms = {}
             if symtab is not None:
-                for name in (MALLOC_SYMBOL, FREE_SYMBOL, RATE_SYMBOL, DISABLED_SYMBOL):
+                for name in (MALLOC_SYMBOL, FREE_SYMBOL, RATE_SYMBOL, DISABLED_SYMBOL, BUCKETS_SYMBOL,
+                             CYCLE_SYMBOL, *EXIT_SYMBOLS):
                     found = symtab.get_symbol_by_name(name)
                     if found:
                         syms[name] = found[0]["st_value"]
@@ -86,7 +108,13 @@ def go_heap_target(path: str) -> GoHeapTarget | None:
     with ElfFile(path) as ef:
         malloc_off = vaddr_to_offset(ef, syms[MALLOC_SYMBOL])
         free_off = vaddr_to_offset(ef, syms[FREE_SYMBOL])
-    return GoHeapTarget(path, malloc_off, free_off, syms.get(RATE_SYMBOL, 0), pie, disabled)
+        exit_vaddr = next((syms[n] for n in EXIT_SYMBOLS if n in syms), 0)
+        exit_off = vaddr_to_offset(ef, exit_vaddr) if exit_vaddr else 0
+        info = read_build_info(ef)
+    version = info.version_tuple if info is not None else None
+    words = cycle_words(version) if version else 0
+    return GoHeapTarget(path, malloc_off, free_off, syms.get(RATE_SYMBOL, 0), pie, disabled,
+                        syms.get(BUCKETS_SYMBOL, 0), syms.get(CYCLE_SYMBOL, 0), words, exit_off)
 
 
 def _pclntab_functions(path: str, names: tuple[str, ...]) -> dict[str, int]:
@@ -114,7 +142,7 @@ def read_memprofile_rate(pid: int, target: GoHeapTarget) -> int:
     if not target.rate_vaddr:
         return DEFAULT_RATE_BYTES
     try:
-        bias = file_base(pid, target.path) if target.pie else 0  # PIE Go binaries link at vaddr 0
+        bias = target.bias(pid)
     except OSError:
         return DEFAULT_RATE_BYTES
     return read_rate_at(pid, target.rate_vaddr + bias, DEFAULT_RATE_BYTES)

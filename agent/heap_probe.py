@@ -7,7 +7,11 @@ per malloc. Any other: uprobes on glibc's allocation functions in every
 mapped file that exports malloc (libc, or a static executable), per target
 process (so other processes never trap), sampling decided in BPF (see
 heap.bpf.c); a whole-system capture probes the system libc in every process.
-Go binaries: uprobes on the runtime's own sampling path (agent/go_heap.py).
+Go binaries: the runtime's own heap profile buckets, read from the process's
+memory (agent/go_heap_buckets.py: no trap, the program pays nothing); a
+command bpfprof started is paused at runtime.exit for a last read. Where the
+buckets cannot be found (stripped binaries), uprobes on the runtime's own
+sampling path (agent/go_heap.py).
 ALLOC records carry a stack copy, unwound here by CFI (DWARF or not, frame
 pointers or not); the allocator's own frames are hidden.
 
@@ -26,18 +30,21 @@ import logging
 import math
 import os
 import shutil
+import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from elftools.elf.elffile import ELFFile
 
 from agent import go_heap, heap_sampler, libbpf
+from agent.go_heap_buckets import HeapBuckets, physical_stack, read_heap_buckets
 from agent.bpf_compile import LoadedObjects, ProgType
 from agent.go_heap import GoHeapTarget
 from agent.probe import Probe, RawRecord, StackCopyProbe, Window
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
-from agent.stack_resolver import StackResolver
+from agent.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, StackResolver, UnwindMode, UnwoundStack
 from agent.targets import GatedCommand
 from agent.uprobes import vaddr_to_offset
 from exporters.profile import Location, Profile, SampleKey, ValueType
@@ -65,6 +72,13 @@ GO_MALLOC_PROGRAM = "heap_go_malloc"
 SAMPLER_ALLOC_PROGRAM = "heap_sampler_alloc"
 SAMPLER_FREE_PROGRAM = "heap_sampler_free"
 GO_FREE_PROGRAM = "heap_go_free"
+GO_EXIT_PROGRAM = "heap_go_exit"
+# A process paused at runtime.exit is read once it has stopped; it stops on the
+# return from the uprobe, so this only bounds a pathological wait.
+EXIT_STOP_WAIT_S = 2.0
+# Go processes are re-read this often, so one that exits (and was not paused
+# at exit) keeps what it had published up to then; Go publishes at each GC.
+GO_READ_EVERY_S = 5.0
 STATS_MAP = "heap_stats"
 HEAP_STAT_LIVE_FULL = 0  # heap.bpf.c HEAP_STAT_*
 HEAP_STAT_NULL_RESULT = 1
@@ -241,17 +255,29 @@ class HeapProbe(StackCopyProbe):
 
     name = "heap"
     source = "heap.bpf.c"
-    kinds = (RecordKind.ALLOC, RecordKind.FREE)
+    kinds = (RecordKind.ALLOC, RecordKind.FREE, RecordKind.GO_EXIT)
     events_per_cpu_s = EVENTS_PER_CPU_S
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self.tracker = HeapTracker()
         self.go_targets: dict[int, GoHeapTarget] = {}  # pid -> its Go binary
+        # Go processes read from their buckets: the read at the interval's start and at its end (or exit).
+        self.go_base: dict[int, HeapBuckets] = {}
+        self.go_reads: dict[int, HeapBuckets] = {}
+        self.go_unread: set[int] = set()  # gone before their buckets were read
+        self._last_go_read = time.monotonic()
+        self._cut = False  # the daemon read this interval's end at its cut (carry_into)
         self.rates: dict[int, int] = {}  # pid -> its own sampling rate (Go's MemProfileRate, the sampler's)
         self.sampler: heap_sampler.SamplerSites | None = None  # preloaded into the command bpfprof starts
         self.sampler_pids: dict[int, tuple[heap_sampler.SamplerSites, int]] = {}  # pid -> (its sampler, bias)
         self._stats_fd = -1
+        self.process_tracker: ProcessTracker | None = None
+
+    def use_tracker(self, tracker: ProcessTracker, unwind: UnwindMode = DEFAULT_UNWIND,
+                    ustack_bytes: int = DEFAULT_USTACK_BYTES) -> None:
+        super().use_tracker(tracker, unwind, ustack_bytes)
+        self.process_tracker = tracker  # Go processes read from their buckets send no records to be seen by
 
     def command_env(self) -> dict[str, str]:
         """Preload the in-process sampler into the command (agent/heap_sampler.py), when it can be built."""
@@ -266,7 +292,8 @@ class HeapProbe(StackCopyProbe):
 
     def programs(self) -> dict[str, ProgType]:
         names = {p for p, _ in LIBC_PROBES.values()} | {RETURN_PROGRAM, GO_MALLOC_PROGRAM, GO_FREE_PROGRAM,
-                                                         SAMPLER_ALLOC_PROGRAM, SAMPLER_FREE_PROGRAM}
+                                                         GO_EXIT_PROGRAM, SAMPLER_ALLOC_PROGRAM,
+                                                         SAMPLER_FREE_PROGRAM}
         return dict.fromkeys(sorted(names), ProgType.KPROBE)
 
     def maps(self) -> list[str]:
@@ -288,7 +315,7 @@ class HeapProbe(StackCopyProbe):
         except BpfLoadError:
             libbpf.detach(fds)
             raise
-        if not fds:
+        if not fds and not self._bucket_pids():
             log.warning("heap: no allocator found to probe in the target processes")
         return fds
 
@@ -333,6 +360,10 @@ class HeapProbe(StackCopyProbe):
                     log.warning("heap: %s does not use runtime/pprof, so its runtime never samples "
                                 "allocations: no Go heap profile for pid %d", path, pid)
                 self.go_targets[pid] = go
+                if go.reads_buckets:  # read from its memory: nothing runs in the program
+                    if self.config.own_command and go.exit_offset:
+                        fds += libbpf.attach_uprobe(objs.programs[GO_EXIT_PROGRAM], path, go.exit_offset, pid)
+                    continue
                 fds += libbpf.attach_uprobe(objs.programs[GO_MALLOC_PROGRAM], path, go.malloc_offset, pid)
                 fds += libbpf.attach_uprobe(objs.programs[GO_FREE_PROGRAM], path, go.free_offset, pid)
                 continue
@@ -347,18 +378,71 @@ class HeapProbe(StackCopyProbe):
                 fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, pid, pt.retprobe)
         return fds
 
+    def on_start(self, objs: LoadedObjects) -> None:
+        # alloc_* of a running Go process are what it allocates during the capture
+        for pid in self._bucket_pids():
+            self._read_buckets(pid, into=self.go_base)
+
+    def _bucket_pids(self) -> list[int]:
+        # list() first: in the daemon the polling thread may add targets while the builder reads
+        return [pid for pid, go in list(self.go_targets.items()) if go.reads_buckets]
+
+    def _read_buckets(self, pid: int, into: dict[int, HeapBuckets]) -> HeapBuckets | None:
+        """Read `pid`'s buckets (and its rate) into `into`; None if it is gone or unreadable."""
+        go = self.go_targets[pid]
+        try:
+            read = read_heap_buckets(pid, go.bucket_addresses(go.bias(pid)))
+        except OSError as e:
+            log.debug("heap: buckets of pid %d unreadable: %s", pid, e)
+            return None
+        into[pid] = read
+        self.rates[pid] = go_heap.read_memprofile_rate(pid, go)
+        if self.process_tracker is not None and self.process_tracker.get(pid) is None:
+            self.process_tracker.observe(pid)  # its maps, for the stacks, while it runs
+        return read
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_go_read >= GO_READ_EVERY_S:
+            self._last_go_read = now
+            for pid in self._bucket_pids():
+                self._read_buckets(pid, into=self.go_reads)
+
+    def _read_at_exit(self, pid: int) -> None:
+        """A Go command paused at runtime.exit (heap_go_exit): read its buckets, then let it exit."""
+        try:
+            deadline = time.monotonic() + EXIT_STOP_WAIT_S
+            while not _stopped(pid) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if pid in self.go_targets and self.go_targets[pid].reads_buckets:
+                self._read_buckets(pid, into=self.go_reads)
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def new_accumulator(self) -> HeapProbe:
         acc = HeapProbe(self.config)
         acc.go_targets, acc.sampler_pids = self.go_targets, self.sampler_pids  # filled by attach() only
+        acc.process_tracker = self.process_tracker
         self.share_unwinder(acc)
         return acc
 
     def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
         assert isinstance(nxt, HeapProbe)
         nxt.tracker = self.tracker.carry(alive)
+        self._cut = True
+        for pid in self._bucket_pids():  # the cut: this interval's end is the next one's start
+            read = self._read_buckets(pid, into=self.go_reads) or self.go_reads.get(pid)
+            if read is not None and alive(pid):
+                nxt.go_base[pid] = read
         nxt.rates = {pid: rate for pid, rate in self.rates.items() if alive(pid)}
 
     def on_record(self, rec: RawRecord) -> None:
+        if rec.kind == RecordKind.GO_EXIT:
+            self._read_at_exit(rec.pid)
+            return
         if rec.kind == RecordKind.ALLOC:
             if rec.pid not in self.rates:
                 if rec.pid in self.go_targets:
@@ -388,8 +472,14 @@ class HeapProbe(StackCopyProbe):
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         rate = self.config.heap_sample_bytes
-        rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(
-            {k.pid for k in self.tracker.groups}) else set())
+        for pid in self._bucket_pids():
+            # A capture's end (the daemon read it at the cut); a process gone keeps its last read.
+            if not self._cut:
+                self._read_buckets(pid, into=self.go_reads)
+            if pid not in self.go_reads:
+                self.go_unread.add(pid)
+        sampled = {k.pid for k in self.tracker.groups} | set(self.go_reads)
+        rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(sampled) else set())
         # One period per profile: the native rate, unless every sampled process is Go.
         period = rate if rate in rates or not rates else min(rates)
         profile = heap_profile(window.start_ns, max(0, window.end_ns - window.start_ns), period)
@@ -402,11 +492,17 @@ class HeapProbe(StackCopyProbe):
                             labels=(("process_name", info.name),) if info else ())
             # A group carried from an earlier interval is dated at this one's start.
             profile.add(key, values, max(window.start_ns, r.ktime_ns + window.wall_offset_ns))
-        sampled = {k.pid for k in self.tracker.groups}
+        self._add_bucket_samples(profile, resolver, tracker, window)
         unknown_rate = sum(1 for pid in sampled if pid in self.go_targets and not self.go_targets[pid].rate_vaddr)
         if unknown_rate:
             profile.comments.append(f"heap: {unknown_rate} Go processes without runtime.MemProfileRate in their "
                                     f"symbols (stripped): its default {go_heap.DEFAULT_RATE_BYTES} assumed")
+        go = sampled & set(self.go_targets)
+        if go:
+            own = len(go & set(self.go_reads))
+            profile.comments.append(f"heap: {own} of {len(go)} Go processes read from the runtime's own profile "
+                                    f"buckets (as of their last GC), {len(go) - own} through uprobes on its "
+                                    f"sampling path")
         native = sampled - set(self.go_targets)
         if native:
             own = len(native & set(self.sampler_pids))
@@ -415,8 +511,36 @@ class HeapProbe(StackCopyProbe):
         live_full, failed = self.bpf_stats()
         if live_full:
             profile.comments.append(f"heap: {live_full} sampled objects untracked (live map full): in-use overstated")
+        if self.go_unread:
+            profile.comments.append(f"heap: {len(self.go_unread)} Go processes exited before their heap profile "
+                                    f"buckets were read")
         if self.tracker.unmatched_frees:
             profile.comments.append(f"heap: {self.tracker.unmatched_frees} frees of objects sampled before the capture")
         if failed:
             profile.comments.append(f"heap: {failed} sampled allocations returned NULL")
         return [profile]
+
+    def _add_bucket_samples(self, profile: Profile, resolver: StackResolver, tracker: ProcessTracker,
+                            window: Window) -> None:
+        """The Go processes read from their buckets: alloc_* since the first read, inuse_* as of the last GC."""
+        for pid, read in self.go_reads.items():
+            info = tracker.get(pid)
+            name = info.name if info else ""
+            rate = self.rates.get(pid, go_heap.DEFAULT_RATE_BYTES)
+            for (stk, size), (allocs, live, _) in read.since(self.go_base.get(pid)).items():
+                values = [*scale_heap_sample(allocs, size, rate), *scale_heap_sample(live, size, rate)]
+                if not any(values):
+                    continue
+                locs = physical_stack(resolver.stack(pid, (), UnwoundStack(stk, frozenset())))
+                key = SampleKey(stack=hide_runtime_frames(locs), pid=pid, tid=pid, thread_name=name,
+                                labels=(("process_name", name),) if info else ())
+                profile.add(key, values, window.end_ns)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether `pid` is stopped (state T), or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return True

@@ -54,6 +54,9 @@ class ProbeConfig:
     offcpu_min_ns: int = 0  # off-CPU: shorter blocks are not recorded
     heap_sample_bytes: int = 512 * 1024  # heap: mean bytes between sampled allocations
     pids: tuple[int, ...] | None = None  # uprobe-based probes attach per process when known
+    # The targets are a command bpfprof started (`record -- COMMAND`) and its children: bpfprof may
+    # pause them at exit to read what the exit would take (the Go heap profile).
+    own_command: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,10 @@ class Probe:
 
     def on_record(self, rec: RawRecord) -> None:
         """Take one record of one of `kinds`."""
+
+    def tick(self) -> None:
+        """Called after every poll of the ring buffer, in the polling thread: for work on a clock
+        rather than on records (heap: re-reading Go processes' profile buckets)."""
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         """The profiles of what was recorded (one per profile type this family makes)."""

@@ -25,6 +25,7 @@ class RecordKind(enum.IntEnum):
     FREE = 4
     LOCK = 5
     GOROUTINE = 6
+    GO_EXIT = 7
 
 
 class Drop(enum.IntEnum):

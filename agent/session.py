@@ -91,7 +91,7 @@ class RecordSession:
         self.tracker = tracker if tracker is not None else ProcessTracker()
         config = ProbeConfig(frequency_hz=options.frequency_hz, with_kernel=options.with_kernel,
                              offcpu_min_ns=options.offcpu_min_ns, pids=options.pids,
-                             heap_sample_bytes=options.heap_sample_bytes)
+                             heap_sample_bytes=options.heap_sample_bytes, own_command=bool(options.command))
         unknown = [p for p in options.profiles if p not in PROBES]
         if unknown:
             raise ConfigError(f"unknown profile type {unknown[0]!r}: choose from {', '.join(PROBES)}")
@@ -140,6 +140,8 @@ class RecordSession:
                 command.release()
             while not stop.is_set():
                 probe_set.poll(int(DRAIN_INTERVAL_S * 1000))
+                for p in self.probes:
+                    p.tick()
                 self.stats.elapsed_s = time.monotonic() - start
                 self.stats.samples = self._records
                 self.stats.processes = self.tracker.stats.processes

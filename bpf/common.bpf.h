@@ -259,11 +259,14 @@ static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_r
 }
 #endif
 
-/* Send only the header (events without a stack, such as frees). */
-static __always_inline void submit_header(struct bpfprof_stack_record *r)
+/* Send only the header (events without a stack, such as frees); 0 if sent. */
+static __always_inline int submit_header(struct bpfprof_stack_record *r)
 {
-    if (records.ringbuf_output(r, sizeof(struct bpfprof_header), 0) != 0)
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header), 0) != 0) {
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
+        return -1;
+    }
+    return 0;
 }
 
 #endif /* BPFPROF_COMMON_BPF_H */

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -66,6 +67,14 @@ def test_native_sites_within_tolerance(native_run):
             assert got_inuse == 0, f"{site} freed everything, yet {got_inuse} bytes in use"
 
 
+def await_sampling(rec: subprocess.Popen) -> None:
+    """Read bpfprof's stderr up to its "sampling ..." line (warnings may come first)."""
+    seen = []
+    while not (line := rec.stderr.readline()).startswith("sampling"):
+        assert line, "bpfprof ended before sampling: " + "".join(seen)
+        seen.append(line)
+
+
 def _comments(prof: Decoded) -> list[str]:
     return [prof.raw.string_table[i] for i in prof.raw.comment]
 
@@ -119,6 +128,41 @@ def test_go_alloc_space_matches_runtime_pprof(go_run):
     assert 2.5 < ratio < 3.6
 
 
+def by_stack(prof: Decoded) -> dict[tuple[tuple[str, ...], ...], list[int]]:
+    """Values summed per stack of locations (inline chains kept), the outermost runtime.goexit dropped:
+    runtime/pprof leaves it out of its heap profile."""
+    out: dict[tuple[tuple[str, ...], ...], list[int]] = {}
+    for s in prof.samples:
+        stack = tuple(tuple(loc) for loc in s.locations)
+        if stack and stack[-1] == ("runtime.goexit",):
+            stack = stack[:-1]
+        acc = out.setdefault(stack, [0] * len(s.values))
+        for i, v in enumerate(s.values):
+            acc[i] += v
+    return out
+
+
+def assert_same_as_runtime_pprof(ours: Decoded, theirs: Decoded) -> None:
+    """Every stack and its four values as Go's own profile has them; the scaled values may differ by
+    rounding (Go scales the bucket's total bytes, we its object size times count)."""
+    mine, go = by_stack(ours), by_stack(theirs)
+    assert set(mine) == set(go), (set(mine) ^ set(go))
+    for stack, values in go.items():
+        for got, want in zip(mine[stack], values, strict=True):
+            assert abs(got - want) <= 1 + want // 10**6, (stack, mine[stack], values)
+
+
+def test_go_heap_is_the_runtimes_own_profile_read_at_exit(go_run):
+    """The runtime's buckets, read while bpfprof holds the exiting command at runtime.exit: the same
+    stacks and values as the fixture's own runtime/pprof heap profile, written just before (after a GC).
+    runB is inlined into main: its own PC in the runtime's stacks is folded into main's location."""
+    _, _, ours, _, go = go_run
+    assert "heap: 1 of 1 Go processes read from the runtime's own profile buckets (as of their last GC), " \
+        "0 through uprobes on its sampling path" in _comments(ours)
+    assert_same_as_runtime_pprof(ours, go)
+    assert ("main.runB", "main.main") in ours.inline_pairs
+
+
 def test_go_stacks_hide_the_allocator_like_runtime_pprof(go_run):
     _, _, ours, _, _ = go_run
     leaves = {s.functions[0] for s in ours.samples if "main.allocA" in s.functions}
@@ -136,6 +180,9 @@ def test_stripped_go_binary_is_found_by_its_pclntab(tmp_path):
         want, got = site_value(go, site, ALLOC_SPACE), site_value(prof, site, ALLOC_SPACE)
         assert want > 50 * RATE and abs(got - want) <= TOLERANCE * want, (site, got, want)
     assert any("without runtime.MemProfileRate" in c for c in _comments(prof))
+    # no symbols, so no buckets to read: the uprobes on the runtime's sampling path
+    assert "heap: 0 of 1 Go processes read from the runtime's own profile buckets (as of their last GC), " \
+        "1 through uprobes on its sampling path" in _comments(prof)
 
 
 def test_go_files_load_in_go_tool_pprof(go_run):
@@ -156,8 +203,7 @@ def test_pid_target_sees_a_running_process(tmp_path):
     rec = subprocess.Popen([str(BPFPROF), "record", "--profile", "heap", "--pid", str(child.pid), "-o", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = rec.stderr.readline()
-        assert line.startswith("sampling"), line + rec.stderr.read()
+        await_sampling(rec)
         go.touch()
         child.wait(timeout=120)
         rec.send_signal(signal.SIGINT)
@@ -175,3 +221,44 @@ def test_pid_target_sees_a_running_process(tmp_path):
     # a process bpfprof did not start has no sampler: its malloc is probed
     assert "heap: 0 of 1 native processes sampled in process by libbpfprof_heap.so, 1 through uprobes on malloc" \
         in _comments(prof)
+
+
+def test_pid_target_go_process_reads_its_buckets(tmp_path):
+    """--pid of a running Go process: alloc_* are what it allocated during the capture (its buckets read
+    at the start and at the end), inuse_* as of its last GC: equal to its own profile of the same moment."""
+    binary = build_go("heapsites")
+    start, theirs, ours = tmp_path / "start", tmp_path / "runtime-pprof.pb.gz", tmp_path / "pid.pb.gz"
+    child = subprocess.Popen([str(binary), "-start-file", str(start), "-memprofile", str(theirs), "-hold"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    rec = subprocess.Popen([str(BPFPROF), "record", "--profile", "heap", "--pid", str(child.pid), "-o", str(ours)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await_sampling(rec)
+        start.touch()
+        # the fixture prints its figures, then writes its profile and holds until stdin closes
+        assert "elapsed_s" in "".join(child.stdout.readline() for _ in range(3))
+        for _ in range(1000):
+            if theirs.exists() and theirs.stat().st_size:
+                break
+            time.sleep(0.01)
+        time.sleep(0.2)  # the file is closed
+        rec.send_signal(signal.SIGINT)
+        _, err = rec.communicate(timeout=120)
+        assert rec.returncode == 0, err
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+    prof, go = read_pprof(ours), read_pprof(theirs)
+    assert {s.num_labels.get("pid") for s in prof.samples} == {child.pid}
+    # the runtime's own start-up allocations came before the capture: only the sites' stacks have alloc_*
+    for site in GO_SITES:
+        want = site_value(go, site, ALLOC_SPACE)
+        assert want > 100 * RATE and abs(site_value(prof, site, ALLOC_SPACE) - want) <= 1 + want // 10**6
+    mine, theirs_by_stack = by_stack(prof), by_stack(go)
+    inuse = {st: v[INUSE_SPACE] for st, v in theirs_by_stack.items() if v[INUSE_SPACE]}
+    assert {st: v[INUSE_SPACE] for st, v in mine.items() if v[INUSE_SPACE]}.keys() == inuse.keys()
+    for st, want in inuse.items():
+        assert abs(mine[st][INUSE_SPACE] - want) <= 1 + want // 10**6, st

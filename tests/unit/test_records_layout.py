@@ -47,7 +47,7 @@ int main(void) {
     printf("header %zu\n", sizeof(struct bpfprof_header));
     printf("record %zu\n", sizeof(struct bpfprof_stack_record));
     printf("drops %d\n", BPFPROF_DROP_MAX);
-    printf("kinds %d\n", BPFPROF_KIND_GOROUTINE);
+    printf("kinds %d\n", BPFPROF_KIND_GO_EXIT);
     F(kind) F(pid) F(tid) F(cpu) F(ktime_ns) F(value) F(aux) F(kernel_frames) F(user_frames)
     F(kernel_err) F(user_err) F(comm)
     S(bpfprof_otel_ctx) S(bpfprof_label) S(bpfprof_go_labels) S(bpfprof_trace_ctx) S(bpfprof_proc_ctx)
