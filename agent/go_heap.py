@@ -1,21 +1,21 @@
-"""Go binaries for the heap probe: where its uprobes go, and the runtime's sampling rate.
+"""Go binaries for the heap probe: where its probes go, and the runtime's sampling rate.
 
-Why mProf_Malloc/freeSpecial uprobes and not the runtime's own buckets read
-through /proc/PID/mem: the buckets give the same numbers only as of the last
-GC, need the layout of runtime.bucket/memRecord per Go version, and a read
-of the whole bucket list per export (thousands of 100-byte reads at
-~1 us each in a large program, every interval); the uprobes cost one trap per
-*sampled* object and one per its free (one per 512 KiB allocated by default:
-~2 000 per GB), and give each sample its time, thread and address. Measured
-(bench/overhead.py, this VM): ~15 us per trap, so a program allocating 4 GB/s
-ran 27-30 % slower; ~3-4 % of a CPU per GB/s allocated. The bucket reader
-would cost the program nothing; it is the next step if that figure matters. Their arguments are fixed
-by ABIInternal and have not changed since Go 1.17 for mProf_Malloc(mp, p, size)
-(earlier: (p, size)) and freeSpecial(s, p, size).
+Chosen by measurement (bench/overhead.py, Go heapsites at ~4 GB/s, medians
+of 7 on this 2-CPU VM): the runtime's own profile buckets read through
+/proc/PID/mem (agent/go_heap_buckets.py) slowed the program by +1.1 % wall,
+-1.1 % CPU (noise: nothing runs in it); uprobes on runtime.mProf_Malloc and
+runtime.freeSpecial, one trap per sampled object and one per its free
+(~15 us each here), by +40 % wall, +33 % CPU. So the buckets, wherever
+runtime.mbuckets and runtime.mProfCycle are in .symtab; runtime.exit is
+where a command bpfprof started is paused for its last read.
 
-A stripped binary has no symbol table: the two functions are found in its
-.gopclntab; runtime.MemProfileRate cannot be found, so its default is
-assumed (a program that changes it is scaled wrongly; the profile says so).
+A stripped binary has no symbol table: the buckets cannot be found, so the
+uprobes it is, their two functions found in its .gopclntab;
+runtime.MemProfileRate cannot be found either, so its default is assumed (a
+program that changes it is scaled wrongly; the profile says so). The
+uprobes' arguments are fixed by ABIInternal and have not changed since Go
+1.17 for mProf_Malloc(mp, p, size) (earlier: (p, size)) and
+freeSpecial(s, p, size).
 
 A Go program that never references runtime.MemProfile (no runtime/pprof,
 no net/http/pprof) is linked with runtime.disableMemoryProfiling = true: its
@@ -52,7 +52,7 @@ DEFAULT_RATE_BYTES = 512 * 1024  # runtime.MemProfileRate's initial value
 
 @dataclass(frozen=True)
 class GoHeapTarget:
-    """File offsets of the two probe points in one Go binary, and its rate variable."""
+    """Where one Go binary keeps its heap profile: its buckets and rate variable, the uprobe points."""
 
     path: str
     malloc_offset: int
