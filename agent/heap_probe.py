@@ -408,6 +408,10 @@ class HeapProbe(StackCopyProbe):
             for pid in self._bucket_pids():
                 self._read_buckets(pid, into=self.go_reads)
 
+    def _last_read(self, pid: int) -> HeapBuckets | None:
+        """The latest read of `pid`: this interval's (periodic, at exit), else the one it started from."""
+        return self.go_reads.get(pid) or self.go_base.get(pid)
+
     def _read_at_exit(self, pid: int) -> None:
         """A Go command paused at runtime.exit (heap_go_exit): read its buckets, then let it exit."""
         try:
@@ -434,7 +438,7 @@ class HeapProbe(StackCopyProbe):
         nxt.tracker = self.tracker.carry(alive)
         self._cut = True
         for pid in self._bucket_pids():  # the cut: this interval's end is the next one's start
-            read = self._read_buckets(pid, into=self.go_reads) or self.go_reads.get(pid)
+            read = self._read_buckets(pid, into=self.go_reads) or self._last_read(pid)
             if read is not None and alive(pid):
                 nxt.go_base[pid] = read
         nxt.rates = {pid: rate for pid, rate in self.rates.items() if alive(pid)}
@@ -476,8 +480,11 @@ class HeapProbe(StackCopyProbe):
             # A capture's end (the daemon read it at the cut); a process gone keeps its last read.
             if not self._cut:
                 self._read_buckets(pid, into=self.go_reads)
-            if pid not in self.go_reads:
+            last = self._last_read(pid)
+            if last is None:
                 self.go_unread.add(pid)
+            else:  # gone in this interval: as of its last read (in-use at exit, as for native processes)
+                self.go_reads[pid] = last
         sampled = {k.pid for k in self.tracker.groups} | set(self.go_reads)
         rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(sampled) else set())
         # One period per profile: the native rate, unless every sampled process is Go.

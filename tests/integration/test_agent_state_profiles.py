@@ -16,7 +16,8 @@ import time
 from fixtures.builder import build_c, build_go
 from integration.test_agent import Agent
 from integration.test_goroutine import check_against_witness
-from integration.test_heap import ALLOC_SPACE, INUSE_SPACE, TOLERANCE, assert_go_tool_agrees, site_value
+from integration.test_heap import (ALLOC_SPACE, GO_SITES, INUSE_SPACE, TOLERANCE, assert_go_tool_agrees, by_stack,
+                                   site_value)
 from recording import read_pprof
 
 INTERVAL_S = 2
@@ -69,6 +70,51 @@ def test_heap_alloc_per_interval_and_inuse_carried_over(tmp_path):
                 assert abs(got - inuse) <= TOLERANCE * inuse, f"{path.name}: {site} inuse_space {got} vs {inuse}"
             else:
                 assert got == 0, f"{path.name}: {site} freed everything, yet {got} bytes in use"
+    assert_go_tool_agrees(tmp_path, after[0][0], after[0][1])
+
+
+def test_go_heap_per_interval_from_the_runtimes_buckets(tmp_path):
+    """A Go process read from its own buckets at every cut: the intervals' alloc_* add up to what its own
+    runtime/pprof profile says it allocated, and every interval after it has its in-use heap, stack by stack."""
+    binary = build_go("heapsites")
+    start, witness = tmp_path / "start", tmp_path / "witness.pb.gz"
+    fixture = subprocess.Popen([str(binary), "-start-file", str(start), "-memprofile", str(witness), "-hold"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pprof_dir = tmp_path / "pprof"
+    agent = Agent(tmp_path, {"selection": {"pids": [fixture.pid]}, "profiling": {"profiles": ["heap"]},
+                             "export": {"interval_s": INTERVAL_S, "pprof_dir": {"path": str(pprof_dir)}}})
+    try:
+        agent.wait_ready()
+        start.touch()
+        assert "elapsed_s" in "".join(fixture.stdout.readline() for _ in range(3))
+        while not (witness.exists() and witness.stat().st_size):
+            time.sleep(0.01)
+        done_ns = time.time_ns()
+        agent.wait_metric("bpfprof_intervals_total", agent.metric("bpfprof_intervals_total") + 3)
+        exit_ns = time.time_ns()
+        fixture.stdin.close()
+        fixture.wait(timeout=30)
+        code, err = agent.stop()
+    finally:
+        if fixture.poll() is None:
+            fixture.kill()
+            fixture.wait()
+    assert code == 0, err
+    files, go = _files(pprof_dir, "heap"), read_pprof(witness)
+    for site in GO_SITES:  # scaled per interval, so each interval may round its share down by one
+        want = site_value(go, site, ALLOC_SPACE)
+        got = sum(site_value(prof, site, ALLOC_SPACE) for _, prof in files)
+        assert abs(got - want) <= len(files) + want // 10**6, (site, got, want)
+    after = [(p, prof) for p, prof in files if done_ns < prof.raw.time_nanos - INTERVAL_S * 10**9
+             and prof.raw.time_nanos < exit_ns]
+    assert len(after) >= 2, [prof.raw.time_nanos for _, prof in files]
+    inuse = {st: v[INUSE_SPACE] for st, v in by_stack(go).items() if v[INUSE_SPACE]}
+    for path, prof in after:
+        assert prof.total(ALLOC_SPACE) == 0, path.name  # nothing allocated since
+        mine = {st: v[INUSE_SPACE] for st, v in by_stack(prof).items() if v[INUSE_SPACE]}
+        assert mine.keys() == inuse.keys(), path.name
+        for st, want in inuse.items():
+            assert abs(mine[st] - want) <= 1 + want // 10**6, (path.name, st)
     assert_go_tool_agrees(tmp_path, after[0][0], after[0][1])
 
 
