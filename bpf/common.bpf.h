@@ -51,6 +51,34 @@ static __always_inline void count_drop(u32 reason)
         (*c)++;  /* per-CPU slot: no atomics needed */
 }
 
+/* Ring-buffer wake-ups. The agent drains the ring on its own clock (every
+ * drain interval, which sizes the ring); a wake-up per record would cost the
+ * recorded task an IPI and the agent a context switch per record: what a
+ * burst of heap samples or futex sleeps paid. So a CPU wakes the agent once
+ * per RB_WAKE_EVERY records it sent (the agent sets it so that all CPUs
+ * together fill at most a quarter of the ring in between), and at once for a
+ * record that needs an answer (RB_NOW: a process paused for the agent, an
+ * exec to attach to). */
+#define RB_NO_WAKEUP 1
+#define RB_FORCE_WAKEUP 2
+#define RB_NOW RB_FORCE_WAKEUP
+#ifndef RB_WAKE_EVERY
+#define RB_WAKE_EVERY 1
+#endif
+BPF_PERCPU_ARRAY(rb_unwoken, u32, 1);
+
+static __always_inline u64 rb_flags(void)
+{
+    u32 zero = 0;
+    u32 *n = rb_unwoken.lookup(&zero);
+    if (!n || ++*n >= RB_WAKE_EVERY) {
+        if (n)
+            *n = 0;
+        return RB_FORCE_WAKEUP;
+    }
+    return RB_NO_WAKEUP;
+}
+
 /* Whether this process is recorded at all (the idle task never is). */
 static __always_inline int is_target(u32 tgid)
 {
@@ -211,7 +239,7 @@ static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_r
     u64 size = fill_stacks(ctx, r, 1);
     if (size == 0)
         return;
-    if (records.ringbuf_output(r, size, 0) != 0)
+    if (records.ringbuf_output(r, size, rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
 
@@ -234,7 +262,7 @@ static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_r
     if (size == 0)
         return;
     if (!have_regs) {
-        if (records.ringbuf_output(r, size, 0) != 0)
+        if (records.ringbuf_output(r, size, rb_flags()) != 0)
             count_drop(BPFPROF_DROP_RINGBUF_FULL);
         return;
     }
@@ -254,19 +282,25 @@ static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_r
     u64 total = size + u->size;
     if (total > sizeof(out->buf))
         return;
-    if (records.ringbuf_output(out, total, 0) != 0)
+    if (records.ringbuf_output(out, total, rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
 #endif
 
-/* Send only the header (events without a stack, such as frees); 0 if sent. */
-static __always_inline int submit_header(struct bpfprof_stack_record *r)
+/* Send only the header (events without a stack, such as frees); 0 if sent.
+ * `flags`: rb_flags(), or RB_NOW for a record the agent must act on at once. */
+static __always_inline int submit_header_flags(struct bpfprof_stack_record *r, u64 flags)
 {
-    if (records.ringbuf_output(r, sizeof(struct bpfprof_header), 0) != 0) {
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header), flags) != 0) {
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
         return -1;
     }
     return 0;
+}
+
+static __always_inline int submit_header(struct bpfprof_stack_record *r)
+{
+    return submit_header_flags(r, rb_flags());
 }
 
 #endif /* BPFPROF_COMMON_BPF_H */

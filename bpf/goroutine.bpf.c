@@ -75,7 +75,7 @@ static __always_inline void gor_output(struct bpfprof_stack_record *r, u64 frame
 {
     frames &= 127;
     r->h.user_frames = frames;
-    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), 0) != 0)
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
 
@@ -172,7 +172,7 @@ int gor_on_exec(void *ctx)
     if (r) {
         r->h.pid = 0;
         r->h.tid = 0;
-        submit_header(r);
+        submit_header_flags(r, RB_NOW);  /* its uprobes go in before it runs far */
     }
     return 0;
 }

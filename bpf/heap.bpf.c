@@ -311,7 +311,7 @@ int heap_go_exit(struct pt_regs *ctx)
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GO_EXIT, 0, 0);
     if (!r)
         return 0;
-    if (submit_header(r) == 0)
+    if (submit_header_flags(r, RB_NOW) == 0)
         bpf_send_signal(19);  /* SIGSTOP, to the whole thread group */
     return 0;
 }

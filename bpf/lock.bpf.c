@@ -114,7 +114,7 @@ static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *
     asm volatile("" : "+r"(n));  /* clang knows n <= 254 and would drop the check the verifier needs */
     if (n > 2 * BPFPROF_MAX_FRAMES)
         return;
-    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + n * sizeof(u64), 0) != 0)
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + n * sizeof(u64), rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
 
@@ -295,7 +295,7 @@ int lock_on_exec(void *ctx)
     if (r) {
         r->h.pid = 0;
         r->h.tid = 0;
-        submit_header(r);
+        submit_header_flags(r, RB_NOW);  /* its uprobes go in before it runs far */
     }
     return 0;
 }
