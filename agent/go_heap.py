@@ -4,8 +4,9 @@ Chosen by measurement (bench/overhead.py, Go heapsites at ~4 GB/s, medians
 of 7 on this 2-CPU VM): the runtime's own profile buckets read through
 /proc/PID/mem (agent/go_heap_buckets.py) slowed the program by +1.1 % wall,
 -1.1 % CPU (noise: nothing runs in it); uprobes on runtime.mProf_Malloc and
-runtime.freeSpecial, one trap per sampled object and one per its free
-(~15 us each here), by +40 % wall, +33 % CPU. So the buckets, wherever
+runtime.freeSpecial, one trap per sampled object and one per its free, by
++10-14 % wall and CPU (+36-40 % while every record woke the agent: an IPI
+and a context switch per record, see common.bpf.h rb_flags). So the buckets, wherever
 runtime.mbuckets and runtime.mProfCycle are in .symtab; runtime.exit is
 where a command bpfprof started is paused for its last read.
 
