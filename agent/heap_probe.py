@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from elftools.elf.elffile import ELFFile
 
 from agent import go_heap, heap_sampler, libbpf
-from agent.go_heap_buckets import HeapBuckets, physical_stack, read_heap_buckets
 from agent.bpf_compile import LoadedObjects, ProgType
 from agent.go_heap import GoHeapTarget
+from agent.go_heap_buckets import HeapBuckets, physical_stack, read_heap_buckets
 from agent.probe import Probe, RawRecord, StackCopyProbe, Window
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind

@@ -16,8 +16,15 @@ import time
 from fixtures.builder import build_c, build_go
 from integration.test_agent import Agent
 from integration.test_goroutine import check_against_witness
-from integration.test_heap import (ALLOC_SPACE, GO_SITES, INUSE_SPACE, TOLERANCE, assert_go_tool_agrees, by_stack,
-                                   site_value)
+from integration.test_heap import (
+    ALLOC_SPACE,
+    GO_SITES,
+    INUSE_SPACE,
+    TOLERANCE,
+    assert_go_tool_agrees,
+    by_stack,
+    site_value,
+)
 from recording import read_pprof
 
 INTERVAL_S = 2
@@ -27,6 +34,19 @@ LAG_NS = 1_000_000_000  # records reach the agent this much after the event, at 
 def _files(directory, kind: str) -> list:
     """(pprof, decoded) of each interval, oldest first."""
     return sorted(((p, read_pprof(p)) for p in directory.glob(f"*.{kind}.pb.gz")), key=lambda f: f[1].raw.time_nanos)
+
+
+def _end(fixture: subprocess.Popen, agent: Agent) -> tuple[int, str]:
+    """Let the fixture exit (its stdin closes), then stop the agent: its exit code and stderr."""
+    fixture.stdin.close()
+    fixture.wait(timeout=30)
+    return agent.stop()
+
+
+def _reap(fixture: subprocess.Popen) -> None:
+    if fixture.poll() is None:
+        fixture.kill()
+        fixture.wait()
 
 
 def test_heap_alloc_per_interval_and_inuse_carried_over(tmp_path):
@@ -48,13 +68,9 @@ def test_heap_alloc_per_interval_and_inuse_carried_over(tmp_path):
         # two whole intervals after the allocations (and their records, which may lag) with the process alive
         agent.wait_metric("bpfprof_intervals_total", agent.metric("bpfprof_intervals_total") + 4)
         exit_ns = time.time_ns()  # intervals starting later may follow the process's exit: nothing in use
-        fixture.stdin.close()
-        fixture.wait(timeout=30)
-        code, err = agent.stop()
+        code, err = _end(fixture, agent)
     finally:
-        if fixture.poll() is None:
-            fixture.kill()
-            fixture.wait()
+        _reap(fixture)
     assert code == 0, err
     files = _files(pprof_dir, "heap")
     for site, (alloc, _) in truth.items():  # each allocation counted once, whichever interval it fell in
@@ -92,13 +108,9 @@ def test_go_heap_per_interval_from_the_runtimes_buckets(tmp_path):
         done_ns = time.time_ns()
         agent.wait_metric("bpfprof_intervals_total", agent.metric("bpfprof_intervals_total") + 3)
         exit_ns = time.time_ns()
-        fixture.stdin.close()
-        fixture.wait(timeout=30)
-        code, err = agent.stop()
+        code, err = _end(fixture, agent)
     finally:
-        if fixture.poll() is None:
-            fixture.kill()
-            fixture.wait()
+        _reap(fixture)
     assert code == 0, err
     files, go = _files(pprof_dir, "heap"), read_pprof(witness)
     for site in GO_SITES:  # scaled per interval, so each interval may round its share down by one
