@@ -1,8 +1,18 @@
 """Goroutine profile: the live goroutines of each Go process, by stack (bpf/goroutine.bpf.c).
 
-BPF sends a goroutine's creation (with g.startpc, g.gopc and g.labels),
-its parks (with its own stack, from runtime.gopark), its wake-ups and its
-exit; `GoroutineTable` keeps the live set from them. At the end of the
+BPF sends a goroutine's creation (with g.startpc, g.gopc and g.labels) and
+its exit, from uprobes on the casgstatus calls of runtime.newproc1 and
+runtime.gdestroy (goexit0 before Go 1.23); `GoroutineTable` keeps the live
+set from them. Where each one is parked, and its labels, are read from the
+process's memory when a profile is made (runtime.allgs, below), and a
+command bpfprof started is paused at runtime.exit to be read once more
+(common.bpf.h go_exit_pause). Measured (bench/overhead.py): tracing every
+status change (casgstatus's entry) and every park (gopark) cost a channel
+ping-pong ~35 us per round trip (0.25 us bare: 145x); births and deaths
+alone cost it nothing (+1 %), and a goroutine-per-request server one trap
+per birth and one per death. Stripped binaries (no runtime.allgs to read)
+are still traced the old way: parks (with their stacks, from
+runtime.gopark), wake-ups and all. At the end of the
 capture each live goroutine is one sample of `goroutine/count`, at the stack
 where it parked, with its pprof labels and a `created_by` label (the
 function holding g.gopc), like runtime/pprof's goroutine profile. System
@@ -33,14 +43,10 @@ Pre-existing goroutines need runtime.allgs from .symtab: in a stripped binary
 only goroutines created during the capture, or parked or woken in it, are seen.
 Labels are read in the Go 1.24+ form (a sorted slice); older runtimes get none.
 
-Cost: every goroutine switch traps into the casgstatus uprobe, and a uprobe
-hit costs some microseconds on this VM. A channel ping-pong (2 goroutines)
-measured 0.3 us per round trip bare, 34 us with empty programs on the two
-uprobes (about 10 hits per round trip), 65 us with the 4 records per round
-trip sent and handled here. Fine for servers that park thousands of times a
-second, not for a switch-bound program. The fix, not done: uprobes at the
-casgstatus call sites of newproc1, gdestroy and the wake paths (ready,
-injectglist, ...) instead of its entry, so execute/park_m/gosched stop trapping.
+Cost of the traced way (stripped binaries): every goroutine status change
+traps into the casgstatus uprobe (about 10 hits per ping-pong round trip);
+fine for servers that park thousands of times a second, not for a
+switch-bound program.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
 from agent.stack_resolver import StackResolver
-from agent.targets import running_pids
+from agent.targets import gated_command_path, running_pids
 from agent.uprobes import vaddr_to_offset
 from exporters.profile import Profile, SampleKey, ValueType
 from symbolizer.elf import ElfFile, elf_errors
@@ -72,6 +78,12 @@ log = logging.getLogger(__name__)
 
 CASGSTATUS = "runtime.casgstatus"
 GOPARK = "runtime.gopark"
+# Where goroutines are born and die: their calls of casgstatus are the only ones probed when the
+# process's goroutines can be read from memory (runtime.allgs). goexit0 did gdestroy's work before 1.23.
+LIFE_FUNCTIONS = ("runtime.newproc1", "runtime.gdestroy", "runtime.goexit0")
+EXIT_FUNCTIONS = ("runtime.exit.abi0", "runtime.exit")  # exit_group: a command bpfprof started is read there
+CALL_REL32 = 0xE8
+GO_EXIT_PROGRAM = "go_exit_pause"  # common.bpf.h
 ALLGS = "runtime.allgs"
 EV_SHIFT = 56  # bpf/goroutine.bpf.c GOR_EV_SHIFT
 PAYLOAD_MASK = (1 << EV_SHIFT) - 1
@@ -180,6 +192,21 @@ class GoBinary:
     allgs_vaddr: int  # 0: stripped, pre-existing goroutines cannot be listed
     pie: bool
     pclntab: GoPclntab = field(repr=False)
+    life_sites: tuple[int, ...] = ()  # file offsets of the casgstatus calls in LIFE_FUNCTIONS
+    exit_offset: int = 0  # file offset of runtime.exit, 0 if not found
+
+    @property
+    def reads_parks(self) -> bool:
+        """Parked goroutines and their stacks are read from memory (allgs), not traced: only births
+        and deaths trap, at their casgstatus call sites. Otherwise every status change traps
+        (casgstatus's entry) and every park (gopark)."""
+        return bool(self.allgs_vaddr and self.life_sites)
+
+    def uprobes(self) -> list[tuple[str, int]]:
+        """(program, file offset) of every uprobe this binary gets."""
+        if self.reads_parks:
+            return [("gor_casgstatus", off) for off in self.life_sites]
+        return [("gor_casgstatus", self.casgstatus_offset), ("gor_gopark", self.gopark_offset)]
 
 
 def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
@@ -202,9 +229,13 @@ def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
         tab = load_pclntab(data)
         if tab is None:
             return None
-        entries = {name: entry for entry, _end, name in tab.functions() if name in (CASGSTATUS, GOPARK)}
+        funcs = {name: (entry, end) for entry, end, name in tab.functions()
+                 if name in (CASGSTATUS, GOPARK, *LIFE_FUNCTIONS, *EXIT_FUNCTIONS)}
+        entries = {name: funcs[name][0] for name in (CASGSTATUS, GOPARK) if name in funcs}
         if len(entries) < 2:
             return None
+        sites = tuple(vaddr_to_offset(elf, site) for name in LIFE_FUNCTIONS if name in funcs
+                      for site in call_sites(data, elf, *funcs[name], entries[CASGSTATUS]))
         allgs = 0
         with elf_errors(f"{path}: .symtab"):
             symtab = elf.elf.get_section_by_name(".symtab")
@@ -212,7 +243,29 @@ def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
                 found = symtab.get_symbol_by_name(ALLGS)
                 allgs = found[0]["st_value"] if found else 0
         return GoBinary(path, info.version, layout, source, vaddr_to_offset(elf, entries[CASGSTATUS]),
-                        vaddr_to_offset(elf, entries[GOPARK]), allgs, elf.is_pie_or_shared, tab)
+                        vaddr_to_offset(elf, entries[GOPARK]), allgs, elf.is_pie_or_shared, tab, sites,
+                        next((vaddr_to_offset(elf, funcs[n][0]) for n in EXIT_FUNCTIONS if n in funcs), 0))
+
+
+def call_sites(image: bytes, elf: ElfFile, start: int, end: int, callee: int) -> list[int]:
+    """Addresses of the direct calls (E8 rel32) to `callee` in the function at [start, end).
+
+    Go's amd64 compiler calls a non-inlined function with E8 rel32 only; a
+    stray E8 byte inside another instruction would have to encode exactly
+    `callee` as its target to be taken for one. At a call the arguments are
+    already in their ABIInternal registers, so the entry program reads them
+    there as it would at casgstatus's entry.
+    """
+    base = vaddr_to_offset(elf, start)
+    code = image[base:base + (end - start)]
+    out = []
+    i = code.find(CALL_REL32)
+    while 0 <= i <= len(code) - 5:
+        (rel,) = struct.unpack_from("<i", code, i + 1)
+        if start + i + 5 + rel == callee:
+            out.append(start + i)
+        i = code.find(CALL_REL32, i + 1)
+    return out
 
 
 # -- reading a live process ----------------------------------------------------
@@ -433,7 +486,7 @@ class GoroutineProbe(Probe):
 
     name = "goroutine"
     source = "goroutine.bpf.c"
-    kinds = (RecordKind.GOROUTINE,)
+    kinds = (RecordKind.GOROUTINE, RecordKind.GO_EXIT)
     events_per_cpu_s = 20000  # header-only records mostly: creations, parks, wake-ups
     UPROBES = ("gor_casgstatus", "gor_gopark")
 
@@ -445,6 +498,7 @@ class GoroutineProbe(Probe):
         self._binaries: dict[tuple[int, int], GoBinary | None] = {}  # (st_dev, st_ino)
         self._attached: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
         self._procs: dict[int, _Proc] = {}
+        self._gated: dict[int, tuple[int, int]] = {}  # pid of a command not yet exec'd -> its binary's key
         self._uprobe_fds: list[int] = []
         self._counters_fd = -1
         self.no_layout = 0
@@ -458,6 +512,7 @@ class GoroutineProbe(Probe):
     def programs(self) -> dict[str, ProgType]:
         progs = dict.fromkeys(self.UPROBES, ProgType.KPROBE)
         progs["gor_on_exec"] = ProgType.TRACEPOINT
+        progs[GO_EXIT_PROGRAM] = ProgType.KPROBE
         return progs
 
     def maps(self) -> list[str]:
@@ -481,7 +536,7 @@ class GoroutineProbe(Probe):
         """Shares the loaded programs, the binaries and the uprobes (exec'd Go targets get theirs placed)."""
         acc = GoroutineProbe(self.config)
         acc._objs, acc._per_pid, acc._binaries = self._objs, self._per_pid, self._binaries
-        acc._attached, acc._uprobe_fds = self._attached, self._uprobe_fds
+        acc._attached, acc._uprobe_fds, acc._gated = self._attached, self._uprobe_fds, self._gated
         return acc
 
     def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
@@ -504,6 +559,11 @@ class GoroutineProbe(Probe):
         if self._objs is None:  # an accumulator the daemon swapped in: the template attached, not this one
             return
         exe = f"/proc/{pid}/exe"
+        # A command bpfprof starts is probed before its exec: a short program would be over before
+        # its exec record was handled (its pid stays; uprobes follow the file, bias is set at exec).
+        gated = gated_command_path(pid)
+        if gated is not None:
+            exe = gated
         try:
             key, binary = self._binary(exe)
             if binary is None:
@@ -514,8 +574,15 @@ class GoroutineProbe(Probe):
             target = pid if self._per_pid else -1
             if (target, *key) not in self._attached:
                 self._attached.add((target, *key))
-                for prog, off in (("gor_casgstatus", binary.casgstatus_offset), ("gor_gopark", binary.gopark_offset)):
+                probes = binary.uprobes()
+                if self.config.own_command and binary.reads_parks and binary.exit_offset:
+                    probes.append((GO_EXIT_PROGRAM, binary.exit_offset))  # read once more before it exits
+                for prog, off in probes:
                     self._uprobe_fds += libbpf.attach_uprobe(self._objs.programs[prog], exe, off, target)
+            if gated is not None:
+                self._procs[pid] = _Proc(binary, 0)
+                self._gated[pid] = key
+                return
             proc = _Proc(binary, load_bias(pid, exe, binary.pie))
             self._procs[pid] = proc
             self.seeded += self._seed(pid, proc)
@@ -545,8 +612,15 @@ class GoroutineProbe(Probe):
     # -- records -------------------------------------------------------------
 
     def on_record(self, rec: RawRecord) -> None:
+        if rec.kind == RecordKind.GO_EXIT:  # paused at runtime.exit: its goroutines as they are now
+            proc, gs = self._procs.get(rec.pid), self.table.procs.get(rec.pid)
+            if proc is not None and gs is not None:
+                self._refresh(rec.pid, proc, gs)
+            return
         event, payload = rec.value >> EV_SHIFT, rec.value & PAYLOAD_MASK
         if event == Event.EXEC:  # a target (or, system-wide, anyone) runs a new program
+            if self._exec_of_gated(payload):
+                return
             self._procs.pop(payload, None)
             self.table.procs.pop(payload, None)  # the old program's goroutines are gone
             self._add_process(payload)
@@ -558,6 +632,21 @@ class GoroutineProbe(Probe):
         self.table.apply(rec.pid, ev, rec.aux, payload, rec.user_ips)
         if ev in (Event.CREATE, Event.PARK) and payload:
             self._remember_labels(rec.pid, payload)
+
+    def _exec_of_gated(self, pid: int) -> bool:
+        """The exec of a command probed before it (its events so far are its own): its load bias now."""
+        key = self._gated.pop(pid, None)
+        proc = self._procs.get(pid)
+        if key is None or proc is None:
+            return False
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+            if (st.st_dev, st.st_ino) != key:
+                return False  # it ran something else: handled as any exec
+            proc.bias = load_bias(pid, f"/proc/{pid}/exe", proc.binary.pie)
+        except OSError:
+            pass  # gone already: its events are kept, its addresses as of a non-PIE load
+        return True
 
     def _remember_labels(self, pid: int, ptr: int) -> None:
         """Read a label set at first sight: for a process that exits before the end of the capture."""
@@ -588,9 +677,16 @@ class GoroutineProbe(Probe):
     # -- the end of the capture ------------------------------------------------
 
     def _refresh(self, pid: int, proc: _Proc, gs: dict[int, Goroutine]) -> bool:
-        """Re-read a live process: stacks of goroutines not parked, fresh labels. False if it is gone."""
+        """Re-read a live process: stacks of goroutines not parked (of all, when parks are not traced),
+        fresh labels. False if it is gone."""
         try:
             snapshot = self._snapshot(pid, proc)
+            if proc.binary.reads_parks:  # where each one is now, and its labels now (pprof.Do changes them)
+                for st, stack in snapshot:
+                    g = gs.get(st.goid)
+                    if g is not None and st.status not in DEAD_STATUSES:
+                        g.parked = st.status in (GStatus.WAITING, GStatus.LEAKED)
+                        g.stack, g.labels_ptr = stack, st.labels
             with ProcMem(pid) as mem:
                 proc.labels = {}
                 for g in gs.values():

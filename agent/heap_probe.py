@@ -29,8 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,7 +43,7 @@ from agent.probe import Probe, RawRecord, StackCopyProbe, Window
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
 from agent.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, StackResolver, UnwindMode, UnwoundStack
-from agent.targets import GatedCommand
+from agent.targets import gated_command_path
 from agent.uprobes import vaddr_to_offset
 from exporters.profile import Location, Profile, SampleKey, ValueType
 from symbolizer.elf import ElfFile
@@ -72,10 +70,7 @@ GO_MALLOC_PROGRAM = "heap_go_malloc"
 SAMPLER_ALLOC_PROGRAM = "heap_sampler_alloc"
 SAMPLER_FREE_PROGRAM = "heap_sampler_free"
 GO_FREE_PROGRAM = "heap_go_free"
-GO_EXIT_PROGRAM = "heap_go_exit"
-# A process paused at runtime.exit is read once it has stopped; it stops on the
-# return from the uprobe, so this only bounds a pathological wait.
-EXIT_STOP_WAIT_S = 2.0
+GO_EXIT_PROGRAM = "go_exit_pause"  # common.bpf.h
 # Go processes are re-read this often, so one that exits (and was not paused
 # at exit) keeps what it had published up to then; Go publishes at each GC.
 GO_READ_EVERY_S = 5.0
@@ -236,18 +231,6 @@ def libc_probe_points(path: str) -> list[_ProbePoint]:
     return points
 
 
-def _gated_command_path(pid: int) -> str | None:
-    """The program a bpfprof gate shell (agent/targets.py) is about to exec, else None."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")]
-    except OSError:
-        return None
-    if len(argv) > 4 and argv[1] == "-c" and argv[2] == GatedCommand.GATE and argv[3] == "bpfprof-gate":
-        return shutil.which(argv[4])
-    return None
-
-
 class HeapProbe(StackCopyProbe):
     """Allocations and live objects. In the daemon each interval's profile has
     the allocations made in it (alloc_*) and the sampled objects live at its
@@ -327,7 +310,7 @@ class HeapProbe(StackCopyProbe):
         """Probe the allocators of one process: its in-process sampler if it has one, else its mapped
         libc-like files; and its Go runtime."""
         files: dict[int, str] = {}  # inode -> a readable path
-        exe = _gated_command_path(pid)
+        exe = gated_command_path(pid)
         sampler = None
         if exe is not None and self.sampler is not None:  # preloaded by us, mapped once the gate execs
             sampler = self.sampler
@@ -412,20 +395,6 @@ class HeapProbe(StackCopyProbe):
         """The latest read of `pid`: this interval's (periodic, at exit), else the one it started from."""
         return self.go_reads.get(pid) or self.go_base.get(pid)
 
-    def _read_at_exit(self, pid: int) -> None:
-        """A Go command paused at runtime.exit (heap_go_exit): read its buckets, then let it exit."""
-        try:
-            deadline = time.monotonic() + EXIT_STOP_WAIT_S
-            while not _stopped(pid) and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if pid in self.go_targets and self.go_targets[pid].reads_buckets:
-                self._read_buckets(pid, into=self.go_reads)
-        finally:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-
     def new_accumulator(self) -> HeapProbe:
         acc = HeapProbe(self.config)
         acc.go_targets, acc.sampler_pids = self.go_targets, self.sampler_pids  # filled by attach() only
@@ -444,8 +413,9 @@ class HeapProbe(StackCopyProbe):
         nxt.rates = {pid: rate for pid, rate in self.rates.items() if alive(pid)}
 
     def on_record(self, rec: RawRecord) -> None:
-        if rec.kind == RecordKind.GO_EXIT:
-            self._read_at_exit(rec.pid)
+        if rec.kind == RecordKind.GO_EXIT:  # paused at runtime.exit: the probe set continues it after
+            if rec.pid in self.go_targets and self.go_targets[rec.pid].reads_buckets:
+                self._read_buckets(rec.pid, into=self.go_reads)
             return
         if rec.kind == RecordKind.ALLOC:
             if rec.pid not in self.rates:
@@ -542,12 +512,3 @@ class HeapProbe(StackCopyProbe):
                 key = SampleKey(stack=hide_runtime_frames(locs), pid=pid, tid=pid, thread_name=name,
                                 labels=(("process_name", name),) if info else ())
                 profile.add(key, values, window.end_ns)
-
-
-def _stopped(pid: int) -> bool:
-    """Whether `pid` is stopped (state T), or gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-    except (OSError, IndexError):
-        return True

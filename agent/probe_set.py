@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import struct
 from collections.abc import Callable, Iterable, Sequence
 
@@ -28,10 +29,12 @@ from agent.records import (
     Drop,
     GoLabels,
     Label,
+    RecordKind,
     StackRecord,
     TraceCtx,
     Ustack,
 )
+from agent.targets import wait_stopped
 from bpf import source_path
 from exporters.profile import TraceLink
 
@@ -41,6 +44,8 @@ assert _HEADER.size == HEADER_SIZE
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIN_RINGBUF_PAGES = 64
 MAX_TARGETS = 65536
+# A process paused at runtime.exit stops on the return from the uprobe; this only bounds a pathological wait.
+EXIT_STOP_WAIT_S = 2.0
 # Headroom over the worst case of full-size records: drains are late when the
 # machine is busy, which is exactly when samples matter.
 RINGBUF_HEADROOM = 4
@@ -167,7 +172,10 @@ class ProbeSet:
     def __init__(self, probes: Sequence[Probe], pids: Iterable[int] | None = None, follow_children: bool = False,
                  with_kernel: bool = True, drain_interval_s: float = 0.1) -> None:
         self.probes = list(probes)
-        self._by_kind = {int(k): p for p in self.probes for k in p.kinds}
+        self._by_kind: dict[int, list[Probe]] = {}
+        for p in self.probes:
+            for k in p.kinds:
+                self._by_kind.setdefault(int(k), []).append(p)
         self._pids = None if pids is None else list(pids)
         cpus = len(libbpf.online_cpus())
         rate = sum(p.events_per_cpu_s for p in self.probes)
@@ -213,10 +221,12 @@ class ProbeSet:
 
         def dispatch(buf: bytes) -> None:
             rec = parse_record(buf)
+            if rec.kind == RecordKind.GO_EXIT:
+                self._at_go_exit(rec, on_record)
+                return
             if on_record is not None:
                 on_record(rec)
-            probe = by_kind.get(rec.kind)
-            if probe is not None:
+            for probe in by_kind.get(rec.kind, ()):
                 probe.on_record(rec)
 
         self._ring = libbpf.RingBuffer(self.objs.maps["records"], dispatch)
@@ -227,6 +237,21 @@ class ProbeSet:
             self._events += p.attach(self.objs)
         for p in self.probes:
             p.on_start(self.objs)
+
+    def _at_go_exit(self, rec: RawRecord, on_record: Callable[[RawRecord], None] | None) -> None:
+        """A Go command paused at runtime.exit (common.bpf.h go_exit_pause): once it has stopped,
+        every family that asked reads it; then it goes on to exit, whatever they did."""
+        try:
+            wait_stopped(rec.pid, EXIT_STOP_WAIT_S)
+            if on_record is not None:
+                on_record(rec)
+            for probe in self._by_kind.get(rec.kind, ()):
+                probe.on_record(rec)
+        finally:
+            try:
+                os.kill(rec.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms for records and deliver them all.

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import psutil
 
@@ -67,18 +67,10 @@ class GatedCommand:
         self._wait_stopped()
 
     def _wait_stopped(self) -> None:
-        deadline = time.monotonic() + self.STOP_WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                with open(f"/proc/{self.pid}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                state = "X"
-            if state in ("T", "t"):
-                return
-            if self.process.poll() is not None:
-                raise TargetError(f"{argv0(self.process)} exited before it could be profiled")
-            time.sleep(0.001)
+        if wait_stopped(self.pid, self.STOP_WAIT_S, gone=lambda: self.process.poll() is not None):
+            return
+        if self.process.poll() is not None:
+            raise TargetError(f"{argv0(self.process)} exited before it could be profiled")
         self.kill()
         raise TargetError("the command did not start in time")
 
@@ -96,6 +88,39 @@ class GatedCommand:
             self.process.wait()
 
 
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T, ...); "X" when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return "X"
+
+
+def wait_stopped(pid: int, timeout_s: float, gone: Callable[[], bool] | None = None) -> bool:
+    """Whether `pid` is stopped (SIGSTOP) within `timeout_s`; False at once if it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = process_state(pid)
+        if state in ("T", "t"):
+            return True
+        if state in ("X", "Z") or (gone is not None and gone()) or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+
+
 def argv0(process: subprocess.Popen) -> str:
     args = process.args
     return str(args[3] if isinstance(args, list) and len(args) > 3 else args)
+
+
+def gated_command_path(pid: int) -> str | None:
+    """The program the GatedCommand shell `pid` is about to exec, else None: probes attach to it before it runs."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")]
+    except OSError:
+        return None
+    if len(argv) > 4 and argv[1] == "-c" and argv[2] == GatedCommand.GATE and argv[3] == "bpfprof-gate":
+        return shutil.which(argv[4])
+    return None

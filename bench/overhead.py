@@ -12,6 +12,9 @@ is counted):
   C lockloop     1 and 2 threads x N lock/unlock of one pthread mutex around a
                  short critical section, some work outside: with 1 thread no
                  call is contended; with 2 most are not, some are
+  Go switchloop  N channel round trips between two goroutines (each parks and
+                 readies both), and N one-byte reads (each a syscall through
+                 the scheduler), under --profile goroutine
 
 Each is run bare, under bpfprof (heap for the first two, lock for the
 third) and under a peer doing the same job the same way, alternating the
@@ -66,7 +69,7 @@ from fixtures.builder import build_c, build_go  # noqa: E402  (tests/ is not a p
 
 BPFPROF = Path(sys.executable).parent / "bpfprof"
 MEMLEAK = "/usr/sbin/memleak-bpfcc"
-TARGETS = {"heap": 0.05, "lock": 0.03}
+TARGETS = {"heap": 0.05, "lock": 0.03, "goroutine": 0.05}
 PEER_SETTLE_S = 3.0  # after the peer says it is attached (or starts), before the program is let go
 
 
@@ -162,7 +165,8 @@ def main() -> None:
     ap.add_argument("--c-allocs", type=int, default=3_000_000, help="malloc+free pairs of the C program")
     ap.add_argument("--go-rounds", type=int, default=4, help="GiB the Go program allocates")
     ap.add_argument("--locks", type=int, default=2_000_000, help="lock/unlock pairs per thread of the lock program")
-    ap.add_argument("--only", choices=["c-heap", "go-heap", "lock"], action="append",
+    ap.add_argument("--switches", type=int, default=200_000, help="round trips and reads of the goroutine program")
+    ap.add_argument("--only", choices=["c-heap", "go-heap", "lock", "goroutine"], action="append",
                     help="run only these parts (repeatable; default: all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -177,7 +181,18 @@ def main() -> None:
         for argv in (malloc, heapgo, lock):
             run_bare(argv)  # warm-up: page cache, first-touch of the binary
 
-        only = set(args.only or ["c-heap", "go-heap", "lock"])
+        only = set(args.only or ["c-heap", "go-heap", "lock", "goroutine"])
+        if "goroutine" in only:
+            # the stripped binary has no runtime.allgs: bpfprof traces every status change and park there
+            for mode in ("pingpong", "syscall"):
+                argv = [str(build_go("switchloop")), "-mode", mode, "-n", str(args.switches)]
+                stripped = [str(build_go("switchloop", stripped=True)), *argv[1:]]
+                runs = {"bare": lambda argv=argv: (run_bare(argv), 0.0),
+                        "bpfprof": lambda argv=argv: run_bpfprof("goroutine", argv, tmp / "g.pb.gz"),
+                        "bpfprof stripped (traced)": lambda argv=stripped: run_bpfprof("goroutine", argv,
+                                                                                        tmp / "gs.pb.gz")}
+                report(f"Go switchloop {mode}, goroutine", "goroutine", measure(runs, args.repeat), args.switches,
+                       "round trip" if mode == "pingpong" else "read")
         if "c-heap" in only:
             runs = {"bare": lambda: (run_bare(malloc), 0.0),
                     "bpfprof": lambda: run_bpfprof("heap", malloc, tmp / "malloc.pb.gz")}

@@ -24,7 +24,7 @@ enum bpfprof_kind {
     BPFPROF_KIND_FREE = 4,      /* value: 0; aux: address; no stack */
     BPFPROF_KIND_LOCK = 5,      /* value: ns waited; aux: lock address */
     BPFPROF_KIND_GOROUTINE = 6, /* value: event; aux: goroutine id */
-    BPFPROF_KIND_GO_EXIT = 7,   /* a Go process stopped at runtime.exit for its heap profile */
+    BPFPROF_KIND_GO_EXIT = 7,   /* a Go process stopped at runtime.exit, to be read before it exits */
 };
 
 /* Indices of the per-CPU `drops` counter array. */

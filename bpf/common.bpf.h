@@ -26,6 +26,7 @@
 #ifndef BPFPROF_COMMON_BPF_H
 #define BPFPROF_COMMON_BPF_H
 
+#include <uapi/linux/ptrace.h>
 #include "bpfprof.h"
 #include "tracectx.bpf.h"
 #include "ustack.bpf.h"
@@ -301,6 +302,32 @@ static __always_inline int submit_header_flags(struct bpfprof_stack_record *r, u
 static __always_inline int submit_header(struct bpfprof_stack_record *r)
 {
     return submit_header_flags(r, rb_flags());
+}
+
+/* runtime.exit (ABI0 assembly: exit_group) of a Go program bpfprof started,
+ * for families that read the program's own state from its memory (heap:
+ * the runtime's profile buckets; goroutine: its goroutines), which
+ * exit_group takes with the address space. Stop the process (SIGSTOP is
+ * taken on the return from this trap, before the syscall) and tell the
+ * agent: its probe set lets every family read, then continues it
+ * (agent/probe_set.py). Each family that wants it attaches it, so the same
+ * trap may run it twice: once per process. No record, no stop: nobody would
+ * continue a process the agent was not told about. */
+BPF_TABLE("lru_hash", u32, u8, go_exit_paused, MAX_TARGETS);
+
+int go_exit_pause(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u8 one = 1;
+    if (go_exit_paused.lookup(&tgid))
+        return 0;
+    go_exit_paused.update(&tgid, &one);
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GO_EXIT, 0, 0);
+    if (r && submit_header_flags(r, RB_NOW) == 0)
+        bpf_send_signal(19);  /* SIGSTOP, to the whole thread group */
+    return 0;
 }
 
 #endif /* BPFPROF_COMMON_BPF_H */

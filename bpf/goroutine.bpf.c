@@ -1,8 +1,11 @@
 /* Goroutine profile: the life of every goroutine of the target Go processes
  * (agent/goroutine_probe.py keeps the table of live goroutines from these events).
  *
- * Uprobes, entry only (never a uretprobe on Go):
- *   runtime.casgstatus(gp, oldval, newval)   RAX, RBX, RCX (ABIInternal)
+ * Uprobes, never a uretprobe on Go:
+ *   runtime.casgstatus(gp, oldval, newval)   RAX, RBX, RCX (ABIInternal):
+ *     at its call sites in newproc1 and gdestroy when the agent reads parked
+ *     goroutines from memory (the registers hold the arguments at the CALL),
+ *     else at its entry, with gopark (stripped binaries: no runtime.allgs)
  *       dead -> anything   CREATE  (newproc1 has set goid, gopc, startpc, labels)
  *       anything -> dead   EXIT    (gdestroy)
  *       waiting -> other   WAKE    (ready, or a GC wait ends: the parked stack is stale)

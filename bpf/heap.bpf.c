@@ -296,22 +296,3 @@ int heap_go_free(struct pt_regs *ctx)
         heap_emit_free(id >> 32, ctx->bx);
     return 0;
 }
-
-/* runtime.exit (ABI0 assembly: exit_group) of a Go program bpfprof started:
- * its heap profile is the runtime's own buckets (agent/go_heap_buckets.py),
- * which exit_group takes with the address space. Stop the process (SIGSTOP is
- * taken on the return from this trap, before the syscall) and tell the agent,
- * which reads the buckets and continues it. No record, no stop: nobody would
- * continue a process the agent was not told about. */
-int heap_go_exit(struct pt_regs *ctx)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    if (!is_target(id >> 32))
-        return 0;
-    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GO_EXIT, 0, 0);
-    if (!r)
-        return 0;
-    if (submit_header_flags(r, RB_NOW) == 0)
-        bpf_send_signal(19);  /* SIGSTOP, to the whole thread group */
-    return 0;
-}
