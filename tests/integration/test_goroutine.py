@@ -7,9 +7,12 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 
+from agent.goroutine_probe import go_binary
+from agent.uprobes import vaddr_to_offset
 from fixtures.builder import build_go
-from gotool import gotool_total
+from gotool import GO, go_env, gotool_total
 from recording import Decoded, read_pprof, run_bpfprof
+from symbolizer.elf import ElfFile
 
 PARKS = {"main.parkA": 120, "main.parkB": 60, "main.parkC": 30}
 CREATED_BY = {"main.parkA": "main.main", "main.parkB": "main.main.func2", "main.parkC": "main.main"}
@@ -82,3 +85,18 @@ def test_goroutines_parked_before_the_capture_are_read_from_memory(tmp_path):
     assert seeded >= 1 + sum(PARKS.values()), _comments(prof)  # system goroutines are read too, then left out
     main = [s for s in prof.samples if "main.main" in s.functions and not any(p in s.functions for p in PARKS)]
     assert [s.functions[:3] for s in main] == [["runtime.gopark", "time.Sleep", "main.main"]]
+
+
+def test_birth_and_death_probes_are_the_runtimes_own_calls(tmp_path):
+    """The uprobes go on casgstatus's call sites in newproc1 and gdestroy, found by scanning their code:
+    the same instructions as `go tool objdump` lists as CALL runtime.casgstatus there. Nothing else."""
+    binary = build_go("goroutines")
+    found = go_binary(str(binary))
+    assert found is not None and found.reads_parks
+    out = subprocess.run([str(GO), "tool", "objdump", "-s", r"^runtime\.(newproc1|gdestroy|goexit0)$", str(binary)],
+                         env=go_env(tmp_path), capture_output=True, text=True, check=True).stdout
+    calls = {int(line.split()[1], 16) for line in out.splitlines() if "CALL runtime.casgstatus(SB)" in line}
+    assert len(calls) >= 2
+    with ElfFile(str(binary)) as elf:
+        assert {vaddr_to_offset(elf, a) for a in calls} == set(found.life_sites)
+    assert [prog for prog, _ in found.uprobes()] == ["gor_casgstatus"] * len(calls)  # no gopark, no entry
