@@ -40,7 +40,7 @@ from agent.process_tracker import ProcessTracker
 from agent.profile_builder import add_records
 from agent.records import RecordKind
 from agent.stack_resolver import StackResolver
-from agent.targets import running_pids
+from agent.targets import gated_command_path, running_pids
 from agent.uprobes import vaddr_to_offset
 from exporters.profile import Location, Profile, ValueType
 from symbolizer.elf import ElfFile
@@ -266,8 +266,11 @@ class LockProbe(StackCopyProbe):
     # -- Go uprobes ------------------------------------------------------------
 
     def _attach_go(self, pid: int) -> None:
-        """runtime.semacquire1 uprobes in process `pid`'s executable, when it is Go."""
-        exe = f"/proc/{pid}/exe"
+        """runtime.semacquire1 uprobes in process `pid`'s executable, when it is Go.
+
+        A command bpfprof starts gets them before its exec (the file it will run), so a
+        short one is probed from its first instruction, not from when its exec was seen."""
+        exe = gated_command_path(pid) or f"/proc/{pid}/exe"
         try:
             st = os.stat(exe)
             file_key = (st.st_dev, st.st_ino)
