@@ -13,14 +13,13 @@ from agent.heap_probe import (
     RETURN_PROGRAM,
     SYSTEM_LIBC,
     HeapTracker,
-    _gated_command_path,
     hide_runtime_frames,
     libc_probe_points,
     scale_heap_sample,
 )
 from agent.probe import RawRecord
 from agent.records import RecordKind
-from agent.targets import GatedCommand
+from agent.targets import GatedCommand, gated_command_path
 from exporters.profile import Location
 from symbolizer.frames import Frame, FrameKind
 
@@ -108,10 +107,10 @@ def test_libc_probe_points_cover_every_allocator_once():
 def test_gated_command_is_recognised(tmp_path):
     gate = GatedCommand(["true"])
     try:
-        assert _gated_command_path(gate.pid) == shutil.which("true")
+        assert gated_command_path(gate.pid) == shutil.which("true")
     finally:
         gate.kill()
-    assert _gated_command_path(os.getpid()) is None
+    assert gated_command_path(os.getpid()) is None
 
 
 def test_an_entry_probe_firing_twice_for_one_allocation_counts_once():
