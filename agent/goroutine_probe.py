@@ -59,7 +59,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from agent import libbpf
+from agent import btf, libbpf
 from agent.bpf_compile import LoadedObjects, ProgType
 from agent.probe import Probe, ProbeConfig, RawRecord, Window
 from agent.process_tracker import ProcessTracker
@@ -507,7 +507,12 @@ class GoroutineProbe(Probe):
         self.late_found = 0  # goroutines found only by the end-of-capture read (missed events)
 
     def defines(self) -> dict[str, int]:
-        return {"GOR_MAX_PROCS": MAX_PROCS}
+        # go_exit_pause reads the exiting goroutine's g through the thread's FS base
+        try:
+            fsbase = btf.task_fsbase_offset()
+        except btf.BtfError:
+            fsbase = -1  # the exiting goroutine is then shown where its g.sched says
+        return {"GOR_MAX_PROCS": MAX_PROCS, "TASK_FSBASE_OFFSET": fsbase}
 
     def programs(self) -> dict[str, ProgType]:
         progs = dict.fromkeys(self.UPROBES, ProgType.KPROBE)
@@ -615,7 +620,8 @@ class GoroutineProbe(Probe):
         if rec.kind == RecordKind.GO_EXIT:  # paused at runtime.exit: its goroutines as they are now
             proc, gs = self._procs.get(rec.pid), self.table.procs.get(rec.pid)
             if proc is not None and gs is not None:
-                self._refresh(rec.pid, proc, gs)
+                # the exiting goroutine (g in aux) is where BPF found it, not where its stale g.sched says
+                self._refresh(rec.pid, proc, gs, running=(rec.aux, rec.user_ips) if rec.user_ips else None)
             return
         event, payload = rec.value >> EV_SHIFT, rec.value & PAYLOAD_MASK
         if event == Event.EXEC:  # a target (or, system-wide, anyone) runs a new program
@@ -676,11 +682,15 @@ class GoroutineProbe(Probe):
 
     # -- the end of the capture ------------------------------------------------
 
-    def _refresh(self, pid: int, proc: _Proc, gs: dict[int, Goroutine]) -> bool:
+    def _refresh(self, pid: int, proc: _Proc, gs: dict[int, Goroutine],
+                 running: tuple[int, tuple[int, ...]] | None = None) -> bool:
         """Re-read a live process: stacks of goroutines not parked (of all, when parks are not traced),
-        fresh labels. False if it is gone."""
+        fresh labels. `running`: (g address, stack) of a goroutine known to be running there. False if
+        the process is gone."""
         try:
             snapshot = self._snapshot(pid, proc)
+            if running is not None:
+                snapshot = [(st, running[1] if st.gp == running[0] else stack) for st, stack in snapshot]
             if proc.binary.reads_parks:  # where each one is now, and its labels now (pprof.Do changes them)
                 for st, stack in snapshot:
                     g = gs.get(st.goid)

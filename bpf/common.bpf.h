@@ -325,8 +325,35 @@ int go_exit_pause(struct pt_regs *ctx)
         return 0;
     go_exit_paused.update(&tgid, &one);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_GO_EXIT, 0, 0);
-    if (r && submit_header_flags(r, RB_NOW) == 0)
-        bpf_send_signal(19);  /* SIGSTOP, to the whole thread group */
+    if (!r)
+        return 0;
+    /* Where the exiting goroutine is (its g.sched is stale while it runs) and
+     * which g it is: Go without cgo keeps g at FS base - 8 (else aux is a
+     * value no g has). runtime.exit is frameless: its caller's return address
+     * is at [rsp], the frame-pointer walk starts at the caller's caller. */
+    u64 fs = current_fsbase(), g = 0, ret = 0;
+    if (fs)
+        bpf_probe_read_user(&g, sizeof(g), (void *)(fs - 8));
+    r->h.aux = g;
+    bpf_probe_read_user(&ret, sizeof(ret), (void *)PT_REGS_SP(ctx));
+    long un = bpf_get_stack(ctx, &r->ips[1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
+    un = un < 0 ? 0 : un / (long)sizeof(u64);
+    if (un > 0) {
+        r->ips[0] = r->ips[1];  /* the probed instruction: runtime.exit's entry */
+        r->ips[1] = ret;
+        un += 1;
+    }
+    if (un > BPFPROF_MAX_FRAMES)
+        un = BPFPROF_MAX_FRAMES;
+    u64 frames = un;
+    asm volatile("" : "+r"(frames));  /* keep the mask: the verifier bounds the size by it */
+    frames &= 127;
+    r->h.user_frames = frames;
+    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), RB_NOW) != 0) {
+        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+        return 0;
+    }
+    bpf_send_signal(19);  /* SIGSTOP, to the whole thread group */
     return 0;
 }
 
