@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from elftools.elf.elffile import ELFFile
 
 from agent.go_heap_buckets import BucketAddresses, cycle_words
+from agent.probe_set import GO_EXIT_FUNCTIONS
 from agent.uprobes import vaddr_to_offset
 from symbolizer.elf import ElfFile
 from symbolizer.gobuildinfo import read_build_info
@@ -47,7 +48,6 @@ RATE_SYMBOL = "runtime.MemProfileRate"
 DISABLED_SYMBOL = "runtime.disableMemoryProfiling"
 BUCKETS_SYMBOL = "runtime.mbuckets"  # agent/go_heap_buckets.py
 CYCLE_SYMBOL = "runtime.mProfCycle"
-EXIT_SYMBOLS = ("runtime.exit.abi0", "runtime.exit")  # assembly (ABI0): exit_group
 DEFAULT_RATE_BYTES = 512 * 1024  # runtime.MemProfileRate's initial value
 
 
@@ -88,7 +88,7 @@ def go_heap_target(path: str) -> GoHeapTarget | None:
             syms = {}
             if symtab is not None:
                 for name in (MALLOC_SYMBOL, FREE_SYMBOL, RATE_SYMBOL, DISABLED_SYMBOL, BUCKETS_SYMBOL,
-                             CYCLE_SYMBOL, *EXIT_SYMBOLS):
+                             CYCLE_SYMBOL, *GO_EXIT_FUNCTIONS):
                     found = symtab.get_symbol_by_name(name)
                     if found:
                         syms[name] = found[0]["st_value"]
@@ -109,7 +109,7 @@ def go_heap_target(path: str) -> GoHeapTarget | None:
     with ElfFile(path) as ef:
         malloc_off = vaddr_to_offset(ef, syms[MALLOC_SYMBOL])
         free_off = vaddr_to_offset(ef, syms[FREE_SYMBOL])
-        exit_vaddr = next((syms[n] for n in EXIT_SYMBOLS if n in syms), 0)
+        exit_vaddr = next((syms[n] for n in GO_EXIT_FUNCTIONS if n in syms), 0)
         exit_off = vaddr_to_offset(ef, exit_vaddr) if exit_vaddr else 0
         info = read_build_info(ef)
     version = info.version_tuple if info is not None else None
@@ -138,12 +138,13 @@ def _read_vaddr(elf: ELFFile, vaddr: int, size: int) -> bytes | None:
     return None
 
 
-def read_memprofile_rate(pid: int, target: GoHeapTarget) -> int:
-    """runtime.MemProfileRate of a live process; the default when it cannot be read."""
+def read_memprofile_rate(pid: int, target: GoHeapTarget, bias: int | None = None) -> int:
+    """runtime.MemProfileRate of a live process (`bias`: target.bias(pid), if known); the default
+    when it cannot be read."""
     if not target.rate_vaddr:
         return DEFAULT_RATE_BYTES
     try:
-        bias = target.bias(pid)
+        bias = target.bias(pid) if bias is None else bias
     except OSError:
         return DEFAULT_RATE_BYTES
     return read_rate_at(pid, target.rate_vaddr + bias, DEFAULT_RATE_BYTES)

@@ -69,12 +69,12 @@ class HeapBuckets:
     counts: dict[tuple[tuple[int, ...], int], tuple[int, int]] = field(default_factory=dict)
     torn: int = 0  # buckets that read inconsistent (skipped)
 
-    def since(self, earlier: HeapBuckets | None) -> dict[tuple[tuple[int, ...], int], tuple[int, int, int]]:
-        """(allocs since `earlier`, live now = allocs - frees, sampled size) per (stack, size)."""
+    def since(self, earlier: HeapBuckets | None) -> dict[tuple[tuple[int, ...], int], tuple[int, int]]:
+        """(allocs since `earlier`, live now = allocs - frees) per (stack, size)."""
         out = {}
         for key, (allocs, frees) in self.counts.items():
             before = earlier.counts.get(key, (0, 0))[0] if earlier is not None else 0
-            out[key] = (max(0, allocs - before), max(0, allocs - frees), key[1])
+            out[key] = (max(0, allocs - before), max(0, allocs - frees))
         return out
 
 

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from agent import btf, libbpf
 from agent.bpf_compile import LoadedObjects, ProgType
 from agent.probe import Probe, ProbeConfig, RawRecord, Window
+from agent.probe_set import GO_EXIT_FUNCTIONS, GO_EXIT_PROGRAM
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
 from agent.stack_resolver import StackResolver
@@ -81,9 +82,7 @@ GOPARK = "runtime.gopark"
 # Where goroutines are born and die: their calls of casgstatus are the only ones probed when the
 # process's goroutines can be read from memory (runtime.allgs). goexit0 did gdestroy's work before 1.23.
 LIFE_FUNCTIONS = ("runtime.newproc1", "runtime.gdestroy", "runtime.goexit0")
-EXIT_FUNCTIONS = ("runtime.exit.abi0", "runtime.exit")  # exit_group: a command bpfprof started is read there
 CALL_REL32 = 0xE8
-GO_EXIT_PROGRAM = "go_exit_pause"  # common.bpf.h
 ALLGS = "runtime.allgs"
 EV_SHIFT = 56  # bpf/goroutine.bpf.c GOR_EV_SHIFT
 PAYLOAD_MASK = (1 << EV_SHIFT) - 1
@@ -230,7 +229,7 @@ def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
         if tab is None:
             return None
         funcs = {name: (entry, end) for entry, end, name in tab.functions()
-                 if name in (CASGSTATUS, GOPARK, *LIFE_FUNCTIONS, *EXIT_FUNCTIONS)}
+                 if name in (CASGSTATUS, GOPARK, *LIFE_FUNCTIONS, *GO_EXIT_FUNCTIONS)}
         entries = {name: funcs[name][0] for name in (CASGSTATUS, GOPARK) if name in funcs}
         if len(entries) < 2:
             return None
@@ -244,7 +243,7 @@ def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
                 allgs = found[0]["st_value"] if found else 0
         return GoBinary(path, info.version, layout, source, vaddr_to_offset(elf, entries[CASGSTATUS]),
                         vaddr_to_offset(elf, entries[GOPARK]), allgs, elf.is_pie_or_shared, tab, sites,
-                        next((vaddr_to_offset(elf, funcs[n][0]) for n in EXIT_FUNCTIONS if n in funcs), 0))
+                        next((vaddr_to_offset(elf, funcs[n][0]) for n in GO_EXIT_FUNCTIONS if n in funcs), 0))
 
 
 def call_sites(image: bytes, elf: ElfFile, start: int, end: int, callee: int) -> list[int]:

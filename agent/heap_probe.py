@@ -40,6 +40,7 @@ from agent.bpf_compile import LoadedObjects, ProgType
 from agent.go_heap import GoHeapTarget
 from agent.go_heap_buckets import HeapBuckets, physical_stack, read_heap_buckets
 from agent.probe import Probe, RawRecord, StackCopyProbe, Window
+from agent.probe_set import GO_EXIT_PROGRAM
 from agent.process_tracker import ProcessTracker
 from agent.records import RecordKind
 from agent.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, StackResolver, UnwindMode, UnwoundStack
@@ -70,7 +71,6 @@ GO_MALLOC_PROGRAM = "heap_go_malloc"
 SAMPLER_ALLOC_PROGRAM = "heap_sampler_alloc"
 SAMPLER_FREE_PROGRAM = "heap_sampler_free"
 GO_FREE_PROGRAM = "heap_go_free"
-GO_EXIT_PROGRAM = "go_exit_pause"  # common.bpf.h
 # Go processes are re-read this often, so one that exits (and was not paused
 # at exit) keeps what it had published up to then; Go publishes at each GC.
 GO_READ_EVERY_S = 5.0
@@ -374,12 +374,13 @@ class HeapProbe(StackCopyProbe):
         """Read `pid`'s buckets (and its rate) into `into`; None if it is gone or unreadable."""
         go = self.go_targets[pid]
         try:
-            read = read_heap_buckets(pid, go.bucket_addresses(go.bias(pid)))
+            bias = go.bias(pid)
+            read = read_heap_buckets(pid, go.bucket_addresses(bias))
         except OSError as e:
             log.debug("heap: buckets of pid %d unreadable: %s", pid, e)
             return None
         into[pid] = read
-        self.rates[pid] = go_heap.read_memprofile_rate(pid, go)
+        self.rates[pid] = go_heap.read_memprofile_rate(pid, go, bias)
         if self.process_tracker is not None and self.process_tracker.get(pid) is None:
             self.process_tracker.observe(pid)  # its maps, for the stacks, while it runs
         return read
@@ -504,7 +505,7 @@ class HeapProbe(StackCopyProbe):
             info = tracker.get(pid)
             name = info.name if info else ""
             rate = self.rates.get(pid, go_heap.DEFAULT_RATE_BYTES)
-            for (stk, size), (allocs, live, _) in read.since(self.go_base.get(pid)).items():
+            for (stk, size), (allocs, live) in read.since(self.go_base.get(pid)).items():
                 values = [*scale_heap_sample(allocs, size, rate), *scale_heap_sample(live, size, rate)]
                 if not any(values):
                     continue

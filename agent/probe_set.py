@@ -46,6 +46,9 @@ MIN_RINGBUF_PAGES = 64
 MAX_TARGETS = 65536
 # A process paused at runtime.exit stops on the return from the uprobe; this only bounds a pathological wait.
 EXIT_STOP_WAIT_S = 2.0
+# The pause itself (common.bpf.h), attached by each family that reads a Go process's memory, at:
+GO_EXIT_PROGRAM = "go_exit_pause"
+GO_EXIT_FUNCTIONS = ("runtime.exit.abi0", "runtime.exit")  # assembly (ABI0): exit_group
 # Headroom over the worst case of full-size records: drains are late when the
 # machine is busy, which is exactly when samples matter.
 RINGBUF_HEADROOM = 4

@@ -211,6 +211,38 @@ static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r
     return kn + un;
 }
 
+/* The user stack at the entry of a function without a frame yet (Go
+ * assembly, a Go function before its prologue) into r->ips: the frame-
+ * pointer walk starts at the caller's caller (RBP is still the caller's), so
+ * the caller's return address, at [rsp], is put back as the second frame.
+ * Returns the frame count, also set in the header. */
+static __always_inline u64 read_user_stack_at_entry(struct pt_regs *ctx, struct bpfprof_stack_record *r)
+{
+    u64 ret = 0;
+    bpf_probe_read_user(&ret, sizeof(ret), (void *)PT_REGS_SP(ctx));
+    long un = bpf_get_stack(ctx, &r->ips[1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
+    if (un < 0) {
+        r->h.user_err = un;
+        count_drop(BPFPROF_DROP_USER_STACK_ERR);
+        un = 0;
+    }
+    un /= sizeof(u64);
+    if (un > 0) {
+        r->ips[0] = r->ips[1];  /* the probed instruction: the function's entry */
+        r->ips[1] = ret;
+        un += 1;
+    }
+    if (un >= BPFPROF_MAX_FRAMES) {
+        un = BPFPROF_MAX_FRAMES;
+        count_drop(BPFPROF_DROP_USER_TRUNCATED);
+    }
+    u64 frames = un;
+    asm volatile("" : "+r"(frames));  /* keep the mask: the verifier bounds a size by it */
+    frames &= 127;
+    r->h.user_frames = frames;
+    return frames;
+}
+
 /* read_stacks, then append the trace context, if any; returns the record's
  * size (0: too big to send). */
 static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r, int kernel)
@@ -329,26 +361,12 @@ int go_exit_pause(struct pt_regs *ctx)
         return 0;
     /* Where the exiting goroutine is (its g.sched is stale while it runs) and
      * which g it is: Go without cgo keeps g at FS base - 8 (else aux is a
-     * value no g has). runtime.exit is frameless: its caller's return address
-     * is at [rsp], the frame-pointer walk starts at the caller's caller. */
-    u64 fs = current_fsbase(), g = 0, ret = 0;
+     * value no g has). runtime.exit is frameless assembly. */
+    u64 fs = current_fsbase(), g = 0;
     if (fs)
         bpf_probe_read_user(&g, sizeof(g), (void *)(fs - 8));
     r->h.aux = g;
-    bpf_probe_read_user(&ret, sizeof(ret), (void *)PT_REGS_SP(ctx));
-    long un = bpf_get_stack(ctx, &r->ips[1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
-    un = un < 0 ? 0 : un / (long)sizeof(u64);
-    if (un > 0) {
-        r->ips[0] = r->ips[1];  /* the probed instruction: runtime.exit's entry */
-        r->ips[1] = ret;
-        un += 1;
-    }
-    if (un > BPFPROF_MAX_FRAMES)
-        un = BPFPROF_MAX_FRAMES;
-    u64 frames = un;
-    asm volatile("" : "+r"(frames));  /* keep the mask: the verifier bounds the size by it */
-    frames &= 127;
-    r->h.user_frames = frames;
+    u64 frames = read_user_stack_at_entry(ctx, r);
     if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), RB_NOW) != 0) {
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
         return 0;

@@ -125,9 +125,7 @@ int gor_casgstatus(struct pt_regs *ctx)
     return 0;
 }
 
-/* At gopark's entry the frame-pointer walk starts at RBP, which is still the
- * caller's: the caller's own return address sits at [rsp] and is put back
- * as the second frame (as lock.bpf.c does at a RET). */
+/* gopark's own stack, from its entry (common.bpf.h read_user_stack_at_entry). */
 int gor_gopark(struct pt_regs *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -145,24 +143,7 @@ int gor_gopark(struct pt_regs *ctx)
                                                 (GOR_EV_PARK << GOR_EV_SHIFT) | (labels & GOR_PAYLOAD_MASK), goid);
     if (!r)
         return 0;
-    u64 ret_addr = gor_read(ctx->sp);
-    long un = bpf_get_stack(ctx, &r->ips[1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
-    if (un < 0) {
-        r->h.user_err = un;
-        count_drop(BPFPROF_DROP_USER_STACK_ERR);
-        un = 0;
-    }
-    un /= sizeof(u64);
-    if (un > 0) {
-        r->ips[0] = r->ips[1];  /* the probed instruction: gopark's entry */
-        r->ips[1] = ret_addr;
-        un += 1;
-    }
-    if (un >= BPFPROF_MAX_FRAMES) {
-        un = BPFPROF_MAX_FRAMES;
-        count_drop(BPFPROF_DROP_USER_TRUNCATED);
-    }
-    gor_output(r, un);
+    gor_output(r, read_user_stack_at_entry(ctx, r));
     return 0;
 }
 
