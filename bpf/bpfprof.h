@@ -1,7 +1,7 @@
 /* Shared record layout of bpfprof's BPF programs.
  *
  * Every probe family writes records into a BPF ring buffer; each record starts
- * with struct bpfprof_header. Its Python mirror is agent/records.py; a test
+ * with struct bpfprof_header. Its Python mirror is agent/bpfload/records.py; a test
  * checks the sizes agree (tests/unit/test_records_layout.py).
  *
  * Stacks travel inside the record (bpf_get_stack), not as stack-map ids: a
@@ -16,7 +16,7 @@
 #define BPFPROF_MAX_FRAMES 127  /* the kernel's default perf_event_max_stack */
 #define BPFPROF_COMM_LEN 16
 
-/* Record kinds. Each probe family owns a range; agent/records.py mirrors them. */
+/* Record kinds. Each probe family owns a range; agent/bpfload/records.py mirrors them. */
 enum bpfprof_kind {
     BPFPROF_KIND_CPU = 1,       /* value: 1 sample */
     BPFPROF_KIND_OFFCPU = 2,    /* value: ns off CPU */
@@ -117,7 +117,7 @@ struct bpfprof_scratch {
 
 /* Per-process facts the agent writes at first sight of a process whose trace
  * context can be read (map `trace_procs`, key: tgid). Offsets are from the
- * binary's DWARF, else a per-Go-version table (agent/go_runtime.py). */
+ * binary's DWARF, else a per-Go-version table (agent/go/layouts.py). */
 #define BPFPROF_PROC_GO 1    /* read the running goroutine's pprof labels */
 #define BPFPROF_PROC_OTEL 2  /* read the OTEP 4947 TLS pointer otel_thread_ctx_v1 */
 #define BPFPROF_LABELS_MAP 1    /* Go <= 1.23: g.labels -> *map[string]string */

@@ -1,7 +1,7 @@
 /* Maps and helpers every probe family shares.
  *
  * All families selected for a capture are compiled as one translation unit
- * (agent/probe_set.py includes each .bpf.c), so they share one ring buffer,
+ * (agent/probes/probe_set.py includes each .bpf.c), so they share one ring buffer,
  * one drop counter array and one target set. The include guard makes each
  * defined once.
  *
@@ -13,7 +13,7 @@
  *   WITH_KERNEL      1: record kernel stacks too
  *   MAX_TARGETS      capacity of `targets` (and of `trace_procs`)
  *   TASK_FSBASE_OFFSET  offsetof(task_struct, thread.fsbase) from the running
- *                    kernel's BTF (agent/btf.py), -1 if unknown: then Go labels
+ *                    kernel's BTF (agent/bpfload/btf.py), -1 if unknown: then Go labels
  *                    are read through R14 in user-mode samples only, and OTEP
  *                    4947 contexts not at all
  *
@@ -40,7 +40,7 @@ BPF_PERCPU_ARRAY(scratch, struct bpfprof_scratch, 1);
 BPF_PERCPU_ARRAY(drops, u64, BPFPROF_DROP_MAX);
 BPF_HASH(targets, u32, u8, MAX_TARGETS);
 /* pid -> how to read its trace context; written by the agent at first sight
- * of a process (agent/trace_context.py). Not preallocated: few processes have one. */
+ * of a process (agent/tracectx/registry.py). Not preallocated: few processes have one. */
 BPF_F_TABLE("hash", u32, struct bpfprof_proc_ctx, trace_procs, MAX_TARGETS, BPF_F_NO_PREALLOC);
 /* The current record's trace context, until submit_with_stacks() appends it. */
 BPF_PERCPU_ARRAY(trace_ctx_scratch, struct bpfprof_trace_ctx, 1);
@@ -342,7 +342,7 @@ static __always_inline int submit_header(struct bpfprof_stack_record *r)
  * exit_group takes with the address space. Stop the process (SIGSTOP is
  * taken on the return from this trap, before the syscall) and tell the
  * agent: its probe set lets every family read, then continues it
- * (agent/probe_set.py). Each family that wants it attaches it, so the same
+ * (agent/probes/probe_set.py). Each family that wants it attaches it, so the same
  * trap may run it twice: once per process. No record, no stop: nobody would
  * continue a process the agent was not told about. */
 BPF_TABLE("lru_hash", u32, u8, go_exit_paused, MAX_TARGETS);

@@ -1,5 +1,5 @@
 /* CPU sampling: a perf event at the configured frequency on every CPU
- * (attached by agent/cpu_probe.py). Shared maps: common.bpf.h. Each sample
+ * (attached by agent/probes/cpu.py). Shared maps: common.bpf.h. Each sample
  * carries the thread's trace context when its process has one (Go labels,
  * OTEP 4947 thread context) and, when USTACK_BYTES > 0, the user registers
  * and a copy of the user stack top for the agent's unwinder (ustack.bpf.h). */

@@ -1,7 +1,7 @@
 /* A process forked by a target is a target: `bpfprof record -- CMD` follows
  * the command's children. Threads land here too (their tid is added), which
  * is harmless: a thread's tgid is its creator's, already a target.
- * Compiled in only when the capture follows children (agent/probe_set.py). */
+ * Compiled in only when the capture follows children (agent/probes/probe_set.py). */
 #include "common.bpf.h"
 
 TRACEPOINT_PROBE(sched, sched_process_fork)

@@ -1,5 +1,5 @@
 /* Goroutine profile: the life of every goroutine of the target Go processes
- * (agent/goroutine_probe.py keeps the table of live goroutines from these events).
+ * (agent/probes/goroutine.py keeps the table of live goroutines from these events).
  *
  * Uprobes, never a uretprobe on Go:
  *   runtime.casgstatus(gp, oldval, newval)   RAX, RBX, RCX (ABIInternal):

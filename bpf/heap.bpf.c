@@ -10,7 +10,7 @@
  * (the exponential is memoryless), which is what the agent, like Go's
  * scaleHeapSample, divides by.
  *
- * Preloaded sampler (agent/heap_sampler.c): the process samples itself and
+ * Preloaded sampler (agent/probes/heap_sampler.c): the process samples itself and
  * calls bpfprof_heap_alloc/free for sampled objects only; uprobes there.
  *
  * Go: the runtime samples at its own MemProfileRate; uprobes at the entry
@@ -248,7 +248,7 @@ int heap_alloc_return(struct pt_regs *ctx)
 }
 
 /* bpfprof_heap_alloc(void *ptr, size_t size) of the in-process sampler
- * (agent/heap_sampler.c, preloaded): it calls this only for the objects it
+ * (agent/probes/heap_sampler.c, preloaded): it calls this only for the objects it
  * sampled, so every hit is a sample; no uretprobe, no per-call trap. */
 int heap_sampler_alloc(struct pt_regs *ctx)
 {

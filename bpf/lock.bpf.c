@@ -1,4 +1,4 @@
-/* Lock contention: who waited for a lock, where, how long (agent/lock_probe.py).
+/* Lock contention: who waited for a lock, where, how long (agent/probes/lock.py).
  *
  * Sources, told apart by the top nibble of the record's aux (user addresses
  * never use it; kernel addresses have it all ones):

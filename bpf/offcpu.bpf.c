@@ -1,4 +1,4 @@
-/* Off-CPU time: sched:sched_switch (attached by agent/offcpu_probe.py).
+/* Off-CPU time: sched:sched_switch (attached by agent/probes/offcpu.py).
  *
  * At switch-out the current task is `prev`: its kernel and user stacks are
  * read there, in its own context, into a per-thread stash (an LRU hash of

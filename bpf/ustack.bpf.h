@@ -1,6 +1,6 @@
 /* User registers and a bounded copy of the user stack top, for the agent's
  * CFI/pclntab unwinder (symbolizer/unwinder.py; why it unwinds in user space
- * and not here: agent/stack_resolver.py, "Where to unwind").
+ * and not here: agent/processes/stack_resolver.py, "Where to unwind").
  *
  * A CPU or lock record may carry, after its addresses and its trace context,
  * one struct bpfprof_ustack followed by `len` bytes of user memory from `rsp`

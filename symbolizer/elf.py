@@ -187,6 +187,14 @@ class ElfFile:
                 return file_offset - seg.offset + seg.vaddr
         return None
 
+    def offset_for_vaddr(self, vaddr: int) -> int:
+        """File offset of virtual address `vaddr` (where a uprobe goes), through the PT_LOAD segment
+        holding it; ElfParseError if it is in no loaded part of the file."""
+        for seg in self.load_segments:
+            if seg.vaddr <= vaddr < seg.vaddr + seg.filesz:
+                return vaddr - seg.vaddr + seg.offset
+        raise ElfParseError(f"{self.path}: address 0x{vaddr:x} is in no loaded segment")
+
     def vaddr_for_runtime(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
         """The ELF vaddr of runtime address `addr` in a mapping (start, file offset)."""
         return self.vaddr_for_offset(addr - map_start + map_file_offset)

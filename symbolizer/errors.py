@@ -1,8 +1,10 @@
 """The one error hierarchy of bpfprof.
 
-It lives in the lowest package of the import graph (agent -> exporters ->
+Its root lives in the lowest package of the import graph (agent -> exporters ->
 symbolizer) so that every package can raise a subclass of one root and the
 CLI can turn any of them into a one-line message. Only the CLI does that.
+Errors only the agent raises (targets, privileges, BPF loading) are in
+agent/errors.py.
 """
 
 
@@ -24,19 +26,3 @@ class ExportError(BpfprofError):
 
 class ConfigError(BpfprofError):
     """A flag, config key or value is invalid."""
-
-
-class TargetError(BpfprofError):
-    """The process to profile does not exist or cannot be started."""
-
-
-class PrivilegeError(BpfprofError):
-    """The agent lacks the privileges BPF needs (root or CAP_BPF+CAP_PERFMON)."""
-
-
-class BpfLoadError(BpfprofError):
-    """A BPF program could not be compiled, loaded or attached."""
-
-
-class KernelHeadersError(BpfLoadError):
-    """No kernel headers BCC could compile against were found."""

@@ -1,4 +1,4 @@
-"""`bpfprof agent`: the continuous profiler (agent/daemon.py), configured by file, environment and flags."""
+"""`bpfprof agent`: the continuous profiler (agent/daemon/daemon.py), configured by file, environment and flags."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import click
 
-from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from agent.daemon.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 
 # syslog priorities by logging level: journald reads a "<N>" prefix on stderr lines.
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 class LogfmtFormatter(logging.Formatter):
-    """`level=info logger=agent.daemon msg="..."`; with a `<N>` priority prefix under systemd (JOURNAL_STREAM)."""
+    """`level=info logger=agent.daemon.daemon msg="..."`; with a `<N>` priority prefix under systemd (JOURNAL_STREAM)."""
 
     def __init__(self, journald: bool) -> None:
         super().__init__()
@@ -113,7 +113,7 @@ def agent(config_path: str | None, check_config: bool, log_level: str | None, ho
     if check_config:
         import yaml  # noqa: PLC0415
 
-        from agent.config import as_dict  # noqa: PLC0415
+        from agent.daemon.config import as_dict  # noqa: PLC0415
 
         effective = as_dict(cfg)
         effective["export"]["otlp"]["headers"] = {k: "<redacted>" for k in cfg.export.otlp.headers}
@@ -123,7 +123,7 @@ def agent(config_path: str | None, check_config: bool, log_level: str | None, ho
     if cfg.export.pprof_dir.path:
         Path(cfg.export.pprof_dir.path).mkdir(parents=True, exist_ok=True)
 
-    from agent.daemon import Daemon  # noqa: PLC0415  (loads the probe modules)
+    from agent.daemon.daemon import Daemon  # noqa: PLC0415  (loads the probe modules)
 
     daemon = Daemon(cfg, reload_config=load)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())

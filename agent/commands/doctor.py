@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agent import doctor as checks
+from agent.capture import readiness as checks
 
 
 @click.command()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from agent.probes import PROBES
-from agent.session import CaptureStats, RecordOptions, RecordSession
-from agent.stack_resolver import DEFAULT_UNWIND, UnwindMode
-from agent.targets import validate_command, validate_pids
+from agent.capture.session import CaptureStats, RecordOptions, RecordSession
+from agent.probes.registry import PROBES
+from agent.processes.stack_resolver import DEFAULT_UNWIND, UnwindMode
+from agent.processes.targets import validate_command, validate_pids
 from exporters.formats import FORMATS, OutputFormat
 from exporters.otlp import encode_otlp
 from exporters.otlp_sender import DEFAULT_TIMEOUT_S, ExportStatus, OtlpExporter, parse_headers

@@ -11,13 +11,13 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
-from agent import libbpf
-from agent.config import AgentConfig, ProfilingConfig, SelectionConfig
-from agent.daemon import BpfCollector
-from agent.heap_probe import HEAP_STAT_LIVE_FULL, STATS_MAP
-from agent.lock_probe import MAP_FULL, LockProbe
-from agent.metrics import AgentStats
-from agent.process_tracker import ProcessTracker
+from agent.bpfload import libbpf
+from agent.daemon.config import AgentConfig, ProfilingConfig, SelectionConfig
+from agent.daemon.daemon import BpfCollector
+from agent.daemon.metrics import AgentStats
+from agent.probes.heap import HEAP_STAT_LIVE_FULL, STATS_MAP
+from agent.probes.lock import MAP_FULL, LockProbe
+from agent.processes.tracker import ProcessTracker
 
 
 def _set_percpu(fd: int, key: int, per_cpu: int) -> int:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 
-from agent.goroutine_probe import go_binary
-from agent.uprobes import vaddr_to_offset
+from agent.probes.goroutine import go_binary
 from fixtures.builder import build_go
 from gotool import GO, go_env, gotool_total
 from recording import Decoded, read_pprof, run_bpfprof
@@ -100,5 +99,5 @@ def test_birth_and_death_probes_are_the_runtimes_own_calls(tmp_path):
     calls = {int(line.split()[1], 16) for line in out.splitlines() if "CALL runtime.casgstatus(SB)" in line}
     assert len(calls) >= 2
     with ElfFile(str(binary)) as elf:
-        assert {vaddr_to_offset(elf, a) for a in calls} == set(found.life_sites)
+        assert {elf.offset_for_vaddr(a) for a in calls} == set(found.life_sites)
     assert [prog for prog, _ in found.uprobes()] == ["gor_casgstatus"] * len(calls)  # no gopark, no entry

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from agent.lock_probe import go_sema_sites
+from agent.probes.lock import go_sema_sites
 from fixtures.builder import build_c, build_go
 from gotool import gotool_total
 from recording import read_pprof, run_bpfprof

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import threading
 
-from agent.process_tracker import ProcessTracker
-from agent.session import RecordOptions, RecordSession
+from agent.capture.session import RecordOptions, RecordSession
+from agent.processes.tracker import ProcessTracker
 from fixtures.builder import build_go
 from symbolizer.file_symbols import SymbolCache
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.records import Drop
-from agent.session import RecordOptions, RecordSession
+from agent.bpfload.records import Drop
+from agent.capture.session import RecordOptions, RecordSession
 from exporters.profile import Profile, TraceLink
 from fixtures.builder import build_c, build_go
 

@@ -1,4 +1,4 @@
-"""agent/btf.py: member offsets from BTF, against bpftool and a hand-built blob."""
+"""agent/bpfload/btf.py: member offsets from BTF, against bpftool and a hand-built blob."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from agent.btf import VMLINUX_BTF, Btf, BtfError
+from agent.bpfload.btf import VMLINUX_BTF, Btf, BtfError
 
 # Members whose offsets are read from the running kernel and compared with bpftool.
 CHECKED = [("task_struct", "thread"), ("task_struct", "pid"), ("task_struct", "tgid"),

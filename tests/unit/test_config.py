@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import (
+from agent.daemon.config import (
     ENV_EXPORT_INTERVAL_S,
     ENV_NODE_NAME_FALLBACK,
     ENV_OTLP_ENDPOINT,

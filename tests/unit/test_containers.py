@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from agent.containers import parse_cgroup, read_environ_var
+from agent.processes.containers import parse_cgroup, read_environ_var
 
 CID = "3f1c0e4b9d2a7c8e5f6a1b2c3d4e5f60718293a4b5c6d7e8f9012345678abcde"
 UID = "0b7a3c1e-2f4d-4e6a-8b9c-1d2e3f4a5b6c"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ctypes
 import struct
 
-from agent.probe_set import PAGE_SIZE, RINGBUF_HEADROOM, parse_record, ringbuf_pages
-from agent.records import HEADER_SIZE, USTACK_USER_MODE, CtxKind, RecordKind, StackRecord, Ustack
-from agent.stack_resolver import StackResolver, UnwoundStack, UserStacks, continue_with_fp
+from agent.bpfload.records import HEADER_SIZE, USTACK_USER_MODE, CtxKind, RecordKind, StackRecord, Ustack, parse_record
+from agent.probes.probe_set import PAGE_SIZE, RINGBUF_HEADROOM, ringbuf_pages
+from agent.processes.stack_resolver import StackResolver, UnwoundStack, UserStacks, continue_with_fp
 
 
 def test_parse_record_splits_kernel_and_user_frames():
@@ -118,7 +118,7 @@ def _mapped():
 
 
 def _rec(stack: bytes, regs, fp_ips, user_mode=True):
-    from agent.probe import RawRecord
+    from agent.bpfload.records import RawRecord
 
     return RawRecord(RecordKind.CPU, 7, 7, 0, 1, 1, 0, "x", (), fp_ips, user_regs=regs, user_stack=stack,
                      user_mode=user_mode)

@@ -8,7 +8,7 @@ import ctypes
 import os
 import struct
 
-from agent.go_heap_buckets import BucketAddresses, HeapBuckets, cycle_words, physical_stack, read_heap_buckets
+from agent.go.heap_buckets import BucketAddresses, HeapBuckets, cycle_words, physical_stack, read_heap_buckets
 from exporters.profile import Location
 from symbolizer.frames import Frame, FrameKind
 

@@ -7,7 +7,9 @@ import struct
 
 import pytest
 
-from agent.goroutine_probe import (
+from agent.bpfload.records import RawRecord
+from agent.probes.family import ProbeConfig
+from agent.probes.goroutine import (
     VERSION_TABLE,
     Event,
     Goroutine,
@@ -22,7 +24,6 @@ from agent.goroutine_probe import (
     runtime_pprof_frames,
     unwind,
 )
-from agent.probe import ProbeConfig, RawRecord
 from fixtures.builder import build_go
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from agent import heap_sampler
+from agent.probes import heap_sampler
 
 
 def test_builds_once_and_exports_its_probe_points(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from agent.heap_probe import (
+from agent.bpfload.records import RawRecord, RecordKind
+from agent.probes.heap import (
     LIBC_PROBES,
     RETURN_PROGRAM,
     SYSTEM_LIBC,
@@ -17,9 +18,7 @@ from agent.heap_probe import (
     libc_probe_points,
     scale_heap_sample,
 )
-from agent.probe import RawRecord
-from agent.records import RecordKind
-from agent.targets import GatedCommand, gated_command_path
+from agent.processes.targets import GatedCommand, gated_command_path
 from exporters.profile import Location
 from symbolizer.frames import Frame, FrameKind
 
@@ -115,9 +114,8 @@ def test_gated_command_is_recognised(tmp_path):
 
 def test_an_entry_probe_firing_twice_for_one_allocation_counts_once():
     """Go's prologue can call morestack and restart the function: mProf_Malloc's entry uprobe fires again."""
-    from agent.heap_probe import HeapTracker
-    from agent.probe import RawRecord
-    from agent.records import RecordKind
+    from agent.bpfload.records import RawRecord, RecordKind
+    from agent.probes.heap import HeapTracker
 
     def alloc(addr, size=1024, tid=7):
         return RawRecord(RecordKind.ALLOC, 1, tid, 0, 0, size, addr, "app", (), (0x401000, 0x402000))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent import kernel_headers as kh
-from symbolizer.errors import KernelHeadersError
+from agent.bpfload import kernel_headers as kh
+from agent.errors import KernelHeadersError
 
 RELEASE = "6.18.0-test"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from agent import lock_probe
-from agent.lock_probe import LockProbe, LockSource, decode_aux, lock_profile
-from agent.probe import ProbeConfig, RawRecord
-from agent.records import RecordKind
+from agent.bpfload.records import RawRecord, RecordKind
+from agent.probes import lock as lock_probe
+from agent.probes.family import ProbeConfig
+from agent.probes.lock import LockProbe, LockSource, decode_aux, lock_profile
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import Location, SampleKey
 from symbolizer.frames import Frame, FrameKind

@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from agent.batch_export import Batch, ExportQueue, InMemoryBatchExporter, PprofDirExporter
-from agent.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
+from agent.daemon.export_queue import Batch, ExportQueue, InMemoryBatchExporter, PprofDirExporter
+from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from exporters.otlp_sender import ExportResult, ExportStatus
 from exporters.profile import SampleKey, cpu_profile
 from symbolizer.file_symbols import SymbolCache

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.offcpu_probe import OffCpuProbe, offcpu_profile, state_label
-from agent.probe import ProbeConfig
+from agent.probes.family import ProbeConfig
+from agent.probes.offcpu import OffCpuProbe, offcpu_profile, state_label
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import SampleKey
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agent.process_tracker import ProcessTracker
+from agent.processes.tracker import ProcessTracker
 from fixtures.builder import build_c
 from symbolizer.file_symbols import SymbolCache
 from symbolizer.frames import FrameKind

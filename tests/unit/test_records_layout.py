@@ -1,4 +1,4 @@
-"""The Python mirrors in agent/records.py have the C layout of bpf/bpfprof.h.
+"""The Python mirrors in agent/bpfload/records.py have the C layout of bpf/bpfprof.h.
 
 gcc compiles the real header (with BCC's integer typedefs) and prints sizes
 and offsets; ctypes must agree field by field.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
-from agent.records import (
+from agent.bpfload.records import (
     HEADER_SIZE,
     LABEL_KEY_LEN,
     LABEL_VALUE_LEN,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.config import RelabelRule
-from agent.relabel import Relabeler
+from agent.daemon.config import RelabelRule
+from agent.daemon.relabel import Relabeler
 from exporters.profile import ProcessMeta, SampleKey, cpu_profile
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from agent.config import SelectionConfig
-from agent.containers import ContainerInfo, node_name, parse_cgroup
-from agent.selection import ProcessIdentity, Selector, read_identity
+from agent.daemon.config import SelectionConfig
+from agent.daemon.selection import ProcessIdentity, Selector, read_identity
+from agent.processes.containers import ContainerInfo, node_name, parse_cgroup
 
 CID = "3f1c0e4b9d2a7c8e5f6a1b2c3d4e5f60718293a4b5c6d7e8f9012345678abcde"
 

@@ -6,10 +6,7 @@ import ctypes
 import os
 import struct
 
-from agent.go_runtime import VERSION_TABLE, layout_for
-from agent.probe_set import parse_record
-from agent.profile_builder import ZERO_TRACE_ID, link_from_labels, trace_context
-from agent.records import (
+from agent.bpfload.records import (
     LABEL_VALUE_LEN,
     CtxKind,
     GoLabels,
@@ -17,8 +14,11 @@ from agent.records import (
     ProcFlag,
     RecordKind,
     TraceCtx,
+    parse_record,
 )
-from agent.trace_context import TraceContextRegistry
+from agent.go.layouts import VERSION_TABLE, layout_for
+from agent.probes.profile_builder import ZERO_TRACE_ID, link_from_labels, trace_context
+from agent.tracectx.registry import TraceContextRegistry
 from exporters.profile import TraceLink
 from fixtures.builder import build_c, build_go
 from symbolizer.elf import ElfFile

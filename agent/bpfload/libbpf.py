@@ -1,0 +1,222 @@
+"""The few kernel interfaces the agent needs once programs are loaded.
+
+libbpf (Debian's libbpf1, a dependency of BCC, 350 KB) through ctypes for map
+access and the ring buffer, and the perf_event_open syscall for attaching.
+The long-lived agent process uses only this; BCC and its LLVM (~150 MB of
+RSS once a program is compiled) stay in the short-lived compile child, see
+agent/bpfload/bpf_compile.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.errors import BpfLoadError
+
+_SYS_PERF_EVENT_OPEN = 298  # x86_64
+PERF_TYPE_SOFTWARE = 1
+PERF_TYPE_TRACEPOINT = 2
+PERF_COUNT_SW_CPU_CLOCK = 0
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_DISABLE = 0x2401
+PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
+PERF_FLAG_FD_CLOEXEC = 8
+_ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER7; the kernel accepts any size it knows
+_FLAG_DISABLED = 1 << 0
+_FLAG_FREQ = 1 << 10
+TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+
+_lib: ctypes.CDLL | None = None
+SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+def lib() -> ctypes.CDLL:
+    """libbpf.so.1, loaded once, with argument types declared."""
+    global _lib
+    if _lib is None:
+        try:
+            so = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as e:
+            raise BpfLoadError("libbpf.so.1 not found: apt-get install libbpf1") from e
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        so.bpf_map_update_elem.argtypes = [i, vp, vp, ctypes.c_uint64]
+        so.bpf_map_lookup_elem.argtypes = [i, vp, vp]
+        so.bpf_map_delete_elem.argtypes = [i, vp]
+        so.bpf_map_get_next_key.argtypes = [i, vp, vp]
+        so.ring_buffer__new.argtypes = [i, SAMPLE_FN, vp, vp]
+        so.ring_buffer__new.restype = vp
+        so.ring_buffer__poll.argtypes = [vp, i]
+        so.ring_buffer__consume.argtypes = [vp]
+        so.ring_buffer__free.argtypes = [vp]
+        _lib = so
+    return _lib
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise BpfLoadError(f"{what}: {os.strerror(-rc)}")
+
+
+def map_update(fd: int, key: ctypes._SimpleCData, value: ctypes._SimpleCData) -> None:
+    _check(lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "bpf map update")
+
+
+def map_lookup_percpu_u64(fd: int, key: int) -> list[int]:
+    """One key of a BPF_PERCPU_ARRAY of u64: a value per possible CPU."""
+    n = possible_cpus()
+    values = (ctypes.c_uint64 * n)()
+    k = ctypes.c_uint32(key)
+    _check(lib().bpf_map_lookup_elem(fd, ctypes.byref(k), values), "bpf map lookup")
+    return list(values)
+
+
+def map_keys_u32(fd: int) -> list[int]:
+    """Every key of a BPF hash map with u32 keys (the shared `targets` set, for one)."""
+    so = lib()
+    keys: list[int] = []
+    key, nxt = ctypes.c_uint32(), ctypes.c_uint32()
+    prev = None
+    while so.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt)) == 0:
+        keys.append(nxt.value)
+        key.value = nxt.value
+        prev = ctypes.byref(key)
+    return keys
+
+
+def _cpu_list(path: str) -> list[int]:
+    """Parse a kernel CPU list such as '0-3,6'."""
+    cpus: list[int] = []
+    for part in Path(path).read_text().strip().split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            cpus.append(int(part))
+    return cpus
+
+
+def online_cpus() -> list[int]:
+    return _cpu_list("/sys/devices/system/cpu/online")
+
+
+def possible_cpus() -> int:
+    return max(_cpu_list("/sys/devices/system/cpu/possible")) + 1
+
+
+def _perf_event_open(attr: ctypes.Array, pid: int, cpu: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_SYS_PERF_EVENT_OPEN, attr, pid, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        raise BpfLoadError(f"perf_event_open on cpu {cpu}: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def _attr(type_: int, config: int, period_or_freq: int, flags: int) -> ctypes.Array:
+    attr = (ctypes.c_uint8 * _ATTR_SIZE)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = type_
+    ctypes.c_uint32.from_buffer(attr, 4).value = _ATTR_SIZE
+    ctypes.c_uint64.from_buffer(attr, 8).value = config
+    ctypes.c_uint64.from_buffer(attr, 16).value = period_or_freq
+    ctypes.c_uint64.from_buffer(attr, 40).value = flags
+    ctypes.c_uint32.from_buffer(attr, 48).value = 1  # wakeup_events
+    return attr
+
+
+def _attach(fd: int, prog_fd: int) -> int:
+    try:
+        fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
+        fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+    except OSError as e:
+        os.close(fd)
+        raise BpfLoadError(f"attaching a BPF program to a perf event: {e.strerror}") from e
+    return fd
+
+
+def attach_cpu_clock(prog_fd: int, frequency_hz: int) -> list[int]:
+    """A cpu-clock sampling event at `frequency_hz` on every online CPU, running `prog_fd`."""
+    fds = []
+    try:
+        for cpu in online_cpus():
+            attr = _attr(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK, frequency_hz, _FLAG_DISABLED | _FLAG_FREQ)
+            fds.append(_attach(_perf_event_open(attr, -1, cpu), prog_fd))
+    except BpfLoadError:
+        detach(fds)
+        raise
+    return fds
+
+
+def tracepoint_id(category: str, name: str) -> int:
+    for root in TRACEFS_ROOTS:
+        p = root / "events" / category / name / "id"
+        if p.exists():
+            return int(p.read_text())
+    raise BpfLoadError(f"tracepoint {category}:{name} not found: is tracefs mounted? (bpfprof doctor --fix)")
+
+
+def attach_tracepoint(prog_fd: int, category: str, name: str) -> list[int]:
+    """Run `prog_fd` on a tracepoint (one event: the program is attached to the tracepoint, all CPUs)."""
+    attr = _attr(PERF_TYPE_TRACEPOINT, tracepoint_id(category, name), 1, _FLAG_DISABLED)
+    return [_attach(_perf_event_open(attr, -1, 0), prog_fd)]
+
+
+def detach(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
+        except OSError:
+            pass
+        os.close(fd)
+    fds.clear()
+
+
+class RingBuffer:
+    """A BPF ring buffer map consumed with libbpf; `callback(bytes)` per record."""
+
+    def __init__(self, map_fd: int, callback: Callable[[bytes], None]) -> None:
+        def on_record(_ctx: int, data: int, size: int) -> int:
+            callback(ctypes.string_at(data, size))
+            return 0
+
+        self._fn = SAMPLE_FN(on_record)  # keep a reference: libbpf calls it later
+        self._rb = lib().ring_buffer__new(map_fd, self._fn, None, None)
+        if not self._rb:
+            raise BpfLoadError(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
+
+    def poll(self, timeout_ms: int) -> int:
+        return lib().ring_buffer__poll(self._rb, timeout_ms)
+
+    def consume(self) -> int:
+        return lib().ring_buffer__consume(self._rb)
+
+    def close(self) -> None:
+        if self._rb:
+            lib().ring_buffer__free(self._rb)
+            self._rb = None
+
+
+UPROBE_PMU_TYPE = Path("/sys/bus/event_source/devices/uprobe/type")
+_UPROBE_RETPROBE_BIT = 1 << 0  # format/retprobe: config:0
+
+
+def attach_uprobe(prog_fd: int, path: str, file_offset: int, pid: int = -1, retprobe: bool = False) -> list[int]:
+    """Run `prog_fd` when code at `file_offset` of the file at `path` executes.
+
+    Through the uprobe PMU (no tracefs writes): with pid -1 it fires in every
+    process mapping that file, with a pid only in that process. Never use
+    `retprobe` on Go functions: Go moves stacks and the return trampoline
+    crashes the program (DESIGN.md); instrument their RET instructions instead.
+    """
+    try:
+        pmu = int(UPROBE_PMU_TYPE.read_text())
+    except (OSError, ValueError) as e:
+        raise BpfLoadError(f"uprobes are not available here ({UPROBE_PMU_TYPE}): {e}") from e
+    attr = _attr(pmu, _UPROBE_RETPROBE_BIT if retprobe else 0, 1, _FLAG_DISABLED)
+    path_buf = ctypes.create_string_buffer(os.fsencode(path))
+    ctypes.c_uint64.from_buffer(attr, 56).value = ctypes.addressof(path_buf)  # config1: uprobe_path
+    ctypes.c_uint64.from_buffer(attr, 64).value = file_offset  # config2: probe_offset
+    fd = _perf_event_open(attr, pid, 0 if pid == -1 else -1)
+    return [_attach(fd, prog_fd)]

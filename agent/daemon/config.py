@@ -1,0 +1,471 @@
+"""The agent's configuration: one frozen dataclass per component, one loader, one validator.
+
+Precedence is flags > environment > file > defaults (`load_config`). The
+file is YAML; every string value in it may use `${VAR}` or `${VAR:-default}`
+(expanded after parsing, so a secret can never inject YAML) and `$$` for a
+literal `$`. Every key is documented in packaging/config.example.yaml, and a
+test checks that file against these dataclasses.
+
+Errors are ConfigError with the key's path and what was expected, on one
+line: `config /etc/bpfprof/config.yaml: export.interval_s: expected a number,
+got 'soon'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from symbolizer.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/bpfprof/config.yaml"
+
+# Environment variables: each sets one key (a flag still wins over it).
+ENV_CONFIG = "BPFPROF_CONFIG"
+ENV_LOG_LEVEL = "BPFPROF_LOG_LEVEL"
+ENV_HOST_PROC = "BPFPROF_HOST_PROC"
+ENV_NODE_NAME = "BPFPROF_NODE_NAME"
+ENV_NODE_NAME_FALLBACK = "NODE_NAME"  # what most DaemonSets already set from spec.nodeName (containers.NODE_NAME_VARS)
+ENV_OTLP_ENDPOINT = "BPFPROF_OTLP_ENDPOINT"
+ENV_EXPORT_INTERVAL_S = "BPFPROF_EXPORT_INTERVAL_S"
+ENV_PPROF_DIR = "BPFPROF_PPROF_DIR"
+ENV_METRICS_LISTEN = "BPFPROF_METRICS_LISTEN"
+
+ENV_KEYS: dict[str, str] = {
+    ENV_LOG_LEVEL: "log_level",
+    ENV_HOST_PROC: "host_proc",
+    ENV_NODE_NAME: "node_name",
+    ENV_OTLP_ENDPOINT: "export.otlp.endpoint",
+    ENV_EXPORT_INTERVAL_S: "export.interval_s",
+    ENV_PPROF_DIR: "export.pprof_dir.path",
+    ENV_METRICS_LISTEN: "metrics.listen",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+RELABEL_ACTIONS = ("drop", "keep", "drop_label", "rename_label", "mask")
+MAX_FREQUENCY_HZ = 20_000
+
+
+@dataclass(frozen=True)
+class ProfilingConfig:
+    profiles: tuple[str, ...] = ("cpu",)
+    frequency_hz: int = 99
+    kernel_stacks: bool = True
+    offcpu_min_us: int = 0
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which processes to profile; all of them when every list is empty, else those matching any."""
+
+    pids: tuple[int, ...] = ()
+    exe_names: tuple[str, ...] = ()  # basename of /proc/PID/exe, or comm
+    exe_regex: tuple[str, ...] = ()  # re.search on the executable path
+    cgroup_paths: tuple[str, ...] = ()  # prefixes of the cgroup path (v2, else first v1)
+    container_ids: tuple[str, ...] = ()  # full ids or prefixes of at least 12 characters
+
+
+@dataclass(frozen=True)
+class OtlpConfig:
+    endpoint: str = ""  # "" = off
+    protocol: str = ""  # "" = from the URL's scheme; grpc or http
+    headers: dict[str, str] = field(default_factory=dict)
+    insecure: bool = False
+    ca_file: str = ""
+    compression: str = "gzip"  # gzip or none
+
+
+@dataclass(frozen=True)
+class PprofDirConfig:
+    path: str = ""  # "" = off
+    max_files: int = 1000
+    max_total_bytes: int = 512 * 1024 * 1024
+    max_age_s: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class ViewerConfig:
+    endpoint: str = ""  # the OTLP/HTTP receiver of `bpfprof serve`; "" = off
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    interval_s: float = 60.0
+    timeout_s: float = 10.0  # one export, retries included; also bounds the flush at SIGTERM
+    queue_max_batches: int = 10  # per exporter; past it the oldest interval is dropped and counted
+    otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    pprof_dir: PprofDirConfig = field(default_factory=PprofDirConfig)
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_processes: int = 8192  # process table; least recently sampled exited processes go first
+    max_symbol_files: int = 512  # symbol cache (files by build id), LRU
+    max_interval_samples: int = 2_000_000  # records kept per interval; more are dropped and counted
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"  # host:port of /metrics, /healthz, /readyz; "" = off
+
+
+@dataclass(frozen=True)
+class RelabelRule:
+    """One rule; which fields apply depends on `action` (packaging/config.example.yaml)."""
+
+    action: str
+    attribute: str = ""  # drop/keep: process.pid, process.executable.name, ..., label.NAME
+    regex: str = ""  # drop/keep: full match on the attribute; mask: the part of the value to replace
+    label: str = ""  # drop_label/rename_label/mask: the label name (a regex, full match)
+    target: str = ""  # rename_label: the new name
+    replacement: str = "***"  # mask
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    log_level: str = "info"
+    host_proc: str = "/proc"
+    node_name: str = ""  # k8s.node.name; from BPFPROF_NODE_NAME or NODE_NAME when unset
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    relabel: tuple[RelabelRule, ...] = ()
+
+
+# --- ${ENV} expansion ---------------------------------------------------------
+
+_VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+
+
+def expand_env(value: str, path: str, environ: Mapping[str, str]) -> str:
+    """`${VAR}`, `${VAR:-default}` and `$$` in one string; ConfigError for an unset VAR."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    return _VAR.sub(sub, value)
+
+
+def _expand_tree(node: Any, path: str, environ: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, path, environ)
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, _join(path, str(k)), environ) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, f"{path}[{i}]", environ) for i, v in enumerate(node)]
+    return node
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- dict -> dataclasses, with key paths ---------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping of strings to strings"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _scalar(tp: type, value: Any, path: str) -> Any:
+    """Strings are parsed for typed keys: environment values are always strings."""
+    bad = ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # a port or an id written unquoted
+        raise bad
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str) and not dataclasses.is_dataclass(item_tp):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # "cpu,offcpu" from env or a flag
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
+        return tuple(_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
+        return {_scalar(str, k, path): _scalar(str, v, _join(path, str(k))) for k, v in value.items()}
+    return _scalar(tp, value, path)
+
+
+def _build(cls: Any, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{_join(path, str(key))}: unknown key (expected one of: {', '.join(names)})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], _join(path, f.name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(path, f.name)}: required key is missing")
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = tree
+    for p in parents:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = node[p] = {}
+        node = child
+    node[last] = value
+
+
+# --- validation -----------------------------------------------------------------
+
+
+def _check(ok: bool, path: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+
+
+def _check_regex(pattern: str, path: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{path}: invalid regular expression {pattern!r}: {e}") from None
+
+
+def parse_listen(listen: str, path: str = "metrics.listen") -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{path}: expected host:port (e.g. 127.0.0.1:9464), got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def validate(cfg: AgentConfig) -> AgentConfig:
+    """Every value check in one place; ConfigError names the key. Returns `cfg`."""
+    from agent.probes.registry import PROBES  # noqa: PLC0415  (the probe registry pulls in bcc-free but heavy modules)
+    from exporters.otlp_sender import resolve_endpoint  # noqa: PLC0415
+
+    _check(cfg.log_level in LOG_LEVELS, "log_level", f"one of {', '.join(LOG_LEVELS)}", cfg.log_level)
+    _check(os.path.isdir(cfg.host_proc) and os.path.exists(os.path.join(cfg.host_proc, "stat")),
+           "host_proc", "a mounted procfs directory", cfg.host_proc)
+    p = cfg.profiling
+    _check(bool(p.profiles), "profiling.profiles", f"at least one of {', '.join(PROBES)}", list(p.profiles))
+    for i, name in enumerate(p.profiles):
+        _check(name in PROBES, f"profiling.profiles[{i}]", f"one of {', '.join(PROBES)}", name)
+    _check(1 <= p.frequency_hz <= MAX_FREQUENCY_HZ, "profiling.frequency_hz", f"1 to {MAX_FREQUENCY_HZ}",
+           p.frequency_hz)
+    _check(p.offcpu_min_us >= 0, "profiling.offcpu_min_us", "an integer >= 0", p.offcpu_min_us)
+    s = cfg.selection
+    for i, pid in enumerate(s.pids):
+        _check(pid > 0, f"selection.pids[{i}]", "a pid > 0", pid)
+    for i, rx in enumerate(s.exe_regex):
+        _check_regex(rx, f"selection.exe_regex[{i}]")
+    for i, cid in enumerate(s.container_ids):
+        _check(re.fullmatch(r"[0-9a-f]{12,64}", cid) is not None, f"selection.container_ids[{i}]",
+               "12 to 64 lowercase hex digits", cid)
+    for i, cg in enumerate(s.cgroup_paths):
+        _check(cg.startswith("/"), f"selection.cgroup_paths[{i}]", "an absolute cgroup path", cg)
+    e = cfg.export
+    _check(e.interval_s >= 1, "export.interval_s", "a number of seconds >= 1", e.interval_s)
+    _check(e.timeout_s > 0, "export.timeout_s", "a number of seconds > 0", e.timeout_s)
+    _check(e.queue_max_batches >= 1, "export.queue_max_batches", "an integer >= 1", e.queue_max_batches)
+    for key, endpoint, protocol, insecure in (
+            ("export.otlp", e.otlp.endpoint, e.otlp.protocol or None, e.otlp.insecure),
+            ("export.viewer", e.viewer.endpoint, "http", True)):
+        if endpoint:
+            try:
+                resolve_endpoint(endpoint, protocol, insecure)
+            except ConfigError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    _check(e.otlp.protocol in ("", "grpc", "http"), "export.otlp.protocol", "grpc, http or empty", e.otlp.protocol)
+    _check(e.otlp.compression in ("gzip", "none"), "export.otlp.compression", "gzip or none", e.otlp.compression)
+    _check(not e.otlp.ca_file or os.path.isfile(e.otlp.ca_file), "export.otlp.ca_file", "a readable file",
+           e.otlp.ca_file)
+    d = e.pprof_dir
+    _check(d.max_files >= 1, "export.pprof_dir.max_files", "an integer >= 1", d.max_files)
+    _check(d.max_total_bytes >= 1024, "export.pprof_dir.max_total_bytes", "an integer >= 1024", d.max_total_bytes)
+    _check(d.max_age_s > 0, "export.pprof_dir.max_age_s", "a number > 0", d.max_age_s)
+    if d.path:
+        parent = Path(d.path)
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        _check(parent.is_dir() and os.access(parent, os.W_OK), "export.pprof_dir.path",
+               "a writable directory (created if missing)", d.path)
+    lim = cfg.limits
+    _check(lim.max_processes >= 16, "limits.max_processes", "an integer >= 16", lim.max_processes)
+    _check(lim.max_symbol_files >= 8, "limits.max_symbol_files", "an integer >= 8", lim.max_symbol_files)
+    _check(lim.max_interval_samples >= 1000, "limits.max_interval_samples", "an integer >= 1000",
+           lim.max_interval_samples)
+    if cfg.metrics.listen:
+        parse_listen(cfg.metrics.listen)
+    for i, rule in enumerate(cfg.relabel):
+        _validate_rule(rule, f"relabel[{i}]")
+    return cfg
+
+
+def _validate_rule(rule: RelabelRule, path: str) -> None:
+    _check(rule.action in RELABEL_ACTIONS, f"{path}.action", f"one of {', '.join(RELABEL_ACTIONS)}", rule.action)
+    needs = {"drop": ("attribute", "regex"), "keep": ("attribute", "regex"), "drop_label": ("label",),
+             "rename_label": ("label", "target"), "mask": ("label", "regex")}[rule.action]
+    for name in needs:
+        _check(bool(getattr(rule, name)), f"{path}.{name}", f"a non-empty string (action {rule.action})", "")
+    for name in ("regex", "label"):
+        if getattr(rule, name):
+            _check_regex(getattr(rule, name), f"{path}.{name}")
+
+
+# --- the loader -------------------------------------------------------------------
+
+
+def read_config_file(path: str, environ: Mapping[str, str]) -> dict:
+    """The file's mapping with ${ENV} expanded; ConfigError naming the file for any problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config {path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top, got {type(data).__name__}")
+    try:
+        return _expand_tree(data, "", environ)
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+
+
+def load_config(path: str | None = None, flags: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Build and validate the config: flags (key path -> value) > environment > file > defaults.
+
+    `path` None means $BPFPROF_CONFIG, else DEFAULT_CONFIG_PATH if it exists
+    (a missing default file is fine: defaults plus flags). A path that was
+    named explicitly must exist. Raises ConfigError.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or ENV_CONFIG in environ
+    path = path if path is not None else environ.get(ENV_CONFIG, DEFAULT_CONFIG_PATH)
+    tree: dict = {}
+    if explicit or os.path.exists(path):
+        tree = read_config_file(path, environ)
+    for var, key in ENV_KEYS.items():
+        if environ.get(var):
+            _set_path(tree, key, environ[var])
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_path(tree, key, value)
+    if not tree.get("node_name"):
+        from agent.processes.containers import node_name  # noqa: PLC0415
+
+        if node_name(environ):
+            tree["node_name"] = node_name(environ)
+    prefix = f"config {path}: " if (explicit or os.path.exists(path)) else "config: "
+    try:
+        return validate(_build(AgentConfig, tree, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def config_keys(cls: Any = AgentConfig, prefix: str = "") -> list[str]:
+    """Every leaf key path (relabel rule fields as relabel[].FIELD), for the docs test."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            out += config_keys(tp, path)
+        elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out += config_keys(typing.get_args(tp)[0], f"{path}[]")
+        else:
+            out.append(path)
+    return out
+
+
+def as_dict(cfg: Any) -> Any:
+    """The config as plain data (for logging the effective config)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: as_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [as_dict(v) for v in cfg]
+    if isinstance(cfg, dict | types.MappingProxyType):
+        return dict(cfg)
+    return cfg

@@ -1,0 +1,536 @@
+"""`bpfprof agent`: continuous profiling, one export per interval, until SIGTERM.
+
+Three threads, so that sampling never waits on symbolization or export:
+
+  main     drains the ring buffer every 100 ms; at each interval boundary
+           it *cuts*: the interval's records are handed over and a fresh
+           accumulator takes the next ones (cheap, no BPF restart, no gap)
+  builder  symbolizes a cut interval into Profiles, applies relabel rules,
+           and puts the Batch into every exporter's queue
+  export   one worker per exporter (agent/daemon/export_queue.py): bounded queue,
+           retries, drop counters
+
+Memory is bounded by config: the process table (ProcessTracker, LRU
+over processes not needed by a pending interval), the symbol cache (LRU by
+build id), records per interval, cut intervals waiting for the builder
+(MAX_PENDING_INTERVALS) and batches per exporter queue.
+
+SIGTERM/SIGINT: stop sampling, cut the last interval, build it, flush the
+queues for up to export.timeout_s, exit 0. SIGHUP: reload the config; a bad
+one is logged and the old one kept. Changing what BPF does (profiles,
+frequency, pids, host_proc) restarts the probes; the rest applies at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.bpfload.records import Drop, RawRecord
+from agent.daemon.config import AgentConfig
+from agent.daemon.export_queue import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
+from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
+from agent.daemon.relabel import Relabeler
+from agent.daemon.selection import Selector, read_identity
+from agent.probes.family import Probe, ProbeConfig, Window
+from agent.probes.probe_set import ProbeSet
+from agent.probes.profile_builder import add_process_meta
+from agent.probes.registry import PROBES
+from agent.processes.stack_resolver import StackResolver
+from agent.processes.tracker import ProcessTracker
+from exporters.otlp_sender import OtlpExporter
+from exporters.profile import Profile
+from symbolizer.errors import BpfprofError
+from symbolizer.file_symbols import SymbolCache
+from symbolizer.kallsyms import KernelSymbols
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100
+MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the oldest is dropped
+SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
+
+
+@dataclass
+class Interval:
+    """A cut interval: the probes that accumulated its records, and its window."""
+
+    seq: int
+    probes: list[Probe]
+    window: Window
+    samples: int
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+class _LiveProbe(Probe):
+    """Stands in ProbeSet for a probe family: BPF hooks go to the template, records to the current accumulator.
+
+    This is what lets an interval end without detaching: cut() swaps the
+    accumulator (a fresh instance of the family) under the running programs.
+    """
+
+    def __init__(self, template: Probe, collector: BpfCollector) -> None:
+        super().__init__(template.config)
+        self.template = template
+        self.collector = collector
+        self.name, self.source, self.kinds = template.name, template.source, template.kinds
+        self.events_per_cpu_s = template.events_per_cpu_s
+        self.current: Probe = template.new_accumulator()
+
+    def defines(self) -> dict[str, int]:
+        return self.template.defines()
+
+    def programs(self):  # noqa: ANN201  (dict[str, ProgType])
+        return self.template.programs()
+
+    def maps(self) -> list[str]:
+        return self.template.maps()
+
+    def attach(self, objs):  # noqa: ANN001, ANN201
+        return self.template.attach(objs)
+
+    def on_start(self, objs) -> None:  # noqa: ANN001
+        self.template.on_start(objs)
+        self.current = self.template.new_accumulator()  # now with what on_start set up
+        self.template.carry_into(self.current, self.collector.alive)  # what attach() found (live goroutines)
+
+    def detach(self) -> None:
+        self.template.detach()
+
+    def on_record(self, rec: RawRecord) -> None:
+        if self.collector.accept(rec):
+            self.current.on_record(rec)
+
+    def swap(self) -> Probe:
+        nxt = self.template.new_accumulator()
+        self.current.carry_into(nxt, self.collector.alive)
+        done, self.current = self.current, nxt
+        return done
+
+
+def _wall_offset_ns() -> int:
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+class BpfCollector:
+    """The BPF side of the agent: one ProbeSet for the agent's life (until a reload changes it)."""
+
+    def __init__(self, cfg: AgentConfig, tracker: ProcessTracker, stats: AgentStats) -> None:
+        self.cfg = cfg
+        self.tracker = tracker
+        self.stats = stats
+        self.selector = Selector(cfg.selection)
+        p = cfg.profiling
+        pids = tuple(cfg.selection.pids) if self.selector.pid_only else None
+        self.probe_config = ProbeConfig(frequency_hz=p.frequency_hz, with_kernel=p.kernel_stacks,
+                                        offcpu_min_ns=p.offcpu_min_us * 1000, pids=pids)
+        templates = [PROBES[name](self.probe_config) for name in PROBES if name in p.profiles]
+        for t in templates:
+            t.use_tracker(tracker)  # CFI unwinding against the agent's process table
+        self.live = [_LiveProbe(t, self) for t in templates]
+        self._pids = pids
+        self._selected: dict[int, bool] = {}
+        self._probe_set: ProbeSet | None = None
+        self._seq = 0
+        self._count = 0
+        self._start_ns = 0
+        self._drops_before: dict[Drop, int] = {}
+        self._losses_before: dict[str, int] = {}  # family loss reason -> total at the last cut
+        self._kernel: KernelSymbols | None = None
+        self._has_kernel = False
+
+    def start(self) -> None:
+        """Compile, load and attach (BpfprofError if that fails)."""
+        self._probe_set = ProbeSet(self.live, pids=self._pids, with_kernel=self.cfg.profiling.kernel_stacks,
+                                   drain_interval_s=POLL_MS / 1000)
+        self._probe_set.start()
+        self._start_ns = time.time_ns()
+
+    def set_selection(self, selector: Selector) -> None:
+        self.selector = selector
+        self._selected.clear()
+
+    def accept(self, rec: RawRecord) -> bool:
+        """Selection, the per-interval cap and first-sight snapshots; runs for every record."""
+        pid = rec.pid
+        chosen = self._selected.get(pid)
+        if chosen is None:
+            ident = read_identity(pid, self.cfg.host_proc) if not self.selector.select_all else None
+            chosen = self.selector.select_all or (ident is not None and self.selector.matches(ident))
+            self._selected[pid] = chosen
+        if not chosen:
+            self.stats.unselected_samples += 1
+            return False
+        if self._count >= self.cfg.limits.max_interval_samples:
+            self.stats.lose("interval_full")
+            return False
+        self._count += 1
+        self.stats.samples += 1
+        if rec.kernel_ips:
+            self._has_kernel = True
+        self.tracker.note_record(pid, rec.tid, rec.thread_name)
+        self.tracker.seen(pid, self._seq)
+        return True
+
+    def alive(self, pid: int) -> bool:
+        """Whether `pid` still runs, for state carried into the next interval (dropped with its process).
+
+        A carried process is needed by the next interval even if it sends no
+        record in it (objects still live, goroutines parked): its symbols are kept.
+        """
+        if not os.path.exists(f"{self.tracker.proc_root}/{pid}"):
+            return False
+        self.tracker.seen(pid, self._seq + 1)
+        return True
+
+    def poll(self) -> None:
+        assert self._probe_set is not None
+        self._probe_set.poll(POLL_MS)
+        for lp in self.live:
+            lp.current.tick()
+
+    def cut(self) -> Interval:
+        """End the current interval (call from the polling thread); sampling goes on."""
+        assert self._probe_set is not None
+        self._probe_set.drain()
+        now = time.time_ns()
+        drops = self._probe_set.drops()
+        delta = {d.name.lower(): n - self._drops_before.get(d, 0) for d, n in drops.items()}
+        self._drops_before = drops
+        delta.update(self._family_losses())
+        for reason, n in delta.items():
+            if n:
+                self.stats.lose(reason, n)
+        interval = Interval(self._seq, [lp.swap() for lp in self.live], Window(self._start_ns, now, _wall_offset_ns()),
+                            self._count, {k: v for k, v in delta.items() if v})
+        self._seq += 1
+        self._count = 0
+        self._start_ns = now
+        self._selected = {pid: v for pid, v in self._selected.items() if pid in self.tracker or not v}
+        if len(self._selected) > self.tracker.max_processes * 4:
+            self._selected.clear()  # decisions are cheap to redo; keep the cache bounded under churn
+        return interval
+
+    def _family_losses(self) -> dict[str, int]:
+        """Growth since the last cut of what each family's BPF side lost (full maps), logged when not 0."""
+        assert self._probe_set is not None
+        out = {}
+        for lp in self.live:
+            try:
+                totals = lp.template.bpf_losses(self._probe_set.objs)
+            except BpfprofError as e:  # a counter that cannot be read is not worth an interval
+                log.debug("%s: loss counters unreadable: %s", lp.name, e)
+                continue
+            for reason, total in totals.items():
+                n = total - self._losses_before.get(reason, 0)
+                self._losses_before[reason] = total
+                if n:
+                    log.warning("%s: %d events lost in BPF (%s)", lp.name, n, reason)
+                out[reason] = n
+        return out
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def build(self, interval: Interval) -> tuple[list[Profile], dict[int, str]]:
+        """Symbolize an interval (builder thread). Returns the profiles and pid -> pod uid."""
+        if self._kernel is None and self._has_kernel and self.cfg.profiling.kernel_stacks:
+            try:
+                self._kernel = KernelSymbols()
+            except (BpfprofError, OSError) as e:
+                log.warning("kernel symbols unavailable: %s", e)
+        resolver = StackResolver(self.tracker, self._kernel)
+        out = []
+        for probe in interval.probes:
+            for profile in probe.profiles(resolver, self.tracker, interval.window):
+                add_process_meta(profile, self.tracker)
+                profile.comments.extend(f"dropped: {n} {reason}" for reason, n in interval.drops.items())
+                out.append(profile)
+        self.stats.user_addresses += resolver.stats.user_addresses
+        self.stats.user_unresolved += resolver.stats.user_unresolved
+        pod_uids = {}
+        for profile in out:
+            for pid in profile.processes:
+                info = self.tracker.get(pid)
+                if info is not None and info.container.pod_uid:
+                    pod_uids[pid] = info.container.pod_uid
+        return out, pod_uids
+
+    def close(self) -> None:
+        if self._probe_set is not None:
+            self._probe_set.close()
+            self._probe_set = None
+
+
+def make_exporters(cfg: AgentConfig, host_name: str) -> list[BatchExporter]:
+    """One exporter per configured destination (ConfigError for a bad one)."""
+    e = cfg.export
+    out: list[BatchExporter] = []
+    if e.otlp.endpoint:
+        o = e.otlp
+        sender = OtlpExporter(o.endpoint, protocol=o.protocol or None, headers=o.headers, timeout_s=e.timeout_s,
+                              insecure=o.insecure, ca_file=o.ca_file or None,
+                              compression=None if o.compression == "none" else o.compression)
+        out.append(OtlpBatchExporter("otlp", sender, host_name, cfg.node_name))
+    if e.viewer.endpoint:
+        sender = OtlpExporter(e.viewer.endpoint, protocol="http", timeout_s=e.timeout_s)
+        out.append(OtlpBatchExporter("viewer", sender, host_name, cfg.node_name))
+    if e.pprof_dir.path:
+        d = e.pprof_dir
+        out.append(PprofDirExporter(d.path, host_name, d.max_files, d.max_total_bytes, d.max_age_s))
+    return out
+
+
+CollectorFactory = Callable[[AgentConfig, ProcessTracker, AgentStats], BpfCollector]
+ExportersFactory = Callable[[AgentConfig, str], list[BatchExporter]]
+
+# What needs new probes when it changes on reload.
+_RESTART_KEYS = ("profiling", "host_proc")
+
+
+class Daemon:
+    """The agent. run() returns the exit code; stop() and request_reload() are signal-safe."""
+
+    def __init__(self, cfg: AgentConfig, reload_config: Callable[[], AgentConfig] | None = None,
+                 collector_factory: CollectorFactory = BpfCollector,
+                 exporters_factory: ExportersFactory = make_exporters, host_name: str | None = None,
+                 cache: SymbolCache | None = None) -> None:
+        self.cfg = cfg
+        self.reload_config = reload_config
+        self.collector_factory = collector_factory
+        self.exporters_factory = exporters_factory
+        self.host_name = host_name or cfg.node_name or socket.gethostname()
+        self.stats = AgentStats()
+        self.cache = cache if cache is not None else SymbolCache(cfg.limits.max_symbol_files)
+        self.tracker = ProcessTracker(self.cache, cfg.host_proc, max_processes=cfg.limits.max_processes)
+        self.relabeler = Relabeler(cfg.relabel)
+        self.queues: list[ExportQueue] = []
+        self._retired: list[ExportQueue] = []
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._pending: collections.deque[Interval] = collections.deque()
+        self._pending_lock = threading.Lock()
+        self._building: int | None = None
+        self._builder_wake = threading.Event()
+        self._builder_done = threading.Event()
+        self._builder: threading.Thread | None = None
+        self.collector: BpfCollector | None = None
+        self.metrics: MetricsServer | None = None
+        self.started = threading.Event()  # set once sampling (for tests)
+
+    # --- signals -------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    # --- the main loop -----------------------------------------------------------
+
+    def run(self) -> int:
+        """Sample until stop(); returns 0 after the final flush. BpfprofError if start-up fails."""
+        cfg = self.cfg
+        self.queues = [ExportQueue(e, cfg.export.queue_max_batches) for e in self.exporters_factory(cfg,
+                                                                                                   self.host_name)]
+        if not self.queues:
+            log.warning("no exporter configured (export.otlp, export.pprof_dir, export.viewer): profiles are dropped")
+        if cfg.metrics.listen:
+            self._start_metrics(cfg.metrics.listen)
+        self._builder = threading.Thread(target=self._build_loop, name="builder", daemon=True)
+        self._builder.start()
+        try:
+            self.collector = self.collector_factory(cfg, self.tracker, self.stats)
+            self.collector.start()
+        except BaseException:
+            self._shutdown_exports(0.5)
+            if self.metrics:
+                self.metrics.close()
+            raise
+        self.stats.ready = True
+        self.started.set()
+        log.info("sampling %s at %d Hz; exporting every %gs to %s", ",".join(cfg.profiling.profiles),
+                 cfg.profiling.frequency_hz, cfg.export.interval_s,
+                 ", ".join(q.name for q in self.queues) or "nothing")
+        next_cut = time.monotonic() + cfg.export.interval_s
+        while not self._stop.is_set():
+            self.collector.poll()
+            now = time.monotonic()
+            self.stats.last_loop_monotonic = now
+            self.stats.processes_tracked = len(self.tracker)
+            if self._reload.is_set():
+                self._reload.clear()
+                next_cut = self._apply_reload(next_cut)
+            if now >= next_cut:
+                self._cut()
+                next_cut = max(next_cut + self.cfg.export.interval_s, now + 1.0)
+        return self._shutdown()
+
+    def _cut(self) -> None:
+        assert self.collector is not None
+        interval = self.collector.cut()
+        with self._pending_lock:
+            while len(self._pending) >= MAX_PENDING_INTERVALS:
+                old = self._pending.popleft()
+                self.stats.lose("builder_behind", old.samples)
+                log.warning("interval %d dropped: symbolization is behind", old.seq)
+            self._pending.append(interval)
+            safe = min([i.seq for i in self._pending] + ([self._building] if self._building is not None else []))
+        self._builder_wake.set()
+        evicted = self.tracker.evict(safe)
+        self.stats.process_evictions = self.tracker.stats.evictions
+        self.stats.processes_tracked = len(self.tracker)
+        self.stats.snapshot_failures = self.tracker.stats.snapshot_failures
+        if evicted:
+            log.debug("evicted %d processes", evicted)
+
+    def _build_loop(self) -> None:
+        while True:
+            with self._pending_lock:
+                interval = self._pending.popleft() if self._pending else None
+                self._building = interval.seq if interval else None
+                if interval is None:
+                    self._builder_done.set()
+                    self._builder_wake.clear()
+            if interval is None:
+                self._builder_wake.wait(1.0)
+                continue
+            self._builder_done.clear()
+            try:
+                self._build_one(interval)
+            except Exception:  # noqa: BLE001  (one bad interval must not end the agent)
+                log.exception("interval %d could not be built; its samples are lost", interval.seq)
+                self.stats.lose("build_error", interval.samples)
+
+    def _build_one(self, interval: Interval) -> None:
+        assert self.collector is not None
+        t0 = time.monotonic()
+        profiles, pod_uids = self.collector.build(interval)
+        relabeler = self.relabeler
+        before = relabeler.stats.dropped_samples
+        profiles = [relabeler.apply(p) for p in profiles]
+        self.stats.relabel_dropped_samples += relabeler.stats.dropped_samples - before
+        batch = Batch(profiles, interval.window.start_ns, interval.seq, pod_uids)
+        for q in list(self.queues):
+            q.put(batch)
+        self.stats.intervals += 1
+        self.stats.interval_build_s = time.monotonic() - t0
+        log.info("interval %d: %d samples of %d processes, built in %.2fs", interval.seq, interval.samples,
+                 len({pid for p in profiles for pid in p.processes}), self.stats.interval_build_s)
+
+    def _wait_built(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                idle = not self._pending and self._building is None
+            if idle:
+                return True
+            self._builder_wake.set()
+            self._builder_done.wait(0.05)
+        return False
+
+    def _shutdown(self) -> int:
+        """Last interval, built and flushed within export.timeout_s; then exit 0."""
+        self.stats.ready = False
+        assert self.collector is not None
+        log.info("stopping: exporting the last interval")
+        try:
+            self._cut()
+        finally:
+            self.collector.close()
+        if not self._wait_built(SHUTDOWN_BUILD_S):
+            log.error("the last interval was not symbolized in %gs", SHUTDOWN_BUILD_S)
+        self._shutdown_exports(self.cfg.export.timeout_s)
+        if self.metrics is not None:
+            self.metrics.close()
+        self._builder_wake.set()
+        log.info("stopped")
+        return 0
+
+    def _shutdown_exports(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for q in self._retired + self.queues:  # they flushed in parallel; each waits for what is left
+            q.flush(max(0.0, deadline - time.monotonic()))
+        for q in self._retired + self.queues:
+            left = q.shutdown(max(0.1, deadline - time.monotonic()))
+            if left:
+                log.error("export %s: %d interval(s) not delivered before shutdown", q.name, left)
+
+    def _start_metrics(self, listen: str) -> None:
+        collector = AgentCollector(self.stats, lambda: [(q.name, q.stats) for q in self.queues + self._retired],
+                                   self.cache)
+        self.metrics = MetricsServer(listen, make_registry(collector), self.stats)
+        log.info("metrics on http://%s/metrics", listen)
+
+    # --- SIGHUP -------------------------------------------------------------------
+
+    def _apply_reload(self, next_cut: float) -> float:
+        """Load the config again and apply what changed; keep the old one if it is bad."""
+        if self.reload_config is None:
+            return next_cut
+        try:
+            new = self.reload_config()
+            queues = None
+            if new.export != self.cfg.export or new.node_name != self.cfg.node_name:
+                queues = [ExportQueue(e, new.export.queue_max_batches) for e in self.exporters_factory(new,
+                                                                                                        self.host_name)]
+        except BpfprofError as e:
+            self.stats.reloads_failed += 1
+            log.error("reload rejected, keeping the running config: %s", e)
+            return next_cut
+        old = self.cfg
+        logging.getLogger().setLevel(new.log_level.upper())
+        if queues is not None:
+            for q in self.queues:  # they deliver what they hold, then are shut down at exit or next reload
+                q.flush(0)
+            self._retired = [q for q in self._retired if len(q)] + self.queues
+            self.queues = queues
+        self.relabeler = Relabeler(new.relabel)
+        self.tracker.max_processes = new.limits.max_processes
+        self.cache.max_files = new.limits.max_symbol_files
+        if new.metrics.listen != old.metrics.listen:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            if new.metrics.listen:
+                try:
+                    self._start_metrics(new.metrics.listen)
+                except BpfprofError as e:
+                    log.error("reload: %s", e)
+        self.cfg = new
+        assert self.collector is not None
+        if any(getattr(new, k) != getattr(old, k) for k in _RESTART_KEYS) or (
+                new.selection.pids != old.selection.pids):
+            self._restart_collector(old)
+        else:
+            self.collector.cfg = new
+            self.collector.set_selection(Selector(new.selection))
+        self.stats.reloads_ok += 1
+        log.info("config reloaded")
+        if new.export.interval_s != old.export.interval_s:
+            return time.monotonic() + new.export.interval_s
+        return next_cut
+
+    def _restart_collector(self, old: AgentConfig) -> None:
+        assert self.collector is not None
+        self._cut()
+        self.collector.close()
+        self.tracker.proc_root = self.cfg.host_proc
+        try:
+            self.collector = self.collector_factory(self.cfg, self.tracker, self.stats)
+            self.collector.start()
+            log.info("probes restarted for the new config")
+        except BpfprofError as e:
+            log.error("new probes failed (%s); going back to the previous profiling settings", e)
+            self.cfg = old
+            self.tracker.proc_root = old.host_proc
+            self.collector = self.collector_factory(old, self.tracker, self.stats)
+            self.collector.start()
+

@@ -1,0 +1,174 @@
+"""Self-metrics in Prometheus format, and /healthz, /readyz, on 127.0.0.1:9464 by default.
+
+The daemon keeps plain counters (AgentStats, the export queues' QueueStats,
+the SymbolCache's hits/misses); a prometheus_client Collector reads them at
+scrape time, so the sampling path never touches a metric object. The
+registry is our own (not the global one), so tests can build several.
+
+/healthz: 200 while the sampling loop has turned within HEALTHY_LAG_S (it
+is stuck otherwise); /readyz: 200 once the probes are attached and
+sampling, 503 before and after.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from agent.daemon.config import parse_listen
+from agent.daemon.export_queue import QueueStats
+from symbolizer.errors import ConfigError
+from symbolizer.file_symbols import SymbolCache
+
+log = logging.getLogger(__name__)
+
+HEALTHY_LAG_S = 30.0
+PREFIX = "bpfprof"
+
+
+@dataclass
+class AgentStats:
+    """Counters of the daemon; every field is a plain int the sampling thread bumps."""
+
+    samples: int = 0  # records accepted into an interval
+    lost_samples: dict[str, int] = field(default_factory=dict)  # reason -> count (BPF drops and our own)
+    unselected_samples: int = 0
+    relabel_dropped_samples: int = 0
+    processes_tracked: int = 0
+    process_evictions: int = 0
+    snapshot_failures: int = 0
+    intervals: int = 0
+    interval_build_s: float = 0.0  # last interval's symbolization + encoding time
+    user_addresses: int = 0
+    user_unresolved: int = 0
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    ready: bool = False
+    last_loop_monotonic: float = field(default_factory=time.monotonic)
+
+    def lose(self, reason: str, n: int = 1) -> None:
+        self.lost_samples[reason] = self.lost_samples.get(reason, 0) + n
+
+
+class AgentCollector(Collector):
+    """Turns AgentStats, queue stats and the symbol cache into metric families at scrape time."""
+
+    def __init__(self, stats: AgentStats, queues: Callable[[], Iterable[QueueStats | tuple[str, QueueStats]]],
+                 cache: SymbolCache) -> None:
+        self.stats = stats
+        self.queues = queues
+        self.cache = cache
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.stats
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        yield counter("samples", "Samples accepted into an export interval.", s.samples)
+        lost = CounterMetricFamily(f"{PREFIX}_lost_samples", "Samples lost, by reason.", labels=["reason"])
+        for reason, n in sorted(s.lost_samples.items()):
+            lost.add_metric([reason], n)
+        yield lost
+        yield counter("stack_collisions", "Stacks that could not be read or were truncated (BPF stack errors).",
+                      sum(n for r, n in s.lost_samples.items() if "stack" in r))
+        yield counter("unselected_samples", "Samples of processes the selection leaves out.", s.unselected_samples)
+        yield counter("relabel_dropped_samples", "Samples dropped by relabel rules.", s.relabel_dropped_samples)
+        yield gauge("processes_tracked", "Processes in the process table.", s.processes_tracked)
+        yield counter("process_evictions", "Processes evicted from the process table.", s.process_evictions)
+        yield counter("process_snapshot_failures", "Processes gone before their maps could be read.",
+                      s.snapshot_failures)
+        yield counter("intervals", "Export intervals completed.", s.intervals)
+        yield gauge("interval_build_seconds", "Symbolization and encoding time of the last interval.",
+                    s.interval_build_s)
+        yield counter("symbolizer_user_addresses", "Distinct user addresses symbolized.", s.user_addresses)
+        yield counter("symbolizer_user_unresolved", "Distinct user addresses left unresolved.", s.user_unresolved)
+        yield counter("symbolizer_cache_hits", "Symbol cache hits (files by build id).", self.cache.hits)
+        yield counter("symbolizer_cache_misses", "Symbol cache misses.", self.cache.misses)
+        yield counter("symbolizer_cache_evictions", "Symbol cache evictions (LRU).", self.cache.evictions)
+        yield gauge("symbolizer_cache_files", "Files in the symbol cache.", len(self.cache))
+        yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache maps.", self.cache.mapped_bytes())
+        yield counter("config_reloads", "Successful SIGHUP reloads.", s.reloads_ok)
+        yield counter("config_reload_failures", "SIGHUP reloads rejected (old config kept).", s.reloads_failed)
+        yield gauge("ready", "1 while sampling.", int(s.ready))
+        families = {
+            "export_batches": ("Intervals delivered.", CounterMetricFamily, "exported_batches"),
+            "export_samples": ("Samples delivered.", CounterMetricFamily, "exported_samples"),
+            "export_failures": ("Failed export attempts (each retried).", CounterMetricFamily, "failed_attempts"),
+            "export_dropped_batches": ("Intervals dropped: queue full or unsent at shutdown.", CounterMetricFamily,
+                                       "dropped_batches"),
+            "export_dropped_samples": ("Samples in dropped intervals.", CounterMetricFamily, "dropped_samples"),
+            "export_queue_depth": ("Intervals waiting to be exported.", GaugeMetricFamily, "depth"),
+        }
+        queues = list(self.queues())
+        for name, (doc, cls, attr) in families.items():
+            fam = cls(f"{PREFIX}_{name}", doc, labels=["exporter"])
+            for exporter, qs in queues:
+                fam.add_metric([exporter], getattr(qs, attr))
+            yield fam
+
+
+def make_registry(collector: AgentCollector) -> CollectorRegistry:
+    """Our metrics plus process_* (CPU seconds, resident memory bytes, open fds)."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsServer:
+    """/metrics, /healthz and /readyz on one address, served by a daemon thread."""
+
+    def __init__(self, listen: str, registry: CollectorRegistry, stats: AgentStats) -> None:
+        host, port = parse_listen(listen)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802  (BaseHTTPRequestHandler's name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    lag = time.monotonic() - stats.last_loop_monotonic
+                    ok = lag < HEALTHY_LAG_S
+                    self._reply(200 if ok else 503, b"ok\n" if ok else f"sampling loop stuck {lag:.0f}s\n".encode())
+                elif path == "/readyz":
+                    self._reply(200 if stats.ready else 503, b"ready\n" if stats.ready else b"not sampling\n")
+                else:
+                    self._reply(404, b"not found: try /metrics, /healthz, /readyz\n")
+
+            def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        try:
+            self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:
+            raise ConfigError(f"metrics.listen {listen}: cannot listen: {e.strerror}") from None
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

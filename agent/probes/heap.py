@@ -1,0 +1,516 @@
+"""Heap profile: bpf/heap.bpf.c on the allocators of the target processes.
+
+Native processes, two ways. A process with bpfprof's in-process sampler
+(agent/probes/heap_sampler.py; `record -- COMMAND` preloads it) samples itself and
+calls two empty functions for sampled objects only: uprobes there, no trap
+per malloc. Any other: uprobes on glibc's allocation functions in every
+mapped file that exports malloc (libc, or a static executable), per target
+process (so other processes never trap), sampling decided in BPF (see
+heap.bpf.c); a whole-system capture probes the system libc in every process.
+Go binaries: the runtime's own heap profile buckets, read from the process's
+memory (agent/go/heap_buckets.py: no trap, the program pays nothing); a
+command bpfprof started is paused at runtime.exit for a last read. Where the
+buckets cannot be found (stripped binaries), uprobes on the runtime's own
+sampling path (agent/go/heap.py).
+ALLOC records carry a stack copy, unwound here by CFI (DWARF or not, frame
+pointers or not); the allocator's own frames are hidden.
+
+mmap/munmap are not probed: glibc's malloc calls the same `mmap` symbol for
+its large blocks, so those bytes would be counted twice, and telling the
+application's own mappings apart needs per-call state on every malloc.
+
+The agent keeps the sampled objects that are still live (an ALLOC whose
+FREE has not come), so in-use values are those at the end of the capture;
+objects of processes that exited count as in use at exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from elftools.elf.elffile import ELFFile
+
+from agent.bpfload import libbpf
+from agent.bpfload.bpf_compile import LoadedObjects, ProgType
+from agent.bpfload.records import RawRecord, RecordKind
+from agent.go import heap as go_heap
+from agent.go.exit_pause import GO_EXIT_PROGRAM
+from agent.go.heap import GoHeapTarget
+from agent.go.heap_buckets import HeapBuckets, physical_stack, read_heap_buckets
+from agent.probes import heap_sampler
+from agent.probes.family import Probe, StackCopyProbe, Window
+from agent.processes.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, StackResolver, UnwindMode, UnwoundStack
+from agent.processes.targets import gated_command_path
+from agent.processes.tracker import ProcessTracker
+from exporters.profile import Location, Profile, SampleKey, ValueType
+from symbolizer.elf import ElfFile
+from symbolizer.errors import BpfprofError
+from symbolizer.proc_maps import open_mapped_file, read_maps
+
+log = logging.getLogger(__name__)
+
+SYSTEM_LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+# libc symbol -> (entry program, whether the return is probed for the address).
+# aligned_alloc and memalign are one function in glibc: probe points are
+# deduplicated by offset so nothing fires twice.
+LIBC_PROBES: dict[str, tuple[str, bool]] = {
+    "malloc": ("heap_malloc_enter", True),
+    "calloc": ("heap_calloc_enter", True),
+    "realloc": ("heap_realloc_enter", True),
+    "aligned_alloc": ("heap_aligned_alloc_enter", True),
+    "memalign": ("heap_aligned_alloc_enter", True),
+    "posix_memalign": ("heap_posix_memalign_enter", True),
+    "free": ("heap_free_enter", False),
+}
+RETURN_PROGRAM = "heap_alloc_return"
+GO_MALLOC_PROGRAM = "heap_go_malloc"
+SAMPLER_ALLOC_PROGRAM = "heap_sampler_alloc"
+SAMPLER_FREE_PROGRAM = "heap_sampler_free"
+GO_FREE_PROGRAM = "heap_go_free"
+# Go processes are re-read this often, so one that exits (and was not paused
+# at exit) keeps what it had published up to then; Go publishes at each GC.
+GO_READ_EVERY_S = 5.0
+STATS_MAP = "heap_stats"
+HEAP_STAT_LIVE_FULL = 0  # heap.bpf.c HEAP_STAT_*
+HEAP_STAT_NULL_RESULT = 1
+# Frames runtime/pprof hides at the leaf of a Go heap sample (protomem.go).
+GO_RUNTIME_PREFIXES = ("runtime.", "internal/runtime/")
+# Sampled allocations per CPU-second the ring buffer is sized for: 1 GB/s
+# of allocation at 512 KiB is ~2000; a full buffer is counted, not fatal.
+EVENTS_PER_CPU_S = 4000
+
+
+def heap_profile(start_time_ns: int, duration_ns: int, rate_bytes: int) -> Profile:
+    """An empty heap profile with runtime/pprof's sample types and period."""
+    return Profile(
+        sample_types=[ValueType("alloc_objects", "count"), ValueType("alloc_space", "bytes"),
+                      ValueType("inuse_objects", "count"), ValueType("inuse_space", "bytes")],
+        period_type=ValueType("space", "bytes"),
+        period=rate_bytes,
+        start_time_ns=start_time_ns,
+        duration_ns=duration_ns,
+        default_sample_type="inuse_space",
+        kind="heap",
+    )
+
+
+def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
+    """Go's scaleHeapSample: (count, count*size) divided by the chance 1-exp(-size/rate) of sampling."""
+    if count == 0 or size == 0:
+        return 0, 0
+    if rate <= 1:
+        return count, count * size
+    scale = 1 / (1 - math.exp(-size / rate))
+    return int(count * scale), int(count * size * scale)
+
+
+@dataclass(frozen=True)
+class _GroupKey:
+    """Sampled objects that share a sample: Go's bucket (stack, size) plus our per-thread split."""
+
+    pid: int
+    tid: int
+    thread_name: str
+    kernel_ips: tuple[int, ...]
+    user_ips: tuple[int, ...]
+    size: int
+
+
+@dataclass
+class _Group:
+    first: RawRecord
+    allocs: int = 0
+    live: int = 0
+
+
+@dataclass
+class HeapTracker:
+    """ALLOC/FREE records -> per (stack, size) allocation and live counts. No kernel needed."""
+
+    groups: dict[_GroupKey, _Group] = field(default_factory=dict)
+    live: dict[tuple[int, int], _GroupKey] = field(default_factory=dict)  # (pid, address) -> its group
+    records: int = 0
+    unmatched_frees: int = 0
+    duplicates: int = 0
+
+    def add(self, rec: RawRecord) -> None:
+        self.records += 1
+        if rec.kind == RecordKind.ALLOC:
+            key = _GroupKey(rec.pid, rec.tid, rec.thread_name, rec.kernel_ips, rec.user_ips, rec.value)
+            if self.live.get((rec.pid, rec.aux)) == key:
+                # The same live object from the same stack again: an entry uprobe
+                # on a Go function fires twice when its prologue grows the stack
+                # (morestack restarts the function). One allocation, not two.
+                self.duplicates += 1
+                return
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = _Group(rec)
+            group.allocs += 1
+            group.live += 1
+            old = self.live.get((rec.pid, rec.aux))
+            if old is not None:  # the free of the previous object there was missed
+                self.groups[old].live -= 1
+            self.live[(rec.pid, rec.aux)] = key
+        elif rec.kind == RecordKind.FREE:
+            key = self.live.pop((rec.pid, rec.aux), None)
+            if key is None:
+                self.unmatched_frees += 1  # its ALLOC came before the capture
+            else:
+                self.groups[key].live -= 1
+
+    def carry(self, alive: Callable[[int], bool]) -> HeapTracker:
+        """A tracker for the next interval: the live objects of running processes, no allocations yet."""
+        nxt = HeapTracker()
+        for key, g in self.groups.items():
+            if g.live > 0 and alive(key.pid):
+                nxt.groups[key] = _Group(g.first, allocs=0, live=g.live)
+        nxt.live = {obj: key for obj, key in self.live.items() if key in nxt.groups}
+        return nxt
+
+    def scaled(self, rate_of: dict[int, int], default_rate: int) -> Iterable[tuple[_Group, list[int]]]:
+        """Each group with [alloc_objects, alloc_space, inuse_objects, inuse_space] scaled as Go does."""
+        for key, g in self.groups.items():
+            rate = rate_of.get(key.pid, default_rate)
+            yield g, [*scale_heap_sample(g.allocs, key.size, rate), *scale_heap_sample(g.live, key.size, rate)]
+
+
+def _allocator_location(loc: Location) -> bool:
+    """Go's allocator (runtime frames, as runtime/pprof hides them) or bpfprof's in-process sampler."""
+    if loc.mapping is not None and loc.mapping.path.rsplit("/", 1)[-1] == heap_sampler.LIB_NAME:
+        return True
+    return bool(loc.frames) and all(f.function.startswith(GO_RUNTIME_PREFIXES) for f in loc.frames)
+
+
+def hide_runtime_frames(stack: tuple[Location, ...]) -> tuple[Location, ...]:
+    """Drop the leading allocator locations: the allocation site is the leaf; keep all if all are."""
+    for i, loc in enumerate(stack):
+        if not _allocator_location(loc):
+            return stack[i:]
+    return stack
+
+
+@dataclass(frozen=True)
+class _ProbePoint:
+    path: str
+    offset: int
+    program: str
+    retprobe: bool
+
+
+def libc_probe_points(path: str) -> list[_ProbePoint]:
+    """Entry (and return) probe points of the allocation functions `path` exports."""
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        dynsym = elf.get_section_by_name(".dynsym")
+        if dynsym is None:
+            return []
+        vaddrs = {}
+        for name in LIBC_PROBES:
+            syms = [s for s in (dynsym.get_symbol_by_name(name) or ()) if s["st_shndx"] != "SHN_UNDEF"]
+            if syms:
+                vaddrs[name] = syms[0]["st_value"]
+    if "malloc" not in vaddrs or "free" not in vaddrs:
+        return []
+    points: list[_ProbePoint] = []
+    seen: set[int] = set()
+    with ElfFile(path) as ef:
+        for name, vaddr in vaddrs.items():
+            off = ef.offset_for_vaddr(vaddr)
+            if off in seen:
+                continue
+            seen.add(off)
+            program, returns = LIBC_PROBES[name]
+            points.append(_ProbePoint(path, off, program, False))
+            if returns:
+                points.append(_ProbePoint(path, off, RETURN_PROGRAM, True))
+    return points
+
+
+class HeapProbe(StackCopyProbe):
+    """Allocations and live objects. In the daemon each interval's profile has
+    the allocations made in it (alloc_*) and the sampled objects live at its
+    end (inuse_*), which carry over from interval to interval."""
+
+    name = "heap"
+    source = "heap.bpf.c"
+    kinds = (RecordKind.ALLOC, RecordKind.FREE, RecordKind.GO_EXIT)
+    events_per_cpu_s = EVENTS_PER_CPU_S
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.tracker = HeapTracker()
+        self.go_targets: dict[int, GoHeapTarget] = {}  # pid -> its Go binary
+        # Go processes read from their buckets: the read at the interval's start and at its end (or exit).
+        self.go_base: dict[int, HeapBuckets] = {}
+        self.go_reads: dict[int, HeapBuckets] = {}
+        self.go_unread: set[int] = set()  # gone before their buckets were read
+        self._last_go_read = time.monotonic()
+        self._cut = False  # the daemon read this interval's end at its cut (carry_into)
+        self.rates: dict[int, int] = {}  # pid -> its own sampling rate (Go's MemProfileRate, the sampler's)
+        self.sampler: heap_sampler.SamplerSites | None = None  # preloaded into the command bpfprof starts
+        self.sampler_pids: dict[int, tuple[heap_sampler.SamplerSites, int]] = {}  # pid -> (its sampler, bias)
+        self._stats_fd = -1
+        self.process_tracker: ProcessTracker | None = None
+
+    def use_tracker(self, tracker: ProcessTracker, unwind: UnwindMode = DEFAULT_UNWIND,
+                    ustack_bytes: int = DEFAULT_USTACK_BYTES) -> None:
+        super().use_tracker(tracker, unwind, ustack_bytes)
+        self.process_tracker = tracker  # Go processes read from their buckets send no records to be seen by
+
+    def command_env(self) -> dict[str, str]:
+        """Preload the in-process sampler into the command (agent/probes/heap_sampler.py), when it can be built."""
+        lib = heap_sampler.library()
+        if lib is None:
+            return {}
+        self.sampler = heap_sampler.sampler_sites(str(lib))
+        return heap_sampler.preload_env(lib, self.config.heap_sample_bytes) if self.sampler else {}
+
+    def defines(self) -> dict[str, int]:
+        return {"HEAP_SAMPLE_BYTES": self.config.heap_sample_bytes, **self.ustack_defines("HEAP_USTACK")}
+
+    def programs(self) -> dict[str, ProgType]:
+        names = {p for p, _ in LIBC_PROBES.values()} | {RETURN_PROGRAM, GO_MALLOC_PROGRAM, GO_FREE_PROGRAM,
+                                                         GO_EXIT_PROGRAM, SAMPLER_ALLOC_PROGRAM,
+                                                         SAMPLER_FREE_PROGRAM}
+        return dict.fromkeys(sorted(names), ProgType.KPROBE)
+
+    def maps(self) -> list[str]:
+        return [STATS_MAP]
+
+    def attach(self, objs: LoadedObjects) -> list[int]:
+        # Our own reference: profiles() runs after the probe set has closed its fds.
+        self._stats_fd = os.dup(objs.maps[STATS_MAP])
+        pids = self.target_pids(objs)
+        fds: list[int] = []
+        try:
+            if not pids:  # the whole system: every process mapping the system libc
+                log.warning("heap: probing malloc and free of every process (whole system); each call "
+                            "traps into a uprobe, so allocation-heavy programs slow down: select processes")
+                for pt in libc_probe_points(SYSTEM_LIBC):
+                    fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, -1, pt.retprobe)
+            for pid in pids:
+                fds += self._attach_pid(objs, pid)
+        except BpfprofError:  # a libc we cannot read too: nothing stays attached
+            libbpf.detach(fds)
+            raise
+        if not fds and not self._bucket_pids():
+            log.warning("heap: no allocator found to probe in the target processes")
+        return fds
+
+    def _attach_sampler(self, objs: LoadedObjects, pid: int, sites: heap_sampler.SamplerSites) -> list[int]:
+        fds = libbpf.attach_uprobe(objs.programs[SAMPLER_ALLOC_PROGRAM], sites.path, sites.alloc_offset, pid)
+        return fds + libbpf.attach_uprobe(objs.programs[SAMPLER_FREE_PROGRAM], sites.path, sites.free_offset, pid)
+
+    def _attach_pid(self, objs: LoadedObjects, pid: int) -> list[int]:
+        """Probe the allocators of one process: its in-process sampler if it has one, else its mapped
+        libc-like files; and its Go runtime."""
+        files: dict[int, str] = {}  # inode -> a readable path
+        exe = gated_command_path(pid)
+        sampler = None
+        if exe is not None and self.sampler is not None:  # preloaded by us, mapped once the gate execs
+            sampler = self.sampler
+            self.rates[pid] = self.config.heap_sample_bytes
+            self.sampler_pids[pid] = (sampler, 0)
+        else:
+            try:
+                found = heap_sampler.sampler_in(pid)
+            except OSError:
+                found = None
+            if found is not None:
+                sampler = found[0]
+                self.sampler_pids[pid] = found
+        try:
+            for entry in read_maps(pid):
+                if "x" in entry.perms and entry.is_file and entry.inode not in files:
+                    path = open_mapped_file(pid, entry)
+                    if path is not None:
+                        files[entry.inode] = path
+            if exe is not None:  # not mapped yet: the gate execs it once released
+                files.setdefault(os.stat(exe).st_ino, exe)
+        except OSError as e:
+            log.warning("heap: cannot read the mappings of pid %d: %s", pid, e)
+            return []
+        fds: list[int] = self._attach_sampler(objs, pid, sampler) if sampler is not None else []
+        for path in files.values():
+            go = go_heap.go_heap_target(path)
+            if go is not None:
+                if go.profiling_disabled:
+                    log.warning("heap: %s does not use runtime/pprof, so its runtime never samples "
+                                "allocations: no Go heap profile for pid %d", path, pid)
+                self.go_targets[pid] = go
+                if go.reads_buckets:  # read from its memory: nothing runs in the program
+                    if self.config.own_command and go.exit_offset:
+                        fds += libbpf.attach_uprobe(objs.programs[GO_EXIT_PROGRAM], path, go.exit_offset, pid)
+                    continue
+                fds += libbpf.attach_uprobe(objs.programs[GO_MALLOC_PROGRAM], path, go.malloc_offset, pid)
+                fds += libbpf.attach_uprobe(objs.programs[GO_FREE_PROGRAM], path, go.free_offset, pid)
+                continue
+            if sampler is not None:
+                continue  # its allocator calls are sampled in the process: no trap per call
+            try:
+                points = libc_probe_points(path)
+            except Exception as e:  # noqa: BLE001  (one unreadable file must not end the capture)
+                log.debug("heap: %s: %s", path, e)
+                continue
+            for pt in points:
+                fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, pid, pt.retprobe)
+        return fds
+
+    def on_start(self, objs: LoadedObjects) -> None:
+        # alloc_* of a running Go process are what it allocates during the capture
+        for pid in self._bucket_pids():
+            self._read_buckets(pid, into=self.go_base)
+
+    def _bucket_pids(self) -> list[int]:
+        # list() first: in the daemon the polling thread may add targets while the builder reads
+        return [pid for pid, go in list(self.go_targets.items()) if go.reads_buckets]
+
+    def _read_buckets(self, pid: int, into: dict[int, HeapBuckets]) -> HeapBuckets | None:
+        """Read `pid`'s buckets (and its rate) into `into`; None if it is gone or unreadable."""
+        go = self.go_targets[pid]
+        try:
+            bias = go.bias(pid)
+            read = read_heap_buckets(pid, go.bucket_addresses(bias))
+        except OSError as e:
+            log.debug("heap: buckets of pid %d unreadable: %s", pid, e)
+            return None
+        into[pid] = read
+        self.rates[pid] = go_heap.read_memprofile_rate(pid, go, bias)
+        if self.process_tracker is not None and self.process_tracker.get(pid) is None:
+            self.process_tracker.observe(pid)  # its maps, for the stacks, while it runs
+        return read
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_go_read >= GO_READ_EVERY_S:
+            self._last_go_read = now
+            for pid in self._bucket_pids():
+                self._read_buckets(pid, into=self.go_reads)
+
+    def _last_read(self, pid: int) -> HeapBuckets | None:
+        """The latest read of `pid`: this interval's (periodic, at exit), else the one it started from."""
+        return self.go_reads.get(pid) or self.go_base.get(pid)
+
+    def new_accumulator(self) -> HeapProbe:
+        acc = HeapProbe(self.config)
+        acc.go_targets, acc.sampler_pids = self.go_targets, self.sampler_pids  # filled by attach() only
+        acc.process_tracker = self.process_tracker
+        self.share_unwinder(acc)
+        return acc
+
+    def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
+        assert isinstance(nxt, HeapProbe)
+        nxt.tracker = self.tracker.carry(alive)
+        self._cut = True
+        for pid in self._bucket_pids():  # the cut: this interval's end is the next one's start
+            read = self._read_buckets(pid, into=self.go_reads) or self._last_read(pid)
+            if read is not None and alive(pid):
+                nxt.go_base[pid] = read
+        nxt.rates = {pid: rate for pid, rate in self.rates.items() if alive(pid)}
+
+    def on_record(self, rec: RawRecord) -> None:
+        if rec.kind == RecordKind.GO_EXIT:  # paused at runtime.exit: the probe set continues it after
+            if rec.pid in self.go_targets and self.go_targets[rec.pid].reads_buckets:
+                self._read_buckets(rec.pid, into=self.go_reads)
+            return
+        if rec.kind == RecordKind.ALLOC:
+            if rec.pid not in self.rates:
+                if rec.pid in self.go_targets:
+                    self.rates[rec.pid] = go_heap.read_memprofile_rate(rec.pid, self.go_targets[rec.pid])
+                elif rec.pid in self.sampler_pids:  # found mapped in a running process: it has its own rate
+                    sites, bias = self.sampler_pids[rec.pid]
+                    self.rates[rec.pid] = heap_sampler.read_rate(rec.pid, sites, bias, self.config.heap_sample_bytes)
+            rec = self.complete(rec)
+        self.tracker.add(rec)
+
+    def record_count(self) -> int:
+        return self.tracker.records
+
+    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
+        return {"heap_live_map_full": sum(libbpf.map_lookup_percpu_u64(objs.maps[STATS_MAP], HEAP_STAT_LIVE_FULL))}
+
+    def bpf_stats(self) -> tuple[int, int]:
+        """(sampled objects not tracked because heap_live was full, sampled allocations that failed)."""
+        if self._stats_fd < 0:
+            return 0, 0
+        try:
+            return (sum(libbpf.map_lookup_percpu_u64(self._stats_fd, HEAP_STAT_LIVE_FULL)),
+                    sum(libbpf.map_lookup_percpu_u64(self._stats_fd, HEAP_STAT_NULL_RESULT)))
+        finally:
+            os.close(self._stats_fd)
+            self._stats_fd = -1
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        rate = self.config.heap_sample_bytes
+        for pid in self._bucket_pids():
+            # A capture's end (the daemon read it at the cut); a process gone keeps its last read.
+            if not self._cut:
+                self._read_buckets(pid, into=self.go_reads)
+            last = self._last_read(pid)
+            if last is None:
+                self.go_unread.add(pid)
+            else:  # gone in this interval: as of its last read (in-use at exit, as for native processes)
+                self.go_reads[pid] = last
+        sampled = {k.pid for k in self.tracker.groups} | set(self.go_reads)
+        rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(sampled) else set())
+        # One period per profile: the native rate, unless every sampled process is Go.
+        period = rate if rate in rates or not rates else min(rates)
+        profile = heap_profile(window.start_ns, max(0, window.end_ns - window.start_ns), period)
+        with_kernel = self.config.with_kernel
+        for group, values in self.tracker.scaled(self.rates, rate):
+            r = group.first
+            stack = hide_runtime_frames(resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips))
+            info = tracker.get(r.pid)
+            key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
+                            labels=(("process_name", info.name),) if info else ())
+            # A group carried from an earlier interval is dated at this one's start.
+            profile.add(key, values, max(window.start_ns, r.ktime_ns + window.wall_offset_ns))
+        self._add_bucket_samples(profile, resolver, tracker, window)
+        unknown_rate = sum(1 for pid in sampled if pid in self.go_targets and not self.go_targets[pid].rate_vaddr)
+        if unknown_rate:
+            profile.comments.append(f"heap: {unknown_rate} Go processes without runtime.MemProfileRate in their "
+                                    f"symbols (stripped): its default {go_heap.DEFAULT_RATE_BYTES} assumed")
+        go = sampled & set(self.go_targets)
+        if go:
+            own = len(go & set(self.go_reads))
+            profile.comments.append(f"heap: {own} of {len(go)} Go processes read from the runtime's own profile "
+                                    f"buckets (as of their last GC), {len(go) - own} through uprobes on its "
+                                    f"sampling path")
+        native = sampled - set(self.go_targets)
+        if native:
+            own = len(native & set(self.sampler_pids))
+            profile.comments.append(f"heap: {own} of {len(native)} native processes sampled in process by "
+                                    f"{heap_sampler.LIB_NAME}, {len(native) - own} through uprobes on malloc")
+        live_full, failed = self.bpf_stats()
+        if live_full:
+            profile.comments.append(f"heap: {live_full} sampled objects untracked (live map full): in-use overstated")
+        if self.go_unread:
+            profile.comments.append(f"heap: {len(self.go_unread)} Go processes exited before their heap profile "
+                                    f"buckets were read")
+        if self.tracker.unmatched_frees:
+            profile.comments.append(f"heap: {self.tracker.unmatched_frees} frees of objects sampled before the capture")
+        if failed:
+            profile.comments.append(f"heap: {failed} sampled allocations returned NULL")
+        return [profile]
+
+    def _add_bucket_samples(self, profile: Profile, resolver: StackResolver, tracker: ProcessTracker,
+                            window: Window) -> None:
+        """The Go processes read from their buckets: alloc_* since the first read, inuse_* as of the last GC."""
+        for pid, read in self.go_reads.items():
+            info = tracker.get(pid)
+            name = info.name if info else ""
+            rate = self.rates.get(pid, go_heap.DEFAULT_RATE_BYTES)
+            for (stk, size), (allocs, live) in read.since(self.go_base.get(pid)).items():
+                values = [*scale_heap_sample(allocs, size, rate), *scale_heap_sample(live, size, rate)]
+                if not any(values):
+                    continue
+                locs = physical_stack(resolver.stack(pid, (), UnwoundStack(stk, frozenset())))
+                key = SampleKey(stack=hide_runtime_frames(locs), pid=pid, tid=pid, thread_name=name,
+                                labels=(("process_name", name),) if info else ())
+                profile.add(key, values, window.end_ns)

@@ -1,0 +1,362 @@
+"""Lock-contention profile: bpf/lock.bpf.c (futex waits, Go semaphores, kernel locks).
+
+Samples are waiter-side, like Go's block profile restricted to locks:
+`contentions/count` and `delay/nanoseconds` (the time a call spent asleep
+waiting for a lock, for calls that had to sleep). A `lock` label names the
+source: pthread_mutex and pthread_rwlock (futex sleeps inside those calls),
+futex (every other futex sleep: condition variables, semaphores, Go's idle
+threads, hand-rolled locks), go (sync.Mutex, RWMutex, WaitGroup:
+runtime.semacquire1), kernel.
+
+Nothing runs on an uncontended pthread lock call. Each futex sleep is sent
+with the user registers and a stack copy, unwound here by CFI (Debian's libc
+keeps no frame pointers, so a frame-pointer walk from inside it loses the
+call site). A sleep whose stack holds a pthread lock function is that lock's
+contention, shown with the function as the leaf (runtime/pprof shows
+sync.(*Mutex).Lock the same way). glibc may sleep more than once in one call
+(woken, it lost the lock to another thread): sleeps of one thread at the same
+stack pointer and stack (but for the two innermost frames: rwlocks wait at
+two places in one call) with no futex wake of its own in between (BPF flags
+those) and less than MERGE_GAP_NS apart are one contention.
+
+Go uprobes go into each target process (`perf_event_open` with its pid) when
+the targets are known: at start, and again when a target execs (the BPF side
+sends an exec notice). Without targets (--all) they go system-wide on every
+Go binary seen running or exec'd.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import struct
+from dataclasses import dataclass, replace
+
+from agent.bpfload import libbpf
+from agent.bpfload.bpf_compile import LoadedObjects, ProgType
+from agent.bpfload.records import RawRecord, RecordKind
+from agent.probes.family import ProbeConfig, StackCopyProbe, Window
+from agent.probes.profile_builder import add_records
+from agent.processes.stack_resolver import StackResolver
+from agent.processes.targets import gated_command_path, running_pids
+from agent.processes.tracker import ProcessTracker
+from exporters.profile import Location, Profile, ValueType
+from symbolizer.elf import ElfFile
+from symbolizer.errors import BpfprofError, PclntabError
+from symbolizer.gopclntab import load_pclntab
+
+log = logging.getLogger(__name__)
+
+MAX_THREADS = 16384  # threads waiting at once, per wait kind
+MAX_GOROUTINES = 65536  # goroutines inside runtime.semacquire1 at once
+MAP_FULL = 0  # lock_counts index (LOCK_MAP_FULL)
+SOURCE_SHIFT = 60
+AGAIN = 1 << 59  # bpf/lock.bpf.c LOCK_AGAIN: no futex wake by the thread since its previous sleep
+ADDR_MASK = AGAIN - 1
+
+PTHREAD_MUTEX_FUNCS = frozenset({"pthread_mutex_lock", "pthread_mutex_timedlock", "pthread_mutex_clocklock"})
+PTHREAD_RWLOCK_FUNCS = frozenset({"pthread_rwlock_rdlock", "pthread_rwlock_wrlock", "pthread_rwlock_timedrdlock",
+                                  "pthread_rwlock_timedwrlock", "pthread_rwlock_clockrdlock",
+                                  "pthread_rwlock_clockwrlock"})
+# Two sleeps of one thread at one stack pointer and caller stack, with no futex wake
+# by it in between (so it released no contended lock) and this close, are one
+# lock call: glibc's wait loop, woken and beaten to the lock, sleeps again.
+# What it cannot tell apart: a lock released uncontended and taken again from
+# the same frame within the gap; then the hold time counts as waiting.
+MERGE_GAP_NS = 500_000
+GO_SEMACQUIRE = "runtime.semacquire1"
+GO_PARK = "runtime.gopark"
+_RET = 0xC3
+_CALL_REL32 = 0xE8
+
+
+class LockSource(enum.IntEnum):
+    """Top nibble of a lock record's aux (bpf/lock.bpf.c LOCK_SRC_*)."""
+
+    FUTEX = 0
+    PTHREAD_MUTEX = 1  # not sent by BPF: futex sleeps inside a pthread lock call, told by their stack
+    PTHREAD_RWLOCK = 2
+    GO = 3
+    EXEC = 0xE  # not a wait: a target exec'd
+    KERNEL = 0xF  # kernel addresses have the top nibble set
+
+
+def decode_aux(aux: int) -> tuple[LockSource, int]:
+    """(source, lock address) of a lock record's aux."""
+    source = LockSource(aux >> SOURCE_SHIFT)
+    return source, aux if source == LockSource.KERNEL else aux & ADDR_MASK
+
+
+def lock_profile(start_time_ns: int, duration_ns: int) -> Profile:
+    """An empty lock profile with runtime/pprof's mutex/block sample types."""
+    return Profile(
+        sample_types=[ValueType("contentions", "count"), ValueType("delay", "nanoseconds")],
+        period_type=ValueType("contentions", "count"),
+        period=1,
+        start_time_ns=start_time_ns,
+        duration_ns=duration_ns,
+        default_sample_type="delay",
+        kind="lock",
+    )
+
+
+@dataclass(frozen=True)
+class GoSemaSites:
+    """File offsets in a Go binary for the uprobes on runtime.semacquire1."""
+
+    entry: int
+    resumes: tuple[int, ...]  # the instruction after each call to runtime.gopark
+    returns: tuple[int, ...]  # each RET instruction
+
+
+def _pcsp_table(tab, idx: int) -> tuple[list[int], list[int]]:
+    # The _func record's pcsp offset (after entryOff, nameOff, args, deferreturn) is not
+    # exposed by GoPclntab; its pcvalue decoder is. Go 1.18+ layout.
+    pcsp = struct.unpack_from(tab._bo + "I", tab._buf, tab._pcln + tab._funcoffs[idx] + 16)[0]
+    return tab._decode(pcsp)
+
+
+def go_sema_sites(path: str) -> GoSemaSites | None:
+    """Where to probe runtime.semacquire1 in the Go binary at `path`; None if it is not Go or lacks it.
+
+    RETs come from the pclntab's SP-delta table, not from guessing at bytes:
+    Go's epilogue pops the frame (ADDQ, POPQ BP), so an SP delta of 0 over one
+    byte that is 0xC3 is exactly a RET (the prologue's delta-0 range is longer).
+    Calls to gopark are `E8 rel32` whose target is gopark's entry.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    tab = load_pclntab(data)
+    if tab is None:
+        return None
+    found: dict[str, tuple[int, int, int]] = {}
+    for idx, (entry, end, name) in enumerate(tab.functions()):
+        if name in (GO_SEMACQUIRE, GO_PARK):
+            found[name] = (idx, entry, end)
+    if len(found) < 2:
+        return None
+    idx, entry, end = found[GO_SEMACQUIRE]
+    park = found[GO_PARK][1]
+    with ElfFile(path) as elf:
+        base = elf.offset_for_vaddr(entry)
+    code = data[base:base + end - entry]
+    returns, start = [], 0
+    for stop, delta in zip(*_pcsp_table(tab, idx), strict=True):
+        if delta == 0 and stop - start == 1 and code[start] == _RET:
+            returns.append(base + start)
+        start = stop
+    resumes = [base + i + 5 for i in range(len(code) - 4)
+               if code[i] == _CALL_REL32 and entry + i + 5 + struct.unpack_from("<i", code, i + 1)[0] == park]
+    if not returns or not resumes:
+        return None
+    return GoSemaSites(base, tuple(resumes), tuple(returns))
+
+
+def pthread_lock_at(stack: tuple[Location, ...]) -> tuple[LockSource, int] | None:
+    """The pthread lock function a futex sleep's stack is inside, and its index (leaf first)."""
+    for i, loc in enumerate(stack):
+        for frame in loc.frames:
+            name = frame.function.removeprefix("__")
+            if name in PTHREAD_MUTEX_FUNCS:
+                return LockSource.PTHREAD_MUTEX, i
+            if name in PTHREAD_RWLOCK_FUNCS:
+                return LockSource.PTHREAD_RWLOCK, i
+    return None
+
+
+@dataclass
+class _Sleep:
+    """A futex sleep not yet sent to the records: the next one may continue it."""
+
+    rec: RawRecord
+    rsp: int  # user stack pointer at the syscall: one frame sleeping again has the same
+    end_ns: int
+
+
+def kernel_lock_tracepoints() -> bool:
+    """Whether this kernel has lock:contention_begin/end."""
+    try:
+        libbpf.tracepoint_id("lock", "contention_begin")
+        libbpf.tracepoint_id("lock", "contention_end")
+    except BpfprofError:
+        return False
+    return True
+
+
+class LockProbe(StackCopyProbe):
+    name = "lock"
+    source = "lock.bpf.c"
+    kinds = (RecordKind.LOCK,)
+    events_per_cpu_s = 2000
+    COUNTERS = "lock_counts"
+    FUTEX_TRACEPOINTS = {
+        "tracepoint__syscalls__sys_enter_futex": ("syscalls", "sys_enter_futex"),
+        "tracepoint__syscalls__sys_exit_futex": ("syscalls", "sys_exit_futex"),
+        "tracepoint__syscalls__sys_enter_futex_waitv": ("syscalls", "sys_enter_futex_waitv"),
+        "tracepoint__syscalls__sys_exit_futex_waitv": ("syscalls", "sys_exit_futex_waitv"),
+        "lock_on_exec": ("sched", "sched_process_exec"),
+    }
+    KERNEL_TRACEPOINTS = {
+        "tracepoint__lock__contention_begin": ("lock", "contention_begin"),
+        "tracepoint__lock__contention_end": ("lock", "contention_end"),
+    }
+    UPROBES = ("lock_go_sema_enter", "lock_go_sema_resume", "lock_go_sema_return")
+
+    def __init__(self, config: ProbeConfig) -> None:
+        super().__init__(config)
+        self.records: list[RawRecord] = []
+        self.kernel_locks = kernel_lock_tracepoints()
+        self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
+        self._objs: LoadedObjects | None = None
+        self._per_pid = False
+        self._attached: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
+        self._go_sites: dict[tuple[int, int], GoSemaSites | None] = {}  # (st_dev, st_ino) -> None: not Go
+        self._uprobe_fds: list[int] = []
+        self._counters_fd = -1
+        self.map_full = 0
+        self.attach_errors = 0
+        self.merged_sleeps = 0
+
+    def defines(self) -> dict[str, int]:
+        return {"LOCK_KERNEL": int(self.kernel_locks), "LOCK_MAX_THREADS": MAX_THREADS,
+                "LOCK_MAX_GOROUTINES": MAX_GOROUTINES, **self.ustack_defines("LOCK_USTACK")}
+
+    def programs(self) -> dict[str, ProgType]:
+        progs = dict.fromkeys(self.FUTEX_TRACEPOINTS, ProgType.TRACEPOINT)
+        if self.kernel_locks:
+            progs.update(dict.fromkeys(self.KERNEL_TRACEPOINTS, ProgType.TRACEPOINT))
+        progs.update(dict.fromkeys(self.UPROBES, ProgType.KPROBE))
+        return progs
+
+    def maps(self) -> list[str]:
+        return [self.COUNTERS]
+
+    def attach(self, objs: LoadedObjects) -> list[int]:
+        fds: list[int] = []
+        tps = dict(self.FUTEX_TRACEPOINTS)
+        if self.kernel_locks:
+            tps.update(self.KERNEL_TRACEPOINTS)
+        for prog, (category, event) in tps.items():
+            fds += libbpf.attach_tracepoint(objs.programs[prog], category, event)
+        self._objs = objs
+        pids = self.target_pids(objs)
+        self._per_pid = bool(pids)
+        for pid in pids or running_pids():
+            self._attach_go(pid)
+        fds += self._uprobe_fds  # the probe set detaches these with the rest
+        self._uprobe_fds = []  # later ones (exec'd targets): detach()
+        return fds
+
+    def on_start(self, objs: LoadedObjects) -> None:
+        self._counters_fd = os.dup(objs.maps[self.COUNTERS])
+
+    def new_accumulator(self) -> LockProbe:
+        """Shares the loaded programs, the unwinder and the uprobes (exec'd Go targets get theirs in the daemon too)."""
+        acc = LockProbe(self.config)
+        self.share_unwinder(acc)
+        acc._objs, acc._per_pid, acc._attached = self._objs, self._per_pid, self._attached
+        acc._go_sites, acc._uprobe_fds = self._go_sites, self._uprobe_fds
+        return acc
+
+    def detach(self) -> None:
+        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
+
+    # -- Go uprobes ------------------------------------------------------------
+
+    def _attach_go(self, pid: int) -> None:
+        """runtime.semacquire1 uprobes in process `pid`'s executable, when it is Go.
+
+        A command bpfprof starts gets them before its exec (the file it will run), so a
+        short one is probed from its first instruction, not from when its exec was seen."""
+        exe = gated_command_path(pid) or f"/proc/{pid}/exe"
+        try:
+            st = os.stat(exe)
+            file_key = (st.st_dev, st.st_ino)
+            if file_key not in self._go_sites:
+                self._go_sites[file_key] = go_sema_sites(exe)
+            sites = self._go_sites[file_key]
+            target = pid if self._per_pid else -1
+            if sites is None or (target, *file_key) in self._attached:
+                return
+            self._attached.add((target, *file_key))
+            assert self._objs is not None
+            programs = self._objs.programs
+            self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_enter"], exe, sites.entry, target)
+            for off in sites.resumes:
+                self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_resume"], exe, off, target)
+            for off in sites.returns:
+                self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_return"], exe, off, target)
+        except (OSError, BpfprofError, PclntabError) as e:  # gone, a kernel thread, or a binary we cannot read
+            if not isinstance(e, FileNotFoundError):
+                self.attach_errors += 1
+                log.info("lock uprobes not placed in pid %d: %s", pid, e)
+
+    # -- records -------------------------------------------------------------
+
+    def on_record(self, rec: RawRecord) -> None:
+        source = rec.aux >> SOURCE_SHIFT
+        if source == LockSource.EXEC:  # the exec'd pid is in value (see lock.bpf.c)
+            if self._objs is not None:
+                self._attach_go(rec.value)
+            return
+        if source != LockSource.FUTEX:
+            self.records.append(rec)
+            return
+        rsp = rec.user_regs[1] if rec.user_regs is not None else 0
+        rec = self.complete(rec)
+        if rec.kernel_ips:  # BPF sends none with a stack copy; a frame-pointer-only record has the syscall path
+            rec = replace(rec, kernel_ips=())
+        prev = self._sleeps.get(rec.tid)
+        if (prev is not None and rec.aux & AGAIN and rsp and prev.rsp == rsp and prev.rec.pid == rec.pid
+                and 0 <= rec.ktime_ns - rec.value - prev.end_ns < MERGE_GAP_NS
+                and tuple(prev.rec.user_ips[2:]) == tuple(rec.user_ips[2:])):  # one call may wait at two places
+            # the same call sleeping again: one contention, waiting from the first sleep to this end
+            self.merged_sleeps += 1
+            merged = replace(prev.rec, value=prev.rec.value + (rec.ktime_ns - prev.end_ns), ktime_ns=rec.ktime_ns)
+            self._sleeps[rec.tid] = _Sleep(merged, rsp, rec.ktime_ns)
+            return
+        if prev is not None:
+            self.records.append(prev.rec)
+        self._sleeps[rec.tid] = _Sleep(rec, rsp, rec.ktime_ns)
+
+    def record_count(self) -> int:
+        return len(self.records) + len(self._sleeps)
+
+    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
+        return {"lock_wait_map_full": sum(libbpf.map_lookup_percpu_u64(objs.maps[self.COUNTERS], MAP_FULL))}
+
+    def _read_counters(self) -> None:
+        if self._counters_fd < 0:
+            return
+        try:
+            self.map_full = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, MAP_FULL))
+        finally:
+            os.close(self._counters_fd)
+            self._counters_fd = -1
+
+    @staticmethod
+    def _reshape(rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
+                                                                        tuple[tuple[str, str], ...]]:
+        source, _ = decode_aux(rec.aux)
+        if source == LockSource.FUTEX:
+            found = pthread_lock_at(stack)
+            if found is not None:  # libc's wait loop under the lock function is not the user's business
+                source, i = found
+                stack = stack[i:]
+        return stack, (("lock", source.name.lower()),)
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        self._read_counters()
+        self.records += [s.rec for s in self._sleeps.values()]
+        self._sleeps.clear()
+        profile = lock_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
+        add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
+                    with_kernel=self.config.with_kernel, reshape=self._reshape)
+        if self.map_full:
+            profile.comments.append(f"dropped: {self.map_full} lock waits (wait map full)")
+        if self.attach_errors:
+            profile.comments.append(f"lock uprobes could not be placed in {self.attach_errors} processes")
+        if self.user_stacks is not None:
+            profile.comments += self.user_stacks.drop_lines()
+        return [profile]

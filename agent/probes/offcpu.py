@@ -1,0 +1,112 @@
+"""Off-CPU profile: bpf/offcpu.bpf.c on the sched:sched_switch tracepoint.
+
+Each record is one block of one thread: the stacks where it went off CPU and
+how long it stayed off (switch-out to switch-in, so time waiting in the run
+queue after the wake-up counts, as in bcc's offcputime). Preemptions count
+too; the `state` label tells them apart from sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+
+from agent.bpfload import libbpf
+from agent.bpfload.bpf_compile import LoadedObjects, ProgType
+from agent.bpfload.records import RawRecord, RecordKind
+from agent.probes.family import Probe, ProbeConfig, Window
+from agent.probes.profile_builder import add_records
+from agent.processes.stack_resolver import StackResolver
+from agent.processes.tracker import ProcessTracker
+from exporters.profile import Profile, ValueType
+
+# Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
+# beyond that the least recently switched-out are evicted and their block is lost.
+MAX_THREADS = 8192
+# Counters of offcpu_counts (bpf/offcpu.bpf.c OFFCPU_*).
+STASH_FAILED, SHORT = 0, 1
+
+# prev_state at switch-out: the kernel's TASK_REPORT bits, 0x100 = preempted.
+# 0 (TASK_RUNNING) is a runnable thread that gave the CPU up (cond_resched,
+# sched_yield): off CPU without blocking, which is what "preempted" means here.
+_STATES = {0: "preempted", 0x100: "preempted", 1: "sleeping", 2: "disk", 0x80: "idle"}
+
+
+def state_label(prev_state: int) -> str:
+    """What the thread was doing when it went off CPU, from sched_switch's prev_state."""
+    if prev_state & 0x100:
+        return "preempted"
+    return _STATES.get(prev_state, f"state_{prev_state:#x}")
+
+
+def offcpu_profile(start_time_ns: int, duration_ns: int) -> Profile:
+    """An empty off-CPU profile: blocks and nanoseconds off CPU."""
+    return Profile(
+        sample_types=[ValueType("samples", "count"), ValueType("off_cpu", "nanoseconds")],
+        period_type=ValueType("off_cpu", "nanoseconds"),
+        period=1,
+        start_time_ns=start_time_ns,
+        duration_ns=duration_ns,
+        default_sample_type="off_cpu",
+        kind="offcpu",
+    )
+
+
+class OffCpuProbe(Probe):
+    name = "offcpu"
+    source = "offcpu.bpf.c"
+    kinds = (RecordKind.OFFCPU,)
+    PROGRAM = "tracepoint__sched__sched_switch"
+    COUNTERS = "offcpu_counts"
+    # Blocks per CPU-second that pass the threshold on a busy host; sizes the ring buffer.
+    events_per_cpu_s = 2000
+
+    def __init__(self, config: ProbeConfig) -> None:
+        super().__init__(config)
+        self.records: list[RawRecord] = []
+        self._counters_fd = -1
+        self.short_blocks = 0
+        self.stash_failures = 0
+
+    def defines(self) -> dict[str, int]:
+        return {"OFFCPU_MIN_NS": self.config.offcpu_min_ns, "OFFCPU_MAX_THREADS": MAX_THREADS}
+
+    def programs(self) -> dict[str, ProgType]:
+        return {self.PROGRAM: ProgType.TRACEPOINT}
+
+    def maps(self) -> list[str]:
+        return [self.COUNTERS]
+
+    def attach(self, objs: LoadedObjects) -> list[int]:
+        return libbpf.attach_tracepoint(objs.programs[self.PROGRAM], "sched", "sched_switch")
+
+    def on_start(self, objs: LoadedObjects) -> None:
+        # Our own reference: the probe set closes its fds before profiles() reads the counters.
+        self._counters_fd = os.dup(objs.maps[self.COUNTERS])
+
+    def on_record(self, rec: RawRecord) -> None:
+        self.records.append(rec)
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+    def _read_counters(self) -> None:
+        if self._counters_fd < 0:
+            return
+        try:
+            self.stash_failures = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, STASH_FAILED))
+            self.short_blocks = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, SHORT))
+        finally:
+            os.close(self._counters_fd)
+            self._counters_fd = -1
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        self._read_counters()
+        profile = offcpu_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
+        add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
+                    with_kernel=self.config.with_kernel, labels=lambda r: (("state", state_label(r.aux)),))
+        if self.config.offcpu_min_ns:
+            profile.comments.append(
+                f"off-CPU blocks shorter than {self.config.offcpu_min_ns} ns left out: {self.short_blocks}")
+        if self.stash_failures:
+            profile.comments.append(f"dropped: {self.stash_failures} off-CPU blocks (stash update failed)")
+        return [profile]

@@ -1,0 +1,214 @@
+"""The BPF side of a capture: the selected probe families compiled together.
+
+One clang run compiles every selected bpf/<family>.bpf.c as one translation
+unit (in a child, agent/bpfload/bpf_compile.py); they share the ring buffer, the
+drop counters and the target set of bpf/common.bpf.h. The ring buffer is
+sized from CPU count x expected event rate x drain interval (DESIGN.md), so
+a full buffer means the agent fell behind, and that is counted in BPF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Callable, Iterable, Sequence
+
+from agent.bpfload import bpf_compile, libbpf
+from agent.bpfload.bpf_compile import LoadedObjects
+from agent.bpfload.records import (
+    MAX_FRAMES,
+    Drop,
+    RawRecord,
+    RecordKind,
+    StackRecord,
+    parse_record,
+)
+from agent.probes.family import Probe
+from agent.processes.targets import wait_stopped
+from bpf import source_path
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MIN_RINGBUF_PAGES = 64
+MAX_TARGETS = 65536
+# A process paused at runtime.exit stops on the return from the uprobe; this only bounds a pathological wait.
+EXIT_STOP_WAIT_S = 2.0
+# Headroom over the worst case of full-size records: drains are late when the
+# machine is busy, which is exactly when samples matter.
+RINGBUF_HEADROOM = 4
+SHARED_MAPS = ["records", "drops", "targets"]
+
+
+def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float, record_bytes: int = 0) -> int:
+    """Pages for the ring buffer: worst-case bytes per drain interval x headroom, power of two.
+
+    `record_bytes`: the largest record (default: a full stack record).
+    """
+    need = cpus * events_per_cpu_s * drain_interval_s * (record_bytes or ctypes.sizeof(StackRecord)) * RINGBUF_HEADROOM
+    pages = MIN_RINGBUF_PAGES
+    while pages * PAGE_SIZE < need:
+        pages *= 2
+    return pages
+
+
+def wake_every(pages: int, cpus: int, record_bytes: int = 0) -> int:
+    """Records a CPU sends between wake-ups of the agent (common.bpf.h rb_flags): as many as keep
+    all CPUs together under a quarter of the ring, were each record the largest."""
+    return max(1, pages * PAGE_SIZE // (4 * cpus * (record_bytes or ctypes.sizeof(StackRecord))))
+
+
+FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
+COMMON_SOURCE = "common.bpf.h"
+
+
+def host_pid() -> int:
+    """This process's pid in the initial pid namespace (what bpf_get_current_pid_tgid returns).
+
+    In a container with its own pid namespace, /proc/self/status NSpid lists
+    the pid in each namespace, outermost first.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.getpid()
+
+
+def combined_source(sources: Sequence[str]) -> str:
+    """One translation unit: the shared header, then each source's text once.
+
+    Texts are pasted, not #included, because BCC rewrites map accesses and
+    generates TRACEPOINT_PROBE argument structs only in its main file. The
+    header's include guard turns each source's own `#include "common.bpf.h"`
+    (which lets a source compile alone) into a no-op.
+    """
+    return "\n".join(source_path(name).read_text() for name in dict.fromkeys([COMMON_SOURCE, *sources]))
+
+
+class ProbeSet:
+    """Owns the loaded programs of a capture. Use as a context manager; close() detaches."""
+
+    def __init__(self, probes: Sequence[Probe], pids: Iterable[int] | None = None, follow_children: bool = False,
+                 with_kernel: bool = True, drain_interval_s: float = 0.1) -> None:
+        self.probes = list(probes)
+        self._by_kind: dict[int, list[Probe]] = {}
+        for p in self.probes:
+            for k in p.kinds:
+                self._by_kind.setdefault(int(k), []).append(p)
+        self._pids = None if pids is None else list(pids)
+        cpus = len(libbpf.online_cpus())
+        rate = sum(p.events_per_cpu_s for p in self.probes)
+        # Probes whose records are bigger than a stack record (CPU samples with a stack copy) say so.
+        biggest = max((getattr(p, "record_bytes", 0) for p in self.probes), default=0)
+        defines = {
+            "RINGBUF_PAGES": (pages := ringbuf_pages(cpus, rate, drain_interval_s, biggest)),
+            "RB_WAKE_EVERY": wake_every(pages, cpus, biggest),
+            "FILTER_PIDS": int(self._pids is not None),
+            # Profiling the profiler would put its symbolization into every
+            # whole-system profile. Its pid as BPF sees it (host namespace).
+            "AGENT_TGID": host_pid(),
+            "WITH_KERNEL": int(with_kernel),
+            "MAX_TARGETS": MAX_TARGETS,
+        }
+        programs: dict[str, bpf_compile.ProgType] = {}
+        maps = list(SHARED_MAPS)
+        for p in self.probes:
+            own = p.defines()
+            # One stack-copy buffer for the set: as big as the largest family wants.
+            own["USTACK_BYTES"] = max(own.get("USTACK_BYTES", 0), defines.get("USTACK_BYTES", 0))
+            defines.update(own)
+            programs.update(p.programs())
+            maps += [m for m in p.maps() if m not in maps]
+        self._follow = follow_children
+        sources = [p.source for p in self.probes]
+        if follow_children:
+            programs["tracepoint__sched__sched_process_fork"] = bpf_compile.ProgType.TRACEPOINT
+            sources.append(FOLLOW_CHILDREN_SOURCE)
+        self.objs: LoadedObjects = bpf_compile.load_programs(combined_source(sources), defines, programs, maps)
+        self._events: list[int] = []
+        self._ring: libbpf.RingBuffer | None = None
+        for pid in self._pids or ():
+            self.add_target(pid)
+
+    def add_target(self, pid: int) -> None:
+        """Record this process too (only when the set filters by pid)."""
+        libbpf.map_update(self.objs.maps["targets"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
+
+    def start(self, on_record: Callable[[RawRecord], None] | None = None) -> None:
+        """Attach every probe; records go to their probe (and to `on_record` first)."""
+        by_kind = self._by_kind
+
+        def dispatch(buf: bytes) -> None:
+            rec = parse_record(buf)
+            if rec.kind == RecordKind.GO_EXIT:
+                self._at_go_exit(rec, on_record)
+                return
+            if on_record is not None:
+                on_record(rec)
+            for probe in by_kind.get(rec.kind, ()):
+                probe.on_record(rec)
+
+        self._ring = libbpf.RingBuffer(self.objs.maps["records"], dispatch)
+        if self._follow:
+            self._events += libbpf.attach_tracepoint(
+                self.objs.programs["tracepoint__sched__sched_process_fork"], "sched", "sched_process_fork")
+        for p in self.probes:
+            self._events += p.attach(self.objs)
+        for p in self.probes:
+            p.on_start(self.objs)
+
+    def _at_go_exit(self, rec: RawRecord, on_record: Callable[[RawRecord], None] | None) -> None:
+        """A Go command paused at runtime.exit (common.bpf.h go_exit_pause): once it has stopped,
+        every family that asked reads it; then it goes on to exit, whatever they did."""
+        try:
+            wait_stopped(rec.pid, EXIT_STOP_WAIT_S)
+            if on_record is not None:
+                on_record(rec)
+            for probe in self._by_kind.get(rec.kind, ()):
+                probe.on_record(rec)
+        finally:
+            try:
+                os.kill(rec.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for records and deliver them all.
+
+        BPF wakes the agent only when the ring fills up or a record needs an
+        answer (common.bpf.h rb_flags), so after the wait the ring is drained
+        whether or not a wake-up came."""
+        if self._ring is not None:
+            self._ring.poll(timeout_ms)
+            self._ring.consume()
+
+    def drain(self) -> None:
+        """Deliver every record already in the buffer without waiting."""
+        if self._ring is not None:
+            self._ring.consume()
+
+    def drops(self) -> dict[Drop, int]:
+        """Sum of each drop counter over all CPUs."""
+        return {d: sum(libbpf.map_lookup_percpu_u64(self.objs.maps["drops"], d)) for d in Drop}
+
+    def close(self) -> None:
+        """Detach and free everything (idempotent)."""
+        for p in self.probes:
+            p.detach()
+        libbpf.detach(self._events)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.objs.close()
+
+    def __enter__(self) -> ProbeSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+assert MAX_FRAMES == 127  # common.bpf.h bounds frame counts with `& 127`

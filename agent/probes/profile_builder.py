@@ -1,0 +1,92 @@
+"""Records -> Profile: symbolize stacks and aggregate, for every probe family.
+
+Trace context read in BPF becomes the sample's labels and link: Go pprof
+labels are kept as labels (pprof labels; OTLP attributes), and a `trace_id` +
+`span_id` pair among them (hex) becomes SampleKey.link; a lone `span_id` (the
+Grafana otel-profiling-go convention) a link with a zero trace id. An OTEP
+4947 record is the link itself, and wins over labels: the OTEP makes it
+authoritative. Samples merge only when stack, labels and link are all equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from agent.bpfload.records import RawRecord
+from agent.probes.family import Window
+from agent.processes.stack_resolver import StackResolver
+from agent.processes.tracker import ProcessTracker
+from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink
+
+TRACE_ID_LABEL = "trace_id"
+SPAN_ID_LABEL = "span_id"
+ZERO_TRACE_ID = bytes(16)  # "only the span is known" (TraceLink docstring)
+
+
+def _hex_id(value: str, size: int) -> bytes | None:
+    """`size` bytes from a hex label value, None unless it is exactly that and not all zero."""
+    if len(value) != 2 * size:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return None
+    return raw if any(raw) else None
+
+
+def link_from_labels(labels: Iterable[tuple[str, str]]) -> TraceLink | None:
+    """The link a label set names: trace_id + span_id, or a lone span_id with a zero trace id."""
+    values = dict(labels)
+    span_id = _hex_id(values.get(SPAN_ID_LABEL, ""), 8)
+    if span_id is None:
+        return None
+    trace_id = _hex_id(values.get(TRACE_ID_LABEL, ""), 16)
+    return TraceLink(trace_id or ZERO_TRACE_ID, span_id)
+
+
+def trace_context(r: RawRecord) -> tuple[tuple[tuple[str, str], ...], TraceLink | None]:
+    """(labels, link) of a record: its Go labels sorted by key, and the span it ran in."""
+    labels = tuple(sorted(r.go_labels))
+    if r.otel_link is not None and any(r.otel_link.span_id):
+        return labels, r.otel_link
+    return labels, link_from_labels(labels)
+
+
+def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackResolver, tracker: ProcessTracker,
+                window: Window, values: Callable[[RawRecord], list[int]], with_kernel: bool = True,
+                labels: Callable[[RawRecord], tuple[tuple[str, str], ...]] | None = None,
+                reshape: Callable[[RawRecord, tuple[Location, ...]],
+                                  tuple[tuple[Location, ...], tuple[tuple[str, str], ...]]] | None = None) -> None:
+    """Add each record as one event of `profile`, at its symbolized stack.
+
+    `reshape(record, stack)`, when given, returns the stack to use and the
+    record's labels (instead of `labels`): for families that classify by
+    what the symbolized stack holds.
+    """
+    for r in records:
+        stack = resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips)
+        info = tracker.get(r.pid)
+        if reshape is not None:
+            stack, extra = reshape(r, stack)
+        else:
+            extra = labels(r) if labels is not None else ()
+        go_labels, link = trace_context(r)
+        # cpu kept per sample for OTLP's cpu.logical_number; pprof readers merge
+        # samples that differ only in it
+        key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
+                        labels=((("process_name", info.name),) if info else ()) + extra + go_labels, link=link,
+                        cpu=r.cpu)
+        profile.add(key, values(r), r.ktime_ns + window.wall_offset_ns)
+
+
+def add_process_meta(profile: Profile, tracker: ProcessTracker) -> None:
+    """Resource metadata of every process that has samples in `profile`."""
+    pids = {s.key.pid for s in profile.samples}
+    for pid in pids:
+        info = tracker.get(pid)
+        if info is None:
+            profile.processes[pid] = ProcessMeta(pid=pid)
+            continue
+        profile.processes[pid] = ProcessMeta(
+            pid=pid, name=info.name, executable_path=info.exe, container_id=info.container.container_id,
+            service_name=info.service_name or info.exe.rsplit("/", 1)[-1] or info.name)

@@ -1,0 +1,264 @@
+"""Raw addresses -> Locations (mapping + frames), once per distinct address;
+and CPU samples' user stacks completed by unwinding their stack copy.
+
+User addresses resolve through the process's snapshot (ProcessTracker),
+kernel addresses through /proc/kallsyms. Each (pid, address) is resolved once
+per resolver; a process whose address falls outside its snapshot gets its
+maps re-read once (it mapped new code after first sight).
+
+Where to unwind. The OpenTelemetry profiler and Parca unwind in BPF: they
+load every binary's CFI rows into BPF maps and walk the stack in the kernel.
+bpfprof copies the user registers and the stack top in BPF
+(bpf/ustack.bpf.h) and walks it here with symbolizer/unwinder.py. Measured
+on this project's 2-CPU VM (bench/unwind_vs_perf.py, 499 Hz, 5 s captures of
+three fixtures, CPU of the agent after attach including end-of-capture
+symbolization):
+  - the BPF program costs 4-8 us per sample with the 8 KiB copy against
+    3.6-4.3 us without: the copy is cheap, and a BPF walker would spend
+    about that per frame-table lookup chain anyway;
+  - the agent costs ~200 us per sample with the CFI walk against ~87 us with
+    frame pointers (2.3x; perf --call-graph dwarf: ~190 us, record + script).
+    Of the ~113 us difference ~22 us is building libc's unwind table once
+    (55 ms, amortised over a longer capture or a daemon's life) and the rest
+    is per sample: copying and slicing 8 KiB records in Python and the walk
+    (0.6-0.9 us per frame, bench/unwind_speed.py);
+  - unwinding in BPF would need every mapped file's rows pushed into maps at
+    first sight of each process (libc alone has ~10k rows; a Python map
+    update costs ~2 us), kept in sync with mmap/munmap, and a verifier-
+    bounded walker: the cost moves from "per sample" to "per process start",
+    which a host with short-lived processes pays most.
+So user space: correct on every fixture (leaf callers, -fomit-frame-pointer,
+libc, Go frameless leaves) at perf-dwarf's accuracy and about its CPU. The
+price is ring-buffer bandwidth (up to 8 KiB per sample) and stacks deeper
+than the copy, which continue with the frame-pointer stack where it agrees
+(counted). The 2x-of-frame-pointers target is not met yet for short captures.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import Counter
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.processes.tracker import ProcessTracker
+from exporters.profile import Location
+from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
+from symbolizer.kallsyms import KernelSymbols
+from symbolizer.unwinder import FrameSource, StopReason, Unwinder
+
+DEFAULT_USTACK_BYTES = 8192
+MAX_USTACK_BYTES = 24576
+
+
+class UnwindMode(StrEnum):
+    """How user stacks (CPU samples, futex waits) are walked (`record --unwind`)."""
+
+    CFI = "cfi"  # registers + stack copy from BPF, CFI/pclntab walk in the agent
+    FP = "fp"  # frame pointers, walked by bpf_get_stack
+
+
+# Chosen by bench/unwind_vs_perf.py: see the figures above.
+DEFAULT_UNWIND = UnwindMode.CFI
+
+
+if TYPE_CHECKING:
+    from agent.bpfload.records import RawRecord  # agent.probes.family imports this module
+
+log = logging.getLogger(__name__)
+
+KERNEL_NOTES = Path("/sys/kernel/notes")
+NT_GNU_BUILD_ID = 3
+
+
+def kernel_build_id(notes_path: Path = KERNEL_NOTES) -> str:
+    """The running kernel's GNU build id from /sys/kernel/notes, "" if unreadable."""
+    try:
+        data = notes_path.read_bytes()
+    except OSError:
+        return ""
+    off = 0
+    while off + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+        name_off = off + 12
+        desc_off = name_off + ((namesz + 3) & ~3)
+        if data[name_off:name_off + namesz].rstrip(b"\0") == b"GNU" and ntype == NT_GNU_BUILD_ID:
+            return data[desc_off:desc_off + descsz].hex()
+        off = desc_off + ((descsz + 3) & ~3)
+    return ""
+
+
+@dataclass
+class ResolverStats:
+    user_addresses: int = 0
+    user_unresolved: int = 0
+    kernel_addresses: int = 0
+    kernel_unresolved: int = 0
+
+
+class StackResolver:
+    """Turns a sample's kernel and user addresses into a leaf-first Location stack."""
+
+    def __init__(self, tracker: ProcessTracker, kernel: KernelSymbols | None) -> None:
+        self.tracker = tracker
+        self.kernel = kernel
+        self._user: dict[tuple[int, int, bool], Location] = {}
+        self._kernel: dict[tuple[int, bool], Location] = {}
+        self._refreshed: set[int] = set()
+        self.kernel_mapping = Mapping(start=0, end=0, file_offset=0, path="[kernel.kallsyms]",
+                                      build_id=kernel_build_id(),
+                                      build_id_kind=BuildIdKind.GNU)
+        self.stats = ResolverStats()
+
+    def stack(self, pid: int, kernel_ips: tuple[int, ...], user_ips: tuple[int, ...]) -> tuple[Location, ...]:
+        """Leaf-first locations: kernel frames (if any) above the user frames.
+
+        Every user address but the leaf is a return address, looked up at
+        addr-1, unless `user_ips` is an UnwoundStack, which says which are exact.
+        """
+        locs = [self._kernel_location(ip, i > 0) for i, ip in enumerate(kernel_ips)]
+        exact = getattr(user_ips, "exact", None)
+        if exact is None:
+            # The first user address is the interrupted instruction only when the
+            # sample hit user mode; under a kernel stack it is the syscall's return.
+            exact = frozenset() if kernel_ips else frozenset((0,))
+        for i, ip in enumerate(user_ips):
+            locs.append(self._user_location(pid, ip, return_address=i not in exact))
+        return tuple(locs)
+
+    def _kernel_location(self, ip: int, return_address: bool) -> Location:
+        key = (ip, return_address)
+        loc = self._kernel.get(key)
+        if loc is None:
+            self.stats.kernel_addresses += 1
+            frames: tuple[Frame, ...] = ()
+            sym = self.kernel.lookup(ip - 1 if return_address else ip) if self.kernel else None
+            if sym is not None:
+                frames = (Frame(function=sym.name, kind=FrameKind.KERNEL, system_name=sym.name),)
+            else:
+                self.stats.kernel_unresolved += 1
+            loc = Location(address=ip, mapping=self.kernel_mapping, frames=frames)
+            self._kernel[key] = loc
+        return loc
+
+    def _user_location(self, pid: int, ip: int, return_address: bool) -> Location:
+        key = (pid, ip, return_address)
+        loc = self._user.get(key)
+        if loc is not None:
+            return loc
+        self.stats.user_addresses += 1
+        info = self.tracker.get(pid)
+        mapping, frames = (None, ())
+        if info is not None:
+            if info.symbols.mapping_at(ip) is None and pid not in self._refreshed:
+                self._refreshed.add(pid)
+                info = self.tracker.refresh(pid) or info
+            mapping, frames = info.symbols.resolve(ip, return_address)
+        if not frames:
+            self.stats.user_unresolved += 1
+        loc = Location(address=ip, mapping=mapping, frames=frames)
+        self._user[key] = loc
+        return loc
+
+
+class UnwoundStack(tuple):
+    """User addresses (leaf first) from the unwinder: a tuple that also says which are exact PCs.
+
+    `exact` holds the indices to look up as they are: the leaf of a
+    user-mode sample and the interrupted PC above each signal frame. It
+    travels inside RawRecord.user_ips, so every consumer of records keeps
+    working and StackResolver.stack() reads it.
+    """
+
+    exact: frozenset[int]
+
+    def __new__(cls, ips: list[int] | tuple[int, ...], exact: frozenset[int]) -> UnwoundStack:
+        self = super().__new__(cls, ips)
+        self.exact = exact
+        return self
+
+
+# Outcome names counted per sample (UserStacks.outcomes).
+COMPLETE = "complete"  # the walk reached the outermost frame
+FP_CONTINUED = "fp_continued"  # the walk stopped; the frame-pointer stack continued it from a frame both saw
+NO_COPY = "no_copy"  # no registers/stack copy: the frame-pointer stack as BPF sent it
+NO_PROCESS = "no_process"  # the process was gone before its maps were read
+
+
+class UserStacks:
+    """Completes CPU records' user stacks from their registers and stack copy.
+
+    The walk (symbolizer/unwinder.py) knows leaf callers and code without
+    frame pointers; where it stops early (copy too short, no rule for a PC)
+    the frame-pointer stack BPF sent continues it, from the deepest frame
+    both have, and only then. Outcomes are counted per sample in `outcomes`:
+    "complete", "fp_continued:<reason>", "truncated:<reason>", "no_copy".
+    """
+
+    def __init__(self, tracker: ProcessTracker) -> None:
+        self.tracker = tracker
+        self.unwinder = Unwinder()
+        self.outcomes: Counter[str] = Counter()
+        self._refreshed: set[int] = set()
+
+    def complete(self, rec: RawRecord) -> RawRecord:
+        """`rec` with user_ips unwound and the stack copy dropped (a record without a copy as it is)."""
+        if rec.user_regs is None:
+            if rec.user_ips:
+                self.outcomes[NO_COPY] += 1
+            return rec
+        info = self.tracker.get(rec.pid) or self.tracker.observe(rec.pid)
+        if info is None:
+            self.outcomes[NO_PROCESS] += 1
+            return replace(rec, user_regs=None, user_stack=b"")
+        rip = rec.user_regs[0]
+        if info.symbols.mapping_at(rip) is None and rec.pid not in self._refreshed:
+            self._refreshed.add(rec.pid)  # new code mapped since the snapshot (dlopen, JIT)
+            info = self.tracker.refresh(rec.pid) or info
+        res = self.unwinder.unwind(rec.user_regs, rec.user_stack, info.symbols)
+        pcs = res.pcs
+        exact = {i for i, src in enumerate(res.sources) if src == FrameSource.SIGNAL}
+        if rec.user_mode:
+            exact.add(0)
+        if res.stop == StopReason.OUTERMOST:
+            self.outcomes[COMPLETE] += 1
+        else:
+            tail = continue_with_fp(pcs, rec.user_ips)
+            if tail is None:
+                self.outcomes[f"truncated:{res.stop}"] += 1
+            else:
+                self.outcomes[f"{FP_CONTINUED}:{res.stop}"] += 1
+                pcs = pcs + list(tail)
+        return replace(rec, user_ips=UnwoundStack(pcs, frozenset(exact)), user_regs=None, user_stack=b"")
+
+    def drop_lines(self) -> list[str]:
+        """One line per way a stack came out short, for the capture's report and profile comments."""
+        out = []
+        for outcome, n in sorted(self.outcomes.items()):
+            if outcome.startswith("truncated:"):
+                out.append(f"{n} user stacks cut short by the unwinder ({outcome.split(':', 1)[1]})")
+            elif outcome == NO_COPY:
+                out.append(f"{n} user stacks from frame pointers only (no stack copy)")
+            elif outcome == NO_PROCESS:
+                out.append(f"{n} user stacks of processes gone before their maps were read")
+        return out
+
+
+def continue_with_fp(unwound: list[int], fp_ips: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The part of the frame-pointer stack above the unwound one, None if they share no frame.
+
+    A frame-pointer walk only ever loses frames relative to a CFI walk, so
+    the last unwound address is looked for at an index no deeper than its
+    own; the deepest such match wins (in recursion the same return address
+    repeats, and the nearest is the likeliest same frame).
+    """
+    if not fp_ips or not unwound:
+        return None
+    last = unwound[-1]
+    for j in range(min(len(unwound), len(fp_ips)) - 1, -1, -1):
+        if fp_ips[j] == last:
+            return fp_ips[j + 1:]
+    return None

@@ -1,0 +1,217 @@
+"""Processes as they were at first sight: maps, files, names.
+
+A process may exit (and its binary be deleted) long before its samples are
+symbolized, so at the first sample of a pid the tracker reads its maps and
+opens every executable file through /proc/PID/map_files (bound to the exact
+inode, deleted and memfd files included) or /proc/PID/root. The open mmap
+keeps the file readable after the process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from agent.processes.containers import ContainerInfo, read_container_info, read_environ_var
+from symbolizer import proc_maps
+from symbolizer.elf import ElfFile
+from symbolizer.errors import BpfprofError
+from symbolizer.file_symbols import DEFAULT_CACHE, FileSymbols, SymbolCache
+from symbolizer.frames import BuildIdKind, Mapping
+from symbolizer.process_symbols import MappedFile, ProcessSymbols
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessInfo:
+    """What the tracker knows of one process."""
+
+    pid: int
+    name: str  # comm of the process (its main thread)
+    exe: str  # path of the executable inside the process's mount namespace
+    symbols: ProcessSymbols
+    container: ContainerInfo = field(default_factory=ContainerInfo)
+    service_name: str = ""  # OTEL_SERVICE_NAME from its environment, "" if unset
+    exited: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackerStats:
+    processes: int = 0
+    snapshot_failures: int = 0  # pid gone before its maps could be read
+    unreadable_files: int = 0
+    refreshes: int = 0
+    evictions: int = 0  # processes dropped by evict()
+    refused: int = 0  # first sights turned away because the table was full
+
+
+# (dev, inode) -> symbols entries kept; past it the table is cleared (binaries
+# that churn, such as a build, would grow it without bound).
+INODE_CACHE_MAX = 4096
+
+
+def process_start_ticks(pid: int, proc_root: str = "/proc") -> int | None:
+    """Field 22 of /proc/PID/stat: tells a reused pid from the process we snapshotted."""
+    try:
+        with open(f"{proc_root}/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ProcessTracker:
+    """Snapshots processes at first sight and keeps them for symbolization."""
+
+    def __init__(self, cache: SymbolCache = DEFAULT_CACHE, proc_root: str = "/proc",
+                 max_processes: int | None = None) -> None:
+        self.cache = cache
+        self.proc_root = proc_root
+        self.max_processes = max_processes  # None: unbounded (a one-shot capture)
+        self._procs: dict[int, ProcessInfo | None] = {}
+        self._last_seen: dict[int, int] = {}  # pid -> interval sequence of its last record
+        self._start: dict[int, int | None] = {}  # pid -> start ticks at first sight
+        # (dev, inode) -> symbols: libc is mapped by every process, open it once
+        self._by_inode: dict[tuple[str, int], FileSymbols | None] = {}
+        self._vdso: FileSymbols | None = None
+        self.stats = TrackerStats()
+
+    def __contains__(self, pid: int) -> bool:
+        return pid in self._procs
+
+    def get(self, pid: int) -> ProcessInfo | None:
+        return self._procs.get(pid)
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def observe(self, pid: int) -> ProcessInfo | None:
+        """Snapshot `pid` unless already known; None if it exited before we looked or the table is full."""
+        if pid in self._procs:
+            return self._procs[pid]
+        if self.max_processes is not None and len(self._procs) >= self.max_processes:
+            self.stats.refused += 1
+            return None
+        self._start[pid] = process_start_ticks(pid, self.proc_root)
+        info = self._snapshot(pid)
+        self._procs[pid] = info
+        if info is None:
+            self.stats.snapshot_failures += 1
+        else:
+            self.stats.processes += 1
+        return info
+
+    def note_record(self, pid: int, tid: int, thread_name: str) -> ProcessInfo | None:
+        """Call for every record: snapshots new processes, re-snapshots after an exec.
+
+        An exec keeps the pid but replaces every mapping; the main thread's
+        name (the kernel's comm, which exec sets to the new program's name)
+        no longer matching the snapshot's is the cheap sign. The new image
+        must be read while the process is alive: after it exits, a refresh
+        at symbolization time would find nothing.
+        """
+        info = self._procs.get(pid) if pid in self._procs else self.observe(pid)
+        if info is not None and tid == pid and thread_name and thread_name != info.name:
+            info = self.refresh(pid)
+        return info
+
+    def refresh(self, pid: int) -> ProcessInfo | None:
+        """Re-read the maps of a live process (it mapped new code: dlopen, JIT)."""
+        info = self._snapshot(pid)
+        if info is not None:
+            self.stats.refreshes += 1
+            self._procs[pid] = info
+        return self._procs.get(pid)
+
+    def _snapshot(self, pid: int) -> ProcessInfo | None:
+        base = f"{self.proc_root}/{pid}"
+        try:
+            entries = proc_maps.read_maps(pid, self.proc_root)
+            with open(f"{base}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            return None
+        try:
+            exe = os.readlink(f"{base}/exe")
+        except OSError:
+            exe = ""
+        mapped = []
+        for e in entries:
+            if not e.is_executable or e.is_vsyscall:
+                continue
+            fs = self._symbols_for(pid, e)
+            ident = fs.id if fs is not None else None
+            mapping = Mapping(
+                start=e.start, end=e.end, file_offset=e.offset, path=e.path,
+                build_id=ident.build_id if ident else "",
+                build_id_kind=ident.kind if ident else BuildIdKind.NONE)
+            mapped.append(MappedFile(mapping, fs))
+        return ProcessInfo(pid=pid, name=name, exe=exe.removesuffix(" (deleted)"), symbols=ProcessSymbols(mapped),
+                           container=read_container_info(pid, self.proc_root),
+                           service_name=read_environ_var(pid, "OTEL_SERVICE_NAME", self.proc_root))
+
+    def _symbols_for(self, pid: int, entry: proc_maps.MapsEntry) -> FileSymbols | None:
+        if entry.is_vdso:
+            return self._vdso_symbols(pid)
+        if not entry.is_file:
+            return None
+        key = (entry.dev, entry.inode)
+        if key in self._by_inode:
+            return self._by_inode[key]
+        fs = None
+        try:
+            path = proc_maps.open_mapped_file(pid, entry, self.proc_root)
+            if path is None:
+                raise OSError(f"{entry.path} is not readable through /proc/{pid}")
+            elf = ElfFile(path)
+            fs = self.cache.get(elf)
+            if fs.elf is not elf:
+                elf.close()  # the cache already holds this build id
+        except (BpfprofError, OSError) as e:
+            self.stats.unreadable_files += 1
+            log.info("pid %d: cannot read %s: %s", pid, entry.path, e)
+        self._by_inode[key] = fs
+        return fs
+
+    def _vdso_symbols(self, pid: int) -> FileSymbols | None:
+        # One kernel, one vdso: the first process's copy serves all 64-bit ones.
+        if self._vdso is None:
+            try:
+                image = proc_maps.read_vdso(pid, self.proc_root)
+                if image:
+                    self._vdso = self.cache.get(ElfFile.from_bytes(image, "[vdso]"))
+            except (BpfprofError, OSError) as e:
+                log.info("pid %d: cannot read [vdso]: %s", pid, e)
+        return self._vdso
+
+    def seen(self, pid: int, seq: int) -> None:
+        """Note that `pid` had a record in interval `seq` (for least-recently-sampled eviction)."""
+        self._last_seen[pid] = seq
+
+    def evict(self, safe_seq: int) -> int:
+        """Drop processes no pending interval needs; returns how many.
+
+        Candidates were last sampled before `safe_seq`. First those that exited
+        or whose pid was reused (start time changed), then the least recently
+        sampled until the table is under `max_processes`.
+        """
+        candidates = sorted((seq, pid) for pid, seq in self._last_seen.items() if seq < safe_seq)
+        gone = [pid for _, pid in candidates if process_start_ticks(pid, self.proc_root) != self._start.get(pid)]
+        if self.max_processes is not None:
+            excess = len(self._procs) - len(gone) - self.max_processes
+            if excess > 0:
+                gone_set = set(gone)
+                gone += [pid for _, pid in candidates if pid not in gone_set][:excess]
+        for pid in gone:
+            self._procs.pop(pid, None)
+            self._last_seen.pop(pid, None)
+            self._start.pop(pid, None)
+        self.stats.evictions += len(gone)
+        if len(self._by_inode) > INODE_CACHE_MAX:
+            self._by_inode.clear()
+        return len(gone)
+
+    def processes(self) -> list[ProcessInfo]:
+        return [p for p in self._procs.values() if p is not None]
