@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from agent.processes.stack_resolver import UnwindMode
 from symbolizer.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/bpfprof/config.yaml"
@@ -53,6 +54,7 @@ ENV_KEYS: dict[str, str] = {
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RELABEL_ACTIONS = ("drop", "keep", "drop_label", "rename_label", "mask")
 MAX_FREQUENCY_HZ = 20_000
+UNWIND_MODES = tuple(m.value for m in UnwindMode)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class ProfilingConfig:
     frequency_hz: int = 99
     kernel_stacks: bool = True
     offcpu_min_us: int = 0
+    heap_sample_bytes: int = 512 * 1024  # heap: mean bytes between sampled allocations (as `record`)
+    unwind: str = "cfi"  # user stacks: "cfi" (a stack copy walked with each binary's CFI) or "fp"
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     _check(1 <= p.frequency_hz <= MAX_FREQUENCY_HZ, "profiling.frequency_hz", f"1 to {MAX_FREQUENCY_HZ}",
            p.frequency_hz)
     _check(p.offcpu_min_us >= 0, "profiling.offcpu_min_us", "an integer >= 0", p.offcpu_min_us)
+    _check(p.heap_sample_bytes >= 1, "profiling.heap_sample_bytes", "an integer >= 1", p.heap_sample_bytes)
+    _check(p.unwind in UNWIND_MODES, "profiling.unwind", f"one of {', '.join(UNWIND_MODES)}", p.unwind)
     s = cfg.selection
     for i, pid in enumerate(s.pids):
         _check(pid > 0, f"selection.pids[{i}]", "a pid > 0", pid)

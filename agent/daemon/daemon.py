@@ -2,9 +2,10 @@
 
 Three threads, so that sampling never waits on symbolization or export:
 
-  main     drains the ring buffer every 100 ms; at each interval boundary
-           it *cuts*: the interval's records are handed over and a fresh
-           accumulator takes the next ones (cheap, no BPF restart, no gap)
+  main     drives the capture pipeline `record` uses (agent/capture/pipeline.py):
+           drains the ring buffer every 100 ms; at each interval boundary
+           it *cuts*: the interval's accumulators are handed over and fresh
+           ones take the next records (cheap, no BPF restart, no gap)
   builder  symbolizes a cut interval into Profiles, applies relabel rules,
            and puts the Batch into every exporter's queue
   export   one worker per exporter (agent/daemon/export_queue.py): bounded queue,
@@ -25,30 +26,25 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from agent.bpfload.records import Drop, RawRecord
+from agent.bpfload.records import RawRecord
+from agent.capture.pipeline import CapturePipeline, Interval
 from agent.daemon.config import AgentConfig
 from agent.daemon.export_queue import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
 from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from agent.daemon.relabel import Relabeler
 from agent.daemon.selection import Selector, read_identity
-from agent.probes.family import Probe, ProbeConfig, Window
-from agent.probes.probe_set import ProbeSet
-from agent.probes.profile_builder import add_process_meta
-from agent.probes.registry import PROBES
-from agent.processes.stack_resolver import StackResolver
+from agent.probes.family import ProbeConfig
+from agent.processes.stack_resolver import UnwindMode
 from agent.processes.tracker import ProcessTracker
 from exporters.otlp_sender import OtlpExporter
 from exporters.profile import Profile
 from symbolizer.errors import BpfprofError
 from symbolizer.file_symbols import SymbolCache
-from symbolizer.kallsyms import KernelSymbols
 
 log = logging.getLogger(__name__)
 
@@ -57,69 +53,9 @@ MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the 
 SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
 
 
-@dataclass
-class Interval:
-    """A cut interval: the probes that accumulated its records, and its window."""
-
-    seq: int
-    probes: list[Probe]
-    window: Window
-    samples: int
-    drops: dict[str, int] = field(default_factory=dict)
-
-
-class _LiveProbe(Probe):
-    """Stands in ProbeSet for a probe family: BPF hooks go to the template, records to the current accumulator.
-
-    This is what lets an interval end without detaching: cut() swaps the
-    accumulator (a fresh instance of the family) under the running programs.
-    """
-
-    def __init__(self, template: Probe, collector: BpfCollector) -> None:
-        super().__init__(template.config)
-        self.template = template
-        self.collector = collector
-        self.name, self.source, self.kinds = template.name, template.source, template.kinds
-        self.events_per_cpu_s = template.events_per_cpu_s
-        self.current: Probe = template.new_accumulator()
-
-    def defines(self) -> dict[str, int]:
-        return self.template.defines()
-
-    def programs(self):  # noqa: ANN201  (dict[str, ProgType])
-        return self.template.programs()
-
-    def maps(self) -> list[str]:
-        return self.template.maps()
-
-    def attach(self, objs):  # noqa: ANN001, ANN201
-        return self.template.attach(objs)
-
-    def on_start(self, objs) -> None:  # noqa: ANN001
-        self.template.on_start(objs)
-        self.current = self.template.new_accumulator()  # now with what on_start set up
-        self.template.carry_into(self.current, self.collector.alive)  # what attach() found (live goroutines)
-
-    def detach(self) -> None:
-        self.template.detach()
-
-    def on_record(self, rec: RawRecord) -> None:
-        if self.collector.accept(rec):
-            self.current.on_record(rec)
-
-    def swap(self) -> Probe:
-        nxt = self.template.new_accumulator()
-        self.current.carry_into(nxt, self.collector.alive)
-        done, self.current = self.current, nxt
-        return done
-
-
-def _wall_offset_ns() -> int:
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
 class BpfCollector:
-    """The BPF side of the agent: one ProbeSet for the agent's life (until a reload changes it)."""
+    """The daemon's side of the capture pipeline: selection and the per-interval cap on every sample,
+    losses into the agent's metrics. One pipeline for the agent's life (until a reload changes it)."""
 
     def __init__(self, cfg: AgentConfig, tracker: ProcessTracker, stats: AgentStats) -> None:
         self.cfg = cfg
@@ -128,36 +64,23 @@ class BpfCollector:
         self.selector = Selector(cfg.selection)
         p = cfg.profiling
         pids = tuple(cfg.selection.pids) if self.selector.pid_only else None
-        self.probe_config = ProbeConfig(frequency_hz=p.frequency_hz, with_kernel=p.kernel_stacks,
-                                        offcpu_min_ns=p.offcpu_min_us * 1000, pids=pids)
-        templates = [PROBES[name](self.probe_config) for name in PROBES if name in p.profiles]
-        for t in templates:
-            t.use_tracker(tracker)  # CFI unwinding against the agent's process table
-        self.live = [_LiveProbe(t, self) for t in templates]
-        self._pids = pids
+        config = ProbeConfig(frequency_hz=p.frequency_hz, with_kernel=p.kernel_stacks,
+                             offcpu_min_ns=p.offcpu_min_us * 1000, heap_sample_bytes=p.heap_sample_bytes,
+                             pids=pids, unwind=UnwindMode(p.unwind))
+        self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept,
+                                        drain_interval_s=POLL_MS / 1000)
         self._selected: dict[int, bool] = {}
-        self._probe_set: ProbeSet | None = None
-        self._seq = 0
-        self._count = 0
-        self._start_ns = 0
-        self._drops_before: dict[Drop, int] = {}
-        self._losses_before: dict[str, int] = {}  # family loss reason -> total at the last cut
-        self._kernel: KernelSymbols | None = None
-        self._has_kernel = False
 
     def start(self) -> None:
         """Compile, load and attach (BpfprofError if that fails)."""
-        self._probe_set = ProbeSet(self.live, pids=self._pids, with_kernel=self.cfg.profiling.kernel_stacks,
-                                   drain_interval_s=POLL_MS / 1000)
-        self._probe_set.start()
-        self._start_ns = time.time_ns()
+        self.pipeline.start()
 
     def set_selection(self, selector: Selector) -> None:
         self.selector = selector
         self._selected.clear()
 
     def accept(self, rec: RawRecord) -> bool:
-        """Selection, the per-interval cap and first-sight snapshots; runs for every record."""
+        """Selection, the per-interval cap, and the process kept for this interval; runs for every sample."""
         pid = rec.pid
         chosen = self._selected.get(pid)
         if chosen is None:
@@ -167,94 +90,38 @@ class BpfCollector:
         if not chosen:
             self.stats.unselected_samples += 1
             return False
-        if self._count >= self.cfg.limits.max_interval_samples:
+        if self.pipeline.interval_samples >= self.cfg.limits.max_interval_samples:
             self.stats.lose("interval_full")
             return False
-        self._count += 1
         self.stats.samples += 1
-        if rec.kernel_ips:
-            self._has_kernel = True
-        self.tracker.note_record(pid, rec.tid, rec.thread_name)
-        self.tracker.seen(pid, self._seq)
-        return True
-
-    def alive(self, pid: int) -> bool:
-        """Whether `pid` still runs, for state carried into the next interval (dropped with its process).
-
-        A carried process is needed by the next interval even if it sends no
-        record in it (objects still live, goroutines parked): its symbols are kept.
-        """
-        if not os.path.exists(f"{self.tracker.proc_root}/{pid}"):
-            return False
-        self.tracker.seen(pid, self._seq + 1)
+        self.tracker.seen(pid, self.pipeline.seq)
         return True
 
     def poll(self) -> None:
-        assert self._probe_set is not None
-        self._probe_set.poll(POLL_MS)
-        for lp in self.live:
-            lp.current.tick()
+        self.pipeline.poll(POLL_MS)
 
     def cut(self) -> Interval:
         """End the current interval (call from the polling thread); sampling goes on."""
-        assert self._probe_set is not None
-        self._probe_set.drain()
-        now = time.time_ns()
-        drops = self._probe_set.drops()
-        delta = {d.name.lower(): n - self._drops_before.get(d, 0) for d, n in drops.items()}
-        self._drops_before = drops
-        delta.update(self._family_losses())
-        for reason, n in delta.items():
-            if n:
-                self.stats.lose(reason, n)
-        interval = Interval(self._seq, [lp.swap() for lp in self.live], Window(self._start_ns, now, _wall_offset_ns()),
-                            self._count, {k: v for k, v in delta.items() if v})
-        self._seq += 1
-        self._count = 0
-        self._start_ns = now
+        interval = self.pipeline.cut()
+        for loss in interval.losses:
+            self.stats.lose(loss.reason, loss.count)
+            if not loss.reason.startswith("unwind_"):
+                log.warning("%d %s", loss.count, loss.description)
         self._selected = {pid: v for pid, v in self._selected.items() if pid in self.tracker or not v}
         if len(self._selected) > self.tracker.max_processes * 4:
             self._selected.clear()  # decisions are cheap to redo; keep the cache bounded under churn
         return interval
 
-    def _family_losses(self) -> dict[str, int]:
-        """Growth since the last cut of what each family's BPF side lost (full maps), logged when not 0."""
-        assert self._probe_set is not None
-        out = {}
-        for lp in self.live:
-            try:
-                totals = lp.template.bpf_losses(self._probe_set.objs)
-            except BpfprofError as e:  # a counter that cannot be read is not worth an interval
-                log.debug("%s: loss counters unreadable: %s", lp.name, e)
-                continue
-            for reason, total in totals.items():
-                n = total - self._losses_before.get(reason, 0)
-                self._losses_before[reason] = total
-                if n:
-                    log.warning("%s: %d events lost in BPF (%s)", lp.name, n, reason)
-                out[reason] = n
-        return out
-
     @property
     def seq(self) -> int:
-        return self._seq
+        return self.pipeline.seq
 
     def build(self, interval: Interval) -> tuple[list[Profile], dict[int, str]]:
         """Symbolize an interval (builder thread). Returns the profiles and pid -> pod uid."""
-        if self._kernel is None and self._has_kernel and self.cfg.profiling.kernel_stacks:
-            try:
-                self._kernel = KernelSymbols()
-            except (BpfprofError, OSError) as e:
-                log.warning("kernel symbols unavailable: %s", e)
-        resolver = StackResolver(self.tracker, self._kernel)
-        out = []
-        for probe in interval.probes:
-            for profile in probe.profiles(resolver, self.tracker, interval.window):
-                add_process_meta(profile, self.tracker)
-                profile.comments.extend(f"dropped: {n} {reason}" for reason, n in interval.drops.items())
-                out.append(profile)
-        self.stats.user_addresses += resolver.stats.user_addresses
-        self.stats.user_unresolved += resolver.stats.user_unresolved
+        out = self.pipeline.build(interval)
+        rs = self.pipeline.resolver_stats
+        self.stats.user_addresses += rs.user_addresses
+        self.stats.user_unresolved += rs.user_unresolved
         pod_uids = {}
         for profile in out:
             for pid in profile.processes:
@@ -264,9 +131,7 @@ class BpfCollector:
         return out, pod_uids
 
     def close(self) -> None:
-        if self._probe_set is not None:
-            self._probe_set.close()
-            self._probe_set = None
+        self.pipeline.close()
 
 
 def make_exporters(cfg: AgentConfig, host_name: str) -> list[BatchExporter]:

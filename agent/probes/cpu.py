@@ -4,11 +4,11 @@ Samples carry the thread's trace context (Go labels, OTEP 4947 record) for
 processes registered in `trace_procs` (agent/tracectx/registry.py); the FS base
 offset the BPF side needs comes from the kernel's BTF.
 
-Unwinding (`unwind`): "cfi" has BPF send the user registers and a copy of
-the stack top, and the agent walks it with each binary's CFI / pclntab
-(agent/processes/stack_resolver.py UserStacks) as records arrive, so a capture keeps
-addresses, not stack copies; "fp" keeps the frame-pointer stack BPF walks.
-"cfi" needs a ProcessTracker (use_tracker()); without one the probe uses "fp".
+Unwinding (ProbeConfig.unwind): "cfi" has BPF send the user registers and a
+copy of the stack top, and the agent walks it with each binary's CFI /
+pclntab (agent/processes/stack_resolver.py UserStacks) as records arrive, so
+a capture keeps addresses, not stack copies; "fp" keeps the frame-pointer
+stack BPF walks.
 """
 
 from __future__ import annotations
@@ -20,16 +20,9 @@ from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import ProcCtx, RawRecord, RecordKind
 from agent.errors import BpfLoadError
-from agent.probes.family import StackCopyProbe, Window
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
 from agent.probes.profile_builder import add_records
-from agent.processes.stack_resolver import (
-    DEFAULT_UNWIND,
-    DEFAULT_USTACK_BYTES,
-    MAX_USTACK_BYTES,
-    StackResolver,
-    UnwindMode,
-    UserStacks,
-)
+from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from agent.tracectx.registry import TraceContextRegistry
 from exporters.profile import Profile, cpu_profile
@@ -37,11 +30,8 @@ from exporters.profile import Profile, cpu_profile
 log = logging.getLogger(__name__)
 TRACE_PROCS_MAP = "trace_procs"
 
-# Stack copied per sample. 8 KiB held every complete chain of the fixtures
-# (280 B to 3.4 KiB, bench/unwind_speed.py) with room for big frames; deeper
-# stacks continue with the frame-pointer stack. The per-CPU output buffer
-# (bpf/cpu.bpf.c: record + copy + one page of verifier slack) must stay
-# under the kernel's 32 KiB per-CPU value limit.
+
+
 def fsbase_offset() -> int:
     """offsetof(task_struct, thread.fsbase) on this kernel, -1 when BTF cannot say."""
     try:
@@ -52,35 +42,48 @@ def fsbase_offset() -> int:
         return -1
 
 
-class CpuProbe(StackCopyProbe):
+class CpuAccumulator(Accumulator):
+    family: CpuProbe
+
+    def __init__(self, family: CpuProbe) -> None:
+        super().__init__(family)
+        self.records: list[RawRecord] = []
+
+    def on_record(self, rec: RawRecord) -> None:
+        self.records.append(self.family.complete(rec))
+        if self.family.trace_contexts is not None:
+            self.family.trace_contexts.observe(rec.pid, rec.thread_name)
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        config = self.family.config
+        profile = cpu_profile(window.start_ns, window.duration_ns, config.frequency_hz)
+        period = profile.period
+        add_records(profile, self.records, resolver, tracker, window, lambda r: [r.value, r.value * period],
+                    with_kernel=config.with_kernel)
+        return [profile]
+
+
+class CpuProbe(ProbeFamily):
+    """Unwinding follows config.unwind: "cfi" has BPF send the user registers and a copy of the stack
+    top, walked as records arrive; "fp" keeps the frame-pointer stack BPF walks."""
+
     name = "cpu"
     source = "cpu.bpf.c"
     kinds = (RecordKind.CPU,)
+    accumulator = CpuAccumulator
+    ustack_switch = "CPU_USTACK"
     PROGRAM = "on_cpu_sample"
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
+        super().__init__(config, tracker)
         self.events_per_cpu_s = config.frequency_hz
-        self.records: list[RawRecord] = []
         self.trace_contexts: TraceContextRegistry | None = None
-        self.unwind = UnwindMode.FP
-        self.ustack_bytes = 0
-        self.user_stacks: UserStacks | None = None
-
-    def use_tracker(self, tracker: ProcessTracker, unwind: UnwindMode = DEFAULT_UNWIND,
-                    ustack_bytes: int = DEFAULT_USTACK_BYTES) -> None:
-        """Unwind with `unwind`; records are completed against `tracker`'s snapshots as they arrive.
-
-        Call before the probe set is built (the copy size is compiled in).
-        """
-        if not 0 < ustack_bytes <= MAX_USTACK_BYTES:
-            raise ValueError(f"stack copy of {ustack_bytes} bytes: choose 1 to {MAX_USTACK_BYTES}")
-        self.unwind = UnwindMode(unwind)
-        self.ustack_bytes = ((ustack_bytes + 7) & ~7) if self.unwind == UnwindMode.CFI else 0
-        self.user_stacks = UserStacks(tracker) if self.unwind == UnwindMode.CFI else None
 
     def defines(self) -> dict[str, int]:
-        return {"TASK_FSBASE_OFFSET": fsbase_offset(), **self.ustack_defines("CPU_USTACK")}
+        return {"TASK_FSBASE_OFFSET": fsbase_offset(), **super().defines()}
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.PERF_EVENT}
@@ -89,9 +92,10 @@ class CpuProbe(StackCopyProbe):
         return [TRACE_PROCS_MAP]
 
     def attach(self, objs: LoadedObjects) -> list[int]:
+        super().attach(objs)
         return libbpf.attach_cpu_clock(objs.programs[self.PROGRAM], self.config.frequency_hz)
 
-    def on_start(self, objs: LoadedObjects) -> None:
+    def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:
         fd = objs.maps[TRACE_PROCS_MAP]
 
         def write(pid: int, value: ProcCtx | None) -> None:
@@ -107,31 +111,3 @@ class CpuProbe(StackCopyProbe):
         self.trace_contexts = TraceContextRegistry(write)
         for pid in self.config.pids or ():  # known targets: registered before their first sample
             self.trace_contexts.observe(pid)
-
-    def new_accumulator(self) -> CpuProbe:
-        """Shares the unwinder and the trace-context registry set up in this instance."""
-        acc = CpuProbe(self.config)
-        acc.unwind, acc.trace_contexts = self.unwind, self.trace_contexts
-        self.share_unwinder(acc)
-        return acc
-
-    def on_record(self, rec: RawRecord) -> None:
-        rec = self.complete(rec)
-        self.records.append(rec)
-        if self.trace_contexts is not None:
-            self.trace_contexts.observe(rec.pid, rec.thread_name)
-
-    def record_count(self) -> int:
-        return len(self.records)
-
-    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        profile = cpu_profile(window.start_ns, max(0, window.end_ns - window.start_ns), self.config.frequency_hz)
-        period = profile.period
-        add_records(profile, self.records, resolver, tracker, window, lambda r: [r.value, r.value * period],
-                    with_kernel=self.config.with_kernel)
-        profile.comments.extend(f"dropped: {line}" for line in self.unwind_lines())
-        return [profile]
-
-    def unwind_lines(self) -> list[str]:
-        """How many user stacks came out short, by reason (empty with frame-pointer unwinding)."""
-        return self.user_stacks.drop_lines() if self.user_stacks is not None else []

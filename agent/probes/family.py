@@ -1,10 +1,21 @@
-"""What a probe family is: its BPF source, its programs, how it attaches,
-and how its records become profiles.
+"""A probe family and its accumulator: what is attached, and what one interval's records become.
+
+A family (cpu, offcpu, heap, lock, goroutine) owns what lives as long as the
+programs: its BPF source and defines, what it attaches (perf events,
+tracepoints, per-process uprobes), its loss counters and the state every
+interval shares (the unwinder, the binaries it has read). It lives from
+attach to close.
+
+An accumulator takes one interval's records and turns them into profiles.
+It reads what it needs of its family through `self.family`, so nothing is
+copied by hand between them; what outlives an interval (live heap objects,
+live goroutines) it hands to the next accumulator in carry_into().
 
 Every family selected for a capture is compiled in one clang run
-(agent/probes/probe_set.py) and shares one ring buffer; records are routed to the
-probe that owns their kind. Add a family: a bpf/<name>.bpf.c, a Probe
-subclass in agent/probes/<name>.py, one line in PROBES (agent/probes/registry.py).
+(agent/probes/probe_set.py) and shares one ring buffer; the capture pipeline
+(agent/capture/pipeline.py) routes each record to the families of its kind.
+Add a family: a bpf/<name>.bpf.c, a ProbeFamily and an Accumulator subclass
+in agent/probes/<name>.py, one line in PROBES (agent/probes/registry.py).
 """
 
 from __future__ import annotations
@@ -16,58 +27,118 @@ from dataclasses import dataclass
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind, Scratch, Ustack
-from agent.processes.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, StackResolver, UnwindMode, UserStacks
+from agent.processes.stack_resolver import (
+    DEFAULT_UNWIND,
+    DEFAULT_USTACK_BYTES,
+    MAX_USTACK_BYTES,
+    StackResolver,
+    UnwindMode,
+    UserStacks,
+)
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Profile
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """What every probe may need to know about the capture."""
+    """What every family may need to know about the capture; `record` and the daemon both fill it."""
 
     frequency_hz: int = 99
     with_kernel: bool = True
     offcpu_min_ns: int = 0  # off-CPU: shorter blocks are not recorded
     heap_sample_bytes: int = 512 * 1024  # heap: mean bytes between sampled allocations
-    pids: tuple[int, ...] | None = None  # uprobe-based probes attach per process when known
+    pids: tuple[int, ...] | None = None  # uprobe-based families attach per process when known
     # The targets are a command bpfprof started (`record -- COMMAND`) and its children: bpfprof may
     # pause them at exit to read what the exit would take (the Go heap profile).
     own_command: bool = False
+    unwind: UnwindMode = DEFAULT_UNWIND  # user stacks: CFI walk of a stack copy, or frame pointers
+    ustack_bytes: int = DEFAULT_USTACK_BYTES  # stack copied per sample for the CFI walk
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ustack_bytes <= MAX_USTACK_BYTES:
+            raise ValueError(f"stack copy of {self.ustack_bytes} bytes: choose 1 to {MAX_USTACK_BYTES}")
 
 
 @dataclass(frozen=True)
 class Window:
-    """The capture's time window, wall clock, and the monotonic->wall offset."""
+    """An interval's time window, wall clock, and the monotonic->wall offset."""
 
     start_ns: int
     end_ns: int
     wall_offset_ns: int  # add to a record's ktime_ns to get Unix time
 
+    @property
+    def duration_ns(self) -> int:
+        return max(0, self.end_ns - self.start_ns)
 
-class Probe:
+
+class Accumulator:
+    """One interval's records of one family. Built by ProbeFamily.new_accumulator().
+
+    Threads (the daemon): on_record(), tick() and carry_into() run in the
+    polling thread; once carry_into() has run, profiles() runs in the
+    builder thread and nothing else touches this accumulator.
+    """
+
+    def __init__(self, family: ProbeFamily) -> None:
+        self.family = family
+
+    def on_record(self, rec: RawRecord) -> None:
+        """Take one record of one of the family's kinds."""
+
+    def tick(self) -> None:
+        """Called after every poll of the ring buffer: for work on a clock (heap: re-reading Go buckets)."""
+
+    def record_count(self) -> int:
+        """Records taken so far, for the progress line."""
+        return 0
+
+    def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
+        """End this interval and hand what outlives it to `nxt`, the next interval's accumulator.
+
+        `alive(pid)` says whether a process still runs: state of dead ones is
+        not carried. Copy what either side mutates afterwards. Families whose
+        profiles are per interval (cpu, offcpu, lock) carry nothing.
+        """
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        """The profiles of this interval (one per profile type the family makes)."""
+        return []
+
+
+class ProbeFamily:
     """Base of a probe family. Subclasses set the class attributes and override the hooks."""
 
     name: str = ""  # the --profile name: "cpu", "offcpu", ...
     source: str = ""  # bpf/<source>
+    extra_sources: tuple[str, ...] = ()  # other bpf/ program files it needs (each compiled once per set)
     kinds: tuple[RecordKind, ...] = ()
     events_per_cpu_s: int = 0  # expected record rate, for ring-buffer sizing
+    accumulator: type[Accumulator] = Accumulator
+    # Families whose records carry the user registers and a stack copy (bpf/ustack.bpf.h
+    # submit_with_ustack) name their source's on/off switch of the copy; None: no copy.
+    ustack_switch: str | None = None
 
-    def __init__(self, config: ProbeConfig) -> None:
+    def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         self.config = config
+        self.tracker = tracker
+        self.objs: LoadedObjects | None = None  # set by attach()
+        cfi = self.ustack_switch is not None and UnwindMode(config.unwind) == UnwindMode.CFI
+        # The copy size is compiled in; records are unwound against the tracker's snapshots as they arrive.
+        self.ustack_bytes = ((config.ustack_bytes + 7) & ~7) if cfi else 0
+        self.user_stacks: UserStacks | None = UserStacks(tracker) if cfi else None
 
-    def use_tracker(self, tracker: ProcessTracker, unwind: UnwindMode = DEFAULT_UNWIND,
-                    ustack_bytes: int = DEFAULT_USTACK_BYTES) -> None:
-        """Families whose records carry a user stack copy (cpu, lock) unwind it with
-        `unwind` against `tracker`'s snapshots as records arrive. Call before the
-        probe set is built (the copy size is compiled in)."""
+    # -- what is compiled --------------------------------------------------------
 
     def command_env(self) -> dict[str, str]:
         """Variables a command bpfprof starts (`record -- COMMAND`) needs for this family (heap: its sampler)."""
         return {}
 
     def defines(self) -> dict[str, int]:
-        """Extra -D switches of this family's source (USTACK_BYTES: the set takes the largest)."""
-        return {}
+        """-D switches of this family's source (USTACK_BYTES: the set takes the largest)."""
+        if self.ustack_switch is None:
+            return {}
+        return {"USTACK_BYTES": self.ustack_bytes, self.ustack_switch: int(self.ustack_bytes > 0)}
 
     def programs(self) -> dict[str, ProgType]:
         """BPF functions to load, by name."""
@@ -77,92 +148,63 @@ class Probe:
         """Family-specific maps the agent needs fds of (shared maps are always there)."""
         return []
 
+    @property
+    def record_bytes(self) -> int:
+        """The largest record this family sends, for ring-buffer sizing (0: a stack record)."""
+        if not self.ustack_bytes:
+            return 0
+        return ctypes.sizeof(Scratch) + ctypes.sizeof(Ustack) + self.ustack_bytes
+
+    # -- life cycle --------------------------------------------------------------
+
     def attach(self, objs: LoadedObjects) -> list[int]:
         """Attach the loaded programs; return perf event fds the probe set closes."""
+        self.objs = objs
         return []
 
-    def target_pids(self, objs: LoadedObjects) -> list[int]:
-        """The processes this capture targets, for probes attached per process (uprobes): the configured
+    def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:
+        """After every family attached, before the first poll; `first` takes the first interval's
+        records (goroutines already running are seeded into it)."""
+
+    def route(self, rec: RawRecord, acc: Accumulator) -> None:
+        """Deliver one record: notices about processes (an exec) are the family's, samples the accumulator's."""
+        acc.on_record(rec)
+
+    def is_notice(self, rec: RawRecord) -> bool:
+        """Whether `rec` is a notice (an exec, a paused exit) rather than a sample: notices reach the
+        family whatever the daemon's selection says, and are not counted as samples."""
+        return rec.kind == RecordKind.GO_EXIT
+
+    def target_pids(self) -> list[int]:
+        """The processes this capture targets, for families attached per process (uprobes): the configured
         pids, else the BPF target set (a `-- COMMAND`); [] when the whole system is recorded."""
-        return list(self.config.pids or ()) or libbpf.map_keys_u32(objs.maps["targets"])
-
-    def on_start(self, objs: LoadedObjects) -> None:
-        """Called after attach, before the capture's first poll."""
-
-    def on_record(self, rec: RawRecord) -> None:
-        """Take one record of one of `kinds`."""
-
-    def tick(self) -> None:
-        """Called after every poll of the ring buffer, in the polling thread: for work on a clock
-        rather than on records (heap: re-reading Go processes' profile buckets)."""
-
-    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        """The profiles of what was recorded (one per profile type this family makes)."""
-        return []
-
-    def record_count(self) -> int:
-        """Records taken so far, for the progress line."""
-        return 0
-
-    def new_accumulator(self) -> Probe:
-        """A fresh instance to take one interval's records (the daemon swaps these).
-
-        It shares what the loaded programs set up in this instance: override
-        when on_start()/use_*()/attach() state is needed to take records.
-        """
-        return type(self)(self.config)
-
-    def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
-        """Hand the state that outlives an interval to the accumulator of the next one.
-
-        The daemon calls it at each cut, in the polling thread, on the
-        accumulator that just ended (and on this template for the first one).
-        After it, `self` is read only by the builder thread and `nxt` only by
-        the polling thread, so copy what either side mutates. `alive(pid)`
-        says whether a process still runs: state of dead ones is not carried.
-        Families whose profiles are per interval (cpu, offcpu, lock) carry nothing;
-        heap carries its live objects, goroutine its live goroutines.
-        """
+        assert self.objs is not None
+        return list(self.config.pids or ()) or libbpf.map_keys_u32(self.objs.maps["targets"])
 
     def detach(self) -> None:
         """Detach what this family attached after start (uprobes in exec'd targets); the probe set calls it."""
 
-    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
-        """What this family's BPF side lost so far (a full map), by reason, read from its maps in `objs`.
+    def new_accumulator(self) -> Accumulator:
+        return self.accumulator(self)
 
-        Cumulative: the daemon reports the growth per interval as lost samples.
-        """
+    # -- what was lost -----------------------------------------------------------
+
+    def loss_totals(self) -> dict[str, int]:
+        """What this family lost or left out so far, by reason (a description that reads after a count),
+        cumulative: the pipeline reports the growth per interval. Read while the programs are loaded."""
         return {}
-
-
-class StackCopyProbe(Probe):
-    """A family whose records carry the user registers and a stack copy
-    (bpf/ustack.bpf.h submit_with_ustack), unwound by CFI as they arrive:
-    complete() them in on_record(). Its source copies when it is compiled
-    with USTACK_BYTES > 0 and its own switch (ustack_defines())."""
-
-    ustack_bytes: int = 0
-    user_stacks: UserStacks | None = None
-
-    def use_tracker(self, tracker: ProcessTracker, unwind: UnwindMode = DEFAULT_UNWIND,
-                    ustack_bytes: int = DEFAULT_USTACK_BYTES) -> None:
-        if UnwindMode(unwind) == UnwindMode.CFI:
-            self.ustack_bytes = (ustack_bytes + 7) & ~7
-            self.user_stacks = UserStacks(tracker)
-
-    def ustack_defines(self, switch: str) -> dict[str, int]:
-        """USTACK_BYTES and the family's own on/off switch of the copy."""
-        return {"USTACK_BYTES": self.ustack_bytes, switch: int(self.ustack_bytes > 0)}
-
-    @property
-    def record_bytes(self) -> int:
-        """The largest record this probe sends, for ring-buffer sizing."""
-        return ctypes.sizeof(Scratch) + (ctypes.sizeof(Ustack) + self.ustack_bytes if self.ustack_bytes else 0)
 
     def complete(self, rec: RawRecord) -> RawRecord:
         """`rec` with its user stack unwound from the copy (as it is without one)."""
         return self.user_stacks.complete(rec) if self.user_stacks is not None else rec
 
-    def share_unwinder(self, acc: StackCopyProbe) -> None:
-        """Give a daemon accumulator this instance's unwinder."""
-        acc.ustack_bytes, acc.user_stacks = self.ustack_bytes, self.user_stacks
+    def unwind_totals(self) -> dict[str, int]:
+        """User stacks the unwinder left short so far, by reason (cumulative; none with frame pointers)."""
+        return self.user_stacks.loss_totals() if self.user_stacks is not None else {}
+
+
+def read_percpu_total(objs: LoadedObjects | None, map_name: str, index: int) -> int:
+    """The sum over CPUs of a per-CPU counter, 0 when the programs are not loaded."""
+    if objs is None or map_name not in objs.maps:
+        return 0
+    return sum(libbpf.map_lookup_percpu_u64(objs.maps[map_name], index))

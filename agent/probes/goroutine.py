@@ -62,8 +62,9 @@ from dataclasses import dataclass, field
 from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
-from agent.go.exit_pause import GO_EXIT_FUNCTIONS, GO_EXIT_PROGRAM
-from agent.probes.family import Probe, ProbeConfig, Window
+from agent.go.exit_pause import GO_EXIT_FUNCTIONS, GO_EXIT_PROGRAM, GO_EXIT_SOURCE
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
+from agent.probes.uprobes import ProcessUprobes
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.targets import gated_command_path, running_pids
 from agent.processes.tracker import ProcessTracker
@@ -478,120 +479,28 @@ class _LayoutValue(ctypes.Structure):
                 ("startpc", ctypes.c_uint16)]
 
 
-class GoroutineProbe(Probe):
-    """The live goroutines. In the daemon each interval reports those live at its
-    end; the table carries over, the uprobes and binaries are shared."""
+class GoroutineAccumulator(Accumulator):
+    """The live goroutines of one interval; the table and the processes carry over to the next."""
 
-    name = "goroutine"
-    source = "goroutine.bpf.c"
-    kinds = (RecordKind.GOROUTINE, RecordKind.GO_EXIT)
-    events_per_cpu_s = 20000  # header-only records mostly: creations, parks, wake-ups
-    UPROBES = ("gor_casgstatus", "gor_gopark")
+    family: GoroutineProbe
 
-    def __init__(self, config: ProbeConfig) -> None:
-        super().__init__(config)
+    def __init__(self, family: GoroutineProbe) -> None:
+        super().__init__(family)
         self.table = GoroutineTable()
-        self._objs: LoadedObjects | None = None
-        self._per_pid = False
-        self._binaries: dict[tuple[int, int], GoBinary | None] = {}  # (st_dev, st_ino)
-        self._attached: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
-        self._procs: dict[int, _Proc] = {}
-        self._gated: dict[int, tuple[int, int]] = {}  # pid of a command not yet exec'd -> its binary's key
-        self._uprobe_fds: list[int] = []
-        self._counters_fd = -1
+        self.procs: dict[int, _Proc] = {}
+        self.seeded = 0  # goroutines first known from a memory read when their process was found
+        self.late_found = 0  # goroutines found only by the end-of-interval read (missed events)
         self.no_layout = 0
-        self.attach_errors = 0
-        self.seeded = 0  # goroutines first known from the start-up memory read
-        self.late_found = 0  # goroutines found only by the end-of-capture read (missed events)
 
-    def defines(self) -> dict[str, int]:
-        # go_exit_pause reads the exiting goroutine's g through the thread's FS base
-        try:
-            fsbase = btf.task_fsbase_offset()
-        except btf.BtfError:
-            fsbase = -1  # the exiting goroutine is then shown where its g.sched says
-        return {"GOR_MAX_PROCS": MAX_PROCS, "TASK_FSBASE_OFFSET": fsbase}
+    def forget(self, pid: int) -> None:
+        """`pid` runs a new program: the old one's goroutines are gone."""
+        self.procs.pop(pid, None)
+        self.table.procs.pop(pid, None)
 
-    def programs(self) -> dict[str, ProgType]:
-        progs = dict.fromkeys(self.UPROBES, ProgType.KPROBE)
-        progs["gor_on_exec"] = ProgType.TRACEPOINT
-        progs[GO_EXIT_PROGRAM] = ProgType.KPROBE
-        return progs
-
-    def maps(self) -> list[str]:
-        return ["gor_procs", "gor_counts"]
-
-    def attach(self, objs: LoadedObjects) -> list[int]:
-        fds = libbpf.attach_tracepoint(objs.programs["gor_on_exec"], "sched", "sched_process_exec")
-        self._objs = objs
-        pids = self.target_pids(objs)
-        self._per_pid = bool(pids)
-        for pid in pids or running_pids():
-            self._add_process(pid)
-        fds += self._uprobe_fds  # the probe set detaches these with the rest
-        self._uprobe_fds = []  # later ones (exec'd targets): detach()
-        return fds
-
-    def on_start(self, objs: LoadedObjects) -> None:
-        self._counters_fd = os.dup(objs.maps["gor_counts"])
-
-    def new_accumulator(self) -> GoroutineProbe:
-        """Shares the loaded programs, the binaries and the uprobes (exec'd Go targets get theirs placed)."""
-        acc = GoroutineProbe(self.config)
-        acc._objs, acc._per_pid, acc._binaries = self._objs, self._per_pid, self._binaries
-        acc._attached, acc._uprobe_fds, acc._gated = self._attached, self._uprobe_fds, self._gated
-        return acc
-
-    def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
-        assert isinstance(nxt, GoroutineProbe)
-        nxt.table = self.table.carry(alive)
-        nxt._procs = {pid: proc for pid, proc in self._procs.items() if alive(pid)}
-
-    def detach(self) -> None:
-        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
-
-    def _binary(self, exe: str) -> tuple[tuple[int, int], GoBinary | None]:
-        st = os.stat(exe)
-        key = (st.st_dev, st.st_ino)
-        if key not in self._binaries:
-            self._binaries[key] = go_binary(exe)
-        return key, self._binaries[key]
-
-    def _add_process(self, pid: int) -> None:
-        """Describe `pid` to BPF, put the uprobes in its executable, then read its existing goroutines."""
-        if self._objs is None:  # an accumulator the daemon swapped in: the template attached, not this one
-            return
-        exe = f"/proc/{pid}/exe"
-        # A command bpfprof starts is probed before its exec: a short program would be over before
-        # its exec record was handled (its pid stays; uprobes follow the file, bias is set at exec).
-        gated = gated_command_path(pid)
-        if gated is not None:
-            exe = gated
-        try:
-            key, binary = self._binary(exe)
-            if binary is None:
-                return
-            layout = binary.layout
-            libbpf.map_update(self._objs.maps["gor_procs"], ctypes.c_uint32(pid),
-                              _LayoutValue(layout.goid, layout.labels, layout.gopc, layout.startpc))
-            target = pid if self._per_pid else -1
-            if (target, *key) not in self._attached:
-                self._attached.add((target, *key))
-                probes = binary.uprobes()
-                if self.config.own_command and binary.reads_parks and binary.exit_offset:
-                    probes.append((GO_EXIT_PROGRAM, binary.exit_offset))  # read once more before it exits
-                for prog, off in probes:
-                    self._uprobe_fds += libbpf.attach_uprobe(self._objs.programs[prog], exe, off, target)
-            if gated is not None:
-                self._procs[pid] = _Proc(binary, 0)
-                self._gated[pid] = key
-                return
-            proc = _Proc(binary, load_bias(pid, exe, binary.pie))
-            self._procs[pid] = proc
-            self.seeded += self._seed(pid, proc)
-        except (OSError, BpfprofError) as e:  # gone, unreadable, or not ours to probe
-            self.attach_errors += 1
-            log.info("goroutine uprobes not placed in pid %d: %s", pid, e)
+    def add_process(self, pid: int, proc: _Proc) -> None:
+        """Take `pid`'s goroutines as its memory has them now."""
+        self.procs[pid] = proc
+        self.seeded += self._seed(pid, proc)
 
     def _snapshot(self, pid: int, proc: _Proc) -> list[tuple[GState, tuple[int, ...]]]:
         """Every g of `pid` with its stack from g.sched; [] without runtime.allgs."""
@@ -612,23 +521,14 @@ class GoroutineProbe(Probe):
             log.info("goroutines of pid %d not read: %s", pid, e)
             return 0
 
-    # -- records -------------------------------------------------------------
-
     def on_record(self, rec: RawRecord) -> None:
         if rec.kind == RecordKind.GO_EXIT:  # paused at runtime.exit: its goroutines as they are now
-            proc, gs = self._procs.get(rec.pid), self.table.procs.get(rec.pid)
+            proc, gs = self.procs.get(rec.pid), self.table.procs.get(rec.pid)
             if proc is not None and gs is not None:
                 # the exiting goroutine (g in aux) is where BPF found it, not where its stale g.sched says
                 self._refresh(rec.pid, proc, gs, running=(rec.aux, rec.user_ips) if rec.user_ips else None)
             return
         event, payload = rec.value >> EV_SHIFT, rec.value & PAYLOAD_MASK
-        if event == Event.EXEC:  # a target (or, system-wide, anyone) runs a new program
-            if self._exec_of_gated(payload):
-                return
-            self._procs.pop(payload, None)
-            self.table.procs.pop(payload, None)  # the old program's goroutines are gone
-            self._add_process(payload)
-            return
         try:
             ev = Event(event)
         except ValueError:
@@ -637,24 +537,9 @@ class GoroutineProbe(Probe):
         if ev in (Event.CREATE, Event.PARK) and payload:
             self._remember_labels(rec.pid, payload)
 
-    def _exec_of_gated(self, pid: int) -> bool:
-        """The exec of a command probed before it (its events so far are its own): its load bias now."""
-        key = self._gated.pop(pid, None)
-        proc = self._procs.get(pid)
-        if key is None or proc is None:
-            return False
-        try:
-            st = os.stat(f"/proc/{pid}/exe")
-            if (st.st_dev, st.st_ino) != key:
-                return False  # it ran something else: handled as any exec
-            proc.bias = load_bias(pid, f"/proc/{pid}/exe", proc.binary.pie)
-        except OSError:
-            pass  # gone already: its events are kept, its addresses as of a non-PIE load
-        return True
-
     def _remember_labels(self, pid: int, ptr: int) -> None:
         """Read a label set at first sight: for a process that exits before the end of the capture."""
-        proc = self._procs.get(pid)
+        proc = self.procs.get(pid)
         if proc is None or ptr in proc.labels:
             return
         try:
@@ -666,19 +551,12 @@ class GoroutineProbe(Probe):
     def record_count(self) -> int:
         return self.table.events
 
-    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
-        return {"goroutine_no_layout": sum(libbpf.map_lookup_percpu_u64(objs.maps["gor_counts"], NO_LAYOUT))}
+    def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
+        assert isinstance(nxt, GoroutineAccumulator)
+        nxt.table = self.table.carry(alive)
+        nxt.procs = {pid: proc for pid, proc in self.procs.items() if alive(pid)}
 
-    def _read_counters(self) -> None:
-        if self._counters_fd < 0:
-            return
-        try:
-            self.no_layout = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, NO_LAYOUT))
-        finally:
-            os.close(self._counters_fd)
-            self._counters_fd = -1
-
-    # -- the end of the capture ------------------------------------------------
+    # -- the end of an interval ---------------------------------------------------
 
     def _refresh(self, pid: int, proc: _Proc, gs: dict[int, Goroutine],
                  running: tuple[int, tuple[int, ...]] | None = None) -> bool:
@@ -741,11 +619,10 @@ class GoroutineProbe(Probe):
         return found[1] if found else ""
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        self._read_counters()
-        profile = goroutine_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
+        profile = goroutine_profile(window.start_ns, window.duration_ns)
         exited = entry_only = 0
         for pid, gs in self.table.procs.items():
-            proc = self._procs.get(pid)
+            proc = self.procs.get(pid)
             if proc is None:
                 continue
             if not self._refresh(pid, proc, gs):
@@ -773,8 +650,124 @@ class GoroutineProbe(Probe):
             profile.comments.append(f"{exited} processes exited during the capture: their goroutines as of the exit")
         if entry_only:
             profile.comments.append(f"{entry_only} goroutines not parked at the exit: shown at their entry function")
-        if self.no_layout:
-            profile.comments.append(f"dropped: {self.no_layout} goroutine events of processes not yet described")
-        if self.attach_errors:
-            profile.comments.append(f"goroutine uprobes could not be placed in {self.attach_errors} processes")
+        errors = self.family.uprobes.errors
+        if errors:
+            profile.comments.append(f"goroutine uprobes could not be placed in {errors} processes")
         return [profile]
+
+
+class GoroutineProbe(ProbeFamily):
+    """Goroutine births and deaths traced in the Go programs of the targets; the binaries and uprobes are
+    shared by every interval."""
+
+    name = "goroutine"
+    source = "goroutine.bpf.c"
+    extra_sources = (GO_EXIT_SOURCE,)
+    kinds = (RecordKind.GOROUTINE, RecordKind.GO_EXIT)
+    accumulator = GoroutineAccumulator
+    events_per_cpu_s = 20000  # header-only records mostly: creations, parks, wake-ups
+    UPROBES = ("gor_casgstatus", "gor_gopark")
+    LOSSES = {"goroutine_no_layout": "goroutine events of processes not yet described"}
+
+    def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
+        super().__init__(config, tracker)
+        self.uprobes: ProcessUprobes[GoBinary] = ProcessUprobes("goroutine", go_binary, self._uprobes_of)
+        self._gated: dict[int, tuple[int, int]] = {}  # pid of a command not yet exec'd -> its binary's key
+
+    def _uprobes_of(self, binary: GoBinary) -> list[tuple[str, int]]:
+        probes = binary.uprobes()
+        if self.config.own_command and binary.reads_parks and binary.exit_offset:
+            probes.append((GO_EXIT_PROGRAM, binary.exit_offset))  # read once more before it exits
+        return probes
+
+    def defines(self) -> dict[str, int]:
+        # go_exit_pause reads the exiting goroutine's g through the thread's FS base
+        try:
+            fsbase = btf.task_fsbase_offset()
+        except btf.BtfError:
+            fsbase = -1  # the exiting goroutine is then shown where its g.sched says
+        return {"GOR_MAX_PROCS": MAX_PROCS, "TASK_FSBASE_OFFSET": fsbase}
+
+    def programs(self) -> dict[str, ProgType]:
+        progs = dict.fromkeys(self.UPROBES, ProgType.KPROBE)
+        progs["gor_on_exec"] = ProgType.TRACEPOINT
+        progs[GO_EXIT_PROGRAM] = ProgType.KPROBE
+        return progs
+
+    def maps(self) -> list[str]:
+        return ["gor_procs", "gor_counts"]
+
+    def attach(self, objs: LoadedObjects) -> list[int]:
+        super().attach(objs)
+        return libbpf.attach_tracepoint(objs.programs["gor_on_exec"], "sched", "sched_process_exec")
+
+    def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:
+        assert isinstance(first, GoroutineAccumulator)
+        targets = self.target_pids()
+        self.uprobes.bind(objs, per_pid=bool(targets))  # add_process() describes each process to BPF first
+        for pid in targets or running_pids():
+            self.add_process(pid, first)
+
+    def is_notice(self, rec: RawRecord) -> bool:
+        return rec.kind == RecordKind.GO_EXIT or rec.value >> EV_SHIFT == Event.EXEC
+
+    def route(self, rec: RawRecord, acc: Accumulator) -> None:
+        assert isinstance(acc, GoroutineAccumulator)
+        if rec.kind == RecordKind.GOROUTINE and rec.value >> EV_SHIFT == Event.EXEC:
+            pid = rec.value & PAYLOAD_MASK  # a target (or, system-wide, anyone) runs a new program
+            if not self._exec_of_gated(pid, acc):
+                acc.forget(pid)
+                self.add_process(pid, acc)
+            return
+        acc.on_record(rec)
+
+    def add_process(self, pid: int, acc: GoroutineAccumulator) -> None:
+        """Describe `pid` to BPF, put the uprobes in its executable, then read its existing goroutines."""
+        found = self.uprobes.lookup(pid)
+        if found is None:
+            return
+        exe, key, binary = found
+        layout = binary.layout
+        try:
+            assert self.objs is not None
+            libbpf.map_update(self.objs.maps["gor_procs"], ctypes.c_uint32(pid),
+                              _LayoutValue(layout.goid, layout.labels, layout.gopc, layout.startpc))
+        except BpfprofError as e:  # the process table is full
+            self.uprobes.errors += 1
+            log.info("goroutine uprobes not placed in pid %d: %s", pid, e)
+            return
+        if not self.uprobes.place(pid, exe, key, binary):
+            return
+        # A command bpfprof starts is probed before its exec: a short program would be over before
+        # its exec record was handled (its pid stays; uprobes follow the file, bias is set at exec).
+        if gated_command_path(pid) is not None:
+            acc.procs[pid] = _Proc(binary, 0)
+            self._gated[pid] = key
+            return
+        try:
+            bias = load_bias(pid, exe, binary.pie)
+        except OSError as e:
+            log.info("goroutines of pid %d not read: %s", pid, e)
+            return
+        acc.add_process(pid, _Proc(binary, bias))
+
+    def _exec_of_gated(self, pid: int, acc: GoroutineAccumulator) -> bool:
+        """The exec of a command probed before it (its events so far are its own): its load bias now."""
+        key = self._gated.pop(pid, None)
+        proc = acc.procs.get(pid)
+        if key is None or proc is None:
+            return False
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+            if (st.st_dev, st.st_ino) != key:
+                return False  # it ran something else: handled as any exec
+            proc.bias = load_bias(pid, f"/proc/{pid}/exe", proc.binary.pie)
+        except OSError:
+            pass  # gone already: its events are kept, its addresses as of a non-PIE load
+        return True
+
+    def detach(self) -> None:
+        self.uprobes.detach()
+
+    def loss_totals(self) -> dict[str, int]:
+        return {"goroutine_no_layout": read_percpu_total(self.objs, "gor_counts", NO_LAYOUT)}

@@ -39,12 +39,12 @@ from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.go import heap as go_heap
-from agent.go.exit_pause import GO_EXIT_PROGRAM
+from agent.go.exit_pause import GO_EXIT_PROGRAM, GO_EXIT_SOURCE
 from agent.go.heap import GoHeapTarget
 from agent.go.heap_buckets import HeapBuckets, physical_stack, read_heap_buckets
 from agent.probes import heap_sampler
-from agent.probes.family import Probe, StackCopyProbe, Window
-from agent.processes.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, StackResolver, UnwindMode, UnwoundStack
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
+from agent.processes.stack_resolver import StackResolver, UnwoundStack
 from agent.processes.targets import gated_command_path
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location, Profile, SampleKey, ValueType
@@ -232,36 +232,160 @@ def libc_probe_points(path: str) -> list[_ProbePoint]:
     return points
 
 
-class HeapProbe(StackCopyProbe):
-    """Allocations and live objects. In the daemon each interval's profile has
-    the allocations made in it (alloc_*) and the sampled objects live at its
-    end (inuse_*), which carry over from interval to interval."""
+class HeapAccumulator(Accumulator):
+    """One interval's allocations (alloc_*) and the sampled objects live at its end (inuse_*), which carry
+    over from interval to interval."""
 
-    name = "heap"
-    source = "heap.bpf.c"
-    kinds = (RecordKind.ALLOC, RecordKind.FREE, RecordKind.GO_EXIT)
-    events_per_cpu_s = EVENTS_PER_CPU_S
+    family: HeapProbe
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.tracker = HeapTracker()
-        self.go_targets: dict[int, GoHeapTarget] = {}  # pid -> its Go binary
+    def __init__(self, family: HeapProbe) -> None:
+        super().__init__(family)
+        self.live = HeapTracker()
         # Go processes read from their buckets: the read at the interval's start and at its end (or exit).
         self.go_base: dict[int, HeapBuckets] = {}
         self.go_reads: dict[int, HeapBuckets] = {}
         self.go_unread: set[int] = set()  # gone before their buckets were read
         self._last_go_read = time.monotonic()
-        self._cut = False  # the daemon read this interval's end at its cut (carry_into)
+        self._cut = False  # this interval's end was read at its cut (carry_into)
         self.rates: dict[int, int] = {}  # pid -> its own sampling rate (Go's MemProfileRate, the sampler's)
+        self.null_results = 0  # sampled allocations that returned NULL in this interval (read at its end)
+
+    def read_buckets(self, pid: int, into: dict[int, HeapBuckets]) -> HeapBuckets | None:
+        """Read `pid`'s buckets (and its rate) into `into`; None if it is gone or unreadable."""
+        found = self.family.read_buckets(pid)
+        if found is None:
+            return None
+        into[pid], self.rates[pid] = found
+        return found[0]
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_go_read >= GO_READ_EVERY_S:
+            self._last_go_read = now
+            for pid in self.family.bucket_pids():
+                self.read_buckets(pid, into=self.go_reads)
+
+    def _last_read(self, pid: int) -> HeapBuckets | None:
+        """The latest read of `pid`: this interval's (periodic, at exit), else the one it started from."""
+        return self.go_reads.get(pid) or self.go_base.get(pid)
+
+    def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
+        assert isinstance(nxt, HeapAccumulator)
+        nxt.live = self.live.carry(alive)
+        self._cut = True
+        for pid in self.family.bucket_pids():  # the cut: this interval's end is the next one's start
+            read = self.read_buckets(pid, into=self.go_reads) or self._last_read(pid)
+            if read is not None and alive(pid):
+                nxt.go_base[pid] = read
+        nxt.rates = {pid: rate for pid, rate in self.rates.items() if alive(pid)}
+        self.null_results = self.family.null_results_since_last()
+
+    def on_record(self, rec: RawRecord) -> None:
+        family = self.family
+        if rec.kind == RecordKind.GO_EXIT:  # paused at runtime.exit: the probe set continues it after
+            if rec.pid in family.go_targets and family.go_targets[rec.pid].reads_buckets:
+                self.read_buckets(rec.pid, into=self.go_reads)
+            return
+        if rec.kind == RecordKind.ALLOC:
+            if rec.pid not in self.rates:
+                rate = family.rate_of(rec.pid)
+                if rate is not None:
+                    self.rates[rec.pid] = rate
+            rec = family.complete(rec)
+        self.live.add(rec)
+
+    def record_count(self) -> int:
+        return self.live.records
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        family = self.family
+        rate = family.config.heap_sample_bytes
+        for pid in family.bucket_pids():
+            # A capture's end (when no cut read it); a process gone keeps its last read.
+            if not self._cut:
+                self.read_buckets(pid, into=self.go_reads)
+            last = self._last_read(pid)
+            if last is None:
+                self.go_unread.add(pid)
+            else:  # gone in this interval: as of its last read (in-use at exit, as for native processes)
+                self.go_reads[pid] = last
+        sampled = {k.pid for k in self.live.groups} | set(self.go_reads)
+        rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(sampled) else set())
+        # One period per profile: the native rate, unless every sampled process is Go.
+        period = rate if rate in rates or not rates else min(rates)
+        profile = heap_profile(window.start_ns, window.duration_ns, period)
+        with_kernel = family.config.with_kernel
+        for group, values in self.live.scaled(self.rates, rate):
+            r = group.first
+            stack = hide_runtime_frames(resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips))
+            info = tracker.get(r.pid)
+            key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
+                            labels=(("process_name", info.name),) if info else ())
+            # A group carried from an earlier interval is dated at this one's start.
+            profile.add(key, values, max(window.start_ns, r.ktime_ns + window.wall_offset_ns))
+        self._add_bucket_samples(profile, resolver, tracker, window)
+        go_targets = dict(family.go_targets)
+        unknown_rate = sum(1 for pid in sampled if pid in go_targets and not go_targets[pid].rate_vaddr)
+        if unknown_rate:
+            profile.comments.append(f"heap: {unknown_rate} Go processes without runtime.MemProfileRate in their "
+                                    f"symbols (stripped): its default {go_heap.DEFAULT_RATE_BYTES} assumed")
+        go = sampled & set(go_targets)
+        if go:
+            own = len(go & set(self.go_reads))
+            profile.comments.append(f"heap: {own} of {len(go)} Go processes read from the runtime's own profile "
+                                    f"buckets (as of their last GC), {len(go) - own} through uprobes on its "
+                                    f"sampling path")
+        native = sampled - set(go_targets)
+        if native:
+            own = len(native & set(family.sampler_pids))
+            profile.comments.append(f"heap: {own} of {len(native)} native processes sampled in process by "
+                                    f"{heap_sampler.LIB_NAME}, {len(native) - own} through uprobes on malloc")
+        if self.go_unread:
+            profile.comments.append(f"heap: {len(self.go_unread)} Go processes exited before their heap profile "
+                                    f"buckets were read")
+        if self.live.unmatched_frees:
+            profile.comments.append(f"heap: {self.live.unmatched_frees} frees of objects sampled before the capture")
+        if self.null_results:
+            profile.comments.append(f"heap: {self.null_results} sampled allocations returned NULL")
+        return [profile]
+
+    def _add_bucket_samples(self, profile: Profile, resolver: StackResolver, tracker: ProcessTracker,
+                            window: Window) -> None:
+        """The Go processes read from their buckets: alloc_* since the first read, inuse_* as of the last GC."""
+        for pid, read in self.go_reads.items():
+            info = tracker.get(pid)
+            name = info.name if info else ""
+            rate = self.rates.get(pid, go_heap.DEFAULT_RATE_BYTES)
+            for (stk, size), (allocs, live) in read.since(self.go_base.get(pid)).items():
+                values = [*scale_heap_sample(allocs, size, rate), *scale_heap_sample(live, size, rate)]
+                if not any(values):
+                    continue
+                locs = physical_stack(resolver.stack(pid, (), UnwoundStack(stk, frozenset())))
+                key = SampleKey(stack=hide_runtime_frames(locs), pid=pid, tid=pid, thread_name=name,
+                                labels=(("process_name", name),) if info else ())
+                profile.add(key, values, window.end_ns)
+
+
+class HeapProbe(ProbeFamily):
+    """The allocators of the target processes: what is probed in each, and the Go binaries read from memory."""
+
+    name = "heap"
+    source = "heap.bpf.c"
+    extra_sources = (GO_EXIT_SOURCE,)
+    kinds = (RecordKind.ALLOC, RecordKind.FREE, RecordKind.GO_EXIT)
+    accumulator = HeapAccumulator
+    ustack_switch = "HEAP_USTACK"
+    events_per_cpu_s = EVENTS_PER_CPU_S
+    LOSSES = {"heap_live_map_full": "sampled heap objects untracked (live map full): in-use overstated"}
+
+    def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
+        super().__init__(config, tracker)
+        # Filled by attach() only (the polling thread); the builder reads copies.
+        self.go_targets: dict[int, GoHeapTarget] = {}  # pid -> its Go binary
         self.sampler: heap_sampler.SamplerSites | None = None  # preloaded into the command bpfprof starts
         self.sampler_pids: dict[int, tuple[heap_sampler.SamplerSites, int]] = {}  # pid -> (its sampler, bias)
-        self._stats_fd = -1
-        self.process_tracker: ProcessTracker | None = None
-
-    def use_tracker(self, tracker: ProcessTracker, unwind: UnwindMode = DEFAULT_UNWIND,
-                    ustack_bytes: int = DEFAULT_USTACK_BYTES) -> None:
-        super().use_tracker(tracker, unwind, ustack_bytes)
-        self.process_tracker = tracker  # Go processes read from their buckets send no records to be seen by
+        self.preloaded: set[int] = set()  # commands bpfprof started with the sampler preloaded
+        self._null_before = 0
 
     def command_env(self) -> dict[str, str]:
         """Preload the in-process sampler into the command (agent/probes/heap_sampler.py), when it can be built."""
@@ -272,7 +396,7 @@ class HeapProbe(StackCopyProbe):
         return heap_sampler.preload_env(lib, self.config.heap_sample_bytes) if self.sampler else {}
 
     def defines(self) -> dict[str, int]:
-        return {"HEAP_SAMPLE_BYTES": self.config.heap_sample_bytes, **self.ustack_defines("HEAP_USTACK")}
+        return {"HEAP_SAMPLE_BYTES": self.config.heap_sample_bytes, **super().defines()}
 
     def programs(self) -> dict[str, ProgType]:
         names = {p for p, _ in LIBC_PROBES.values()} | {RETURN_PROGRAM, GO_MALLOC_PROGRAM, GO_FREE_PROGRAM,
@@ -284,9 +408,8 @@ class HeapProbe(StackCopyProbe):
         return [STATS_MAP]
 
     def attach(self, objs: LoadedObjects) -> list[int]:
-        # Our own reference: profiles() runs after the probe set has closed its fds.
-        self._stats_fd = os.dup(objs.maps[STATS_MAP])
-        pids = self.target_pids(objs)
+        super().attach(objs)
+        pids = self.target_pids()
         fds: list[int] = []
         try:
             if not pids:  # the whole system: every process mapping the system libc
@@ -299,7 +422,7 @@ class HeapProbe(StackCopyProbe):
         except BpfprofError:  # a libc we cannot read too: nothing stays attached
             libbpf.detach(fds)
             raise
-        if not fds and not self._bucket_pids():
+        if not fds and not self.bucket_pids():
             log.warning("heap: no allocator found to probe in the target processes")
         return fds
 
@@ -315,8 +438,8 @@ class HeapProbe(StackCopyProbe):
         sampler = None
         if exe is not None and self.sampler is not None:  # preloaded by us, mapped once the gate execs
             sampler = self.sampler
-            self.rates[pid] = self.config.heap_sample_bytes
             self.sampler_pids[pid] = (sampler, 0)
+            self.preloaded.add(pid)
         else:
             try:
                 found = heap_sampler.sampler_in(pid)
@@ -362,17 +485,18 @@ class HeapProbe(StackCopyProbe):
                 fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, pid, pt.retprobe)
         return fds
 
-    def on_start(self, objs: LoadedObjects) -> None:
+    def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:
+        assert isinstance(first, HeapAccumulator)
         # alloc_* of a running Go process are what it allocates during the capture
-        for pid in self._bucket_pids():
-            self._read_buckets(pid, into=self.go_base)
+        for pid in self.bucket_pids():
+            first.read_buckets(pid, into=first.go_base)
 
-    def _bucket_pids(self) -> list[int]:
-        # list() first: in the daemon the polling thread may add targets while the builder reads
+    def bucket_pids(self) -> list[int]:
+        """The Go processes read from their buckets (a list: the polling thread may add targets)."""
         return [pid for pid, go in list(self.go_targets.items()) if go.reads_buckets]
 
-    def _read_buckets(self, pid: int, into: dict[int, HeapBuckets]) -> HeapBuckets | None:
-        """Read `pid`'s buckets (and its rate) into `into`; None if it is gone or unreadable."""
+    def read_buckets(self, pid: int) -> tuple[HeapBuckets, int] | None:
+        """`pid`'s profile buckets and its MemProfileRate now; None if it is gone or unreadable."""
         go = self.go_targets[pid]
         try:
             bias = go.bias(pid)
@@ -380,137 +504,27 @@ class HeapProbe(StackCopyProbe):
         except OSError as e:
             log.debug("heap: buckets of pid %d unreadable: %s", pid, e)
             return None
-        into[pid] = read
-        self.rates[pid] = go_heap.read_memprofile_rate(pid, go, bias)
-        if self.process_tracker is not None and self.process_tracker.get(pid) is None:
-            self.process_tracker.observe(pid)  # its maps, for the stacks, while it runs
-        return read
+        rate = go_heap.read_memprofile_rate(pid, go, bias)
+        if self.tracker.get(pid) is None:
+            self.tracker.observe(pid)  # its maps, for the stacks, while it runs: it sends no records
+        return read, rate
 
-    def tick(self) -> None:
-        now = time.monotonic()
-        if now - self._last_go_read >= GO_READ_EVERY_S:
-            self._last_go_read = now
-            for pid in self._bucket_pids():
-                self._read_buckets(pid, into=self.go_reads)
+    def rate_of(self, pid: int) -> int | None:
+        """The sampling rate a process with its own sampler uses (Go, the preloaded sampler); None: ours."""
+        if pid in self.go_targets:
+            return go_heap.read_memprofile_rate(pid, self.go_targets[pid])
+        if pid in self.sampler_pids:
+            if pid in self.preloaded:
+                return self.config.heap_sample_bytes  # preloaded by us, at our rate
+            sites, bias = self.sampler_pids[pid]
+            return heap_sampler.read_rate(pid, sites, bias, self.config.heap_sample_bytes)
+        return None
 
-    def _last_read(self, pid: int) -> HeapBuckets | None:
-        """The latest read of `pid`: this interval's (periodic, at exit), else the one it started from."""
-        return self.go_reads.get(pid) or self.go_base.get(pid)
+    def loss_totals(self) -> dict[str, int]:
+        return {"heap_live_map_full": read_percpu_total(self.objs, STATS_MAP, HEAP_STAT_LIVE_FULL)}
 
-    def new_accumulator(self) -> HeapProbe:
-        acc = HeapProbe(self.config)
-        acc.go_targets, acc.sampler_pids = self.go_targets, self.sampler_pids  # filled by attach() only
-        acc.process_tracker = self.process_tracker
-        self.share_unwinder(acc)
-        return acc
-
-    def carry_into(self, nxt: Probe, alive: Callable[[int], bool]) -> None:
-        assert isinstance(nxt, HeapProbe)
-        nxt.tracker = self.tracker.carry(alive)
-        self._cut = True
-        for pid in self._bucket_pids():  # the cut: this interval's end is the next one's start
-            read = self._read_buckets(pid, into=self.go_reads) or self._last_read(pid)
-            if read is not None and alive(pid):
-                nxt.go_base[pid] = read
-        nxt.rates = {pid: rate for pid, rate in self.rates.items() if alive(pid)}
-
-    def on_record(self, rec: RawRecord) -> None:
-        if rec.kind == RecordKind.GO_EXIT:  # paused at runtime.exit: the probe set continues it after
-            if rec.pid in self.go_targets and self.go_targets[rec.pid].reads_buckets:
-                self._read_buckets(rec.pid, into=self.go_reads)
-            return
-        if rec.kind == RecordKind.ALLOC:
-            if rec.pid not in self.rates:
-                if rec.pid in self.go_targets:
-                    self.rates[rec.pid] = go_heap.read_memprofile_rate(rec.pid, self.go_targets[rec.pid])
-                elif rec.pid in self.sampler_pids:  # found mapped in a running process: it has its own rate
-                    sites, bias = self.sampler_pids[rec.pid]
-                    self.rates[rec.pid] = heap_sampler.read_rate(rec.pid, sites, bias, self.config.heap_sample_bytes)
-            rec = self.complete(rec)
-        self.tracker.add(rec)
-
-    def record_count(self) -> int:
-        return self.tracker.records
-
-    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
-        return {"heap_live_map_full": sum(libbpf.map_lookup_percpu_u64(objs.maps[STATS_MAP], HEAP_STAT_LIVE_FULL))}
-
-    def bpf_stats(self) -> tuple[int, int]:
-        """(sampled objects not tracked because heap_live was full, sampled allocations that failed)."""
-        if self._stats_fd < 0:
-            return 0, 0
-        try:
-            return (sum(libbpf.map_lookup_percpu_u64(self._stats_fd, HEAP_STAT_LIVE_FULL)),
-                    sum(libbpf.map_lookup_percpu_u64(self._stats_fd, HEAP_STAT_NULL_RESULT)))
-        finally:
-            os.close(self._stats_fd)
-            self._stats_fd = -1
-
-    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        rate = self.config.heap_sample_bytes
-        for pid in self._bucket_pids():
-            # A capture's end (the daemon read it at the cut); a process gone keeps its last read.
-            if not self._cut:
-                self._read_buckets(pid, into=self.go_reads)
-            last = self._last_read(pid)
-            if last is None:
-                self.go_unread.add(pid)
-            else:  # gone in this interval: as of its last read (in-use at exit, as for native processes)
-                self.go_reads[pid] = last
-        sampled = {k.pid for k in self.tracker.groups} | set(self.go_reads)
-        rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(sampled) else set())
-        # One period per profile: the native rate, unless every sampled process is Go.
-        period = rate if rate in rates or not rates else min(rates)
-        profile = heap_profile(window.start_ns, max(0, window.end_ns - window.start_ns), period)
-        with_kernel = self.config.with_kernel
-        for group, values in self.tracker.scaled(self.rates, rate):
-            r = group.first
-            stack = hide_runtime_frames(resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips))
-            info = tracker.get(r.pid)
-            key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
-                            labels=(("process_name", info.name),) if info else ())
-            # A group carried from an earlier interval is dated at this one's start.
-            profile.add(key, values, max(window.start_ns, r.ktime_ns + window.wall_offset_ns))
-        self._add_bucket_samples(profile, resolver, tracker, window)
-        unknown_rate = sum(1 for pid in sampled if pid in self.go_targets and not self.go_targets[pid].rate_vaddr)
-        if unknown_rate:
-            profile.comments.append(f"heap: {unknown_rate} Go processes without runtime.MemProfileRate in their "
-                                    f"symbols (stripped): its default {go_heap.DEFAULT_RATE_BYTES} assumed")
-        go = sampled & set(self.go_targets)
-        if go:
-            own = len(go & set(self.go_reads))
-            profile.comments.append(f"heap: {own} of {len(go)} Go processes read from the runtime's own profile "
-                                    f"buckets (as of their last GC), {len(go) - own} through uprobes on its "
-                                    f"sampling path")
-        native = sampled - set(self.go_targets)
-        if native:
-            own = len(native & set(self.sampler_pids))
-            profile.comments.append(f"heap: {own} of {len(native)} native processes sampled in process by "
-                                    f"{heap_sampler.LIB_NAME}, {len(native) - own} through uprobes on malloc")
-        live_full, failed = self.bpf_stats()
-        if live_full:
-            profile.comments.append(f"heap: {live_full} sampled objects untracked (live map full): in-use overstated")
-        if self.go_unread:
-            profile.comments.append(f"heap: {len(self.go_unread)} Go processes exited before their heap profile "
-                                    f"buckets were read")
-        if self.tracker.unmatched_frees:
-            profile.comments.append(f"heap: {self.tracker.unmatched_frees} frees of objects sampled before the capture")
-        if failed:
-            profile.comments.append(f"heap: {failed} sampled allocations returned NULL")
-        return [profile]
-
-    def _add_bucket_samples(self, profile: Profile, resolver: StackResolver, tracker: ProcessTracker,
-                            window: Window) -> None:
-        """The Go processes read from their buckets: alloc_* since the first read, inuse_* as of the last GC."""
-        for pid, read in self.go_reads.items():
-            info = tracker.get(pid)
-            name = info.name if info else ""
-            rate = self.rates.get(pid, go_heap.DEFAULT_RATE_BYTES)
-            for (stk, size), (allocs, live) in read.since(self.go_base.get(pid)).items():
-                values = [*scale_heap_sample(allocs, size, rate), *scale_heap_sample(live, size, rate)]
-                if not any(values):
-                    continue
-                locs = physical_stack(resolver.stack(pid, (), UnwoundStack(stk, frozenset())))
-                key = SampleKey(stack=hide_runtime_frames(locs), pid=pid, tid=pid, thread_name=name,
-                                labels=(("process_name", name),) if info else ())
-                profile.add(key, values, window.end_ns)
+    def null_results_since_last(self) -> int:
+        """Sampled allocations that returned NULL since the last call (at each cut)."""
+        total = read_percpu_total(self.objs, STATS_MAP, HEAP_STAT_NULL_RESULT)
+        n, self._null_before = total - self._null_before, total
+        return n

@@ -19,31 +19,30 @@ stack pointer and stack (but for the two innermost frames: rwlocks wait at
 two places in one call) with no futex wake of its own in between (BPF flags
 those) and less than MERGE_GAP_NS apart are one contention.
 
-Go uprobes go into each target process (`perf_event_open` with its pid) when
-the targets are known: at start, and again when a target execs (the BPF side
-sends an exec notice). Without targets (--all) they go system-wide on every
-Go binary seen running or exec'd.
+Go uprobes go into each target process when the targets are known, else
+system-wide on every Go binary seen running or exec'd (agent/probes/uprobes.py
+ProcessUprobes); the BPF side sends an exec notice so exec'd programs get them.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
-from agent.probes.family import ProbeConfig, StackCopyProbe, Window
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
 from agent.probes.profile_builder import add_records
+from agent.probes.uprobes import ProcessUprobes
 from agent.processes.stack_resolver import StackResolver
-from agent.processes.targets import gated_command_path, running_pids
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location, Profile, ValueType
 from symbolizer.elf import ElfFile
-from symbolizer.errors import BpfprofError, PclntabError
+from symbolizer.errors import BpfprofError
 from symbolizer.gopclntab import load_pclntab
 
 log = logging.getLogger(__name__)
@@ -184,127 +183,22 @@ def kernel_lock_tracepoints() -> bool:
     return True
 
 
-class LockProbe(StackCopyProbe):
-    name = "lock"
-    source = "lock.bpf.c"
-    kinds = (RecordKind.LOCK,)
-    events_per_cpu_s = 2000
-    COUNTERS = "lock_counts"
-    FUTEX_TRACEPOINTS = {
-        "tracepoint__syscalls__sys_enter_futex": ("syscalls", "sys_enter_futex"),
-        "tracepoint__syscalls__sys_exit_futex": ("syscalls", "sys_exit_futex"),
-        "tracepoint__syscalls__sys_enter_futex_waitv": ("syscalls", "sys_enter_futex_waitv"),
-        "tracepoint__syscalls__sys_exit_futex_waitv": ("syscalls", "sys_exit_futex_waitv"),
-        "lock_on_exec": ("sched", "sched_process_exec"),
-    }
-    KERNEL_TRACEPOINTS = {
-        "tracepoint__lock__contention_begin": ("lock", "contention_begin"),
-        "tracepoint__lock__contention_end": ("lock", "contention_end"),
-    }
-    UPROBES = ("lock_go_sema_enter", "lock_go_sema_resume", "lock_go_sema_return")
+class LockAccumulator(Accumulator):
+    family: LockProbe
 
-    def __init__(self, config: ProbeConfig) -> None:
-        super().__init__(config)
+    def __init__(self, family: LockProbe) -> None:
+        super().__init__(family)
         self.records: list[RawRecord] = []
-        self.kernel_locks = kernel_lock_tracepoints()
         self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
-        self._objs: LoadedObjects | None = None
-        self._per_pid = False
-        self._attached: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
-        self._go_sites: dict[tuple[int, int], GoSemaSites | None] = {}  # (st_dev, st_ino) -> None: not Go
-        self._uprobe_fds: list[int] = []
-        self._counters_fd = -1
-        self.map_full = 0
-        self.attach_errors = 0
         self.merged_sleeps = 0
-
-    def defines(self) -> dict[str, int]:
-        return {"LOCK_KERNEL": int(self.kernel_locks), "LOCK_MAX_THREADS": MAX_THREADS,
-                "LOCK_MAX_GOROUTINES": MAX_GOROUTINES, **self.ustack_defines("LOCK_USTACK")}
-
-    def programs(self) -> dict[str, ProgType]:
-        progs = dict.fromkeys(self.FUTEX_TRACEPOINTS, ProgType.TRACEPOINT)
-        if self.kernel_locks:
-            progs.update(dict.fromkeys(self.KERNEL_TRACEPOINTS, ProgType.TRACEPOINT))
-        progs.update(dict.fromkeys(self.UPROBES, ProgType.KPROBE))
-        return progs
-
-    def maps(self) -> list[str]:
-        return [self.COUNTERS]
-
-    def attach(self, objs: LoadedObjects) -> list[int]:
-        fds: list[int] = []
-        tps = dict(self.FUTEX_TRACEPOINTS)
-        if self.kernel_locks:
-            tps.update(self.KERNEL_TRACEPOINTS)
-        for prog, (category, event) in tps.items():
-            fds += libbpf.attach_tracepoint(objs.programs[prog], category, event)
-        self._objs = objs
-        pids = self.target_pids(objs)
-        self._per_pid = bool(pids)
-        for pid in pids or running_pids():
-            self._attach_go(pid)
-        fds += self._uprobe_fds  # the probe set detaches these with the rest
-        self._uprobe_fds = []  # later ones (exec'd targets): detach()
-        return fds
-
-    def on_start(self, objs: LoadedObjects) -> None:
-        self._counters_fd = os.dup(objs.maps[self.COUNTERS])
-
-    def new_accumulator(self) -> LockProbe:
-        """Shares the loaded programs, the unwinder and the uprobes (exec'd Go targets get theirs in the daemon too)."""
-        acc = LockProbe(self.config)
-        self.share_unwinder(acc)
-        acc._objs, acc._per_pid, acc._attached = self._objs, self._per_pid, self._attached
-        acc._go_sites, acc._uprobe_fds = self._go_sites, self._uprobe_fds
-        return acc
-
-    def detach(self) -> None:
-        libbpf.detach(self._uprobe_fds)  # placed after start: the probe set does not know them
-
-    # -- Go uprobes ------------------------------------------------------------
-
-    def _attach_go(self, pid: int) -> None:
-        """runtime.semacquire1 uprobes in process `pid`'s executable, when it is Go.
-
-        A command bpfprof starts gets them before its exec (the file it will run), so a
-        short one is probed from its first instruction, not from when its exec was seen."""
-        exe = gated_command_path(pid) or f"/proc/{pid}/exe"
-        try:
-            st = os.stat(exe)
-            file_key = (st.st_dev, st.st_ino)
-            if file_key not in self._go_sites:
-                self._go_sites[file_key] = go_sema_sites(exe)
-            sites = self._go_sites[file_key]
-            target = pid if self._per_pid else -1
-            if sites is None or (target, *file_key) in self._attached:
-                return
-            self._attached.add((target, *file_key))
-            assert self._objs is not None
-            programs = self._objs.programs
-            self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_enter"], exe, sites.entry, target)
-            for off in sites.resumes:
-                self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_resume"], exe, off, target)
-            for off in sites.returns:
-                self._uprobe_fds += libbpf.attach_uprobe(programs["lock_go_sema_return"], exe, off, target)
-        except (OSError, BpfprofError, PclntabError) as e:  # gone, a kernel thread, or a binary we cannot read
-            if not isinstance(e, FileNotFoundError):
-                self.attach_errors += 1
-                log.info("lock uprobes not placed in pid %d: %s", pid, e)
-
-    # -- records -------------------------------------------------------------
 
     def on_record(self, rec: RawRecord) -> None:
         source = rec.aux >> SOURCE_SHIFT
-        if source == LockSource.EXEC:  # the exec'd pid is in value (see lock.bpf.c)
-            if self._objs is not None:
-                self._attach_go(rec.value)
-            return
         if source != LockSource.FUTEX:
             self.records.append(rec)
             return
         rsp = rec.user_regs[1] if rec.user_regs is not None else 0
-        rec = self.complete(rec)
+        rec = self.family.complete(rec)
         if rec.kernel_ips:  # BPF sends none with a stack copy; a frame-pointer-only record has the syscall path
             rec = replace(rec, kernel_ips=())
         prev = self._sleeps.get(rec.tid)
@@ -323,17 +217,10 @@ class LockProbe(StackCopyProbe):
     def record_count(self) -> int:
         return len(self.records) + len(self._sleeps)
 
-    def bpf_losses(self, objs: LoadedObjects) -> dict[str, int]:
-        return {"lock_wait_map_full": sum(libbpf.map_lookup_percpu_u64(objs.maps[self.COUNTERS], MAP_FULL))}
-
-    def _read_counters(self) -> None:
-        if self._counters_fd < 0:
-            return
-        try:
-            self.map_full = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, MAP_FULL))
-        finally:
-            os.close(self._counters_fd)
-            self._counters_fd = -1
+    def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
+        # A sleep still open at the cut ends in this interval: the next one starts afresh.
+        self.records += [s.rec for s in self._sleeps.values()]
+        self._sleeps.clear()
 
     @staticmethod
     def _reshape(rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
@@ -347,16 +234,84 @@ class LockProbe(StackCopyProbe):
         return stack, (("lock", source.name.lower()),)
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        self._read_counters()
         self.records += [s.rec for s in self._sleeps.values()]
         self._sleeps.clear()
-        profile = lock_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
+        profile = lock_profile(window.start_ns, window.duration_ns)
         add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
-                    with_kernel=self.config.with_kernel, reshape=self._reshape)
-        if self.map_full:
-            profile.comments.append(f"dropped: {self.map_full} lock waits (wait map full)")
-        if self.attach_errors:
-            profile.comments.append(f"lock uprobes could not be placed in {self.attach_errors} processes")
-        if self.user_stacks is not None:
-            profile.comments += self.user_stacks.drop_lines()
+                    with_kernel=self.family.config.with_kernel, reshape=self._reshape)
+        if self.family.go_uprobes.errors:
+            profile.comments.append(f"lock uprobes could not be placed in {self.family.go_uprobes.errors} processes")
         return [profile]
+
+
+class LockProbe(ProbeFamily):
+    name = "lock"
+    source = "lock.bpf.c"
+    kinds = (RecordKind.LOCK,)
+    accumulator = LockAccumulator
+    ustack_switch = "LOCK_USTACK"
+    events_per_cpu_s = 2000
+    COUNTERS = "lock_counts"
+    LOSSES = {"lock_wait_map_full": "lock waits (wait map full)"}
+    FUTEX_TRACEPOINTS = {
+        "tracepoint__syscalls__sys_enter_futex": ("syscalls", "sys_enter_futex"),
+        "tracepoint__syscalls__sys_exit_futex": ("syscalls", "sys_exit_futex"),
+        "tracepoint__syscalls__sys_enter_futex_waitv": ("syscalls", "sys_enter_futex_waitv"),
+        "tracepoint__syscalls__sys_exit_futex_waitv": ("syscalls", "sys_exit_futex_waitv"),
+        "lock_on_exec": ("sched", "sched_process_exec"),
+    }
+    KERNEL_TRACEPOINTS = {
+        "tracepoint__lock__contention_begin": ("lock", "contention_begin"),
+        "tracepoint__lock__contention_end": ("lock", "contention_end"),
+    }
+    UPROBES = ("lock_go_sema_enter", "lock_go_sema_resume", "lock_go_sema_return")
+
+    def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
+        super().__init__(config, tracker)
+        self.kernel_locks = kernel_lock_tracepoints()
+        self.go_uprobes: ProcessUprobes[GoSemaSites] = ProcessUprobes("lock", go_sema_sites, self._sema_uprobes)
+
+    @staticmethod
+    def _sema_uprobes(sites: GoSemaSites) -> list[tuple[str, int]]:
+        return ([("lock_go_sema_enter", sites.entry)] + [("lock_go_sema_resume", off) for off in sites.resumes]
+                + [("lock_go_sema_return", off) for off in sites.returns])
+
+    def defines(self) -> dict[str, int]:
+        return {"LOCK_KERNEL": int(self.kernel_locks), "LOCK_MAX_THREADS": MAX_THREADS,
+                "LOCK_MAX_GOROUTINES": MAX_GOROUTINES, **super().defines()}
+
+    def programs(self) -> dict[str, ProgType]:
+        progs = dict.fromkeys(self.FUTEX_TRACEPOINTS, ProgType.TRACEPOINT)
+        if self.kernel_locks:
+            progs.update(dict.fromkeys(self.KERNEL_TRACEPOINTS, ProgType.TRACEPOINT))
+        progs.update(dict.fromkeys(self.UPROBES, ProgType.KPROBE))
+        return progs
+
+    def maps(self) -> list[str]:
+        return [self.COUNTERS]
+
+    def attach(self, objs: LoadedObjects) -> list[int]:
+        super().attach(objs)
+        fds: list[int] = []
+        tps = dict(self.FUTEX_TRACEPOINTS)
+        if self.kernel_locks:
+            tps.update(self.KERNEL_TRACEPOINTS)
+        for prog, (category, event) in tps.items():
+            fds += libbpf.attach_tracepoint(objs.programs[prog], category, event)
+        self.go_uprobes.start(objs, self.target_pids())
+        return fds
+
+    def is_notice(self, rec: RawRecord) -> bool:
+        return rec.aux >> SOURCE_SHIFT == LockSource.EXEC
+
+    def route(self, rec: RawRecord, acc: Accumulator) -> None:
+        if self.is_notice(rec):  # a target exec'd (its pid in value, see lock.bpf.c): a Go program gets uprobes
+            self.go_uprobes.add(rec.value)
+        else:
+            acc.on_record(rec)
+
+    def detach(self) -> None:
+        self.go_uprobes.detach()
+
+    def loss_totals(self) -> dict[str, int]:
+        return {"lock_wait_map_full": read_percpu_total(self.objs, self.COUNTERS, MAP_FULL)}

@@ -8,12 +8,12 @@ too; the `state` label tells them apart from sleeps.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
-from agent.probes.family import Probe, ProbeConfig, Window
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
 from agent.probes.profile_builder import add_records
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
@@ -51,21 +51,48 @@ def offcpu_profile(start_time_ns: int, duration_ns: int) -> Profile:
     )
 
 
-class OffCpuProbe(Probe):
+class OffCpuAccumulator(Accumulator):
+    family: OffCpuProbe
+
+    def __init__(self, family: OffCpuProbe) -> None:
+        super().__init__(family)
+        self.records: list[RawRecord] = []
+        self.short_blocks = 0  # blocks under the threshold in this interval (read at its end)
+
+    def on_record(self, rec: RawRecord) -> None:
+        self.records.append(rec)
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+    def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
+        self.short_blocks = self.family.short_blocks_since_last()
+
+    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
+        config = self.family.config
+        profile = offcpu_profile(window.start_ns, window.duration_ns)
+        add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
+                    with_kernel=config.with_kernel, labels=lambda r: (("state", state_label(r.aux)),))
+        if config.offcpu_min_ns:
+            profile.comments.append(
+                f"off-CPU blocks shorter than {config.offcpu_min_ns} ns left out: {self.short_blocks}")
+        return [profile]
+
+
+class OffCpuProbe(ProbeFamily):
     name = "offcpu"
     source = "offcpu.bpf.c"
     kinds = (RecordKind.OFFCPU,)
+    accumulator = OffCpuAccumulator
     PROGRAM = "tracepoint__sched__sched_switch"
     COUNTERS = "offcpu_counts"
     # Blocks per CPU-second that pass the threshold on a busy host; sizes the ring buffer.
     events_per_cpu_s = 2000
+    LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)"}
 
-    def __init__(self, config: ProbeConfig) -> None:
-        super().__init__(config)
-        self.records: list[RawRecord] = []
-        self._counters_fd = -1
-        self.short_blocks = 0
-        self.stash_failures = 0
+    def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
+        super().__init__(config, tracker)
+        self._short_before = 0
 
     def defines(self) -> dict[str, int]:
         return {"OFFCPU_MIN_NS": self.config.offcpu_min_ns, "OFFCPU_MAX_THREADS": MAX_THREADS}
@@ -77,36 +104,14 @@ class OffCpuProbe(Probe):
         return [self.COUNTERS]
 
     def attach(self, objs: LoadedObjects) -> list[int]:
+        super().attach(objs)
         return libbpf.attach_tracepoint(objs.programs[self.PROGRAM], "sched", "sched_switch")
 
-    def on_start(self, objs: LoadedObjects) -> None:
-        # Our own reference: the probe set closes its fds before profiles() reads the counters.
-        self._counters_fd = os.dup(objs.maps[self.COUNTERS])
+    def loss_totals(self) -> dict[str, int]:
+        return {"offcpu_stash_failed": read_percpu_total(self.objs, self.COUNTERS, STASH_FAILED)}
 
-    def on_record(self, rec: RawRecord) -> None:
-        self.records.append(rec)
-
-    def record_count(self) -> int:
-        return len(self.records)
-
-    def _read_counters(self) -> None:
-        if self._counters_fd < 0:
-            return
-        try:
-            self.stash_failures = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, STASH_FAILED))
-            self.short_blocks = sum(libbpf.map_lookup_percpu_u64(self._counters_fd, SHORT))
-        finally:
-            os.close(self._counters_fd)
-            self._counters_fd = -1
-
-    def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        self._read_counters()
-        profile = offcpu_profile(window.start_ns, max(0, window.end_ns - window.start_ns))
-        add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
-                    with_kernel=self.config.with_kernel, labels=lambda r: (("state", state_label(r.aux)),))
-        if self.config.offcpu_min_ns:
-            profile.comments.append(
-                f"off-CPU blocks shorter than {self.config.offcpu_min_ns} ns left out: {self.short_blocks}")
-        if self.stash_failures:
-            profile.comments.append(f"dropped: {self.stash_failures} off-CPU blocks (stash update failed)")
-        return [profile]
+    def short_blocks_since_last(self) -> int:
+        """Blocks left out for being short since the last call (at each cut)."""
+        total = read_percpu_total(self.objs, self.COUNTERS, SHORT)
+        n, self._short_before = total - self._short_before, total
+        return n

@@ -24,7 +24,7 @@ from agent.bpfload.records import (
     StackRecord,
     parse_record,
 )
-from agent.probes.family import Probe
+from agent.probes.family import ProbeFamily
 from agent.processes.targets import wait_stopped
 from bpf import source_path
 
@@ -91,18 +91,14 @@ def combined_source(sources: Sequence[str]) -> str:
 class ProbeSet:
     """Owns the loaded programs of a capture. Use as a context manager; close() detaches."""
 
-    def __init__(self, probes: Sequence[Probe], pids: Iterable[int] | None = None, follow_children: bool = False,
-                 with_kernel: bool = True, drain_interval_s: float = 0.1) -> None:
-        self.probes = list(probes)
-        self._by_kind: dict[int, list[Probe]] = {}
-        for p in self.probes:
-            for k in p.kinds:
-                self._by_kind.setdefault(int(k), []).append(p)
+    def __init__(self, families: Sequence[ProbeFamily], pids: Iterable[int] | None = None,
+                 follow_children: bool = False, with_kernel: bool = True, drain_interval_s: float = 0.1) -> None:
+        self.families = list(families)
         self._pids = None if pids is None else list(pids)
         cpus = len(libbpf.online_cpus())
-        rate = sum(p.events_per_cpu_s for p in self.probes)
-        # Probes whose records are bigger than a stack record (CPU samples with a stack copy) say so.
-        biggest = max((getattr(p, "record_bytes", 0) for p in self.probes), default=0)
+        rate = sum(f.events_per_cpu_s for f in self.families)
+        # Families whose records are bigger than a stack record (samples with a stack copy) say so.
+        biggest = max((f.record_bytes for f in self.families), default=0)
         defines = {
             "RINGBUF_PAGES": (pages := ringbuf_pages(cpus, rate, drain_interval_s, biggest)),
             "RB_WAKE_EVERY": wake_every(pages, cpus, biggest),
@@ -115,15 +111,15 @@ class ProbeSet:
         }
         programs: dict[str, bpf_compile.ProgType] = {}
         maps = list(SHARED_MAPS)
-        for p in self.probes:
-            own = p.defines()
+        for f in self.families:
+            own = f.defines()
             # One stack-copy buffer for the set: as big as the largest family wants.
             own["USTACK_BYTES"] = max(own.get("USTACK_BYTES", 0), defines.get("USTACK_BYTES", 0))
             defines.update(own)
-            programs.update(p.programs())
-            maps += [m for m in p.maps() if m not in maps]
+            programs.update(f.programs())
+            maps += [m for m in f.maps() if m not in maps]
         self._follow = follow_children
-        sources = [p.source for p in self.probes]
+        sources = [s for f in self.families for s in (f.source, *f.extra_sources)]
         if follow_children:
             programs["tracepoint__sched__sched_process_fork"] = bpf_compile.ProgType.TRACEPOINT
             sources.append(FOLLOW_CHILDREN_SOURCE)
@@ -137,38 +133,30 @@ class ProbeSet:
         """Record this process too (only when the set filters by pid)."""
         libbpf.map_update(self.objs.maps["targets"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
 
-    def start(self, on_record: Callable[[RawRecord], None] | None = None) -> None:
-        """Attach every probe; records go to their probe (and to `on_record` first)."""
-        by_kind = self._by_kind
+    def start(self, deliver: Callable[[RawRecord], None]) -> None:
+        """Attach every family; each record is parsed and handed to `deliver`."""
 
         def dispatch(buf: bytes) -> None:
             rec = parse_record(buf)
             if rec.kind == RecordKind.GO_EXIT:
-                self._at_go_exit(rec, on_record)
-                return
-            if on_record is not None:
-                on_record(rec)
-            for probe in by_kind.get(rec.kind, ()):
-                probe.on_record(rec)
+                self._at_go_exit(rec, deliver)
+            else:
+                deliver(rec)
 
         self._ring = libbpf.RingBuffer(self.objs.maps["records"], dispatch)
         if self._follow:
             self._events += libbpf.attach_tracepoint(
                 self.objs.programs["tracepoint__sched__sched_process_fork"], "sched", "sched_process_fork")
-        for p in self.probes:
-            self._events += p.attach(self.objs)
-        for p in self.probes:
-            p.on_start(self.objs)
+        for f in self.families:
+            self._events += f.attach(self.objs)
 
-    def _at_go_exit(self, rec: RawRecord, on_record: Callable[[RawRecord], None] | None) -> None:
-        """A Go command paused at runtime.exit (common.bpf.h go_exit_pause): once it has stopped,
+    @staticmethod
+    def _at_go_exit(rec: RawRecord, deliver: Callable[[RawRecord], None]) -> None:
+        """A Go command paused at runtime.exit (bpf/go_exit.bpf.c go_exit_pause): once it has stopped,
         every family that asked reads it; then it goes on to exit, whatever they did."""
         try:
             wait_stopped(rec.pid, EXIT_STOP_WAIT_S)
-            if on_record is not None:
-                on_record(rec)
-            for probe in self._by_kind.get(rec.kind, ()):
-                probe.on_record(rec)
+            deliver(rec)
         finally:
             try:
                 os.kill(rec.pid, signal.SIGCONT)
@@ -196,8 +184,8 @@ class ProbeSet:
 
     def close(self) -> None:
         """Detach and free everything (idempotent)."""
-        for p in self.probes:
-            p.detach()
+        for f in self.families:
+            f.detach()
         libbpf.detach(self._events)
         if self._ring is not None:
             self._ring.close()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from agent.probes.cpu import CpuProbe
-from agent.probes.family import Probe
+from agent.probes.family import ProbeFamily
 from agent.probes.goroutine import GoroutineProbe
 from agent.probes.heap import HeapProbe
 from agent.probes.lock import LockProbe
 from agent.probes.offcpu import OffCpuProbe
 
-PROBES: dict[str, type[Probe]] = {
+PROBES: dict[str, type[ProbeFamily]] = {
     "cpu": CpuProbe,
     "heap": HeapProbe,
     "offcpu": OffCpuProbe,

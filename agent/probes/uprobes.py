@@ -1,9 +1,21 @@
-"""Where to put a uprobe: a function's file offset in an ELF file."""
+"""Uprobes: where to put one (a function's file offset in an ELF file), and a family's uprobes per process."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from agent.bpfload import libbpf
+from agent.bpfload.bpf_compile import LoadedObjects
+from agent.processes.targets import gated_command_path, running_pids
 from symbolizer.elf import ElfFile
 from symbolizer.elf_symbols import ElfSymbols
+from symbolizer.errors import BpfprofError
+
+log = logging.getLogger(__name__)
+Sites = TypeVar("Sites")
 
 
 def function_offsets(path: str, names: list[str]) -> dict[str, int]:
@@ -16,3 +28,93 @@ def function_offsets(path: str, names: list[str]) -> dict[str, int]:
             if sym is not None:
                 out[name] = elf.offset_for_vaddr(sym.start)
         return out
+
+
+class ProcessUprobes(Generic[Sites]):
+    """The life cycle of a family's uprobes in the programs its target processes run, written once.
+
+    At start, each target's executable (every running process when the
+    capture is system-wide) is read once per file (st_dev, st_ino) by
+    `sites_of(path)`, which returns what to probe there or None (not a program
+    of that kind); `uprobes(sites)` lists (program, file offset) pairs. A
+    target that execs is placed again through add() (the family sees the exec
+    notice). With targets, uprobes go into each process (perf_event_open with
+    its pid); system-wide, once per file for every process (-1). A command
+    bpfprof starts is probed before its exec, through the file it will run,
+    so a short one is probed from its first instruction. detach() removes
+    every uprobe placed.
+    """
+
+    def __init__(self, family: str, sites_of: Callable[[str], Sites | None],
+                 uprobes: Callable[[Sites], list[tuple[str, int]]]) -> None:
+        self.family = family
+        self._sites_of = sites_of
+        self._uprobes = uprobes
+        self._sites: dict[tuple[int, int], Sites | None] = {}
+        self._placed: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
+        self._fds: list[int] = []
+        self._objs: LoadedObjects | None = None
+        self.per_pid = False
+        self.errors = 0  # processes whose uprobes could not be placed
+
+    def bind(self, objs: LoadedObjects, per_pid: bool) -> None:
+        """Use the programs of `objs`; per_pid False: uprobes go system-wide, once per file."""
+        self._objs = objs
+        self.per_pid = per_pid
+
+    def start(self, objs: LoadedObjects, targets: list[int]) -> None:
+        """Place uprobes in `targets`, or in every running process when there are none (system-wide)."""
+        self.bind(objs, bool(targets))
+        for pid in targets or running_pids():
+            self.add(pid)
+
+    def sites(self, path: str) -> tuple[tuple[int, int], Sites | None]:
+        """(file key, what `sites_of` found) of the file at `path`, read once per file."""
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key not in self._sites:
+            self._sites[key] = self._sites_of(path)
+        return key, self._sites[key]
+
+    def add(self, pid: int) -> tuple[str, Sites] | None:
+        """Place the uprobes in `pid`'s program; (the path probed, its sites), None if it has none or is gone."""
+        found = self.lookup(pid)
+        if found is None or not self.place(pid, *found):
+            return None
+        return found[0], found[2]
+
+    def lookup(self, pid: int) -> tuple[str, tuple[int, int], Sites] | None:
+        """(path, file key, sites) of the program `pid` runs (or is about to exec); None if none or gone."""
+        if self._objs is None:
+            return None
+        exe = gated_command_path(pid) or f"/proc/{pid}/exe"
+        try:
+            key, sites = self.sites(exe)
+        except (OSError, BpfprofError) as e:
+            self._failed(pid, e)
+            return None
+        return None if sites is None else (exe, key, sites)
+
+    def place(self, pid: int, exe: str, key: tuple[int, int], sites: Sites) -> bool:
+        """Put the uprobes of `sites` into `pid` (once per process, or per file system-wide); False on failure."""
+        assert self._objs is not None
+        target = pid if self.per_pid else -1
+        if (target, *key) in self._placed:
+            return True
+        self._placed.add((target, *key))  # tried once: a failure is not retried at every exec
+        try:
+            for program, offset in self._uprobes(sites):
+                self._fds += libbpf.attach_uprobe(self._objs.programs[program], exe, offset, target)
+        except (OSError, BpfprofError) as e:
+            self._failed(pid, e)
+            return False
+        return True
+
+    def _failed(self, pid: int, e: Exception) -> None:
+        if not isinstance(e, FileNotFoundError):  # gone (or a kernel thread) is no error
+            self.errors += 1
+            log.info("%s uprobes not placed in pid %d: %s", self.family, pid, e)
+
+    def detach(self) -> None:
+        libbpf.detach(self._fds)
+        self._fds = []

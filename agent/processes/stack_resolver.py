@@ -42,14 +42,19 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from agent.bpfload.records import RawRecord
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 from symbolizer.kallsyms import KernelSymbols
 from symbolizer.unwinder import FrameSource, StopReason, Unwinder
 
+# Stack copied per sample. 8 KiB held every complete chain of the fixtures
+# (280 B to 3.4 KiB, bench/unwind_speed.py) with room for big frames; deeper
+# stacks continue with the frame-pointer stack. The per-CPU output buffer
+# (bpf/cpu.bpf.c: record + copy + one page of verifier slack) must stay
+# under the kernel's 32 KiB per-CPU value limit.
 DEFAULT_USTACK_BYTES = 8192
 MAX_USTACK_BYTES = 24576
 
@@ -64,9 +69,6 @@ class UnwindMode(StrEnum):
 # Chosen by bench/unwind_vs_perf.py: see the figures above.
 DEFAULT_UNWIND = UnwindMode.CFI
 
-
-if TYPE_CHECKING:
-    from agent.bpfload.records import RawRecord  # agent.probes.family imports this module
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +236,16 @@ class UserStacks:
                 pcs = pcs + list(tail)
         return replace(rec, user_ips=UnwoundStack(pcs, frozenset(exact)), user_regs=None, user_stack=b"")
 
-    def drop_lines(self) -> list[str]:
-        """One line per way a stack came out short, for the capture's report and profile comments."""
-        out = []
+    def loss_totals(self) -> dict[str, int]:
+        """How many user stacks came out short so far, by way (a description that reads after the count)."""
+        out = {}
         for outcome, n in sorted(self.outcomes.items()):
             if outcome.startswith("truncated:"):
-                out.append(f"{n} user stacks cut short by the unwinder ({outcome.split(':', 1)[1]})")
+                out[f"user stacks cut short by the unwinder ({outcome.split(':', 1)[1]})"] = n
             elif outcome == NO_COPY:
-                out.append(f"{n} user stacks from frame pointers only (no stack copy)")
+                out["user stacks from frame pointers only (no stack copy)"] = n
             elif outcome == NO_PROCESS:
-                out.append(f"{n} user stacks of processes gone before their maps were read")
+                out["user stacks of processes gone before their maps were read"] = n
         return out
 
 

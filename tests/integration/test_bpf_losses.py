@@ -35,7 +35,7 @@ def test_family_losses_become_lost_samples_once_per_growth():
     collector = BpfCollector(cfg, ProcessTracker(max_processes=cfg.limits.max_processes), stats)
     try:
         collector.start()
-        maps = collector._probe_set.objs.maps
+        maps = collector.pipeline.objs.maps
         collector.cut()
         assert not {r for r in stats.lost_samples if r.endswith(("map_full", "no_layout"))}  # nothing lost yet
         heap = _set_percpu(maps[STATS_MAP], HEAP_STAT_LIVE_FULL, 3)
@@ -45,7 +45,7 @@ def test_family_losses_become_lost_samples_once_per_growth():
         assert stats.lost_samples["heap_live_map_full"] == heap
         assert stats.lost_samples["lock_wait_map_full"] == lock
         assert stats.lost_samples["goroutine_no_layout"] == gor
-        assert interval.drops["heap_live_map_full"] == heap  # and in that interval's profile comments
+        assert {loss.reason: loss.count for loss in interval.losses}["heap_live_map_full"] == heap  # and its comments
         collector.cut()  # no growth: nothing more
         assert stats.lost_samples["heap_live_map_full"] == heap
         _set_percpu(maps[STATS_MAP], HEAP_STAT_LIVE_FULL, 5)

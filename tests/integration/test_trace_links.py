@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.bpfload.records import Drop
 from agent.capture.session import RecordOptions, RecordSession
 from exporters.profile import Profile, TraceLink
 from fixtures.builder import build_c, build_go
@@ -108,8 +107,8 @@ def capture(command: list[str]) -> tuple[Profile, RecordSession]:
 def report(name: str, fig: Figures, session: RecordSession) -> str:
     return (f"{name}: {fig.in_span_right}/{fig.in_span} in-span samples with their span's link "
             f"({fig.right_share:.1%}), {fig.outside_linked}/{fig.outside} outside with a link "
-            f"({fig.outside_share:.2%}); drops {session.stats.drops.get(Drop.TRACE_CTX_READ_ERR, 0)} read errors, "
-            f"{session.stats.drops.get(Drop.LABELS_TRUNCATED, 0)} truncated; wrong: {fig.in_span_wrong[:5]}")
+            f"({fig.outside_share:.2%}); drops {session.stats.lost('trace_ctx_read_err')} read errors, "
+            f"{session.stats.lost('labels_truncated')} truncated; wrong: {fig.in_span_wrong[:5]}")
 
 
 def check(name: str, fig: Figures, session: RecordSession) -> None:

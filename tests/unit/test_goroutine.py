@@ -24,6 +24,7 @@ from agent.probes.goroutine import (
     runtime_pprof_frames,
     unwind,
 )
+from agent.processes.tracker import ProcessTracker
 from fixtures.builder import build_go
 
 
@@ -91,7 +92,7 @@ def test_seed_never_overrides_events_and_skips_dead():
 
 
 def test_probe_decodes_records_without_bpf():
-    probe = GoroutineProbe(ProbeConfig())
+    probe = GoroutineProbe(ProbeConfig(), ProcessTracker()).new_accumulator()
     rec = lambda ev, goid, payload, ips=(): RawRecord(6, 42, 43, 0, 0, (ev << 56) | payload, goid, "x", (), ips)  # noqa: E731
     probe.on_record(rec(Event.CREATE, 3, 0, (0x10, 0x20)))
     probe.on_record(rec(Event.PARK, 3, 0, (0x30, 0x40)))
@@ -152,7 +153,7 @@ def test_unwind_follows_sp_deltas_to_goexit(binary):
 
 
 def test_system_goroutines_by_entry_or_by_the_frame_under_goexit(binary):
-    tab, probe, proc = binary.pclntab, GoroutineProbe(ProbeConfig()), _Proc(binary, 0)
+    tab, probe, proc = binary.pclntab, GoroutineProbe(ProbeConfig(), ProcessTracker()).new_accumulator(), _Proc(binary, 0)
     bgsweep, park_b, goexit, rt_main = (_entry(tab, n) for n in ("runtime.bgsweep", "main.parkB", "runtime.goexit",
                                                                   "runtime.main"))
     assert probe._is_system(proc, Goroutine(1, startpc=bgsweep))

@@ -7,7 +7,9 @@ from dataclasses import replace
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes import lock as lock_probe
 from agent.probes.family import ProbeConfig
-from agent.probes.lock import LockProbe, LockSource, decode_aux, lock_profile
+from agent.probes.lock import LockAccumulator, LockProbe, LockSource, decode_aux, lock_profile
+from agent.processes.stack_resolver import UnwindMode
+from agent.processes.tracker import ProcessTracker
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import Location, SampleKey
 from symbolizer.frames import Frame, FrameKind
@@ -34,11 +36,11 @@ def test_profile_types_follow_runtime_pprof():
 
 def test_kernel_lock_programs_only_when_the_tracepoints_exist(monkeypatch):
     monkeypatch.setattr(lock_probe, "kernel_lock_tracepoints", lambda: False)
-    probe = LockProbe(ProbeConfig())
+    probe = LockProbe(ProbeConfig(), ProcessTracker())
     assert probe.defines()["LOCK_KERNEL"] == 0
     assert not set(LockProbe.KERNEL_TRACEPOINTS) & set(probe.programs())
     monkeypatch.setattr(lock_probe, "kernel_lock_tracepoints", lambda: True)
-    probe = LockProbe(ProbeConfig())
+    probe = LockProbe(ProbeConfig(), ProcessTracker())
     assert probe.defines()["LOCK_KERNEL"] == 1
     assert set(LockProbe.KERNEL_TRACEPOINTS) <= set(probe.programs())
 
@@ -52,7 +54,7 @@ def _sleep(tid: int, end_ns: int, waited_ns: int, rsp: int, ips=(0x401000, 0x402
 
 def test_sleeps_of_one_call_are_one_contention():
     """glibc's wait loop sleeps again when woken and beaten to the lock: same thread, frame and stack, a short gap."""
-    probe = LockProbe(ProbeConfig())
+    probe = LockProbe(ProbeConfig(unwind=UnwindMode.FP), ProcessTracker()).new_accumulator()
     probe.on_record(_sleep(1, end_ns=1_000_000, waited_ns=400_000, rsp=0x7FF0))
     probe.on_record(_sleep(1, end_ns=1_500_000, waited_ns=480_000, rsp=0x7FF0))  # 20 us after the first woke
     probe.on_record(_sleep(2, end_ns=1_500_000, waited_ns=480_000, rsp=0x7FF0))  # another thread
@@ -66,7 +68,7 @@ def test_sleeps_of_one_call_are_one_contention():
                            ips=(0x401000, 0x403000, 0x404000)))
     probe.on_record(_sleep(1, end_ns=19_300_000, waited_ns=50_000, rsp=0x7FE0,  # another caller
                            ips=(0x401000, 0x403000, 0x405000)))
-    probe.records += [s.rec for s in probe._sleeps.values()]
+    probe.carry_into(probe.family.new_accumulator(), alive=lambda pid: True)  # the cut ends open sleeps
     waits = sorted((r.tid, r.ktime_ns, r.value) for r in probe.records)
     assert waits == [(1, 1_500_000, 900_000), (1, 2_000_000, 100_000), (1, 2_900_000, 100_000), (1, 19_000_000, 100_000),
                      (1, 19_160_000, 110_000), (1, 19_200_000, 50_000), (1, 19_300_000, 50_000),
@@ -83,10 +85,10 @@ def test_pthread_sleeps_are_labelled_and_start_at_the_lock_function():
     futex = 0x7F00_0000_1000
     rec = _sleep(1, 1, 1, 1)
     stack = (_loc(), _loc("__futex_abstimed_wait_common"), _loc("__pthread_rwlock_wrlock"), _loc("writer"))
-    assert LockProbe._reshape(rec, stack) == (stack[2:], (("lock", "pthread_rwlock"),))
+    assert LockAccumulator._reshape(rec, stack) == (stack[2:], (("lock", "pthread_rwlock"),))
     stack = (_loc(), _loc("pthread_mutex_lock"), _loc("site"))
-    assert LockProbe._reshape(rec, stack) == (stack[1:], (("lock", "pthread_mutex"),))
+    assert LockAccumulator._reshape(rec, stack) == (stack[1:], (("lock", "pthread_mutex"),))
     stack = (_loc(), _loc("pthread_cond_wait"), _loc("waiter"))  # a futex sleep that is no lock call
-    assert LockProbe._reshape(rec, stack) == (stack, (("lock", "futex"),))
+    assert LockAccumulator._reshape(rec, stack) == (stack, (("lock", "futex"),))
     go = replace(rec, aux=(3 << 60) | futex)
-    assert LockProbe._reshape(go, stack) == (stack, (("lock", "go"),))
+    assert LockAccumulator._reshape(go, stack) == (stack, (("lock", "go"),))

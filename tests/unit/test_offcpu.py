@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agent.probes.family import ProbeConfig
 from agent.probes.offcpu import OffCpuProbe, offcpu_profile, state_label
+from agent.processes.tracker import ProcessTracker
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import SampleKey
 
@@ -27,4 +28,4 @@ def test_profile_types_and_default():
 
 
 def test_threshold_reaches_bpf():
-    assert OffCpuProbe(ProbeConfig(offcpu_min_ns=1500)).defines()["OFFCPU_MIN_NS"] == 1500
+    assert OffCpuProbe(ProbeConfig(offcpu_min_ns=1500), ProcessTracker()).defines()["OFFCPU_MIN_NS"] == 1500

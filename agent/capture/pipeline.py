@@ -1,0 +1,271 @@
+"""The one capture pipeline: `bpfprof record` and the daemon both drive it.
+
+    load()    compile the selected families into one probe set (BPF loaded, nothing attached)
+    start()   attach; records flow: ring buffer -> parse -> accept? -> family.route -> accumulator
+    poll()    drain the ring buffer (every DRAIN_INTERVAL_S), then each accumulator's tick()
+    cut()     end an interval: its accumulators, window, sample count and losses; sampling goes on
+    build()   symbolize a cut interval into Profiles (the daemon does it in another thread)
+    close()   detach and free
+
+`record` cuts once at the end; the daemon cuts every interval and adds only
+selection, relabel and export. A pid seen for the first time is snapshotted
+right then (ProcessTracker), so its stacks resolve even if it exits seconds
+later; symbolization runs once per interval over the distinct addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from agent.bpfload.bpf_compile import LoadedObjects
+from agent.bpfload.records import DROP_DESCRIPTIONS, Drop, RawRecord
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
+from agent.probes.probe_set import ProbeSet
+from agent.probes.profile_builder import add_process_meta
+from agent.probes.registry import PROBES
+from agent.processes.stack_resolver import ResolverStats, StackResolver
+from agent.processes.tracker import ProcessTracker
+from exporters.profile import Profile
+from symbolizer.errors import BpfprofError, ConfigError
+from symbolizer.kallsyms import KernelSymbols
+
+log = logging.getLogger(__name__)
+
+DRAIN_INTERVAL_S = 0.1
+
+
+def wall_offset_ns() -> int:
+    """Add to a CLOCK_MONOTONIC time (bpf_ktime_get_ns) to get Unix time."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started, from /proc/self/stat and CLOCK_BOOTTIME.
+
+    Not psutil's create_time: it is built on /proc/stat's whole-second boot
+    time and can be off by most of a second.
+    """
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Events lost or cut short in one interval, for one reason."""
+
+    reason: str  # a metric label: ringbuf_full, heap_live_map_full, unwind_truncated_stack_truncated ...
+    count: int
+    description: str  # reads after the count: "samples lost (ring buffer full)"
+
+    def line(self) -> str:
+        return f"{self.count} {self.description}"
+
+
+@dataclass
+class Interval:
+    """A cut interval: the accumulators that took its records, its window, what it lost."""
+
+    seq: int
+    accumulators: list[Accumulator]
+    window: Window
+    samples: int
+    losses: list[Loss] = field(default_factory=list)
+
+
+class CapturePipeline:
+    """The selected probe families, their probe set and the current accumulators.
+
+    `targets`: the pids BPF records (None: every process; empty: the ones
+    add_target() names, e.g. a command about to start). `accept(rec)`, run
+    once per sample before it is routed, may refuse it (the daemon's
+    selection and caps); notices (an exec, a paused exit) always reach their
+    family.
+    """
+
+    def __init__(self, config: ProbeConfig, profiles: Iterable[str], tracker: ProcessTracker,
+                 targets: Iterable[int] | None = None, follow_children: bool = False,
+                 accept: Callable[[RawRecord], bool] | None = None,
+                 drain_interval_s: float = DRAIN_INTERVAL_S) -> None:
+        wanted = list(profiles)
+        unknown = [p for p in wanted if p not in PROBES]
+        if unknown:
+            raise ConfigError(f"unknown profile type {unknown[0]!r}: choose from {', '.join(PROBES)}")
+        self.config = config
+        self.tracker = tracker
+        self.families: list[ProbeFamily] = [PROBES[name](config, tracker) for name in PROBES if name in wanted]
+        self._by_kind: dict[int, list[ProbeFamily]] = {}
+        for f in self.families:
+            for k in f.kinds:
+                self._by_kind.setdefault(int(k), []).append(f)
+        self._targets = None if targets is None else tuple(targets)
+        self._follow = follow_children
+        self._drain_interval_s = drain_interval_s
+        self.accept = accept
+        self._set: ProbeSet | None = None
+        self._current: dict[ProbeFamily, Accumulator] = {}
+        self.seq = 0
+        self.interval_samples = 0  # samples taken in the current interval
+        self.samples = 0  # since start
+        self.first_sample_s: float | None = None  # since this process started: the start-up cost users wait for
+        self.has_kernel_stacks = False
+        self._start_ns = 0
+        self._totals_before: dict[str, int] = {}
+        self._descriptions: dict[str, str] = {d.name.lower(): DROP_DESCRIPTIONS[d] for d in Drop}
+        self._kernel: KernelSymbols | None = None
+        self.resolver_stats = ResolverStats()  # of the last build()
+
+    # -- set-up --------------------------------------------------------------------
+
+    def command_env(self) -> dict[str, str]:
+        """Variables a command bpfprof starts needs for the selected families."""
+        return {k: v for f in self.families for k, v in f.command_env().items()}
+
+    def load(self) -> None:
+        """Compile and load the families' programs (BpfprofError if that fails); nothing attached yet."""
+        self._set = ProbeSet(self.families, pids=self._targets, follow_children=self._follow,
+                             with_kernel=self.config.with_kernel, drain_interval_s=self._drain_interval_s)
+
+    @property
+    def objs(self) -> LoadedObjects:
+        """The loaded programs and maps (after load())."""
+        assert self._set is not None
+        return self._set.objs
+
+    def add_target(self, pid: int) -> None:
+        """Record this process too (when the pipeline records named targets)."""
+        assert self._set is not None
+        self._set.add_target(pid)
+
+    def start(self) -> None:
+        """Attach every family and begin the first interval."""
+        if self._set is None:
+            self.load()
+        assert self._set is not None
+        self._current = {f: f.new_accumulator() for f in self.families}
+        self._set.start(self._deliver)
+        for f in self.families:
+            f.on_start(self._set.objs, self._current[f])
+        self._start_ns = time.time_ns()
+
+    # -- records -------------------------------------------------------------------
+
+    def _deliver(self, rec: RawRecord) -> None:
+        families = self._by_kind.get(rec.kind, ())
+        if not any(f.is_notice(rec) for f in families):
+            if self.accept is not None and not self.accept(rec):
+                return
+            if self.first_sample_s is None:
+                self.first_sample_s = process_age_s()
+            self.samples += 1
+            self.interval_samples += 1
+            if rec.kernel_ips:
+                self.has_kernel_stacks = True
+            self.tracker.note_record(rec.pid, rec.tid, rec.thread_name)
+        for f in families:
+            f.route(rec, self._current[f])
+
+    def poll(self, timeout_ms: int | None = None) -> None:
+        """Wait for records (up to the drain interval), deliver them all, then tick every accumulator."""
+        assert self._set is not None
+        self._set.poll(int(self._drain_interval_s * 1000) if timeout_ms is None else timeout_ms)
+        for acc in self._current.values():
+            acc.tick()
+
+    def record_count(self) -> int:
+        """Records held by the current accumulators (for a progress line)."""
+        return sum(acc.record_count() for acc in self._current.values())
+
+    # -- intervals -----------------------------------------------------------------
+
+    def alive(self, pid: int) -> bool:
+        """Whether `pid` still runs, for state carried into the next interval (dropped with its process).
+
+        A carried process is needed by the next interval even if it sends no
+        record in it (objects still live, goroutines parked): its symbols are kept.
+        """
+        if not os.path.exists(f"{self.tracker.proc_root}/{pid}"):
+            return False
+        self.tracker.seen(pid, self.seq + 1)
+        return True
+
+    def _loss_totals(self) -> dict[str, int]:
+        assert self._set is not None
+        totals = {d.name.lower(): n for d, n in self._set.drops().items()}
+        for f in self.families:
+            try:
+                family_totals = f.loss_totals()
+            except BpfprofError as e:  # a counter that cannot be read is not worth an interval
+                log.debug("%s: loss counters unreadable: %s", f.name, e)
+                family_totals = {}
+            for reason, description in getattr(f, "LOSSES", {}).items():
+                self._descriptions[reason] = description
+            totals.update(family_totals)
+            for description, n in f.unwind_totals().items():
+                reason = "unwind_" + description
+                self._descriptions[reason] = description
+                totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+    def cut(self) -> Interval:
+        """End the current interval (in the polling thread); sampling goes on into the next one."""
+        assert self._set is not None
+        self._set.drain()
+        now = time.time_ns()
+        totals = self._loss_totals()
+        losses = []
+        for reason, total in totals.items():
+            n = total - self._totals_before.get(reason, 0)
+            if n:
+                losses.append(Loss(reason, n, self._descriptions.get(reason, reason.replace("_", " "))))
+        self._totals_before = totals
+        done = []
+        for f in self.families:
+            nxt = f.new_accumulator()
+            self._current[f].carry_into(nxt, self.alive)
+            done.append(self._current[f])
+            self._current[f] = nxt
+        interval = Interval(self.seq, done, Window(self._start_ns, now, wall_offset_ns()), self.interval_samples,
+                            losses)
+        self.seq += 1
+        self.interval_samples = 0
+        self._start_ns = now
+        return interval
+
+    def build(self, interval: Interval, kernel: KernelSymbols | None = None) -> list[Profile]:
+        """Symbolize an interval into one Profile per profile type, in PROBES order."""
+        if kernel is None and self.config.with_kernel and self.has_kernel_stacks:
+            if self._kernel is None:
+                try:
+                    self._kernel = KernelSymbols()
+                except (BpfprofError, OSError) as e:
+                    log.warning("kernel symbols unavailable: %s", e)
+            kernel = self._kernel
+        resolver = StackResolver(self.tracker, kernel)
+        out = []
+        for acc in interval.accumulators:
+            for profile in acc.profiles(resolver, self.tracker, interval.window):
+                add_process_meta(profile, self.tracker)
+                profile.comments.extend(f"dropped: {loss.line()}" for loss in interval.losses)
+                out.append(profile)
+        self.resolver_stats = resolver.stats
+        if resolver.stats.user_unresolved:
+            log.info("%d of %d user addresses unresolved", resolver.stats.user_unresolved,
+                     resolver.stats.user_addresses)
+        return out
+
+    def close(self) -> None:
+        """Detach and free everything (idempotent)."""
+        if self._set is not None:
+            self._set.close()
+            self._set = None
+
+    def __enter__(self) -> CapturePipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
