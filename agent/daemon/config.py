@@ -14,6 +14,7 @@ got 'soon'`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -214,28 +215,20 @@ def _scalar(tp: type, value: Any, path: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise bad
-    if tp is int:
-        if isinstance(value, bool):
+    if tp is int or tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise bad
-        if isinstance(value, int):
-            return value
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                value = tp(value.strip())
             except ValueError:
                 raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
+        elif tp is int and not isinstance(value, int):
+            raise bad  # 2.5 where a count is wanted
+        value = tp(value)
+        if not math.isfinite(value):  # .inf / .nan: no interval or timeout is endless
             raise bad
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
+        return value
     if tp is str:
         if isinstance(value, str):
             return value
