@@ -176,7 +176,7 @@ static __always_inline long read_kernel_stack(void *ctx, struct bpfprof_stack_re
         kn = BPFPROF_MAX_FRAMES;
         count_drop(BPFPROF_DROP_KERNEL_TRUNCATED);
     }
-    return kn & 127;  /* bound for the verifier; BPFPROF_MAX_FRAMES == 127 */
+    return kn & BPFPROF_FRAMES_MASK;  /* bound for the verifier */
 }
 
 /* The current task's kernel (if WITH_KERNEL and `kernel`) and user stacks
@@ -192,7 +192,7 @@ static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r
     if (kernel)
         kn = read_kernel_stack(ctx, r);
 #endif
-    kn &= 127;
+    kn &= BPFPROF_FRAMES_MASK;
     long un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
     if (un < 0) {
         /* kernel threads get 0 frames, not an error: this is a real loss */
@@ -205,7 +205,7 @@ static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r
         un = BPFPROF_MAX_FRAMES;
         count_drop(BPFPROF_DROP_USER_TRUNCATED);
     }
-    un &= 127;
+    un &= BPFPROF_FRAMES_MASK;
     r->h.kernel_frames = kn;
     r->h.user_frames = un;
     return kn + un;
@@ -238,7 +238,7 @@ static __always_inline u64 read_user_stack_at_entry(struct pt_regs *ctx, struct 
     }
     u64 frames = un;
     asm volatile("" : "+r"(frames));  /* keep the mask: the verifier bounds a size by it */
-    frames &= 127;
+    frames &= BPFPROF_FRAMES_MASK;
     r->h.user_frames = frames;
     return frames;
 }
@@ -248,7 +248,7 @@ static __always_inline u64 read_user_stack_at_entry(struct pt_regs *ctx, struct 
 static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r, int kernel)
 {
     read_stacks(ctx, r, kernel);
-    u64 kn = r->h.kernel_frames & 127, un = r->h.user_frames & 127;
+    u64 kn = r->h.kernel_frames & BPFPROF_FRAMES_MASK, un = r->h.user_frames & BPFPROF_FRAMES_MASK;
     u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
     u32 zero = 0;
     struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);

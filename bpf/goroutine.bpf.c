@@ -76,7 +76,7 @@ static __always_inline u64 gor_read(u64 addr)
 
 static __always_inline void gor_output(struct bpfprof_stack_record *r, u64 frames)
 {
-    frames &= 127;
+    frames &= BPFPROF_FRAMES_MASK;
     r->h.user_frames = frames;
     if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);

@@ -85,7 +85,7 @@ static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *
     if (kernel)
         kn = read_kernel_stack(ctx, r);
 #endif
-    kn &= 127;
+    kn &= BPFPROF_FRAMES_MASK;
     long un;
     if (extra) {
         un = bpf_get_stack(ctx, &r->ips[kn + 1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
@@ -107,7 +107,7 @@ static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *
         un = BPFPROF_MAX_FRAMES;
         count_drop(BPFPROF_DROP_USER_TRUNCATED);
     }
-    un &= 127;
+    un &= BPFPROF_FRAMES_MASK;
     r->h.kernel_frames = kn;
     r->h.user_frames = un;
     u64 n = kn + un;

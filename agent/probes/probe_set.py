@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from agent.bpfload import bpf_compile, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects
 from agent.bpfload.records import (
-    MAX_FRAMES,
     Drop,
     RawRecord,
     RecordKind,
@@ -210,5 +209,3 @@ class ProbeSet:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-assert MAX_FRAMES == 127  # common.bpf.h bounds frame counts with `& 127`
