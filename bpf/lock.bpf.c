@@ -25,6 +25,7 @@
  * An exec of a target sends a header-only record with aux = LOCK_EXEC and
  * the pid in value, so the agent can put its uprobes in the new program.
  */
+#include <uapi/linux/futex.h>  /* FUTEX_* op numbers, FUTEX_CMD_MASK, struct futex_waitv */
 #include <uapi/linux/ptrace.h>
 #include "common.bpf.h"
 
@@ -163,13 +164,13 @@ static __always_inline int lock_futex_exit(void *ctx, long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_futex)
 {
-    /* FUTEX_WAIT 0, LOCK_PI 6, WAIT_BITSET 9, WAIT_REQUEUE_PI 11, LOCK_PI2 13;
-     * 127 masks out FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256). */
-    int cmd = args->op & 127;
-    if (cmd == 0 || cmd == 6 || cmd == 9 || cmd == 11 || cmd == 13)
+    int cmd = args->op & FUTEX_CMD_MASK;  /* without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME, as the kernel */
+    if (cmd == FUTEX_WAIT || cmd == FUTEX_LOCK_PI || cmd == FUTEX_WAIT_BITSET || cmd == FUTEX_WAIT_REQUEUE_PI ||
+        cmd == FUTEX_LOCK_PI2)
         return lock_futex_enter((u64)args->uaddr);
-    /* WAKE 1, REQUEUE 3, CMP_REQUEUE 4, WAKE_OP 5, UNLOCK_PI 7, WAKE_BITSET 10: a lock may have been released */
-    if (cmd == 1 || cmd == 3 || cmd == 4 || cmd == 5 || cmd == 7 || cmd == 10) {
+    /* a lock may have been released */
+    if (cmd == FUTEX_WAKE || cmd == FUTEX_REQUEUE || cmd == FUTEX_CMP_REQUEUE || cmd == FUTEX_WAKE_OP ||
+        cmd == FUTEX_UNLOCK_PI || cmd == FUTEX_WAKE_BITSET) {
         u64 id = bpf_get_current_pid_tgid();
         if (is_target(id >> 32)) {
             u32 tid = id;
@@ -187,8 +188,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_futex_waitv)
 {
-    u64 uaddr = 0;  /* the first futex of the vector stands for it: struct futex_waitv.uaddr at +8 */
-    bpf_probe_read_user(&uaddr, sizeof(uaddr), (void *)args->waiters + 8);
+    u64 uaddr = 0;  /* the first futex of the vector stands for it */
+    bpf_probe_read_user(&uaddr, sizeof(uaddr), (void *)args->waiters + offsetof(struct futex_waitv, uaddr));
     return lock_futex_enter(uaddr);
 }
 
