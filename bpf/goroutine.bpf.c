@@ -125,7 +125,7 @@ int gor_casgstatus(struct pt_regs *ctx)
     return 0;
 }
 
-/* gopark's own stack, from its entry (common.bpf.h read_user_stack_at_entry). */
+/* gopark's own stack, from its entry (common.bpf.h read_frameless_user_stack). */
 int gor_gopark(struct pt_regs *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -143,7 +143,7 @@ int gor_gopark(struct pt_regs *ctx)
                                                 (GOR_EV_PARK << GOR_EV_SHIFT) | (labels & GOR_PAYLOAD_MASK), goid);
     if (!r)
         return 0;
-    gor_output(r, read_user_stack_at_entry(ctx, r));
+    gor_output(r, read_frameless_user_stack(ctx, r));
     return 0;
 }
 

@@ -76,42 +76,12 @@ static __always_inline void lock_count(u32 what)
         (*c)++;
 }
 
-/* Send `r` with the user stack of `ctx` (and the kernel one when `kernel`).
- * `extra` != 0 is one more user frame, put second (Go at a RET: the return
- * address still at [rsp], while rbp is already the caller's). */
-static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, u64 extra)
+/* Send `r` with the stacks of `ctx`: kernel (when `kernel`) and user, or,
+ * `frameless`, the user stack of Go at a RET, where rbp is already the
+ * caller's and the return address still at [rsp] (read_frameless_user_stack). */
+static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, int frameless)
 {
-    long kn = 0;
-#if WITH_KERNEL
-    if (kernel)
-        kn = read_kernel_stack(ctx, r);
-#endif
-    kn &= BPFPROF_FRAMES_MASK;
-    long un;
-    if (extra) {
-        un = bpf_get_stack(ctx, &r->ips[kn + 1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
-    } else {
-        un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
-    }
-    if (un < 0) {
-        r->h.user_err = un;
-        count_drop(BPFPROF_DROP_USER_STACK_ERR);
-        un = 0;
-    }
-    un /= sizeof(u64);
-    if (extra && un > 0) {
-        r->ips[kn] = r->ips[kn + 1];
-        r->ips[kn + 1] = extra;
-        un += 1;
-    }
-    if (un >= BPFPROF_MAX_FRAMES) {
-        un = BPFPROF_MAX_FRAMES;
-        count_drop(BPFPROF_DROP_USER_TRUNCATED);
-    }
-    un &= BPFPROF_FRAMES_MASK;
-    r->h.kernel_frames = kn;
-    r->h.user_frames = un;
-    u64 n = kn + un;
+    u64 n = frameless ? read_frameless_user_stack(ctx, r) : read_stacks(ctx, r, kernel);
     asm volatile("" : "+r"(n));  /* clang knows n <= 254 and would drop the check the verifier needs */
     if (n > 2 * BPFPROF_MAX_FRAMES)
         return;
@@ -239,11 +209,9 @@ int lock_go_sema_return(struct pt_regs *ctx)
     lock_go_waits.delete(&k);
     if (!parked)
         return 0;
-    u64 ret_addr = 0;
-    bpf_probe_read_user(&ret_addr, sizeof(ret_addr), (void *)ctx->sp);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, aux);
     if (r)
-        lock_submit(ctx, r, 0, ret_addr);
+        lock_submit(ctx, r, 0, 1);
     return 0;
 }
 
