@@ -49,6 +49,7 @@ class Probe:
 
     name: str = ""  # the --profile name: "cpu", "offcpu", ...
     source: str = ""  # bpf/<source>
+    extra_sources: tuple[str, ...] = ()  # more bpf/ files it needs, compiled once however many families name them
     kinds: tuple[RecordKind, ...] = ()
     events_per_cpu_s: int = 0  # expected record rate, for ring-buffer sizing
 

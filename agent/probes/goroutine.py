@@ -6,7 +6,7 @@ runtime.gdestroy (goexit0 before Go 1.23); `GoroutineTable` keeps the live
 set from them. Where each one is parked, and its labels, are read from the
 process's memory when a profile is made (runtime.allgs, below), and a
 command bpfprof started is paused at runtime.exit to be read once more
-(common.bpf.h go_exit_pause). Measured (bench/overhead.py): tracing every
+(bpf/go_exit.bpf.c). Measured (bench/overhead.py): tracing every
 status change (casgstatus's entry) and every park (gopark) cost a channel
 ping-pong ~35 us per round trip (0.25 us bare: 145x); births and deaths
 alone cost it nothing (+1 %), and a goroutine-per-request server one trap
@@ -484,6 +484,7 @@ class GoroutineProbe(Probe):
 
     name = "goroutine"
     source = "goroutine.bpf.c"
+    extra_sources = ("go_exit.bpf.c",)  # GO_EXIT_PROGRAM
     kinds = (RecordKind.GOROUTINE, RecordKind.GO_EXIT)
     events_per_cpu_s = 20000  # header-only records mostly: creations, parks, wake-ups
     UPROBES = ("gor_casgstatus", "gor_gopark")

@@ -239,6 +239,7 @@ class HeapProbe(StackCopyProbe):
 
     name = "heap"
     source = "heap.bpf.c"
+    extra_sources = ("go_exit.bpf.c",)  # GO_EXIT_PROGRAM
     kinds = (RecordKind.ALLOC, RecordKind.FREE, RecordKind.GO_EXIT)
     events_per_cpu_s = EVENTS_PER_CPU_S
 

@@ -122,7 +122,7 @@ class ProbeSet:
             programs.update(p.programs())
             maps += [m for m in p.maps() if m not in maps]
         self._follow = follow_children
-        sources = [p.source for p in self.probes]
+        sources = [s for p in self.probes for s in (p.source, *p.extra_sources)]
         if follow_children:
             programs["tracepoint__sched__sched_process_fork"] = bpf_compile.ProgType.TRACEPOINT
             sources.append(FOLLOW_CHILDREN_SOURCE)
@@ -160,7 +160,7 @@ class ProbeSet:
             p.on_start(self.objs)
 
     def _at_go_exit(self, rec: RawRecord, on_record: Callable[[RawRecord], None] | None) -> None:
-        """A Go command paused at runtime.exit (common.bpf.h go_exit_pause): once it has stopped,
+        """A Go command paused at runtime.exit (bpf/go_exit.bpf.c): once it has stopped,
         every family that asked reads it; then it goes on to exit, whatever they did."""
         try:
             wait_stopped(rec.pid, EXIT_STOP_WAIT_S)
