@@ -80,6 +80,7 @@ class _LiveProbe(Probe):
         self.template = template
         self.collector = collector
         self.name, self.source, self.kinds = template.name, template.source, template.kinds
+        self.extra_sources = template.extra_sources
         self.events_per_cpu_s = template.events_per_cpu_s
         self.current: Probe = template.new_accumulator()
 
