@@ -14,6 +14,12 @@
 #define BPFPROF_H
 
 #define BPFPROF_MAX_FRAMES 127  /* the kernel's default perf_event_max_stack */
+/* The verifier bound of a frame count: `n & BPFPROF_FRAMES_MASK` leaves every
+ * count 0..BPFPROF_MAX_FRAMES as it is only when BPFPROF_MAX_FRAMES + 1 is a
+ * power of two, which the assertion checks. */
+#define BPFPROF_FRAMES_MASK BPFPROF_MAX_FRAMES
+_Static_assert(((BPFPROF_MAX_FRAMES + 1) & BPFPROF_MAX_FRAMES) == 0,
+               "BPFPROF_MAX_FRAMES + 1 must be a power of two: BPFPROF_FRAMES_MASK bounds frame counts");
 #define BPFPROF_COMM_LEN 16
 
 /* Record kinds. Each probe family owns a range; agent/bpfload/records.py mirrors them. */

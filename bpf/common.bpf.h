@@ -176,7 +176,44 @@ static __always_inline long read_kernel_stack(void *ctx, struct bpfprof_stack_re
         kn = BPFPROF_MAX_FRAMES;
         count_drop(BPFPROF_DROP_KERNEL_TRUNCATED);
     }
-    return kn & 127;  /* bound for the verifier; BPFPROF_MAX_FRAMES == 127 */
+    return kn & BPFPROF_FRAMES_MASK;  /* bound for the verifier */
+}
+
+/* The current task's user stack into r->ips[kn..]: the frame count, also set
+ * in the header, with read errors and truncation counted. `ret` != 0: the
+ * stack is read where the function has no frame of its own (at its entry,
+ * before the prologue; at a RET, after the epilogue): rbp is the caller's, so
+ * the frame-pointer walk starts at the caller's caller, and `ret` (the
+ * caller's return address, at [rsp]) is put back as the second frame. */
+static __always_inline u64 read_user_stack(void *ctx, struct bpfprof_stack_record *r, u64 kn, u64 ret)
+{
+    kn &= BPFPROF_FRAMES_MASK;
+    long un;
+    if (ret)
+        un = bpf_get_stack(ctx, &r->ips[kn + 1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
+    else
+        un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
+    if (un < 0) {
+        /* kernel threads get 0 frames, not an error: this is a real loss */
+        r->h.user_err = un;
+        count_drop(BPFPROF_DROP_USER_STACK_ERR);
+        un = 0;
+    }
+    un /= sizeof(u64);
+    if (ret && un > 0) {
+        r->ips[kn] = r->ips[kn + 1];  /* the probed instruction */
+        r->ips[kn + 1] = ret;
+        un += 1;
+    }
+    if (un >= BPFPROF_MAX_FRAMES) {
+        un = BPFPROF_MAX_FRAMES;
+        count_drop(BPFPROF_DROP_USER_TRUNCATED);
+    }
+    u64 frames = un;
+    asm volatile("" : "+r"(frames));  /* keep the mask: the verifier bounds a size by it */
+    frames &= BPFPROF_FRAMES_MASK;
+    r->h.user_frames = frames;
+    return frames;
 }
 
 /* The current task's kernel (if WITH_KERNEL and `kernel`) and user stacks
@@ -192,55 +229,20 @@ static __always_inline u64 read_stacks(void *ctx, struct bpfprof_stack_record *r
     if (kernel)
         kn = read_kernel_stack(ctx, r);
 #endif
-    kn &= 127;
-    long un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
-    if (un < 0) {
-        /* kernel threads get 0 frames, not an error: this is a real loss */
-        r->h.user_err = un;
-        count_drop(BPFPROF_DROP_USER_STACK_ERR);
-        un = 0;
-    }
-    un /= sizeof(u64);
-    if (un >= BPFPROF_MAX_FRAMES) {
-        un = BPFPROF_MAX_FRAMES;
-        count_drop(BPFPROF_DROP_USER_TRUNCATED);
-    }
-    un &= 127;
+    kn &= BPFPROF_FRAMES_MASK;
     r->h.kernel_frames = kn;
-    r->h.user_frames = un;
-    return kn + un;
+    return kn + read_user_stack(ctx, r, kn, 0);
 }
 
-/* The user stack at the entry of a function without a frame yet (Go
- * assembly, a Go function before its prologue) into r->ips: the frame-
- * pointer walk starts at the caller's caller (RBP is still the caller's), so
- * the caller's return address, at [rsp], is put back as the second frame.
- * Returns the frame count, also set in the header. */
-static __always_inline u64 read_user_stack_at_entry(struct pt_regs *ctx, struct bpfprof_stack_record *r)
+/* The user stack of a function without a frame yet, or no more (Go
+ * assembly, a Go function before its prologue or at a RET), into r->ips, no
+ * kernel stack (read_user_stack with the return address at [rsp]). Returns
+ * the frame count, also set in the header. */
+static __always_inline u64 read_frameless_user_stack(struct pt_regs *ctx, struct bpfprof_stack_record *r)
 {
     u64 ret = 0;
     bpf_probe_read_user(&ret, sizeof(ret), (void *)PT_REGS_SP(ctx));
-    long un = bpf_get_stack(ctx, &r->ips[1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
-    if (un < 0) {
-        r->h.user_err = un;
-        count_drop(BPFPROF_DROP_USER_STACK_ERR);
-        un = 0;
-    }
-    un /= sizeof(u64);
-    if (un > 0) {
-        r->ips[0] = r->ips[1];  /* the probed instruction: the function's entry */
-        r->ips[1] = ret;
-        un += 1;
-    }
-    if (un >= BPFPROF_MAX_FRAMES) {
-        un = BPFPROF_MAX_FRAMES;
-        count_drop(BPFPROF_DROP_USER_TRUNCATED);
-    }
-    u64 frames = un;
-    asm volatile("" : "+r"(frames));  /* keep the mask: the verifier bounds a size by it */
-    frames &= 127;
-    r->h.user_frames = frames;
-    return frames;
+    return read_user_stack(ctx, r, 0, ret);
 }
 
 /* read_stacks, then append the trace context, if any; returns the record's
@@ -248,7 +250,7 @@ static __always_inline u64 read_user_stack_at_entry(struct pt_regs *ctx, struct 
 static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r, int kernel)
 {
     read_stacks(ctx, r, kernel);
-    u64 kn = r->h.kernel_frames & 127, un = r->h.user_frames & 127;
+    u64 kn = r->h.kernel_frames & BPFPROF_FRAMES_MASK, un = r->h.user_frames & BPFPROF_FRAMES_MASK;
     u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
     u32 zero = 0;
     struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);

@@ -1,17 +1,19 @@
-/* The pause at a Go program's exit, shared by the heap and goroutine families
- * (agent/go/exit_pause.py names it). */
+/* The pause at runtime.exit of a Go program bpfprof started (program
+ * go_exit_pause; the agent's names for it in agent/go/exit_pause.py).
+ *
+ * Families that read the program's own state from its memory (heap: the
+ * runtime's profile buckets; goroutine: its goroutines) name this source in
+ * their extra_sources: exit_group takes that state with the address space.
+ * runtime.exit is ABI0 assembly that calls exit_group. Stop the process
+ * (SIGSTOP is taken on the return from this trap, before the syscall) and
+ * tell the agent: its probe set lets every family read, then continues it
+ * (agent/probes/probe_set.py). No record, no stop: nobody would continue a
+ * process the agent was not told about.
+ */
 #include "common.bpf.h"
 
-/* runtime.exit (ABI0 assembly: exit_group) of a Go program bpfprof started,
- * for families that read the program's own state from its memory (heap:
- * the runtime's profile buckets; goroutine: its goroutines), which
- * exit_group takes with the address space. Stop the process (SIGSTOP is
- * taken on the return from this trap, before the syscall) and tell the
- * agent: its probe set lets every family read, then continues it
- * (agent/probes/probe_set.py). Each family that wants it attaches it (and names
- * this file in its extra_sources: it is compiled once per set), so the same
- * trap may run it twice: once per process. No record, no stop: nobody would
- * continue a process the agent was not told about. */
+/* tgid -> 1 once paused: each family that wants the pause attaches it, so the
+ * same trap may run it twice, and the process is paused once. */
 BPF_TABLE("lru_hash", u32, u8, go_exit_paused, MAX_TARGETS);
 
 int go_exit_pause(struct pt_regs *ctx)
@@ -33,7 +35,7 @@ int go_exit_pause(struct pt_regs *ctx)
     if (fs)
         bpf_probe_read_user(&g, sizeof(g), (void *)(fs - 8));
     r->h.aux = g;
-    u64 frames = read_user_stack_at_entry(ctx, r);
+    u64 frames = read_frameless_user_stack(ctx, r);
     if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), RB_NOW) != 0) {
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
         return 0;

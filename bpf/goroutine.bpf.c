@@ -76,7 +76,7 @@ static __always_inline u64 gor_read(u64 addr)
 
 static __always_inline void gor_output(struct bpfprof_stack_record *r, u64 frames)
 {
-    frames &= 127;
+    frames &= BPFPROF_FRAMES_MASK;
     r->h.user_frames = frames;
     if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
@@ -125,7 +125,7 @@ int gor_casgstatus(struct pt_regs *ctx)
     return 0;
 }
 
-/* gopark's own stack, from its entry (common.bpf.h read_user_stack_at_entry). */
+/* gopark's own stack, from its entry (common.bpf.h read_frameless_user_stack). */
 int gor_gopark(struct pt_regs *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -143,7 +143,7 @@ int gor_gopark(struct pt_regs *ctx)
                                                 (GOR_EV_PARK << GOR_EV_SHIFT) | (labels & GOR_PAYLOAD_MASK), goid);
     if (!r)
         return 0;
-    gor_output(r, read_user_stack_at_entry(ctx, r));
+    gor_output(r, read_frameless_user_stack(ctx, r));
     return 0;
 }
 

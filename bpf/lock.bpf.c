@@ -25,6 +25,7 @@
  * An exec of a target sends a header-only record with aux = LOCK_EXEC and
  * the pid in value, so the agent can put its uprobes in the new program.
  */
+#include <uapi/linux/futex.h>  /* FUTEX_* op numbers, FUTEX_CMD_MASK, struct futex_waitv */
 #include <uapi/linux/ptrace.h>
 #include "common.bpf.h"
 
@@ -75,42 +76,12 @@ static __always_inline void lock_count(u32 what)
         (*c)++;
 }
 
-/* Send `r` with the user stack of `ctx` (and the kernel one when `kernel`).
- * `extra` != 0 is one more user frame, put second (Go at a RET: the return
- * address still at [rsp], while rbp is already the caller's). */
-static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, u64 extra)
+/* Send `r` with the stacks of `ctx`: kernel (when `kernel`) and user, or,
+ * `frameless`, the user stack of Go at a RET, where rbp is already the
+ * caller's and the return address still at [rsp] (read_frameless_user_stack). */
+static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, int frameless)
 {
-    long kn = 0;
-#if WITH_KERNEL
-    if (kernel)
-        kn = read_kernel_stack(ctx, r);
-#endif
-    kn &= 127;
-    long un;
-    if (extra) {
-        un = bpf_get_stack(ctx, &r->ips[kn + 1], (BPFPROF_MAX_FRAMES - 1) * sizeof(u64), BPF_F_USER_STACK);
-    } else {
-        un = bpf_get_stack(ctx, &r->ips[kn], BPFPROF_MAX_FRAMES * sizeof(u64), BPF_F_USER_STACK);
-    }
-    if (un < 0) {
-        r->h.user_err = un;
-        count_drop(BPFPROF_DROP_USER_STACK_ERR);
-        un = 0;
-    }
-    un /= sizeof(u64);
-    if (extra && un > 0) {
-        r->ips[kn] = r->ips[kn + 1];
-        r->ips[kn + 1] = extra;
-        un += 1;
-    }
-    if (un >= BPFPROF_MAX_FRAMES) {
-        un = BPFPROF_MAX_FRAMES;
-        count_drop(BPFPROF_DROP_USER_TRUNCATED);
-    }
-    un &= 127;
-    r->h.kernel_frames = kn;
-    r->h.user_frames = un;
-    u64 n = kn + un;
+    u64 n = frameless ? read_frameless_user_stack(ctx, r) : read_stacks(ctx, r, kernel);
     asm volatile("" : "+r"(n));  /* clang knows n <= 254 and would drop the check the verifier needs */
     if (n > 2 * BPFPROF_MAX_FRAMES)
         return;
@@ -163,13 +134,13 @@ static __always_inline int lock_futex_exit(void *ctx, long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_futex)
 {
-    /* FUTEX_WAIT 0, LOCK_PI 6, WAIT_BITSET 9, WAIT_REQUEUE_PI 11, LOCK_PI2 13;
-     * 127 masks out FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256). */
-    int cmd = args->op & 127;
-    if (cmd == 0 || cmd == 6 || cmd == 9 || cmd == 11 || cmd == 13)
+    int cmd = args->op & FUTEX_CMD_MASK;  /* without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME, as the kernel */
+    if (cmd == FUTEX_WAIT || cmd == FUTEX_LOCK_PI || cmd == FUTEX_WAIT_BITSET || cmd == FUTEX_WAIT_REQUEUE_PI ||
+        cmd == FUTEX_LOCK_PI2)
         return lock_futex_enter((u64)args->uaddr);
-    /* WAKE 1, REQUEUE 3, CMP_REQUEUE 4, WAKE_OP 5, UNLOCK_PI 7, WAKE_BITSET 10: a lock may have been released */
-    if (cmd == 1 || cmd == 3 || cmd == 4 || cmd == 5 || cmd == 7 || cmd == 10) {
+    /* a lock may have been released */
+    if (cmd == FUTEX_WAKE || cmd == FUTEX_REQUEUE || cmd == FUTEX_CMP_REQUEUE || cmd == FUTEX_WAKE_OP ||
+        cmd == FUTEX_UNLOCK_PI || cmd == FUTEX_WAKE_BITSET) {
         u64 id = bpf_get_current_pid_tgid();
         if (is_target(id >> 32)) {
             u32 tid = id;
@@ -187,8 +158,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_futex_waitv)
 {
-    u64 uaddr = 0;  /* the first futex of the vector stands for it: struct futex_waitv.uaddr at +8 */
-    bpf_probe_read_user(&uaddr, sizeof(uaddr), (void *)args->waiters + 8);
+    u64 uaddr = 0;  /* the first futex of the vector stands for it */
+    bpf_probe_read_user(&uaddr, sizeof(uaddr), (void *)args->waiters + offsetof(struct futex_waitv, uaddr));
     return lock_futex_enter(uaddr);
 }
 
@@ -238,11 +209,9 @@ int lock_go_sema_return(struct pt_regs *ctx)
     lock_go_waits.delete(&k);
     if (!parked)
         return 0;
-    u64 ret_addr = 0;
-    bpf_probe_read_user(&ret_addr, sizeof(ret_addr), (void *)ctx->sp);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, aux);
     if (r)
-        lock_submit(ctx, r, 0, ret_addr);
+        lock_submit(ctx, r, 0, 1);
     return 0;
 }
 

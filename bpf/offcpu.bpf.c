@@ -61,8 +61,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
         offcpu_count(OFFCPU_SHORT);
         return 0;
     }
-    u64 kn = s->h.kernel_frames & 127;
-    u64 un = s->h.user_frames & 127;
+    u64 kn = s->h.kernel_frames & BPFPROF_FRAMES_MASK;
+    u64 un = s->h.user_frames & BPFPROF_FRAMES_MASK;
     u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
     if (size <= sizeof(*s) && records.ringbuf_output(s, size, rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from agent.bpfload import bpf_compile, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects
 from agent.bpfload.records import (
-    MAX_FRAMES,
     Drop,
     RawRecord,
     RecordKind,
@@ -199,4 +198,3 @@ class ProbeSet:
         self.close()
 
 
-assert MAX_FRAMES == 127  # common.bpf.h bounds frame counts with `& 127`

@@ -13,6 +13,7 @@ from agent.bpfload.records import (
     HEADER_SIZE,
     LABEL_KEY_LEN,
     LABEL_VALUE_LEN,
+    MAX_FRAMES,
     MAX_LABELS,
     USTACK_USER_MODE,
     CtxKind,
@@ -61,33 +62,45 @@ int main(void) {
     D(BPFPROF_CTX_OTEL) D(BPFPROF_CTX_GO_LABELS) D(BPFPROF_PROC_GO) D(BPFPROF_PROC_OTEL)
     D(BPFPROF_LABELS_MAP) D(BPFPROF_LABELS_SLICE)
     D(BPFPROF_DROP_LABELS_TRUNCATED) D(BPFPROF_DROP_TRACE_CTX_READ_ERR)
+    D(BPFPROF_MAX_FRAMES) D(BPFPROF_FRAMES_MASK)
     return 0;
 }
 """
 
 
-def test_sizes_and_offsets_agree(tmp_path):
+def layout_values(tmp_path) -> dict[str, int]:
+    """PROGRAM's output: each printed name with its value as the C compiler sees it."""
     src = tmp_path / "layout.c"
     src.write_text(PROGRAM)
     exe = tmp_path / "layout"
     subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(exe), str(src)], check=True)
-    c = dict(line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
-                                                      check=True).stdout.splitlines())
-    assert int(c["header"]) == ctypes.sizeof(Header) == HEADER_SIZE
-    assert int(c["record"]) == ctypes.sizeof(StackRecord)
-    assert int(c["drops"]) == len(Drop)
-    assert int(c["kinds"]) == max(RecordKind)
+    return {k: int(v) for k, v in (line.split() for line in subprocess.run(
+        [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())}
+
+
+def test_sizes_and_offsets_agree(tmp_path):
+    c = layout_values(tmp_path)
+    assert c["header"] == ctypes.sizeof(Header) == HEADER_SIZE
+    assert c["record"] == ctypes.sizeof(StackRecord)
+    assert c["drops"] == len(Drop)
+    assert c["kinds"] == max(RecordKind)
     for name, _ in Header._fields_:
-        assert int(c[name]) == getattr(Header, name).offset, name
+        assert c[name] == getattr(Header, name).offset, name
+
+
+def test_frame_limit_agrees(tmp_path):
+    """The records' address arrays are sized by MAX_FRAMES; BPF bounds every frame count with
+    BPFPROF_FRAMES_MASK, which must leave each count up to the limit as it is (the header's
+    _Static_assert checks the same in C, so the header compiling at all is part of the test)."""
+    c = layout_values(tmp_path)
+    assert c["BPFPROF_MAX_FRAMES"] == MAX_FRAMES
+    mask = c["BPFPROF_FRAMES_MASK"]
+    assert all(n & mask == n for n in range(MAX_FRAMES + 1))
+    assert ctypes.sizeof(StackRecord) == HEADER_SIZE + 2 * MAX_FRAMES * 8
 
 
 def test_trace_context_layout_agrees(tmp_path):
-    src = tmp_path / "layout.c"
-    src.write_text(PROGRAM)
-    exe = tmp_path / "layout"
-    subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(exe), str(src)], check=True)
-    c = {k: int(v) for k, v in (line.split() for line in subprocess.run(
-        [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())}
+    c = layout_values(tmp_path)
     for name, cls in [("bpfprof_otel_ctx", OtelCtx), ("bpfprof_label", Label), ("bpfprof_go_labels", GoLabels),
                       ("bpfprof_trace_ctx", TraceCtx), ("bpfprof_proc_ctx", ProcCtx)]:
         assert c[name] == ctypes.sizeof(cls), name
