@@ -64,6 +64,7 @@ from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.go.exit_pause import GO_EXIT_FUNCTIONS, GO_EXIT_PROGRAM
 from agent.probes.family import Probe, ProbeConfig, Window
+from agent.processes.memory import ProcessMemory
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.targets import gated_command_path, running_pids
 from agent.processes.tracker import ProcessTracker
@@ -268,32 +269,6 @@ def call_sites(image: bytes, elf: ElfFile, start: int, end: int, callee: int) ->
 
 # -- reading a live process ----------------------------------------------------
 
-class ProcMem:
-    """Reads of another process's memory through /proc/PID/mem. OSError when gone or unmapped."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-
-    def read(self, addr: int, size: int) -> bytes:
-        data = os.pread(self._fd, size, addr)
-        if len(data) != size:
-            raise OSError(f"short read at 0x{addr:x} in {self.pid}")
-        return data
-
-    def u64(self, addr: int) -> int:
-        return struct.unpack("<Q", self.read(addr, 8))[0]
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def __enter__(self) -> ProcMem:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def load_bias(pid: int, path: str, pie: bool) -> int:
     """Runtime address minus ELF vaddr of the executable in `pid` (0 unless PIE: Go links PIE at vaddr 0)."""
     return file_base(pid, path) if pie else 0
@@ -320,7 +295,7 @@ def parse_g(gp: int, raw: bytes, layout: GLayout) -> GState:
                   u64(layout.startpc), u64(layout.labels))
 
 
-def read_allgs(mem: ProcMem, allgs: int, layout: GLayout) -> list[GState]:
+def read_allgs(mem: ProcessMemory, allgs: int, layout: GLayout) -> list[GState]:
     """Every g in runtime.allgs (`allgs` is the slice header's runtime address); dead ones too."""
     ptr, length = struct.unpack("<QQ", mem.read(allgs, 16))
     if not ptr or length > MAX_GOROUTINES_READ:
@@ -334,7 +309,7 @@ def read_allgs(mem: ProcMem, allgs: int, layout: GLayout) -> list[GState]:
     return out
 
 
-def unwind(mem: ProcMem, tab: GoPclntab, bias: int, pc: int, sp: int) -> tuple[int, ...]:
+def unwind(mem: ProcessMemory, tab: GoPclntab, bias: int, pc: int, sp: int) -> tuple[int, ...]:
     """PCs of a stopped goroutine from its saved pc/sp, leaf first, goexit last.
 
     Each frame's return address is at SP + funcspdelta(pc) and the caller's SP
@@ -359,7 +334,7 @@ def unwind(mem: ProcMem, tab: GoPclntab, bias: int, pc: int, sp: int) -> tuple[i
     return tuple(frames)
 
 
-def read_labels(mem: ProcMem, ptr: int) -> tuple[tuple[str, str], ...]:
+def read_labels(mem: ProcessMemory, ptr: int) -> tuple[tuple[str, str], ...]:
     """A goroutine's pprof labels at g.labels (Go 1.24+: *labelMap, a slice of {key, value string})."""
     if not ptr:
         return ()
@@ -597,7 +572,7 @@ class GoroutineProbe(Probe):
         """Every g of `pid` with its stack from g.sched; [] without runtime.allgs."""
         if not proc.binary.allgs_vaddr:
             return []
-        with ProcMem(pid) as mem:
+        with ProcessMemory(pid) as mem:
             out = []
             for st in read_allgs(mem, proc.binary.allgs_vaddr + proc.bias, proc.binary.layout):
                 stack = () if st.status in DEAD_STATUSES else unwind(mem, proc.binary.pclntab, proc.bias,
@@ -658,7 +633,7 @@ class GoroutineProbe(Probe):
         if proc is None or ptr in proc.labels:
             return
         try:
-            with ProcMem(pid) as mem:
+            with ProcessMemory(pid) as mem:
                 proc.labels[ptr] = read_labels(mem, ptr)
         except (OSError, struct.error):
             proc.labels[ptr] = ()
@@ -695,7 +670,7 @@ class GoroutineProbe(Probe):
                     if g is not None and st.status not in DEAD_STATUSES:
                         g.parked = st.status in (GStatus.WAITING, GStatus.LEAKED)
                         g.stack, g.labels_ptr = stack, st.labels
-            with ProcMem(pid) as mem:
+            with ProcessMemory(pid) as mem:
                 proc.labels = {}
                 for g in gs.values():
                     if g.labels_ptr and g.labels_ptr not in proc.labels:
