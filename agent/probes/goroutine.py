@@ -78,7 +78,8 @@ from agent.processes.memory import ProcessMemory
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.targets import gated_command_path, running_pids
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Profile, SampleKey, ValueType
+from exporters.profile import Profile, SampleKey
+from exporters.profile_types import empty_profile
 from symbolizer.errors import BpfprofError, PclntabError
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,8 @@ class _Proc:
 
 
 def goroutine_profile(start_time_ns: int, duration_ns: int) -> Profile:
-    return Profile(sample_types=[ValueType("goroutine", "count")], period_type=ValueType("goroutine", "count"),
-                   period=1, start_time_ns=start_time_ns, duration_ns=duration_ns,
-                   default_sample_type="goroutine", kind="goroutine")
+    """An empty goroutine profile (exporters/profile_types.py)."""
+    return empty_profile("goroutine", start_time_ns, duration_ns)
 
 
 class _LayoutValue(ctypes.Structure):
