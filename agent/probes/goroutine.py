@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
-from agent.bpfload.records import RawRecord, RecordKind
+from agent.bpfload.records import GorLayout, RawRecord, RecordKind
 from agent.go.exit_pause import GO_EXIT_PROGRAM
 from agent.go.goroutines import (
     DEAD_STATUSES,
@@ -174,13 +174,6 @@ def goroutine_profile(start_time_ns: int, duration_ns: int) -> Profile:
     return empty_profile("goroutine", start_time_ns, duration_ns)
 
 
-class _LayoutValue(ctypes.Structure):
-    """struct gor_layout."""
-
-    _fields_ = [("goid", ctypes.c_uint16), ("labels", ctypes.c_uint16), ("gopc", ctypes.c_uint16),
-                ("startpc", ctypes.c_uint16)]
-
-
 class GoroutineProbe(Probe):
     """The live goroutines. In the daemon each interval reports those live at its
     end; the table carries over, the uprobes and binaries are shared."""
@@ -276,7 +269,7 @@ class GoroutineProbe(Probe):
                 return
             layout = binary.layout
             libbpf.map_update(self._objs.maps["gor_procs"], ctypes.c_uint32(pid),
-                              _LayoutValue(layout.goid, layout.labels, layout.gopc, layout.startpc))
+                              GorLayout(layout.goid, layout.labels, layout.gopc, layout.startpc))
             target = pid if self._per_pid else -1
             if (target, *key) not in self._attached:
                 self._attached.add((target, *key))

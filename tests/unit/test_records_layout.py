@@ -1,4 +1,4 @@
-"""The Python mirrors in agent/bpfload/records.py have the C layout of bpf/bpfprof.h.
+"""The Python mirrors in agent/bpfload/records.py have the C layout of bpf/bpfprof.h (records and map values).
 
 gcc compiles the real header (with BCC's integer typedefs) and prints sizes
 and offsets; ctypes must agree field by field.
@@ -18,6 +18,7 @@ from agent.bpfload.records import (
     CtxKind,
     Drop,
     GoLabels,
+    GorLayout,
     Header,
     Label,
     LabelsForm,
@@ -61,18 +62,24 @@ int main(void) {
     D(BPFPROF_CTX_OTEL) D(BPFPROF_CTX_GO_LABELS) D(BPFPROF_PROC_GO) D(BPFPROF_PROC_OTEL)
     D(BPFPROF_LABELS_MAP) D(BPFPROF_LABELS_SLICE)
     D(BPFPROF_DROP_LABELS_TRUNCATED) D(BPFPROF_DROP_TRACE_CTX_READ_ERR)
+    S(gor_layout) O(gor_layout, goid) O(gor_layout, labels) O(gor_layout, gopc) O(gor_layout, startpc)
     return 0;
 }
 """
 
 
-def test_sizes_and_offsets_agree(tmp_path):
+def _c_layout(tmp_path) -> dict[str, int]:
+    """PROGRAM's output: name -> size, offset or constant, as gcc lays out bpfprof.h."""
     src = tmp_path / "layout.c"
     src.write_text(PROGRAM)
     exe = tmp_path / "layout"
     subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(exe), str(src)], check=True)
-    c = dict(line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
-                                                      check=True).stdout.splitlines())
+    return {k: int(v) for k, v in (line.split() for line in subprocess.run(
+        [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())}
+
+
+def test_sizes_and_offsets_agree(tmp_path):
+    c = _c_layout(tmp_path)
     assert int(c["header"]) == ctypes.sizeof(Header) == HEADER_SIZE
     assert int(c["record"]) == ctypes.sizeof(StackRecord)
     assert int(c["drops"]) == len(Drop)
@@ -82,12 +89,7 @@ def test_sizes_and_offsets_agree(tmp_path):
 
 
 def test_trace_context_layout_agrees(tmp_path):
-    src = tmp_path / "layout.c"
-    src.write_text(PROGRAM)
-    exe = tmp_path / "layout"
-    subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(exe), str(src)], check=True)
-    c = {k: int(v) for k, v in (line.split() for line in subprocess.run(
-        [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())}
+    c = _c_layout(tmp_path)
     for name, cls in [("bpfprof_otel_ctx", OtelCtx), ("bpfprof_label", Label), ("bpfprof_go_labels", GoLabels),
                       ("bpfprof_trace_ctx", TraceCtx), ("bpfprof_proc_ctx", ProcCtx)]:
         assert c[name] == ctypes.sizeof(cls), name
@@ -105,6 +107,14 @@ def test_trace_context_layout_agrees(tmp_path):
     assert (c["BPFPROF_LABELS_MAP"], c["BPFPROF_LABELS_SLICE"]) == (LabelsForm.MAP, LabelsForm.SLICE)
     assert (c["BPFPROF_DROP_LABELS_TRUNCATED"], c["BPFPROF_DROP_TRACE_CTX_READ_ERR"]) == (
         Drop.LABELS_TRUNCATED, Drop.TRACE_CTX_READ_ERR)
+
+
+def test_map_value_layouts_agree(tmp_path):
+    """Values the agent writes into BPF maps: struct gor_layout (`gor_procs`)."""
+    c = _c_layout(tmp_path)
+    assert c["gor_layout"] == ctypes.sizeof(GorLayout)
+    for name, _ in GorLayout._fields_:
+        assert c[f"gor_layout.{name}"] == getattr(GorLayout, name).offset, name
 
 
 USTACK_PROGRAM = r"""
