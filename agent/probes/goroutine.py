@@ -4,7 +4,7 @@ BPF sends a goroutine's creation (with g.startpc, g.gopc and g.labels) and
 its exit, from uprobes on the casgstatus calls of runtime.newproc1 and
 runtime.gdestroy (goexit0 before Go 1.23); `GoroutineTable` keeps the live
 set from them. Where each one is parked, and its labels, are read from the
-process's memory when a profile is made (runtime.allgs, below), and a
+process's memory when a profile is made (runtime.allgs), and a
 command bpfprof started is paused at runtime.exit to be read once more
 (common.bpf.h go_exit_pause). Measured (bench/overhead.py): tracing every
 status change (casgstatus's entry) and every park (gopark) cost a channel
@@ -35,8 +35,9 @@ not parked at the exit are reported at their entry function only.
 
 Limits: g's field offsets come from the binary's DWARF, else
 agent/go/layouts.py G_LAYOUT_TABLE, which holds only what was measured here
-(Go 1.27). Pre-existing goroutines need runtime.allgs from .symtab: in a stripped binary
-only goroutines created during the capture, or parked or woken in it, are seen.
+(Go 1.27). Pre-existing goroutines need runtime.allgs from .symtab: in a
+stripped binary only goroutines created during the capture, or parked or
+woken in it, are seen.
 Labels are read in the Go 1.24+ form (a sorted slice); older runtimes get none.
 
 Cost of the traced way (stripped binaries): every goroutine status change
