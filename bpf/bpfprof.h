@@ -140,4 +140,13 @@ struct bpfprof_proc_ctx {
     s64 otel_tls;      /* address of otel_thread_ctx_v1 minus the FS base */
 };
 
+/* The g offsets the goroutine probe reads at a casgstatus call (map `gor_procs` of
+ * goroutine.bpf.c, key: tgid), from the binary's DWARF, else agent/go/layouts.py. */
+struct gor_layout {
+    u16 goid;     /* offsetof(runtime.g, goid) */
+    u16 labels;   /* offsetof(runtime.g, labels) */
+    u16 gopc;     /* offsetof(runtime.g, gopc) */
+    u16 startpc;  /* offsetof(runtime.g, startpc) */
+};
+
 #endif

@@ -50,13 +50,7 @@
 #define GOR_MAX_PROCS 4096
 #endif
 
-struct gor_layout {
-    u16 goid;     /* offsetof(runtime.g, goid) */
-    u16 labels;   /* offsetof(runtime.g, labels) */
-    u16 gopc;
-    u16 startpc;
-};
-
+/* struct gor_layout: bpfprof.h */
 BPF_HASH(gor_procs, u32, struct gor_layout, GOR_MAX_PROCS);
 BPF_PERCPU_ARRAY(gor_counts, u64, GOR_COUNTERS);
 

@@ -125,17 +125,3 @@ class Profile:
     def total(self, value_index: int = 0) -> int:
         """Sum of one value over all samples."""
         return sum(s.values[value_index] for s in self.samples)
-
-
-def cpu_profile(start_time_ns: int, duration_ns: int, frequency_hz: int) -> Profile:
-    """An empty CPU profile with runtime/pprof's sample types."""
-    period_ns = 1_000_000_000 // frequency_hz
-    return Profile(
-        sample_types=[ValueType("samples", "count"), ValueType("cpu", "nanoseconds")],
-        period_type=ValueType("cpu", "nanoseconds"),
-        period=period_ns,
-        start_time_ns=start_time_ns,
-        duration_ns=duration_ns,
-        default_sample_type="cpu",
-        kind="cpu",
-    )

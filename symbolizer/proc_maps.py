@@ -169,18 +169,3 @@ def open_mapped_file(pid: int | str, entry: MapsEntry, proc_root: str = "/proc")
     except OSError:
         pass
     return None
-
-
-def read_vdso(pid: int | str, proc_root: str = "/proc") -> bytes | None:
-    """The [vdso] of `pid` copied from /proc/PID/mem (a complete ELF image), or None if it has none.
-
-    Raises OSError when the process is gone or cannot be ptrace-read.
-    """
-    for entry in read_maps(pid, proc_root):
-        if entry.is_vdso:
-            fd = os.open(f"{proc_root}/{pid}/mem", os.O_RDONLY)
-            try:
-                return os.pread(fd, entry.end - entry.start, entry.start)
-            finally:
-                os.close(fd)
-    return None

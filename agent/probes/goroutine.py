@@ -4,7 +4,7 @@ BPF sends a goroutine's creation (with g.startpc, g.gopc and g.labels) and
 its exit, from uprobes on the casgstatus calls of runtime.newproc1 and
 runtime.gdestroy (goexit0 before Go 1.23); `GoroutineTable` keeps the live
 set from them. Where each one is parked, and its labels, are read from the
-process's memory when a profile is made (runtime.allgs, below), and a
+process's memory when a profile is made (runtime.allgs), and a
 command bpfprof started is paused at runtime.exit to be read once more
 (common.bpf.h go_exit_pause). Measured (bench/overhead.py): tracing every
 status change (casgstatus's entry) and every park (gopark) cost a channel
@@ -20,14 +20,11 @@ goroutines (entry function in package runtime, but runtime.main) are left
 out as runtime/pprof does.
 
 Goroutines older than the uprobes are read once from the process's memory
-right after the uprobes are in: runtime.allgs (a []*g) through
-/proc/PID/mem, each g's status, ids and g.sched, and their stacks unwound
-from g.sched.pc/sp with the pclntab's SP deltas (runtime.(*unwinder) does the
-same). Not from g.sched.bp: since CL 476235 mcall stores the *caller's
-caller's* frame pointer there, so a frame-pointer walk would lose gopark's
-caller. Events that happen between the uprobes going in and that read are
-seen twice; each sets a goroutine's state outright, so applying them after
-the snapshot gives the right end state.
+right after the uprobes are in (runtime.allgs and each g's g.sched: the
+readers are in agent/go/goroutines.py). Events that happen between the
+uprobes going in and that read are seen twice; each sets a goroutine's
+state outright, so applying them after the snapshot gives the right end
+state.
 
 At the end, a process that is still alive is read once more: goroutines that
 are not parked (running, runnable, in a syscall: BPF does not follow those
@@ -36,11 +33,11 @@ fresh. For a process that exited during the capture the table as of its exit
 is reported, labels as read when first seen, and the goroutines that were
 not parked at the exit are reported at their entry function only.
 
-Limits: g's field offsets come from the binary's DWARF, else VERSION_TABLE,
-which holds only what was measured here (Go 1.27: agent/go/layouts.py had not
-landed when this was written, and it lacks goid/sched/gopc/startpc anyway).
-Pre-existing goroutines need runtime.allgs from .symtab: in a stripped binary
-only goroutines created during the capture, or parked or woken in it, are seen.
+Limits: g's field offsets come from the binary's DWARF, else
+agent/go/layouts.py G_LAYOUT_TABLE, which holds only what was measured here
+(Go 1.27). Pre-existing goroutines need runtime.allgs from .symtab: in a
+stripped binary only goroutines created during the capture, or parked or
+woken in it, are seen.
 Labels are read in the Go 1.24+ form (a sorted slice); older runtimes get none.
 
 Cost of the traced way (stripped binaries): every goroutine status change
@@ -61,41 +58,39 @@ from dataclasses import dataclass, field
 
 from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
-from agent.bpfload.records import RawRecord, RecordKind
-from agent.go.exit_pause import GO_EXIT_FUNCTIONS, GO_EXIT_PROGRAM, GO_EXIT_SOURCE
+from agent.bpfload.records import GorLayout, RawRecord, RecordKind
+from agent.go.exit_pause import GO_EXIT_PROGRAM, GO_EXIT_SOURCE
+from agent.go.goroutines import (
+    DEAD_STATUSES,
+    FUNC_FLAG_TOP_FRAME,
+    USER_RUNTIME_ENTRIES,
+    GoBinary,
+    GState,
+    GStatus,
+    go_binary,
+    load_bias,
+    read_allgs,
+    read_labels,
+    runtime_pprof_frames,
+    unwind,
+)
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
 from agent.probes.uprobes import ProcessUprobes
+from agent.processes.memory import ProcessMemory
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.targets import gated_command_path, running_pids
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Profile, SampleKey, ValueType
-from symbolizer.elf import ElfFile, elf_errors
+from exporters.profile import Profile, SampleKey
+from exporters.profile_types import empty_profile
 from symbolizer.errors import BpfprofError, PclntabError
-from symbolizer.gobuildinfo import read_build_info
-from symbolizer.gopclntab import GoPclntab, load_pclntab
-from symbolizer.proc_maps import file_base
 
 log = logging.getLogger(__name__)
 
-CASGSTATUS = "runtime.casgstatus"
-GOPARK = "runtime.gopark"
-# Where goroutines are born and die: their calls of casgstatus are the only ones probed when the
-# process's goroutines can be read from memory (runtime.allgs). goexit0 did gdestroy's work before 1.23.
-LIFE_FUNCTIONS = ("runtime.newproc1", "runtime.gdestroy", "runtime.goexit0")
-CALL_REL32 = 0xE8
-ALLGS = "runtime.allgs"
 EV_SHIFT = 56  # bpf/goroutine.bpf.c GOR_EV_SHIFT
 PAYLOAD_MASK = (1 << EV_SHIFT) - 1
 NO_LAYOUT = 0  # gor_counts index
 MAX_PROCS = 4096
-MAX_FRAMES = 127
-MAX_GOROUTINES_READ = 1 << 20  # a corrupt allglen must not make us read forever
-MAX_LABELS = 64
 CREATED_BY = "created_by"
-# runtime.isSystemGoroutine: these entry functions are user goroutines although in package runtime.
-USER_RUNTIME_ENTRIES = frozenset({"runtime.main", "runtime.corostart", "runtime.handleAsyncEvent"})
-FUNC_FLAG_TOP_FRAME = 1  # abi.FuncFlagTopFrame: goexit, the bottom of every goroutine
-FUNC_FLAG_SPWRITE = 2  # abi.FuncFlagSPWrite: the SP is not derivable past this frame
 
 
 class Event(enum.IntEnum):
@@ -106,296 +101,6 @@ class Event(enum.IntEnum):
     WAKE = 3
     EXIT = 4
     EXEC = 5
-
-
-class GStatus(enum.IntEnum):
-    """runtime2.go _G* values (the ones this module looks at)."""
-
-    IDLE = 0
-    RUNNABLE = 1
-    RUNNING = 2
-    SYSCALL = 3
-    WAITING = 4
-    DEAD = 6
-    LEAKED = 10
-    DEADEXTRA = 11
-
-
-SCAN_BIT = 0x1000  # _Gscan: a status being scanned by the GC; the rest is the status
-DEAD_STATUSES = frozenset({GStatus.IDLE, GStatus.DEAD, GStatus.DEADEXTRA})
-
-
-# -- runtime.g layout ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class GLayout:
-    """Offsets of the runtime.g fields this profile reads (linux/amd64)."""
-
-    sched: int  # runtime.gobuf: sp at +0, pc at +8
-    atomicstatus: int
-    goid: int
-    gopc: int
-    startpc: int
-    labels: int
-
-    @property
-    def size(self) -> int:
-        """Bytes of g to read to have every field."""
-        return max(self.sched + 16, self.atomicstatus + 4, self.goid + 8, self.gopc + 8, self.startpc + 8,
-                   self.labels + 8)
-
-
-# (major, minor) -> layout, measured from the DWARF of binaries built with that toolchain.
-VERSION_TABLE: dict[tuple[int, int], GLayout] = {
-    (1, 27): GLayout(sched=56, atomicstatus=144, goid=152, gopc=288, startpc=304, labels=352),
-}
-_G_FIELDS = {"sched", "atomicstatus", "goid", "gopc", "startpc", "labels"}
-
-
-def dwarf_layout(elf: ElfFile) -> GLayout | None:
-    """runtime.g's offsets from DWARF; None without DWARF or without one of the fields."""
-    if not elf.has_dwarf:
-        return None
-    with elf_errors(f"{elf.path}: DWARF runtime.g"):
-        for cu in elf.elf.get_dwarf_info().iter_CUs():
-            top = cu.get_top_DIE()
-            name = top.attributes.get("DW_AT_name")
-            if name is None or name.value != b"runtime":
-                continue
-            for die in top.iter_children():
-                sname = die.attributes.get("DW_AT_name")
-                if die.tag != "DW_TAG_structure_type" or sname is None or sname.value != b"runtime.g":
-                    continue
-                found: dict[str, int] = {}
-                for member in die.iter_children():
-                    mname = member.attributes.get("DW_AT_name")
-                    loc = member.attributes.get("DW_AT_data_member_location")
-                    if mname is not None and loc is not None and isinstance(loc.value, int):
-                        key = mname.value.decode(errors="replace")
-                        if key in _G_FIELDS:
-                            found[key] = loc.value
-                return GLayout(**found) if len(found) == len(_G_FIELDS) else None
-    return None
-
-
-@dataclass
-class GoBinary:
-    """What the goroutine probe needs of one Go executable."""
-
-    path: str
-    version: str
-    layout: GLayout
-    layout_source: str  # "dwarf" or "table"
-    casgstatus_offset: int  # file offsets for the uprobes
-    gopark_offset: int
-    allgs_vaddr: int  # 0: stripped, pre-existing goroutines cannot be listed
-    pie: bool
-    pclntab: GoPclntab = field(repr=False)
-    life_sites: tuple[int, ...] = ()  # file offsets of the casgstatus calls in LIFE_FUNCTIONS
-    exit_offset: int = 0  # file offset of runtime.exit, 0 if not found
-
-    @property
-    def reads_parks(self) -> bool:
-        """Parked goroutines and their stacks are read from memory (allgs), not traced: only births
-        and deaths trap, at their casgstatus call sites. Otherwise every status change traps
-        (casgstatus's entry) and every park (gopark)."""
-        return bool(self.allgs_vaddr and self.life_sites)
-
-    def uprobes(self) -> list[tuple[str, int]]:
-        """(program, file offset) of every uprobe this binary gets."""
-        if self.reads_parks:
-            return [("gor_casgstatus", off) for off in self.life_sites]
-        return [("gor_casgstatus", self.casgstatus_offset), ("gor_gopark", self.gopark_offset)]
-
-
-def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
-    """The goroutine probe's view of `path`; None if it is not a Go binary we can handle.
-
-    ElfParseError/OSError propagate for files that cannot be read.
-    """
-    with ElfFile(path) as elf:
-        info = read_build_info(elf)
-        if info is None:
-            return None
-        layout, source = (dwarf_layout(elf) if use_dwarf else None), "dwarf"
-        if layout is None:
-            vt = info.version_tuple
-            layout, source = (VERSION_TABLE.get(vt[:2]) if vt else None), "table"
-        if layout is None:
-            log.info("%s: %s without DWARF is not in the goroutine layout table", path, info.version)
-            return None
-        data = bytes(elf.image)
-        tab = load_pclntab(data)
-        if tab is None:
-            return None
-        funcs = {name: (entry, end) for entry, end, name in tab.functions()
-                 if name in (CASGSTATUS, GOPARK, *LIFE_FUNCTIONS, *GO_EXIT_FUNCTIONS)}
-        entries = {name: funcs[name][0] for name in (CASGSTATUS, GOPARK) if name in funcs}
-        if len(entries) < 2:
-            return None
-        sites = tuple(elf.offset_for_vaddr(site) for name in LIFE_FUNCTIONS if name in funcs
-                      for site in call_sites(data, elf, *funcs[name], entries[CASGSTATUS]))
-        allgs = 0
-        with elf_errors(f"{path}: .symtab"):
-            symtab = elf.elf.get_section_by_name(".symtab")
-            if symtab is not None:
-                found = symtab.get_symbol_by_name(ALLGS)
-                allgs = found[0]["st_value"] if found else 0
-        return GoBinary(path, info.version, layout, source, elf.offset_for_vaddr(entries[CASGSTATUS]),
-                        elf.offset_for_vaddr(entries[GOPARK]), allgs, elf.is_pie_or_shared, tab, sites,
-                        next((elf.offset_for_vaddr(funcs[n][0]) for n in GO_EXIT_FUNCTIONS if n in funcs), 0))
-
-
-def call_sites(image: bytes, elf: ElfFile, start: int, end: int, callee: int) -> list[int]:
-    """Addresses of the direct calls (E8 rel32) to `callee` in the function at [start, end).
-
-    Go's amd64 compiler calls a non-inlined function with E8 rel32 only; a
-    stray E8 byte inside another instruction would have to encode exactly
-    `callee` as its target to be taken for one. At a call the arguments are
-    already in their ABIInternal registers, so the entry program reads them
-    there as it would at casgstatus's entry.
-    """
-    base = elf.offset_for_vaddr(start)
-    code = image[base:base + (end - start)]
-    out = []
-    i = code.find(CALL_REL32)
-    while 0 <= i <= len(code) - 5:
-        (rel,) = struct.unpack_from("<i", code, i + 1)
-        if start + i + 5 + rel == callee:
-            out.append(start + i)
-        i = code.find(CALL_REL32, i + 1)
-    return out
-
-
-# -- reading a live process ----------------------------------------------------
-
-class ProcMem:
-    """Reads of another process's memory through /proc/PID/mem. OSError when gone or unmapped."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-
-    def read(self, addr: int, size: int) -> bytes:
-        data = os.pread(self._fd, size, addr)
-        if len(data) != size:
-            raise OSError(f"short read at 0x{addr:x} in {self.pid}")
-        return data
-
-    def u64(self, addr: int) -> int:
-        return struct.unpack("<Q", self.read(addr, 8))[0]
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def __enter__(self) -> ProcMem:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def load_bias(pid: int, path: str, pie: bool) -> int:
-    """Runtime address minus ELF vaddr of the executable in `pid` (0 unless PIE: Go links PIE at vaddr 0)."""
-    return file_base(pid, path) if pie else 0
-
-
-@dataclass
-class GState:
-    """One runtime.g as read from memory."""
-
-    gp: int
-    goid: int
-    status: int
-    sched_sp: int
-    sched_pc: int
-    gopc: int
-    startpc: int
-    labels: int
-
-
-def parse_g(gp: int, raw: bytes, layout: GLayout) -> GState:
-    u64 = lambda off: struct.unpack_from("<Q", raw, off)[0]  # noqa: E731
-    status = struct.unpack_from("<I", raw, layout.atomicstatus)[0] & ~SCAN_BIT
-    return GState(gp, u64(layout.goid), status, u64(layout.sched), u64(layout.sched + 8), u64(layout.gopc),
-                  u64(layout.startpc), u64(layout.labels))
-
-
-def read_allgs(mem: ProcMem, allgs: int, layout: GLayout) -> list[GState]:
-    """Every g in runtime.allgs (`allgs` is the slice header's runtime address); dead ones too."""
-    ptr, length = struct.unpack("<QQ", mem.read(allgs, 16))
-    if not ptr or length > MAX_GOROUTINES_READ:
-        return []
-    out = []
-    for gp in struct.unpack(f"<{length}Q", mem.read(ptr, 8 * length)):
-        try:
-            out.append(parse_g(gp, mem.read(gp, layout.size), layout))
-        except OSError:
-            continue  # freed between the two reads (allgs never shrinks: rare)
-    return out
-
-
-def unwind(mem: ProcMem, tab: GoPclntab, bias: int, pc: int, sp: int) -> tuple[int, ...]:
-    """PCs of a stopped goroutine from its saved pc/sp, leaf first, goexit last.
-
-    Each frame's return address is at SP + funcspdelta(pc) and the caller's SP
-    8 above it. Stops at the top frame, at an SPWRITE function, at code that is
-    not Go, or at an unreadable word.
-    """
-    frames: list[int] = []
-    while len(frames) < MAX_FRAMES and pc:
-        frames.append(pc)
-        try:
-            info = tab.frame_info(pc - bias - (1 if len(frames) > 1 else 0))
-        except PclntabError:
-            break
-        if info is None or info.flag & (FUNC_FLAG_TOP_FRAME | FUNC_FLAG_SPWRITE):
-            break
-        at = sp + info.sp_delta
-        try:
-            pc = mem.u64(at)
-        except OSError:
-            break
-        sp = at + 8
-    return tuple(frames)
-
-
-def read_labels(mem: ProcMem, ptr: int) -> tuple[tuple[str, str], ...]:
-    """A goroutine's pprof labels at g.labels (Go 1.24+: *labelMap, a slice of {key, value string})."""
-    if not ptr:
-        return ()
-    items, length = struct.unpack("<QQ", mem.read(ptr, 16))
-    if not items or length > MAX_LABELS:
-        return ()
-    words = struct.unpack(f"<{4 * length}Q", mem.read(items, 32 * length))
-    out = []
-    for i in range(length):
-        kp, kl, vp, vl = words[4 * i:4 * i + 4]
-        key = mem.read(kp, kl).decode(errors="replace") if kl else ""
-        value = mem.read(vp, vl).decode(errors="replace") if vl else ""
-        out.append((key, value))
-    return tuple(out)
-
-
-def runtime_pprof_frames(tab: GoPclntab, bias: int, pcs: tuple[int, ...]) -> tuple[int, ...]:
-    """`pcs` without the frames runtime/pprof leaves out of a goroutine profile.
-
-    Wrapper functions (abi.FuncIDWrapper: go-statement wrappers such as
-    main.main.gowrap1, method value wrappers) are elided by tracebackPCs, and
-    runtime/pprof stops at runtime.goexit, the top frame of every goroutine.
-    """
-    wrapper = tab._wrapper_func_id()  # not public in GoPclntab; abi.FuncIDWrapper of this binary
-    out = []
-    for i, pc in enumerate(pcs):
-        try:
-            info = tab.frame_info(pc - bias - (1 if i else 0))
-        except PclntabError:
-            info = None
-        if info is not None and info.flag & FUNC_FLAG_TOP_FRAME:
-            break
-        if info is None or info.func_id != wrapper:
-            out.append(pc)
-    return tuple(out)
 
 
 # -- the live set --------------------------------------------------------------
@@ -467,16 +172,8 @@ class _Proc:
 
 
 def goroutine_profile(start_time_ns: int, duration_ns: int) -> Profile:
-    return Profile(sample_types=[ValueType("goroutine", "count")], period_type=ValueType("goroutine", "count"),
-                   period=1, start_time_ns=start_time_ns, duration_ns=duration_ns,
-                   default_sample_type="goroutine", kind="goroutine")
-
-
-class _LayoutValue(ctypes.Structure):
-    """struct gor_layout."""
-
-    _fields_ = [("goid", ctypes.c_uint16), ("labels", ctypes.c_uint16), ("gopc", ctypes.c_uint16),
-                ("startpc", ctypes.c_uint16)]
+    """An empty goroutine profile (exporters/profile_types.py)."""
+    return empty_profile("goroutine", start_time_ns, duration_ns)
 
 
 class GoroutineAccumulator(Accumulator):
@@ -506,7 +203,7 @@ class GoroutineAccumulator(Accumulator):
         """Every g of `pid` with its stack from g.sched; [] without runtime.allgs."""
         if not proc.binary.allgs_vaddr:
             return []
-        with ProcMem(pid) as mem:
+        with ProcessMemory(pid) as mem:
             out = []
             for st in read_allgs(mem, proc.binary.allgs_vaddr + proc.bias, proc.binary.layout):
                 stack = () if st.status in DEAD_STATUSES else unwind(mem, proc.binary.pclntab, proc.bias,
@@ -543,7 +240,7 @@ class GoroutineAccumulator(Accumulator):
         if proc is None or ptr in proc.labels:
             return
         try:
-            with ProcMem(pid) as mem:
+            with ProcessMemory(pid) as mem:
                 proc.labels[ptr] = read_labels(mem, ptr)
         except (OSError, struct.error):
             proc.labels[ptr] = ()
@@ -573,7 +270,7 @@ class GoroutineAccumulator(Accumulator):
                     if g is not None and st.status not in DEAD_STATUSES:
                         g.parked = st.status in (GStatus.WAITING, GStatus.LEAKED)
                         g.stack, g.labels_ptr = stack, st.labels
-            with ProcMem(pid) as mem:
+            with ProcessMemory(pid) as mem:
                 proc.labels = {}
                 for g in gs.values():
                     if g.labels_ptr and g.labels_ptr not in proc.labels:
@@ -731,7 +428,7 @@ class GoroutineProbe(ProbeFamily):
         try:
             assert self.objs is not None
             libbpf.map_update(self.objs.maps["gor_procs"], ctypes.c_uint32(pid),
-                              _LayoutValue(layout.goid, layout.labels, layout.gopc, layout.startpc))
+                              GorLayout(layout.goid, layout.labels, layout.gopc, layout.startpc))
         except BpfprofError as e:  # the process table is full
             self.uprobes.errors += 1
             log.info("goroutine uprobes not placed in pid %d: %s", pid, e)

@@ -47,7 +47,8 @@ from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, r
 from agent.processes.stack_resolver import StackResolver, UnwoundStack
 from agent.processes.targets import gated_command_path
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Location, Profile, SampleKey, ValueType
+from exporters.profile import Location, Profile, SampleKey
+from exporters.profile_types import empty_profile
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
 from symbolizer.proc_maps import open_mapped_file, read_maps
@@ -86,17 +87,8 @@ EVENTS_PER_CPU_S = 4000
 
 
 def heap_profile(start_time_ns: int, duration_ns: int, rate_bytes: int) -> Profile:
-    """An empty heap profile with runtime/pprof's sample types and period."""
-    return Profile(
-        sample_types=[ValueType("alloc_objects", "count"), ValueType("alloc_space", "bytes"),
-                      ValueType("inuse_objects", "count"), ValueType("inuse_space", "bytes")],
-        period_type=ValueType("space", "bytes"),
-        period=rate_bytes,
-        start_time_ns=start_time_ns,
-        duration_ns=duration_ns,
-        default_sample_type="inuse_space",
-        kind="heap",
-    )
+    """An empty heap profile (exporters/profile_types.py), one sample per `rate_bytes` allocated."""
+    return empty_profile("heap", start_time_ns, duration_ns, rate_bytes)
 
 
 def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:

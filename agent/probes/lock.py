@@ -40,7 +40,8 @@ from agent.probes.profile_builder import add_records
 from agent.probes.uprobes import ProcessUprobes
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Location, Profile, ValueType
+from exporters.profile import Location, Profile
+from exporters.profile_types import empty_profile
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
 from symbolizer.gopclntab import load_pclntab
@@ -88,16 +89,8 @@ def decode_aux(aux: int) -> tuple[LockSource, int]:
 
 
 def lock_profile(start_time_ns: int, duration_ns: int) -> Profile:
-    """An empty lock profile with runtime/pprof's mutex/block sample types."""
-    return Profile(
-        sample_types=[ValueType("contentions", "count"), ValueType("delay", "nanoseconds")],
-        period_type=ValueType("contentions", "count"),
-        period=1,
-        start_time_ns=start_time_ns,
-        duration_ns=duration_ns,
-        default_sample_type="delay",
-        kind="lock",
-    )
+    """An empty lock profile (exporters/profile_types.py): runtime/pprof's mutex/block sample types."""
+    return empty_profile("lock", start_time_ns, duration_ns)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, r
 from agent.probes.profile_builder import add_records
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Profile, ValueType
+from exporters.profile import Profile
+from exporters.profile_types import empty_profile
 
 # Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
 # beyond that the least recently switched-out are evicted and their block is lost.
@@ -39,16 +40,8 @@ def state_label(prev_state: int) -> str:
 
 
 def offcpu_profile(start_time_ns: int, duration_ns: int) -> Profile:
-    """An empty off-CPU profile: blocks and nanoseconds off CPU."""
-    return Profile(
-        sample_types=[ValueType("samples", "count"), ValueType("off_cpu", "nanoseconds")],
-        period_type=ValueType("off_cpu", "nanoseconds"),
-        period=1,
-        start_time_ns=start_time_ns,
-        duration_ns=duration_ns,
-        default_sample_type="off_cpu",
-        kind="offcpu",
-    )
+    """An empty off-CPU profile (exporters/profile_types.py): blocks and nanoseconds off CPU."""
+    return empty_profile("offcpu", start_time_ns, duration_ns)
 
 
 class OffCpuAccumulator(Accumulator):

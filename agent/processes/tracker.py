@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from agent.processes.containers import ContainerInfo, read_container_info, read_environ_var
+from agent.processes.memory import read_vdso
 from symbolizer import proc_maps
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
@@ -179,7 +180,7 @@ class ProcessTracker:
         # One kernel, one vdso: the first process's copy serves all 64-bit ones.
         if self._vdso is None:
             try:
-                image = proc_maps.read_vdso(pid, self.proc_root)
+                image = read_vdso(pid, self.proc_root)
                 if image:
                     self._vdso = self.cache.get(ElfFile.from_bytes(image, "[vdso]"))
             except (BpfprofError, OSError) as e:

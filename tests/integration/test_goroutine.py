@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 
-from agent.probes.goroutine import go_binary
+from agent.go.goroutines import go_binary
 from fixtures.builder import build_go
 from gotool import GO, go_env, gotool_total
 from recording import Decoded, read_pprof, run_bpfprof

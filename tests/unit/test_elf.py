@@ -10,12 +10,13 @@ import subprocess
 
 import pytest
 
+from agent.processes.memory import read_vdso
 from fixtures.builder import build_c
 from symbolizer.dwarf_lines import DwarfLines
 from symbolizer.elf import ElfFile, file_to_vaddr
 from symbolizer.elf_symbols import ElfSymbols
 from symbolizer.errors import ElfParseError
-from symbolizer.proc_maps import open_mapped_file, read_maps, read_vdso
+from symbolizer.proc_maps import open_mapped_file, read_maps
 
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 PIE_FLAGS = ("-O2", "-g", "-fPIE", "-pie")

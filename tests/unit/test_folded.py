@@ -7,7 +7,8 @@ import re
 from exporters.folded import encode_folded
 from exporters.formats import FORMATS, OutputFormat
 from exporters.pprof import decode_pprof, encode_pprof
-from exporters.profile import Location, Profile, SampleKey, cpu_profile
+from exporters.profile import Location, Profile, SampleKey
+from exporters.profile_types import cpu_profile
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 
 APP = Mapping(0x400000, 0x600000, 0, "/usr/local/bin/app", "Xa1/Xb2", BuildIdKind.GO)

@@ -1,54 +1,51 @@
 """Goroutine profile without a kernel: the live-set bookkeeping, g layouts, memory reads and
-the pclntab unwinder, on the goroutines fixture's binary and fake memory."""
+the pclntab unwinder, on the goroutines fixture's binary and this process's own memory."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import struct
 
 import pytest
 
 from agent.bpfload.records import RawRecord
+from agent.go.goroutines import GState, GStatus, go_binary, read_allgs, read_labels, runtime_pprof_frames, unwind
+from agent.go.layouts import G_LAYOUT_TABLE
 from agent.probes.family import ProbeConfig
-from agent.probes.goroutine import (
-    VERSION_TABLE,
-    Event,
-    Goroutine,
-    GoroutineProbe,
-    GoroutineTable,
-    GState,
-    GStatus,
-    _Proc,
-    go_binary,
-    read_allgs,
-    read_labels,
-    runtime_pprof_frames,
-    unwind,
-)
+from agent.probes.goroutine import Event, Goroutine, GoroutineProbe, GoroutineTable, _Proc
+from agent.processes.memory import ProcessMemory
 from agent.processes.tracker import ProcessTracker
 from fixtures.builder import build_go
 
 
-class FakeMem:
-    """A sparse address space of little-endian words and byte strings."""
+class Arena:
+    """A zeroed block of this process's own memory, laid out as a test says and read back through
+    /proc/self/mem by the real reader. Addresses in a test are offsets into it: arena(off)."""
+
+    SIZE = 1 << 17
 
     def __init__(self) -> None:
-        self.bytes: dict[int, int] = {}
+        self.buf = ctypes.create_string_buffer(self.SIZE)
+        self.base = ctypes.addressof(self.buf)
+        self.mem = ProcessMemory(os.getpid())
 
-    def put(self, addr: int, data: bytes) -> None:
-        for i, b in enumerate(data):
-            self.bytes[addr + i] = b
+    def __call__(self, off: int) -> int:
+        return self.base + off
 
-    def put_u64(self, addr: int, *words: int) -> None:
-        self.put(addr, struct.pack(f"<{len(words)}Q", *words))
+    def put(self, off: int, data: bytes) -> None:
+        assert off + len(data) <= self.SIZE
+        ctypes.memmove(self.base + off, data, len(data))
 
-    def read(self, addr: int, size: int) -> bytes:
-        try:
-            return bytes(self.bytes[a] for a in range(addr, addr + size))
-        except KeyError as e:
-            raise OSError(f"unmapped 0x{e.args[0]:x}") from None
+    def put_u64(self, off: int, *words: int) -> None:
+        self.put(off, struct.pack(f"<{len(words)}Q", *words))
 
-    def u64(self, addr: int) -> int:
-        return struct.unpack("<Q", self.read(addr, 8))[0]
+
+@pytest.fixture
+def arena():
+    a = Arena()
+    yield a
+    a.mem.close()
 
 
 @pytest.fixture(scope="module")
@@ -104,49 +101,51 @@ def test_probe_decodes_records_without_bpf():
 
 def test_dwarf_layout_equals_the_version_table(binary):
     assert binary.layout_source == "dwarf"
-    assert binary.layout == VERSION_TABLE[(1, 27)]
+    assert binary.layout == G_LAYOUT_TABLE[(1, 27)]
     assert binary.allgs_vaddr and not binary.pie
     stripped = go_binary(str(build_go("goroutines", stripped=True)))
     assert stripped is not None and stripped.layout_source == "table" and stripped.allgs_vaddr == 0
     assert stripped.layout == binary.layout
 
 
-def test_read_allgs_and_labels_from_memory(binary):
-    layout = binary.layout
-    mem = FakeMem()
-    mem.put_u64(0x5000, 0x6000, 2, 4)  # allgs: ptr, len, cap
-    mem.put_u64(0x6000, 0x7000, 0x8000)
+def test_read_allgs_and_labels_from_memory(binary, arena):
+    layout, a = binary.layout, arena
+    a.put_u64(0x5000, a(0x6000), 2, 4)  # allgs: ptr, len, cap
+    a.put_u64(0x6000, a(0x7000), a(0x8000))
     for gp, goid, status in ((0x7000, 1, 0x1000 | GStatus.WAITING), (0x8000, 9, GStatus.DEAD)):
-        mem.put(gp, bytes(layout.size))
-        mem.put_u64(gp + layout.goid, goid)
-        mem.put(gp + layout.atomicstatus, struct.pack("<I", status))
-        mem.put_u64(gp + layout.sched, 0x9000, 0x401000)  # sp, pc
-        mem.put_u64(gp + layout.labels, 0xA000)
-    gs = read_allgs(mem, 0x5000, layout)
-    assert [(g.goid, g.status, g.sched_sp, g.sched_pc, g.labels) for g in gs] == [
-        (1, GStatus.WAITING, 0x9000, 0x401000, 0xA000), (9, GStatus.DEAD, 0x9000, 0x401000, 0xA000)]
-    mem.put_u64(0xA000, 0xB000, 2, 2)  # labelMap: []label
-    mem.put_u64(0xB000, 0xC000, 5, 0xC010, 1, 0xC020, 4, 0xC030, 0)
-    mem.put(0xC000, b"group")
-    mem.put(0xC010, b"a")
-    mem.put(0xC020, b"zone")
-    assert read_labels(mem, 0xA000) == (("group", "a"), ("zone", ""))
-    assert read_labels(mem, 0) == ()
+        a.put_u64(gp + layout.goid, goid)
+        a.put(gp + layout.atomicstatus, struct.pack("<I", status))
+        a.put_u64(gp + layout.sched, 0x9000, 0x401000)  # sp, pc
+        a.put_u64(gp + layout.labels, a(0xA000))
+    gs = read_allgs(a.mem, a(0x5000), layout)
+    assert [(g.gp, g.goid, g.status, g.sched_sp, g.sched_pc, g.labels) for g in gs] == [
+        (a(0x7000), 1, GStatus.WAITING, 0x9000, 0x401000, a(0xA000)),
+        (a(0x8000), 9, GStatus.DEAD, 0x9000, 0x401000, a(0xA000))]
+    a.put_u64(0xA000, a(0xB000), 2, 2)  # labelMap: []label
+    a.put_u64(0xB000, a(0xC000), 5, a(0xC010), 1, a(0xC020), 4, a(0xC030), 0)
+    a.put(0xC000, b"group")
+    a.put(0xC010, b"a")
+    a.put(0xC020, b"zone")
+    assert read_labels(a.mem, a(0xA000)) == (("group", "a"), ("zone", ""))
+    assert read_labels(a.mem, 0) == ()
+    a.put_u64(0x6000, a(0x7000), 8)  # a g that is not mapped (freed between the reads) is skipped
+    assert [g.goid for g in read_allgs(a.mem, a(0x5000), layout)] == [1]
 
 
-def test_unwind_follows_sp_deltas_to_goexit(binary):
+def test_unwind_follows_sp_deltas_to_goexit(binary, arena):
     tab = binary.pclntab
     gopark, park_a, goexit = (_entry(tab, n) for n in ("runtime.gopark", "main.parkA", "runtime.goexit"))
     # a PC inside gopark past its prologue, a return address inside parkA, goexit+1 as Go sets it up
     leaf = next(pc for pc in range(gopark + 1, gopark + 200) if (tab.sp_delta(pc) or 0) > 0)
     ret_a = next(pc for pc in range(park_a + 8, park_a + 200) if (tab.sp_delta(pc - 1) or 0) > 0)
-    mem, sp = FakeMem(), 0x10000
+    a = arena
+    sp = a(0x10000)
     at = sp + tab.sp_delta(leaf)
-    mem.put_u64(at, ret_a)
+    a.put_u64(at - a.base, ret_a)
     at2 = at + 8 + tab.sp_delta(ret_a - 1)
-    mem.put_u64(at2, goexit + 1)
-    assert unwind(mem, tab, 0, leaf, sp) == (leaf, ret_a, goexit + 1)
-    assert unwind(mem, tab, 0, leaf, sp + 8)[:1] == (leaf,)  # a bad word ends the walk, never raises
+    a.put_u64(at2 - a.base, goexit + 1)
+    assert unwind(a.mem, tab, 0, leaf, sp) == (leaf, ret_a, goexit + 1)
+    assert unwind(a.mem, tab, 0, leaf, 8) == (leaf,)  # an unreadable word (page zero) ends the walk, never raises
     # runtime/pprof's view: goexit gone, and go-statement wrappers elided
     wrap = _entry(tab, "main.main.gowrap1")
     assert runtime_pprof_frames(tab, 0, (leaf, ret_a, wrap + 1, goexit + 1)) == (leaf, ret_a)

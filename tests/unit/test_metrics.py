@@ -18,7 +18,8 @@ import pytest
 from agent.daemon.export_queue import Batch, ExportQueue, InMemoryBatchExporter, PprofDirExporter
 from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from exporters.otlp_sender import ExportResult, ExportStatus
-from exporters.profile import SampleKey, cpu_profile
+from exporters.profile import SampleKey
+from exporters.profile_types import cpu_profile
 from symbolizer.file_symbols import SymbolCache
 
 

@@ -18,7 +18,8 @@ import gotool
 from exporters.formats import FORMATS
 from exporters.otlp import decode_otlp, encode_otlp, encode_otlp_bytes, parse_otlp, validate_otlp
 from exporters.pprof import encode_pprof
-from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink, cpu_profile
+from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink
+from exporters.profile_types import cpu_profile
 from recording import read_pprof, run_bpfprof
 from symbolizer.errors import ExportError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping

@@ -14,7 +14,6 @@ from symbolizer.proc_maps import (
     open_mapped_file,
     parse_maps,
     read_maps,
-    read_vdso,
     resolve_in_root,
 )
 
@@ -146,10 +145,3 @@ def test_deleted_and_memfd_files_are_read_through_map_files(tmp_path):
             m.close()
         os.close(fd)
         os.close(memfd)
-
-
-def test_read_vdso_is_an_elf_image():
-    image = read_vdso("self")
-    assert image is not None and image[:4] == b"\x7fELF"
-    vdso = next(e for e in read_maps("self") if e.is_vdso)
-    assert len(image) == vdso.end - vdso.start

@@ -1,4 +1,4 @@
-"""The Python mirrors in agent/bpfload/records.py have the C layout of bpf/bpfprof.h.
+"""The Python mirrors in agent/bpfload/records.py have the C layout of bpf/bpfprof.h (records and map values).
 
 gcc compiles the real header (with BCC's integer typedefs) and prints sizes
 and offsets; ctypes must agree field by field.
@@ -19,6 +19,7 @@ from agent.bpfload.records import (
     CtxKind,
     Drop,
     GoLabels,
+    GorLayout,
     Header,
     Label,
     LabelsForm,
@@ -63,6 +64,7 @@ int main(void) {
     D(BPFPROF_LABELS_MAP) D(BPFPROF_LABELS_SLICE)
     D(BPFPROF_DROP_LABELS_TRUNCATED) D(BPFPROF_DROP_TRACE_CTX_READ_ERR)
     D(BPFPROF_MAX_FRAMES) D(BPFPROF_FRAMES_MASK)
+    S(gor_layout) O(gor_layout, goid) O(gor_layout, labels) O(gor_layout, gopc) O(gor_layout, startpc)
     return 0;
 }
 """
@@ -118,6 +120,14 @@ def test_trace_context_layout_agrees(tmp_path):
     assert (c["BPFPROF_LABELS_MAP"], c["BPFPROF_LABELS_SLICE"]) == (LabelsForm.MAP, LabelsForm.SLICE)
     assert (c["BPFPROF_DROP_LABELS_TRUNCATED"], c["BPFPROF_DROP_TRACE_CTX_READ_ERR"]) == (
         Drop.LABELS_TRUNCATED, Drop.TRACE_CTX_READ_ERR)
+
+
+def test_map_value_layouts_agree(tmp_path):
+    """Values the agent writes into BPF maps: struct gor_layout (`gor_procs`)."""
+    c = layout_values(tmp_path)
+    assert c["gor_layout"] == ctypes.sizeof(GorLayout)
+    for name, _ in GorLayout._fields_:
+        assert c[f"gor_layout.{name}"] == getattr(GorLayout, name).offset, name
 
 
 USTACK_PROGRAM = r"""

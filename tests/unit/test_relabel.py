@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from agent.daemon.config import RelabelRule
 from agent.daemon.relabel import Relabeler
-from exporters.profile import ProcessMeta, SampleKey, cpu_profile
+from exporters.profile import ProcessMeta, SampleKey
+from exporters.profile_types import cpu_profile
 
 
 def profile():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from exporters.profile import Location, SampleKey, cpu_profile
+from exporters.profile import Location, SampleKey
+from exporters.profile_types import cpu_profile
 from exporters.summary import top_functions
 from symbolizer.frames import Frame, FrameKind, Mapping
 

@@ -11,7 +11,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from exporters.otlp import FrameKind, encode_otlp_bytes
-from exporters.profile import Frame, Location, ProcessMeta, Profile, SampleKey, TraceLink, ValueType, cpu_profile
+from exporters.profile import Frame, Location, ProcessMeta, Profile, SampleKey, TraceLink, ValueType
+from exporters.profile_types import cpu_profile
 
 T0 = 1_700_000_000_000_000_000  # a fixed Unix ns origin
 MS = 1_000_000
