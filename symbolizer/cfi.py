@@ -58,7 +58,7 @@ from bisect import bisect_right
 from enum import IntEnum
 from typing import NamedTuple
 
-from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.elf import PT_GNU_EH_FRAME, ElfFile, elf_errors
 from symbolizer.errors import ElfParseError
 from symbolizer.leb128 import sleb128 as _sleb
 from symbolizer.leb128 import uleb128 as _uleb
@@ -688,9 +688,6 @@ def _merge(rows: _Rows, unsupported: int, sources: tuple[str, ...]) -> UnwindTab
     return UnwindTable(pcs, kinds, cfa, rbp, kept, unsupported, sources)
 
 
-_PT_GNU_EH_FRAME = 0x6474E550
-
-
 def _eh_frame_from_segments(elf: ElfFile) -> _Section | None:
     """.eh_frame found through PT_GNU_EH_FRAME when section headers are stripped.
 
@@ -698,11 +695,10 @@ def _eh_frame_from_segments(elf: ElfFile) -> _Section | None:
     zero terminator, so the containing PT_LOAD's end is a safe bound.
     """
     img = elf.image
-    for i in range(elf.elf.num_segments()):
-        h = elf.elf._get_segment_header(i)
-        if h["p_type"] != _PT_GNU_EH_FRAME and h["p_type"] != "PT_GNU_EH_FRAME":
+    for h in elf.program_headers:
+        if h.type != PT_GNU_EH_FRAME:
             continue
-        off, vaddr = h["p_offset"], h["p_vaddr"]
+        off, vaddr = h.offset, h.vaddr
         if off + 4 > len(img) or img[off] != 1:
             return None
         hdr = _Parser(_Section(bytes(img[off:off + 16]), vaddr, True), 0, 0, _Rows())

@@ -77,7 +77,7 @@ class FileSymbols:
     def go(self) -> GoPclntab | None:
         if not self.looks_like_go:
             return None
-        return self._guarded("pclntab", lambda: load_pclntab(self.elf.image))  # type: ignore[return-value]
+        return self._guarded("pclntab", lambda: load_pclntab(self.elf))  # type: ignore[return-value]
 
     @cached_property
     def looks_like_go(self) -> bool:

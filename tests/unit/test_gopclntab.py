@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.builder import build_go, go_tool
+from symbolizer.elf import ElfFile
 from symbolizer.errors import PclntabError
 from symbolizer.frames import FrameKind
 from symbolizer.gopclntab import GoPclntab, _name_for_print, load_pclntab
@@ -87,6 +88,17 @@ def test_lookup_matches_callers_frames(built):
     table = load_pclntab(image)
     assert table is not None and table.version == "1.20"
     _assert_matches(table, truth)
+
+
+def test_elf_file_input_reuses_its_headers(built):
+    """An ElfFile (what FileSymbols passes) gives the same table as the file's bytes."""
+    binary, image, truth = built
+    elf = ElfFile(binary)
+    table = load_pclntab(elf)
+    assert table is not None and table.text_start == load_pclntab(image).text_start
+    _assert_matches(table, truth)
+    del table  # release the buffer export before the mmap closes
+    elf.close()
 
 
 def test_stripped_build_needs_moduledata():
