@@ -49,6 +49,7 @@ PT_GNU_EH_FRAME = 0x6474E550
 SHT_SYMTAB = 2
 SHT_NOTE = 7
 SHT_NOBITS = 8
+SHT_DYNSYM = 11
 NT_GNU_BUILD_ID = 3
 NT_GO_BUILD_ID = 4  # Go's linker writes note type 4 with name "Go"
 PF_X = 1
