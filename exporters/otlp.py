@@ -39,7 +39,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
-from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink, ValueType
+from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink, ValueType, kind_for_sample_type
 from symbolizer.errors import ExportError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 
@@ -60,13 +60,6 @@ BUILD_ID_PREFIX = "process.executable.build_id."  # + gnu / go / htlhash
 LABEL_PREFIX = "process.context.label."  # + the pprof / Go label key
 
 KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
-
-# Profile.kind from the default sample type, for decoding (OTLP has no "kind").
-_KIND_BY_SAMPLE_TYPE = {
-    "cpu": "cpu", "samples": "cpu", "off_cpu": "offcpu",
-    "alloc_space": "heap", "alloc_objects": "heap", "inuse_space": "heap", "inuse_objects": "heap",
-    "delay": "lock", "contentions": "lock", "goroutine": "goroutine",
-}
 
 AttrValue = str | int
 
@@ -475,7 +468,7 @@ def _decode(request: ExportProfilesServiceRequest) -> list[Profile]:
         default = g.sample_types[0].type if g.sample_types else ""
         p = Profile(sample_types=g.sample_types, period_type=g.period_type, period=g.period,
                     start_time_ns=g.time_ns, duration_ns=g.duration_ns, default_sample_type=default,
-                    processes=g.processes, kind=_KIND_BY_SAMPLE_TYPE.get(default, ""))
+                    processes=g.processes, kind=kind_for_sample_type(default))
         for key, (values, timestamps) in g.samples.items():
             p.add(key, [values.get(i, 0) for i in range(len(g.sample_types))])
             p.samples[-1].timestamps_ns.extend(timestamps)  # keys are unique: add() appended a sample

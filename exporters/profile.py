@@ -127,6 +127,20 @@ class Profile:
         return sum(s.values[value_index] for s in self.samples)
 
 
+# Profile.kind by the profile's default sample type, for readers of formats that carry no kind
+# (pprof, OTLP): the sample types the agent's profiles and Go's runtime/pprof write.
+KIND_BY_SAMPLE_TYPE = {
+    "cpu": "cpu", "samples": "cpu", "off_cpu": "offcpu",
+    "alloc_space": "heap", "alloc_objects": "heap", "inuse_space": "heap", "inuse_objects": "heap",
+    "delay": "lock", "contentions": "lock", "goroutine": "goroutine",
+}
+
+
+def kind_for_sample_type(sample_type: str) -> str:
+    """Profile.kind of a profile whose default sample type is `sample_type`; "" when unknown."""
+    return KIND_BY_SAMPLE_TYPE.get(sample_type, "")
+
+
 def cpu_profile(start_time_ns: int, duration_ns: int, frequency_hz: int) -> Profile:
     """An empty CPU profile with runtime/pprof's sample types."""
     period_ns = 1_000_000_000 // frequency_hz
