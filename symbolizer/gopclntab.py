@@ -27,8 +27,8 @@ from the symbol table, or, in stripped binaries, from the moduledata found in
 the writable data by its pointer back to the pcHeader.
 
 Measured on tests/fixtures/go/pcgroundtruth (Go 1.27, amd64, 2.4 MB, 1,854
-funcs, one core; tests/unit/test_gopclntab.py::test_speed prints them):
-load_pclntab ~0.5 ms with .symtab, ~0.4 ms stripped (moduledata scan);
+funcs, one core; bench/symbolizer_speed.py --only pclntab prints them):
+load_pclntab ~0.45 ms with .symtab, ~0.35 ms stripped (moduledata scan);
 lookup() ~150k/s on never-seen PCs (decodes and caches the function's
 tables), ~7M/s on repeated PCs (per-PC cache). Parse cost is O(nfunc) list
 building plus one pass over .symtab, so a 10k-function binary stays in the
