@@ -132,7 +132,6 @@ class ElfHeaders:
             self.phoff, self.shoff = struct.unpack_from(e + "II", image, 28)
             (self.phentsize, self.phnum, self.shentsize, self.shnum,
              self.shstrndx) = struct.unpack_from(e + "HHHHH", image, 42)
-        self.e_type, self.e_machine = struct.unpack_from(e + "HH", image, 16)
 
     def _table(self, what: str, off: int, count: int, entsize: int, fmt: str) -> list[tuple[int, ...]]:
         """`count` entries of `entsize` bytes at `off`, each unpacked with `fmt` (bounds-checked)."""
