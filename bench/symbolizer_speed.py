@@ -1,9 +1,10 @@
-"""Symbolizer speed: DWARF line tables and inline chains on libpython, /proc/kallsyms loading.
+"""Symbolizer speed: DWARF line tables and inline chains on libpython, Go pclntab, /proc/kallsyms loading.
 
 Run from the repository root (no root needed; the kallsyms figures need it to
 see addresses, but loading is timed either way):
 
-    .venv/bin/python bench/symbolizer_speed.py [--lib PATH] [--addresses 200]
+    .venv/bin/python bench/symbolizer_speed.py [--lib PATH] [--addresses 200] [--go-binary PATH]
+        [--only dwarf|pclntab|kallsyms]
 
 Every measurement runs in a fresh child process, so RSS growth is its own:
 
@@ -18,6 +19,13 @@ Every measurement runs in a fresh child process, so RSS growth is its own:
   get_entries) of the unicodeobject.c CU against ours (_Unit.line_table), as
   a ratio. pyelftools is what dwarf_lines used before; its figures for the
   two first rows were 1.48 s / +88 MB and 17.7 s / +895 MB.
+- Go pclntab, on the pcgroundtruth fixture (built with the venv's go, with
+  and without symbols; --go-binary for another Go binary): load_pclntab from
+  the file's bytes and from an ElfFile (what FileSymbols passes), best of 7;
+  lookup() rate on never-seen PCs (every 7th byte of every function: decodes
+  and caches each function's tables) and on a 20,000-PC working set already
+  seen (the per-PC cache). Peer: `go tool addr2line` (Go's debug/gosym) on
+  the same never-seen PCs, its start-up (a run with one PC) subtracted.
 - kallsyms: KernelSymbols() against the previous per-line parser (kept here
   as the peer), median of 7 loads each, and the read alone.
 
@@ -39,9 +47,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 FALLBACK_LIB = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"
 FIRST_CU_SYMBOL = "PyUnicode_FromString"
+PCLNTAB_PC_STEP = 7  # bytes between the never-seen PCs looked up in every function
+PCLNTAB_HOT_PCS = 20_000  # a working set that fits the PC cache, as a profile's hot PCs do
 TARGET_CU_CPU_S = 0.050
 TARGET_CU_BYTES = 5 * 1024 * 1024
 
@@ -212,6 +223,85 @@ def child_kallsyms() -> dict:
             "peer_s": median_s(lambda: _kallsyms_per_line(read())), "lookup_us": lookup_us}
 
 
+def _best_s(fn, number: int = 20, repeat: int = 7) -> float:
+    """Seconds per call of fn, best of `repeat` rounds of `number` calls."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, time.perf_counter() - t0)
+    return best / number
+
+
+def pclntab_pcs(table) -> list[int]:
+    return [pc for entry, end, _ in table.functions() for pc in range(entry, end, PCLNTAB_PC_STEP)]
+
+
+def child_pclntab(binary: str) -> dict:
+    from symbolizer.elf import ElfFile
+    from symbolizer.gopclntab import load_pclntab
+
+    with open(binary, "rb") as f:
+        data = f.read()
+    elf = ElfFile(binary)
+    load_bytes_s = _best_s(lambda: load_pclntab(data))
+    load_elf_s = _best_s(lambda: load_pclntab(elf))
+    table = load_pclntab(data)
+    pcs = pclntab_pcs(table)
+    t0 = time.perf_counter()
+    for pc in pcs:
+        table.lookup(pc)
+    cold_s = time.perf_counter() - t0
+    hot = pcs[:PCLNTAB_HOT_PCS]
+    for pc in hot:
+        table.lookup(pc)
+    t0 = time.perf_counter()
+    for pc in hot:
+        table.lookup(pc)
+    warm_s = time.perf_counter() - t0
+    return {"funcs": len(table), "load_bytes_s": load_bytes_s, "load_elf_s": load_elf_s, "pcs": len(pcs),
+            "cold_per_s": len(pcs) / cold_s, "hot": len(hot), "warm_per_s": len(hot) / warm_s}
+
+
+def addr2line_per_s(binary: str, pcs: list[int]) -> tuple[float, float]:
+    """(lookups/s, start-up s) of `go tool addr2line` over `pcs`, start-up measured with one PC."""
+    from fixtures.builder import go_tool
+
+    def run(some: list[int]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([go_tool(), "tool", "addr2line", binary], input="".join(f"{pc:#x}\n" for pc in some),
+                       capture_output=True, text=True, check=True)
+        return time.perf_counter() - t0
+
+    startup_s = min(run(pcs[:1]) for _ in range(5))
+    total_s = min(run(pcs) for _ in range(3))
+    return len(pcs) / max(total_s - startup_s, 1e-9), startup_s
+
+
+def pclntab_report(args: argparse.Namespace) -> None:
+    from fixtures.builder import build_go
+    from symbolizer.gopclntab import load_pclntab
+
+    if args.go_binary:
+        binaries = {"given": args.go_binary}
+    else:
+        binaries = {"with .symtab": str(build_go("pcgroundtruth")),
+                    "stripped": str(build_go("pcgroundtruth", stripped=True))}
+    for label, binary in binaries.items():
+        r = run_child(args, "pclntab", "--go-binary", binary)
+        print(f"Go pclntab: {binary} ({label}, {os.path.getsize(binary) / 1e6:.1f} MB, {r['funcs']} funcs)")
+        print(f"  load_pclntab: from bytes {r['load_bytes_s'] * 1e3:.2f} ms, from an ElfFile "
+              f"{r['load_elf_s'] * 1e3:.2f} ms")
+        print(f"  lookup: {r['cold_per_s']:,.0f}/s on never-seen PCs ({r['pcs']} PCs), "
+              f"{r['warm_per_s']:,.0f}/s on {r['hot']} PCs seen before")
+        with open(binary, "rb") as f:
+            pcs = pclntab_pcs(load_pclntab(f.read()))
+        peer, startup_s = addr2line_per_s(binary, pcs)
+        print(f"  peer go tool addr2line, the same {len(pcs)} never-seen PCs: {peer:,.0f}/s (its start-up, "
+              f"{startup_s * 1e3:.0f} ms, excluded): ours/peer = {r['cold_per_s'] / peer:.2f}x")
+
+
 CHILDREN = {
     "first_cu": lambda a: child_first_cu(a.lib),
     "per_cu": lambda a: child_per_cu(a.lib),
@@ -219,6 +309,7 @@ CHILDREN = {
     "line_ours": lambda a: child_line_ours(a.lib),
     "line_pyelftools": lambda a: child_line_pyelftools(a.lib, a.cu_offset),
     "kallsyms": lambda a: child_kallsyms(),
+    "pclntab": lambda a: child_pclntab(a.go_binary),
 }
 
 
@@ -235,20 +326,9 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lib", default=default_lib(), help="ELF file with DWARF (default: this Python's libpython)")
-    p.add_argument("--addresses", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
-    p.add_argument("--cu-offset", dest="cu_offset", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        print(json.dumps(CHILDREN[args.child](args)))
-        return
+def dwarf_report(args: argparse.Namespace) -> None:
     if not os.path.exists(args.lib):
         sys.exit(f"{args.lib}: no such file (give --lib)")
-
     print(f"DWARF: {args.lib} ({os.path.getsize(args.lib) / 1e6:.1f} MB)")
     first = run_child(args, "first_cu")
     print(f"  CU index: {first['index_s'] * 1000:.1f} ms CPU")
@@ -273,12 +353,34 @@ def main() -> None:
           f"{verdict(max(per['max_cpu_s'], first['cpu_s']) <= TARGET_CU_CPU_S)}; "
           f"target kept CU <= {TARGET_CU_BYTES >> 20} MB: {verdict(per['max_kept_bytes'] <= TARGET_CU_BYTES)}")
 
+
+def kallsyms_report(args: argparse.Namespace) -> None:
     k = run_child(args, "kallsyms")
     print(f"kallsyms: {k['lines']} lines, {k['symbols']} text symbols"
           + ("" if k["usable"] else " (addresses hidden: run as root for lookups that resolve)"))
     print(f"  load: ours {k['ours_s'] * 1000:.0f} ms, per-line peer {k['peer_s'] * 1000:.0f} ms "
           f"(peer/ours = {k['peer_s'] / k['ours_s']:.2f}x); reading the file alone {k['read_s'] * 1000:.0f} ms; "
           f"lookup {k['lookup_us']:.2f} us")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lib", default=default_lib(), help="ELF file with DWARF (default: this Python's libpython)")
+    p.add_argument("--addresses", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--cu-offset", dest="cu_offset", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--go-binary", dest="go_binary", default="",
+                   help="Go binary for the pclntab figures (default: the pcgroundtruth fixture, built here)")
+    p.add_argument("--only", action="append", choices=("dwarf", "pclntab", "kallsyms"),
+                   help="run only this part (repeatable); default: all")
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args)))
+        return
+    parts = {"dwarf": dwarf_report, "pclntab": pclntab_report, "kallsyms": kallsyms_report}
+    for name in args.only or parts:
+        parts[name](args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run from the repository root (no root needed):
 
-    .venv/bin/python bench/unwind_speed.py [--repeat 2000]
+    .venv/bin/python bench/unwind_speed.py [--repeat 2000] [--tables] [--file PATH ...]
 
 It builds and runs the unwinder fixtures (tests/fixtures/c/unwind_chain.c at
 -O2 with and without frame pointers, unwind_templates.cc without, and the Go
@@ -16,6 +16,11 @@ expected chain of an independent unwinder (libgcc, runtime.Callers). Then:
   one found (the accuracy the extra cost buys)
 - stack bytes: the smallest copy that still gives each scenario its complete
   chain (what the BPF side must copy)
+- CFI tables of big system files (libc, libstdc++, python3.11, node when
+  present, plus --file): UnwindTable.from_elf CPU, FDEs, rows and bytes of
+  arrays (the figures in symbolizer/cfi.py's docstring), against reading the
+  same table back from symbolizer/unwind_cache.py (a temporary directory).
+  --tables prints only these.
 
 Target (PASS/MISS, never a failing exit status): the issue's "no more than 2x
 the CPU of the frame-pointer path" is about the whole per-sample pipeline; here
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +43,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from fixtures.builder import build_c, build_go  # noqa: E402
+from symbolizer import unwind_cache  # noqa: E402
+from symbolizer.cfi import UnwindTable  # noqa: E402
 from symbolizer.elf import ElfFile  # noqa: E402
 from symbolizer.file_symbols import FileSymbols, file_id  # noqa: E402
 from symbolizer.frames import Mapping  # noqa: E402
@@ -45,6 +53,8 @@ from symbolizer.process_symbols import MappedFile, ProcessSymbols  # noqa: E402
 from symbolizer.unwinder import Regs, Unwinder, frame_pointer_walk  # noqa: E402
 
 Scenario = tuple[Regs, list[int], bytes]
+TABLE_FILES = ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/bin/python3.11",
+               shutil.which("node") or "/usr/bin/node")
 _FILES: dict[str, FileSymbols] = {}
 
 
@@ -117,10 +127,42 @@ def min_stack_bytes(regs: Regs, stack: bytes, ps: ProcessSymbols) -> int:
     return hi
 
 
+def table_report(extra: list[str]) -> None:
+    """CFI table build of big files vs. reading it back from the on-disk cache (CPU, best of 3)."""
+    print("CFI tables (UnwindTable.from_elf, no cache) vs. the same table read back from the unwind cache:")
+    print(f"  {'file':24} {'MB':>6} {'FDEs':>7} {'rows':>8} {'arrays MB':>9} {'build ms':>9} {'read ms':>8}"
+          f" {'build/read':>10}")
+    with tempfile.TemporaryDirectory(prefix="unwind_speed.cache.") as cache:
+        for path in (*TABLE_FILES, *extra):
+            if not os.path.exists(path):
+                continue
+            elf = ElfFile(path)
+            build_s, table = float("inf"), None
+            for _ in range(3):
+                t0 = time.process_time()
+                table = UnwindTable.from_elf(elf)
+                build_s = min(build_s, time.process_time() - t0)
+            unwind_cache.store("bench", "gnu", table, Path(cache))
+            read_s = float("inf")
+            for _ in range(3):
+                t0 = time.process_time()
+                back = unwind_cache.load("bench", "gnu", Path(cache))
+                read_s = min(read_s, time.process_time() - t0)
+            assert back is not None and back.pcs == table.pcs
+            print(f"  {os.path.basename(path):24} {os.path.getsize(path) / 1e6:6.1f} {table.fde_count:7,}"
+                  f" {len(table):8,} {table.nbytes / 1e6:9.2f} {build_s * 1e3:9.1f} {read_s * 1e3:8.2f}"
+                  f" {build_s / max(read_s, 1e-9):9.0f}x")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2000, help="walks of each dump per timing round")
+    ap.add_argument("--tables", action="store_true", help="only the CFI table build figures")
+    ap.add_argument("--file", action="append", default=[], help="another ELF file for the table figures")
     args = ap.parse_args()
+    if args.tables:
+        table_report(args.file)
+        return 0
     sets = {
         "C -O2 frame pointers": build_c("unwind_chain", ("-O2", "-g", "-fno-omit-frame-pointer")),
         "C -O2 -fomit-frame-pointer": build_c("unwind_chain", ("-O2", "-g", "-fomit-frame-pointer")),
@@ -128,6 +170,8 @@ def main() -> int:
         "Go, stripped": build_go("unwind", stripped=True),
     }
     tmp = Path(tempfile.mkdtemp(prefix="unwind_speed."))
+    # An empty unwind cache, so "table build" below is a build and not a read of an earlier run's table.
+    os.environ[unwind_cache.ENV_CACHE_DIR] = str(tmp / "cache")
     print(f"{'dump set':34} {'ours µs/sample':>14} {'µs/frame':>9} {'fp µs/sample':>13} {'µs/frame':>9}"
           f" {'ratio/sample':>12} {'ratio/frame':>11} {'frames ours/fp/expected':>24}")
     ratios = []
@@ -161,7 +205,8 @@ def main() -> int:
         print(f"  {name:60} {size:6}")
     worst = max(ratios)
     print(f"\nwalk-only CPU ratio ours/fp per sample: {min(ratios):.1f}-{worst:.1f}x "
-          f"({'PASS' if worst <= 2 else 'MISS'} against 2x; the fp walk stops early where frames lack RBP)")
+          f"({'PASS' if worst <= 2 else 'MISS'} against 2x; the fp walk stops early where frames lack RBP)\n")
+    table_report(args.file)
     return 0
 
 

@@ -16,6 +16,7 @@ import re
 
 from exporters.pprof import decode_pprof
 from exporters.profile import Location, ProcessMeta, Profile, SampleKey, ValueType
+from exporters.profile_types import kind_of_sample_type
 from exporters.proto import profile_pb2
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 
@@ -74,9 +75,9 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
     profile = Profile(sample_types=[vt(t) for t in msg.sample_type], period_type=vt(msg.period_type),
                       period=msg.period, start_time_ns=msg.time_nanos, duration_ns=msg.duration_nanos,
                       comments=[st[c] for c in msg.comment], default_sample_type=st[msg.default_sample_type])
-    defaults = {"cpu": "cpu", "alloc_space": "heap", "inuse_space": "heap", "delay": "lock", "goroutine": "goroutine"}
-    profile.kind = defaults.get(profile.default_sample_type or (profile.sample_types[-1].type
-                                                                if profile.sample_types else ""), "")
+    # Without a default sample type pprof shows the last one (what Go's runtime/pprof relies on).
+    profile.kind = kind_of_sample_type(profile.default_sample_type or (profile.sample_types[-1].type
+                                                                        if profile.sample_types else ""))
     for s in msg.sample:
         pid, tid, thread_name, labels = 0, 0, "", []
         for label in s.label:

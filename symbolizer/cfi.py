@@ -39,15 +39,15 @@ Any structural corruption (a length past the section, a CIE pointer to
 nowhere, a truncated operand) raises ElfParseError; an FDE whose program has
 an opcode we do not know is kept as UNSUPPORTED over its range and counted.
 
-Measured (Python 3.11, this 2-CPU VM, one core; tests/unit/test_eh_frame.py::test_build_speed
+Measured (Python 3.11, this 2-CPU VM, one core; bench/unwind_speed.py --tables
 prints them):
   libc.so.6            1.9 MB,  3,713 FDEs,  28k rows, 0.5 MB of arrays,  46 ms CPU
   libstdc++.so.6       2.2 MB,  4,867 FDEs,  34k rows, 0.6 MB,            57 ms
   /usr/bin/python3.11  6.8 MB, 10,221 FDEs,  65k rows, 1.1 MB,           113 ms
   /usr/bin/node       99 MB,   75,922 FDEs, 372k rows, 6.3 MB,           740 ms
-(17 bytes a row.) Cheap enough to build on first use per build id, so there
-is no on-disk cache: reading one back would save under a second once per
-binary per agent start.
+(17 bytes a row.) A table is built on first use per build id and kept on
+disk by symbolizer/unwind_cache.py, so the next capture reads it back in a
+few hundred microseconds instead of building it again.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from bisect import bisect_right
 from enum import IntEnum
 from typing import NamedTuple
 
-from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.elf import PT_GNU_EH_FRAME, ElfFile, elf_errors
 from symbolizer.errors import ElfParseError
 from symbolizer.leb128 import sleb128 as _sleb
 from symbolizer.leb128 import uleb128 as _uleb
@@ -688,9 +688,6 @@ def _merge(rows: _Rows, unsupported: int, sources: tuple[str, ...]) -> UnwindTab
     return UnwindTable(pcs, kinds, cfa, rbp, kept, unsupported, sources)
 
 
-_PT_GNU_EH_FRAME = 0x6474E550
-
-
 def _eh_frame_from_segments(elf: ElfFile) -> _Section | None:
     """.eh_frame found through PT_GNU_EH_FRAME when section headers are stripped.
 
@@ -698,11 +695,10 @@ def _eh_frame_from_segments(elf: ElfFile) -> _Section | None:
     zero terminator, so the containing PT_LOAD's end is a safe bound.
     """
     img = elf.image
-    for i in range(elf.elf.num_segments()):
-        h = elf.elf._get_segment_header(i)
-        if h["p_type"] != _PT_GNU_EH_FRAME and h["p_type"] != "PT_GNU_EH_FRAME":
+    for h in elf.program_headers:
+        if h.type != PT_GNU_EH_FRAME:
             continue
-        off, vaddr = h["p_offset"], h["p_vaddr"]
+        off, vaddr = h.offset, h.vaddr
         if off + 4 > len(img) or img[off] != 1:
             return None
         hdr = _Parser(_Section(bytes(img[off:off + 16]), vaddr, True), 0, 0, _Rows())

@@ -13,6 +13,12 @@ through the file offset (not "start - lowest vaddr") needs no guess about the
 load bias, so it is right for non-PIE executables (bias 0), PIE and shared
 libraries (bias = start of the first mapping) and files mapped in pieces.
 
+The ELF header, program headers and section headers are read here with
+struct (ElfHeaders), for every user: pyelftools builds an object per header,
+which made build-id reads the agent's top cost when it opened every library
+of every new process, and gopclntab loads in well under a millisecond on
+top of them. pyelftools stays for what it is good at (symbols, DWARF).
+
 Every parse error -- pyelftools', struct's, a bounds check's -- surfaces as
 ElfParseError; callers turn that into an unknown frame and a counter.
 """
@@ -38,11 +44,27 @@ HASH_CHUNK_BYTES = 4096
 
 PT_LOAD = 1
 PT_NOTE = 4
+PT_TLS = 7
+PT_GNU_EH_FRAME = 0x6474E550
+SHT_SYMTAB = 2
 SHT_NOTE = 7
 SHT_NOBITS = 8
+SHT_DYNSYM = 11
 NT_GNU_BUILD_ID = 3
 NT_GO_BUILD_ID = 4  # Go's linker writes note type 4 with name "Go"
 PF_X = 1
+PF_W = 2
+PF_R = 4
+# Extended numbering (gABI): counts too large for the ELF header live in section 0.
+PN_XNUM = 0xFFFF  # e_phnum: the count is section 0's sh_info
+SHN_XINDEX = 0xFFFF  # e_shstrndx: the index is section 0's sh_link
+
+# Program and section header layouts, in the order the file stores them.
+_PHDR64 = "IIQQQQQQ"  # type flags offset vaddr paddr filesz memsz align
+_PHDR32 = "IIIIIIII"  # type offset vaddr paddr filesz memsz flags align
+_SHDR64 = "IIQQQQIIQQ"  # name type flags addr offset size link info addralign entsize
+_SHDR32 = "IIIIIIIIII"
+_MAX_SECTION_NAME = 4096  # bytes of a section name we read; longer ones stay unnamed
 
 
 class LoadSegment(NamedTuple):
@@ -53,6 +75,148 @@ class LoadSegment(NamedTuple):
     offset: int
     filesz: int
     flags: int
+
+
+class ProgramHeader(NamedTuple):
+    """One program header (Elf64_Phdr / Elf32_Phdr fields, whatever the class)."""
+
+    type: int
+    flags: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+    align: int
+
+
+class SectionHeader(NamedTuple):
+    """One section header with its name resolved ("" when .shstrtab does not hold it)."""
+
+    name: str
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+
+
+class ElfHeaders:
+    """The ELF header, program headers and section headers of an image, read with struct.
+
+    Works on bytes, an mmap or a memoryview without copying. The ELF header is
+    checked on construction; each table is read, bounds-checked, on first use.
+    A table that runs past the end of the image raises ElfParseError.
+    """
+
+    def __init__(self, image: bytes | mmap.mmap | memoryview, name: str = "<memory>") -> None:
+        self.image = image
+        self.name = name
+        n = len(image)
+        if n < 52 or bytes(image[:4]) != b"\x7fELF" or image[4] not in (1, 2) or image[5] not in (1, 2):
+            raise ElfParseError(f"{name}: not an ELF file")
+        self.is64: bool = image[4] == 2
+        self.endian: str = "<" if image[5] == 1 else ">"
+        e = self.endian
+        if self.is64:
+            if n < 64:
+                raise ElfParseError(f"{name}: ELF header runs past the end of the file")
+            self.phoff, self.shoff = struct.unpack_from(e + "QQ", image, 32)
+            (self.phentsize, self.phnum, self.shentsize, self.shnum,
+             self.shstrndx) = struct.unpack_from(e + "HHHHH", image, 54)
+        else:
+            self.phoff, self.shoff = struct.unpack_from(e + "II", image, 28)
+            (self.phentsize, self.phnum, self.shentsize, self.shnum,
+             self.shstrndx) = struct.unpack_from(e + "HHHHH", image, 42)
+
+    def _table(self, what: str, off: int, count: int, entsize: int, fmt: str) -> list[tuple[int, ...]]:
+        """`count` entries of `entsize` bytes at `off`, each unpacked with `fmt` (bounds-checked)."""
+        if count == 0:
+            return []
+        layout = struct.Struct(self.endian + fmt)
+        end = off + count * entsize
+        if entsize < layout.size:
+            raise ElfParseError(f"{self.name}: {what}: entry size {entsize} is below {layout.size}")
+        if off <= 0 or end > len(self.image):
+            raise ElfParseError(f"{self.name}: {what}: {count} x {entsize} bytes at {off:#x} run past the end "
+                                f"of the file ({len(self.image):#x})")
+        if entsize == layout.size:
+            return list(layout.iter_unpack(self.image[off:end]))
+        return [layout.unpack_from(self.image, off + i * entsize) for i in range(count)]
+
+    @cached_property
+    def _section0(self) -> tuple[int, ...] | None:
+        """Section 0, where extended numbering keeps counts the ELF header cannot hold."""
+        if not self.shoff:
+            return None
+        return self._table("section header 0", self.shoff, 1, self.shentsize, _SHDR64 if self.is64 else _SHDR32)[0]
+
+    @cached_property
+    def program_headers(self) -> list[ProgramHeader]:
+        """Every program header, in file order. ElfParseError if the table is truncated."""
+        count = self.phnum
+        if count == PN_XNUM and self._section0 is not None:
+            count = self._section0[7]
+        if self.is64:
+            return [ProgramHeader(*r) for r in self._table("program headers", self.phoff, count, self.phentsize,
+                                                           _PHDR64)]
+        return [ProgramHeader(t, flags, off, va, pa, fsz, msz, al)
+                for t, off, va, pa, fsz, msz, flags, al in self._table("program headers", self.phoff, count,
+                                                                        self.phentsize, _PHDR32)]
+
+    @cached_property
+    def load_segments(self) -> list[LoadSegment]:
+        """PT_LOAD program headers, in file order."""
+        return [LoadSegment(p.vaddr, p.memsz, p.offset, p.filesz, p.flags)
+                for p in self.program_headers if p.type == PT_LOAD]
+
+    @cached_property
+    def sections(self) -> list[SectionHeader]:
+        """Every section header, indexed as the file numbers them ([] when stripped).
+        ElfParseError if the table is truncated."""
+        if not self.shoff:
+            return []
+        count, strndx = self.shnum, self.shstrndx
+        if count == 0 and self._section0 is not None:
+            count = self._section0[5]
+        if strndx == SHN_XINDEX and self._section0 is not None:
+            strndx = self._section0[6]
+        raw = self._table("section headers", self.shoff, count, self.shentsize, _SHDR64 if self.is64 else _SHDR32)
+        names = b""
+        if 0 < strndx < len(raw):
+            # One copy of the names in use (a name longer than _MAX_SECTION_NAME stays unnamed).
+            lo = raw[strndx][4]
+            hi = min(lo + raw[strndx][5], lo + max(r[0] for r in raw) + _MAX_SECTION_NAME, len(self.image))
+            names = bytes(self.image[lo:hi]) if lo < hi else b""
+        out = []
+        make = SectionHeader._make
+        for r in raw:
+            end = names.find(b"\0", r[0])
+            out.append(make((names[r[0]:end].decode("latin-1") if end >= 0 else "",) + r[1:]))
+        return out
+
+    @cached_property
+    def _by_name(self) -> dict[str, SectionHeader]:
+        by_name: dict[str, SectionHeader] = {}
+        for sec in self.sections:
+            by_name.setdefault(sec.name, sec)
+        return by_name
+
+    def section(self, name: str) -> SectionHeader | None:
+        """The first section called `name`, or None."""
+        return self._by_name.get(name)
+
+    def offset_of(self, vaddr: int, size: int = 1) -> int | None:
+        """File offset of [vaddr, vaddr+size) if one PT_LOAD holds it in the image, else None."""
+        for seg in self.load_segments:
+            if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
+                off = vaddr - seg.vaddr + seg.offset
+                return off if off + size <= len(self.image) else None
+        return None
 
 
 @contextlib.contextmanager
@@ -76,7 +240,8 @@ class ElfFile:
     """One ELF file, read through an mmap (or a bytes image, e.g. the vdso).
 
     `image` is the whole file as a buffer; other parsers (gopclntab,
-    elf_symbols) slice it directly instead of going through pyelftools.
+    elf_symbols) slice it directly instead of going through pyelftools, and
+    `headers` (ElfHeaders) holds its program and section headers.
     Construction validates the ELF header; other properties parse lazily.
     pyelftools reads through one shared stream position, so an ElfFile is
     not safe to use from several threads at once: give each its own or lock.
@@ -109,6 +274,7 @@ class ElfFile:
         with elf_errors(self.path):
             if image[:4] != b"\x7fELF":
                 raise ElfParseError(f"{self.path}: not an ELF file")
+            self.headers = ElfHeaders(image, self.path)
             self.elf = ELFFile(stream)
             self.elfclass: int = self.elf.elfclass
             self.little_endian: bool = self.elf.little_endian
@@ -154,16 +320,15 @@ class ElfFile:
 
     # -- segments and addresses ---------------------------------------------
 
-    @cached_property
+    @property
+    def program_headers(self) -> list[ProgramHeader]:
+        """Every program header (ElfParseError if the table is truncated)."""
+        return self.headers.program_headers
+
+    @property
     def load_segments(self) -> list[LoadSegment]:
         """PT_LOAD program headers, in file order."""
-        with elf_errors(f"{self.path}: program headers"):
-            out = []
-            for i in range(self.elf.num_segments()):
-                h = self.elf._get_segment_header(i)
-                if h["p_type"] == "PT_LOAD":
-                    out.append(LoadSegment(h["p_vaddr"], h["p_memsz"], h["p_offset"], h["p_filesz"], h["p_flags"]))
-            return out
+        return self.headers.load_segments
 
     @property
     def is_pie_or_shared(self) -> bool:
@@ -190,9 +355,9 @@ class ElfFile:
     def offset_for_vaddr(self, vaddr: int) -> int:
         """File offset of virtual address `vaddr` (where a uprobe goes), through the PT_LOAD segment
         holding it; ElfParseError if it is in no loaded part of the file."""
-        for seg in self.load_segments:
-            if seg.vaddr <= vaddr < seg.vaddr + seg.filesz:
-                return vaddr - seg.vaddr + seg.offset
+        off = self.headers.offset_of(vaddr)
+        if off is not None:
+            return off
         raise ElfParseError(f"{self.path}: address 0x{vaddr:x} is in no loaded segment")
 
     def vaddr_for_runtime(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
@@ -202,37 +367,14 @@ class ElfFile:
     # -- identity ------------------------------------------------------------
 
     def _note_ranges(self) -> list[tuple[int, int, int]]:
-        """(offset, size, align) of SHT_NOTE sections, else of PT_NOTE segments."""
-        ranges: list[tuple[int, int, int]] = []
-        if self.elfclass == 64 and self.little_endian:
-            # Section headers read with struct: pyelftools builds an object per
-            # section, which made build-id reads the agent's top cost when it
-            # opened every library of every new process.
-            img = self.image
-            shoff, = struct.unpack_from("<Q", img, 0x28)
-            shentsize, shnum = struct.unpack_from("<HH", img, 0x3A)
-            if shoff and shentsize >= 64 and shoff + shnum * shentsize <= len(img):
-                for i in range(shnum):
-                    base = shoff + i * shentsize
-                    sh_type, = struct.unpack_from("<I", img, base + 4)
-                    if sh_type == SHT_NOTE:
-                        off, size = struct.unpack_from("<QQ", img, base + 24)
-                        align, = struct.unpack_from("<Q", img, base + 48)
-                        ranges.append((off, size, align))
-                return ranges or self._segment_note_ranges()
-        for sec in self.elf.iter_sections():
-            if sec["sh_type"] == "SHT_NOTE":
-                ranges.append((sec["sh_offset"], sec["sh_size"], sec["sh_addralign"]))
-        return ranges or self._segment_note_ranges()
-
-    def _segment_note_ranges(self) -> list[tuple[int, int, int]]:
-        """PT_NOTE segments: where notes are when section headers are stripped."""
-        ranges = []
-        for i in range(self.elf.num_segments()):
-            h = self.elf._get_segment_header(i)
-            if h["p_type"] == "PT_NOTE":
-                ranges.append((h["p_offset"], h["p_filesz"], h["p_align"]))
-        return ranges
+        """(offset, size, align) of SHT_NOTE sections, else (stripped or corrupt section headers)
+        of PT_NOTE segments."""
+        try:
+            sections = self.headers.sections
+        except ElfParseError:
+            sections = []
+        ranges = [(s.offset, s.size, s.addralign) for s in sections if s.type == SHT_NOTE]
+        return ranges or [(p.offset, p.filesz, p.align) for p in self.program_headers if p.type == PT_NOTE]
 
     @cached_property
     def _note_list(self) -> list[tuple[bytes, int, bytes]]:
@@ -240,7 +382,7 @@ class ElfFile:
             endian = "<" if self.little_endian else ">"
             out: list[tuple[bytes, int, bytes]] = []
             for off, size, align in self._note_ranges():
-                out.extend(_parse_notes(self.image, off, size, 8 if align == 8 else 4, endian))
+                out.extend(parse_notes(self.image, off, size, 8 if align == 8 else 4, endian))
             return out
 
     def _notes(self) -> Iterator[tuple[bytes, int, bytes]]:
@@ -284,8 +426,17 @@ def file_to_vaddr(elf: ElfFile, file_offset: int) -> int | None:
     return elf.vaddr_for_offset(file_offset)
 
 
-def _parse_notes(image: bytes | mmap.mmap, off: int, size: int, align: int,
-                 endian: str) -> Iterator[tuple[bytes, int, bytes]]:
+def parse_notes(image: bytes | mmap.mmap, off: int = 0, size: int | None = None, align: int = 4,
+                endian: str = "<") -> Iterator[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of each ELF note in image[off:off+size] (the rest of the image when size is None).
+
+    `align` is the note section's alignment (4, or 8 for some GNU property
+    notes); `endian` a struct byte-order prefix. Also reads bare note
+    streams such as /sys/kernel/notes. ElfParseError when a note runs past
+    the range.
+    """
+    if size is None:
+        size = len(image) - off
     end = off + size
     if off < 0 or end > len(image):
         raise ElfParseError(f"note range {off:#x}+{size:#x} beyond end of file")

@@ -30,7 +30,7 @@ from array import array
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.elf import SHT_DYNSYM, SHT_SYMTAB, ElfFile, elf_errors
 from symbolizer.errors import ElfParseError
 
 STT_NOTYPE = 0
@@ -100,10 +100,10 @@ class ElfSymbols:
         tables = []
         # Raw headers only: iter_sections() would build pyelftools section
         # objects, some of which parse their whole contents up front.
-        all_headers = [elf.elf._get_section_header(i) for i in range(elf.elf.num_sections())]
+        all_headers = elf.headers.sections
         for h in all_headers:
-            sections.append(_Section(h["sh_addr"], h["sh_addr"] + h["sh_size"], bool(h["sh_flags"] & SHF_EXECINSTR)))
-            if h["sh_type"] in ("SHT_SYMTAB", "SHT_DYNSYM"):
+            sections.append(_Section(h.addr, h.addr + h.size, bool(h.flags & SHF_EXECINSTR)))
+            if h.type == SHT_SYMTAB or h.type == SHT_DYNSYM:
                 tables.append(h)
         is64 = elf.elfclass == 64
         endian = "<" if elf.little_endian else ">"
@@ -114,22 +114,22 @@ class ElfSymbols:
         rows: list[tuple[int, int, int, int, int]] = []
         # .symtab first: it is normally a superset of .dynsym, so .dynsym only
         # adds starts .symtab lacks (cheaper than ranking 2x duplicates).
-        tables.sort(key=lambda h: h["sh_type"] != "SHT_SYMTAB")
+        tables.sort(key=lambda h: h.type != SHT_SYMTAB)
         seen_starts: set[int] = set()
         for h in tables:
-            if h["sh_type"] == "SHT_DYNSYM" and rows:
+            if h.type == SHT_DYNSYM and rows:
                 seen_starts = {r[0] for r in rows}
             table_rows: list[tuple[int, int, int, int, int]] = []
-            off, size = h["sh_offset"], h["sh_size"]
-            if h["sh_type"] == "SHT_NOBITS" or size == 0:
+            off, size = h.offset, h.size
+            if size == 0:
                 continue
             if off + size > size_of_image:
                 raise ElfParseError(f"symbol table at {off:#x}+{size:#x} beyond end of file")
-            link = h["sh_link"]
+            link = h.link
             if not 0 <= link < len(all_headers):
                 raise ElfParseError(f"symbol table links to section {link} of {len(all_headers)}")
             strtab = all_headers[link]
-            str_off, str_size = strtab["sh_offset"], strtab["sh_size"]
+            str_off, str_size = strtab.offset, strtab.size
             if str_off + str_size > size_of_image:
                 raise ElfParseError("string table beyond end of file")
             usable = size - size % fmt.size

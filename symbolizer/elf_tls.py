@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.elf import PT_TLS, ElfFile, elf_errors
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,10 @@ def _round_up(n: int, align: int) -> int:
 
 
 def tls_segment(elf: ElfFile) -> TlsSegment | None:
-    """The PT_TLS program header, or None (no thread-local storage)."""
-    with elf_errors(f"{elf.path}: program headers"):
-        for i in range(elf.elf.num_segments()):
-            h = elf.elf._get_segment_header(i)
-            if h["p_type"] == "PT_TLS":
-                return TlsSegment(h["p_vaddr"], h["p_memsz"], h["p_align"])
+    """The PT_TLS program header, or None (no thread-local storage); ElfParseError on a truncated table."""
+    for h in elf.program_headers:
+        if h.type == PT_TLS:
+            return TlsSegment(h.vaddr, h.memsz, h.align)
     return None
 
 

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from symbolizer.demangle import demangle
+from symbolizer.dwarf_lines import DwarfLines
 from symbolizer.elf import ElfFile
 from symbolizer.elf_symbols import ElfSymbols
 from symbolizer.errors import BpfprofError
@@ -77,7 +78,7 @@ class FileSymbols:
     def go(self) -> GoPclntab | None:
         if not self.looks_like_go:
             return None
-        return self._guarded("pclntab", lambda: load_pclntab(self.elf.image))  # type: ignore[return-value]
+        return self._guarded("pclntab", lambda: load_pclntab(self.elf))  # type: ignore[return-value]
 
     @cached_property
     def looks_like_go(self) -> bool:
@@ -99,12 +100,10 @@ class FileSymbols:
         return self._guarded("symbols", lambda: ElfSymbols(self.elf))  # type: ignore[return-value]
 
     @cached_property
-    def lines(self):  # DwarfLines | None
+    def lines(self) -> DwarfLines | None:
         if not self.elf.has_dwarf:
             return None
-        from symbolizer.dwarf_lines import DwarfLines  # noqa: PLC0415  (pyelftools DWARF is heavy)
-
-        return self._guarded("dwarf", lambda: DwarfLines(self.elf))
+        return self._guarded("dwarf", lambda: DwarfLines(self.elf))  # type: ignore[return-value]
 
     @cached_property
     def unwind_table(self) -> UnwindTable | None:

@@ -27,8 +27,8 @@ from the symbol table, or, in stripped binaries, from the moduledata found in
 the writable data by its pointer back to the pcHeader.
 
 Measured on tests/fixtures/go/pcgroundtruth (Go 1.27, amd64, 2.4 MB, 1,854
-funcs, one core; tests/unit/test_gopclntab.py::test_speed prints them):
-load_pclntab ~0.5 ms with .symtab, ~0.4 ms stripped (moduledata scan);
+funcs, one core; bench/symbolizer_speed.py --only pclntab prints them):
+load_pclntab ~0.45 ms with .symtab, ~0.35 ms stripped (moduledata scan);
 lookup() ~150k/s on never-seen PCs (decodes and caches the function's
 tables), ~7M/s on repeated PCs (per-PC cache). Parse cost is O(nfunc) list
 building plus one pass over .symtab, so a 10k-function binary stays in the
@@ -47,7 +47,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import NamedTuple, TypeVar
 
-from symbolizer.errors import PclntabError
+from symbolizer.elf import PF_W, SHT_NOBITS, SHT_SYMTAB, ElfFile, ElfHeaders, LoadSegment
+from symbolizer.errors import ElfParseError, PclntabError
 from symbolizer.frames import Frame, FrameKind
 
 __all__ = ["GoFrameInfo", "GoPclntab", "load_pclntab"]
@@ -108,111 +109,43 @@ def _guard(what: str, fn: Callable[[], _T]) -> _T:
 
 
 # --------------------------------------------------------------------------
-# The few ELF facts we need. Kept here, on the raw image, so the parser takes
-# bytes or an mmap without copying and without a full ELF parse.
+# ELF facts: headers from symbolizer.elf (struct over the image, no copy, no
+# pyelftools); the .symtab values the loader needs are read here.
 
 
-class _Segment(NamedTuple):
-    vaddr: int
-    offset: int
-    filesz: int
-    writable: bool
+def _file_segments(elf: ElfHeaders) -> list[LoadSegment]:
+    """PT_LOADs with file bytes inside the image: where a table or moduledata can be."""
+    size = len(elf.image)
+    return [seg for seg in elf.load_segments if seg.filesz and seg.offset + seg.filesz <= size]
 
 
-class _Section(NamedTuple):
-    name: str
-    type: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    entsize: int
-
-
-class _Elf:
-    """ELF headers of an image: byte order, word size, PT_LOADs, sections."""
-
-    PT_LOAD = 1
-    PF_W = 2
-    SHT_SYMTAB = 2
-    SHT_NOBITS = 8
-
-    def __init__(self, buf: memoryview) -> None:
-        self.buf = buf
-        if len(buf) < 52 or bytes(buf[:4]) != b"\x7fELF" or buf[4] not in (1, 2) or buf[5] not in (1, 2):
-            raise ValueError("not ELF")
-        self.is64 = buf[4] == 2
-        self.bo = "<" if buf[5] == 1 else ">"
-        bo = self.bo
-        if self.is64:
-            (phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, shstrndx) = struct.unpack_from(
-                bo + "QQIHHHHHH", buf, 32)
-        else:
-            (phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, shstrndx) = struct.unpack_from(
-                bo + "IIIHHHHHH", buf, 28)
-        self.segments: list[_Segment] = []
-        for i in range(phnum):
-            off = phoff + i * phentsize
-            if self.is64:
-                p_type, p_flags, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(bo + "IIQQQQ", buf, off)
-            else:
-                p_type, p_offset, p_vaddr, _, p_filesz, _, p_flags = struct.unpack_from(bo + "IIIIIII", buf, off)
-            if p_type == self.PT_LOAD and p_filesz and p_offset + p_filesz <= len(buf):
-                self.segments.append(_Segment(p_vaddr, p_offset, p_filesz, bool(p_flags & self.PF_W)))
-        self.sections: dict[str, _Section] = {}
-        raw: list[tuple[int, int, int, int, int, int, int]] = []
-        for i in range(shnum if shentsize else 0):
-            off = shoff + i * shentsize
-            if self.is64:
-                name, typ, _, addr, offset, size, link, _, _, entsize = struct.unpack_from(
-                    bo + "IIQQQQIIQQ", buf, off)
-            else:
-                name, typ, _, addr, offset, size, link, _, _, entsize = struct.unpack_from(
-                    bo + "IIIIIIIIII", buf, off)
-            raw.append((name, typ, addr, offset, size, link, entsize))
-        if raw and shstrndx < len(raw):
-            strtab_off = raw[shstrndx][3]
-            for name, typ, addr, offset, size, link, entsize in raw:
-                m = _NUL.search(buf, strtab_off + name)
-                if m is None:
-                    continue
-                sname = bytes(buf[strtab_off + name:m.start()]).decode("latin-1")
-                self.sections.setdefault(sname, _Section(sname, typ, addr, offset, size, link, entsize))
-        self._raw_sections = raw
-
-    def offset_of(self, vaddr: int, size: int = 1) -> int | None:
-        """File offset of [vaddr, vaddr+size) if a PT_LOAD holds it in the file."""
-        for seg in self.segments:
-            if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
-                return vaddr - seg.vaddr + seg.offset
-        return None
-
-    def symbols(self, wanted: set[str]) -> dict[str, int]:
-        """Values of the `wanted` names in .symtab (stripped binaries have none)."""
-        sec = self.sections.get(".symtab")
-        found: dict[str, int] = {}
-        if sec is None or sec.type != self.SHT_SYMTAB or sec.link >= len(self._raw_sections):
-            return found
-        _, _, _, str_off, str_size, _, _ = self._raw_sections[sec.link]
-        strtab = self.buf[str_off:str_off + str_size]
-        # Find each name's string-table offset first, then match symbols by
-        # that integer: no decoding of tens of thousands of names.
-        by_off: dict[int, str] = {}
-        for name in wanted:
-            for m in re.finditer(b"\x00" + re.escape(name.encode()) + b"\x00", strtab):
-                by_off[m.start() + 1] = name
-        if not by_off:
-            return found
-        fmt = self.bo + ("IBBHQQ" if self.is64 else "IIIBBH")
-        entsize = struct.calcsize(fmt)
-        if sec.entsize and sec.entsize != entsize:
-            return found
-        n = min(sec.size, len(self.buf) - sec.offset) // entsize
-        for ent in struct.iter_unpack(fmt, self.buf[sec.offset:sec.offset + n * entsize]):
-            name = by_off.get(ent[0])
-            if name is not None:
-                found.setdefault(name, ent[4] if self.is64 else ent[1])
+def _symtab_values(elf: ElfHeaders, buf: memoryview, wanted: set[str]) -> dict[str, int]:
+    """Values of the `wanted` names in .symtab (stripped binaries have none)."""
+    sec = elf.section(".symtab")
+    found: dict[str, int] = {}
+    sections = elf.sections
+    if sec is None or sec.type != SHT_SYMTAB or sec.link >= len(sections):
         return found
+    strsec = sections[sec.link]
+    strtab = buf[strsec.offset:strsec.offset + strsec.size]
+    # Find each name's string-table offset first, then match symbols by
+    # that integer: no decoding of tens of thousands of names.
+    by_off: dict[int, str] = {}
+    for name in wanted:
+        for m in re.finditer(b"\x00" + re.escape(name.encode()) + b"\x00", strtab):
+            by_off[m.start() + 1] = name
+    if not by_off:
+        return found
+    fmt = elf.endian + ("IBBHQQ" if elf.is64 else "IIIBBH")
+    entsize = struct.calcsize(fmt)
+    if sec.entsize and sec.entsize != entsize:
+        return found
+    n = max(0, min(sec.size, len(buf) - sec.offset)) // entsize
+    for ent in struct.iter_unpack(fmt, buf[sec.offset:sec.offset + n * entsize]):
+        name = by_off.get(ent[0])
+        if name is not None:
+            found.setdefault(name, ent[4] if elf.is64 else ent[1])
+    return found
 
 
 # --------------------------------------------------------------------------
@@ -266,8 +199,7 @@ class GoPclntab:
     objects, so concurrent lookups are safe under the GIL.
     """
 
-    def __init__(self, buf: memoryview, start: int, end: int, text_start: int,
-                 gofunc_off: int | None, elf: _Elf | None) -> None:
+    def __init__(self, buf: memoryview, start: int, end: int, text_start: int, gofunc_off: int | None) -> None:
         self._buf = buf
         self._base = start
         self._limit = end
@@ -305,7 +237,6 @@ class GoPclntab:
             raise PclntabError("truncated .gopclntab functab")
         self._nfunc = nfunc
         self._gofunc_off = gofunc_off
-        self._elf = elf
         self._names: dict[int, str] = {}
         self._files: dict[int, str] = {}
         self._cache: OrderedDict[int, _Func] = OrderedDict()
@@ -658,32 +589,40 @@ def _name_for_print(name: str) -> str:
 # Locating the table, the text start and gofunc in an ELF image.
 
 
-def load_pclntab(image: bytes | mmap.mmap | memoryview) -> GoPclntab | None:
-    """Parse the pclntab of a whole ELF file image.
+def load_pclntab(image: ElfFile | bytes | mmap.mmap | memoryview) -> GoPclntab | None:
+    """Parse the pclntab of an ElfFile or a whole ELF file image.
 
-    Returns None when the image is not ELF or holds no Go pclntab (not a Go
-    binary). Raises PclntabError when it is Go but the table is corrupt or of
-    an unsupported version (Go 1.2-1.17). The image is read in place: pass an
-    mmap to avoid reading the file into memory.
+    Returns None when the image is not ELF, its headers are truncated or it
+    holds no Go pclntab (not a Go binary). Raises PclntabError when it is Go
+    but the table is corrupt or of an unsupported version (Go 1.2-1.17). The
+    image is read in place: pass an ElfFile or an mmap to avoid reading the
+    file into memory.
     """
+    if isinstance(image, ElfFile):
+        elf, image = image.headers, image.image
+    else:
+        elf = None
     buf = image if isinstance(image, memoryview) else memoryview(image)
     if buf.ndim != 1 or buf.itemsize != 1:
         buf = buf.cast("B")
     try:
-        elf = _Elf(buf)
-    except (ValueError, struct.error, IndexError):
+        if elf is None:
+            elf = ElfHeaders(buf)
+        elf.sections  # noqa: B018  (read both tables now: a truncated one means "not a usable ELF")
+        elf.program_headers  # noqa: B018
+    except ElfParseError:
         return None
     return _guard("load", lambda: _load(buf, elf))
 
 
-def _load(buf: memoryview, elf: _Elf) -> GoPclntab | None:
+def _load(buf: memoryview, elf: ElfHeaders) -> GoPclntab | None:
     found = _find_table(buf, elf)
     if found is None:
         return None
     start, end, vaddr = found
     # A fresh table to read the header offsets from; text/gofunc come next.
-    table = GoPclntab(buf, start, end, text_start=0, gofunc_off=None, elf=elf)
-    syms = elf.symbols({"runtime.text", "go:func.*", "go.func.*"})
+    table = GoPclntab(buf, start, end, text_start=0, gofunc_off=None)
+    syms = _symtab_values(elf, buf, {"runtime.text", "go:func.*", "go.func.*"})
     moddata = _find_moduledata(buf, elf, table, vaddr) if vaddr is not None else None
     text_start = _text_start_of(elf, syms, moddata, buf, start, table._ptr, table._bo)
     if text_start is None:
@@ -697,7 +636,7 @@ def _load(buf: memoryview, elf: _Elf) -> GoPclntab | None:
     return table
 
 
-def _text_start_of(elf: _Elf, syms: dict[str, int], moddata: tuple[int, ...] | None,
+def _text_start_of(elf: ElfHeaders, syms: dict[str, int], moddata: tuple[int, ...] | None,
                    buf: memoryview, start: int, ptr: int, bo: str) -> int | None:
     """The address functab entry offsets are relative to.
 
@@ -717,11 +656,11 @@ def _text_start_of(elf: _Elf, syms: dict[str, int], moddata: tuple[int, ...] | N
     hdr_text = struct.unpack_from(bo + ("Q" if ptr == 8 else "I"), buf, start + 8 + 2 * ptr)[0]
     if hdr_text:
         return hdr_text
-    sec = elf.sections.get(".text")
+    sec = elf.section(".text")
     return sec.addr if sec is not None and sec.addr else None
 
 
-def _find_table(buf: memoryview, elf: _Elf) -> tuple[int, int, int | None] | None:
+def _find_table(buf: memoryview, elf: ElfHeaders) -> tuple[int, int, int | None] | None:
     """(file start, file end, vaddr) of the pclntab, or None if there is none.
 
     The section names the table in every ELF Go has written (also in
@@ -732,12 +671,12 @@ def _find_table(buf: memoryview, elf: _Elf) -> tuple[int, int, int | None] | Non
     and a header whose offsets, function count and sorted functab check out.
     """
     for name in (".gopclntab", ".data.rel.ro.gopclntab"):
-        sec = elf.sections.get(name)
-        if sec is not None and sec.type != _Elf.SHT_NOBITS and sec.size:
+        sec = elf.section(name)
+        if sec is not None and sec.type != SHT_NOBITS and sec.size:
             if sec.offset + sec.size > len(buf):
                 raise PclntabError(f"{name} runs past the end of the file")
             return sec.offset, sec.offset + sec.size, sec.addr or None
-    for seg in elf.segments:
+    for seg in _file_segments(elf):
         seg_end = seg.offset + seg.filesz
         for m in _HEADER_RE.finditer(buf, seg.offset, seg_end):
             at = m.start()
@@ -751,7 +690,7 @@ def _find_table(buf: memoryview, elf: _Elf) -> tuple[int, int, int | None] | Non
             if magic in _UNSUPPORTED and 0 < nfunc < (seg_end - at) // 8:
                 raise PclntabError(f"unsupported .gopclntab version (Go {_UNSUPPORTED[magic]})")
             try:
-                GoPclntab(buf, at, seg_end, text_start=0, gofunc_off=None, elf=elf)
+                GoPclntab(buf, at, seg_end, text_start=0, gofunc_off=None)
             except (PclntabError, IndexError, struct.error, ValueError):
                 continue  # a chance match of the magic bytes
             return at, seg_end, at - seg.offset + seg.vaddr
@@ -772,7 +711,7 @@ _MD_GOFUNC_FROM_TEXT = {"1.18": (16,), "1.20": (21, 18, 16)}
 _MD_WORDS = _MD_TEXT + 24
 
 
-def _find_moduledata(buf: memoryview, elf: _Elf, table: GoPclntab, vaddr: int) -> tuple[int, ...] | None:
+def _find_moduledata(buf: memoryview, elf: ElfHeaders, table: GoPclntab, vaddr: int) -> tuple[int, ...] | None:
     """The first words of runtime.firstmoduledata, found by its pcHeader pointer.
 
     The linker writes moduledata into writable data (.noptrdata; .go.module
@@ -785,8 +724,8 @@ def _find_moduledata(buf: memoryview, elf: _Elf, table: GoPclntab, vaddr: int) -
     funcnametab = vaddr + (table._funcname - table._base)
     ftab = vaddr + (table._pcln - table._base)
     size = _MD_WORDS * table._ptr
-    for seg in elf.segments:
-        if not seg.writable:
+    for seg in _file_segments(elf):
+        if not seg.flags & PF_W:
             continue
         for m in needle.finditer(buf, seg.offset, seg.offset + seg.filesz):
             at = m.start()
@@ -798,7 +737,7 @@ def _find_moduledata(buf: memoryview, elf: _Elf, table: GoPclntab, vaddr: int) -
     return None
 
 
-def _gofunc_from_moduledata(table: GoPclntab, elf: _Elf, words: tuple[int, ...]) -> int | None:
+def _gofunc_from_moduledata(table: GoPclntab, elf: ElfHeaders, words: tuple[int, ...]) -> int | None:
     """moduledata.gofunc, choosing the layout whose value yields sane inline trees.
 
     Field order after `text` changed across releases without a pclntab magic

@@ -37,7 +37,7 @@ than the copy, which continue with the frame-pointer stack where it agrees
 from __future__ import annotations
 
 import logging
-import struct
+import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -46,6 +46,8 @@ from pathlib import Path
 from agent.bpfload.records import RawRecord
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location
+from symbolizer.elf import NT_GNU_BUILD_ID, parse_notes
+from symbolizer.errors import ElfParseError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 from symbolizer.kallsyms import KernelSymbols
 from symbolizer.unwinder import FrameSource, StopReason, Unwinder
@@ -73,23 +75,18 @@ DEFAULT_UNWIND = UnwindMode.CFI
 log = logging.getLogger(__name__)
 
 KERNEL_NOTES = Path("/sys/kernel/notes")
-NT_GNU_BUILD_ID = 3
 
 
 def kernel_build_id(notes_path: Path = KERNEL_NOTES) -> str:
-    """The running kernel's GNU build id from /sys/kernel/notes, "" if unreadable."""
+    """The running kernel's GNU build id from /sys/kernel/notes (a bare stream of ELF notes in the
+    kernel's byte order), "" if unreadable."""
     try:
         data = notes_path.read_bytes()
-    except OSError:
-        return ""
-    off = 0
-    while off + 12 <= len(data):
-        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-        name_off = off + 12
-        desc_off = name_off + ((namesz + 3) & ~3)
-        if data[name_off:name_off + namesz].rstrip(b"\0") == b"GNU" and ntype == NT_GNU_BUILD_ID:
-            return data[desc_off:desc_off + descsz].hex()
-        off = desc_off + ((descsz + 3) & ~3)
+        for name, ntype, desc in parse_notes(data, endian="<" if sys.byteorder == "little" else ">"):
+            if name == b"GNU" and ntype == NT_GNU_BUILD_ID:
+                return desc.hex()
+    except (OSError, ElfParseError):
+        pass
     return ""
 
 

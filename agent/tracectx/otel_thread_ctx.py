@@ -35,7 +35,8 @@ RECORD_HEADER_BYTES = 28
 def thread_ctx_offset(exe: ElfFile) -> int | None:
     """FS-base-relative offset of `otel_thread_ctx_v1` in the main executable, None if it exports none."""
     # Almost no executable has the symbol: a byte search of the mapped file
-    # (C speed) spares parsing the symbol tables of every new process.
-    if exe.image.find(SYMBOL.encode()) < 0:
+    # (C speed) spares parsing the symbol tables of every new process. From offset 0: an mmap's
+    # find() starts at its stream position, which pyelftools moves.
+    if exe.image.find(SYMBOL.encode(), 0) < 0:
         return None
     return static_tls_offset(exe, SYMBOL)

@@ -6,13 +6,10 @@ lookup at that PC must agree; corrupt CFI raises ElfParseError and nothing else.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import shutil
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -195,16 +192,3 @@ def test_corrupt_snippets(blob):
         parse_cfi([_Section(blob, 0x1000, True)])
     except ElfParseError:
         pass
-
-
-def test_build_speed():
-    """Prints build times (the figures in symbolizer/cfi.py's docstring); no timing assert."""
-    for path in (LIBC, LIBSTDCXX, Path("/usr/bin/python3.11"), Path(shutil.which("node") or "/nonexistent")):
-        if not path.exists():
-            continue
-        elf = ElfFile(path)
-        t0 = time.process_time()
-        table = UnwindTable.from_elf(elf)
-        dt = time.process_time() - t0
-        print(f"\n{path.name}: {os.path.getsize(path) / 1e6:.1f} MB, {table.fde_count} FDEs, {len(table)} rows, "
-              f"{table.nbytes / 1e6:.2f} MB of arrays, built in {dt * 1e3:.0f} ms CPU")

@@ -11,9 +11,9 @@ import subprocess
 import pytest
 
 from agent.processes.memory import read_vdso
-from fixtures.builder import build_c
+from fixtures.builder import FIXTURES, build_c
 from symbolizer.dwarf_lines import DwarfLines
-from symbolizer.elf import ElfFile, file_to_vaddr
+from symbolizer.elf import ElfFile, ElfHeaders, file_to_vaddr, parse_notes
 from symbolizer.elf_symbols import ElfSymbols
 from symbolizer.errors import ElfParseError
 from symbolizer.proc_maps import open_mapped_file, read_maps
@@ -74,6 +74,94 @@ def test_load_segments_match_readelf(symtest):
     ]
     got = [(s.vaddr, s.memsz, s.offset, s.filesz) for s in ElfFile(symtest).load_segments]
     assert got == expected
+
+
+# readelf -lW's names for p_type values; anything else it prints as LOOS+0x...
+_READELF_PT = {0: "NULL", 1: "LOAD", 2: "DYNAMIC", 3: "INTERP", 4: "NOTE", 5: "SHLIB", 6: "PHDR", 7: "TLS",
+               0x6474E550: "GNU_EH_FRAME", 0x6474E551: "GNU_STACK", 0x6474E552: "GNU_RELRO",
+               0x6474E553: "GNU_PROPERTY", 0x6474E554: "GNU_SFRAME"}
+_PHDR_LINE = re.compile(r"^\s+(\S+)\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)"
+                        r"\s([RWE ]{3})\s(0x[0-9a-f]+)$")
+
+
+def readelf_program_headers(path) -> list[tuple]:
+    """(type, offset, vaddr, paddr, filesz, memsz, flags, align) of each `readelf -lW` program header."""
+    out = subprocess.run(["readelf", "-lW", str(path)], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.split("Program Headers:", 1)[1].split("Section to Segment", 1)[0].splitlines():
+        m = _PHDR_LINE.match(line)
+        if m:
+            flags = sum(bit for letter, bit in (("R", 4), ("W", 2), ("E", 1)) if letter in m.group(7))
+            rows.append((m.group(1), *(int(m.group(i), 16) for i in range(2, 7)), flags, int(m.group(8), 16)))
+    return rows
+
+
+def elf32_binary(tmp_path):
+    out = tmp_path / "elf32"
+    built = subprocess.run(["gcc", "-m32", "-nostdlib", "-static", "-Wl,--build-id", "-o", str(out),
+                            str(FIXTURES / "c" / "elf32_start.c")], capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"gcc cannot build a 32-bit executable here: {built.stderr.strip()[-200:]}")
+    return out
+
+
+@pytest.mark.parametrize("which", ["ls", "libc", "elf32"])
+def test_program_headers_match_readelf(which, tmp_path):
+    path = {"ls": "/bin/ls", "libc": LIBC}.get(which) or elf32_binary(tmp_path)
+    expected = readelf_program_headers(path)
+    assert len(expected) >= 5
+    elf = ElfFile(path)
+    got = [(_READELF_PT.get(p.type, hex(p.type)), p.offset, p.vaddr, p.paddr, p.filesz, p.memsz, p.flags, p.align)
+           for p in elf.program_headers]
+    assert got == expected
+    assert [(s.vaddr, s.offset) for s in elf.load_segments] == [(p[2], p[1]) for p in expected if p[0] == "LOAD"]
+    assert elf.gnu_build_id == readelf_build_id(path)  # notes found through the section headers
+
+
+def test_section_headers_match_readelf():
+    out = subprocess.run(["readelf", "-SW", LIBC], capture_output=True, text=True, check=True).stdout
+    expected = {}
+    for m in re.finditer(r"\]\s+(\.\S+)\s+\S+\s+([0-9a-f]{16})\s+([0-9a-f]{6,})\s+([0-9a-f]{6,})", out):
+        expected[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16), int(m.group(4), 16))
+    headers = ElfFile(LIBC).headers
+    assert len(expected) > 20
+    for name, (addr, offset, size) in expected.items():
+        sec = headers.section(name)
+        assert sec is not None and (sec.addr, sec.offset, sec.size) == (addr, offset, size), name
+
+
+def test_truncated_program_header_table_raises_elf_parse_error():
+    data = open("/bin/ls", "rb").read()
+    headers = ElfHeaders(data)
+    table_end = headers.phoff + headers.phnum * headers.phentsize
+    for cut in (table_end - 1, headers.phoff + 3, 64):
+        with pytest.raises(ElfParseError, match="program headers"):
+            ElfHeaders(data[:cut]).program_headers  # noqa: B018
+    grown = bytearray(data)
+    grown[56:58] = (len(data) // headers.phentsize + 1).to_bytes(2, "little")  # e_phnum past the end of the file
+    elf = ElfFile.from_bytes(bytes(grown))
+    with pytest.raises(ElfParseError, match="run past the end"):
+        elf.load_segments  # noqa: B018
+    short = bytearray(data)
+    short[54:56] = (16).to_bytes(2, "little")  # e_phentsize below an Elf64_Phdr
+    with pytest.raises(ElfParseError, match="entry size"):
+        ElfHeaders(bytes(short)).program_headers  # noqa: B018
+
+
+def test_kernel_notes_give_the_build_id_perf_reports():
+    from agent.processes.stack_resolver import kernel_build_id  # noqa: PLC0415
+
+    try:
+        notes = open("/sys/kernel/notes", "rb").read()
+    except OSError:
+        pytest.skip("/sys/kernel/notes unreadable")
+    perf = subprocess.run(["perf", "buildid-list", "-k"], capture_output=True, text=True)
+    if perf.returncode != 0 or not perf.stdout.strip():
+        pytest.skip("perf buildid-list -k gives nothing here")
+    assert kernel_build_id() == perf.stdout.strip()
+    assert any(name == b"GNU" for name, _, _ in parse_notes(notes))
+    with pytest.raises(ElfParseError):
+        list(parse_notes(b"\x04\0\0\0\x40\0\0\0\x03\0\0\0GNU\0short"))  # desc runs past the end
 
 
 def test_pie_and_shared_flags():

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 import gotool
+from agent.probes.goroutine import goroutine_profile
+from agent.probes.heap import heap_profile
+from agent.probes.lock import lock_profile
+from agent.probes.offcpu import offcpu_profile
+from exporters.otlp import decode_otlp, encode_otlp_bytes
 from exporters.pprof import decode_pprof, encode_pprof
+from exporters.pprof_reader import profile_from_pprof
 from exporters.profile import Location, Profile, SampleKey
 from exporters.profile_types import cpu_profile
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
@@ -220,6 +226,44 @@ def test_round_trip_through_decode():
         "span_id": "00f067aa0ba902b7", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
     })
     assert sum(v[1][0] for v in decoded) == TOTAL_EVENTS
+
+
+# Every kind of profile the agent writes, by the constructors it writes them with.
+KIND_PROFILES = {
+    "cpu": lambda t, d: cpu_profile(t, d, frequency_hz=99),
+    "offcpu": offcpu_profile,
+    "heap": lambda t, d: heap_profile(t, d, rate_bytes=512 * 1024),
+    "lock": lock_profile,
+    "goroutine": goroutine_profile,
+}
+
+
+def _stacks(profile: Profile) -> dict:
+    return {(tuple(f.function for loc in s.stack for f in loc.frames), s.key.pid, s.key.tid, s.key.thread_name,
+             s.key.labels): s.values for s in profile.samples}
+
+
+@pytest.mark.parametrize("without_default", [False, True], ids=["default-type", "no-default-type"])
+@pytest.mark.parametrize("kind", sorted(KIND_PROFILES))
+def test_reader_round_trip_keeps_the_kind(kind, without_default):
+    """encode_pprof -> profile_from_pprof (`bpfprof convert`) keeps each kind, its types and samples. Without
+    a default sample type (Go's runtime/pprof writes none) the last type decides, as pprof shows it."""
+    profile = KIND_PROFILES[kind](1_700_000_000_000_000_000, 10_000_000_000)
+    assert profile.kind == kind
+    if without_default:
+        if profile.sample_types[-1].type != profile.default_sample_type:
+            pytest.skip("the last sample type is not the default one: pprof would show another")
+        profile.default_sample_type = ""
+    for stack, pid, tid, name, labels, events in EVENTS:
+        profile.add(SampleKey(stack, pid, tid, name, labels), [events * (j + 1) for j in range(len(profile.sample_types))])
+    back = profile_from_pprof(encode_pprof(profile))
+    assert back.kind == kind
+    assert (back.sample_types, back.period_type, back.period, back.default_sample_type) == (
+        profile.sample_types, profile.period_type, profile.period, profile.default_sample_type)
+    assert _stacks(back) == _stacks(profile)
+    if not without_default:  # OTLP carries no kind either: its reader takes it from the first (default) type
+        [otlp_back] = decode_otlp(encode_otlp_bytes([profile], "host"))
+        assert otlp_back.kind == kind and otlp_back.default_sample_type == profile.default_sample_type
 
 
 def test_encoding_is_deterministic():
