@@ -30,7 +30,7 @@ import hashlib
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import NamedTuple, Self
 
@@ -342,15 +342,7 @@ class ElfFile:
         segment's p_offset (the page's head) is still translated by that
         segment: offset and vaddr are congruent modulo the page size.
         """
-        segs = self.load_segments
-        for seg in segs:
-            if seg.offset <= file_offset < seg.offset + seg.filesz:
-                return file_offset - seg.offset + seg.vaddr
-        for seg in segs:
-            page_start = seg.offset & ~0xFFF
-            if page_start <= file_offset < seg.offset + max(seg.filesz, 1):
-                return file_offset - seg.offset + seg.vaddr
-        return None
+        return vaddr_for_offset(self.load_segments, file_offset)
 
     def offset_for_vaddr(self, vaddr: int) -> int:
         """File offset of virtual address `vaddr` (where a uprobe goes), through the PT_LOAD segment
@@ -419,6 +411,18 @@ class ElfFile:
         h.update(bytes(img[max(0, size - HASH_CHUNK_BYTES):]))
         h.update(size.to_bytes(8, "little"))
         return h.hexdigest()[:32]
+
+
+def vaddr_for_offset(segments: Sequence[LoadSegment], file_offset: int) -> int | None:
+    """ElfFile.vaddr_for_offset over given PT_LOAD segments (a file known only by them: FileSymbols.from_symbols)."""
+    for seg in segments:
+        if seg.offset <= file_offset < seg.offset + seg.filesz:
+            return file_offset - seg.offset + seg.vaddr
+    for seg in segments:
+        page_start = seg.offset & ~0xFFF
+        if page_start <= file_offset < seg.offset + max(seg.filesz, 1):
+            return file_offset - seg.offset + seg.vaddr
+    return None
 
 
 def file_to_vaddr(elf: ElfFile, file_offset: int) -> int | None:

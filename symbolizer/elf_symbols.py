@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from symbolizer.elf import SHT_DYNSYM, SHT_SYMTAB, ElfFile, elf_errors
@@ -93,6 +93,26 @@ class ElfSymbols:
         self._ends = array("Q", ends)
         self._names = array("Q", names)
         self._by_name: dict[str, int] | None = None
+
+    @classmethod
+    def from_symbols(cls, symbols: Iterable[Symbol]) -> ElfSymbols:
+        """A table of the given symbols without their file: what a recorded capture keeps of a binary
+        (tests/replay). Each covers [start, start + size); of two with one start the first is kept."""
+        self = cls.__new__(cls)
+        by_start: dict[int, Symbol] = {}
+        for sym in symbols:
+            by_start.setdefault(sym.start, sym)
+        names = bytearray()
+        offsets = []
+        for start in sorted(by_start):
+            offsets.append(len(names))
+            names += by_start[start].name.encode() + b"\0"
+        self._image = bytes(names)
+        self._starts = array("Q", sorted(by_start))
+        self._ends = array("Q", [by_start[s].start + by_start[s].size for s in self._starts])
+        self._names = array("Q", offsets)
+        self._by_name = None
+        return self
 
     def _collect(self, elf: ElfFile) -> list[tuple[int, int, int, int, int]]:
         """(start, size, binding, name offset in image, section end) of every kept symbol."""

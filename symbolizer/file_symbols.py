@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
 from symbolizer.demangle import demangle
 from symbolizer.dwarf_lines import DwarfLines
-from symbolizer.elf import ElfFile
-from symbolizer.elf_symbols import ElfSymbols
+from symbolizer.elf import ElfFile, LoadSegment, vaddr_for_offset
+from symbolizer.elf_symbols import ElfSymbols, Symbol
 from symbolizer.errors import BpfprofError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind
 from symbolizer.gopclntab import GoPclntab, load_pclntab
@@ -61,18 +61,44 @@ class FileSymbols:
     """
 
     def __init__(self, elf: ElfFile, fid: FileId) -> None:
-        self.elf = elf
+        self.elf: ElfFile | None = elf  # None: built from_symbols()
+        self.path = elf.path
         self.id = fid
         self.errors: list[str] = []
+
+    @classmethod
+    def from_symbols(cls, fid: FileId, path: str, segments: Sequence[LoadSegment],
+                     symbols: Iterable[Symbol]) -> FileSymbols:
+        """A file known only by its identity, PT_LOAD segments and function symbols, not its bytes.
+
+        What a recorded capture keeps of each binary, so that it replays
+        without them (tests/replay: binaries are not committed). Frames are
+        symbol names only: no Go table, DWARF lines or CFI rows.
+        """
+        self = cls.__new__(cls)
+        self.elf = None
+        self.path = path
+        self.id = fid
+        self.errors = []
+        # The parts __init__ leaves to be parsed on first use, given instead.
+        self.__dict__.update(load_segments=list(segments), looks_like_go=False, go=None, lines=None,
+                             symbols=ElfSymbols.from_symbols(symbols), unwind_table=None)
+        return self
 
     def _guarded(self, what: str, make: Callable[[], object]) -> object | None:
         try:
             return make()
         except BpfprofError as e:
-            msg = f"{self.elf.path}: {what}: {e}"
+            msg = f"{self.path}: {what}: {e}"
             self.errors.append(msg)
             log.warning("%s", msg)
             return None
+
+    @cached_property
+    def load_segments(self) -> list[LoadSegment]:
+        """The file's PT_LOAD program headers (ElfParseError if unreadable)."""
+        assert self.elf is not None
+        return self.elf.load_segments
 
     @cached_property
     def go(self) -> GoPclntab | None:
@@ -123,7 +149,7 @@ class FileSymbols:
     def translate(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
         """Runtime address in a mapping -> ELF vaddr (PIE, shared libraries, exes alike)."""
         try:
-            return self.elf.vaddr_for_runtime(addr, map_start, map_file_offset)
+            return vaddr_for_offset(self.load_segments, addr - map_start + map_file_offset)
         except BpfprofError:
             return None
 
@@ -201,6 +227,8 @@ class SymbolCache:
             files = list(self._by_id.values())
         total = 0
         for fs in files:
+            if fs.elf is None:
+                continue
             try:
                 total += len(fs.elf.image)
             except (TypeError, ValueError):  # a closed mmap

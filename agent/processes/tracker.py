@@ -104,6 +104,14 @@ class ProcessTracker:
             self.stats.processes += 1
         return info
 
+    def adopt(self, info: ProcessInfo) -> None:
+        """Hold a snapshot taken elsewhere as its pid's: a recorded capture replayed (tests/replay),
+        whose processes are long gone."""
+        if self._procs.get(info.pid) is None:
+            self.stats.processes += 1
+        self._procs[info.pid] = info
+        self._start.setdefault(info.pid, None)
+
     def note_record(self, pid: int, tid: int, thread_name: str) -> ProcessInfo | None:
         """Call for every record: snapshots new processes, re-snapshots after an exec.
 

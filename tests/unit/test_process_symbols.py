@@ -13,7 +13,8 @@ import pytest
 
 from agent.processes.tracker import ProcessTracker
 from fixtures.builder import build_c
-from symbolizer.file_symbols import SymbolCache
+from symbolizer.elf import ElfFile
+from symbolizer.file_symbols import FileSymbols, SymbolCache
 from symbolizer.frames import FrameKind
 
 
@@ -102,3 +103,19 @@ def test_unknown_pid_is_none():
     tracker = ProcessTracker(cache=SymbolCache())
     assert tracker.observe(2**22 + 12345) is None
     assert tracker.stats.snapshot_failures == 1
+
+
+def test_file_symbols_from_symbols_answer_as_the_file_does():
+    """What a recording keeps of a file (segments + symbols, tests/replay) translates and names every
+    address as the file itself does."""
+    binary = build_c("callchain", flags=("-O2", "-fno-omit-frame-pointer", "-fPIE", "-pie"))
+    real = SymbolCache().get(ElfFile(str(binary)))
+    kept = FileSymbols.from_symbols(real.id, str(binary), real.load_segments, list(real.symbols))
+    assert kept.elf is None and kept.id == real.id and kept.unwind_table is None
+    text = next(s for s in real.load_segments if s.flags & 1)
+    map_start = 0x5555_5555_0000 + text.offset  # a mapping of the text segment at some bias
+    for sym in real.symbols:
+        for vaddr in (sym.start, sym.start + sym.size // 2, sym.start + sym.size - 1, sym.start + sym.size):
+            runtime = map_start + vaddr - text.vaddr
+            assert kept.translate(runtime, map_start, text.offset) == real.translate(runtime, map_start, text.offset)
+            assert kept.symbolize(vaddr) == real.symbolize(vaddr)

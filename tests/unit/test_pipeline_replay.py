@@ -1,0 +1,164 @@
+"""The capture pipeline without BPF or root: a recorded capture replayed through it.
+
+tests/replay/data/unwind_split_fp.json holds the ring-buffer records and the
+process snapshot of a real capture of tests/fixtures/c/unwind_split.c
+(tests/replay/capture.py, run once as root). Here its records go through
+parse_record, CapturePipeline.deliver (accept, routing, the CPU accumulator),
+several cuts, and build (StackResolver over the recorded snapshot) into
+profiles, which must equal what the live pipeline made of the same records
+and hold the fixture's ground truth: hot() called 70/30 by caller_a and
+caller_b, every stack under main. Nothing reads BPF, the fixture's binary or
+another process's /proc: the tracker's proc root is an empty directory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import pairwise
+
+import pytest
+
+from agent.bpfload.records import RawRecord, RecordKind, parse_record
+from agent.capture.pipeline import CapturePipeline, Interval
+from agent.daemon.config import AgentConfig, LimitsConfig, ProfilingConfig
+from agent.daemon.daemon import BpfCollector
+from agent.daemon.metrics import AgentStats
+from agent.probes.family import ProbeConfig
+from agent.processes.stack_resolver import UnwindMode
+from agent.processes.tracker import ProcessTracker
+from replay.recording import DATA, Recording, folded
+
+RECORDING = DATA / "unwind_split_fp.json"
+PROCESS = "c-unwind_split-"  # the fixture's comm (15 characters)
+# The recording's exact figures: a fixed input gives fixed numbers.
+RECORDS = 292
+BY_CALLER = {"caller_a": 205, "caller_b": 87}
+
+
+@pytest.fixture(scope="module")
+def recording() -> Recording:
+    return Recording.load(RECORDING)
+
+
+@pytest.fixture
+def tracker(recording, tmp_path) -> ProcessTracker:
+    return recording.tracker(str(tmp_path))
+
+
+def records_of(recording: Recording) -> list[RawRecord]:
+    return [parse_record(buf) for buf in recording.records]
+
+
+def chunks(items: list, n: int) -> list[list]:
+    """`items` in `n` consecutive parts of (nearly) equal size."""
+    size = -(-len(items) // n)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def cpu_pipeline(tracker: ProcessTracker) -> CapturePipeline:
+    """A pipeline configured as the recording was (capture.py), begun without BPF."""
+    pipeline = CapturePipeline(ProbeConfig(frequency_hz=199, with_kernel=False, unwind=UnwindMode.FP), ["cpu"],
+                               tracker)
+    pipeline.begin()
+    return pipeline
+
+
+def stacks_of(pipeline: CapturePipeline, intervals: list[Interval]) -> Counter[str]:
+    """Samples per folded stack over the CPU profiles of `intervals`."""
+    total: Counter[str] = Counter()
+    for interval in intervals:
+        [profile] = pipeline.build(interval)
+        assert profile.kind == "cpu"
+        total.update(folded(profile))
+    return total
+
+
+def by_caller(stacks: Counter[str]) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for stack, n in stacks.items():
+        frames = stack.split(";")
+        out[frames[frames.index("hot") - 1] if "hot" in frames else "other"] += n
+    return out
+
+
+def test_records_parse_as_the_fixtures_cpu_samples(recording):
+    records = records_of(recording)
+    assert len(records) == RECORDS == recording.meta["live"]["samples"]
+    assert {r.kind for r in records} == {RecordKind.CPU}
+    assert {r.thread_name for r in records} == {PROCESS}
+    assert all(r.user_ips and not r.kernel_ips and r.user_regs is None for r in records)  # fp, no kernel
+
+
+def test_replay_through_cuts_gives_the_live_profile_and_the_fixtures_split(recording, tracker):
+    records = records_of(recording)
+    pipeline = cpu_pipeline(tracker)
+    intervals = []
+    for part in [*chunks(records, 3), []]:  # the last interval is empty
+        for rec in part:
+            pipeline.deliver(rec)
+        intervals.append(pipeline.cut())
+
+    assert [i.seq for i in intervals] == [0, 1, 2, 3]
+    assert [i.samples for i in intervals] == [98, 98, 96, 0]
+    assert sum(i.samples for i in intervals) == pipeline.samples == RECORDS  # nothing lost across cuts
+    assert all(not i.losses for i in intervals)  # no ring buffer: no ring-buffer drops
+    assert all(a.window.end_ns == b.window.start_ns for a, b in pairwise(intervals))
+
+    stacks = stacks_of(pipeline, intervals)
+    assert stacks == Counter(recording.meta["live"]["stacks"])  # what the live run symbolized, exactly
+    assert sum(stacks.values()) == RECORDS
+    assert all(stack.startswith(PROCESS + ";") and ";main;" in stack for stack in stacks)  # every stack reaches main
+    callers = by_caller(stacks)
+    assert callers == BY_CALLER
+    assert callers["caller_a"] / RECORDS == pytest.approx(0.7, abs=0.03)  # the fixture's 7:3 split of work
+    assert pipeline.resolver_stats.user_unresolved == 0  # the empty last interval resolved nothing
+
+
+def test_an_interval_profile_holds_only_its_own_records(recording, tracker):
+    records = records_of(recording)
+    pipeline = cpu_pipeline(tracker)
+    parts = chunks(records, 2)
+    intervals = []
+    for part in parts:
+        for rec in part:
+            pipeline.deliver(rec)
+        intervals.append(pipeline.cut())
+    for part, interval in zip(parts, intervals, strict=True):
+        [profile] = pipeline.build(interval)
+        assert profile.total() == len(part)
+        assert sorted(t for s in profile.samples for t in s.timestamps_ns) == sorted(
+            r.ktime_ns + interval.window.wall_offset_ns for r in part)
+        assert profile.processes[part[0].pid].name == PROCESS
+
+
+def test_daemon_collector_caps_each_interval_and_counts_the_rest(recording, tmp_path):
+    cap = 100
+    cfg = AgentConfig(profiling=ProfilingConfig(profiles=("cpu",), frequency_hz=199, kernel_stacks=False,
+                                                unwind="fp"),
+                      limits=LimitsConfig(max_interval_samples=cap), host_proc=str(tmp_path))
+    tracker = recording.tracker(str(tmp_path), cfg.limits.max_processes)  # as the daemon makes it
+    stats = AgentStats()
+    collector = BpfCollector(cfg, tracker, stats)
+    collector.pipeline.begin()
+    records = records_of(recording)
+    parts = chunks(records, 2)  # 146 each: more than the cap
+    intervals = []
+    for part in parts:
+        for rec in part:
+            collector.pipeline.deliver(rec)
+        intervals.append(collector.cut())
+
+    assert [i.samples for i in intervals] == [cap, cap]
+    assert stats.samples == 2 * cap
+    assert stats.lost_samples == {"interval_full": len(records) - 2 * cap}  # kept + dropped == recorded
+    assert stats.unselected_samples == 0
+
+    # The cap keeps each interval's first records: the same stacks a plain pipeline makes of them.
+    for part, interval in zip(parts, intervals, strict=True):
+        profiles, pod_uids = collector.build(interval)
+        assert pod_uids == {}
+        plain = cpu_pipeline(recording.tracker(str(tmp_path)))
+        for rec in part[:cap]:
+            plain.deliver(rec)
+        assert Counter(folded(profiles[0])) == stacks_of(plain, [plain.cut()])
+    assert stats.user_addresses > 0 and stats.user_unresolved == 2  # libc's caller of main, once per interval
