@@ -260,6 +260,7 @@ class CapturePipeline:
         for acc in interval.accumulators:
             for profile in acc.profiles(resolver, self.tracker, interval.window):
                 add_process_meta(profile, self.tracker)
+                profile.comments.extend(acc.family.notes())
                 profile.comments.extend(f"dropped: {loss.line()}" for loss in interval.losses)
                 out.append(profile)
         self.resolver_stats = resolver.stats

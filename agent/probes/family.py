@@ -181,6 +181,10 @@ class ProbeFamily:
         assert self.objs is not None
         return list(self.config.pids or ()) or libbpf.map_keys_u32(self.objs.maps["targets"])
 
+    def notes(self) -> list[str]:
+        """Comments for this family's profiles about the capture so far (uprobes that could not be placed)."""
+        return []
+
     def detach(self) -> None:
         """Detach what this family attached after start (uprobes in exec'd targets); the probe set calls it."""
 

@@ -171,11 +171,6 @@ class _Proc:
     labels: dict[int, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # g.labels -> pairs
 
 
-def goroutine_profile(start_time_ns: int, duration_ns: int) -> Profile:
-    """An empty goroutine profile (exporters/profile_types.py)."""
-    return empty_profile("goroutine", start_time_ns, duration_ns)
-
-
 class GoroutineAccumulator(Accumulator):
     """The live goroutines of one interval; the table and the processes carry over to the next."""
 
@@ -316,7 +311,7 @@ class GoroutineAccumulator(Accumulator):
         return found[1] if found else ""
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        profile = goroutine_profile(window.start_ns, window.duration_ns)
+        profile = empty_profile("goroutine", window.start_ns, window.duration_ns)
         exited = entry_only = 0
         for pid, gs in self.table.procs.items():
             proc = self.procs.get(pid)
@@ -347,9 +342,6 @@ class GoroutineAccumulator(Accumulator):
             profile.comments.append(f"{exited} processes exited during the capture: their goroutines as of the exit")
         if entry_only:
             profile.comments.append(f"{entry_only} goroutines not parked at the exit: shown at their entry function")
-        errors = self.family.uprobes.errors
-        if errors:
-            profile.comments.append(f"goroutine uprobes could not be placed in {errors} processes")
         return [profile]
 
 
@@ -465,6 +457,9 @@ class GoroutineProbe(ProbeFamily):
 
     def detach(self) -> None:
         self.uprobes.detach()
+
+    def notes(self) -> list[str]:
+        return self.uprobes.notes()
 
     def loss_totals(self) -> dict[str, int]:
         return {"goroutine_no_layout": read_percpu_total(self.objs, "gor_counts", NO_LAYOUT)}

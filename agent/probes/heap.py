@@ -86,11 +86,6 @@ GO_RUNTIME_PREFIXES = ("runtime.", "internal/runtime/")
 EVENTS_PER_CPU_S = 4000
 
 
-def heap_profile(start_time_ns: int, duration_ns: int, rate_bytes: int) -> Profile:
-    """An empty heap profile (exporters/profile_types.py), one sample per `rate_bytes` allocated."""
-    return empty_profile("heap", start_time_ns, duration_ns, rate_bytes)
-
-
 def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
     """Go's scaleHeapSample: (count, count*size) divided by the chance 1-exp(-size/rate) of sampling."""
     if count == 0 or size == 0:
@@ -305,7 +300,7 @@ class HeapAccumulator(Accumulator):
         rates = set(self.rates.values()) | ({rate} if len(self.rates) < len(sampled) else set())
         # One period per profile: the native rate, unless every sampled process is Go.
         period = rate if rate in rates or not rates else min(rates)
-        profile = heap_profile(window.start_ns, window.duration_ns, period)
+        profile = empty_profile("heap", window.start_ns, window.duration_ns, period)
         with_kernel = family.config.with_kernel
         for group, values in self.live.scaled(self.rates, rate):
             r = group.first

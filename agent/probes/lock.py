@@ -36,12 +36,11 @@ from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
-from agent.probes.profile_builder import add_records
+from agent.probes.profile_builder import waits_profile
 from agent.probes.uprobes import ProcessUprobes
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location, Profile
-from exporters.profile_types import empty_profile
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
 from symbolizer.gopclntab import load_pclntab
@@ -86,11 +85,6 @@ def decode_aux(aux: int) -> tuple[LockSource, int]:
     """(source, lock address) of a lock record's aux."""
     source = LockSource(aux >> SOURCE_SHIFT)
     return source, aux if source == LockSource.KERNEL else aux & ADDR_MASK
-
-
-def lock_profile(start_time_ns: int, duration_ns: int) -> Profile:
-    """An empty lock profile (exporters/profile_types.py): runtime/pprof's mutex/block sample types."""
-    return empty_profile("lock", start_time_ns, duration_ns)
 
 
 @dataclass(frozen=True)
@@ -229,15 +223,14 @@ class LockAccumulator(Accumulator):
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         self.records += [s.rec for s in self._sleeps.values()]
         self._sleeps.clear()
-        profile = lock_profile(window.start_ns, window.duration_ns)
-        add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
-                    with_kernel=self.family.config.with_kernel, reshape=self._reshape)
-        if self.family.go_uprobes.errors:
-            profile.comments.append(f"lock uprobes could not be placed in {self.family.go_uprobes.errors} processes")
+        profile = waits_profile("lock", self.records, resolver, tracker, window, self.family.config.with_kernel,
+                                reshape=self._reshape)
         return [profile]
 
 
 class LockProbe(ProbeFamily):
+    """Futex, pthread and kernel lock waits; Go semaphores through uprobes in each Go program."""
+
     name = "lock"
     source = "lock.bpf.c"
     kinds = (RecordKind.LOCK,)
@@ -305,6 +298,9 @@ class LockProbe(ProbeFamily):
 
     def detach(self) -> None:
         self.go_uprobes.detach()
+
+    def notes(self) -> list[str]:
+        return self.go_uprobes.notes()
 
     def loss_totals(self) -> dict[str, int]:
         return {"lock_wait_map_full": read_percpu_total(self.objs, self.COUNTERS, MAP_FULL)}

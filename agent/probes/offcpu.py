@@ -14,11 +14,10 @@ from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
-from agent.probes.profile_builder import add_records
+from agent.probes.profile_builder import waits_profile
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Profile
-from exporters.profile_types import empty_profile
 
 # Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
 # beyond that the least recently switched-out are evicted and their block is lost.
@@ -37,11 +36,6 @@ def state_label(prev_state: int) -> str:
     if prev_state & 0x100:
         return "preempted"
     return _STATES.get(prev_state, f"state_{prev_state:#x}")
-
-
-def offcpu_profile(start_time_ns: int, duration_ns: int) -> Profile:
-    """An empty off-CPU profile (exporters/profile_types.py): blocks and nanoseconds off CPU."""
-    return empty_profile("offcpu", start_time_ns, duration_ns)
 
 
 class OffCpuAccumulator(Accumulator):
@@ -63,9 +57,8 @@ class OffCpuAccumulator(Accumulator):
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         config = self.family.config
-        profile = offcpu_profile(window.start_ns, window.duration_ns)
-        add_records(profile, self.records, resolver, tracker, window, lambda r: [1, r.value],
-                    with_kernel=config.with_kernel, labels=lambda r: (("state", state_label(r.aux)),))
+        profile = waits_profile("offcpu", self.records, resolver, tracker, window, config.with_kernel,
+                                labels=lambda r: (("state", state_label(r.aux)),))
         if config.offcpu_min_ns:
             profile.comments.append(
                 f"off-CPU blocks shorter than {config.offcpu_min_ns} ns left out: {self.short_blocks}")
@@ -73,6 +66,8 @@ class OffCpuAccumulator(Accumulator):
 
 
 class OffCpuProbe(ProbeFamily):
+    """sched_switch: each block of a thread, from switch-out to switch-in, with its stacks."""
+
     name = "offcpu"
     source = "offcpu.bpf.c"
     kinds = (RecordKind.OFFCPU,)

@@ -17,6 +17,7 @@ from agent.probes.family import Window
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink
+from exporters.profile_types import empty_profile
 
 TRACE_ID_LABEL = "trace_id"
 SPAN_ID_LABEL = "span_id"
@@ -77,6 +78,15 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
                         labels=((("process_name", info.name),) if info else ()) + extra + go_labels, link=link,
                         cpu=r.cpu)
         profile.add(key, values(r), r.ktime_ns + window.wall_offset_ns)
+
+
+def waits_profile(kind: str, records: Iterable[RawRecord], resolver: StackResolver, tracker: ProcessTracker,
+                  window: Window, with_kernel: bool = True, **how: Callable) -> Profile:
+    """A profile of `kind` whose records are waits (off-CPU blocks, lock waits: value in ns), each one
+    event of its duration; `how`: add_records' labels or reshape."""
+    profile = empty_profile(kind, window.start_ns, window.duration_ns)
+    add_records(profile, records, resolver, tracker, window, lambda r: [1, r.value], with_kernel, **how)
+    return profile
 
 
 def add_process_meta(profile: Profile, tracker: ProcessTracker) -> None:

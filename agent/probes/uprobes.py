@@ -115,6 +115,10 @@ class ProcessUprobes(Generic[Sites]):
             self.errors += 1
             log.info("%s uprobes not placed in pid %d: %s", self.family, pid, e)
 
+    def notes(self) -> list[str]:
+        """Profile comments: processes whose uprobes could not be placed (so far)."""
+        return [f"{self.family} uprobes could not be placed in {self.errors} processes"] if self.errors else []
+
     def detach(self) -> None:
         libbpf.detach(self._fds)
         self._fds = []

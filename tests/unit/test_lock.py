@@ -7,11 +7,12 @@ from dataclasses import replace
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes import lock as lock_probe
 from agent.probes.family import ProbeConfig
-from agent.probes.lock import LockAccumulator, LockProbe, LockSource, decode_aux, lock_profile
+from agent.probes.lock import LockAccumulator, LockProbe, LockSource, decode_aux
 from agent.processes.stack_resolver import UnwindMode
 from agent.processes.tracker import ProcessTracker
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import Location, SampleKey
+from exporters.profile_types import empty_profile
 from symbolizer.frames import Frame, FrameKind
 
 
@@ -25,7 +26,7 @@ def test_aux_carries_source_and_address():
 
 
 def test_profile_types_follow_runtime_pprof():
-    p = lock_profile(1, 2)
+    p = empty_profile("lock", 1, 2)
     p.add(SampleKey(stack=(), pid=1, tid=1, thread_name="t"), [1, 2500])
     msg = decode_pprof(encode_pprof(p))
     st = msg.string_table

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from agent.probes.family import ProbeConfig
-from agent.probes.offcpu import OffCpuProbe, offcpu_profile, state_label
+from agent.probes.offcpu import OffCpuProbe, state_label
 from agent.processes.tracker import ProcessTracker
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import SampleKey
+from exporters.profile_types import empty_profile
 
 
 def test_state_labels_follow_sched_switch_prev_state():
@@ -18,7 +19,7 @@ def test_state_labels_follow_sched_switch_prev_state():
 
 
 def test_profile_types_and_default():
-    p = offcpu_profile(1, 2)
+    p = empty_profile("offcpu", 1, 2)
     p.add(SampleKey(stack=(), pid=1, tid=1, thread_name="t"), [1, 500])
     msg = decode_pprof(encode_pprof(p))
     st = msg.string_table

@@ -14,15 +14,11 @@ from pathlib import Path
 import pytest
 
 import gotool
-from agent.probes.goroutine import goroutine_profile
-from agent.probes.heap import heap_profile
-from agent.probes.lock import lock_profile
-from agent.probes.offcpu import offcpu_profile
 from exporters.otlp import decode_otlp, encode_otlp_bytes
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.pprof_reader import profile_from_pprof
 from exporters.profile import Location, Profile, SampleKey
-from exporters.profile_types import cpu_profile
+from exporters.profile_types import cpu_profile, empty_profile
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 
 APP = Mapping(0x400000, 0x600000, 0, "/usr/local/bin/app", "Xa1/Xb2/Xc3/Xd4", BuildIdKind.GO)
@@ -231,10 +227,10 @@ def test_round_trip_through_decode():
 # Every kind of profile the agent writes, by the constructors it writes them with.
 KIND_PROFILES = {
     "cpu": lambda t, d: cpu_profile(t, d, frequency_hz=99),
-    "offcpu": offcpu_profile,
-    "heap": lambda t, d: heap_profile(t, d, rate_bytes=512 * 1024),
-    "lock": lock_profile,
-    "goroutine": goroutine_profile,
+    "offcpu": lambda t, d: empty_profile("offcpu", t, d),
+    "heap": lambda t, d: empty_profile("heap", t, d, period=512 * 1024),
+    "lock": lambda t, d: empty_profile("lock", t, d),
+    "goroutine": lambda t, d: empty_profile("goroutine", t, d),
 }
 
 
