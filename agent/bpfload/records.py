@@ -55,6 +55,19 @@ DROP_DESCRIPTIONS = {
 }
 
 
+@dataclass(frozen=True)
+class Loss:
+    """Events lost or cut short for one reason: a running total, or one interval's growth of it."""
+
+    reason: str  # a metric label: ringbuf_full, heap_live_map_full, unwind_no_process ...
+    count: int
+    description: str  # reads after the count: "samples lost (ring buffer full)"
+    warn: bool = False  # worth a warning each time it grows (a full map), not only a count
+
+    def line(self) -> str:
+        return f"{self.count} {self.description}"
+
+
 class CtxKind(enum.IntEnum):
     """enum bpfprof_ctx_kind: which trace context follows a record's addresses."""
 

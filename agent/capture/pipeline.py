@@ -19,10 +19,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.bpfload.bpf_compile import LoadedObjects
-from agent.bpfload.records import DROP_DESCRIPTIONS, Drop, RawRecord
+from agent.bpfload.records import DROP_DESCRIPTIONS, Loss, RawRecord
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
 from agent.probes.probe_set import ProbeSet
 from agent.probes.profile_builder import add_process_meta
@@ -52,18 +52,6 @@ def process_age_s() -> float:
     with open("/proc/self/stat") as f:
         start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
     return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class Loss:
-    """Events lost or cut short in one interval, for one reason."""
-
-    reason: str  # a metric label: ringbuf_full, heap_live_map_full, unwind_truncated_stack_truncated ...
-    count: int
-    description: str  # reads after the count: "samples lost (ring buffer full)"
-
-    def line(self) -> str:
-        return f"{self.count} {self.description}"
 
 
 @dataclass
@@ -115,7 +103,6 @@ class CapturePipeline:
         self.has_kernel_stacks = False
         self._start_ns = 0
         self._totals_before: dict[str, int] = {}
-        self._descriptions: dict[str, str] = {d.name.lower(): DROP_DESCRIPTIONS[d] for d in Drop}
         self._kernel: KernelSymbols | None = None
         self.resolver_stats = ResolverStats()  # of the last build()
 
@@ -166,7 +153,10 @@ class CapturePipeline:
         The probe set calls it for every record; replay tests call it with recorded ones.
         """
         families = self._by_kind.get(rec.kind, ())
-        if not any(f.is_notice(rec) for f in families):
+        for f in families:
+            if f.is_notice(rec):
+                break
+        else:  # a sample
             if self.accept is not None and not self.accept(rec):
                 return
             if self.first_sample_s is None:
@@ -203,22 +193,20 @@ class CapturePipeline:
         self.tracker.seen(pid, self.seq + 1)
         return True
 
-    def _loss_totals(self) -> dict[str, int]:
+    def _loss_totals(self) -> dict[str, Loss]:
+        """Every running total of what was lost, by reason (families' unwinders may share one)."""
         # No probe set (a replay): nothing was lost in a ring buffer.
-        totals = {d.name.lower(): n for d, n in self._set.drops().items()} if self._set is not None else {}
+        drops = self._set.drops() if self._set is not None else {}
+        totals = {d.name.lower(): Loss(d.name.lower(), n, DROP_DESCRIPTIONS[d]) for d, n in drops.items()}
         for f in self.families:
             try:
-                family_totals = f.loss_totals()
+                losses = f.losses()
             except BpfprofError as e:  # a counter that cannot be read is not worth an interval
                 log.debug("%s: loss counters unreadable: %s", f.name, e)
-                family_totals = {}
-            for reason, description in getattr(f, "LOSSES", {}).items():
-                self._descriptions[reason] = description
-            totals.update(family_totals)
-            for description, n in f.unwind_totals().items():
-                reason = "unwind_" + description
-                self._descriptions[reason] = description
-                totals[reason] = totals.get(reason, 0) + n
+                continue
+            for loss in losses:
+                before = totals.get(loss.reason)
+                totals[loss.reason] = loss if before is None else replace(before, count=before.count + loss.count)
         return totals
 
     def cut(self) -> Interval:
@@ -227,12 +215,9 @@ class CapturePipeline:
             self._set.drain()
         now = time.time_ns()
         totals = self._loss_totals()
-        losses = []
-        for reason, total in totals.items():
-            n = total - self._totals_before.get(reason, 0)
-            if n:
-                losses.append(Loss(reason, n, self._descriptions.get(reason, reason.replace("_", " "))))
-        self._totals_before = totals
+        losses = [replace(total, count=n) for reason, total in totals.items()
+                  if (n := total.count - self._totals_before.get(reason, 0))]
+        self._totals_before = {reason: total.count for reason, total in totals.items()}
         done = []
         for f in self.families:
             nxt = f.new_accumulator()

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.capture.pipeline import CapturePipeline, Interval, Loss
+from agent.bpfload.records import Loss
+from agent.capture.pipeline import CapturePipeline, Interval
 from agent.probes.family import ProbeConfig
 from agent.processes.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, UnwindMode
 from agent.processes.targets import GatedCommand

@@ -48,7 +48,6 @@ from symbolizer.file_symbols import SymbolCache
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 100
 MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the oldest is dropped
 SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
 
@@ -67,8 +66,7 @@ class BpfCollector:
         config = ProbeConfig(frequency_hz=p.frequency_hz, with_kernel=p.kernel_stacks,
                              offcpu_min_ns=p.offcpu_min_us * 1000, heap_sample_bytes=p.heap_sample_bytes,
                              pids=pids, unwind=UnwindMode(p.unwind))
-        self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept,
-                                        drain_interval_s=POLL_MS / 1000)
+        self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept)
         self._selected: dict[int, bool] = {}
 
     def start(self) -> None:
@@ -98,14 +96,14 @@ class BpfCollector:
         return True
 
     def poll(self) -> None:
-        self.pipeline.poll(POLL_MS)
+        self.pipeline.poll()
 
     def cut(self) -> Interval:
         """End the current interval (call from the polling thread); sampling goes on."""
         interval = self.pipeline.cut()
         for loss in interval.losses:
             self.stats.lose(loss.reason, loss.count)
-            if not loss.reason.startswith("unwind_"):
+            if loss.warn:
                 log.warning("%d %s", loss.count, loss.description)
         self._selected = {pid: v for pid, v in self._selected.items() if pid in self.tracker or not v}
         if len(self._selected) > self.tracker.max_processes * 4:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
-from agent.bpfload.records import RawRecord, RecordKind, Scratch, Ustack
+from agent.bpfload.records import Loss, RawRecord, RecordKind, Scratch, Ustack
 from agent.processes.stack_resolver import (
     DEFAULT_UNWIND,
     DEFAULT_USTACK_BYTES,
@@ -102,7 +103,8 @@ class Accumulator:
         """
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        """The profiles of this interval (one per profile type the family makes)."""
+        """The profiles of this interval (one per profile type the family makes); called only after
+        carry_into() ended the interval (the pipeline cuts before it builds)."""
         return []
 
 
@@ -118,6 +120,8 @@ class ProbeFamily:
     # Families whose records carry the user registers and a stack copy (bpf/ustack.bpf.h
     # submit_with_ustack) name their source's on/off switch of the copy; None: no copy.
     ustack_switch: str | None = None
+    # What loss_totals() counts: reason (a metric label) -> description (reads after a count).
+    LOSSES: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         self.config = config
@@ -194,17 +198,19 @@ class ProbeFamily:
     # -- what was lost -----------------------------------------------------------
 
     def loss_totals(self) -> dict[str, int]:
-        """What this family lost or left out so far, by reason (a description that reads after a count),
-        cumulative: the pipeline reports the growth per interval. Read while the programs are loaded."""
+        """What this family's BPF side lost so far, by a reason of LOSSES (a full map). Read while the
+        programs are loaded; BpfprofError if a counter cannot be read."""
         return {}
+
+    def losses(self) -> list[Loss]:
+        """Running totals of what this family lost or cut short: its BPF counters (a warning when they
+        grow) and the user stacks its unwinder left short. The pipeline reports the growth per interval."""
+        out = [Loss(reason, n, self.LOSSES[reason], warn=True) for reason, n in self.loss_totals().items()]
+        return out + (self.user_stacks.losses() if self.user_stacks is not None else [])
 
     def complete(self, rec: RawRecord) -> RawRecord:
         """`rec` with its user stack unwound from the copy (as it is without one)."""
         return self.user_stacks.complete(rec) if self.user_stacks is not None else rec
-
-    def unwind_totals(self) -> dict[str, int]:
-        """User stacks the unwinder left short so far, by reason (cumulative; none with frame pointers)."""
-        return self.user_stacks.loss_totals() if self.user_stacks is not None else {}
 
 
 def read_percpu_total(objs: LoadedObjects | None, map_name: str, index: int) -> int:

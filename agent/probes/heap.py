@@ -233,7 +233,6 @@ class HeapAccumulator(Accumulator):
         self.go_reads: dict[int, HeapBuckets] = {}
         self.go_unread: set[int] = set()  # gone before their buckets were read
         self._last_go_read = time.monotonic()
-        self._cut = False  # this interval's end was read at its cut (carry_into)
         self.rates: dict[int, int] = {}  # pid -> its own sampling rate (Go's MemProfileRate, the sampler's)
         self.null_results = 0  # sampled allocations that returned NULL in this interval (read at its end)
 
@@ -259,7 +258,6 @@ class HeapAccumulator(Accumulator):
     def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
         assert isinstance(nxt, HeapAccumulator)
         nxt.live = self.live.carry(alive)
-        self._cut = True
         for pid in self.family.bucket_pids():  # the cut: this interval's end is the next one's start
             read = self.read_buckets(pid, into=self.go_reads) or self._last_read(pid)
             if read is not None and alive(pid):
@@ -287,10 +285,7 @@ class HeapAccumulator(Accumulator):
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         family = self.family
         rate = family.config.heap_sample_bytes
-        for pid in family.bucket_pids():
-            # A capture's end (when no cut read it); a process gone keeps its last read.
-            if not self._cut:
-                self.read_buckets(pid, into=self.go_reads)
+        for pid in family.bucket_pids():  # read at the cut (carry_into); a process gone keeps its last read
             last = self._last_read(pid)
             if last is None:
                 self.go_unread.add(pid)

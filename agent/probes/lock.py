@@ -221,8 +221,6 @@ class LockAccumulator(Accumulator):
         return stack, (("lock", source.name.lower()),)
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        self.records += [s.rec for s in self._sleeps.values()]
-        self._sleeps.clear()
         profile = waits_profile("lock", self.records, resolver, tracker, window, self.family.config.with_kernel,
                                 reshape=self._reshape)
         return [profile]

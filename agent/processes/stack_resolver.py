@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
-from agent.bpfload.records import RawRecord
+from agent.bpfload.records import Loss, RawRecord
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location
 from symbolizer.elf import NT_GNU_BUILD_ID, parse_notes
@@ -233,16 +233,17 @@ class UserStacks:
                 pcs = pcs + list(tail)
         return replace(rec, user_ips=UnwoundStack(pcs, frozenset(exact)), user_regs=None, user_stack=b"")
 
-    def loss_totals(self) -> dict[str, int]:
-        """How many user stacks came out short so far, by way (a description that reads after the count)."""
-        out = {}
+    def losses(self) -> list[Loss]:
+        """How many user stacks came out short so far, by way (running totals)."""
+        out = []
         for outcome, n in sorted(self.outcomes.items()):
             if outcome.startswith("truncated:"):
-                out[f"user stacks cut short by the unwinder ({outcome.split(':', 1)[1]})"] = n
+                why = outcome.split(":", 1)[1]
+                out.append(Loss(f"unwind_truncated_{why}", n, f"user stacks cut short by the unwinder ({why})"))
             elif outcome == NO_COPY:
-                out["user stacks from frame pointers only (no stack copy)"] = n
+                out.append(Loss("unwind_no_copy", n, "user stacks from frame pointers only (no stack copy)"))
             elif outcome == NO_PROCESS:
-                out["user stacks of processes gone before their maps were read"] = n
+                out.append(Loss("unwind_no_process", n, "user stacks of processes gone before their maps were read"))
         return out
 
 
