@@ -20,6 +20,13 @@
 #define BPFPROF_FRAMES_MASK BPFPROF_MAX_FRAMES
 _Static_assert(((BPFPROF_MAX_FRAMES + 1) & BPFPROF_MAX_FRAMES) == 0,
                "BPFPROF_MAX_FRAMES + 1 must be a power of two: BPFPROF_FRAMES_MASK bounds frame counts");
+/* User frames of a stack unwound in BPF (bpf/unwind.bpf.h); frame-pointer
+ * stacks (bpf_get_stack) stay within BPFPROF_MAX_FRAMES. */
+#define BPFPROF_MAX_USER_FRAMES 128
+/* Room for a record's addresses, kernel then user: a power of two, so that
+ * an index masked by BPFPROF_IPS - 1 stays inside. */
+#define BPFPROF_IPS 256
+_Static_assert(BPFPROF_MAX_FRAMES + BPFPROF_MAX_USER_FRAMES <= BPFPROF_IPS, "ips[] holds a full stack");
 #define BPFPROF_COMM_LEN 16
 
 /* Record kinds. Each probe family owns a range; agent/bpfload/records.py mirrors them. */
@@ -110,7 +117,7 @@ struct bpfprof_trace_ctx {
 
 struct bpfprof_stack_record {
     struct bpfprof_header h;
-    u64 ips[2 * BPFPROF_MAX_FRAMES];  /* leaf first, kernel then user */
+    u64 ips[BPFPROF_IPS];  /* leaf first, kernel then user */
 };
 
 /* The per-CPU buffer a record is built in: room for the trailer after a full

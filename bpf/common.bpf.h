@@ -245,12 +245,11 @@ static __always_inline u64 read_frameless_user_stack(struct pt_regs *ctx, struct
     return read_user_stack(ctx, r, 0, ret);
 }
 
-/* read_stacks, then append the trace context, if any; returns the record's
- * size (0: too big to send). */
-static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r, int kernel)
+/* The record's size with its trace context appended after its addresses,
+ * if it has one (0: too big to send). */
+static __always_inline u64 finish_record(struct bpfprof_stack_record *r)
 {
-    read_stacks(ctx, r, kernel);
-    u64 kn = r->h.kernel_frames & BPFPROF_FRAMES_MASK, un = r->h.user_frames & BPFPROF_FRAMES_MASK;
+    u64 kn = r->h.kernel_frames & BPFPROF_FRAMES_MASK, un = r->h.user_frames & (BPFPROF_IPS - 1);
     u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
     u32 zero = 0;
     struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);
@@ -259,7 +258,8 @@ static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r
         u32 ts = t->size;
         if (ts > sizeof(*t))
             ts = sizeof(*t);
-        if (bpf_probe_read_kernel(&r->ips[kn + un], sizeof(*t), t) == 0)
+        if (kn + un <= BPFPROF_IPS &&
+            bpf_probe_read_kernel(&r->ips[(kn + un) & (BPFPROF_IPS - 1)], sizeof(*t), t) == 0)
             size += ts;
         t->kind = BPFPROF_CTX_NONE;  /* consumed: never appended to another record */
     }
@@ -268,47 +268,51 @@ static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r
     return size;
 }
 
-/* fill_stacks, then send header + addresses (+ trace context). */
-static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_record *r)
+/* read_stacks, then append the trace context, if any; returns the record's
+ * size (0: too big to send). */
+static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r, int kernel)
 {
-    u64 size = fill_stacks(ctx, r, 1);
+    read_stacks(ctx, r, kernel);
+    return finish_record(r);
+}
+
+/* Send a finished record of `size` bytes. */
+static __always_inline void submit_record(void *r, u64 size)
+{
     if (size == 0)
         return;
     if (records.ringbuf_output(r, size, rb_flags()) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
 
+/* fill_stacks, then send header + addresses (+ trace context). */
+static __always_inline void submit_with_stacks(void *ctx, struct bpfprof_stack_record *r)
+{
+    submit_record(r, fill_stacks(ctx, r, 1));
+}
+
 #if USTACK_BYTES > 0
 /* One record as sent with a stack copy: the record (header, addresses, trace
  * context), then the ustack trailer and its bytes. Built per CPU: the record
- * is copied in after fill_stacks() because the trailer's place depends on
- * the frame counts. */
+ * is copied in after its stacks because the trailer's place depends on the
+ * frame counts. */
 struct ustack_out {
     u8 buf[sizeof(struct bpfprof_scratch) + sizeof(struct bpfprof_ustack) + USTACK_BYTES + USTACK_PAGE];
 };
 BPF_PERCPU_ARRAY(ustack_out_buf, struct ustack_out, 1);
 
-/* fill_stacks, then send the record with the user stack from `u`'s registers
- * (`have_regs` 0: no user context, the record alone); `kernel` as read_stacks. */
-static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_record *r, struct bpfprof_ustack *u,
-                                               int have_regs, int kernel)
+/* Send the finished record `r` of `size` bytes, followed by the user stack
+ * from `u`'s registers up. 0 if it could not be built. */
+static __always_inline int submit_copy(struct bpfprof_stack_record *r, u64 size, struct bpfprof_ustack *u)
 {
-    u64 size = fill_stacks(ctx, r, kernel);
-    if (size == 0)
-        return;
-    if (!have_regs) {
-        if (records.ringbuf_output(r, size, rb_flags()) != 0)
-            count_drop(BPFPROF_DROP_RINGBUF_FULL);
-        return;
-    }
     u32 zero = 0;
     struct ustack_out *out = ustack_out_buf.lookup(&zero);
-    if (!out)
-        return;
+    if (!out || size == 0)
+        return 0;
     if (size > sizeof(struct bpfprof_scratch))
-        return;  /* for the verifier: fill_stacks already bounds it */
+        return 0;  /* for the verifier: finish_record already bounds it */
     if (bpf_probe_read_kernel(out->buf, size, r) != 0)
-        return;
+        return 0;
     u8 *data = out->buf + size + sizeof(*u);
     u->len = copy_user_stack(data, u->rsp, &u->err);
     u->kind = BPFPROF_CTX_USTACK;
@@ -316,9 +320,19 @@ static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_r
     __builtin_memcpy(out->buf + size, u, sizeof(*u));
     u64 total = size + u->size;
     if (total > sizeof(out->buf))
-        return;
-    if (records.ringbuf_output(out, total, rb_flags()) != 0)
-        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+        return 0;
+    submit_record(out, total);
+    return 1;
+}
+
+/* fill_stacks, then send the record with the user stack from `u`'s registers
+ * (`have_regs` 0: no user context, the record alone); `kernel` as read_stacks. */
+static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_record *r, struct bpfprof_ustack *u,
+                                               int have_regs, int kernel)
+{
+    u64 size = fill_stacks(ctx, r, kernel);
+    if (!have_regs || !submit_copy(r, size, u))
+        submit_record(r, size);
 }
 #endif
 

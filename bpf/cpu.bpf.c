@@ -6,7 +6,10 @@
 #include "common.bpf.h"
 
 #ifndef CPU_USTACK
-#define CPU_USTACK 0  /* 1: samples carry the stack copy (record --unwind cfi) */
+#define CPU_USTACK 0  /* 1: user stacks walked from registers (record --unwind cfi) */
+#endif
+#ifndef CPU_BPF_UNWIND
+#define CPU_BPF_UNWIND 0  /* 1: walked in BPF (bpf/unwind.bpf.h); else the stack copy goes to the agent */
 #endif
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -20,6 +23,22 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 #if USTACK_BYTES > 0 && CPU_USTACK
         struct bpfprof_ustack u = {};
         int have = user_regs(ctx, &u);
+#if CPU_BPF_UNWIND
+        if (have) {
+            u64 kn = 0;
+#if WITH_KERNEL
+            kn = read_kernel_stack(ctx, r);
+#endif
+            r->h.kernel_frames = kn & BPFPROF_FRAMES_MASK;
+            unwind_start(ctx, r, &u, UNWIND_PROG_PERF, UNWIND_DONE_SUBMIT, UNWIND_FAMILY_CPU);
+            /* not walked here: frame pointers and a copy, for the agent's walker */
+            read_user_stack(ctx, r, r->h.kernel_frames, 0);
+            u64 size = finish_record(r);
+            if (!submit_copy(r, size, &u))
+                submit_record(r, size);
+            return 0;
+        }
+#endif
         submit_with_ustack(ctx, r, &u, have, 1);
 #else
         submit_with_stacks(ctx, r);

@@ -39,6 +39,12 @@ struct bpf_perf_event_data {
 /* Extends enum bpfprof_ctx_kind: a trailer holding registers + stack bytes. */
 #define BPFPROF_CTX_USTACK 3
 #define BPFPROF_USTACK_USER_MODE 1  /* the sample hit user mode: rip is the interrupted instruction */
+/* A copy sent where the BPF walk (bpf/unwind.bpf.h) stopped: the record's user
+ * addresses are the frames walked, the last of them is `rip`, and the agent
+ * continues from these registers. */
+#define BPFPROF_USTACK_CONTINUE 2
+#define BPFPROF_USTACK_RIP_RETURN 4  /* rip is a return address: its rule is looked up at rip - 1 */
+#define BPFPROF_USTACK_RBP_UNKNOWN 8 /* an earlier frame lost RBP: rbp is not the frame's */
 #define USTACK_PAGE 4096
 
 struct bpfprof_ustack {

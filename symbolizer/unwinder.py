@@ -230,11 +230,13 @@ class Unwinder:
             self._rules.popitem(last=False)
         return rules
 
-    def unwind(self, regs: Regs | tuple[int, int, int], stack: bytes | memoryview, process: MappingLookup,
-               stack_base: int | None = None) -> UnwindResult:
+    def unwind(self, regs: Regs | tuple[int, int, int | None], stack: bytes | memoryview, process: MappingLookup,
+               stack_base: int | None = None, rip_is_return: bool = False) -> UnwindResult:
         """Walk one sample's stack, leaf first.
 
         `stack` holds user memory from `stack_base` (default: RSP) upward.
+        `rip_is_return`: RIP is a caller's return address (a walk continued
+        from a frame above the leaf), looked up at RIP - 1; RBP None: unknown.
         Never raises on bad input: a corrupt table or stack ends the walk
         with a StopReason.
         """
@@ -247,7 +249,7 @@ class Unwinder:
         pcs = [rip]
         sources = [FrameSource.LEAF]
         pc = rip
-        is_return = False
+        is_return = rip_is_return
         stop = StopReason.MAX_DEPTH
         for _ in range(self.max_frames):
             lookup_pc = pc - 1 if is_return else pc

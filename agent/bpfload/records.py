@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from exporters.profile import TraceLink
 
 MAX_FRAMES = 127
+MAX_USER_FRAMES = 128  # BPFPROF_MAX_USER_FRAMES: stacks walked in BPF
+IPS = 256  # BPFPROF_IPS
 COMM_LEN = 16
 MAX_LABELS = 8
 LABEL_KEY_LEN = 32
@@ -145,7 +147,7 @@ class TraceCtx(ctypes.Structure):
 class StackRecord(ctypes.Structure):
     """struct bpfprof_stack_record (header and the most addresses a record can have)."""
 
-    _fields_ = [("h", Header), ("ips", ctypes.c_uint64 * (2 * MAX_FRAMES))]
+    _fields_ = [("h", Header), ("ips", ctypes.c_uint64 * IPS)]
 
 
 class Scratch(ctypes.Structure):
@@ -170,6 +172,9 @@ class GorLayout(ctypes.Structure):
 
 
 USTACK_USER_MODE = 1  # BPFPROF_USTACK_USER_MODE
+USTACK_CONTINUE = 2  # BPFPROF_USTACK_CONTINUE: user_ips are frames walked in BPF, the last one at the registers
+USTACK_RIP_RETURN = 4  # BPFPROF_USTACK_RIP_RETURN
+USTACK_RBP_UNKNOWN = 8  # BPFPROF_USTACK_RBP_UNKNOWN
 
 
 class Ustack(ctypes.Structure):
@@ -206,6 +211,7 @@ class RawRecord:
     user_regs: tuple[int, int, int] | None = None  # RIP, RSP, RBP; None: no copy was sent
     user_stack: bytes = b""  # user memory from RSP up
     user_mode: bool = True  # the sample hit user mode (RIP is the interrupted instruction)
+    ustack_flags: int = 0  # BPFPROF_USTACK_* of the copy
 
 
 _HEADER = struct.Struct("<IIIIQQQHHhh16s")
@@ -255,6 +261,7 @@ def parse_record(buf: bytes) -> RawRecord:
     regs = None
     stack = b""
     user_mode = True
+    ustack_flags = 0
     while len(buf) >= pos + TRACE_CTX_HEADER_SIZE:
         ctx_kind, size = _CTX_HEADER.unpack_from(buf, pos)
         if size < TRACE_CTX_HEADER_SIZE:
@@ -271,6 +278,7 @@ def parse_record(buf: bytes) -> RawRecord:
             start = pos + _USTACK.size
             stack = buf[start:min(end, start + length)]
             user_mode = bool(flags & USTACK_USER_MODE)
+            ustack_flags = flags
         pos += size
     return RawRecord(kind, pid, tid, cpu, ktime, value, aux, name, ips[:kn], ips[kn:], labels, truncated, link,
-                     regs, stack, user_mode)
+                     regs, stack, user_mode, ustack_flags)

@@ -115,7 +115,8 @@ class CapturePipeline:
     def load(self) -> None:
         """Compile and load the families' programs (BpfprofError if that fails); nothing attached yet."""
         self._set = ProbeSet(self.families, pids=self._targets, follow_children=self._follow,
-                             with_kernel=self.config.with_kernel, drain_interval_s=self._drain_interval_s)
+                             with_kernel=self.config.with_kernel, drain_interval_s=self._drain_interval_s,
+                             tracker=self.tracker)
 
     @property
     def objs(self) -> LoadedObjects:

@@ -76,6 +76,8 @@ class CpuProbe(ProbeFamily):
     kinds = (RecordKind.CPU,)
     accumulator = CpuAccumulator
     ustack_switch = "CPU_USTACK"
+    bpf_unwind_switch = "CPU_BPF_UNWIND"
+    bpf_unwind_prog = ProgType.PERF_EVENT
     PROGRAM = "on_cpu_sample"
 
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:

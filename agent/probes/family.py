@@ -37,6 +37,7 @@ from agent.processes.stack_resolver import (
     UserStacks,
 )
 from agent.processes.tracker import ProcessTracker
+from agent.unwind.tables import DEFAULT_TABLE_BYTES, UnwindTables
 from exporters.profile import Profile
 
 
@@ -52,8 +53,9 @@ class ProbeConfig:
     # The targets are a command bpfprof started (`record -- COMMAND`) and its children: bpfprof may
     # pause them at exit to read what the exit would take (the Go heap profile).
     own_command: bool = False
-    unwind: UnwindMode = DEFAULT_UNWIND  # user stacks: CFI walk of a stack copy, or frame pointers
-    ustack_bytes: int = DEFAULT_USTACK_BYTES  # stack copied per sample for the CFI walk
+    unwind: UnwindMode = DEFAULT_UNWIND  # user stacks: CFI walk in BPF, of a stack copy, or frame pointers
+    ustack_bytes: int = DEFAULT_USTACK_BYTES  # stack copied per sample for the agent's CFI walk
+    unwind_table_bytes: int = DEFAULT_TABLE_BYTES  # kernel memory for the BPF walker's unwind rows
 
     def __post_init__(self) -> None:
         if not 0 < self.ustack_bytes <= MAX_USTACK_BYTES:
@@ -120,6 +122,11 @@ class ProbeFamily:
     # Families whose records carry the user registers and a stack copy (bpf/ustack.bpf.h
     # submit_with_ustack) name their source's on/off switch of the copy; None: no copy.
     ustack_switch: str | None = None
+    # Families whose user stacks the BPF walker can unwind (bpf/unwind.bpf.h) name their source's switch
+    # and the program type of their sampling programs (the walker is tail-called within it).
+    bpf_unwind_switch: str | None = None
+    bpf_unwind_prog: ProgType | None = None
+    bpf_unwind_family: int = 0  # UNWIND_FAMILY_*: the index of its walk counters
     # What loss_totals() counts: reason (a metric label) -> description (reads after a count).
     LOSSES: ClassVar[dict[str, str]] = {}
 
@@ -127,10 +134,14 @@ class ProbeFamily:
         self.config = config
         self.tracker = tracker
         self.objs: LoadedObjects | None = None  # set by attach()
-        cfi = self.ustack_switch is not None and UnwindMode(config.unwind) == UnwindMode.CFI
+        mode = UnwindMode(config.unwind)
+        cfi = self.ustack_switch is not None and mode in (UnwindMode.CFI, UnwindMode.COPY)
+        # Walked in BPF where the family can, with a stack copy for what the walker has no table for yet.
+        self.walks_in_bpf = cfi and mode == UnwindMode.CFI and self.bpf_unwind_switch is not None
         # The copy size is compiled in; records are unwound against the tracker's snapshots as they arrive.
         self.ustack_bytes = ((config.ustack_bytes + 7) & ~7) if cfi else 0
         self.user_stacks: UserStacks | None = UserStacks(tracker) if cfi else None
+        self.unwind_tables: UnwindTables | None = None  # set by the probe set when walks_in_bpf
 
     # -- what is compiled --------------------------------------------------------
 
@@ -142,7 +153,10 @@ class ProbeFamily:
         """-D switches of this family's source (USTACK_BYTES: the set takes the largest)."""
         if self.ustack_switch is None:
             return {}
-        return {"USTACK_BYTES": self.ustack_bytes, self.ustack_switch: int(self.ustack_bytes > 0)}
+        own = {"USTACK_BYTES": self.ustack_bytes, self.ustack_switch: int(self.ustack_bytes > 0)}
+        if self.bpf_unwind_switch is not None:
+            own[self.bpf_unwind_switch] = int(self.walks_in_bpf)
+        return own
 
     def programs(self) -> dict[str, ProgType]:
         """BPF functions to load, by name."""
@@ -164,6 +178,8 @@ class ProbeFamily:
     def attach(self, objs: LoadedObjects) -> list[int]:
         """Attach the loaded programs; return perf event fds the probe set closes."""
         self.objs = objs
+        if self.unwind_tables is not None and self.user_stacks is not None:
+            self.user_stacks.on_fallback = self.unwind_tables.want
         return []
 
     def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:
@@ -206,6 +222,8 @@ class ProbeFamily:
         """Running totals of what this family lost or cut short: its BPF counters (a warning when they
         grow) and the user stacks its unwinder left short. The pipeline reports the growth per interval."""
         out = [Loss(reason, n, self.LOSSES[reason], warn=True) for reason, n in self.loss_totals().items()]
+        if self.unwind_tables is not None:
+            out += self.unwind_tables.losses(self.bpf_unwind_family)
         return out + (self.user_stacks.losses() if self.user_stacks is not None else [])
 
     def complete(self, rec: RawRecord) -> RawRecord:

@@ -25,6 +25,8 @@ from agent.bpfload.records import (
 )
 from agent.probes.family import ProbeFamily
 from agent.processes.targets import wait_stopped
+from agent.processes.tracker import ProcessTracker
+from agent.unwind.tables import ROW_BYTES, UnwindTables
 from bpf import source_path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -58,6 +60,18 @@ def wake_every(pages: int, cpus: int, record_bytes: int = 0) -> int:
 
 FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
 COMMON_SOURCE = "common.bpf.h"
+UNWIND_SOURCE = "unwind.bpf.h"  # pasted, not included: it defines maps
+UNWIND_WALK_SOURCE = "unwind_walk.bpf.c"
+# The BPF walker of each program type, and its slot in `unwind_calls` (UNWIND_PROG_*).
+UNWIND_WALKERS = {
+    bpf_compile.ProgType.PERF_EVENT: ("unwind_walk_perf", 0),
+    bpf_compile.ProgType.TRACEPOINT: ("unwind_walk_tp", 1),
+    bpf_compile.ProgType.KPROBE: ("unwind_walk_kprobe", 2),
+}
+UNWIND_HOOKS = {"tracepoint__sched__sched_process_exec": ("sched", "sched_process_exec"),
+                "tracepoint__sched__sched_process_exit": ("sched", "sched_process_exit")}
+UNWIND_MAPS = ["unwind_rows", "unwind_procs", "unwind_stats", "unwind_calls"]
+UNWIND_MAX_PROCESSES = 4096
 
 
 def host_pid() -> int:
@@ -84,14 +98,16 @@ def combined_source(sources: Sequence[str]) -> str:
     header's include guard turns each source's own `#include "common.bpf.h"`
     (which lets a source compile alone) into a no-op.
     """
-    return "\n".join(source_path(name).read_text() for name in dict.fromkeys([COMMON_SOURCE, *sources]))
+    return "\n".join(source_path(name).read_text()
+                     for name in dict.fromkeys([COMMON_SOURCE, UNWIND_SOURCE, *sources]))
 
 
 class ProbeSet:
     """Owns the loaded programs of a capture. Use as a context manager; close() detaches."""
 
     def __init__(self, families: Sequence[ProbeFamily], pids: Iterable[int] | None = None,
-                 follow_children: bool = False, with_kernel: bool = True, drain_interval_s: float = 0.1) -> None:
+                 follow_children: bool = False, with_kernel: bool = True, drain_interval_s: float = 0.1,
+                 tracker: ProcessTracker | None = None) -> None:
         self.families = list(families)
         self._pids = None if pids is None else list(pids)
         cpus = len(libbpf.online_cpus())
@@ -122,9 +138,29 @@ class ProbeSet:
         if follow_children:
             programs["tracepoint__sched__sched_process_fork"] = bpf_compile.ProgType.TRACEPOINT
             sources.append(FOLLOW_CHILDREN_SOURCE)
+        walkers = {f.bpf_unwind_prog for f in self.families if f.walks_in_bpf and f.bpf_unwind_prog}
+        table_rows = 0
+        if walkers:
+            table_rows = max(1, max(f.config.unwind_table_bytes for f in self.families) // ROW_BYTES)
+            defines.update(UNWIND_ROWS=table_rows, UNWIND_PROCS=UNWIND_MAX_PROCESSES,
+                           UNWIND_SEARCH_STEPS=table_rows.bit_length() + 1)
+            programs.update({UNWIND_WALKERS[t][0]: t for t in walkers})
+            programs.update(dict.fromkeys(UNWIND_HOOKS, bpf_compile.ProgType.TRACEPOINT))
+            maps += UNWIND_MAPS
+            sources.append(UNWIND_WALK_SOURCE)
         self.objs: LoadedObjects = bpf_compile.load_programs(combined_source(sources), defines, programs, maps)
         self._events: list[int] = []
         self._ring: libbpf.RingBuffer | None = None
+        self.unwind_tables: UnwindTables | None = None
+        if walkers:
+            for t in walkers:
+                name, slot = UNWIND_WALKERS[t]
+                libbpf.map_update(self.objs.maps["unwind_calls"], ctypes.c_uint32(slot),
+                                  ctypes.c_uint32(self.objs.programs[name]))
+            self.unwind_tables = UnwindTables(self.objs.maps, tracker or ProcessTracker(), table_rows)
+            for f in self.families:
+                if f.walks_in_bpf:
+                    f.unwind_tables = self.unwind_tables
         for pid in self._pids or ():
             self.add_target(pid)
 
@@ -146,6 +182,11 @@ class ProbeSet:
         if self._follow:
             self._events += libbpf.attach_tracepoint(
                 self.objs.programs["tracepoint__sched__sched_process_fork"], "sched", "sched_process_fork")
+        if self.unwind_tables is not None:
+            for prog, (category, name) in UNWIND_HOOKS.items():
+                self._events += libbpf.attach_tracepoint(self.objs.programs[prog], category, name)
+            for pid in self._pids or ():
+                self.unwind_tables.want(pid)
         for f in self.families:
             self._events += f.attach(self.objs)
 
@@ -189,6 +230,9 @@ class ProbeSet:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        if self.unwind_tables is not None:
+            self.unwind_tables.close()
+            self.unwind_tables = None
         self.objs.close()
 
     def __enter__(self) -> ProbeSet:

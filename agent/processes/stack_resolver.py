@@ -39,11 +39,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
-from agent.bpfload.records import Loss, RawRecord
+from agent.bpfload.records import USTACK_CONTINUE, USTACK_RBP_UNKNOWN, USTACK_RIP_RETURN, Loss, RawRecord
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location
 from symbolizer.elf import NT_GNU_BUILD_ID, parse_notes
@@ -64,7 +65,8 @@ MAX_USTACK_BYTES = 24576
 class UnwindMode(StrEnum):
     """How user stacks (CPU samples, futex waits) are walked (`record --unwind`)."""
 
-    CFI = "cfi"  # registers + stack copy from BPF, CFI/pclntab walk in the agent
+    CFI = "cfi"  # CFI/pclntab rows walked in BPF (bpf/unwind.bpf.h); a stack copy where it has no table yet
+    COPY = "copy"  # registers + stack copy from BPF, CFI/pclntab walk in the agent for every sample
     FP = "fp"  # frame pointers, walked by bpf_get_stack
 
 
@@ -202,28 +204,46 @@ class UserStacks:
         self.unwinder = Unwinder()
         self.outcomes: Counter[str] = Counter()
         self._refreshed: set[int] = set()
+        # Called with (pid, refresh) for every copy a BPF walk sent instead of walking: the process wants
+        # its tables (registered again with its maps re-read when `refresh`). None: no BPF walker.
+        self.on_fallback: Callable[[int, bool], None] | None = None
 
     def complete(self, rec: RawRecord) -> RawRecord:
-        """`rec` with user_ips unwound and the stack copy dropped (a record without a copy as it is)."""
+        """`rec` with user_ips unwound and the stack copy dropped (a record without a copy as it is).
+
+        A copy sent where the BPF walker stopped (USTACK_CONTINUE) continues the frames it walked.
+        """
         if rec.user_regs is None:
             if rec.user_ips:
                 self.outcomes[NO_COPY] += 1
             return rec
+        flags = rec.ustack_flags
+        continued = bool(flags & USTACK_CONTINUE)
+        if self.on_fallback is not None:
+            self.on_fallback(rec.pid, continued)
         info = self.tracker.get(rec.pid) or self.tracker.observe(rec.pid)
         if info is None:
             self.outcomes[NO_PROCESS] += 1
             return replace(rec, user_regs=None, user_stack=b"")
-        rip = rec.user_regs[0]
+        rip, rsp, rbp = rec.user_regs
         if info.symbols.mapping_at(rip) is None and rec.pid not in self._refreshed:
             self._refreshed.add(rec.pid)  # new code mapped since the snapshot (dlopen, JIT)
             info = self.tracker.refresh(rec.pid) or info
-        res = self.unwinder.unwind(rec.user_regs, rec.user_stack, info.symbols)
+        res = self.unwinder.unwind((rip, rsp, None if flags & USTACK_RBP_UNKNOWN else rbp), rec.user_stack,
+                                   info.symbols, rip_is_return=bool(flags & USTACK_RIP_RETURN))
         pcs = res.pcs
         exact = {i for i, src in enumerate(res.sources) if src == FrameSource.SIGNAL}
+        if continued and rec.user_ips:
+            # the BPF walk's frames end at RIP; it sent signal frames' exact PCs as PC + 1
+            prefix = list(rec.user_ips[:-1])
+            exact = {i + len(prefix) for i in exact}
+            pcs = prefix + pcs
         if rec.user_mode:
             exact.add(0)
         if res.stop == StopReason.OUTERMOST:
             self.outcomes[COMPLETE] += 1
+        elif continued:
+            self.outcomes[f"truncated:{res.stop}"] += 1
         else:
             tail = continue_with_fp(pcs, rec.user_ips)
             if tail is None:

@@ -75,7 +75,7 @@ BAD = [
     ("export:\n  interval_s: 0.2\n", "export.interval_s: expected a number of seconds >= 1, got 0.2"),
     ("export:\n  interval_s: .inf\n", "export.interval_s: expected a number, got inf"),
     ("export:\n  timeout_s: .nan\n", "export.timeout_s: expected a number, got nan"),
-    ("profiling:\n  unwind: dwarf\n", "profiling.unwind: expected one of cfi, fp"),
+    ("profiling:\n  unwind: dwarf\n", "profiling.unwind: expected one of cfi, copy, fp"),
     ("profiling:\n  heap_sample_bytes: 0\n", "profiling.heap_sample_bytes: expected an integer >= 1"),
     ("profiling:\n  frequency_hz: true\n", "profiling.frequency_hz: expected an integer, got True"),
     ("profiling:\n  frequency_hz: 100000\n", "profiling.frequency_hz: expected 1 to 20000"),

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("agent", "symbolizer", "exporters", "viewer")
 # Each agent folder may import only those listed after it (and itself); README "How it works" draws this.
-AGENT_LAYERS = ("commands", "daemon", "capture", "probes", "tracectx", "go", "processes", "bpfload", "errors")
+AGENT_LAYERS = ("commands", "daemon", "capture", "probes", "tracectx", "go", "unwind", "processes", "bpfload",
+                "errors")
 # Between top-level packages (DESIGN.md): agent -> viewer (serve's command only), exporters, symbolizer.
 ALLOWED = {"agent": {"viewer", "exporters", "symbolizer", "bpf"}, "viewer": {"exporters", "symbolizer"},
            "exporters": {"symbolizer"}, "symbolizer": set()}

@@ -11,10 +11,12 @@ import subprocess
 
 from agent.bpfload.records import (
     HEADER_SIZE,
+    IPS,
     LABEL_KEY_LEN,
     LABEL_VALUE_LEN,
     MAX_FRAMES,
     MAX_LABELS,
+    MAX_USER_FRAMES,
     USTACK_USER_MODE,
     CtxKind,
     Drop,
@@ -63,7 +65,7 @@ int main(void) {
     D(BPFPROF_CTX_OTEL) D(BPFPROF_CTX_GO_LABELS) D(BPFPROF_PROC_GO) D(BPFPROF_PROC_OTEL)
     D(BPFPROF_LABELS_MAP) D(BPFPROF_LABELS_SLICE)
     D(BPFPROF_DROP_LABELS_TRUNCATED) D(BPFPROF_DROP_TRACE_CTX_READ_ERR)
-    D(BPFPROF_MAX_FRAMES) D(BPFPROF_FRAMES_MASK)
+    D(BPFPROF_MAX_FRAMES) D(BPFPROF_FRAMES_MASK) D(BPFPROF_MAX_USER_FRAMES) D(BPFPROF_IPS)
     S(gor_layout) O(gor_layout, goid) O(gor_layout, labels) O(gor_layout, gopc) O(gor_layout, startpc)
     return 0;
 }
@@ -98,7 +100,9 @@ def test_frame_limit_agrees(tmp_path):
     assert c["BPFPROF_MAX_FRAMES"] == MAX_FRAMES
     mask = c["BPFPROF_FRAMES_MASK"]
     assert all(n & mask == n for n in range(MAX_FRAMES + 1))
-    assert ctypes.sizeof(StackRecord) == HEADER_SIZE + 2 * MAX_FRAMES * 8
+    assert c["BPFPROF_MAX_USER_FRAMES"] == MAX_USER_FRAMES and c["BPFPROF_IPS"] == IPS
+    assert MAX_FRAMES + MAX_USER_FRAMES <= IPS and IPS & (IPS - 1) == 0  # a full stack fits; the index mask bounds
+    assert ctypes.sizeof(StackRecord) == HEADER_SIZE + IPS * 8
 
 
 def test_trace_context_layout_agrees(tmp_path):

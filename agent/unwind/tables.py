@@ -1,0 +1,337 @@
+"""The BPF unwinder's tables (bpf/unwind.bpf.h): per-file rows and per-process mappings, kept in the kernel.
+
+Rows are built once per file (symbolizer/unwind_rows.py, keyed by the file's
+identity: its build id, else a content hash) and shared by every process that
+maps the file. They live in one memory-mapped BPF array, `unwind_rows`: a
+file's rows are one contiguous run, written with one copy before any process
+table points at it. The array's size is the byte budget the config sets;
+when a new file does not fit, the files no registered process maps are
+evicted, least recently used first. A file that still does not fit, or whose
+rows cannot be built, is walked with frame pointers (counted).
+
+A process is registered at its first sample (which took the copy path: the
+BPF side found no table) and again when a sample meets code outside its
+registered mappings (dlopen, JIT) or after an exec (the BPF side deletes the
+table at exec and at exit). Registration reads the tracker's snapshot, so it
+runs on a worker thread: building libc's rows takes ~50 ms, a large Go
+binary's more, and the drain loop must not wait for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.bpfload import libbpf
+from agent.bpfload.records import Loss
+from agent.errors import BpfLoadError
+from agent.processes.tracker import ProcessInfo, ProcessTracker
+from symbolizer.file_symbols import FileId, FileSymbols
+
+log = logging.getLogger(__name__)
+
+ROW_BYTES = 8  # struct unwind_row
+MAX_MAPPINGS = 256  # UNWIND_MAX_MAPPINGS
+FP_ROWS = 0xFFFFFFFF  # UNWIND_FP_ROWS: a mapping walked by frame pointers
+DEFAULT_TABLE_BYTES = 16 << 20  # 2 M rows: libc has ~10 k, a large Go binary ~200 k
+DEFAULT_MAX_PROCESSES = 4096  # UNWIND_PROCS
+# A process is registered again at most this often (a fallback storm after an exec or a dlopen).
+REREGISTER_S = 0.25
+
+
+class UnwindMapping(ctypes.Structure):
+    """struct unwind_mapping."""
+
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("bias", ctypes.c_uint64),
+                ("first", ctypes.c_uint32), ("count", ctypes.c_uint32)]
+
+
+class UnwindProc(ctypes.Structure):
+    """struct unwind_proc: an `unwind_procs` value."""
+
+    _fields_ = [("n", ctypes.c_uint32), ("gen", ctypes.c_uint32), ("m", UnwindMapping * MAX_MAPPINGS)]
+
+
+# unwind_stats indices (enum unwind_stat) -> (metric reason, description, a loss?)
+STATS: tuple[tuple[str, str, bool], ...] = (
+    ("complete", "user stacks walked in BPF to their outermost frame", False),
+    ("truncated", "user stacks deeper than 128 frames, cut", True),
+    ("fallback_no_table", "samples of processes without tables yet, sent with a stack copy", False),
+    ("fallback_unmapped", "samples that met code outside the registered mappings, continued from a stack copy",
+     False),
+    ("stop_no_cfi", "user stacks cut where code had no unwind rule and no frame pointer", True),
+    ("stop_bad_cfa", "user stacks cut where the frame address did not move up the stack", True),
+    ("stop_read", "user stacks cut where a read of the stack failed", True),
+    ("stop_rbp_unknown", "user stacks cut where a rule needed a frame pointer an earlier frame lost", True),
+    ("stop_unsupported", "user stacks cut at an unwind rule the BPF walker does not support", True),
+    ("stop_go_spwrite", "Go stacks cut at a stack switch (systemstack, mcall)", True),
+    ("stop_calls", "user stacks cut where a tail call of the walker failed", True),
+    ("fallback_no_copy", "fallback samples whose stack copy could not be made, sent as walked", True),
+)
+
+
+@dataclass
+class TableStats:
+    files_loaded: int = 0
+    rows_loaded: int = 0
+    bytes_loaded: int = 0
+    files_evicted: int = 0
+    files_without_rows: int = 0  # no CFI, unreadable, or a build error: frame pointers
+    files_over_budget: int = 0  # did not fit even after eviction: frame pointers
+    build_seconds: float = 0.0
+    processes_registered: int = 0
+    registrations: int = 0
+    process_table_full: int = 0
+
+
+@dataclass
+class _File:
+    first: int
+    count: int
+    base: int
+    users: int = 0
+
+
+class RowStore:
+    """The `unwind_rows` array: contiguous runs per file, a first-fit allocator, LRU eviction."""
+
+    def __init__(self, fd: int, capacity_rows: int) -> None:
+        self.capacity = capacity_rows
+        size = -(-capacity_rows * ROW_BYTES // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._free: list[tuple[int, int]] = [(0, capacity_rows)]  # (start, count), sorted by start
+        self.files: OrderedDict[FileId, _File] = OrderedDict()  # least recently used first
+        self.used_rows = 0
+
+    def _alloc(self, count: int) -> int | None:
+        for i, (start, n) in enumerate(self._free):
+            if n >= count:
+                self._free[i] = (start + count, n - count)
+                if n == count:
+                    del self._free[i]
+                return start
+        return None
+
+    def _release(self, start: int, count: int) -> None:
+        free = self._free
+        free.append((start, count))
+        free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, n in free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((s, n))
+        self._free = merged
+
+    def load(self, key: FileId, base: int, data: bytes) -> tuple[_File | None, int]:
+        """The file's run of rows, written now if new: (run, files evicted); run None if it does not fit."""
+        got = self.files.get(key)
+        if got is not None:
+            self.files.move_to_end(key)
+            return got, 0
+        count = len(data) // ROW_BYTES
+        if count == 0 or count > self.capacity:
+            return None, 0
+        evicted = 0
+        start = self._alloc(count)
+        while start is None:
+            victim = next((k for k, f in self.files.items() if f.users == 0), None)
+            if victim is None:
+                return None, evicted
+            f = self.files.pop(victim)
+            self._release(f.first, f.count)
+            self.used_rows -= f.count
+            evicted += 1
+            start = self._alloc(count)
+        self._mm[start * ROW_BYTES:(start + count) * ROW_BYTES] = data
+        run = _File(start, count, base)
+        self.files[key] = run
+        self.used_rows += count
+        return run, evicted
+
+    def close(self) -> None:
+        self._mm.close()
+
+
+def _default_rows(fs: FileSymbols) -> tuple[int, bytes] | None:
+    from symbolizer.unwind_rows import build_rows  # noqa: PLC0415  (the agent imports it only when walking in BPF)
+
+    rows = build_rows(fs)
+    if rows is None or not rows.count:
+        return None
+    return rows.base, rows.data
+
+
+class UnwindTables:
+    """Registers processes with the BPF unwinder: their files' rows loaded, their mappings written.
+
+    `want(pid)` is cheap and safe from the drain thread; a worker thread does the rest.
+    """
+
+    def __init__(self, objs_maps: dict[str, int], tracker: ProcessTracker, capacity_rows: int,
+                 rows_for: Callable[[FileSymbols], tuple[int, bytes] | None] = _default_rows) -> None:
+        self.tracker = tracker
+        self.rows = RowStore(objs_maps["unwind_rows"], capacity_rows)
+        self._procs_fd = objs_maps["unwind_procs"]
+        self._stats_fd = objs_maps["unwind_stats"]
+        self._rows_for = rows_for
+        self.stats = TableStats()
+        self._lock = threading.Lock()  # guards rows + _registered, shared by worker and drain thread
+        self._registered: dict[int, tuple[float, frozenset[FileId]]] = {}  # pid -> (when, files)
+        self._pending: set[int] = set()
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._gen = 0
+
+    # -- drain thread ----------------------------------------------------------------
+
+    def want(self, pid: int, refresh: bool = False) -> None:
+        """Have `pid` registered (again, with its maps re-read, if `refresh`) unless that happened just now."""
+        with self._lock:
+            if pid in self._pending:
+                return
+            got = self._registered.get(pid)
+            if got is not None and time.monotonic() - got[0] < REREGISTER_S:
+                return
+            self._pending.add(pid)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="bpfprof-unwind-tables", daemon=True)
+            self._worker.start()
+        self._queue.put(-pid if refresh else pid)
+
+    def forget_dead(self, alive: Callable[[int], bool]) -> None:
+        """Release the files of registered processes that are gone (the BPF side deleted their tables)."""
+        with self._lock:
+            dead = [pid for pid in self._registered if not alive(pid)]
+            for pid in dead:
+                self._drop(pid)
+
+    # -- worker -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            pid, refresh = abs(item), item < 0
+            try:
+                info = self.tracker.refresh(pid) if refresh or pid in self._registered else self.tracker.get(pid)
+                if info is None:
+                    info = self.tracker.observe(pid)
+                if info is not None:
+                    self.register(info)
+            except Exception:  # noqa: BLE001  (a worker that dies would leave every later process on the copy path)
+                log.exception("unwind tables of pid %d", pid)
+            finally:
+                with self._lock:
+                    self._pending.discard(pid)
+
+    def register(self, info: ProcessInfo) -> bool:
+        """Load the rows of every file `info` maps and write its mappings; False if the table is full."""
+        entries: list[tuple[int, int, int, int, int]] = []
+        files: list[FileId] = []
+        for mf in info.symbols.mappings[:MAX_MAPPINGS]:
+            m, fs = mf.mapping, mf.symbols
+            run = self._file_rows(fs) if fs is not None else None
+            if run is None or fs is None:
+                entries.append((m.start, m.end, 0, FP_ROWS, 0))
+                continue
+            vaddr = fs.translate(m.start, m.start, m.file_offset)
+            if vaddr is None:
+                entries.append((m.start, m.end, 0, FP_ROWS, 0))
+                continue
+            bias = (vaddr - run.base - m.start) & 0xFFFFFFFFFFFFFFFF
+            entries.append((m.start, m.end, bias, run.first, run.count))
+            files.append(fs.id)
+        value = UnwindProc()
+        value.n = len(entries)
+        self._gen += 1
+        value.gen = self._gen
+        for i, e in enumerate(sorted(entries)):
+            value.m[i] = UnwindMapping(*e)
+        with self._lock:
+            for key in files:
+                run = self.rows.files.get(key)
+                if run is not None:
+                    run.users += 1
+            if info.pid in self._registered:
+                self._drop(info.pid)
+            try:
+                libbpf.map_update(self._procs_fd, ctypes.c_uint32(info.pid), value)
+            except BpfLoadError as e:
+                self.stats.process_table_full += 1
+                log.debug("pid %d: no unwind table: %s", info.pid, e)
+                for key in files:
+                    run = self.rows.files.get(key)
+                    if run is not None:
+                        run.users -= 1
+                return False
+            if info.pid not in self._registered:
+                self.stats.processes_registered += 1
+            self.stats.registrations += 1
+            self._registered[info.pid] = (time.monotonic(), frozenset(files))
+        return True
+
+    def _file_rows(self, fs: FileSymbols) -> _File | None:
+        with self._lock:
+            run = self.rows.files.get(fs.id)
+            if run is not None:
+                self.rows.files.move_to_end(fs.id)
+                return run
+        t0 = time.process_time()
+        try:
+            built = self._rows_for(fs)
+        except Exception as e:  # noqa: BLE001  (a file that cannot be parsed is walked by frame pointers)
+            log.debug("%s: no unwind rows: %s", fs.path, e)
+            built = None
+        self.stats.build_seconds += time.process_time() - t0
+        if built is None:
+            self.stats.files_without_rows += 1
+            return None
+        base, data = built
+        with self._lock:
+            run, evicted = self.rows.load(fs.id, base, data)
+            self.stats.files_evicted += evicted
+            if run is None:
+                self.stats.files_over_budget += 1
+                return None
+            self.stats.files_loaded += 1
+            self.stats.rows_loaded += run.count
+            self.stats.bytes_loaded += len(data)
+        return run
+
+    def _drop(self, pid: int) -> None:
+        """Forget `pid`'s registration (lock held): its files lose a user."""
+        _, files = self._registered.pop(pid)
+        for key in files:
+            run = self.rows.files.get(key)
+            if run is not None and run.users > 0:
+                run.users -= 1
+
+    # -- counters ------------------------------------------------------------------------
+
+    def walk_counts(self, family: int) -> dict[str, int]:
+        """How the BPF walks of a family (UNWIND_FAMILY_*) ended so far, by STATS reason (sums over CPUs)."""
+        at = family * len(STATS)
+        return {name: sum(libbpf.map_lookup_percpu_u64(self._stats_fd, at + i))
+                for i, (name, _, _) in enumerate(STATS)}
+
+    def losses(self, family: int) -> list[Loss]:
+        """User stacks of a family that the BPF walk cut short, by reason (running totals)."""
+        counts = self.walk_counts(family)
+        return [Loss(f"unwind_{name}", counts[name], desc) for name, desc, loss in STATS if loss and counts[name]]
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=5)
+            self._worker = None
+        self.rows.close()
