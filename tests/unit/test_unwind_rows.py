@@ -15,6 +15,7 @@ import importlib.util
 import random
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -224,9 +225,13 @@ def test_big_go_binary_equals_rule_at() -> None:
 
 
 def test_file_rows_built_once() -> None:
-    fs = _file(build_c("unwind_chain", NOFP))
-    assert file_rows(fs) is file_rows(fs)
-    assert file_rows(fs).count == build_rows(fs.unwind_table, fs.go).count
+    """One build per FileSymbols, also when threads ask at once."""
+    fs = _file(build_go("unwind", stripped=True))
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: file_rows(fs), range(8)))
+    assert all(r is got[0] for r in got)
+    assert file_rows(fs) is got[0]
+    assert got[0].data == build_rows(fs.unwind_table, fs.go).data
 
 
 def test_no_sources_gives_an_empty_table() -> None:
