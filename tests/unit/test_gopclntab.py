@@ -208,6 +208,8 @@ def _exercise(image: bytes, pcs: list[int]) -> None:
             table.func_for(pc)
         for _ in table.functions():
             pass
+        for _ in table.frame_tables():
+            pass
     except PclntabError:
         pass
 
@@ -254,3 +256,30 @@ def test_every_pc_resolves_and_the_caches_agree(unstripped):
     assert [fresh.lookup(pc) for pc in reversed(pcs)] == first[::-1]
     owners = [(entry, name) for entry, end, name in spans for _ in range(entry, end, 7)]
     assert [table.func_for(pc) for pc in pcs] == owners
+
+
+def test_frame_tables_agree_with_frame_info(unstripped):
+    """frame_tables() (one pass, for per-file unwind rows) gives frame_info's answer at every
+    run boundary and every 5th byte of every function."""
+    _, image = unstripped
+    table = load_pclntab(image)
+    seen = 0
+    for entry, end, flag, tab in table.frame_tables():
+        pcs = set(range(entry, end, 5)) | {end - 1}
+        if tab is not None:
+            pcs.update(entry + e + d for e in tab[0] for d in (-1, 0) if 0 <= e + d < end - entry)
+        for pc in sorted(pcs):
+            info = table.frame_info(pc)
+            if tab is None:
+                assert info is None
+                continue
+            ends, vals = tab
+            i = next((i for i, e in enumerate(ends) if e > pc - entry), None)
+            want = vals[i] if i is not None else -1
+            if want < 0:
+                assert info is None
+            else:
+                assert (info.sp_delta, info.flag, info.entry) == (want, flag, entry)
+            seen += 1
+    assert seen > 10000
+    assert [(e, n) for e, n, _ in table.functions() if n > e] == [(e, n) for e, n, _, _ in table.frame_tables()]
