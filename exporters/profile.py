@@ -104,16 +104,22 @@ class Profile:
 
     def add(self, key: SampleKey, values: list[int], timestamp_ns: int | None = None) -> None:
         """Add one event; merges with an existing sample of the same key."""
+        sample = self.sample(key)
+        for i, v in enumerate(values):
+            sample.values[i] += v
+        if timestamp_ns is not None:
+            sample.timestamps_ns.append(timestamp_ns)
+
+    def sample(self, key: SampleKey) -> Sample:
+        """The sample of `key`, new with zero values if there was none. For builders that intern keys: they
+        look a key up once (hashing a SampleKey hashes its whole stack) and add events to the Sample."""
         index = self._index()
         sample = index.get(key)
         if sample is None:
             sample = Sample(key=key, values=[0] * len(self.sample_types))
             self.samples.append(sample)
             index[key] = sample
-        for i, v in enumerate(values):
-            sample.values[i] += v
-        if timestamp_ns is not None:
-            sample.timestamps_ns.append(timestamp_ns)
+        return sample
 
     def _index(self) -> dict[SampleKey, Sample]:
         idx = self.__dict__.get("_by_key")

@@ -16,7 +16,7 @@ from agent.bpfload.records import RawRecord
 from agent.probes.family import Window
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink
+from exporters.profile import Location, ProcessMeta, Profile, Sample, SampleKey, TraceLink
 from exporters.profile_types import empty_profile
 
 TRACE_ID_LABEL = "trace_id"
@@ -63,21 +63,52 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
     `reshape(record, stack)`, when given, returns the stack to use and the
     record's labels (instead of `labels`): for families that classify by
     what the symbolized stack holds.
+
+    Identical stacks are interned: a stack (pid and raw addresses) is
+    resolved once, and each distinct sample (stack, thread, cpu, trace
+    context, labels) has its SampleKey built and hashed once; any other
+    record costs a tuple key, one dict lookup, its values and a timestamp.
     """
+    stacks: dict[tuple, tuple[Location, ...]] = {}
+    samples: dict[tuple, Sample] = {}
+    wall_offset_ns = window.wall_offset_ns
     for r in records:
-        stack = resolver.stack(r.pid, r.kernel_ips if with_kernel else (), r.user_ips)
-        info = tracker.get(r.pid)
-        if reshape is not None:
-            stack, extra = reshape(r, stack)
-        else:
+        kernel_ips = r.kernel_ips if with_kernel else ()
+        # An UnwoundStack's `exact` changes how its addresses resolve: part of the stack's identity.
+        where = (r.pid, kernel_ips, r.user_ips, getattr(r.user_ips, "exact", None))
+        if reshape is None:
             extra = labels(r) if labels is not None else ()
-        go_labels, link = trace_context(r)
-        # cpu kept per sample for OTLP's cpu.logical_number; pprof readers merge
-        # samples that differ only in it
-        key = SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
-                        labels=((("process_name", info.name),) if info else ()) + extra + go_labels, link=link,
-                        cpu=r.cpu)
-        profile.add(key, values(r), r.ktime_ns + window.wall_offset_ns)
+            key = (where, r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
+            sample = samples.get(key)
+            if sample is None:
+                stack = stacks.get(where)
+                if stack is None:
+                    stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips)
+                sample = samples[key] = profile.sample(_sample_key(r, stack, extra, tracker))
+        else:
+            stack = stacks.get(where)
+            if stack is None:
+                stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips)
+            stack, extra = reshape(r, stack)
+            # Locations are the resolver's, alive for the whole build: their ids name the reshaped stack.
+            key = (r.pid, tuple(map(id, stack)), r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
+            sample = samples.get(key)
+            if sample is None:
+                sample = samples[key] = profile.sample(_sample_key(r, stack, extra, tracker))
+        totals = sample.values
+        for i, v in enumerate(values(r)):
+            totals[i] += v
+        sample.timestamps_ns.append(r.ktime_ns + wall_offset_ns)
+
+
+def _sample_key(r: RawRecord, stack: tuple[Location, ...], extra: tuple[tuple[str, str], ...],
+                tracker: ProcessTracker) -> SampleKey:
+    info = tracker.get(r.pid)
+    go_labels, link = trace_context(r)
+    # cpu kept per sample for OTLP's cpu.logical_number; pprof readers merge
+    # samples that differ only in it
+    return SampleKey(stack=stack, pid=r.pid, tid=r.tid, thread_name=r.thread_name,
+                     labels=((("process_name", info.name),) if info else ()) + extra + go_labels, link=link, cpu=r.cpu)
 
 
 def waits_profile(kind: str, records: Iterable[RawRecord], resolver: StackResolver, tracker: ProcessTracker,

@@ -49,25 +49,8 @@ SECONDS = "2"
 FREQUENCY_HZ = 199
 
 
-def record(out: Path) -> None:
-    binary = build_c(FIXTURE, flags=FLAGS)
-    raw: list[bytes] = []
-
-    def tapped(buf: bytes):
-        raw.append(bytes(buf))
-        return parse_record(buf)
-
-    probe_set.parse_record = tapped  # the probe set's dispatch looks it up at each record
-    tracker = ProcessTracker(SymbolCache())
-    options = RecordOptions(frequency_hz=FREQUENCY_HZ, command=(str(binary), SECONDS), with_kernel=False,
-                            unwind=UnwindMode.FP)
-    session = RecordSession(options, tracker)
-    stats = session.run(threading.Event())
-    probe_set.parse_record = parse_record
-    [profile] = session.build_profiles()
-    if stats.command_exit != 0:
-        raise SystemExit(f"the fixture exited {stats.command_exit}")
-
+def snapshot(raw: list[bytes], tracker: ProcessTracker) -> tuple[dict[str, dict], list[dict]]:
+    """The recording's `files` and `processes` (recording.py) of the records `raw` and the tracker that saw them."""
     files: dict[str, dict] = {}
     processes = []
     records = [parse_record(b) for b in raw]
@@ -99,6 +82,29 @@ def record(out: Path) -> None:
     for f in files.values():
         f["symbols"] = sorted(f["symbols"].values(), key=lambda s: s[1])
 
+    return files, processes
+
+
+def record(out: Path) -> None:
+    binary = build_c(FIXTURE, flags=FLAGS)
+    raw: list[bytes] = []
+
+    def tapped(buf: bytes):
+        raw.append(bytes(buf))
+        return parse_record(buf)
+
+    probe_set.parse_record = tapped  # the probe set's dispatch looks it up at each record
+    tracker = ProcessTracker(SymbolCache())
+    options = RecordOptions(frequency_hz=FREQUENCY_HZ, command=(str(binary), SECONDS), with_kernel=False,
+                            unwind=UnwindMode.FP)
+    session = RecordSession(options, tracker)
+    stats = session.run(threading.Event())
+    probe_set.parse_record = parse_record
+    [profile] = session.build_profiles()
+    if stats.command_exit != 0:
+        raise SystemExit(f"the fixture exited {stats.command_exit}")
+
+    files, processes = snapshot(raw, tracker)
     data = {
         "about": f"tests/replay/capture.py: {FIXTURE}.c {' '.join(FLAGS)}, {SECONDS} s at {FREQUENCY_HZ} Hz, "
                  f"frame pointers, no kernel stacks; kernel {platform.release()}, "
