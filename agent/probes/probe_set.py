@@ -125,6 +125,7 @@ class ProbeSet:
         self.objs: LoadedObjects = bpf_compile.load_programs(combined_source(sources), defines, programs, maps)
         self._events: list[int] = []
         self._ring: libbpf.RingBuffer | None = None
+        self.received_bytes = 0  # ring-buffer bytes delivered: the hot path's cost (bench/hotpath_vs_bcc.py)
         for pid in self._pids or ():
             self.add_target(pid)
 
@@ -136,6 +137,7 @@ class ProbeSet:
         """Attach every family; each record is parsed and handed to `deliver`."""
 
         def dispatch(buf: bytes) -> None:
+            self.received_bytes += len(buf)
             rec = parse_record(buf)
             if rec.kind == RecordKind.GO_EXIT:
                 self._at_go_exit(rec, deliver)
