@@ -177,6 +177,13 @@ class CapturePipeline:
         for acc in self._current.values():
             acc.tick()
 
+    def take_ring_bytes(self) -> int:
+        """Ring-buffer bytes received since the last call (0 without a probe set)."""
+        if self._set is None:
+            return 0
+        n, self._set.received_bytes = self._set.received_bytes, 0
+        return n
+
     def record_count(self) -> int:
         """Records held by the current accumulators (for a progress line)."""
         return sum(acc.record_count() for acc in self._current.values())

@@ -97,6 +97,7 @@ class BpfCollector:
 
     def poll(self) -> None:
         self.pipeline.poll()
+        self.stats.ring_buffer_bytes += self.pipeline.take_ring_bytes()
 
     def cut(self) -> Interval:
         """End the current interval (call from the polling thread); sampling goes on."""

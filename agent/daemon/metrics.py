@@ -51,6 +51,7 @@ class AgentStats:
     interval_build_s: float = 0.0  # last interval's symbolization + encoding time
     user_addresses: int = 0
     user_unresolved: int = 0
+    ring_buffer_bytes: int = 0  # records' bytes read from the ring buffer
     reloads_ok: int = 0
     reloads_failed: int = 0
     ready: bool = False
@@ -85,6 +86,7 @@ class AgentCollector(Collector):
         yield lost
         yield counter("stack_collisions", "Stacks that could not be read or were truncated (BPF stack errors).",
                       sum(n for r, n in s.lost_samples.items() if "stack" in r))
+        yield counter("ring_buffer_bytes", "Bytes of records read from the BPF ring buffer.", s.ring_buffer_bytes)
         yield counter("unselected_samples", "Samples of processes the selection leaves out.", s.unselected_samples)
         yield counter("relabel_dropped_samples", "Samples dropped by relabel rules.", s.relabel_dropped_samples)
         yield gauge("processes_tracked", "Processes in the process table.", s.processes_tracked)

@@ -161,6 +161,7 @@ class ProbeSet:
             for f in self.families:
                 if f.walks_in_bpf:
                     f.unwind_tables = self.unwind_tables
+        self.received_bytes = 0  # ring-buffer bytes delivered: the hot path's cost (bench/hotpath_vs_bcc.py)
         for pid in self._pids or ():
             self.add_target(pid)
 
@@ -172,6 +173,7 @@ class ProbeSet:
         """Attach every family; each record is parsed and handed to `deliver`."""
 
         def dispatch(buf: bytes) -> None:
+            self.received_bytes += len(buf)
             rec = parse_record(buf)
             if rec.kind == RecordKind.GO_EXIT:
                 self._at_go_exit(rec, deliver)

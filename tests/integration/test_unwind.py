@@ -9,10 +9,14 @@ binomial spread of ~1 pp on a 70/30 split at 2000 samples).
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from fixtures.builder import build_c, build_go
 from recording import Decoded, read_pprof, run_bpfprof
+from symbolizer.elf import ElfFile
 
 FREQUENCY_HZ = "499"
 TOLERANCE = 0.03  # percentage points, as a fraction
@@ -92,3 +96,84 @@ def test_go_frameless_leaf_matches_runtime_pprof(tmp_path):
         assert abs(ours.cum_share(fn) - go.cum_share(fn)) <= TOLERANCE, (
             f"{fn}: bpfprof {ours.cum_share(fn):.3f} vs runtime/pprof {go.cum_share(fn):.3f}")
     assert ours.cum_share("main.worker") >= 0.95
+
+
+RECURSION_DEPTH = 120  # tests/fixtures/c/unwind_recursion.c DEPTH
+
+
+def test_recursion_deeper_than_a_stack_copy(tmp_path):
+    """120 frames of ~100 bytes without frame pointers (~12 KiB of stack): every stack reaches `main`,
+    the two callers split 50/50 as the fixture's work does, and a stack from the leaf has every frame."""
+    binary = build_c("unwind_recursion", flags=("-O2", "-fomit-frame-pointer"))
+    prof = _of_binary(_record(tmp_path, "recursion", str(binary), "8"), binary.name)
+    assert prof.total() > 2000
+    assert prof.cum_share("main") >= 0.99, prof.cum_share("main")
+    assert abs(prof.cum_share("caller_a") - 0.5) <= 0.02, prof.cum_share("caller_a")
+    assert abs(prof.cum_share("caller_b") - 0.5) <= 0.02, prof.cum_share("caller_b")
+    in_leaf = [s for s in prof.samples if s.functions and s.functions[0] == "burn"]
+    leaf_total = sum(s.values[0] for s in in_leaf)
+    assert leaf_total >= 0.9 * prof.total(), "the fixture did not burn in its leaf"
+    full = sum(s.values[0] for s in in_leaf if _full_recursion(s.functions))
+    assert full >= 0.99 * leaf_total, f"{full} of {leaf_total} samples in burn have all {RECURSION_DEPTH} frames"
+
+
+def _full_recursion(functions: list[str]) -> bool:
+    """burn, recurse x RECURSION_DEPTH, one caller, main: leaf first, nothing between."""
+    head = ["burn", *["recurse"] * RECURSION_DEPTH]
+    rest = functions[len(head):len(head) + 2]
+    return functions[:len(head)] == head and rest in (["caller_a", "main"], ["caller_b", "main"])
+
+
+EXEC_EVERY_MS = 200
+EXEC_FILES = 50  # 10 s of execs
+
+
+def _fresh_copies(binary: Path, where: Path, n: int) -> list[Path]:
+    """`n` copies under new paths; every odd one with its build id changed (first byte of the note's
+    descriptor), so neither a path nor, for half of them, a build id was ever seen before."""
+    with ElfFile(binary) as elf:
+        note = elf.headers.section(".note.gnu.build-id")
+        build_id = elf.gnu_build_id
+    assert note is not None and build_id, "the fixture needs a GNU build id"
+    desc = note.offset + 16  # namesz, descsz, type (4 bytes each), then "GNU\0"
+    copies = []
+    for i in range(n):
+        path = where / f"fresh-{i:03d}"
+        shutil.copyfile(binary, path)
+        if i % 2:
+            with open(path, "r+b") as f:
+                f.seek(desc)
+                first = f.read(1)[0]
+                f.seek(desc)
+                f.write(bytes([first ^ 0xFF]))
+        path.chmod(0o755)
+        copies.append(path)
+    with ElfFile(copies[1]) as elf:
+        assert elf.gnu_build_id != build_id
+    return copies
+
+
+def test_fresh_binary_every_200ms_complete_from_the_first_sample(tmp_path, record_property):
+    """One process execs a never-seen file every 200 ms (of CPU) for 10 s: every file's samples are
+    symbolized and reach `main` through the fixture's frames, the first file's as much as the last one's.
+
+    The pid and its process name stay those of the chain's last exec, so a sample's file is the mapping
+    of its leaf, and the expected count per file is the total over the number of files."""
+    binary = build_c("exec_chain", flags=("-O2", "-fomit-frame-pointer"))
+    copies = _fresh_copies(binary, tmp_path, EXEC_FILES)
+    out = tmp_path / "fresh.pb.gz"
+    proc = run_bpfprof("record", "--frequency", FREQUENCY_HZ, "--no-kernel", "-o", str(out), "--",
+                       str(copies[0]), str(EXEC_EVERY_MS), *map(str, copies[1:]))
+    summary = [line for line in proc.stdout.splitlines() if "samples of" in line or line.startswith("dropped")]
+    record_property("record_summary", " | ".join(summary))  # the fallback count, once record reports it
+    prof = read_pprof(out)
+    chain = [s for s in prof.samples if s.labels.get("process_name") == copies[-1].name]
+    total = sum(s.values[0] for s in chain)
+    assert total > 0.5 * EXEC_FILES * EXEC_EVERY_MS / 1000 * int(FREQUENCY_HZ), f"too few samples: {summary}"
+    complete: dict[str, int] = dict.fromkeys((str(p) for p in copies), 0)
+    for s in chain:
+        if s.functions[:3] == ["burn", "work", "main"] and s.kinds[0] in complete:
+            complete[s.kinds[0]] += s.values[0]
+    assert sum(complete.values()) >= 0.95 * total, f"{sum(complete.values())} of {total} complete; {summary}"
+    short = {Path(f).name: n for f, n in complete.items() if n < 0.8 * total / EXEC_FILES}
+    assert not short, f"files with fewer complete samples than 80 % of {total / EXEC_FILES:.0f}: {short}"

@@ -39,7 +39,7 @@ def get(url: str) -> tuple[int, str]:
 
 
 def test_scrape_reports_stats_queues_cache_and_rss():
-    stats = AgentStats(samples=42)
+    stats = AgentStats(samples=42, ring_buffer_bytes=8192)
     stats.lose("ringbuf_full", 3)
     stats.lose("user_stack_err", 2)
     q = ExportQueue(InMemoryBatchExporter(), 4)
@@ -55,7 +55,8 @@ def test_scrape_reports_stats_queues_cache_and_rss():
             for line in ("bpfprof_samples_total 42.0", 'bpfprof_lost_samples_total{reason="ringbuf_full"} 3.0',
                          "bpfprof_stack_collisions_total 2.0", 'bpfprof_export_batches_total{exporter="otlp"} 1.0',
                          'bpfprof_export_samples_total{exporter="otlp"} 5.0',
-                         'bpfprof_export_queue_depth{exporter="otlp"} 0.0', "bpfprof_symbolizer_cache_hits_total 0.0"):
+                         'bpfprof_export_queue_depth{exporter="otlp"} 0.0', "bpfprof_symbolizer_cache_hits_total 0.0",
+                         "bpfprof_ring_buffer_bytes_total 8192.0"):
                 assert line in text, line
             assert "process_resident_memory_bytes" in text
             assert get(base + "/readyz")[0] == 503
