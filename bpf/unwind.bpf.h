@@ -98,7 +98,8 @@ enum unwind_stat {
 struct unwind_row {
     u32 pc;
     u8 kind;
-    s8 rbp;   /* rbp offset / 8, UW_RBP_SAME, UW_RBP_LOST; PLT: threshold */
+    u8 rbp;   /* an s8: rbp offset / 8, UW_RBP_SAME, UW_RBP_LOST; PLT: threshold (u8: BCC's
+               * map type decoder knows no `signed char`) */
     s16 cfa;  /* cfa offset / 8 */
 };
 
@@ -275,7 +276,7 @@ static __always_inline int unwind_step(struct unwind_state *st, struct unwind_pr
         if (row) {
             kind = row->kind;
             cfa_off = (s64)row->cfa * 8;
-            rbp_off = row->rbp;
+            rbp_off = (s8)row->rbp;
         }
     }
     u64 sp = st->sp, bp = st->bp, cfa = 0, ra = 0, new_bp = bp;

@@ -214,7 +214,7 @@ class UserStacks:
         A copy sent where the BPF walker stopped (USTACK_CONTINUE) continues the frames it walked.
         """
         if rec.user_regs is None:
-            if rec.user_ips:
+            if rec.user_ips and self.on_fallback is None:  # walked in BPF: no copy is the normal case
                 self.outcomes[NO_COPY] += 1
             return rec
         flags = rec.ustack_flags

@@ -34,6 +34,7 @@ from agent.bpfload.records import Loss
 from agent.errors import BpfLoadError
 from agent.processes.tracker import ProcessInfo, ProcessTracker
 from symbolizer.file_symbols import FileId, FileSymbols
+from symbolizer.unwind_rows import file_rows
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,8 @@ class RowStore:
 
 
 def _default_rows(fs: FileSymbols) -> tuple[int, bytes] | None:
-    from symbolizer.unwind_rows import build_rows  # noqa: PLC0415  (the agent imports it only when walking in BPF)
-
-    rows = build_rows(fs)
-    if rows is None or not rows.count:
+    rows = file_rows(fs)
+    if not rows.count:
         return None
     return rows.base, rows.data
 
