@@ -276,13 +276,18 @@ static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r
     return finish_record(r);
 }
 
-/* Send a finished record of `size` bytes. */
-static __always_inline void submit_record(void *r, u64 size)
+/* Send a finished record of `size` bytes; `flags`: rb_flags(), or RB_NOW. */
+static __always_inline void submit_record_flags(void *r, u64 size, u64 flags)
 {
     if (size == 0)
         return;
-    if (records.ringbuf_output(r, size, rb_flags()) != 0)
+    if (records.ringbuf_output(r, size, flags) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
+}
+
+static __always_inline void submit_record(void *r, u64 size)
+{
+    submit_record_flags(r, size, rb_flags());
 }
 
 /* fill_stacks, then send header + addresses (+ trace context). */
@@ -302,8 +307,10 @@ struct ustack_out {
 BPF_PERCPU_ARRAY(ustack_out_buf, struct ustack_out, 1);
 
 /* Send the finished record `r` of `size` bytes, followed by the user stack
- * from `u`'s registers up. 0 if it could not be built. */
-static __always_inline int submit_copy(struct bpfprof_stack_record *r, u64 size, struct bpfprof_ustack *u)
+ * from `u`'s registers up (`flags`: as submit_record_flags). 0 if it could
+ * not be built. */
+static __always_inline int submit_copy_flags(struct bpfprof_stack_record *r, u64 size, struct bpfprof_ustack *u,
+                                             u64 flags)
 {
     u32 zero = 0;
     struct ustack_out *out = ustack_out_buf.lookup(&zero);
@@ -321,8 +328,13 @@ static __always_inline int submit_copy(struct bpfprof_stack_record *r, u64 size,
     u64 total = size + u->size;
     if (total > sizeof(out->buf))
         return 0;
-    submit_record(out, total);
+    submit_record_flags(out, total, flags);
     return 1;
+}
+
+static __always_inline int submit_copy(struct bpfprof_stack_record *r, u64 size, struct bpfprof_ustack *u)
+{
+    return submit_copy_flags(r, size, u, rb_flags());
 }
 
 /* fill_stacks, then send the record with the user stack from `u`'s registers

@@ -34,8 +34,9 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
             /* not walked here: frame pointers and a copy, for the agent's walker */
             read_user_stack(ctx, r, r->h.kernel_frames, 0);
             u64 size = finish_record(r);
-            if (!submit_copy(r, size, &u))
-                submit_record(r, size);
+            /* at once: the agent registers the process as soon as it hears of it */
+            if (!submit_copy_flags(r, size, &u, RB_NOW))
+                submit_record_flags(r, size, RB_NOW);
             return 0;
         }
 #endif

@@ -28,7 +28,7 @@ static __always_inline void unwind_done(void *ctx, struct unwind_state *st, stru
         u.flags = BPFPROF_USTACK_CONTINUE | (st->is_return ? BPFPROF_USTACK_RIP_RETURN : 0) |
                   (st->bp_ok ? 0 : BPFPROF_USTACK_RBP_UNKNOWN) |
                   (st->user_mode ? BPFPROF_USTACK_USER_MODE : 0);
-        if (submit_copy(r, size, &u))
+        if (submit_copy_flags(r, size, &u, RB_NOW))  /* at once: the agent re-reads its maps */
             return;
         unwind_count(UNWIND_FALLBACK_NO_COPY);
     }

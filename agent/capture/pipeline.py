@@ -184,6 +184,11 @@ class CapturePipeline:
         n, self._set.received_bytes = self._set.received_bytes, 0
         return n
 
+    def unwind_summary(self) -> str | None:
+        """How the BPF walker did so far (None when user stacks are not walked in BPF)."""
+        tables = self._set.unwind_tables if self._set is not None else None
+        return tables.summary() if tables is not None else None
+
     def record_count(self) -> int:
         """Records held by the current accumulators (for a progress line)."""
         return sum(acc.record_count() for acc in self._current.values())

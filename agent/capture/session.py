@@ -52,6 +52,7 @@ class CaptureStats:
     losses: list[Loss] = field(default_factory=list)  # what was lost or cut short, by reason
     command_exit: int | None = None
     first_sample_s: float | None = None  # since this process started: the start-up cost users wait for
+    unwind: str | None = None  # how the BPF walker did (UnwindTables.summary), if it ran
 
     def drop_lines(self) -> list[str]:
         """'N samples lost (ring buffer full)', one line per reason."""
@@ -112,6 +113,7 @@ class RecordSession:
                     break
             self._interval = pipeline.cut()
             self.stats.losses = self._interval.losses
+            self.stats.unwind = pipeline.unwind_summary()
         finally:
             pipeline.close()
             if command is not None:

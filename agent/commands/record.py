@@ -167,6 +167,8 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     profiles = session.build_profiles()
     first = f", first after {stats.first_sample_s:.2f}s" if stats.first_sample_s is not None else ""
     click.echo(f"{stats.samples} samples of {stats.processes} processes in {stats.elapsed_s:.1f}s{first}")
+    if stats.unwind:
+        click.echo(f"unwind: {stats.unwind}")
     for line in stats.drop_lines():
         click.echo(f"dropped: {line}")
     for profile in profiles:

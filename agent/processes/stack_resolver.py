@@ -6,32 +6,15 @@ kernel addresses through /proc/kallsyms. Each (pid, address) is resolved once
 per resolver; a process whose address falls outside its snapshot gets its
 maps re-read once (it mapped new code after first sight).
 
-Where to unwind. The OpenTelemetry profiler and Parca unwind in BPF: they
-load every binary's CFI rows into BPF maps and walk the stack in the kernel.
-bpfprof copies the user registers and the stack top in BPF
-(bpf/ustack.bpf.h) and walks it here with symbolizer/unwinder.py. Measured
-on this project's 2-CPU VM (bench/unwind_vs_perf.py, 499 Hz, 5 s captures of
-three fixtures, CPU of the agent after attach including end-of-capture
-symbolization):
-  - the BPF program costs 4-8 us per sample with the 8 KiB copy against
-    3.6-4.3 us without: the copy is cheap, and a BPF walker would spend
-    about that per frame-table lookup chain anyway;
-  - the agent costs ~200 us per sample with the CFI walk against ~87 us with
-    frame pointers (2.3x; perf --call-graph dwarf: ~190 us, record + script).
-    Of the ~113 us difference ~22 us is building libc's unwind table once
-    (55 ms, amortised over a longer capture or a daemon's life) and the rest
-    is per sample: copying and slicing 8 KiB records in Python and the walk
-    (0.6-0.9 us per frame, bench/unwind_speed.py);
-  - unwinding in BPF would need every mapped file's rows pushed into maps at
-    first sight of each process (libc alone has ~10k rows; a Python map
-    update costs ~2 us), kept in sync with mmap/munmap, and a verifier-
-    bounded walker: the cost moves from "per sample" to "per process start",
-    which a host with short-lived processes pays most.
-So user space: correct on every fixture (leaf callers, -fomit-frame-pointer,
-libc, Go frameless leaves) at perf-dwarf's accuracy and about its CPU. The
-price is ring-buffer bandwidth (up to 8 KiB per sample) and stacks deeper
-than the copy, which continue with the frame-pointer stack where it agrees
-(counted). The 2x-of-frame-pointers target is not met yet for short captures.
+Where to unwind. Since #12 the default (`cfi`) walks user stacks in BPF
+(bpf/unwind.bpf.h) from per-file rows (agent/unwind/tables.py): the records
+carry addresses only. This module's UserStacks walks the stack copies that
+remain: every sample with `--unwind copy` (the agent-side walker, kept as a
+reference and for kernels or programs the BPF walker cannot serve), and with
+`cfi` the few samples of a process whose tables are not loaded yet, or that
+met code mapped since (the walk continues where BPF stopped). Measured
+before #12 (bench/unwind_vs_perf.py, bench/hotpath_vs_bcc.py): the copy path
+cost ~8 KiB of ring buffer and ~65-105 us of agent CPU per sample.
 """
 
 from __future__ import annotations
@@ -53,12 +36,14 @@ from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 from symbolizer.kallsyms import KernelSymbols
 from symbolizer.unwinder import FrameSource, StopReason, Unwinder
 
-# Stack copied per sample. 8 KiB held every complete chain of the fixtures
-# (280 B to 3.4 KiB, bench/unwind_speed.py) with room for big frames; deeper
-# stacks continue with the frame-pointer stack. The per-CPU output buffer
-# (bpf/cpu.bpf.c: record + copy + one page of verifier slack) must stay
-# under the kernel's 32 KiB per-CPU value limit.
-DEFAULT_USTACK_BYTES = 8192
+# Stack copied per sample that takes the copy path (all of them with --unwind
+# copy; with cfi only those whose process has no tables yet, a few per new
+# process). 16 KiB holds every complete chain of the fixtures (280 B to
+# 3.4 KiB, bench/unwind_speed.py; 11.5 KiB for the 120-deep recursion of
+# unwind_recursion.c), deeper ones continue with the frame-pointer stack. The
+# per-CPU output buffer (common.bpf.h ustack_out: record + copy + one page of
+# verifier slack) must stay under the kernel's 32 KiB per-CPU value limit.
+DEFAULT_USTACK_BYTES = 16384
 MAX_USTACK_BYTES = 24576
 
 

@@ -39,6 +39,7 @@ from symbolizer.unwind_rows import file_rows
 log = logging.getLogger(__name__)
 
 ROW_BYTES = 8  # struct unwind_row
+FAMILIES = 3  # UNWIND_FAMILIES
 MAX_MAPPINGS = 256  # UNWIND_MAX_MAPPINGS
 FP_ROWS = 0xFFFFFFFF  # UNWIND_FP_ROWS: a mapping walked by frame pointers
 DEFAULT_TABLE_BYTES = 16 << 20  # 2 M rows: libc has ~10 k, a large Go binary ~200 k
@@ -327,6 +328,28 @@ class UnwindTables:
         """User stacks of a family that the BPF walk cut short, by reason (running totals)."""
         counts = self.walk_counts(family)
         return [Loss(f"unwind_{name}", counts[name], desc) for name, desc, loss in STATS if loss and counts[name]]
+
+    def totals(self) -> dict[str, int]:
+        """Walk counts summed over the families, and the tables' counters: for summaries and metrics."""
+        out = dict.fromkeys((name for name, _, _ in STATS), 0)
+        for family in range(FAMILIES):
+            for name, n in self.walk_counts(family).items():
+                out[name] += n
+        st = self.stats
+        out.update(files_loaded=st.files_loaded, table_bytes=st.bytes_loaded, files_evicted=st.files_evicted,
+                   files_over_budget=st.files_over_budget, processes_registered=st.processes_registered,
+                   registrations=st.registrations, process_table_full=st.process_table_full,
+                   build_ms=round(st.build_seconds * 1000))
+        return out
+
+    def summary(self) -> str:
+        """One line for `record`: how stacks were walked and what the tables cost."""
+        t = self.totals()
+        walked = sum(t[name] for name, _, _ in STATS if not name.startswith("fallback_no_table"))
+        fallback = t["fallback_no_table"] + t["fallback_unmapped"]
+        return (f"{walked} user stacks walked in BPF ({t['complete']} to their outermost frame), {fallback} from a "
+                f"stack copy while tables loaded; tables of {t['files_loaded']} files, "
+                f"{t['table_bytes'] / 1e6:.1f} MB, built in {t['build_ms']} ms")
 
     def close(self) -> None:
         if self._worker is not None:
