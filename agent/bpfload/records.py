@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from exporters.profile import TraceLink
 
@@ -193,7 +193,8 @@ TRACE_CTX_HEADER_SIZE = 8  # kind, size
 class RawRecord:
     """One ring-buffer record as BPF wrote it. Addresses are leaf first.
 
-    Treat it as immutable (dataclasses.replace makes a changed copy). It is not
+    Treat it as immutable (dataclasses.replace makes a changed copy), but for
+    `image`, which the pipeline sets as it delivers the record. It is not
     frozen only because a frozen dataclass's __init__ sets each field through
     object.__setattr__: ~1 us of the agent's few per sample (bench/sample_path_speed.py).
     """
@@ -217,6 +218,9 @@ class RawRecord:
     user_stack: bytes = b""  # user memory from RSP up
     user_mode: bool = True  # the sample hit user mode (RIP is the interrupted instruction)
     ustack_flags: int = 0  # BPFPROF_USTACK_* of the copy
+    # The process snapshot (processes.tracker.ProcessInfo) the record belongs to, set at delivery: a
+    # process that execs keeps its pid, and its earlier samples resolve against the image they ran in.
+    image: object = field(default=None, compare=False)
 
 
 _HEADER = struct.Struct("<IIIIQQQHHhh16s")

@@ -166,7 +166,7 @@ class CapturePipeline:
             self.interval_samples += 1
             if rec.kernel_ips:
                 self.has_kernel_stacks = True
-            self.tracker.note_record(rec.pid, rec.tid, rec.thread_name)
+            rec.image = self.tracker.note_record(rec.pid, rec.tid, rec.thread_name)
         for f in families:
             f.route(rec, self._current[f])
 

@@ -179,7 +179,7 @@ class ProbeFamily:
         """Attach the loaded programs; return perf event fds the probe set closes."""
         self.objs = objs
         if self.unwind_tables is not None and self.user_stacks is not None:
-            self.user_stacks.on_fallback = self.unwind_tables.want
+            self.user_stacks.tables = self.unwind_tables
         return []
 
     def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:

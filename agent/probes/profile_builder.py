@@ -75,7 +75,8 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
     for r in records:
         kernel_ips = r.kernel_ips if with_kernel else ()
         # An UnwoundStack's `exact` changes how its addresses resolve: part of the stack's identity.
-        where = (r.pid, kernel_ips, r.user_ips, getattr(r.user_ips, "exact", None))
+        # So does the image (a pid that exec'd): its snapshot object, alive through the build.
+        where = (r.pid, kernel_ips, r.user_ips, getattr(r.user_ips, "exact", None), id(r.image))
         if reshape is None:
             extra = labels(r) if labels is not None else ()
             key = (where, r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
@@ -83,12 +84,12 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
             if sample is None:
                 stack = stacks.get(where)
                 if stack is None:
-                    stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips)
+                    stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips, r.image)
                 sample = samples[key] = profile.sample(_sample_key(r, stack, extra, tracker))
         else:
             stack = stacks.get(where)
             if stack is None:
-                stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips)
+                stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips, r.image)
             stack, extra = reshape(r, stack)
             # Locations are the resolver's, alive for the whole build: their ids name the reshaped stack.
             key = (r.pid, tuple(map(id, stack)), r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
@@ -103,7 +104,7 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
 
 def _sample_key(r: RawRecord, stack: tuple[Location, ...], extra: tuple[tuple[str, str], ...],
                 tracker: ProcessTracker) -> SampleKey:
-    info = tracker.get(r.pid)
+    info = r.image or tracker.get(r.pid)
     go_labels, link = trace_context(r)
     # cpu kept per sample for OTLP's cpu.logical_number; pprof readers merge
     # samples that differ only in it

@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from agent.bpfload.records import USTACK_CONTINUE, USTACK_RBP_UNKNOWN, USTACK_RIP_RETURN, Loss, RawRecord
-from agent.processes.tracker import ProcessTracker
+from agent.processes.tracker import ProcessInfo, ProcessTracker
 from exporters.profile import Location
 from symbolizer.elf import NT_GNU_BUILD_ID, parse_notes
 from symbolizer.errors import ElfParseError
@@ -91,7 +91,7 @@ class StackResolver:
     def __init__(self, tracker: ProcessTracker, kernel: KernelSymbols | None) -> None:
         self.tracker = tracker
         self.kernel = kernel
-        self._user: dict[tuple[int, int, bool], Location] = {}
+        self._user: dict[tuple[int, int, bool, int], Location] = {}
         self._kernel: dict[tuple[int, bool], Location] = {}
         self._refreshed: set[int] = set()
         self.kernel_mapping = Mapping(start=0, end=0, file_offset=0, path="[kernel.kallsyms]",
@@ -99,11 +99,14 @@ class StackResolver:
                                       build_id_kind=BuildIdKind.GNU)
         self.stats = ResolverStats()
 
-    def stack(self, pid: int, kernel_ips: tuple[int, ...], user_ips: tuple[int, ...]) -> tuple[Location, ...]:
+    def stack(self, pid: int, kernel_ips: tuple[int, ...], user_ips: tuple[int, ...],
+              image: ProcessInfo | None = None) -> tuple[Location, ...]:
         """Leaf-first locations: kernel frames (if any) above the user frames.
 
         Every user address but the leaf is a return address, looked up at
         addr-1, unless `user_ips` is an UnwoundStack, which says which are exact.
+        `image`: the snapshot the record was delivered under (RawRecord.image);
+        default the tracker's current one for `pid`.
         """
         locs = [self._kernel_location(ip, i > 0) for i, ip in enumerate(kernel_ips)]
         exact = getattr(user_ips, "exact", None)
@@ -112,7 +115,7 @@ class StackResolver:
             # sample hit user mode; under a kernel stack it is the syscall's return.
             exact = frozenset() if kernel_ips else frozenset((0,))
         for i, ip in enumerate(user_ips):
-            locs.append(self._user_location(pid, ip, return_address=i not in exact))
+            locs.append(self._user_location(pid, ip, i not in exact, image))
         return tuple(locs)
 
     def _kernel_location(self, ip: int, return_address: bool) -> Location:
@@ -130,16 +133,18 @@ class StackResolver:
             self._kernel[key] = loc
         return loc
 
-    def _user_location(self, pid: int, ip: int, return_address: bool) -> Location:
-        key = (pid, ip, return_address)
+    def _user_location(self, pid: int, ip: int, return_address: bool, image: ProcessInfo | None) -> Location:
+        current = self.tracker.get(pid)
+        info = image if image is not None else current
+        # Keyed by the snapshot too: a pid that exec'd resolves each image's samples in that image.
+        key = (pid, ip, return_address, id(info.symbols) if info is not None else 0)
         loc = self._user.get(key)
         if loc is not None:
             return loc
         self.stats.user_addresses += 1
-        info = self.tracker.get(pid)
         mapping, frames = (None, ())
         if info is not None:
-            if info.symbols.mapping_at(ip) is None and pid not in self._refreshed:
+            if info.symbols.mapping_at(ip) is None and info is current and pid not in self._refreshed:
                 self._refreshed.add(pid)
                 info = self.tracker.refresh(pid) or info
             mapping, frames = info.symbols.resolve(ip, return_address)
@@ -174,6 +179,14 @@ NO_COPY = "no_copy"  # no registers/stack copy: the frame-pointer stack as BPF s
 NO_PROCESS = "no_process"  # the process was gone before its maps were read
 
 
+class FallbackSink(Protocol):
+    """What UserStacks tells the BPF walker's tables (agent/unwind/tables.py UnwindTables)."""
+
+    def want(self, pid: int, refresh: bool = False) -> None: ...
+
+    def lost_table(self, pid: int) -> bool: ...
+
+
 class UserStacks:
     """Completes CPU records' user stacks from their registers and stack copy.
 
@@ -189,9 +202,9 @@ class UserStacks:
         self.unwinder = Unwinder()
         self.outcomes: Counter[str] = Counter()
         self._refreshed: set[int] = set()
-        # Called with (pid, refresh) for every copy a BPF walk sent instead of walking: the process wants
-        # its tables (registered again with its maps re-read when `refresh`). None: no BPF walker.
-        self.on_fallback: Callable[[int, bool], None] | None = None
+        # The BPF walker's tables (agent/unwind/tables.py), told of every copy a BPF walk sent instead of
+        # walking: the process wants its tables. None: no BPF walker.
+        self.tables: FallbackSink | None = None
 
     def complete(self, rec: RawRecord) -> RawRecord:
         """`rec` with user_ips unwound and the stack copy dropped (a record without a copy as it is).
@@ -199,14 +212,18 @@ class UserStacks:
         A copy sent where the BPF walker stopped (USTACK_CONTINUE) continues the frames it walked.
         """
         if rec.user_regs is None:
-            if rec.user_ips and self.on_fallback is None:  # walked in BPF: no copy is the normal case
+            if rec.user_ips and self.tables is None:  # walked in BPF: no copy is the normal case
                 self.outcomes[NO_COPY] += 1
             return rec
         flags = rec.ustack_flags
         continued = bool(flags & USTACK_CONTINUE)
-        if self.on_fallback is not None:
-            self.on_fallback(rec.pid, continued)
-        info = self.tracker.get(rec.pid) or self.tracker.observe(rec.pid)
+        info = rec.image or self.tracker.get(rec.pid) or self.tracker.observe(rec.pid)
+        if self.tables is not None:
+            if not continued and self.tables.lost_table(rec.pid):
+                # BPF found no table for a process it had one for: it exec'd (the exec hook deleted it).
+                # Re-read it now, so that this and later samples resolve in the new image.
+                info = self.tracker.refresh(rec.pid) or info
+            self.tables.want(rec.pid, continued)
         if info is None:
             self.outcomes[NO_PROCESS] += 1
             return replace(rec, user_regs=None, user_stack=b"")
@@ -236,7 +253,7 @@ class UserStacks:
             else:
                 self.outcomes[f"{FP_CONTINUED}:{res.stop}"] += 1
                 pcs = pcs + list(tail)
-        return replace(rec, user_ips=UnwoundStack(pcs, frozenset(exact)), user_regs=None, user_stack=b"")
+        return replace(rec, user_ips=UnwoundStack(pcs, frozenset(exact)), user_regs=None, user_stack=b"", image=info)
 
     def losses(self) -> list[Loss]:
         """How many user stacks came out short so far, by way (running totals)."""

@@ -187,6 +187,7 @@ class UnwindTables:
         self._lock = threading.Lock()  # guards rows + _registered, shared by worker and drain thread
         self._registered: dict[int, tuple[float, frozenset[FileId]]] = {}  # pid -> (when, files)
         self._pending: set[int] = set()
+        self._lost: set[int] = set()  # registered pids whose table BPF deleted, until registered again
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._gen = 0
@@ -207,6 +208,15 @@ class UnwindTables:
             self._worker.start()
         self._queue.put(-pid if refresh else pid)
 
+    def lost_table(self, pid: int) -> bool:
+        """True once per registration of `pid` when BPF found no table for it since: an exec (or its
+        exit) deleted it. The caller re-reads the process's maps; want() registers it again."""
+        with self._lock:
+            if pid not in self._registered or pid in self._lost:
+                return False
+            self._lost.add(pid)
+            return True
+
     def forget_dead(self, alive: Callable[[int], bool]) -> None:
         """Release the files of registered processes that are gone (the BPF side deleted their tables)."""
         with self._lock:
@@ -223,7 +233,8 @@ class UnwindTables:
                 return
             pid, refresh = abs(item), item < 0
             try:
-                info = self.tracker.refresh(pid) if refresh or pid in self._registered else self.tracker.get(pid)
+                # an exec was already re-read by the drain thread (UserStacks.complete)
+                info = self.tracker.refresh(pid) if refresh else self.tracker.get(pid)
                 if info is None:
                     info = self.tracker.observe(pid)
                 if info is not None:
@@ -274,6 +285,7 @@ class UnwindTables:
                     if run is not None:
                         run.users -= 1
                 return False
+            self._lost.discard(info.pid)
             if info.pid not in self._registered:
                 self.stats.processes_registered += 1
             self.stats.registrations += 1
@@ -311,6 +323,7 @@ class UnwindTables:
     def _drop(self, pid: int) -> None:
         """Forget `pid`'s registration (lock held): its files lose a user."""
         _, files = self._registered.pop(pid)
+        self._lost.discard(pid)
         for key in files:
             run = self.rows.files.get(key)
             if run is not None and run.users > 0:
