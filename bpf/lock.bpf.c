@@ -45,6 +45,9 @@
 #ifndef LOCK_USTACK
 #define LOCK_USTACK 0  /* 1: futex records carry the user registers and stack copy */
 #endif
+#ifndef LOCK_BPF_UNWIND
+#define LOCK_BPF_UNWIND 0  /* 1: futex waiters' user stacks walked in BPF (bpf/unwind.bpf.h), the copy a fallback */
+#endif
 
 struct lock_wait {
     u64 t0;
@@ -125,6 +128,10 @@ static __always_inline int lock_futex_exit(void *ctx, long ret)
 #if USTACK_BYTES > 0 && LOCK_USTACK
     struct bpfprof_ustack u = {};
     int have = user_regs_at_entry(&u);
+#if LOCK_BPF_UNWIND
+    if (have)  /* no kernel stack: the futex syscall, the same in every sleep */
+        unwind_start(ctx, r, &u, UNWIND_PROG_TP, UNWIND_DONE_SUBMIT, UNWIND_FAMILY_LOCK);
+#endif
     submit_with_ustack(ctx, r, &u, have, 0);  /* the futex syscall: the same in every sleep */
 #else
     lock_submit(ctx, r, 0, 0);

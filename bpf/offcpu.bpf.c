@@ -17,6 +17,10 @@
  */
 #include "common.bpf.h"
 
+#ifndef OFFCPU_BPF_UNWIND
+#define OFFCPU_BPF_UNWIND 0  /* 1: user stacks walked in BPF (bpf/unwind.bpf.h), frame pointers the fallback */
+#endif
+
 /* Indices of offcpu_counts: what could not be attributed. */
 #define OFFCPU_STASH_FAILED 0 /* stash update failed: that block is lost */
 #define OFFCPU_SHORT 1        /* blocks under OFFCPU_MIN_NS, left out on purpose */
@@ -32,40 +36,61 @@ static __always_inline void offcpu_count(u32 what)
         (*c)++;
 }
 
+/* The stash entry of a thread going off CPU: its stacks as of now. */
+#define BPFPROF_OFFCPU_STASH 1
+static __always_inline void offcpu_stash_record(struct bpfprof_stack_record *r)
+{
+    u32 tid = r->h.tid;
+    if (offcpu_stash.update(&tid, r) != 0)
+        offcpu_count(OFFCPU_STASH_FAILED);
+}
+
 TRACEPOINT_PROBE(sched, sched_switch)
 {
-    u32 prev = args->prev_pid;
-    u64 id = bpf_get_current_pid_tgid();
-    if (prev != 0 && (u32)id == prev && is_target(id >> 32)) {
-        struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_OFFCPU, 0, args->prev_state);
-        if (r) {
-            read_stacks(args, r, 1);
-            if (offcpu_stash.update(&prev, r) != 0)
-                offcpu_count(OFFCPU_STASH_FAILED);
-        }
-    }
-
+    /* `next` first: the switch-out below may end in a tail call (the BPF walker), which never returns. */
     u32 next = args->next_pid;
-    if (next == 0)
-        return 0;
-    struct bpfprof_stack_record *s = offcpu_stash.lookup(&next);
+    struct bpfprof_stack_record *s = next != 0 ? offcpu_stash.lookup(&next) : 0;
     /* No entry: not a target, or off CPU since before the capture (or
      * evicted from a full stash). ktime 0: already consumed. */
-    if (!s || s->h.ktime_ns == 0)
+    if (s && s->h.ktime_ns != 0) {
+        u64 now = bpf_ktime_get_ns();
+        u64 delta = now - s->h.ktime_ns;
+        s->h.value = delta;
+        if (delta < OFFCPU_MIN_NS) {
+            offcpu_count(OFFCPU_SHORT);
+        } else {
+            u64 kn = s->h.kernel_frames & BPFPROF_FRAMES_MASK;
+            u64 un = s->h.user_frames & (BPFPROF_IPS - 1);
+            u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
+            if (size <= sizeof(*s) && records.ringbuf_output(s, size, rb_flags()) != 0)
+                count_drop(BPFPROF_DROP_RINGBUF_FULL);
+        }
+        s->h.ktime_ns = 0;  /* consumed: a second switch-in without a switch-out is not a block */
+    }
+
+    u32 prev = args->prev_pid;
+    u64 id = bpf_get_current_pid_tgid();
+    if (prev == 0 || (u32)id != prev || !is_target(id >> 32))
         return 0;
-    u64 now = bpf_ktime_get_ns();
-    u64 delta = now - s->h.ktime_ns;
-    s->h.value = delta;
-    if (delta < OFFCPU_MIN_NS) {
-        s->h.ktime_ns = 0;
-        offcpu_count(OFFCPU_SHORT);
+    struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_OFFCPU, 0, args->prev_state);
+    if (!r)
+        return 0;
+#if OFFCPU_BPF_UNWIND
+    struct bpfprof_ustack u = {};
+    if (user_regs_at_entry(&u)) {
+        u64 kn = 0;
+#if WITH_KERNEL
+        kn = read_kernel_stack(args, r);
+#endif
+        r->h.kernel_frames = kn & BPFPROF_FRAMES_MASK;
+        unwind_start(args, r, &u, UNWIND_PROG_TP, UNWIND_DONE_STASH, UNWIND_FAMILY_OFFCPU);
+        /* no table yet: frame pointers (a stash holds no stack copy) */
+        read_user_stack(args, r, r->h.kernel_frames, 0);
+        offcpu_stash_record(r);
         return 0;
     }
-    u64 kn = s->h.kernel_frames & BPFPROF_FRAMES_MASK;
-    u64 un = s->h.user_frames & BPFPROF_FRAMES_MASK;
-    u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
-    if (size <= sizeof(*s) && records.ringbuf_output(s, size, rb_flags()) != 0)
-        count_drop(BPFPROF_DROP_RINGBUF_FULL);
-    s->h.ktime_ns = 0;  /* consumed: a second switch-in without a switch-out is not a block */
+#endif
+    read_stacks(args, r, 1);
+    offcpu_stash_record(r);
     return 0;
 }

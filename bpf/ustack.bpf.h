@@ -59,7 +59,7 @@ struct bpfprof_ustack {
     u8 pad;
 };
 
-#if USTACK_BYTES > 0
+#ifdef __bpf__  /* BPF code; the structs above also compile for the layout tests */
 /* The user registers saved when the current task entered the kernel (a
  * syscall, an interrupt) into `u`; 0 for a task with no user context (kernel
  * threads). bpf_task_pt_regs, not task->stack arithmetic, because the
@@ -98,6 +98,9 @@ static __always_inline int user_regs(struct bpf_perf_event_data *ctx, struct bpf
     return user_regs_at_entry(u);
 }
 
+#endif
+
+#if USTACK_BYTES > 0
 /* Copy up to USTACK_BYTES from `sp` into `dst`, one page at most per read so
  * that the copy ends at the first unreadable page (the top of the stack
  * mapping, a page not resident) and keeps what came before. Returns the bytes

@@ -29,6 +29,7 @@ from agent.probes.profile_builder import add_process_meta
 from agent.probes.registry import PROBES
 from agent.processes.stack_resolver import ResolverStats, StackResolver
 from agent.processes.tracker import ProcessTracker
+from agent.unwind.tables import UnwindTables
 from exporters.profile import Profile
 from symbolizer.errors import BpfprofError, ConfigError
 from symbolizer.kallsyms import KernelSymbols
@@ -95,6 +96,7 @@ class CapturePipeline:
         self._drain_interval_s = drain_interval_s
         self.accept = accept
         self._set: ProbeSet | None = None
+        self._tables: UnwindTables | None = None  # the BPF walker's, when user stacks are walked in BPF
         self._current: dict[ProbeFamily, Accumulator] = {}
         self.seq = 0
         self.interval_samples = 0  # samples taken in the current interval
@@ -117,6 +119,7 @@ class CapturePipeline:
         self._set = ProbeSet(self.families, pids=self._targets, follow_children=self._follow,
                              with_kernel=self.config.with_kernel, drain_interval_s=self._drain_interval_s,
                              tracker=self.tracker)
+        self._tables = self._set.unwind_tables
 
     @property
     def objs(self) -> LoadedObjects:
@@ -167,6 +170,8 @@ class CapturePipeline:
             if rec.kernel_ips:
                 self.has_kernel_stacks = True
             rec.image = self.tracker.note_record(rec.pid, rec.tid, rec.thread_name)
+            if self._tables is not None:
+                self._tables.note(rec.pid, rec.image)
         for f in families:
             f.route(rec, self._current[f])
 
@@ -231,6 +236,8 @@ class CapturePipeline:
         losses = [replace(total, count=n) for reason, total in totals.items()
                   if (n := total.count - self._totals_before.get(reason, 0))]
         self._totals_before = {reason: total.count for reason, total in totals.items()}
+        if self._tables is not None:  # the BPF side deleted the tables of exited processes
+            self._tables.forget_dead(lambda pid: os.path.exists(f"{self.tracker.proc_root}/{pid}"))
         done = []
         for f in self.families:
             nxt = f.new_accumulator()
@@ -272,6 +279,7 @@ class CapturePipeline:
         if self._set is not None:
             self._set.close()
             self._set = None
+            self._tables = None
 
     def __enter__(self) -> CapturePipeline:
         return self

@@ -135,9 +135,9 @@ class ProbeFamily:
         self.tracker = tracker
         self.objs: LoadedObjects | None = None  # set by attach()
         mode = UnwindMode(config.unwind)
+        # Walked in BPF where the family can, with a stack copy (or frame pointers) where it has no table yet.
+        self.walks_in_bpf = mode == UnwindMode.CFI and self.bpf_unwind_switch is not None
         cfi = self.ustack_switch is not None and mode in (UnwindMode.CFI, UnwindMode.COPY)
-        # Walked in BPF where the family can, with a stack copy for what the walker has no table for yet.
-        self.walks_in_bpf = cfi and mode == UnwindMode.CFI and self.bpf_unwind_switch is not None
         # The copy size is compiled in; records are unwound against the tracker's snapshots as they arrive.
         self.ustack_bytes = ((config.ustack_bytes + 7) & ~7) if cfi else 0
         self.user_stacks: UserStacks | None = UserStacks(tracker) if cfi else None
@@ -151,9 +151,9 @@ class ProbeFamily:
 
     def defines(self) -> dict[str, int]:
         """-D switches of this family's source (USTACK_BYTES: the set takes the largest)."""
-        if self.ustack_switch is None:
-            return {}
-        own = {"USTACK_BYTES": self.ustack_bytes, self.ustack_switch: int(self.ustack_bytes > 0)}
+        own = {}
+        if self.ustack_switch is not None:
+            own = {"USTACK_BYTES": self.ustack_bytes, self.ustack_switch: int(self.ustack_bytes > 0)}
         if self.bpf_unwind_switch is not None:
             own[self.bpf_unwind_switch] = int(self.walks_in_bpf)
         return own

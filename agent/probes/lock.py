@@ -234,6 +234,9 @@ class LockProbe(ProbeFamily):
     kinds = (RecordKind.LOCK,)
     accumulator = LockAccumulator
     ustack_switch = "LOCK_USTACK"
+    bpf_unwind_switch = "LOCK_BPF_UNWIND"
+    bpf_unwind_prog = ProgType.TRACEPOINT
+    bpf_unwind_family = 2  # UNWIND_FAMILY_LOCK
     events_per_cpu_s = 2000
     COUNTERS = "lock_counts"
     LOSSES = {"lock_wait_map_full": "lock waits (wait map full)"}

@@ -74,6 +74,9 @@ class OffCpuProbe(ProbeFamily):
     accumulator = OffCpuAccumulator
     PROGRAM = "tracepoint__sched__sched_switch"
     COUNTERS = "offcpu_counts"
+    bpf_unwind_switch = "OFFCPU_BPF_UNWIND"
+    bpf_unwind_prog = ProgType.TRACEPOINT
+    bpf_unwind_family = 1  # UNWIND_FAMILY_OFFCPU
     # Blocks per CPU-second that pass the threshold on a busy host; sizes the ring buffer.
     events_per_cpu_s = 2000
     LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)"}
@@ -83,7 +86,7 @@ class OffCpuProbe(ProbeFamily):
         self._short_before = 0
 
     def defines(self) -> dict[str, int]:
-        return {"OFFCPU_MIN_NS": self.config.offcpu_min_ns, "OFFCPU_MAX_THREADS": MAX_THREADS}
+        return {"OFFCPU_MIN_NS": self.config.offcpu_min_ns, "OFFCPU_MAX_THREADS": MAX_THREADS, **super().defines()}
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.TRACEPOINT}

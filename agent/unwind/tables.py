@@ -187,7 +187,8 @@ class UnwindTables:
         self._lock = threading.Lock()  # guards rows + _registered, shared by worker and drain thread
         self._registered: dict[int, tuple[float, frozenset[FileId]]] = {}  # pid -> (when, files)
         self._pending: set[int] = set()
-        self._lost: set[int] = set()  # registered pids whose table BPF deleted, until registered again
+        self._lost: set[int] = set()
+        self._noted: dict[int, object] = {}  # pid -> the snapshot its last record was delivered under  # registered pids whose table BPF deleted, until registered again
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._gen = 0
@@ -208,6 +209,13 @@ class UnwindTables:
             self._worker.start()
         self._queue.put(-pid if refresh else pid)
 
+    def note(self, pid: int, info: object) -> None:
+        """A record of `pid` was delivered under snapshot `info`: register it if that snapshot is new to
+        us (first sight, or an exec the tracker noticed). Cheap: called for every record."""
+        if self._noted.get(pid) is not info:
+            self._noted[pid] = info
+            self.want(pid)
+
     def lost_table(self, pid: int) -> bool:
         """True once per registration of `pid` when BPF found no table for it since: an exec (or its
         exit) deleted it. The caller re-reads the process's maps; want() registers it again."""
@@ -223,6 +231,7 @@ class UnwindTables:
             dead = [pid for pid in self._registered if not alive(pid)]
             for pid in dead:
                 self._drop(pid)
+                self._noted.pop(pid, None)
 
     # -- worker -----------------------------------------------------------------------
 

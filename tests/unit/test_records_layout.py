@@ -17,6 +17,9 @@ from agent.bpfload.records import (
     MAX_FRAMES,
     MAX_LABELS,
     MAX_USER_FRAMES,
+    USTACK_CONTINUE,
+    USTACK_RBP_UNKNOWN,
+    USTACK_RIP_RETURN,
     USTACK_USER_MODE,
     CtxKind,
     Drop,
@@ -145,6 +148,8 @@ int main(void) {
     printf("sizeof %zu\n", sizeof(struct bpfprof_ustack));
     O(kind) O(size) O(rip) O(rsp) O(rbp) O(len) O(err) O(flags)
     printf("ctx_kind %d\nuser_mode %d\n", BPFPROF_CTX_USTACK, BPFPROF_USTACK_USER_MODE);
+    printf("continue %d\nrip_return %d\nrbp_unknown %d\n", BPFPROF_USTACK_CONTINUE, BPFPROF_USTACK_RIP_RETURN,
+           BPFPROF_USTACK_RBP_UNKNOWN);
     return 0;
 }
 """
@@ -167,3 +172,5 @@ def test_ustack_trailer_layout_agrees(tmp_path):
         if name in c:
             assert c[name] == getattr(Ustack, name).offset, name
     assert c["ctx_kind"] == CtxKind.USTACK and c["user_mode"] == USTACK_USER_MODE
+    assert (c["continue"], c["rip_return"], c["rbp_unknown"]) == (USTACK_CONTINUE, USTACK_RIP_RETURN,
+                                                                  USTACK_RBP_UNKNOWN)
