@@ -59,7 +59,7 @@ struct bpfprof_ustack {
     u8 pad;
 };
 
-#ifdef __bpf__  /* BPF code; the structs above also compile for the layout tests */
+#ifdef BPF_TABLE  /* BPF code (BCC defines BPF_TABLE); the structs above also compile in the layout tests */
 /* The user registers saved when the current task entered the kernel (a
  * syscall, an interrupt) into `u`; 0 for a task with no user context (kernel
  * threads). bpf_task_pt_regs, not task->stack arithmetic, because the

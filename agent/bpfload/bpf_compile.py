@@ -117,7 +117,8 @@ def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgTy
     if headers.warning:
         log.warning("%s", headers.warning)
     log.info("kernel headers: %s", headers.describe())
-    cflags = [f"-D{k}={int(v)}" for k, v in sorted(defines.items())] + [f"-I{BPF_DIR}"]
+    # an undeclared function is an error, not a call BPF cannot make (a helper hidden by a header guard)
+    cflags = [f"-D{k}={int(v)}" for k, v in sorted(defines.items())] + [f"-I{BPF_DIR}", "-Werror=implicit-function-declaration"]
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # child

@@ -157,7 +157,7 @@ class ProbeSet:
                 name, slot = UNWIND_WALKERS[t]
                 libbpf.map_update(self.objs.maps["unwind_calls"], ctypes.c_uint32(slot),
                                   ctypes.c_uint32(self.objs.programs[name]))
-            self.unwind_tables = UnwindTables(self.objs.maps, tracker or ProcessTracker(), table_rows)
+            self.unwind_tables = UnwindTables(self.objs.maps, tracker if tracker is not None else ProcessTracker(), table_rows)
             for f in self.families:
                 if f.walks_in_bpf:
                     f.unwind_tables = self.unwind_tables

@@ -48,6 +48,9 @@ DEFAULT_MAX_PROCESSES = 4096  # UNWIND_PROCS
 REREGISTER_S = 0.25
 
 
+_UNSEEN = object()
+
+
 class UnwindMapping(ctypes.Structure):
     """struct unwind_mapping."""
 
@@ -212,7 +215,7 @@ class UnwindTables:
     def note(self, pid: int, info: object) -> None:
         """A record of `pid` was delivered under snapshot `info`: register it if that snapshot is new to
         us (first sight, or an exec the tracker noticed). Cheap: called for every record."""
-        if self._noted.get(pid) is not info:
+        if self._noted.get(pid, _UNSEEN) is not info:
             self._noted[pid] = info
             self.want(pid)
 
@@ -242,10 +245,11 @@ class UnwindTables:
                 return
             pid, refresh = abs(item), item < 0
             try:
-                # an exec was already re-read by the drain thread (UserStacks.complete)
-                info = self.tracker.refresh(pid) if refresh else self.tracker.get(pid)
-                if info is None:
-                    info = self.tracker.observe(pid)
+                # Only processes the drain thread already tracks (it owns the table's limit and eviction);
+                # an exec was already re-read there (note_record, UserStacks.complete).
+                info = self.tracker.get(pid)
+                if pid in self.tracker and (info is None or refresh):  # a snapshot that failed mid-exec: again
+                    info = self.tracker.refresh(pid)
                 if info is not None:
                     self.register(info)
             except Exception:  # noqa: BLE001  (a worker that dies would leave every later process on the copy path)
@@ -295,6 +299,7 @@ class UnwindTables:
                         run.users -= 1
                 return False
             self._lost.discard(info.pid)
+            log.debug("pid %d: unwind table of %d mappings, %d files with rows", info.pid, len(entries), len(files))
             if info.pid not in self._registered:
                 self.stats.processes_registered += 1
             self.stats.registrations += 1
@@ -369,8 +374,8 @@ class UnwindTables:
         t = self.totals()
         walked = sum(t[name] for name, _, _ in STATS if not name.startswith("fallback_no_table"))
         fallback = t["fallback_no_table"] + t["fallback_unmapped"]
-        return (f"{walked} user stacks walked in BPF ({t['complete']} to their outermost frame), {fallback} from a "
-                f"stack copy while tables loaded; tables of {t['files_loaded']} files, "
+        return (f"{walked} user stacks walked in BPF ({t['complete']} to their outermost frame), {fallback} by the fallback "
+                f"(a stack copy or frame pointers) while tables loaded; tables of {t['files_loaded']} files, "
                 f"{t['table_bytes'] / 1e6:.1f} MB, built in {t['build_ms']} ms")
 
     def close(self) -> None:
