@@ -189,6 +189,10 @@ class CapturePipeline:
         n, self._set.received_bytes = self._set.received_bytes, 0
         return n
 
+    def unwind_totals(self) -> dict[str, int]:
+        """The BPF walker's counters so far (UnwindTables.totals), {} when stacks are not walked in BPF."""
+        return self._tables.totals() if self._tables is not None else {}
+
     def unwind_summary(self) -> str | None:
         """How the BPF walker did so far (None when user stacks are not walked in BPF)."""
         tables = self._set.unwind_tables if self._set is not None else None

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from agent.processes.stack_resolver import UnwindMode
+from agent.unwind.tables import DEFAULT_TABLE_BYTES, MAX_TABLE_BYTES, MIN_TABLE_BYTES
 from symbolizer.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/bpfprof/config.yaml"
@@ -65,7 +66,8 @@ class ProfilingConfig:
     kernel_stacks: bool = True
     offcpu_min_us: int = 0
     heap_sample_bytes: int = 512 * 1024  # heap: mean bytes between sampled allocations (as `record`)
-    unwind: str = "cfi"  # user stacks: "cfi" (a stack copy walked with each binary's CFI) or "fp"
+    unwind: str = "cfi"  # user stacks: "cfi" (walked in BPF with each binary's CFI/pclntab), "copy" or "fp"
+    unwind_table_bytes: int = DEFAULT_TABLE_BYTES  # kernel memory for the BPF walker's rows (cfi)
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     _check(p.offcpu_min_us >= 0, "profiling.offcpu_min_us", "an integer >= 0", p.offcpu_min_us)
     _check(p.heap_sample_bytes >= 1, "profiling.heap_sample_bytes", "an integer >= 1", p.heap_sample_bytes)
     _check(p.unwind in UNWIND_MODES, "profiling.unwind", f"one of {', '.join(UNWIND_MODES)}", p.unwind)
+    _check(MIN_TABLE_BYTES <= p.unwind_table_bytes <= MAX_TABLE_BYTES, "profiling.unwind_table_bytes",
+           f"{MIN_TABLE_BYTES} to {MAX_TABLE_BYTES}", p.unwind_table_bytes)
     s = cfg.selection
     for i, pid in enumerate(s.pids):
         _check(pid > 0, f"selection.pids[{i}]", "a pid > 0", pid)

@@ -65,7 +65,7 @@ class BpfCollector:
         pids = tuple(cfg.selection.pids) if self.selector.pid_only else None
         config = ProbeConfig(frequency_hz=p.frequency_hz, with_kernel=p.kernel_stacks,
                              offcpu_min_ns=p.offcpu_min_us * 1000, heap_sample_bytes=p.heap_sample_bytes,
-                             pids=pids, unwind=UnwindMode(p.unwind))
+                             pids=pids, unwind=UnwindMode(p.unwind), unwind_table_bytes=p.unwind_table_bytes)
         self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept)
         self._selected: dict[int, bool] = {}
 
@@ -102,6 +102,7 @@ class BpfCollector:
     def cut(self) -> Interval:
         """End the current interval (call from the polling thread); sampling goes on."""
         interval = self.pipeline.cut()
+        self.stats.unwind = self.pipeline.unwind_totals()
         for loss in interval.losses:
             self.stats.lose(loss.reason, loss.count)
             if loss.warn:

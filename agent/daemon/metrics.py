@@ -52,6 +52,7 @@ class AgentStats:
     user_addresses: int = 0
     user_unresolved: int = 0
     ring_buffer_bytes: int = 0  # records' bytes read from the ring buffer
+    unwind: dict[str, int] = field(default_factory=dict)  # the BPF walker's counters (UnwindTables.totals)
     reloads_ok: int = 0
     reloads_failed: int = 0
     ready: bool = False
@@ -87,6 +88,7 @@ class AgentCollector(Collector):
         yield counter("stack_collisions", "Stacks that could not be read or were truncated (BPF stack errors).",
                       sum(n for r, n in s.lost_samples.items() if "stack" in r))
         yield counter("ring_buffer_bytes", "Bytes of records read from the BPF ring buffer.", s.ring_buffer_bytes)
+        yield from _unwind_metrics(s.unwind)
         yield counter("unselected_samples", "Samples of processes the selection leaves out.", s.unselected_samples)
         yield counter("relabel_dropped_samples", "Samples dropped by relabel rules.", s.relabel_dropped_samples)
         yield gauge("processes_tracked", "Processes in the process table.", s.processes_tracked)
@@ -174,3 +176,32 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+# UnwindTables.totals() keys that are not walk outcomes -> (metric, help).
+_UNWIND_TABLE_METRICS = {
+    "files_loaded": ("unwind_table_files_loaded", "Files whose unwind rows were loaded into the BPF walker's table."),
+    "table_bytes": ("unwind_table_bytes_loaded", "Bytes of unwind rows loaded into the BPF walker's table."),
+    "files_evicted": ("unwind_table_files_evicted", "Files evicted from the walker's table by its byte budget."),
+    "files_over_budget": ("unwind_table_files_over_budget",
+                          "Files that did not fit the walker's table (walked with frame pointers)."),
+    "processes_registered": ("unwind_processes_registered", "Processes given a table of mappings."),
+    "process_table_full": ("unwind_process_table_full", "Registrations refused: the process table was full."),
+}
+
+
+def _unwind_metrics(totals: dict[str, int]) -> Iterable[Metric]:
+    """How user stacks were walked in BPF (by outcome) and what the walker's tables hold."""
+    if not totals:
+        return
+    outcomes = CounterMetricFamily(f"{PREFIX}_unwind_stacks", "User stacks walked in BPF, by how the walk ended "
+                                   "(fallback_*: a stack copy or frame pointers instead).", labels=["outcome"])
+    for key, n in totals.items():
+        if key in _UNWIND_TABLE_METRICS or key == "registrations" or key == "build_ms":
+            continue
+        outcomes.add_metric([key], n)
+    yield outcomes
+    for key, (name, doc) in _UNWIND_TABLE_METRICS.items():
+        yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=totals.get(key, 0))
+    yield CounterMetricFamily(f"{PREFIX}_unwind_table_build_seconds", "CPU time building unwind rows.",
+                              value=totals.get("build_ms", 0) / 1000)

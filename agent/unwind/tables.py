@@ -42,7 +42,9 @@ ROW_BYTES = 8  # struct unwind_row
 FAMILIES = 3  # UNWIND_FAMILIES
 MAX_MAPPINGS = 256  # UNWIND_MAX_MAPPINGS
 FP_ROWS = 0xFFFFFFFF  # UNWIND_FP_ROWS: a mapping walked by frame pointers
-DEFAULT_TABLE_BYTES = 16 << 20  # 2 M rows: libc has ~10 k, a large Go binary ~200 k
+DEFAULT_TABLE_BYTES = 16 << 20  # 2 M rows: libc has ~28 k, a large Go binary ~140-230 k
+MIN_TABLE_BYTES = 64 << 10
+MAX_TABLE_BYTES = 1 << 30
 DEFAULT_MAX_PROCESSES = 4096  # UNWIND_PROCS
 # A process is registered again at most this often (a fallback storm after an exec or a dlopen).
 REREGISTER_S = 0.25
