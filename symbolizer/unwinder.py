@@ -16,18 +16,12 @@ file's unwind rules:
                  reloaded from the kernel's ucontext; the frame after it is an
                  interrupted PC, not a return address (FrameSource.SIGNAL)
 
-Why user space rather than BPF (the OTel profiler and Parca unwind in BPF):
-a per-sample copy of the stack top costs the BPF program one
-bpf_probe_read_user (its in-kernel cost is not measured here yet: that is
-the BPF side's benchmark) and needs no maps of unwind rows kept in sync with
-every process's mappings, while the walk itself runs at drain time, where
-tables are already built per build id and cost nothing more per process. bench/unwind_speed.py prints the walk's cost against a
-frame-pointer walk of the same dumps; measured on this 2-CPU VM with warm
-tables and rule caches: 0.6-0.9 µs CPU per frame, 7-15 µs per sample of 8-30
-frames, 3.5x a Python frame-pointer walk per frame (which finds 6 of 116
-frames in -fomit-frame-pointer C and misses every frameless leaf's caller).
-Complete chains needed 280 B (leaf in main) to 3.4 KiB (signal handler) of
-copy in the fixtures.
+Since #12 the agent walks most stacks in BPF (bpf/unwind.bpf.h, the same
+rules over rows from symbolizer/unwind_rows.py); this walker serves the
+copies that remain (`--unwind copy`, and a process's first samples before its
+tables load) and is the reference the BPF walker's rows are tested against.
+bench/unwind_speed.py prints its cost: 0.6-0.9 us of CPU per frame with warm
+tables, 7-15 us per sample of 8-30 frames.
 
 The walk never invents a frame: each return address comes from a rule that
 covers the PC, and it stops (with a StopReason, counted) at the first PC it
