@@ -25,12 +25,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         int have = user_regs(ctx, &u);
 #if CPU_BPF_UNWIND
         if (have) {
-            u64 kn = 0;
-#if WITH_KERNEL
-            kn = read_kernel_stack(ctx, r);
-#endif
-            r->h.kernel_frames = kn & BPFPROF_FRAMES_MASK;
-            unwind_start(ctx, r, &u, UNWIND_PROG_PERF, UNWIND_DONE_SUBMIT, UNWIND_FAMILY_CPU);
+            unwind_start_with_kernel(ctx, r, &u, UNWIND_PROG_PERF, UNWIND_DONE_SUBMIT, UNWIND_FAMILY_CPU);
             /* not walked here: frame pointers and a copy, for the agent's walker */
             read_user_stack(ctx, r, r->h.kernel_frames, 0);
             u64 size = finish_record(r);

@@ -78,12 +78,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 #if OFFCPU_BPF_UNWIND
     struct bpfprof_ustack u = {};
     if (user_regs_at_entry(&u)) {
-        u64 kn = 0;
-#if WITH_KERNEL
-        kn = read_kernel_stack(args, r);
-#endif
-        r->h.kernel_frames = kn & BPFPROF_FRAMES_MASK;
-        unwind_start(args, r, &u, UNWIND_PROG_TP, UNWIND_DONE_STASH, UNWIND_FAMILY_OFFCPU);
+        unwind_start_with_kernel(args, r, &u, UNWIND_PROG_TP, UNWIND_DONE_STASH, UNWIND_FAMILY_OFFCPU);
         /* no table yet: frame pointers (a stash holds no stack copy) */
         read_user_stack(args, r, r->h.kernel_frames, 0);
         offcpu_stash_record(r);

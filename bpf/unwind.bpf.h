@@ -426,4 +426,16 @@ static __always_inline void unwind_start(void *ctx, struct bpfprof_stack_record 
     unwind_count(UNWIND_STOP_CALLS);
 }
 
+/* unwind_start, after reading the kernel stack into `r` (WITH_KERNEL). */
+static __always_inline void unwind_start_with_kernel(void *ctx, struct bpfprof_stack_record *r,
+                                                     struct bpfprof_ustack *u, u32 prog, u8 done, u8 family)
+{
+    u64 kn = 0;
+#if WITH_KERNEL
+    kn = read_kernel_stack(ctx, r);
+#endif
+    r->h.kernel_frames = kn & BPFPROF_FRAMES_MASK;
+    unwind_start(ctx, r, u, prog, done, family);
+}
+
 #endif /* BPFPROF_UNWIND_BPF_H */
