@@ -189,7 +189,11 @@ class LockAccumulator(Accumulator):
         if rec.kernel_ips:  # BPF sends none with a stack copy; a frame-pointer-only record has the syscall path
             rec = replace(rec, kernel_ips=())
         prev = self._sleeps.get(rec.tid)
-        if (prev is not None and rec.aux & AGAIN and rsp and prev.rsp == rsp and prev.rec.pid == rec.pid
+        # The same frame: the same stack pointer at the syscall, or, for a stack walked in BPF (which sends
+        # no registers), a stack as deep as the previous one with the same return addresses (checked below).
+        same_frame = prev is not None and (prev.rsp == rsp if rsp else
+                                           not prev.rsp and len(prev.rec.user_ips) == len(rec.user_ips))
+        if (prev is not None and rec.aux & AGAIN and same_frame and prev.rec.pid == rec.pid
                 and 0 <= rec.ktime_ns - rec.value - prev.end_ns < MERGE_GAP_NS
                 and tuple(prev.rec.user_ips[2:]) == tuple(rec.user_ips[2:])):  # one call may wait at two places
             # the same call sleeping again: one contention, waiting from the first sleep to this end
