@@ -4,10 +4,12 @@
  * with struct bpfprof_header. Its Python mirror is agent/bpfload/records.py; a test
  * checks the sizes agree (tests/unit/test_records_layout.py).
  *
- * Stacks travel inside the record (bpf_get_stack), not as stack-map ids: a
+ * Stacks travel inside the record (bpf_get_stack, or the BPF walker of
+ * unwind.bpf.h), not as stack-map ids: a
  * stack map is a hash table whose ids are reused once the agent deletes an
  * entry, so a daemon would either fill it or race its own deletions. Copying
- * at most 2 x 127 addresses costs ~1 KiB per sample of ring buffer, which at
+ * at most 127 kernel + 128 user addresses costs ~2 KiB per sample of ring
+ * buffer (~100 B for a typical stack), which at
  * 99 Hz per CPU is nothing, and nothing can collide.
  */
 #ifndef BPFPROF_H

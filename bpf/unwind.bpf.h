@@ -78,7 +78,7 @@
 #define UW_RBP_LOST 1
 
 /* Indices of the per-CPU `unwind_stats` array: how each walk ended, and the
- * tables' faults. agent/unwind/stats.py names them. */
+ * tables' faults. agent/unwind/tables.py STATS names them. */
 enum unwind_stat {
     UNWIND_COMPLETE = 0,          /* reached the outermost frame */
     UNWIND_TRUNCATED = 1,         /* deeper than BPFPROF_MAX_USER_FRAMES: cut */
@@ -113,7 +113,7 @@ struct unwind_mapping {
 
 struct unwind_proc {
     u32 n;
-    u32 gen;    /* bumped by the agent at each rewrite */
+    u32 pad;
     struct unwind_mapping m[UNWIND_MAX_MAPPINGS];
 };
 

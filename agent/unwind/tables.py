@@ -34,11 +34,11 @@ from agent.bpfload.records import Loss
 from agent.errors import BpfLoadError
 from agent.processes.tracker import ProcessInfo, ProcessTracker
 from symbolizer.file_symbols import FileId, FileSymbols
-from symbolizer.unwind_rows import file_rows
+from symbolizer.unwind_rows import ROW, file_rows
 
 log = logging.getLogger(__name__)
 
-ROW_BYTES = 8  # struct unwind_row
+ROW_BYTES = ROW.size  # struct unwind_row
 FAMILIES = 3  # UNWIND_FAMILIES
 MAX_MAPPINGS = 256  # UNWIND_MAX_MAPPINGS
 FP_ROWS = 0xFFFFFFFF  # UNWIND_FP_ROWS: a mapping walked by frame pointers
@@ -63,7 +63,7 @@ class UnwindMapping(ctypes.Structure):
 class UnwindProc(ctypes.Structure):
     """struct unwind_proc: an `unwind_procs` value."""
 
-    _fields_ = [("n", ctypes.c_uint32), ("gen", ctypes.c_uint32), ("m", UnwindMapping * MAX_MAPPINGS)]
+    _fields_ = [("n", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("m", UnwindMapping * MAX_MAPPINGS)]
 
 
 # unwind_stats indices (enum unwind_stat) -> (metric reason, description, a loss?)
@@ -196,7 +196,6 @@ class UnwindTables:
         self._noted: dict[int, object] = {}  # pid -> the snapshot its last record was delivered under  # registered pids whose table BPF deleted, until registered again
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        self._gen = 0
 
     # -- drain thread ----------------------------------------------------------------
 
@@ -279,8 +278,6 @@ class UnwindTables:
             files.append(fs.id)
         value = UnwindProc()
         value.n = len(entries)
-        self._gen += 1
-        value.gen = self._gen
         for i, e in enumerate(sorted(entries)):
             value.m[i] = UnwindMapping(*e)
         with self._lock:
