@@ -52,29 +52,33 @@ static __always_inline void count_drop(u32 reason)
         (*c)++;  /* per-CPU slot: no atomics needed */
 }
 
-/* Ring-buffer wake-ups. The agent drains the ring on its own clock (every
- * drain interval, which sizes the ring); a wake-up per record would cost the
- * recorded task an IPI and the agent a context switch per record: what a
- * burst of heap samples or futex sleeps paid. So a CPU wakes the agent once
- * per RB_WAKE_EVERY records it sent (the agent sets it so that all CPUs
- * together fill at most a quarter of the ring in between), and at once for a
- * record that needs an answer (RB_NOW: a process paused for the agent, an
- * exec to attach to). */
+/* Ring-buffer wake-ups. A wake-up per record would cost the recorded task an
+ * IPI and the agent a context switch per record (on a VM, ~50-90 us of CPU
+ * per wake-up of an idle thread): what a burst of heap samples or futex
+ * sleeps paid. So a CPU wakes the agent once per RB_WAKE_BYTES bytes it sent
+ * (the agent sets it so that all CPUs together fill at most a quarter of the
+ * ring in between, whatever the records' sizes), and at once for a record
+ * that needs an answer (RB_NOW: a process paused for the agent, an exec to
+ * attach to, a stack the BPF walker had no table for). Otherwise the agent
+ * drains the ring on its own clock. */
 #define RB_NO_WAKEUP 1
 #define RB_FORCE_WAKEUP 2
 #define RB_NOW RB_FORCE_WAKEUP
-#ifndef RB_WAKE_EVERY
-#define RB_WAKE_EVERY 1
+#ifndef RB_WAKE_BYTES
+#define RB_WAKE_BYTES 1
 #endif
 BPF_PERCPU_ARRAY(rb_unwoken, u32, 1);
 
-static __always_inline u64 rb_flags(void)
+/* The wake-up flag for a record of `size` bytes. */
+static __always_inline u64 rb_flags(u64 size)
 {
     u32 zero = 0;
     u32 *n = rb_unwoken.lookup(&zero);
-    if (!n || ++*n >= RB_WAKE_EVERY) {
-        if (n)
-            *n = 0;
+    if (!n)
+        return RB_FORCE_WAKEUP;
+    *n += size;
+    if (*n >= RB_WAKE_BYTES) {
+        *n = 0;
         return RB_FORCE_WAKEUP;
     }
     return RB_NO_WAKEUP;
@@ -276,7 +280,7 @@ static __always_inline u64 fill_stacks(void *ctx, struct bpfprof_stack_record *r
     return finish_record(r);
 }
 
-/* Send a finished record of `size` bytes; `flags`: rb_flags(), or RB_NOW. */
+/* Send a finished record of `size` bytes; `flags`: rb_flags(size), or RB_NOW. */
 static __always_inline void submit_record_flags(void *r, u64 size, u64 flags)
 {
     if (size == 0)
@@ -287,7 +291,7 @@ static __always_inline void submit_record_flags(void *r, u64 size, u64 flags)
 
 static __always_inline void submit_record(void *r, u64 size)
 {
-    submit_record_flags(r, size, rb_flags());
+    submit_record_flags(r, size, rb_flags(size));
 }
 
 /* fill_stacks, then send header + addresses (+ trace context). */
@@ -334,7 +338,7 @@ static __always_inline int submit_copy_flags(struct bpfprof_stack_record *r, u64
 
 static __always_inline int submit_copy(struct bpfprof_stack_record *r, u64 size, struct bpfprof_ustack *u)
 {
-    return submit_copy_flags(r, size, u, rb_flags());
+    return submit_copy_flags(r, size, u, rb_flags(size + sizeof(*u) + USTACK_BYTES));
 }
 
 /* fill_stacks, then send the record with the user stack from `u`'s registers
@@ -349,7 +353,7 @@ static __always_inline void submit_with_ustack(void *ctx, struct bpfprof_stack_r
 #endif
 
 /* Send only the header (events without a stack, such as frees); 0 if sent.
- * `flags`: rb_flags(), or RB_NOW for a record the agent must act on at once. */
+ * `flags`: rb_flags(size), or RB_NOW for a record the agent must act on at once. */
 static __always_inline int submit_header_flags(struct bpfprof_stack_record *r, u64 flags)
 {
     if (records.ringbuf_output(r, sizeof(struct bpfprof_header), flags) != 0) {
@@ -361,7 +365,7 @@ static __always_inline int submit_header_flags(struct bpfprof_stack_record *r, u
 
 static __always_inline int submit_header(struct bpfprof_stack_record *r)
 {
-    return submit_header_flags(r, rb_flags());
+    return submit_header_flags(r, rb_flags(sizeof(struct bpfprof_header)));
 }
 
 #endif /* BPFPROF_COMMON_BPF_H */

@@ -72,7 +72,8 @@ static __always_inline void gor_output(struct bpfprof_stack_record *r, u64 frame
 {
     frames &= BPFPROF_FRAMES_MASK;
     r->h.user_frames = frames;
-    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + frames * sizeof(u64), rb_flags()) != 0)
+    u64 size = sizeof(struct bpfprof_header) + frames * sizeof(u64);
+    if (records.ringbuf_output(r, size, rb_flags(size)) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
 

@@ -88,7 +88,8 @@ static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *
     asm volatile("" : "+r"(n));  /* clang knows n <= 254 and would drop the check the verifier needs */
     if (n > 2 * BPFPROF_MAX_FRAMES)
         return;
-    if (records.ringbuf_output(r, sizeof(struct bpfprof_header) + n * sizeof(u64), rb_flags()) != 0)
+    u64 size = sizeof(struct bpfprof_header) + n * sizeof(u64);
+    if (records.ringbuf_output(r, size, rb_flags(size)) != 0)
         count_drop(BPFPROF_DROP_RINGBUF_FULL);
 }
 

@@ -62,7 +62,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
             u64 kn = s->h.kernel_frames & BPFPROF_FRAMES_MASK;
             u64 un = s->h.user_frames & (BPFPROF_IPS - 1);
             u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
-            if (size <= sizeof(*s) && records.ringbuf_output(s, size, rb_flags()) != 0)
+            if (size <= sizeof(*s) && records.ringbuf_output(s, size, rb_flags(size)) != 0)
                 count_drop(BPFPROF_DROP_RINGBUF_FULL);
         }
         s->h.ktime_ns = 0;  /* consumed: a second switch-in without a switch-out is not a block */

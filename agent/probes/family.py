@@ -142,6 +142,10 @@ class ProbeFamily:
         self.ustack_bytes = ((config.ustack_bytes + 7) & ~7) if cfi else 0
         self.user_stacks: UserStacks | None = UserStacks(tracker) if cfi else None
         self.unwind_tables: UnwindTables | None = None  # set by the probe set when walks_in_bpf
+        # Records drained on a short clock, so that a process is snapshotted soon after its first sample,
+        # before it can exit. Not needed where BPF walks every stack: a process it has no table for
+        # (new, or after an exec) sends its samples with an immediate wake-up (unwind_walk.bpf.c).
+        self.needs_drain_clock = not self.walks_in_bpf
 
     # -- what is compiled --------------------------------------------------------
 

@@ -261,6 +261,7 @@ class LockProbe(ProbeFamily):
         super().__init__(config, tracker)
         self.kernel_locks = kernel_lock_tracepoints()
         self.go_uprobes: ProcessUprobes[GoSemaSites] = ProcessUprobes("lock", go_sema_sites, self._sema_uprobes)
+        self.needs_drain_clock = True  # Go semaphore waits are walked with frame pointers: no wake-up for new processes
 
     @staticmethod
     def _sema_uprobes(sites: GoSemaSites) -> list[tuple[str, int]]:

@@ -84,6 +84,7 @@ class OffCpuProbe(ProbeFamily):
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         super().__init__(config, tracker)
         self._short_before = 0
+        self.needs_drain_clock = True  # a stashed sleep is sent at switch-in without an immediate wake-up
 
     def defines(self) -> dict[str, int]:
         return {"OFFCPU_MIN_NS": self.config.offcpu_min_ns, "OFFCPU_MAX_THREADS": MAX_THREADS, **super().defines()}

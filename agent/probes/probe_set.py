@@ -52,10 +52,10 @@ def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float, rec
     return pages
 
 
-def wake_every(pages: int, cpus: int, record_bytes: int = 0) -> int:
-    """Records a CPU sends between wake-ups of the agent (common.bpf.h rb_flags): as many as keep
-    all CPUs together under a quarter of the ring, were each record the largest."""
-    return max(1, pages * PAGE_SIZE // (4 * cpus * (record_bytes or ctypes.sizeof(StackRecord))))
+def wake_bytes(pages: int, cpus: int) -> int:
+    """Bytes a CPU sends between wake-ups of the agent (common.bpf.h rb_flags): all CPUs together fill
+    at most a quarter of the ring in between, whatever the records' sizes."""
+    return max(1, pages * PAGE_SIZE // (4 * cpus))
 
 
 FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
@@ -116,7 +116,7 @@ class ProbeSet:
         biggest = max((f.record_bytes for f in self.families), default=0)
         defines = {
             "RINGBUF_PAGES": (pages := ringbuf_pages(cpus, rate, drain_interval_s, biggest)),
-            "RB_WAKE_EVERY": wake_every(pages, cpus, biggest),
+            "RB_WAKE_BYTES": wake_bytes(pages, cpus),
             "FILTER_PIDS": int(self._pids is not None),
             # Profiling the profiler would put its symbolization into every
             # whole-system profile. Its pid as BPF sees it (host namespace).
@@ -205,15 +205,20 @@ class ProbeSet:
             except ProcessLookupError:
                 pass
 
-    def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for records and deliver them all.
+    def poll(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for records and deliver them all.
 
-        BPF wakes the agent only when the ring fills up or a record needs an
-        answer (common.bpf.h rb_flags), so after the wait the ring is drained
-        whether or not a wake-up came."""
+        BPF wakes the agent only when its CPU's share of the ring fills up or
+        a record needs an answer (common.bpf.h rb_flags), and wake() ends the
+        wait early, so after the wait the ring is drained whether or not a
+        wake-up came."""
         if self._ring is not None:
-            self._ring.poll(timeout_ms)
-            self._ring.consume()
+            self._ring.wait(timeout_s)
+
+    def wake(self) -> None:
+        """End a poll() now, from another thread or a signal handler."""
+        if self._ring is not None:
+            self._ring.wake()
 
     def drain(self) -> None:
         """Deliver every record already in the buffer without waiting."""
