@@ -86,7 +86,7 @@ def dispatcher(deliver):
             captured["cb"] = callback
 
     ps = probe_set.ProbeSet.__new__(probe_set.ProbeSet)
-    ps.families, ps._follow, ps._events = [], False, []
+    ps.families, ps._follow, ps._events, ps.unwind_tables, ps.received_bytes = [], False, [], None, 0
     ps.objs = SimpleNamespace(maps={"records": -1})
     real = probe_set.libbpf.RingBuffer
     probe_set.libbpf.RingBuffer = Ring

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +50,6 @@ def lib() -> ctypes.CDLL:
         so.bpf_map_get_next_key.argtypes = [i, vp, vp]
         so.ring_buffer__new.argtypes = [i, SAMPLE_FN, vp, vp]
         so.ring_buffer__new.restype = vp
-        so.ring_buffer__poll.argtypes = [vp, i]
         so.ring_buffer__consume.argtypes = [vp]
         so.ring_buffer__free.argtypes = [vp]
         _lib = so
@@ -174,7 +174,12 @@ def detach(fds: list[int]) -> None:
 
 
 class RingBuffer:
-    """A BPF ring buffer map consumed with libbpf; `callback(bytes)` per record."""
+    """A BPF ring buffer map consumed with libbpf; `callback(bytes)` per record.
+
+    wait() sleeps in an epoll of its own on the map (BPF's wake-ups) and an
+    eventfd that wake() writes: another thread or a signal handler can end the
+    wait at once, so a waiting loop needs no short timeout to notice a stop.
+    """
 
     def __init__(self, map_fd: int, callback: Callable[[bytes], None]) -> None:
         def on_record(_ctx: int, data: int, size: int) -> int:
@@ -185,9 +190,28 @@ class RingBuffer:
         self._rb = lib().ring_buffer__new(map_fd, self._fn, None, None)
         if not self._rb:
             raise BpfLoadError(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(map_fd, select.EPOLLIN)
+        self._epoll.register(self._wake, select.EPOLLIN)
 
-    def poll(self, timeout_ms: int) -> int:
-        return lib().ring_buffer__poll(self._rb, timeout_ms)
+    def wait(self, timeout_s: float) -> int:
+        """Sleep until BPF wakes us, wake() is called or `timeout_s` passes; then consume every record.
+        Returns the number consumed."""
+        for fd, _ in self._epoll.poll(timeout_s):
+            if fd == self._wake:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+        return self.consume()
+
+    def wake(self) -> None:
+        """End a wait() now (async-signal-safe: one write to an eventfd)."""
+        try:
+            os.eventfd_write(self._wake, 1)
+        except (BlockingIOError, OSError):
+            pass
 
     def consume(self) -> int:
         return lib().ring_buffer__consume(self._rb)
@@ -196,6 +220,8 @@ class RingBuffer:
         if self._rb:
             lib().ring_buffer__free(self._rb)
             self._rb = None
+            self._epoll.close()
+            os.close(self._wake)
 
 
 UPROBE_PMU_TYPE = Path("/sys/bus/event_source/devices/uprobe/type")

@@ -2,7 +2,7 @@
 
     load()    compile the selected families into one probe set (BPF loaded, nothing attached)
     start()   attach; records flow: ring buffer -> parse -> accept? -> family.route -> accumulator
-    poll()    drain the ring buffer (every DRAIN_INTERVAL_S), then each accumulator's tick()
+    poll()    drain the ring buffer (at most wait_s apart), then each accumulator's tick()
     cut()     end an interval: its accumulators, window, sample count and losses; sampling goes on
     build()   symbolize a cut interval into Profiles (the daemon does it in another thread)
     close()   detach and free
@@ -37,6 +37,9 @@ from symbolizer.kallsyms import KernelSymbols
 log = logging.getLogger(__name__)
 
 DRAIN_INTERVAL_S = 0.1
+# The longest wait for records when no family needs the drain clock: BPF wakes the agent for what it
+# must act on at once, and every wake-up costs a sleeping thread tens of microseconds of CPU on a VM.
+QUIET_WAIT_S = 1.0
 
 
 def wall_offset_ns() -> int:
@@ -175,12 +178,25 @@ class CapturePipeline:
         for f in families:
             f.route(rec, self._current[f])
 
-    def poll(self, timeout_ms: int | None = None) -> None:
-        """Wait for records (up to the drain interval), deliver them all, then tick every accumulator."""
+    @property
+    def wait_s(self) -> float:
+        """How long poll() may wait for records: the drain interval while a family needs its clock."""
+        if any(f.needs_drain_clock for f in self.families):
+            return self._drain_interval_s
+        return max(self._drain_interval_s, QUIET_WAIT_S)
+
+    def poll(self, timeout_s: float | None = None) -> None:
+        """Wait for records (up to `timeout_s`, default wait_s; wake() ends it), deliver them all,
+        then tick every accumulator."""
         assert self._set is not None
-        self._set.poll(int(self._drain_interval_s * 1000) if timeout_ms is None else timeout_ms)
+        self._set.poll(self.wait_s if timeout_s is None else timeout_s)
         for acc in self._current.values():
             acc.tick()
+
+    def wake(self) -> None:
+        """End a poll() now: from a signal handler or another thread."""
+        if self._set is not None:
+            self._set.wake()
 
     def take_ring_bytes(self) -> int:
         """Ring-buffer bytes received since the last call (0 without a probe set)."""

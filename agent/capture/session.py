@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.bpfload.records import Loss
-from agent.capture.pipeline import CapturePipeline, Interval
+from agent.capture.pipeline import DRAIN_INTERVAL_S, CapturePipeline, Interval
 from agent.probes.family import ProbeConfig
 from agent.processes.stack_resolver import DEFAULT_UNWIND, DEFAULT_USTACK_BYTES, UnwindMode
 from agent.processes.targets import GatedCommand
@@ -101,7 +101,8 @@ class RecordSession:
             if command is not None:
                 command.release()
             while not stop.is_set():
-                pipeline.poll()
+                # the capture's clock: its duration, the command's exit and the progress line
+                pipeline.poll(DRAIN_INTERVAL_S)
                 self.stats.elapsed_s = time.monotonic() - start
                 self.stats.samples = pipeline.samples
                 self.stats.processes = self.tracker.stats.processes

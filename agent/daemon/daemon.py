@@ -95,9 +95,13 @@ class BpfCollector:
         self.tracker.seen(pid, self.pipeline.seq)
         return True
 
-    def poll(self) -> None:
-        self.pipeline.poll()
+    def poll(self, timeout_s: float) -> None:
+        """Records until `timeout_s` (at most the pipeline's wait) or wake()."""
+        self.pipeline.poll(min(timeout_s, self.pipeline.wait_s))
         self.stats.ring_buffer_bytes += self.pipeline.take_ring_bytes()
+
+    def wake(self) -> None:
+        self.pipeline.wake()
 
     def cut(self) -> Interval:
         """End the current interval (call from the polling thread); sampling goes on."""
@@ -193,10 +197,18 @@ class Daemon:
     # --- signals -------------------------------------------------------------
 
     def stop(self) -> None:
+        """Stop sampling, flush and return from run() (signal-handler safe)."""
         self._stop.set()
+        self._wake()
 
     def request_reload(self) -> None:
         self._reload.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        collector = self.collector
+        if collector is not None:
+            collector.wake()
 
     # --- the main loop -----------------------------------------------------------
 
@@ -226,7 +238,7 @@ class Daemon:
                  ", ".join(q.name for q in self.queues) or "nothing")
         next_cut = time.monotonic() + cfg.export.interval_s
         while not self._stop.is_set():
-            self.collector.poll()
+            self.collector.poll(max(0.0, next_cut - time.monotonic()))
             now = time.monotonic()
             self.stats.last_loop_monotonic = now
             self.stats.processes_tracked = len(self.tracker)
