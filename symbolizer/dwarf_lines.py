@@ -1107,6 +1107,7 @@ class DwarfLines:
         if compressed or offset + size > len(image):
             data = sec.data()
             return _Section(data, 0, len(data))
+        self._elf.ensure(offset, size)
         return _Section(image, offset, size)
 
     # -- public ----------------------------------------------------------------
