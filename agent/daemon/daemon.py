@@ -180,6 +180,10 @@ class Daemon:
         self._retired: list[ExportQueue] = []
         self._stop = threading.Event()
         self._reload = threading.Event()
+        # SIGHUP's config is read and validated on a thread of its own (a slow or hostile
+        # file must not stall sampling); the main loop applies what it leaves here.
+        self._reloader: threading.Thread | None = None
+        self._reloaded: AgentConfig | BpfprofError | None = None
         self._pending: collections.deque[Interval] = collections.deque()
         self._pending_lock = threading.Lock()
         self._building: int | None = None
@@ -230,8 +234,11 @@ class Daemon:
             now = time.monotonic()
             self.stats.last_loop_monotonic = now
             self.stats.processes_tracked = len(self.tracker)
-            if self._reload.is_set():
+            if self._reload.is_set() and self._reloader is None:
                 self._reload.clear()
+                self._start_reload()
+            if self._reloader is not None and not self._reloader.is_alive():
+                self._reloader = None
                 next_cut = self._apply_reload(next_cut)
             if now >= next_cut:
                 self._cut()
@@ -336,12 +343,32 @@ class Daemon:
 
     # --- SIGHUP -------------------------------------------------------------------
 
-    def _apply_reload(self, next_cut: float) -> float:
-        """Load the config again and apply what changed; keep the old one if it is bad."""
+    def _start_reload(self) -> None:
+        """Read and validate the config on a thread; the main loop applies the outcome (_apply_reload)."""
         if self.reload_config is None:
-            return next_cut
+            return
+        load = self.reload_config
+
+        def read() -> None:
+            try:
+                self._reloaded = load()
+            except BpfprofError as e:
+                self._reloaded = e
+            except Exception as e:  # noqa: BLE001  (a loader bug must not end reloads: counted, logged)
+                self._reloaded = BpfprofError(f"{type(e).__name__}: {e}")
+
+        self._reloaded = None
+        self._reloader = threading.Thread(target=read, name="config-reload", daemon=True)
+        self._reloader.start()
+
+    def _apply_reload(self, next_cut: float) -> float:
+        """Apply the config the reload thread read; keep the old one if it is bad."""
+        new, self._reloaded = self._reloaded, None
         try:
-            new = self.reload_config()
+            if new is None:
+                raise BpfprofError("the config loader ended without a result")
+            if isinstance(new, BpfprofError):
+                raise new
             queues = None
             if new.export != self.cfg.export or new.node_name != self.cfg.node_name:
                 queues = [ExportQueue(e, new.export.queue_max_batches) for e in self.exporters_factory(new,
