@@ -17,7 +17,6 @@ import dataclasses
 import math
 import os
 import re
-import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -29,7 +28,8 @@ import yaml
 
 from agent.processes.stack_resolver import UnwindMode
 from agent.unwind.tables import DEFAULT_TABLE_BYTES, MAX_TABLE_BYTES, MIN_TABLE_BYTES
-from symbolizer.errors import ConfigError
+from exporters.bounded_input import read_regular_file
+from symbolizer.errors import ConfigError, ExportError, InputTooLarge
 
 DEFAULT_CONFIG_PATH = "/etc/bpfprof/config.yaml"
 
@@ -433,28 +433,15 @@ def read_config_text(path: str) -> str:
     or one that is not UTF-8.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without a writer
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
     except OSError as e:
         raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
+    except InputTooLarge:
+        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES >> 10} KiB") from None
+    except ExportError as e:
+        raise ConfigError(f"config {path}: {e}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"config {path}: not a regular file")
-        chunks, size = [], 0
-        while size <= MAX_CONFIG_BYTES:
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES >> 10} KiB")
-    try:
-        return b"".join(chunks).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"config {path}: not UTF-8 text (byte {e.start})") from None
 
