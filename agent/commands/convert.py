@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import click
+
 from exporters.bounded_input import read_regular_file
 from exporters.otlp import decode_otlp, encode_otlp_bytes
 from exporters.pprof import MAX_PPROF_BYTES, encode_pprof

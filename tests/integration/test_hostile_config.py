@@ -11,6 +11,7 @@ import signal
 
 import yaml
 from hostile_configs import HOSTILE, put
+
 from integration.test_agent import Agent, load  # noqa: F401  (load is a fixture)
 
 
