@@ -1,8 +1,9 @@
 """Bounded reads of untrusted input: files users name on the command line, gzip from anyone.
 
-The one home of both. read_regular_file refuses what is not a regular file
-(a FIFO would block the reader forever, /dev/zero never ends) and stops at a
-size. gunzip_limited inflates profiles sent to serve and files given to
+The one home of both. read_bounded refuses what a read could block on or
+that holds no bytes (a FIFO or socket, which would wait for a writer forever;
+a directory) and stops at a size (/dev/zero never ends; /dev/null, an empty
+config, stays fine). gunzip_limited inflates profiles sent to serve and files given to
 convert: a gzip bomb is a few hundred KiB that inflate to gigabytes, and
 zlib's max_length stops it after `limit` bytes instead of after all of them.
 """
@@ -16,17 +17,19 @@ import zlib
 from symbolizer.errors import ExportError, InputTooLarge
 
 
-def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most `max_bytes`, read without blocking on FIFOs.
+def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """The bytes of a file of at most `max_bytes`, read without ever blocking.
 
-    Raises OSError when it cannot be opened or read, ExportError for what is
-    not a regular file and InputTooLarge past `max_bytes` (callers add which
-    file and turn them into their own error type).
+    Raises OSError when it cannot be opened or read (a terminal: EAGAIN),
+    ExportError for a FIFO, socket or directory and InputTooLarge past
+    `max_bytes` (callers add which file and turn them into their own error
+    type).
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without a writer
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ExportError("not a regular file")
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISDIR(mode):
+            raise ExportError("not a regular file (a FIFO, socket or directory)")
         chunks, size = [], 0
         while size <= max_bytes:
             chunk = os.read(fd, min(max_bytes + 1 - size, 1 << 24))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from exporters.bounded_input import read_regular_file
+from exporters.bounded_input import read_bounded
 from exporters.otlp import decode_otlp, encode_otlp_bytes
 from exporters.pprof import MAX_PPROF_BYTES, encode_pprof
 from exporters.pprof_reader import profile_from_pprof
@@ -29,7 +29,7 @@ def _format_of(path: Path) -> str | None:
 def _read(path: Path) -> tuple[str, list[Profile]]:
     """The profiles of IN; ExportError/ConfigError with one line naming the file for anything wrong."""
     try:
-        data = read_regular_file(path, MAX_INPUT_BYTES)
+        data = read_bounded(path, MAX_INPUT_BYTES)
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except ExportError as e:

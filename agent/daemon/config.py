@@ -28,7 +28,7 @@ import yaml
 
 from agent.processes.stack_resolver import UnwindMode
 from agent.unwind.tables import DEFAULT_TABLE_BYTES, MAX_TABLE_BYTES, MIN_TABLE_BYTES
-from exporters.bounded_input import read_regular_file
+from exporters.bounded_input import read_bounded
 from symbolizer.errors import ConfigError, ExportError, InputTooLarge
 
 DEFAULT_CONFIG_PATH = "/etc/bpfprof/config.yaml"
@@ -427,13 +427,13 @@ class ConfigYamlLoader(yaml.SafeLoader):
 
 
 def read_config_text(path: str) -> str:
-    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES, read without blocking.
+    """The text of a config file of at most MAX_CONFIG_BYTES, read without blocking.
 
-    ConfigError for a FIFO, a device (/dev/zero), a directory, a bigger file
-    or one that is not UTF-8.
+    ConfigError for a FIFO, a socket, a directory, a bigger file (/dev/zero
+    too) or one that is not UTF-8. /dev/null is an empty config.
     """
     try:
-        data = read_regular_file(path, MAX_CONFIG_BYTES)
+        data = read_bounded(path, MAX_CONFIG_BYTES)
     except OSError as e:
         raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
     except InputTooLarge:

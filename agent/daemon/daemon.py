@@ -183,7 +183,7 @@ class Daemon:
         # SIGHUP's config is read and validated on a thread of its own (a slow or hostile
         # file must not stall sampling); the main loop applies what it leaves here.
         self._reloader: threading.Thread | None = None
-        self._reloaded: AgentConfig | BpfprofError | None = None
+        self._reloaded: tuple[AgentConfig, list[ExportQueue] | None] | BpfprofError | None = None
         self._pending: collections.deque[Interval] = collections.deque()
         self._pending_lock = threading.Lock()
         self._building: int | None = None
@@ -347,11 +347,16 @@ class Daemon:
         """Read and validate the config on a thread; the main loop applies the outcome (_apply_reload)."""
         if self.reload_config is None:
             return
-        load = self.reload_config
+        load, running = self.reload_config, self.cfg
 
         def read() -> None:
             try:
-                self._reloaded = load()
+                new = load()
+                queues = None  # new exporters (they read CA files) only when export changed
+                if new.export != running.export or new.node_name != running.node_name:
+                    queues = [ExportQueue(e, new.export.queue_max_batches)
+                              for e in self.exporters_factory(new, self.host_name)]
+                self._reloaded = (new, queues)
             except BpfprofError as e:
                 self._reloaded = e
             except Exception as e:  # noqa: BLE001  (a loader bug must not end reloads: counted, logged)
@@ -363,20 +368,17 @@ class Daemon:
 
     def _apply_reload(self, next_cut: float) -> float:
         """Apply the config the reload thread read; keep the old one if it is bad."""
-        new, self._reloaded = self._reloaded, None
+        outcome, self._reloaded = self._reloaded, None
         try:
-            if new is None:
+            if outcome is None:
                 raise BpfprofError("the config loader ended without a result")
-            if isinstance(new, BpfprofError):
-                raise new
-            queues = None
-            if new.export != self.cfg.export or new.node_name != self.cfg.node_name:
-                queues = [ExportQueue(e, new.export.queue_max_batches) for e in self.exporters_factory(new,
-                                                                                                        self.host_name)]
+            if isinstance(outcome, BpfprofError):
+                raise outcome
         except BpfprofError as e:
             self.stats.reloads_failed += 1
             log.error("reload rejected, keeping the running config: %s", e)
             return next_cut
+        new, queues = outcome
         old = self.cfg
         logging.getLogger().setLevel(new.log_level.upper())
         if queues is not None:

@@ -39,3 +39,11 @@ def test_alias_refused_with_its_place():
     with pytest.raises(ConfigError, match=r"line 2, column 4: aliases \(\*x\) are not accepted"):
         parse_config_yaml("a: &x 1\nb: *x\n", "t.yaml")
     assert issubclass(ConfigYamlLoader, __import__("yaml").SafeLoader)
+
+
+def test_dev_null_is_an_empty_config():
+    """`--config /dev/null` (defaults only, as bench/agent_churn.py runs) still works: only a cap, not a type."""
+    proc = subprocess.run([str(BPFPROF), "agent", "--check-config", "--config", "/dev/null"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "export:" in proc.stdout

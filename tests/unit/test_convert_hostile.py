@@ -1,7 +1,7 @@
 """Hostile inputs to `bpfprof convert` (a real CLI process each): one clear line, exit 2, no hang.
 
 A gzip bomb stops at MAX_PPROF_BYTES (by the bounded gunzip serve's receiver uses too, in
-exporters/bounded_input.py); a FIFO or a device is refused before any read;
+exporters/bounded_input.py); a FIFO, socket or directory is refused before any read, /dev/zero stops at the cap;
 pprof whose ids point nowhere names what is wrong instead of a Python message.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 import zlib
 
 import pytest
@@ -45,14 +46,17 @@ def test_gzip_bomb_stops_at_the_limit(tmp_path):
     assert not (tmp_path / "out.otlp.pb").exists()
 
 
-@pytest.mark.parametrize(("kind", "words"), [("fifo", "not a regular file"), ("dev_zero", "not a regular file"),
-                                             ("directory", "is a directory")])  # click says that one
+@pytest.mark.parametrize(("kind", "words"), [("fifo", "not a regular file"), ("dev_zero", "larger than"),
+                                             ("directory", "is a directory"), ("socket", "cannot read")])  # click says that one
 def test_not_a_regular_file_is_refused(tmp_path, kind, words):
     src = tmp_path / "in.pb.gz"
     if kind == "fifo":
         os.mkfifo(src)  # no writer: a plain open() would block forever
     elif kind == "dev_zero":
         src.symlink_to("/dev/zero")
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(src))
     else:
         src.mkdir()
     proc = run_bpfprof("convert", str(src), str(tmp_path / "out.otlp.pb"), check=False, timeout=60)
