@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import resource
 import sys
 
 import click
@@ -70,5 +71,20 @@ def _fail(message: str, ctx: click.Context | None = None) -> None:
               show_default=True, help="Log level of messages on stderr.")
 def main(log_level: str) -> None:
     """bpfprof: an eBPF profiler for Go and native programs."""
+    _raise_open_files_limit()
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="bpfprof: %(levelname)s: %(name)s: %(message)s")
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard one, as Go's runtime does at start.
+
+    Each file the symbol cache holds stays open (files are read, never
+    mapped: symbolizer/elf.py), and systemd's default soft limit is 1024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit: files past it are counted as unreadable

@@ -12,12 +12,16 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
+from exporters.bounded_input import gunzip_limited
 from exporters.profile import Location, Profile, Sample
 from exporters.proto import profile_pb2
 from symbolizer.frames import Frame, Mapping
 
 # The gzip magic: pprof files are gzip'd by convention but readers accept both.
 _GZIP_MAGIC = b"\x1f\x8b"
+# Most bytes a pprof may inflate to when read back (convert, tests): far above a
+# real profile (a busy host's minute is a few MiB), far below what a bomb would take.
+MAX_PPROF_BYTES = 128 << 20
 
 # Shared objects and pseudo-files ([vdso], [kernel.kallsyms]) are never the
 # main executable; pprof labels mapping[0] as the binary in its report header.
@@ -167,13 +171,15 @@ def _add_sample(
         out.label.add(key=s(name), str=s(value))
 
 
-def decode_pprof(data: bytes) -> profile_pb2.Profile:
+def decode_pprof(data: bytes, max_bytes: int = MAX_PPROF_BYTES) -> profile_pb2.Profile:
     """Parse pprof bytes, gzip'd or not (for tests and format conversion).
 
-    Raises google.protobuf.message.DecodeError on bytes that are not a profile.
+    Raises google.protobuf.message.DecodeError on bytes that are not a
+    profile, InputTooLarge when they inflate past `max_bytes`, ExportError on
+    broken gzip.
     """
     if data[:2] == _GZIP_MAGIC:
-        data = gzip.decompress(data)
+        data = gunzip_limited(data, max_bytes, "pprof")
     msg = profile_pb2.Profile()
     msg.ParseFromString(data)
     return msg

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf.message import DecodeError
+
 from exporters.pprof import decode_pprof
 from exporters.profile import Location, ProcessMeta, Profile, SampleKey, ValueType
 from exporters.profile_types import kind_of_sample_type
 from exporters.proto import profile_pb2
+from symbolizer.errors import ExportError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -42,13 +45,36 @@ def _frame_kind(mapping: Mapping | None) -> FrameKind:
     return FrameKind.NATIVE
 
 
+class _Checked:
+    """One table of a pprof message, indexed: ExportError naming the table for an index it lacks."""
+
+    def __init__(self, table: object, what: str) -> None:
+        self._table = table
+        self._what = what
+
+    def __getitem__(self, i: int) -> object:
+        try:
+            return self._table[i]  # type: ignore[index]
+        except (IndexError, KeyError):
+            n = len(self._table)  # type: ignore[arg-type]
+            raise ExportError(f"malformed pprof: {self._what} {i} is not in its table ({n} entries)") from None
+
+
 def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
     """A neutral Profile from pprof bytes (gzip'd or not) or a parsed message.
 
-    Raises google.protobuf.message.DecodeError on bytes that are not a profile.
+    Raises ExportError on bytes that are not a profile (InputTooLarge when
+    they inflate past MAX_PPROF_BYTES) and on references to strings,
+    functions or locations the profile lacks.
     """
-    msg = decode_pprof(data) if isinstance(data, bytes) else data
-    st = msg.string_table
+    if isinstance(data, bytes):
+        try:
+            msg = decode_pprof(data)
+        except DecodeError as e:
+            raise ExportError(f"not a pprof profile: {e}") from None
+    else:
+        msg = data
+    st = _Checked(msg.string_table, "string index")
 
     def vt(v: profile_pb2.ValueType) -> ValueType:
         return ValueType(st[v.type], st[v.unit])
@@ -58,7 +84,7 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
         build_id = st[m.build_id]
         mappings[m.id] = Mapping(start=m.memory_start, end=m.memory_limit, file_offset=m.file_offset,
                                  path=st[m.filename], build_id=build_id, build_id_kind=_build_id_kind(build_id))
-    functions = {f.id: f for f in msg.function}
+    functions = _Checked({f.id: f for f in msg.function}, "function id")
     locations: dict[int, Location] = {}
     for loc in msg.location:
         mapping = mappings.get(loc.mapping_id)
@@ -72,13 +98,17 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
                                 inlined=n < len(loc.line) - 1, start_line=f.start_line))
         locations[loc.id] = Location(address=loc.address, mapping=mapping, frames=tuple(frames))
 
+    checked_locations = _Checked(locations, "location id")
     profile = Profile(sample_types=[vt(t) for t in msg.sample_type], period_type=vt(msg.period_type),
                       period=msg.period, start_time_ns=msg.time_nanos, duration_ns=msg.duration_nanos,
                       comments=[st[c] for c in msg.comment], default_sample_type=st[msg.default_sample_type])
     # Without a default sample type pprof shows the last one (what Go's runtime/pprof relies on).
     profile.kind = kind_of_sample_type(profile.default_sample_type or (profile.sample_types[-1].type
                                                                         if profile.sample_types else ""))
-    for s in msg.sample:
+    for n, s in enumerate(msg.sample):
+        if len(s.value) != len(msg.sample_type):
+            raise ExportError(f"malformed pprof: sample {n} has {len(s.value)} values for "
+                              f"{len(msg.sample_type)} sample types")
         pid, tid, thread_name, labels = 0, 0, "", []
         for label in s.label:
             key = st[label.key]
@@ -90,7 +120,7 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
                 thread_name = st[label.str]
             elif label.str:
                 labels.append((key, st[label.str]))
-        key = SampleKey(stack=tuple(locations[i] for i in s.location_id), pid=pid, tid=tid,
+        key = SampleKey(stack=tuple(checked_locations[i] for i in s.location_id), pid=pid, tid=tid,
                         thread_name=thread_name, labels=tuple(labels))
         profile.add(key, list(s.value))
         if pid not in profile.processes:

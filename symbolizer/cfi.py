@@ -699,6 +699,7 @@ def _eh_frame_from_segments(elf: ElfFile) -> _Section | None:
         if h.type != PT_GNU_EH_FRAME:
             continue
         off, vaddr = h.offset, h.vaddr
+        elf.ensure(off, 16)
         if off + 4 > len(img) or img[off] != 1:
             return None
         hdr = _Parser(_Section(bytes(img[off:off + 16]), vaddr, True), 0, 0, _Rows())
@@ -707,6 +708,7 @@ def _eh_frame_from_segments(elf: ElfFile) -> _Section | None:
             if seg.vaddr <= ptr < seg.vaddr + seg.filesz:
                 start = ptr - seg.vaddr + seg.offset
                 stop = seg.offset + seg.filesz
+                elf.ensure(start, stop - start)
                 return _Section(bytes(img[start:stop]), ptr, True)
         return None
     return None

@@ -1,7 +1,7 @@
 """Source positions from DWARF: vaddr -> file:line, and the inlined call chain.
 
 Everything is decoded here, straight from the section bytes (the ElfFile's
-mmap, so untouched DWARF costs no memory): unit headers, abbreviation tables,
+image: a section is copied in when first used, untouched DWARF costs no memory): unit headers, abbreviation tables,
 DIE attributes, .debug_aranges, range lists and line-number programs. pyelftools
 is used only to find the sections (and to decompress SHF_COMPRESSED ones).
 
@@ -1107,6 +1107,7 @@ class DwarfLines:
         if compressed or offset + size > len(image):
             data = sec.data()
             return _Section(data, 0, len(data))
+        self._elf.ensure(offset, size)
         return _Section(image, offset, size)
 
     # -- public ----------------------------------------------------------------

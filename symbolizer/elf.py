@@ -21,6 +21,14 @@ top of them. pyelftools stays for what it is good at (symbols, DWARF).
 
 Every parse error -- pyelftools', struct's, a bounds check's -- surfaces as
 ElfParseError; callers turn that into an unknown frame and a counter.
+
+Files are never memory-mapped: the agent runs as root and symbolizes files
+other users own, and a file truncated under a shared mapping kills the
+reader with SIGBUS on its next touch of the lost pages. An ElfFile keeps the
+file open and copies what the parsers ask for (ElfFile.ensure) with os.preadv
+into a private anonymous mapping of the file's size: untouched ranges cost
+no memory (they read as zeros), a file that shrinks gives a short read and an
+ElfParseError, and at most MAX_COPY_BYTES of one file are ever copied.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ import contextlib
 import hashlib
 import mmap
 import os
+import stat
 import struct
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import NamedTuple, Self
 
@@ -47,6 +57,7 @@ PT_NOTE = 4
 PT_TLS = 7
 PT_GNU_EH_FRAME = 0x6474E550
 SHT_SYMTAB = 2
+SHT_STRTAB = 3
 SHT_NOTE = 7
 SHT_NOBITS = 8
 SHT_DYNSYM = 11
@@ -65,6 +76,19 @@ _PHDR32 = "IIIIIIII"  # type offset vaddr paddr filesz memsz flags align
 _SHDR64 = "IIQQQQIIQQ"  # name type flags addr offset size link info addralign entsize
 _SHDR32 = "IIIIIIIIII"
 _MAX_SECTION_NAME = 4096  # bytes of a section name we read; longer ones stay unnamed
+
+# Granule of ElfFile's private copy: a range asked for is read in whole chunks,
+# so neighbouring small reads (headers, notes) cost one preadv.
+COPY_CHUNK_BYTES = 64 * 1024
+# Most bytes one file's copy may hold. A file claiming a bigger symbol table or
+# DWARF than this (a hostile sparse file, or a huge debug file) is left out with
+# an ElfParseError instead of growing the agent without bound.
+MAX_COPY_BYTES = 512 * 1024 * 1024
+_MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap. Holes reserve no swap.
+
+
+def _no_ensure(off: int, size: int) -> None:
+    """ensure() of an image that is whole already (bytes)."""
 
 
 class LoadSegment(NamedTuple):
@@ -113,9 +137,12 @@ class ElfHeaders:
     A table that runs past the end of the image raises ElfParseError.
     """
 
-    def __init__(self, image: bytes | mmap.mmap | memoryview, name: str = "<memory>") -> None:
+    def __init__(self, image: bytes | mmap.mmap | memoryview, name: str = "<memory>",
+                 ensure: Callable[[int, int], None] = _no_ensure) -> None:
         self.image = image
         self.name = name
+        # Makes image[off:off+size] hold the file's bytes (ElfFile.ensure); a no-op for whole images.
+        self.ensure = ensure
         n = len(image)
         if n < 52 or bytes(image[:4]) != b"\x7fELF" or image[4] not in (1, 2) or image[5] not in (1, 2):
             raise ElfParseError(f"{name}: not an ELF file")
@@ -144,6 +171,7 @@ class ElfHeaders:
         if off <= 0 or end > len(self.image):
             raise ElfParseError(f"{self.name}: {what}: {count} x {entsize} bytes at {off:#x} run past the end "
                                 f"of the file ({len(self.image):#x})")
+        self.ensure(off, end - off)
         if entsize == layout.size:
             return list(layout.iter_unpack(self.image[off:end]))
         return [layout.unpack_from(self.image, off + i * entsize) for i in range(count)]
@@ -191,6 +219,8 @@ class ElfHeaders:
             # One copy of the names in use (a name longer than _MAX_SECTION_NAME stays unnamed).
             lo = raw[strndx][4]
             hi = min(lo + raw[strndx][5], lo + max(r[0] for r in raw) + _MAX_SECTION_NAME, len(self.image))
+            if lo < hi:
+                self.ensure(lo, hi - lo)
             names = bytes(self.image[lo:hi]) if lo < hi else b""
         out = []
         make = SectionHeader._make
@@ -237,11 +267,16 @@ def elf_errors(what: str) -> Iterator[None]:
 
 
 class ElfFile:
-    """One ELF file, read through an mmap (or a bytes image, e.g. the vdso).
+    """One ELF file, read with os.preadv into a private copy (or a bytes image, e.g. the vdso).
 
-    `image` is the whole file as a buffer; other parsers (gopclntab,
-    elf_symbols) slice it directly instead of going through pyelftools, and
-    `headers` (ElfHeaders) holds its program and section headers.
+    `image` has the file's size; other parsers (gopclntab, elf_symbols,
+    dwarf_lines) slice it directly instead of going through pyelftools, and
+    `headers` (ElfHeaders) holds its program and section headers. A parser
+    reading image[off:off+size] calls ensure(off, size) first: only then do
+    those bytes hold the file's (the rest reads as zeros). Headers, notes,
+    pyelftools' reads and file_hash() ensure for themselves. The file stays
+    open until close() (or garbage collection), so it is readable after the
+    process that mapped it is gone.
     Construction validates the ELF header; other properties parse lazily.
     pyelftools reads through one shared stream position, so an ElfFile is
     not safe to use from several threads at once: give each its own or lock.
@@ -250,13 +285,25 @@ class ElfFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size == 0:
-                    raise ElfParseError(f"{self.path}: empty file")
-                image: mmap.mmap | bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise ElfParseError(f"{self.path}: cannot read: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ElfParseError(f"{self.path}: not a regular file")
+            if st.st_size == 0:
+                raise ElfParseError(f"{self.path}: empty file")
+            image = mmap.mmap(-1, st.st_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._have = bytearray(-(-st.st_size // COPY_CHUNK_BYTES))  # 1 per chunk copied
+        self.copied_bytes = 0
+        self._closer = weakref.finalize(self, _release, fd, image)
+        self.image = image
+        self.ensure(0, 64)
         self._init(image)
 
     @classmethod
@@ -264,28 +311,80 @@ class ElfFile:
         """An ElfFile over an in-memory image (the vdso copied from /proc/PID/mem)."""
         self = cls.__new__(cls)
         self.path = name
+        self._fd = -1
+        self.copied_bytes = len(data)
+        self._closer = None
         self._init(bytes(data))
         return self
 
     def _init(self, image: mmap.mmap | bytes) -> None:
         self.image = image
-        # pyelftools reads through seek/read; mmap has both. bytes needs a view.
-        stream = image if isinstance(image, mmap.mmap) else _BytesStream(image)
+        stream = _ImageStream(image, self.ensure)
         with elf_errors(self.path):
             if image[:4] != b"\x7fELF":
                 raise ElfParseError(f"{self.path}: not an ELF file")
-            self.headers = ElfHeaders(image, self.path)
+            self.headers = ElfHeaders(image, self.path, self.ensure)
             self.elf = ELFFile(stream)
             self.elfclass: int = self.elf.elfclass
             self.little_endian: bool = self.elf.little_endian
             self.e_type: str = self.elf.header["e_type"]
             self.machine: str = self.elf.header["e_machine"]
 
+    def ensure(self, off: int, size: int) -> None:
+        """Make image[off:off+size] (clipped to the file) hold the file's bytes.
+
+        Copies the missing chunks with os.preadv. ElfParseError when the file
+        got shorter than it was at open (a short read: those bytes stay
+        zeros), is closed, or the copy would pass MAX_COPY_BYTES.
+        """
+        if self._fd < 0:
+            if not isinstance(self.image, bytes):
+                raise ElfParseError(f"{self.path}: read after close")
+            return
+        if size <= 0:
+            return
+        have = self._have
+        lo = max(off, 0) // COPY_CHUNK_BYTES
+        hi = min(-(-(off + size) // COPY_CHUNK_BYTES), len(have))
+        i = have.find(0, lo, hi)
+        while 0 <= i < hi:
+            j = have.find(1, i, hi)
+            j = hi if j < 0 else j
+            start, stop = i * COPY_CHUNK_BYTES, min(j * COPY_CHUNK_BYTES, len(self.image))
+            if self.copied_bytes + stop - start > MAX_COPY_BYTES:
+                raise ElfParseError(f"{self.path}: reading {stop - start} more bytes would pass the "
+                                    f"{MAX_COPY_BYTES >> 20} MiB a file may take")
+            view = memoryview(self.image)
+            try:
+                pos = start
+                while pos < stop:
+                    try:
+                        n = os.preadv(self._fd, [view[pos:stop]], pos)
+                    except OSError as exc:
+                        raise ElfParseError(f"{self.path}: cannot read: {exc}") from exc
+                    if n <= 0:
+                        raise ElfParseError(f"{self.path}: file shrank to {pos:#x} bytes while being read")
+                    pos += n
+            finally:
+                view.release()
+            have[i:j] = b"\x01" * (j - i)
+            self.copied_bytes += stop - start
+            i = have.find(0, j, hi)
+
+    def ensure_all(self) -> None:
+        """ensure() the whole file (a copy of it, within MAX_COPY_BYTES)."""
+        self.ensure(0, len(self.image))
+
+    def ensure_loaded(self) -> None:
+        """ensure() every PT_LOAD's file range: what a Go table search and its lookups read."""
+        for seg in self.load_segments:
+            self.ensure(seg.offset, seg.filesz)
+
     def close(self) -> None:
-        """Release the mmap. Buffers others took from `image` must be gone first."""
-        if isinstance(self.image, mmap.mmap):
-            with contextlib.suppress(BufferError):
-                self.image.close()
+        """Close the file and release the copy. Buffers others took from `image` must be gone first."""
+        if self._closer is not None and self._closer.alive:
+            self._closer()
+        self._fd = -1
 
     def __enter__(self) -> Self:
         return self
@@ -374,6 +473,7 @@ class ElfFile:
             endian = "<" if self.little_endian else ">"
             out: list[tuple[bytes, int, bytes]] = []
             for off, size, align in self._note_ranges():
+                self.ensure(off, size)
                 out.extend(parse_notes(self.image, off, size, 8 if align == 8 else 4, endian))
             return out
 
@@ -406,6 +506,8 @@ class ElfFile:
         """
         img = self.image
         size = len(img)
+        self.ensure(0, HASH_CHUNK_BYTES)
+        self.ensure(size - HASH_CHUNK_BYTES, HASH_CHUNK_BYTES)
         h = hashlib.sha256()
         h.update(bytes(img[:HASH_CHUNK_BYTES]))
         h.update(bytes(img[max(0, size - HASH_CHUNK_BYTES):]))
@@ -458,11 +560,19 @@ def parse_notes(image: bytes | mmap.mmap, off: int = 0, size: int | None = None,
         pos = (desc_end + align - 1) & ~(align - 1)
 
 
-class _BytesStream:
-    """The seek/read/tell subset pyelftools needs, over bytes without copying."""
+def _release(fd: int, image: mmap.mmap) -> None:
+    """ElfFile's finalizer: close the file, then the copy (unless a parser still holds a view of it)."""
+    os.close(fd)
+    with contextlib.suppress(BufferError):
+        image.close()
 
-    def __init__(self, data: bytes) -> None:
+
+class _ImageStream:
+    """The seek/read/tell subset pyelftools needs, over an ElfFile's image, ensuring what it reads."""
+
+    def __init__(self, data: bytes | mmap.mmap, ensure: Callable[[int, int], None]) -> None:
         self._data = memoryview(data)
+        self._ensure = ensure
         self._pos = 0
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -475,6 +585,7 @@ class _BytesStream:
 
     def read(self, n: int = -1) -> bytes:
         end = len(self._data) if n is None or n < 0 else self._pos + n
+        self._ensure(self._pos, end - self._pos)
         out = bytes(self._data[self._pos:end])
         self._pos += len(out)
         return out

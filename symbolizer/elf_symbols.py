@@ -153,6 +153,8 @@ class ElfSymbols:
             if str_off + str_size > size_of_image:
                 raise ElfParseError("string table beyond end of file")
             usable = size - size % fmt.size
+            elf.ensure(off, usable)
+            elf.ensure(str_off, str_size)
             data = memoryview(image)[off:off + usable] if not isinstance(image, bytes) else image[off:off + usable]
             try:
                 for sym in fmt.iter_unpack(data):

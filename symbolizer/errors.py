@@ -26,3 +26,7 @@ class ExportError(BpfprofError):
 
 class ConfigError(BpfprofError):
     """A flag, config key or value is invalid."""
+
+
+class InputTooLarge(ExportError):
+    """An input, or what it decompresses to, is over its size limit (a gzip bomb stops here)."""

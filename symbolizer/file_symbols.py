@@ -222,7 +222,7 @@ class SymbolCache:
         return len(self._by_id)
 
     def mapped_bytes(self) -> int:
-        """Sum of the sizes of the files (mmaps, page cache rather than heap) the cache holds."""
+        """Bytes of the files the cache holds that were copied into memory (ElfFile.ensure)."""
         with self._lock:
             files = list(self._by_id.values())
         total = 0
@@ -230,8 +230,8 @@ class SymbolCache:
             if fs.elf is None:
                 continue
             try:
-                total += len(fs.elf.image)
-            except (TypeError, ValueError):  # a closed mmap
+                total += fs.elf.copied_bytes
+            except AttributeError:
                 pass
         return total
 

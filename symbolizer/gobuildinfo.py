@@ -52,10 +52,12 @@ def _find_blob(elf: ElfFile) -> tuple[bytes, int] | None:
     sec = elf.section(".go.buildinfo")
     if sec is not None and sec["sh_type"] != "SHT_NOBITS":
         off, size = sec["sh_offset"], sec["sh_size"]
+        elf.ensure(off, max(size, HEADER_SIZE))
         return bytes(elf.image[off:off + max(size, HEADER_SIZE)]), sec["sh_addr"]
     for seg in elf.load_segments:  # section headers stripped: the blob sits in a writable segment
         if not seg.flags & PF_W:
             continue
+        elf.ensure(seg.offset, seg.filesz)
         data = bytes(elf.image[seg.offset:seg.offset + seg.filesz])
         pos = data.find(MAGIC)
         while pos >= 0 and (seg.vaddr + pos) % 16:
@@ -69,6 +71,7 @@ def _read_at_vaddr(elf: ElfFile, vaddr: int, size: int) -> bytes:
     for seg in elf.load_segments:
         if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
             off = seg.offset + vaddr - seg.vaddr
+            elf.ensure(off, size)
             return bytes(elf.image[off:off + size])
     raise ElfParseError(f"address {vaddr:#x} of a build info string is outside the file")
 

@@ -128,6 +128,8 @@ def _symtab_values(elf: ElfHeaders, buf: memoryview, wanted: set[str]) -> dict[s
     if sec is None or sec.type != SHT_SYMTAB or sec.link >= len(sections):
         return found
     strsec = sections[sec.link]
+    elf.ensure(strsec.offset, strsec.size)
+    elf.ensure(sec.offset, sec.size)
     strtab = buf[strsec.offset:strsec.offset + strsec.size]
     # Find each name's string-table offset first, then match symbols by
     # that integer: no decoding of tens of thousands of names.
@@ -656,6 +658,10 @@ def load_pclntab(image: ElfFile | bytes | mmap.mmap | memoryview) -> GoPclntab |
     file into memory.
     """
     if isinstance(image, ElfFile):
+        try:
+            image.ensure_loaded()  # the table, moduledata and go:func.* all lie in loaded ranges
+        except ElfParseError as exc:
+            raise PclntabError(str(exc)) from exc
         elf, image = image.headers, image.image
     else:
         elf = None

@@ -17,13 +17,14 @@ import http.server
 import logging
 import sqlite3
 import threading
-import zlib
 from collections.abc import Callable
 from concurrent import futures
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 
+from exporters.bounded_input import gunzip_limited as gunzip
+from symbolizer.errors import ExportError, InputTooLarge
 from viewer.ingest import InvalidRequest, ingest_profiles, ingest_traces
 from viewer.store import Store
 
@@ -44,20 +45,13 @@ class TooLarge(Exception):
 
 
 def gunzip_limited(data: bytes, limit: int) -> bytes:
-    """Decompress gzip without ever holding more than `limit` bytes (a gzip bomb stops early).
-
-    Raises TooLarge over the limit, InvalidRequest on bytes that are not gzip.
-    """
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    """exporters.bounded_input.gunzip_limited in the receiver's terms: TooLarge (413) or InvalidRequest (400)."""
     try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as e:
-        raise InvalidRequest(f"body is not valid gzip: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise TooLarge(f"decompressed body is over the {limit}-byte limit")
-    if not d.eof:
-        raise InvalidRequest("body is truncated gzip")
-    return out
+        return gunzip(data, limit)
+    except InputTooLarge as e:
+        raise TooLarge(str(e)) from None
+    except ExportError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 class _Counters:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import socket
 from pathlib import Path
 
 import click
-from google.protobuf.message import DecodeError
 
+from exporters.bounded_input import read_bounded
 from exporters.otlp import decode_otlp, encode_otlp_bytes
-from exporters.pprof import encode_pprof
+from exporters.pprof import MAX_PPROF_BYTES, encode_pprof
 from exporters.pprof_reader import profile_from_pprof
 from exporters.profile import Profile
 from symbolizer.errors import ConfigError, ExportError
@@ -18,6 +17,8 @@ from symbolizer.errors import ConfigError, ExportError
 # File name endings that say the format; anything else needs --to (output) or is sniffed (input).
 _SUFFIXES = {".otlp.pb": "otlp", ".otlp": "otlp", ".pb.gz": "pprof", ".pprof": "pprof", ".pprof.gz": "pprof"}
 _EXTENSION = {"otlp": ".otlp.pb", "pprof": ".pb.gz"}
+# Most bytes of IN read (OTLP files are not compressed, so this is also their decoded size).
+MAX_INPUT_BYTES = MAX_PPROF_BYTES
 
 
 def _format_of(path: Path) -> str | None:
@@ -26,20 +27,23 @@ def _format_of(path: Path) -> str | None:
 
 
 def _read(path: Path) -> tuple[str, list[Profile]]:
+    """The profiles of IN; ExportError/ConfigError with one line naming the file for anything wrong."""
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_INPUT_BYTES)
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except ExportError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
     fmt = _format_of(path) or ("pprof" if data[:2] == b"\x1f\x8b" else "otlp")
-    if fmt == "otlp":
-        profiles = decode_otlp(data)
-        if not profiles:
-            raise ExportError(f"{path} holds no OTLP profiles")
-        return fmt, profiles
     try:
+        if fmt == "otlp":
+            profiles = decode_otlp(data)
+            if not profiles:
+                raise ExportError("it holds no OTLP profiles")
+            return fmt, profiles
         return fmt, [profile_from_pprof(data)]
-    except (DecodeError, gzip.BadGzipFile, EOFError, KeyError, IndexError) as e:
-        raise ExportError(f"{path} is not a pprof file: {e}") from None
+    except ExportError as e:
+        raise ExportError(f"{path} is not a {'pprof' if fmt == 'pprof' else 'OTLP profiles'} file: {e}") from None
 
 
 @click.command()

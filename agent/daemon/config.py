@@ -28,7 +28,8 @@ import yaml
 
 from agent.processes.stack_resolver import UnwindMode
 from agent.unwind.tables import DEFAULT_TABLE_BYTES, MAX_TABLE_BYTES, MIN_TABLE_BYTES
-from symbolizer.errors import ConfigError
+from exporters.bounded_input import read_bounded
+from symbolizer.errors import ConfigError, ExportError, InputTooLarge
 
 DEFAULT_CONFIG_PATH = "/etc/bpfprof/config.yaml"
 
@@ -392,19 +393,73 @@ def _validate_rule(rule: RelabelRule, path: str) -> None:
 # --- the loader -------------------------------------------------------------------
 
 
-def read_config_file(path: str, environ: Mapping[str, str]) -> dict:
-    """The file's mapping with ${ENV} expanded; ConfigError naming the file for any problem."""
+# A config is a few KiB; this bounds what one read may take (/dev/zero, a log file named by mistake).
+MAX_CONFIG_BYTES = 1024 * 1024
+# Deeper than any real config; bounds the YAML composer's recursion (50,000 "[" is a RecursionError).
+MAX_CONFIG_DEPTH = 64
+
+
+class _ConfigYamlError(yaml.MarkedYAMLError):
+    """A YAML construct the config loader refuses (an alias, nesting past MAX_CONFIG_DEPTH)."""
+
+
+class ConfigYamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases and with a depth limit.
+
+    Aliases are refused outright: a config has no use for them, and expanded
+    they make "billion laughs" (a few hundred bytes that build gigabytes).
+    Nesting past MAX_CONFIG_DEPTH is refused before it can recurse further.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _ConfigYamlError(None, None, f"aliases (*{event.anchor}) are not accepted in a config",
+                                   event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _ConfigYamlError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels",
+                                       self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def read_config_text(path: str) -> str:
+    """The text of a config file of at most MAX_CONFIG_BYTES, read without blocking.
+
+    ConfigError for a FIFO, a socket, a directory, a bigger file (/dev/zero
+    too) or one that is not UTF-8. /dev/null is an empty config.
+    """
     try:
-        text = Path(path).read_text()
+        data = read_bounded(path, MAX_CONFIG_BYTES)
     except OSError as e:
         raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
+    except InputTooLarge:
+        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES >> 10} KiB") from None
+    except ExportError as e:
+        raise ConfigError(f"config {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path}: not UTF-8 text (byte {e.start})") from None
+
+
+def parse_config_yaml(text: str, path: str) -> Any:
+    """yaml.safe_load with ConfigYamlLoader; ConfigError naming the file and the place for any problem."""
+    try:
+        return yaml.load(text, Loader=ConfigYamlLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config {path}: not valid YAML{where}: {problem}") from None
+
+
+def read_config_file(path: str, environ: Mapping[str, str]) -> dict:
+    """The file's mapping with ${ENV} expanded; ConfigError naming the file for any problem."""
+    data = parse_config_yaml(read_config_text(path), path)
     if data is None:
         return {}
     if not isinstance(data, dict):

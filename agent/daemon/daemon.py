@@ -184,6 +184,10 @@ class Daemon:
         self._retired: list[ExportQueue] = []
         self._stop = threading.Event()
         self._reload = threading.Event()
+        # SIGHUP's config is read and validated on a thread of its own (a slow or hostile
+        # file must not stall sampling); the main loop applies what it leaves here.
+        self._reloader: threading.Thread | None = None
+        self._reloaded: tuple[AgentConfig, list[ExportQueue] | None] | BpfprofError | None = None
         self._pending: collections.deque[Interval] = collections.deque()
         self._pending_lock = threading.Lock()
         self._building: int | None = None
@@ -242,8 +246,11 @@ class Daemon:
             now = time.monotonic()
             self.stats.last_loop_monotonic = now
             self.stats.processes_tracked = len(self.tracker)
-            if self._reload.is_set():
+            if self._reload.is_set() and self._reloader is None:
                 self._reload.clear()
+                self._start_reload()
+            if self._reloader is not None and not self._reloader.is_alive():
+                self._reloader = None
                 next_cut = self._apply_reload(next_cut)
             if now >= next_cut:
                 self._cut()
@@ -348,20 +355,42 @@ class Daemon:
 
     # --- SIGHUP -------------------------------------------------------------------
 
-    def _apply_reload(self, next_cut: float) -> float:
-        """Load the config again and apply what changed; keep the old one if it is bad."""
+    def _start_reload(self) -> None:
+        """Read and validate the config on a thread; the main loop applies the outcome (_apply_reload)."""
         if self.reload_config is None:
-            return next_cut
+            return
+        load, running = self.reload_config, self.cfg
+
+        def read() -> None:
+            try:
+                new = load()
+                queues = None  # new exporters (they read CA files) only when export changed
+                if new.export != running.export or new.node_name != running.node_name:
+                    queues = [ExportQueue(e, new.export.queue_max_batches)
+                              for e in self.exporters_factory(new, self.host_name)]
+                self._reloaded = (new, queues)
+            except BpfprofError as e:
+                self._reloaded = e
+            except Exception as e:  # noqa: BLE001  (a loader bug must not end reloads: counted, logged)
+                self._reloaded = BpfprofError(f"{type(e).__name__}: {e}")
+
+        self._reloaded = None
+        self._reloader = threading.Thread(target=read, name="config-reload", daemon=True)
+        self._reloader.start()
+
+    def _apply_reload(self, next_cut: float) -> float:
+        """Apply the config the reload thread read; keep the old one if it is bad."""
+        outcome, self._reloaded = self._reloaded, None
         try:
-            new = self.reload_config()
-            queues = None
-            if new.export != self.cfg.export or new.node_name != self.cfg.node_name:
-                queues = [ExportQueue(e, new.export.queue_max_batches) for e in self.exporters_factory(new,
-                                                                                                        self.host_name)]
+            if outcome is None:
+                raise BpfprofError("the config loader ended without a result")
+            if isinstance(outcome, BpfprofError):
+                raise outcome
         except BpfprofError as e:
             self.stats.reloads_failed += 1
             log.error("reload rejected, keeping the running config: %s", e)
             return next_cut
+        new, queues = outcome
         old = self.cfg
         logging.getLogger().setLevel(new.log_level.upper())
         if queues is not None:

@@ -104,7 +104,7 @@ class AgentCollector(Collector):
         yield counter("symbolizer_cache_misses", "Symbol cache misses.", self.cache.misses)
         yield counter("symbolizer_cache_evictions", "Symbol cache evictions (LRU).", self.cache.evictions)
         yield gauge("symbolizer_cache_files", "Files in the symbol cache.", len(self.cache))
-        yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache maps.", self.cache.mapped_bytes())
+        yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache holds copied in memory.", self.cache.mapped_bytes())
         yield counter("config_reloads", "Successful SIGHUP reloads.", s.reloads_ok)
         yield counter("config_reload_failures", "SIGHUP reloads rejected (old config kept).", s.reloads_failed)
         yield gauge("ready", "1 while sampling.", int(s.ready))

@@ -111,6 +111,7 @@ def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
         if layout is None:
             log.info("%s: %s without DWARF is not in the goroutine layout table", path, info.version)
             return None
+        elf.ensure_all()
         data = bytes(elf.image)
         tab = load_pclntab(data)
         if tab is None:

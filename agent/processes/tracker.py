@@ -3,8 +3,8 @@
 A process may exit (and its binary be deleted) long before its samples are
 symbolized, so at the first sample of a pid the tracker reads its maps and
 opens every executable file through /proc/PID/map_files (bound to the exact
-inode, deleted and memfd files included) or /proc/PID/root. The open mmap
-keeps the file readable after the process is gone.
+inode, deleted and memfd files included) or /proc/PID/root. The ElfFile keeps
+the file open, so it stays readable after the process is gone.
 """
 
 from __future__ import annotations

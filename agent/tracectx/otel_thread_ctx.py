@@ -25,7 +25,7 @@ read either.
 
 from __future__ import annotations
 
-from symbolizer.elf import ElfFile
+from symbolizer.elf import SHT_STRTAB, ElfFile
 from symbolizer.elf_tls import static_tls_offset
 
 SYMBOL = "otel_thread_ctx_v1"
@@ -34,9 +34,15 @@ RECORD_HEADER_BYTES = 28
 
 def thread_ctx_offset(exe: ElfFile) -> int | None:
     """FS-base-relative offset of `otel_thread_ctx_v1` in the main executable, None if it exports none."""
-    # Almost no executable has the symbol: a byte search of the mapped file
-    # (C speed) spares parsing the symbol tables of every new process. From offset 0: an mmap's
-    # find() starts at its stream position, which pyelftools moves.
-    if exe.image.find(SYMBOL.encode(), 0) < 0:
+    # Almost no executable has the symbol: a byte search of its string tables
+    # (C speed) spares parsing the symbol tables of every new process. Only
+    # those sections are copied in (ElfFile.ensure), not the whole file.
+    needle = SYMBOL.encode()
+    found = False
+    for sec in exe.headers.sections:
+        if sec.type == SHT_STRTAB and not found:
+            exe.ensure(sec.offset, sec.size)
+            found = exe.image.find(needle, sec.offset, sec.offset + sec.size) >= 0
+    if not found:
         return None
     return static_tls_offset(exe, SYMBOL)

@@ -340,3 +340,30 @@ def test_corrupt_inputs_raise_elf_parse_error_only(symtest, tmp_path):
         ElfFile(empty)
     with pytest.raises(ElfParseError):
         ElfFile(tmp_path / "missing")
+
+
+
+def test_file_cut_after_open_is_a_short_read_not_sigbus(tmp_path):
+    """The file is read, not mapped: bytes not yet copied when the file is cut are an ElfParseError.
+
+    With the old mmap, touching a page past the new end killed the process with SIGBUS. Bytes
+    copied before the cut (headers, build id, here the symbol tables in the same chunk) stay good.
+    """
+    from symbolizer.elf import COPY_CHUNK_BYTES  # noqa: PLC0415
+
+    lib = build_c("trunc_lib", flags=("-O1", "-g", "-shared", "-fPIC"))
+    path = tmp_path / "libtrunc.so"
+    path.write_bytes(lib.read_bytes() + bytes(3 * COPY_CHUNK_BYTES))  # a tail the parsers never ask for
+    elf = ElfFile(path)
+    assert elf.gnu_build_id
+    copied = elf.copied_bytes
+    assert copied < path.stat().st_size
+    os.truncate(path, 4 * 4096)  # the loaded part stays
+    with pytest.raises(ElfParseError, match="shrank"):
+        elf.ensure(path.stat().st_size + 2 * COPY_CHUNK_BYTES, 16)
+    assert elf.copied_bytes == copied
+    sym = ElfSymbols(elf).find("trunc_lib_spin")  # its tables were copied before the cut
+    assert sym is not None
+    elf.close()
+    with pytest.raises(ElfParseError, match="after close"):
+        elf.ensure(0, 1)
