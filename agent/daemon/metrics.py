@@ -112,16 +112,29 @@ class AgentCollector(Collector):
             "export_batches": ("Intervals delivered.", CounterMetricFamily, "exported_batches"),
             "export_samples": ("Samples delivered.", CounterMetricFamily, "exported_samples"),
             "export_failures": ("Failed export attempts (each retried).", CounterMetricFamily, "failed_attempts"),
-            "export_dropped_batches": ("Intervals dropped: queue full or unsent at shutdown.", CounterMetricFamily,
-                                       "dropped_batches"),
-            "export_dropped_samples": ("Samples in dropped intervals.", CounterMetricFamily, "dropped_samples"),
+            "export_timeouts": ("Export attempts with no complete answer within their deadline (also failures).",
+                                CounterMetricFamily, "timed_out_attempts"),
             "export_queue_depth": ("Intervals waiting to be exported.", GaugeMetricFamily, "depth"),
+            "export_queued_samples": ("Samples in the intervals waiting to be exported.", GaugeMetricFamily,
+                                      "queued_samples"),
         }
         queues = list(self.queues())
         for name, (doc, cls, attr) in families.items():
             fam = cls(f"{PREFIX}_{name}", doc, labels=["exporter"])
             for exporter, qs in queues:
                 fam.add_metric([exporter], getattr(qs, attr))
+            yield fam
+        by_reason = {
+            "export_dropped_batches": ("Intervals dropped, by reason: queue_full, refused (a reply not worth "
+                                       "retrying), shutdown (unsent at exit).", "dropped_batches_by_reason"),
+            "export_dropped_samples": ("Samples in dropped intervals, by reason (as export_dropped_batches).",
+                                       "dropped_samples_by_reason"),
+        }
+        for name, (doc, attr) in by_reason.items():
+            fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["exporter", "reason"])
+            for exporter, qs in queues:
+                for reason, n in sorted(getattr(qs, attr).items()):
+                    fam.add_metric([exporter, reason], n)
             yield fam
 
 
