@@ -339,7 +339,7 @@ class Daemon:
     def _start_metrics(self, listen: str) -> None:
         collector = AgentCollector(self.stats, lambda: [(q.name, q.stats) for q in self.queues + self._retired],
                                    self.cache)
-        self.metrics = MetricsServer(listen, make_registry(collector), self.stats)
+        self.metrics = MetricsServer(listen, make_registry(collector), self.stats, collector=collector)
         log.info("metrics on http://%s/metrics", listen)
 
     # --- SIGHUP -------------------------------------------------------------------
