@@ -27,7 +27,7 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         render_page()  # fail before binding anything if the page's assets are missing
-        self.store = Store(config.db_path)
+        self.store = Store(config.db_path, max_bytes=config.retention_bytes)  # the size cap holds at every write
         self.receiver = OtlpReceiver(self.store, config.grpc_addr, config.http_addr, config.max_request_bytes,
                                      config.http_limits)
         self.ui: BoundedHttpServer | None = None
