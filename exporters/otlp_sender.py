@@ -382,6 +382,7 @@ class _HttpTransport:
         watchdog.daemon = True
         watchdog.start()
         timed_out = Attempt(reason=f"no complete response within {timeout_s:.3g}s", retryable=True, timed_out=True)
+        aborted = Attempt(reason="shut down during the attempt", retryable=True)  # kept, for shutdown to count
         try:
             conn.connect()
             if expired.is_set():  # connected after the watchdog looked for a socket to shut
@@ -390,10 +391,14 @@ class _HttpTransport:
             resp = conn.getresponse()
             data = resp.read(MAX_RESPONSE_BYTES)
         except ssl.SSLError as e:
-            return timed_out if expired.is_set() else Attempt(reason=f"TLS: {e.reason or e}")
+            if expired.is_set() or self._closed:
+                return timed_out if expired.is_set() else aborted
+            return Attempt(reason=f"TLS: {e.reason or e}")
         except (OSError, http.client.HTTPException) as e:
             if expired.is_set() or isinstance(e, TimeoutError):
                 return timed_out
+            if self._closed:
+                return aborted
             # Connection refused/reset: the collector may be restarting.
             return Attempt(reason=f"{type(e).__name__}: {e}", retryable=True)
         finally:
@@ -403,6 +408,10 @@ class _HttpTransport:
             conn.close()
         if expired.is_set():  # the shut socket ended the body early: what was read is not the answer
             return timed_out
+        if self._closed:
+            return aborted
+        if resp.length and len(data) < MAX_RESPONSE_BYTES:  # the server closed before its Content-Length
+            return Attempt(reason=f"HTTP {resp.status}: the response was cut short", retryable=True)
         if 200 <= resp.status < 300:
             response = ExportProfilesServiceResponse()
             try:

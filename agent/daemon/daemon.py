@@ -49,6 +49,8 @@ from symbolizer.file_symbols import SymbolCache
 
 log = logging.getLogger(__name__)
 
+# Losses of samples already accepted into an interval, before any exporter saw them (AgentStats.lost_samples).
+PRE_EXPORT_LOSSES = ("builder_behind", "build_error", "not_built_at_shutdown")
 MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the oldest is dropped
 SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
 # SIGTERM to exit, build and flush together: under systemd's TimeoutStopSec and the pods'
@@ -319,13 +321,31 @@ class Daemon:
             self.collector.close()
         if not self._wait_built(SHUTDOWN_BUILD_S):
             log.error("the last interval was not symbolized in %gs", SHUTDOWN_BUILD_S)
+            with self._pending_lock:
+                unbuilt, self._pending = list(self._pending), collections.deque()
+            for interval in unbuilt:
+                self.stats.lose("not_built_at_shutdown", interval.samples)
         left_s = STOP_BUDGET_S - (time.monotonic() - t0)
         self._shutdown_exports(max(1.0, min(self.cfg.export.timeout_s, left_s)))
         if self.metrics is not None:
             self.metrics.close()
         self._builder_wake.set()
+        self._log_books()
         log.info("stopped")
         return 0
+
+    def _log_books(self) -> None:
+        """At exit, where every accepted sample went (the metrics endpoint is closed by then):
+        accepted = lost before export + relabel-dropped + per exporter (delivered + dropped + queued)."""
+        s = self.stats
+        before = {k: n for k, n in s.lost_samples.items() if k in PRE_EXPORT_LOSSES and n}
+        log.info("books: %d samples accepted; before export %d relabel-dropped, lost %s", s.samples,
+                 s.relabel_dropped_samples, before or "none")
+        for q in self._retired + self.queues:
+            st = q.stats
+            dropped = {k: n for k, n in st.dropped_samples_by_reason.items() if n}
+            log.info("books: export %s: %d samples delivered, dropped %s, %d queued", q.name, st.exported_samples,
+                     dropped or "none", st.queued_samples)
 
     def _shutdown_exports(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -105,9 +105,11 @@ def test_a_timed_out_export_is_counted_logged_and_kept_for_a_retry(caplog):
     assert q.stats.queued_samples == 0
 
 
-def test_shutdown_aborts_an_export_in_flight_and_counts_it_once():
-    """SIGTERM's flush window ends while a hung collector holds the export (timeout_s far away)."""
-    with BadCollector("hang") as c:
+@pytest.mark.parametrize("mode", ["hang", "drip_body"])
+def test_shutdown_aborts_an_export_in_flight_and_counts_it_once(mode):
+    """SIGTERM's flush window ends while a bad collector holds the export (timeout_s far away): the
+    aborted attempt is not taken for a delivery (a body cut short is no answer)."""
+    with BadCollector(mode, byte_every_s=0.1) as c:
         q = otlp_queue(c.url, timeout_s=120)
         b = batch(0)
         q.put(b)
