@@ -37,6 +37,7 @@ class Reply:
     body: bytes | None = None  # HTTP error body
     rejected: int = 0  # partial_success
     message: str = ""
+    hang: bool = False  # gRPC: answer nothing until the collector stops (the client's deadline must end the call)
 
 
 @dataclass
@@ -58,12 +59,16 @@ class _Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
     def __init__(self, script: list[Reply], received: Received) -> None:
         self.script, self.received = script, received
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
 
     def Export(self, request, context):  # noqa: N802  (the generated servicer's name)
         with self.lock:
             self.received.requests.append(request)
             self.received.headers.append(dict(context.invocation_metadata()))
             reply = self.script.pop(0) if self.script else Reply()
+        if reply.hang:
+            self.stopping.wait()
+            return ExportProfilesServiceResponse()
         if reply.code is not None:
             if reply.retry_delay_s is not None:
                 info = error_details_pb2.RetryInfo(retry_delay=Duration(
@@ -83,8 +88,8 @@ class GrpcCollector:
     def __init__(self, script: list[Reply] | None = None) -> None:
         self.received = Received()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        profiles_service_pb2_grpc.add_ProfilesServiceServicer_to_server(
-            _Servicer(list(script or []), self.received), self._server)
+        self._servicer = _Servicer(list(script or []), self.received)
+        profiles_service_pb2_grpc.add_ProfilesServiceServicer_to_server(self._servicer, self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
     @property
@@ -96,6 +101,7 @@ class GrpcCollector:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._servicer.stopping.set()
         self._server.stop(grace=None).wait()
 
 

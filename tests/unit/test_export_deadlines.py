@@ -21,7 +21,7 @@ import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
-from otlp_collector import BadCollector, HttpCollector, Reply
+from otlp_collector import BadCollector, GrpcCollector, HttpCollector, Reply
 
 from agent.daemon.daemon import SHUTDOWN_BUILD_S, STOP_BUDGET_S
 from agent.daemon.export_queue import QUEUE_FULL, REFUSED, SHUTDOWN, Batch, ExportQueue, OtlpBatchExporter
@@ -87,6 +87,15 @@ def test_an_export_ends_at_its_deadline_whatever_the_collector_does(mode):
         assert "no complete response within 1s" in result.message
         wait_for(lambda: c.closed_by_client == 1, "the exporter to close its connection")
         exporter.shutdown()
+
+
+def test_a_hanging_grpc_collector_ends_at_the_deadline_as_a_timeout():
+    with GrpcCollector([Reply(hang=True)]) as c:
+        exporter = OtlpExporter(c.url, timeout_s=1.0, retry=RetryPolicy(jitter=lambda: 1.0))
+        result = in_thread(lambda: exporter.export(request()))()
+        exporter.shutdown()
+    assert result.status == ExportStatus.FAILURE and result.retryable
+    assert result.timed_out_attempts == 1 and "DEADLINE_EXCEEDED" in result.message
 
 
 def test_a_timed_out_export_is_counted_logged_and_kept_for_a_retry(caplog):
