@@ -7,8 +7,8 @@ Starts `--rate` short-lived processes a minute (bench/agent_churn.py's
 churn program) and `bpfprof agent` profiling the whole machine at 99 Hz,
 exporting every `--interval` s to an OTLP/HTTP collector run here and to a
 pprof directory. Every `--flap-s` seconds the collector changes state, in
-this cycle: up, down (port closed), up, throttling (429 with Retry-After),
-up, dripping (headers then a byte a second), up, hanging (never answers).
+this cycle: up, down (port closed), throttling (429 with Retry-After), up,
+dripping (headers then a byte a second), hanging (never answers).
 
 At the end (SIGTERM) it prints the agent's CPU seconds, its RSS curve, and
 its books from the exit log: samples accepted (produced), then per exporter
@@ -48,7 +48,8 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from exporters.otlp import decode_otlp  # noqa: E402
 from recording import BPFPROF, read_pprof  # noqa: E402
 
-CYCLE = ("up", "down", "up", "throttle", "up", "drip", "up", "hang")
+# Two failures in a row, twice a cycle: past queue_max_batches x interval_s the queue must drop (and count).
+CYCLE = ("up", "down", "throttle", "up", "drip", "hang")
 GONE = "user stacks of processes gone before their maps were read"
 
 
