@@ -176,7 +176,7 @@ def main() -> None:
         print(f"agent CPU {r['cpu_s']:.1f}s, peak RSS {r['max_rss_mb']:.0f} MB")
         print("RSS curve (s, MB): " + " ".join(f"{t}:{mb}" for t, mb in r["curve"]))
         for k in ("bpfprof_samples_total", "bpfprof_processes_tracked", "bpfprof_process_evictions_total",
-                  "bpfprof_symbolizer_cache_files", 'bpfprof_export_dropped_batches_total{exporter="pprof_dir"}'):
+                  "bpfprof_symbolizer_cache_files", 'bpfprof_export_dropped_batches_total{exporter="pprof_dir",reason="queue_full"}'):
             print(f"  {k} {m.get(k, 0):g}")
         ok = r["symbolized"] >= 0.95
         print(f"churn samples {r['churn_samples']}, symbolized {100 * r['symbolized']:.1f}% "

@@ -22,7 +22,17 @@ server with (system roots otherwise).
 
 HTTP goes through the standard library's http.client: one POST per attempt
 needs no connection pool or session, and an agent that runs as root on
-every host is better off without another dependency for it.
+every host is better off without another dependency for it. A socket
+timeout bounds each read, not the whole answer (a collector that sends its
+headers, then a byte a second, would hold an export for ever), so a
+watchdog shuts the attempt's socket down at its deadline: connect, send and
+the whole response all fit in what remains of `timeout_s`. gRPC's own
+deadline does the same for gRPC.
+
+Retry-After (seconds or an HTTP date) and gRPC RetryInfo are obeyed up to
+`max_retry_after_s`, even past `timeout_s`: an export that may not wait
+that long inside its deadline fails with the hint in its result
+(`ExportResult.retry_after_s`), and the caller's queue waits it out.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import enum
 import gzip
 import http.client
 import random
+import socket
 import ssl
 import threading
 import time
@@ -55,6 +66,9 @@ DEFAULT_GRPC_PORT = 4317
 DEFAULT_HTTP_PORT = 4318
 HTTP_PATH = "/v1development/profiles"
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_RETRY_AFTER_S = 300.0  # a server's Retry-After/RetryInfo is obeyed up to this
+# An ExportProfilesServiceResponse is a few bytes (a partial success message at most); more is not read.
+MAX_RESPONSE_BYTES = 1 << 20
 USER_AGENT = "bpfprof-otlp-exporter/0.1"
 
 # grpc's status details trailer: a serialized google.rpc.Status whose details may hold a RetryInfo.
@@ -81,6 +95,8 @@ class ExportResult:
     rejected_profiles: int = 0
     attempts: int = 0
     retryable: bool = True  # False: the server refused this request for good (bad request, auth)
+    retry_after_s: float | None = None  # FAILURE: the server asked to wait this long (capped) before a retry
+    timed_out_attempts: int = 0  # attempts that got no complete answer within their deadline
 
     @property
     def ok(self) -> bool:
@@ -150,14 +166,19 @@ class Attempt:
     reason: str = ""
     retryable: bool = False
     retry_after_s: float | None = None  # the server's hint (Retry-After, RetryInfo)
+    timed_out: bool = False  # no complete answer within the attempt's deadline
 
 
 class RetryPolicy:
     """Exponential backoff with jitter under one overall deadline, server hints first.
 
-    `clock` (seconds, monotonic), `sleep(seconds) -> interrupted` and
-    `jitter() -> factor` are injectable for tests; the exporter's sleep waits
-    on its shutdown Event so shutdown() interrupts a backoff.
+    A server hint (Retry-After, RetryInfo) is waited as given, up to
+    `max_retry_after_s`; a hint of 0 gets the usual backoff (no hammering).
+    A wait that would pass the deadline ends the run with FAILURE, the wait
+    in `retry_after_s` when the server asked for it. `clock` (seconds,
+    monotonic), `sleep(seconds) -> interrupted` and `jitter() -> factor` are
+    injectable for tests; the exporter's sleep waits on its shutdown Event so
+    shutdown() interrupts a backoff.
     """
 
     # Retryable per the OTLP spec; RESOURCE_EXHAUSTED only when the server sends RetryInfo.
@@ -167,12 +188,14 @@ class RetryPolicy:
     RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
 
     def __init__(self, initial_backoff_s: float = 1.0, max_backoff_s: float = 32.0, multiplier: float = 2.0,
+                 max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], bool] | None = None,
                  jitter: Callable[[], float] = lambda: random.uniform(0.8, 1.2)) -> None:
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
         self.multiplier = multiplier
+        self.max_retry_after_s = max_retry_after_s
         self.clock = clock
         self.sleep = sleep
         self.jitter = jitter
@@ -187,23 +210,29 @@ class RetryPolicy:
         """Call `attempt(remaining_s)` until it gives a result, is not retryable, or time runs out."""
         sleep = self.sleep or sleep
         deadline = self.clock() + deadline_s
-        n = 0
+        n = timeouts = 0
         while True:
             n += 1
             out = attempt(max(deadline - self.clock(), 0.001))
+            timeouts += out.timed_out
             if out.result is not None:
-                return replace(out.result, attempts=n)
+                return replace(out.result, attempts=n, timed_out_attempts=timeouts)
             if not out.retryable:
                 return ExportResult(ExportStatus.FAILURE, f"{out.reason} (not retryable)", attempts=n,
-                                    retryable=False)
-            delay = out.retry_after_s if out.retry_after_s is not None else self.backoff_s(n)
+                                    retryable=False, timed_out_attempts=timeouts)
+            hint = None
+            if out.retry_after_s is not None and out.retry_after_s > 0:
+                hint = min(out.retry_after_s, self.max_retry_after_s)
+            delay = hint if hint is not None else self.backoff_s(n)
             remaining = deadline - self.clock()
             if delay >= remaining:
+                told = f"; the server asked to wait {hint:g}s" if hint is not None else ""
                 return ExportResult(ExportStatus.FAILURE, f"{out.reason}; gave up after {n} attempt(s) "
-                                    f"within the {deadline_s:g}s timeout", attempts=n)
+                                    f"within the {deadline_s:g}s timeout{told}", attempts=n, retry_after_s=hint,
+                                    timed_out_attempts=timeouts)
             if sleep(delay):
                 return ExportResult(ExportStatus.FAILURE, f"{out.reason}; shut down while waiting to retry",
-                                    attempts=n)
+                                    attempts=n, timed_out_attempts=timeouts)
 
 
 def _partial(response: ExportProfilesServiceResponse) -> ExportResult:
@@ -264,7 +293,8 @@ class _GrpcTransport:
             hint = _grpc_retry_info_s(e)
             retryable = code in RetryPolicy.RETRYABLE_GRPC or (
                 code == grpc.StatusCode.RESOURCE_EXHAUSTED and hint is not None)
-            return Attempt(reason=reason, retryable=retryable, retry_after_s=hint)
+            return Attempt(reason=reason, retryable=retryable, retry_after_s=hint,
+                           timed_out=code == grpc.StatusCode.DEADLINE_EXCEEDED)
         return Attempt(result=_partial(response))
 
     def close(self) -> None:
@@ -302,6 +332,16 @@ def _http_error_message(status: int, reason: str, body: bytes) -> str:
     return f"HTTP {status} {reason}" + (f": {text}" if text else "")
 
 
+def _abort(conn: http.client.HTTPConnection) -> None:
+    """Shut an attempt's socket down from another thread: a read or write blocked on it returns at once."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected yet, or closed already
+
+
 class _HttpTransport:
     def __init__(self, endpoint: Endpoint, headers: dict[str, str], ca: bytes | None, compression: str | None):
         parts = urlsplit(endpoint.target)
@@ -314,8 +354,12 @@ class _HttpTransport:
         self._headers = {"Content-Type": "application/x-protobuf", "User-Agent": USER_AGENT, **headers}
         if self._gzip:
             self._headers["Content-Encoding"] = "gzip"
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()  # attempts in flight, aborted by close()
+        self._closed = False
 
     def send(self, request: ExportProfilesServiceRequest, timeout_s: float) -> Attempt:
+        """One POST whose connect, send and whole response fit in `timeout_s` (the watchdog's deadline)."""
         body = request.SerializeToString()
         if self._gzip:
             body = gzip.compress(body, compresslevel=6)
@@ -324,17 +368,50 @@ class _HttpTransport:
                 self._host, self._port, timeout=timeout_s, context=self._context)
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _abort(conn)
+
+        with self._lock:
+            if self._closed:
+                return Attempt(reason="exporter is shut down")
+            self._open.add(conn)
+        watchdog = threading.Timer(timeout_s, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        timed_out = Attempt(reason=f"no complete response within {timeout_s:.3g}s", retryable=True, timed_out=True)
+        aborted = Attempt(reason="shut down during the attempt", retryable=True)  # kept, for shutdown to count
         try:
+            conn.connect()
+            if expired.is_set():  # connected after the watchdog looked for a socket to shut
+                return timed_out
             conn.request("POST", self._path, body=body, headers=self._headers)
             resp = conn.getresponse()
-            data = resp.read()
+            data = resp.read(MAX_RESPONSE_BYTES)
         except ssl.SSLError as e:
+            if expired.is_set() or self._closed:
+                return timed_out if expired.is_set() else aborted
             return Attempt(reason=f"TLS: {e.reason or e}")
         except (OSError, http.client.HTTPException) as e:
-            # Connection refused/reset, timeouts: the collector may be restarting.
+            if expired.is_set() or isinstance(e, TimeoutError):
+                return timed_out
+            if self._closed:
+                return aborted
+            # Connection refused/reset: the collector may be restarting.
             return Attempt(reason=f"{type(e).__name__}: {e}", retryable=True)
         finally:
+            watchdog.cancel()
+            with self._lock:
+                self._open.discard(conn)
             conn.close()
+        if expired.is_set():  # the shut socket ended the body early: what was read is not the answer
+            return timed_out
+        if self._closed:
+            return aborted
+        if resp.length and len(data) < MAX_RESPONSE_BYTES:  # the server closed before its Content-Length
+            return Attempt(reason=f"HTTP {resp.status}: the response was cut short", retryable=True)
         if 200 <= resp.status < 300:
             response = ExportProfilesServiceResponse()
             try:
@@ -347,14 +424,22 @@ class _HttpTransport:
                        retry_after_s=_retry_after_s(resp.getheader("Retry-After")) if retryable else None)
 
     def close(self) -> None:
-        pass
+        """Refuse new attempts and abort those in flight (shutdown after the flush window)."""
+        with self._lock:
+            self._closed = True
+            open_now = list(self._open)
+        for conn in open_now:
+            _abort(conn)
 
 
 class OtlpExporter:
     """Exports OTLP profiles requests to one endpoint, synchronously, with retries.
 
     `timeout_s` bounds one export, retries included; each attempt gets what
-    remains of it. `headers` go as gRPC metadata or HTTP headers (auth tokens).
+    remains of it, connect to the last byte of the answer. A server's
+    Retry-After is obeyed up to `max_retry_after_s` (past the deadline: in
+    the FAILURE result, for the caller to wait). `headers` go as gRPC
+    metadata or HTTP headers (auth tokens).
     `compression` is "gzip" or None. Thread-safe: export() may be called from
     several threads; shutdown() interrupts a backoff wait and makes later
     exports fail at once.
@@ -362,14 +447,17 @@ class OtlpExporter:
 
     def __init__(self, endpoint: str, protocol: str | None = None, headers: dict[str, str] | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, insecure: bool = False, ca_file: str | None = None,
-                 compression: str | None = "gzip", retry: RetryPolicy | None = None) -> None:
-        if timeout_s <= 0:
-            raise ConfigError(f"OTLP timeout must be positive, got {timeout_s:g}s")
+                 compression: str | None = "gzip", retry: RetryPolicy | None = None,
+                 max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S) -> None:
+        if not 0 < timeout_s < float("inf"):
+            raise ConfigError(f"OTLP timeout must be positive and finite, got {timeout_s:g}s")
+        if not 0 <= max_retry_after_s < float("inf"):
+            raise ConfigError(f"OTLP max Retry-After must be >= 0 and finite, got {max_retry_after_s:g}s")
         if compression not in ("gzip", None):
             raise ConfigError(f"OTLP compression {compression!r} is unknown: use gzip or none")
         self.endpoint = resolve_endpoint(endpoint, protocol, insecure)
         self.timeout_s = timeout_s
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy(max_retry_after_s=max_retry_after_s)
         self._shutdown = threading.Event()
         transport = _GrpcTransport if self.endpoint.protocol == Protocol.GRPC else _HttpTransport
         self._transport = transport(self.endpoint, dict(headers or {}), _read_ca(ca_file), compression)
@@ -388,7 +476,7 @@ class OtlpExporter:
         return True
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Interrupt any backoff wait, refuse later exports, close the channel."""
+        """Interrupt any backoff wait and any attempt in flight, refuse later exports, close the channel."""
         self._shutdown.set()
         self._transport.close()
 

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporters.http_server import HttpLimits
 from exporters.otlp_sender import ConfigError  # the one error root lives below exporters
 
 # Environment variables `bpfprof serve` reads (flags win over them).
@@ -35,7 +36,9 @@ class ServeConfig:
     retention_age_s: float = DEFAULT_RETENTION_AGE_S
     retention_bytes: int = DEFAULT_RETENTION_BYTES
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    retention_interval_s: float = 60.0
+    retention_interval_s: float = 60.0  # the age limit; the size limit holds at every write (Store)
+    # Deadlines and caps of the web UI and OTLP/HTTP servers (the receiver's body sizes follow max_request_bytes).
+    http_limits: HttpLimits = HttpLimits(request_timeout_s=60.0)
 
 
 def parse_addr(value: str, flag: str) -> tuple[str, int]:

@@ -8,11 +8,15 @@ rules serve both transports. Answers follow the OTLP spec:
     store failed                  gRPC UNAVAILABLE         HTTP 503 (retryable: nothing was stored)
     some spans rejected           OK + partial_success     200 + partial_success
 
-A bad request never stops a receiver; each is handled on its own thread.
+A bad request never stops a receiver. HTTP is served within HttpLimits
+(exporters/http_server.py: deadlines, a connection cap, a few worker
+threads); gRPC by its own core with a bounded pool, an idle-connection
+age and a cap on concurrent calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import logging
 import sqlite3
@@ -24,6 +28,7 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 
 from exporters.bounded_input import gunzip_limited as gunzip
+from exporters.http_server import BoundedHttpServer, HttpLimits, serve_in_thread
 from symbolizer.errors import ExportError, InputTooLarge
 from viewer.ingest import InvalidRequest, ingest_profiles, ingest_traces
 from viewer.store import Store
@@ -35,6 +40,8 @@ PROFILES_HTTP_PATHS = ("/v1development/profiles", "/v1/profiles")
 TRACES_GRPC_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 PROFILES_GRPC_SERVICE = "opentelemetry.proto.collector.profiles.v1development.ProfilesService"
 PROTOBUF = "application/x-protobuf"
+GRPC_MAX_CONCURRENT_RPCS = 64  # calls running or waiting for one of the 4 workers
+GRPC_MAX_IDLE_MS = 60_000  # a gRPC connection with no call for this long is sent GOAWAY
 DRAIN_FACTOR = 8  # oversized bodies up to this many times the limit are read and dropped before the 413
 
 Ingest = Callable[[Store, bytes], tuple]
@@ -91,7 +98,9 @@ def _grpc_handler(store: Store, ingest: Ingest, kind: str, counters: _Counters):
 def start_grpc(store: Store, host: str, port: int, max_bytes: int, counters: _Counters) -> tuple[grpc.Server, int]:
     """A started gRPC server and its port. Messages over `max_bytes` get RESOURCE_EXHAUSTED from grpc itself."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-grpc"),
-                         options=[("grpc.max_receive_message_length", max_bytes)])
+                         maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,  # past it: RESOURCE_EXHAUSTED
+                         options=[("grpc.max_receive_message_length", max_bytes),
+                                  ("grpc.max_connection_idle_ms", GRPC_MAX_IDLE_MS)])
     server.add_generic_rpc_handlers((
         grpc.method_handlers_generic_handler(TRACES_GRPC_SERVICE, {
             "Export": _grpc_handler(store, ingest_traces, "traces", counters)}),
@@ -198,50 +207,42 @@ def make_http_handler(store: Store, max_bytes: int, counters: _Counters) -> type
     return Handler
 
 
-class _HttpServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-def start_http(handler: type[http.server.BaseHTTPRequestHandler], host: str, port: int,
-               name: str) -> tuple[http.server.ThreadingHTTPServer, threading.Thread]:
-    """A ThreadingHTTPServer serving on its own thread (IPv6 hosts included)."""
-    import socket  # noqa: PLC0415
-
-    cls = type("_Server", (_HttpServer,), {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-    server = cls((host, port), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.2,), name=name, daemon=True)
-    thread.start()
-    return server, thread
+def start_http(handler: type[http.server.BaseHTTPRequestHandler], host: str, port: int, name: str,
+               limits: HttpLimits) -> BoundedHttpServer:
+    """An HTTP server within `limits` serving on its own thread (IPv6 hosts included); OSError if it cannot bind."""
+    return serve_in_thread(handler, host, port, limits, name)
 
 
 class OtlpReceiver:
     """Both OTLP receivers writing into one store: `start()`, then the ports, then `stop()`."""
 
-    def __init__(self, store: Store, grpc_addr: tuple[str, int], http_addr: tuple[str, int], max_bytes: int) -> None:
+    def __init__(self, store: Store, grpc_addr: tuple[str, int], http_addr: tuple[str, int], max_bytes: int,
+                 limits: HttpLimits | None = None) -> None:
         self.store = store
         self.grpc_addr, self.http_addr, self.max_bytes = grpc_addr, http_addr, max_bytes
+        # Bodies up to the request limit are held (a few at once), larger ones drained for the 413.
+        self.limits = dataclasses.replace(limits or HttpLimits(), max_body_bytes=max_bytes,
+                                          drain_body_bytes=DRAIN_FACTOR * max_bytes,
+                                          max_buffered_bytes=4 * max_bytes)
         self.counters = _Counters()
         self._grpc: grpc.Server | None = None
-        self._http: http.server.ThreadingHTTPServer | None = None
-        self._http_thread: threading.Thread | None = None
+        self.http: BoundedHttpServer | None = None
         self.grpc_port = self.http_port = 0
 
     def start(self) -> None:
         """Raises OSError when an address cannot be bound."""
         self._grpc, self.grpc_port = start_grpc(self.store, *self.grpc_addr, self.max_bytes, self.counters)
         try:
-            self._http, self._http_thread = start_http(make_http_handler(self.store, self.max_bytes, self.counters),
-                                                       *self.http_addr, name="otlp-http")
+            self.http = start_http(make_http_handler(self.store, self.max_bytes, self.counters),
+                                   *self.http_addr, name="otlp-http", limits=self.limits)
         except OSError:
             self._grpc.stop(grace=None)
             raise
-        self.http_port = self._http.server_address[1]
+        self.http_port = self.http.port
 
     def stop(self, grace_s: float = 2.0) -> None:
         """Finish requests in flight (up to `grace_s`), then close."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        if self.http is not None:
+            self.http.close()
         if self._grpc is not None:
             self._grpc.stop(grace=grace_s).wait()

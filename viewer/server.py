@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from exporters.http_server import BoundedHttpServer
 from viewer.assets import render_page
 from viewer.config import ServeConfig
 from viewer.receiver import OtlpReceiver, start_http
@@ -26,9 +27,10 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         render_page()  # fail before binding anything if the page's assets are missing
-        self.store = Store(config.db_path)
-        self.receiver = OtlpReceiver(self.store, config.grpc_addr, config.http_addr, config.max_request_bytes)
-        self._ui = None
+        self.store = Store(config.db_path, max_bytes=config.retention_bytes)  # the size cap holds at every write
+        self.receiver = OtlpReceiver(self.store, config.grpc_addr, config.http_addr, config.max_request_bytes,
+                                     config.http_limits)
+        self.ui: BoundedHttpServer | None = None
         self._stop = threading.Event()
         self._retention = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         self.ui_port = 0
@@ -40,11 +42,12 @@ class Server:
     def start(self) -> None:
         self.receiver.start()
         try:
-            self._ui, _ = start_http(make_handler(Api(self.store, render_page)), *self.config.ui_addr, name="ui")
+            self.ui = start_http(make_handler(Api(self.store, render_page)), *self.config.ui_addr, name="ui",
+                                 limits=self.config.http_limits)
         except OSError:
             self.receiver.stop(0)
             raise
-        self.ui_port = self._ui.server_address[1]
+        self.ui_port = self.ui.port
         self._retention.start()
 
     def enforce_retention(self) -> dict[str, int]:
@@ -63,9 +66,8 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._ui is not None:
-            self._ui.shutdown()
-            self._ui.server_close()
+        if self.ui is not None:
+            self.ui.close()
         self.receiver.stop()
         if self._retention.is_alive():
             self._retention.join(timeout=5)

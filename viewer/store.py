@@ -2,8 +2,9 @@
 
 One row per sample event (per timestamp), so a span's window and thread cut
 the profile exactly; stacks are stored once each (by digest). Retention drops
-whatever was received longest ago: by age, then by size until the file is
-under its limit. The database runs in rollback-journal mode so it stays one
+whatever was received longest ago: by age (serve's retention thread, once a
+minute), and by size after every write that takes the file past `max_bytes`,
+so the file never stays over its cap by more than the last request. The database runs in rollback-journal mode so it stays one
 file; incremental auto-vacuum gives freed pages back to the file system.
 
 One connection behind one lock: the receivers write, the UI reads, and at the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -24,6 +26,8 @@ from pathlib import Path
 # Frame/Mapping types reach the viewer through exporters, its one dependency (DESIGN.md's arrows).
 from exporters.otlp import BuildIdKind, FrameKind
 from exporters.profile import Frame, Location, Mapping, Profile
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
@@ -168,11 +172,17 @@ def _split(total: int, n: int) -> list[int]:
 
 
 class Store:
-    """Thread-safe SQLite store. `clock_ns` is injectable so retention can be tested."""
+    """Thread-safe SQLite store. `clock_ns` is injectable so retention can be tested.
 
-    def __init__(self, path: Path | str, clock_ns=time.time_ns) -> None:  # noqa: ANN001
+    `max_bytes` (None: no cap) is enforced at every write: what was received
+    longest ago goes until the used size is under it again.
+    """
+
+    def __init__(self, path: Path | str, clock_ns=time.time_ns, max_bytes: int | None = None) -> None:  # noqa: ANN001
         self.path = Path(path)
         self.clock_ns = clock_ns
+        self.max_bytes = max_bytes
+        self.size_evictions = 0  # writes that took the store past max_bytes and dropped its oldest data
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
@@ -194,33 +204,43 @@ class Store:
                  s.duration_ns, s.status_code, s.status_message, s.pid, s.tid, s.thread_attr, s.thread_name,
                  json.dumps(s.attributes, sort_keys=True), json.dumps(s.resource, sort_keys=True), now)
                 for s in spans]
-        with self._lock, self._tx():
-            self._db.executemany(f"INSERT OR REPLACE INTO spans ({','.join(SPAN_COLUMNS)}) "
-                                 f"VALUES ({','.join('?' * len(SPAN_COLUMNS))})", rows)
+        with self._lock:
+            with self._tx():
+                self._db.executemany(f"INSERT OR REPLACE INTO spans ({','.join(SPAN_COLUMNS)}) "
+                                     f"VALUES ({','.join('?' * len(SPAN_COLUMNS))})", rows)
+            self._hold_size()
         return len(rows)
 
     def add_profiles(self, profiles: Iterable[Profile]) -> int:
         """Store decoded profiles, one profiles row per (profile, process); returns sample events stored."""
         now = self.clock_ns()
         events = 0
-        with self._lock, self._tx():
-            for p in profiles:
-                sample_types = json.dumps([[vt.type, vt.unit] for vt in p.sample_types])
-                period_type = json.dumps([p.period_type.type, p.period_type.unit])
-                kind = p.kind or (p.default_sample_type or (p.sample_types[0].type if p.sample_types else ""))
-                profile_ids: dict[int, int] = {}
-                for sample in p.samples:
-                    pid = sample.key.pid
-                    if pid not in profile_ids:
-                        meta = p.processes.get(pid)
-                        cur = self._db.execute(
-                            "INSERT INTO profiles (kind, sample_types, period_type, period, start_ns, end_ns, pid,"
-                            " service, executable, received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (kind, sample_types, period_type, p.period, p.start_time_ns,
-                             p.start_time_ns + p.duration_ns, pid, meta.service_name if meta else "",
-                             (meta.executable_path or meta.name) if meta else "", now))
-                        profile_ids[pid] = cur.lastrowid
-                    events += self._add_sample(profile_ids[pid], sample)
+        with self._lock:
+            with self._tx():
+                events = self._insert_profiles(profiles, now)
+            self._hold_size()
+        return events
+
+    def _insert_profiles(self, profiles: Iterable[Profile], now: int) -> int:
+        """The rows of add_profiles (lock held, in its transaction); returns sample events."""
+        events = 0
+        for p in profiles:
+            sample_types = json.dumps([[vt.type, vt.unit] for vt in p.sample_types])
+            period_type = json.dumps([p.period_type.type, p.period_type.unit])
+            kind = p.kind or (p.default_sample_type or (p.sample_types[0].type if p.sample_types else ""))
+            profile_ids: dict[int, int] = {}
+            for sample in p.samples:
+                pid = sample.key.pid
+                if pid not in profile_ids:
+                    meta = p.processes.get(pid)
+                    cur = self._db.execute(
+                        "INSERT INTO profiles (kind, sample_types, period_type, period, start_ns, end_ns, pid,"
+                        " service, executable, received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (kind, sample_types, period_type, p.period, p.start_time_ns,
+                         p.start_time_ns + p.duration_ns, pid, meta.service_name if meta else "",
+                         (meta.executable_path or meta.name) if meta else "", now))
+                    profile_ids[pid] = cur.lastrowid
+                events += self._add_sample(profile_ids[pid], sample)
         return events
 
     def _add_sample(self, profile_id: int, sample) -> int:  # noqa: ANN001  (exporters.profile.Sample)
@@ -415,19 +435,34 @@ class Store:
         cutoff = self.clock_ns() - int(max_age_s * 1e9)
         with self._lock:
             self._delete_before(cutoff, deleted)
-            for _ in range(64):  # each round removes a tenth of the rest: bounded
-                if self._used_bytes() <= max_bytes:
-                    break
-                oldest = self._db.execute(
-                    "SELECT received_ns FROM (SELECT received_ns FROM spans UNION ALL SELECT received_ns FROM profiles)"
-                    " ORDER BY received_ns LIMIT 1 OFFSET (SELECT (count(*) / 10) FROM "
-                    "(SELECT 1 FROM spans UNION ALL SELECT 1 FROM profiles))").fetchone()
-                if oldest is None:
-                    break
-                self._delete_before(oldest[0] + 1, deleted)
+            self._shrink_to(max_bytes, deleted)
             # sqlite3's execute() steps a statement once, which frees one page; executescript runs it out.
             self._db.executescript("PRAGMA incremental_vacuum;")
         return deleted
+
+    def _hold_size(self) -> None:
+        """After a write (lock held): back under max_bytes, the file's freed pages given back."""
+        if self.max_bytes is None or self._used_bytes() <= self.max_bytes:
+            return
+        deleted = {"spans": 0, "profiles": 0}
+        self._shrink_to(self.max_bytes, deleted)
+        self._db.executescript("PRAGMA incremental_vacuum;")
+        self.size_evictions += 1
+        log.info("store over %d bytes: dropped the oldest %d spans and %d profiles", self.max_bytes,
+                 deleted["spans"], deleted["profiles"])
+
+    def _shrink_to(self, max_bytes: int, deleted: dict[str, int]) -> None:
+        """Drop the oldest tenth at a time until the used size is at most `max_bytes` (lock held)."""
+        for _ in range(64):  # each round removes a tenth of the rest: bounded
+            if self._used_bytes() <= max_bytes:
+                break
+            oldest = self._db.execute(
+                "SELECT received_ns FROM (SELECT received_ns FROM spans UNION ALL SELECT received_ns FROM profiles)"
+                " ORDER BY received_ns LIMIT 1 OFFSET (SELECT (count(*) / 10) FROM "
+                "(SELECT 1 FROM spans UNION ALL SELECT 1 FROM profiles))").fetchone()
+            if oldest is None:
+                break
+            self._delete_before(oldest[0] + 1, deleted)
 
     def _delete_before(self, cutoff_ns: int, deleted: dict[str, int]) -> None:
         with self._tx():

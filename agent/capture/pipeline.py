@@ -255,7 +255,8 @@ class CapturePipeline:
         totals = self._loss_totals()
         losses = [replace(total, count=n) for reason, total in totals.items()
                   if (n := total.count - self._totals_before.get(reason, 0))]
-        self._totals_before = {reason: total.count for reason, total in totals.items()}
+        # A counter unreadable this time keeps its last reading: its growth shows at the next cut, not its total.
+        self._totals_before.update({reason: total.count for reason, total in totals.items()})
         if self._tables is not None:  # the BPF side deleted the tables of exited processes
             self._tables.forget_dead(lambda pid: os.path.exists(f"{self.tracker.proc_root}/{pid}"))
         done = []

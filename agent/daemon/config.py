@@ -57,6 +57,7 @@ ENV_KEYS: dict[str, str] = {
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RELABEL_ACTIONS = ("drop", "keep", "drop_label", "rename_label", "mask")
 MAX_FREQUENCY_HZ = 20_000
+MAX_RETRY_AFTER_S = 3600.0  # export.max_retry_after_s: an hour of silence is the most a collector may ask
 UNWIND_MODES = tuple(m.value for m in UnwindMode)
 
 
@@ -109,6 +110,7 @@ class ViewerConfig:
 class ExportConfig:
     interval_s: float = 60.0
     timeout_s: float = 10.0  # one export, retries included; also bounds the flush at SIGTERM
+    max_retry_after_s: float = 300.0  # a collector's Retry-After is obeyed up to this, even past timeout_s
     queue_max_batches: int = 10  # per exporter; past it the oldest interval is dropped and counted
     otlp: OtlpConfig = field(default_factory=OtlpConfig)
     pprof_dir: PprofDirConfig = field(default_factory=PprofDirConfig)
@@ -344,6 +346,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     e = cfg.export
     _check(e.interval_s >= 1, "export.interval_s", "a number of seconds >= 1", e.interval_s)
     _check(e.timeout_s > 0, "export.timeout_s", "a number of seconds > 0", e.timeout_s)
+    _check(0 <= e.max_retry_after_s <= MAX_RETRY_AFTER_S, "export.max_retry_after_s",
+           f"a number of seconds from 0 to {MAX_RETRY_AFTER_S:g}", e.max_retry_after_s)
     _check(e.queue_max_batches >= 1, "export.queue_max_batches", "an integer >= 1", e.queue_max_batches)
     for key, endpoint, protocol, insecure in (
             ("export.otlp", e.otlp.endpoint, e.otlp.protocol or None, e.otlp.insecure),

@@ -17,7 +17,8 @@ build id), records per interval, cut intervals waiting for the builder
 (MAX_PENDING_INTERVALS) and batches per exporter queue.
 
 SIGTERM/SIGINT: stop sampling, cut the last interval, build it, flush the
-queues for up to export.timeout_s, exit 0. SIGHUP: reload the config; a bad
+queues for up to export.timeout_s, exit 0; all within STOP_BUDGET_S, what
+is still unsent then counted as dropped. SIGHUP: reload the config; a bad
 one is logged and the old one kept. Changing what BPF does (profiles,
 frequency, pids, host_proc) restarts the probes; the rest applies at once.
 """
@@ -48,8 +49,13 @@ from symbolizer.file_symbols import SymbolCache
 
 log = logging.getLogger(__name__)
 
+# Losses of samples already accepted into an interval, before any exporter saw them (AgentStats.lost_samples).
+PRE_EXPORT_LOSSES = ("builder_behind", "build_error", "not_built_at_shutdown")
 MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the oldest is dropped
 SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
+# SIGTERM to exit, build and flush together: under systemd's TimeoutStopSec and the pods'
+# terminationGracePeriodSeconds (60 s, packaging/; tests/unit/test_export_deadlines.py keeps them apart).
+STOP_BUDGET_S = 50.0
 
 
 class BpfCollector:
@@ -146,10 +152,12 @@ def make_exporters(cfg: AgentConfig, host_name: str) -> list[BatchExporter]:
         o = e.otlp
         sender = OtlpExporter(o.endpoint, protocol=o.protocol or None, headers=o.headers, timeout_s=e.timeout_s,
                               insecure=o.insecure, ca_file=o.ca_file or None,
-                              compression=None if o.compression == "none" else o.compression)
+                              compression=None if o.compression == "none" else o.compression,
+                              max_retry_after_s=e.max_retry_after_s)
         out.append(OtlpBatchExporter("otlp", sender, host_name, cfg.node_name))
     if e.viewer.endpoint:
-        sender = OtlpExporter(e.viewer.endpoint, protocol="http", timeout_s=e.timeout_s)
+        sender = OtlpExporter(e.viewer.endpoint, protocol="http", timeout_s=e.timeout_s,
+                              max_retry_after_s=e.max_retry_after_s)
         out.append(OtlpBatchExporter("viewer", sender, host_name, cfg.node_name))
     if e.pprof_dir.path:
         d = e.pprof_dir
@@ -325,18 +333,38 @@ class Daemon:
         self.stats.ready = False
         assert self.collector is not None
         log.info("stopping: exporting the last interval")
+        t0 = time.monotonic()
         try:
             self._cut()
         finally:
             self.collector.close()
         if not self._wait_built(SHUTDOWN_BUILD_S):
             log.error("the last interval was not symbolized in %gs", SHUTDOWN_BUILD_S)
-        self._shutdown_exports(self.cfg.export.timeout_s)
+            with self._pending_lock:
+                unbuilt, self._pending = list(self._pending), collections.deque()
+            for interval in unbuilt:
+                self.stats.lose("not_built_at_shutdown", interval.samples)
+        left_s = STOP_BUDGET_S - (time.monotonic() - t0)
+        self._shutdown_exports(max(1.0, min(self.cfg.export.timeout_s, left_s)))
         if self.metrics is not None:
             self.metrics.close()
         self._builder_wake.set()
+        self._log_books()
         log.info("stopped")
         return 0
+
+    def _log_books(self) -> None:
+        """At exit, where every accepted sample went (the metrics endpoint is closed by then):
+        accepted = lost before export + relabel-dropped + per exporter (delivered + dropped + queued)."""
+        s = self.stats
+        before = {k: n for k, n in s.lost_samples.items() if k in PRE_EXPORT_LOSSES and n}
+        log.info("books: %d samples accepted; before export %d relabel-dropped, lost %s", s.samples,
+                 s.relabel_dropped_samples, before or "none")
+        for q in self._retired + self.queues:
+            st = q.stats
+            dropped = {k: n for k, n in st.dropped_samples_by_reason.items() if n}
+            log.info("books: export %s: %d samples delivered, dropped %s, %d queued", q.name, st.exported_samples,
+                     dropped or "none", st.queued_samples)
 
     def _shutdown_exports(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -350,7 +378,7 @@ class Daemon:
     def _start_metrics(self, listen: str) -> None:
         collector = AgentCollector(self.stats, lambda: [(q.name, q.stats) for q in self.queues + self._retired],
                                    self.cache)
-        self.metrics = MetricsServer(listen, make_registry(collector), self.stats)
+        self.metrics = MetricsServer(listen, make_registry(collector), self.stats, collector=collector)
         log.info("metrics on http://%s/metrics", listen)
 
     # --- SIGHUP -------------------------------------------------------------------

@@ -10,14 +10,17 @@ ExportResult` never raises for a delivery problem, `shutdown(timeout_s)`,
 
 ExportQueue is the one batcher: one per exporter (a collector that is down
 must not hold up the local files), a bounded deque, a worker woken by an
-Event, failed batches kept at the head and retried with backoff, the oldest
-batch dropped and counted when a new one does not fit. put() never blocks,
-so sampling never waits on an export.
+Event, failed batches kept at the head and retried with backoff (or after
+the server's Retry-After, which the exporter caps), the oldest batch dropped
+and counted when a new one does not fit. put() never blocks, so sampling
+never waits on an export. Every sample of a batch ends in exactly one
+counter: exported, or dropped by one of DROP_REASONS.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import random
@@ -40,6 +43,12 @@ from exporters.profile import Profile
 
 log = logging.getLogger(__name__)
 
+# Why a batch was dropped (the `reason` label of bpfprof_export_dropped_*).
+QUEUE_FULL = "queue_full"  # pushed out by newer intervals while the destination was down or slow
+REFUSED = "refused"  # a reply that is not retryable (HTTP 400/401/500..., gRPC INVALID_ARGUMENT...), or unencodable
+SHUTDOWN = "shutdown"  # not delivered before the flush window at shutdown ended
+DROP_REASONS = (QUEUE_FULL, REFUSED, SHUTDOWN)
+
 K8S_NODE_NAME = "k8s.node.name"
 K8S_POD_UID = "k8s.pod.uid"
 
@@ -53,8 +62,9 @@ class Batch:
     seq: int  # interval number since the agent started
     pod_uids: dict[int, str] = field(default_factory=dict)  # pid -> k8s pod uid
 
-    @property
+    @functools.cached_property
     def samples(self) -> int:
+        """Sample events (timestamps, else 1 a sample): the unit every export counter counts in."""
         return sum(len(s.timestamps_ns) or 1 for p in self.profiles for s in p.samples)
 
 
@@ -93,7 +103,7 @@ class OtlpBatchExporter:
         try:
             request = encode_otlp(batch.profiles, self.host_name)
         except ValueError as e:  # a bug, not a delivery problem: never retry it
-            return ExportResult(ExportStatus.FAILURE, f"cannot encode: {e}")
+            return ExportResult(ExportStatus.FAILURE, f"cannot encode: {e}", retryable=False)
         add_resource_attributes(request, self.node_name, batch.pod_uids)
         return self.exporter.export(request)
 
@@ -213,9 +223,13 @@ class QueueStats:
     exported_batches: int = 0
     exported_samples: int = 0
     failed_attempts: int = 0
-    dropped_batches: int = 0  # pushed out by newer ones (queue full), or unsent at shutdown
+    timed_out_attempts: int = 0  # attempts with no complete answer within their deadline (also failed)
+    dropped_batches: int = 0  # every reason together
     dropped_samples: int = 0
+    dropped_batches_by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    dropped_samples_by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     depth: int = 0
+    queued_samples: int = 0  # samples of the batches held (the one in flight included)
     last_error: str = ""
 
 
@@ -223,7 +237,9 @@ class ExportQueue:
     """Bounded queue + worker for one exporter. put() never blocks; see the module docstring."""
 
     def __init__(self, exporter: BatchExporter, max_batches: int, retry_initial_s: float = 1.0,
-                 retry_max_s: float = 30.0, jitter: Callable[[], float] = lambda: random.uniform(0.8, 1.2)) -> None:
+                 retry_max_s: float = 30.0, jitter: Callable[[], float] = lambda: random.uniform(0.8, 1.2),
+                 sleep: Callable[[float], bool] | None = None) -> None:
+        """`sleep(seconds) -> interrupted` waits before a retry; by default on the stop Event (tests record it)."""
         self.exporter = exporter
         self.name = exporter.name
         self.max_batches = max_batches
@@ -235,15 +251,20 @@ class ExportQueue:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
         self._idle = threading.Event()
         self._idle.set()
         self._failures = 0
         self._inflight: Batch | None = None
+        self._closed = False  # shutdown() counted what was left: a late answer changes no counter
         self._thread = threading.Thread(target=self._run, name=f"export-{self.name}", daemon=True)
         self._thread.start()
 
     def put(self, batch: Batch) -> None:
         with self._lock:
+            if self._closed:
+                self._drop(batch, SHUTDOWN, "the queue is shut down")
+                return
             while len(self._queue) >= self.max_batches:
                 # the batch being sent stays: it may be delivered, and must not count as dropped too
                 if self._queue[0] is self._inflight:
@@ -253,16 +274,26 @@ class ExportQueue:
                     del self._queue[1]
                 else:
                     victim = self._queue.popleft()
-                self._drop(victim, "queue full")
+                self._drop(victim, QUEUE_FULL, "queue full")
             self._queue.append(batch)
-            self.stats.depth = len(self._queue)
+            self._update_depth()
             self._idle.clear()
         self._wake.set()
 
-    def _drop(self, batch: Batch, why: str) -> None:
-        self.stats.dropped_batches += 1
-        self.stats.dropped_samples += batch.samples
-        log.warning("export %s: dropped interval %d (%d samples): %s", self.name, batch.seq, batch.samples, why)
+    def _update_depth(self) -> None:
+        """Depth gauges (lock held)."""
+        self.stats.depth = len(self._queue)
+        self.stats.queued_samples = sum(b.samples for b in self._queue)
+
+    def _drop(self, batch: Batch, reason: str, why: str) -> None:
+        """Count a batch out (lock held): once, under one reason."""
+        n = batch.samples
+        st = self.stats
+        st.dropped_batches += 1
+        st.dropped_samples += n
+        st.dropped_batches_by_reason[reason] = st.dropped_batches_by_reason.get(reason, 0) + 1
+        st.dropped_samples_by_reason[reason] = st.dropped_samples_by_reason.get(reason, 0) + n
+        log.warning("export %s: dropped interval %d (%d samples): %s", self.name, batch.seq, n, why)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -283,8 +314,12 @@ class ExportQueue:
             result = ExportResult(ExportStatus.FAILURE, f"{type(e).__name__}: {e}")
         with self._lock:
             self._inflight = None
+            if self._closed:  # shutdown() already counted this batch as not delivered
+                return False
+            held = bool(self._queue) and self._queue[0] is batch
+            self.stats.timed_out_attempts += result.timed_out_attempts
             if result.ok:
-                if self._queue and self._queue[0] is batch:
+                if held:
                     self._queue.popleft()
                 self.stats.exported_batches += 1
                 self.stats.exported_samples += batch.samples
@@ -292,28 +327,32 @@ class ExportQueue:
             elif not result.retryable:
                 # the server will never take it: sending it again would only
                 # hold back the intervals queued behind it
-                if self._queue and self._queue[0] is batch:
+                if held:
                     self._queue.popleft()
                 self.stats.failed_attempts += 1
-                self.stats.dropped_batches += 1
+                self._drop(batch, REFUSED, f"refused for good: {result.message}")
             else:
                 self.stats.failed_attempts += 1
                 self._failures += 1
-            self.stats.depth = len(self._queue)
+            self._update_depth()
         if result.ok:
             if self.stats.last_error:
                 log.info("export %s: delivering again", self.name)
                 self.stats.last_error = ""
             return True
         if not result.retryable:
-            log.warning("export %s: interval %d refused for good, dropped: %s", self.name, batch.seq, result.message)
             self.stats.last_error = result.message
             return False
         if result.message != self.stats.last_error:
             log.warning("export %s: interval %d not delivered, will retry: %s", self.name, batch.seq, result.message)
             self.stats.last_error = result.message
-        delay = min(self.retry_max_s, self.retry_initial_s * 2 ** (self._failures - 1)) * self.jitter()
-        self._stop.wait(delay)  # shutdown interrupts the backoff
+        elif result.timed_out_attempts:
+            log.info("export %s: interval %d timed out again, will retry", self.name, batch.seq)
+        if result.retry_after_s is not None:
+            delay = result.retry_after_s  # the server's word (capped by the exporter), no jitter
+        else:
+            delay = min(self.retry_max_s, self.retry_initial_s * 2 ** (self._failures - 1)) * self.jitter()
+        self._sleep(delay)  # shutdown interrupts the backoff
         return False
 
     def flush(self, timeout_s: float) -> bool:
@@ -322,7 +361,8 @@ class ExportQueue:
         return self._idle.wait(timeout_s)
 
     def shutdown(self, timeout_s: float) -> int:
-        """Flush for up to `timeout_s`, stop the worker, shut the exporter down; returns batches left unsent."""
+        """Flush for up to `timeout_s`, stop the worker, shut the exporter down (which aborts an export
+        in flight); returns batches left unsent, counted as dropped (reason "shutdown")."""
         deadline = time.monotonic() + timeout_s
         self.flush(timeout_s)
         self._stop.set()
@@ -332,9 +372,10 @@ class ExportQueue:
         with self._lock:
             left = list(self._queue)
             self._queue.clear()
-            self.stats.depth = 0
-        for batch in left:
-            self._drop(batch, "not delivered before shutdown")
+            self._closed = True
+            for batch in left:
+                self._drop(batch, SHUTDOWN, "not delivered before shutdown")
+            self._update_depth()
         return len(left)
 
     def __len__(self) -> int:

@@ -7,14 +7,16 @@ registry is our own (not the global one), so tests can build several.
 
 /healthz: 200 while the sampling loop has turned within HEALTHY_LAG_S (it
 is stuck otherwise); /readyz: 200 once the probes are attached and
-sampling, 503 before and after.
+sampling, 503 before and after. Served by exporters/http_server.py within
+METRICS_LIMITS: idle and slow scrapers are closed after a deadline, a
+flood of connections costs no threads, and the server's own connection
+outcomes are metrics too (bpfprof_metrics_http_*).
 """
 
 from __future__ import annotations
 
 import http.server
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from agent.daemon.config import parse_listen
 from agent.daemon.export_queue import QueueStats
+from exporters.http_server import BoundedHttpServer, HttpLimits, HttpServerStats
 from symbolizer.errors import ConfigError
 from symbolizer.file_symbols import SymbolCache
 
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 
 HEALTHY_LAG_S = 30.0
 PREFIX = "bpfprof"
+# A scraper sends a GET every few seconds: two workers, short deadlines, no bodies.
+METRICS_LIMITS = HttpLimits(max_connections=64, workers=2, idle_timeout_s=30.0, request_timeout_s=10.0,
+                            write_timeout_s=10.0, max_head_bytes=16 << 10, max_body_bytes=0,
+                            max_buffered_bytes=0)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class AgentCollector(Collector):
         self.stats = stats
         self.queues = queues
         self.cache = cache
+        self.http: HttpServerStats | None = None  # the metrics endpoint's own connections, once it serves
 
     def collect(self) -> Iterable[Metric]:
         s = self.stats
@@ -112,16 +120,31 @@ class AgentCollector(Collector):
             "export_batches": ("Intervals delivered.", CounterMetricFamily, "exported_batches"),
             "export_samples": ("Samples delivered.", CounterMetricFamily, "exported_samples"),
             "export_failures": ("Failed export attempts (each retried).", CounterMetricFamily, "failed_attempts"),
-            "export_dropped_batches": ("Intervals dropped: queue full or unsent at shutdown.", CounterMetricFamily,
-                                       "dropped_batches"),
-            "export_dropped_samples": ("Samples in dropped intervals.", CounterMetricFamily, "dropped_samples"),
+            "export_timeouts": ("Export attempts with no complete answer within their deadline (also failures).",
+                                CounterMetricFamily, "timed_out_attempts"),
             "export_queue_depth": ("Intervals waiting to be exported.", GaugeMetricFamily, "depth"),
+            "export_queued_samples": ("Samples in the intervals waiting to be exported.", GaugeMetricFamily,
+                                      "queued_samples"),
         }
         queues = list(self.queues())
         for name, (doc, cls, attr) in families.items():
             fam = cls(f"{PREFIX}_{name}", doc, labels=["exporter"])
             for exporter, qs in queues:
                 fam.add_metric([exporter], getattr(qs, attr))
+            yield fam
+        if self.http is not None:
+            yield from _http_metrics(self.http)
+        by_reason = {
+            "export_dropped_batches": ("Intervals dropped, by reason: queue_full, refused (a reply not worth "
+                                       "retrying), shutdown (unsent at exit).", "dropped_batches_by_reason"),
+            "export_dropped_samples": ("Samples in dropped intervals, by reason (as export_dropped_batches).",
+                                       "dropped_samples_by_reason"),
+        }
+        for name, (doc, attr) in by_reason.items():
+            fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["exporter", "reason"])
+            for exporter, qs in queues:
+                for reason, n in sorted(getattr(qs, attr).items()):
+                    fam.add_metric([exporter, reason], n)
             yield fam
 
 
@@ -134,9 +157,10 @@ def make_registry(collector: AgentCollector) -> CollectorRegistry:
 
 
 class MetricsServer:
-    """/metrics, /healthz and /readyz on one address, served by a daemon thread."""
+    """/metrics, /healthz and /readyz on one address (exporters/http_server.py, METRICS_LIMITS)."""
 
-    def __init__(self, listen: str, registry: CollectorRegistry, stats: AgentStats) -> None:
+    def __init__(self, listen: str, registry: CollectorRegistry, stats: AgentStats,
+                 limits: HttpLimits = METRICS_LIMITS, collector: AgentCollector | None = None) -> None:
         host, port = parse_listen(listen)
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -164,18 +188,36 @@ class MetricsServer:
                 pass
 
         try:
-            self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+            self._server = BoundedHttpServer(Handler, host, port, limits, name="metrics")
         except OSError as e:
             raise ConfigError(f"metrics.listen {listen}: cannot listen: {e.strerror}") from None
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
-        self._thread.start()
+        if collector is not None:
+            collector.http = self._server.stats
+        self.port = self._server.port
+        self._server.start()
+
+    @property
+    def http_stats(self) -> HttpServerStats:
+        return self._server.stats
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.close()
+
+
+def _http_metrics(h: HttpServerStats) -> Iterable[Metric]:
+    """The metrics endpoint's connections by outcome, and how many are open."""
+    outcomes = CounterMetricFamily(f"{PREFIX}_metrics_http_connections", "Connections to this endpoint by outcome "
+                                   "(refused: at the limit with none idle; evicted_idle: closed to make room; "
+                                   "idle_closed, timed_out, client_gone, bad_request).", labels=["outcome"])
+    for outcome, n in (("accepted", h.accepted), ("refused", h.refused), ("evicted_idle", h.evicted_idle),
+                       ("idle_closed", h.idle_closed), ("timed_out", h.timed_out), ("client_gone", h.client_gone),
+                       ("bad_request", h.bad_requests)):
+        outcomes.add_metric([outcome], n)
+    yield outcomes
+    yield CounterMetricFamily(f"{PREFIX}_metrics_http_requests", "Requests answered by this endpoint.",
+                              value=h.requests)
+    yield GaugeMetricFamily(f"{PREFIX}_metrics_http_open_connections", "Connections open to this endpoint.",
+                            value=h.open)
 
 
 # UnwindTables.totals() keys that are not walk outcomes -> (metric, help).

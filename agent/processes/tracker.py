@@ -202,12 +202,19 @@ class ProcessTracker:
     def evict(self, safe_seq: int) -> int:
         """Drop processes no pending interval needs; returns how many.
 
-        Candidates were last sampled before `safe_seq`. First those that exited
+        Snapshots that failed go whenever they were sampled: they hold nothing
+        to symbolize with, and a process still alive gets another try at its
+        next sample instead of losing every later one to the failure. Other
+        candidates were last sampled before `safe_seq`: first those that exited
         or whose pid was reused (start time changed), then the least recently
         sampled until the table is under `max_processes`.
         """
-        candidates = sorted((seq, pid) for pid, seq in self._last_seen.items() if seq < safe_seq)
-        gone = [pid for _, pid in candidates if process_start_ticks(pid, self.proc_root) != self._start.get(pid)]
+        failed = [pid for pid, info in self._procs.items() if info is None]
+        failed_set = set(failed)
+        candidates = sorted((seq, pid) for pid, seq in self._last_seen.items()
+                            if seq < safe_seq and pid not in failed_set)
+        gone = failed + [pid for _, pid in candidates
+                         if process_start_ticks(pid, self.proc_root) != self._start.get(pid)]
         if self.max_processes is not None:
             excess = len(self._procs) - len(gone) - self.max_processes
             if excess > 0:

@@ -8,6 +8,7 @@ outage, 1000 processes a minute for 2 minutes) run together in one test.
 
 from __future__ import annotations
 
+import ast
 import gzip
 import http.server
 import os
@@ -28,7 +29,7 @@ import yaml
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
-from otlp_collector import HttpCollector, closed_port
+from otlp_collector import BadCollector, HttpCollector, closed_port
 
 from exporters.otlp import decode_otlp
 from fixtures.builder import build_c, build_go
@@ -214,6 +215,47 @@ def test_endpoint_down_beyond_the_queue_counts_drops(tmp_path, load):
     times = [min(p.time_unix_nano for rp in r.resource_profiles for sp in rp.scope_profiles for p in sp.profiles)
              for r in late.requests if r.resource_profiles]
     assert times == sorted(times)
+
+
+def books(err: str) -> tuple[int, dict[str, int], dict[str, tuple[int, dict[str, int], int]]]:
+    """The agent's exit books: (accepted, lost before export incl. relabel, exporter -> (delivered, dropped, queued))."""
+    [(accepted, relabel, lost)] = re.findall(r"books: (\d+) samples accepted; before export (\d+) relabel-dropped, "
+                                             r"lost (none|\{.*\})", err)
+    before = {"relabel": int(relabel), **({} if lost == "none" else ast.literal_eval(lost))}
+    out = {}
+    for name, delivered, dropped, queued in re.findall(
+            r"books: export (\S+): (\d+) samples delivered, dropped (none|\{.*\}), (\d+) queued", err):
+        out[name] = (int(delivered), {} if dropped == "none" else ast.literal_eval(dropped), int(queued))
+    return int(accepted), before, out
+
+
+def test_a_dripping_collector_times_out_counted_and_sigterm_ends_with_the_books_balanced(tmp_path, load):
+    """Headers, then a byte every 0.25 s: each export ends at timeout_s as a counted timeout, sampling and
+    the pprof directory go on, the full queue drops the oldest (counted), and SIGTERM ends within the unit's
+    TimeoutStopSec with what was left counted as dropped at shutdown. Every accepted sample is in one counter."""
+    with BadCollector("drip_body", byte_every_s=0.25) as collector:
+        agent = Agent(tmp_path, {"selection": {"pids": [load.pid]},
+                                 "export": {"interval_s": 1, "timeout_s": 2, "queue_max_batches": 2,
+                                            "otlp": {"endpoint": collector.url},
+                                            "pprof_dir": {"path": str(tmp_path / "pprof")}}})
+        try:
+            agent.wait_ready()
+            agent.wait_metric('bpfprof_export_timeouts_total{exporter="otlp"}', 2)
+            agent.wait_metric('bpfprof_export_dropped_samples_total{exporter="otlp",reason="queue_full"}', 1)
+            n = agent.metric('bpfprof_export_batches_total{exporter="pprof_dir"}')
+            agent.wait_metric('bpfprof_export_batches_total{exporter="pprof_dir"}', n + 2)  # the other exporter goes on
+            assert agent.metric("bpfprof_export_samples_total{exporter=\"otlp\"}") == 0
+        finally:
+            code, err = agent.stop(timeout_s=60)  # packaging/systemd/bpfprof.service TimeoutStopSec
+    assert code == 0, err
+    assert "no complete response within 2s" in err and "not delivered before shutdown" in err
+    accepted, before, exporters = books(err)
+    lost_before = sum(before.values())
+    assert accepted > 0
+    for name, (delivered, dropped, queued) in exporters.items():
+        assert delivered + sum(dropped.values()) + queued + lost_before == accepted, (name, err)
+    assert exporters["otlp"][0] == 0 and exporters["otlp"][1]["shutdown"] > 0
+    assert exporters["pprof_dir"][1] == {}
 
 
 def test_sighup_reload_and_bad_reload_keeps_config(tmp_path, load):

@@ -56,6 +56,10 @@ def test_scrape_reports_stats_queues_cache_and_rss():
                          "bpfprof_stack_collisions_total 2.0", 'bpfprof_export_batches_total{exporter="otlp"} 1.0',
                          'bpfprof_export_samples_total{exporter="otlp"} 5.0',
                          'bpfprof_export_queue_depth{exporter="otlp"} 0.0', "bpfprof_symbolizer_cache_hits_total 0.0",
+                         'bpfprof_export_dropped_samples_total{exporter="otlp",reason="refused"} 0.0',
+                         'bpfprof_export_dropped_batches_total{exporter="otlp",reason="queue_full"} 0.0',
+                         'bpfprof_export_timeouts_total{exporter="otlp"} 0.0',
+                         'bpfprof_export_queued_samples{exporter="otlp"} 0.0',
                          "bpfprof_ring_buffer_bytes_total 8192.0"):
                 assert line in text, line
             assert "process_resident_memory_bytes" in text
@@ -83,6 +87,7 @@ def test_put_never_blocks_and_full_queue_drops_oldest_counted():
             q.put(batch(seq, samples=2))  # returns at once even though export is blocked
         # batch 0 is in flight and stays; each new one pushes out the one before it
         assert q.stats.dropped_batches == 3 and q.stats.dropped_samples == 6
+        assert q.stats.dropped_samples_by_reason == {"queue_full": 6, "refused": 0, "shutdown": 0}
         exp.block.set()
         assert q.flush(10)
         assert [b.seq for b in exp.batches] == [0, 4]
@@ -114,6 +119,7 @@ def test_a_batch_refused_for_good_is_dropped_not_retried():
         assert q.flush(10)
         assert [b.seq for b in exp.batches] == [1, 2]
         assert q.stats.dropped_batches == 1 and q.stats.failed_attempts == 1
+        assert q.stats.dropped_samples == 1 and q.stats.dropped_samples_by_reason["refused"] == 1
     finally:
         q.shutdown(1)
 

@@ -84,3 +84,36 @@ def test_config_values():
                 lambda: parse_size_bytes("lots", "--max-db-size")):
         with pytest.raises(ConfigError):
             bad()
+
+
+def test_serve_holds_max_db_size_at_every_write_not_once_a_minute(tmp_path):
+    """--max-db-size 5MB, requests arriving faster than the retention thread's minute: the file never
+    holds more than the cap plus the request just written, the newest data stays, the oldest goes."""
+    from tests.viewer.conftest import post
+    from viewer.config import ServeConfig
+    from viewer.server import Server
+
+    cap = parse_size_bytes("5MB", "--max-db-size")
+    db = tmp_path / "serve.sqlite"
+    server = Server(ServeConfig(grpc_addr=("127.0.0.1", 0), http_addr=("127.0.0.1", 0), ui_addr=("127.0.0.1", 0),
+                                db_path=db, retention_bytes=cap, retention_interval_s=3600))
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.receiver.http_port}/v1development/profiles"
+        sizes, written = [], 0
+        for n in range(60):  # ~3x the cap in all
+            start = T0 + n * 10 * S
+            body = profiles_request([cpu([Ev(("main", f"req{n}", f"leaf{i % 400}"), 9, 100 + n, t)
+                                          for i, t in enumerate(every(start, start + 2500 * MS, MS))],
+                                         start_ns=start)])
+            assert post(url, body)[0] == 200
+            written += 2500
+            sizes.append(db.stat().st_size)
+        one_request = max(b - a for a, b in zip(sizes, sizes[1:], strict=False) if b > a)
+        assert max(sizes) <= cap + one_request + 64 * 1024, (max(sizes), one_request)
+        assert server.store.size_evictions > 0
+        tids = {s.tid for s in server.store.samples()}
+        assert 159 in tids and 100 not in tids  # the newest kept, the oldest dropped
+        assert server.store.counts()["samples"] < written
+    finally:
+        server.stop()
