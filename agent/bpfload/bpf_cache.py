@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"BPFPROG\0"
 FORMAT_VERSION = 1  # bump whenever what an entry holds, or how it is loaded, changes
-_HEADER = struct.Struct("<8sH6x32s32sQ")  # magic, version, key digest, payload sha256, payload length
+_HEADER = struct.Struct("<8sH6s32s32sQ")  # magic, version, reserved (zero), key digest, payload sha256, length
 _META_LEN = struct.Struct("<I")
 MAX_ENTRY_BYTES = 64 << 20  # a bound on what is read; bpfprof's entries are ~1 MB
 INSN_BYTES = 8
@@ -181,7 +181,7 @@ def encode(key: str, entry: Entry) -> bytes:
              "flags": m.flags, "name": m.name, "map_extra": m.map_extra, "named": m.named} for m in entry.maps]
     meta = json.dumps({"maps": maps, "programs": progs}, sort_keys=True).encode()
     payload = _META_LEN.pack(len(meta)) + meta + bytes(blob)
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, bytes.fromhex(key), hashlib.sha256(payload).digest(),
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, bytes(6), bytes.fromhex(key), hashlib.sha256(payload).digest(),
                         len(payload)) + payload
 
 
@@ -196,8 +196,8 @@ def decode(key: str, data: bytes) -> Entry:
     """The entry in `data`, checked whole; CacheEntryError says what is wrong with it."""
     if len(data) < _HEADER.size:
         raise CacheEntryError(f"{len(data)} bytes: shorter than the header")
-    magic, version, digest, checksum, length = _HEADER.unpack_from(data)
-    if magic != MAGIC:
+    magic, version, reserved, digest, checksum, length = _HEADER.unpack_from(data)
+    if magic != MAGIC or any(reserved):
         raise CacheEntryError("not a bpfprof BPF cache entry (magic)")
     if version != FORMAT_VERSION:
         raise CacheEntryError(f"format version {version}, this bpfprof writes {FORMAT_VERSION}")
