@@ -149,10 +149,3 @@ def test_a_group_writable_directory_is_made_private(tmp_path):
     assert bpf_cache.write(KEY, bpf_cache.encode(KEY, entry()), d) is not None
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
 
-
-def test_record_otlp_timeout_default_is_the_exporters():
-    """`record` spells the default out so that it need not import the OTLP sender at every start."""
-    from agent.commands import record
-    from exporters.otlp_sender import DEFAULT_TIMEOUT_S
-
-    assert record.OTLP_TIMEOUT_S == DEFAULT_TIMEOUT_S
