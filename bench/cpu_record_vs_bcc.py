@@ -9,7 +9,10 @@ run. Under that load, `bpfprof record --all` and `profile-bpfcc -f` each
 capture system-wide for `--duration` seconds, one after the other, `--repeat`
 times, the order alternating per round so slow drift (thermal, page cache)
 falls on both. One untimed warm-up run of each comes first so neither pays
-for a cold page cache of libbcc/LLVM alone.
+for a cold page cache of libbcc/LLVM alone; bpfprof's warm-up also fills its
+caches (compiled BPF programs, unwind tables; a directory of this run's own
+unless BPFPROF_CACHE_DIR is set), so the measured runs start as an installed
+agent does, without a compile (each run says whether it compiled).
 
 Per run, from os.wait4 on the profiler process (children it reaped included):
 CPU seconds (user + sys), peak RSS (ru_maxrss), wall time. Samples come from
@@ -27,8 +30,7 @@ first-sample time ("first after Ys"), measured from its process start
 (/proc/self/stat start time against CLOCK_BOOTTIME).
 
 Peak RSS from wait4 is the largest of the process and the children it reaped:
-for bpfprof that is the BPF compile child (clang/LLVM, ~1 s) when it is larger
-than the agent itself, which the agent reports separately with --log-level info.
+for a bpfprof run that compiled, that is the BPF compile child (clang/LLVM).
 
 Other work on the host is sampled too (both tools record system-wide), and
 bpfprof's end-of-capture symbolization cost depends on what was sampled:
@@ -67,8 +69,10 @@ POLL_S = 0.005  # /proc/PID/fd poll period until the events are attached
 # binaries (a debug-info libpython) were sampled.
 CHILD_GRACE_S = 240.0
 
-TARGET_RSS_MB = 200.0
-TARGET_FIRST_SAMPLE_S = 2.0
+TARGET_RSS_MB = 100.0
+TARGET_FIRST_SAMPLE_S = 0.5
+TARGET_CPU_RATIO = 0.5  # of bcc's profile
+CACHE_HIT = "BPF programs loaded from the cache"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class RunResult:
     prog_loaded_s: float | None
     perf_attached_s: float | None
     first_sample_reported_s: float | None  # bpfprof's own figure; None for bcc
+    compiled: bool | None = None  # bpfprof: whether this run forked the BPF compiler (a cold cache)
 
     @property
     def samples_per_cpu_s(self) -> float:
@@ -184,7 +189,7 @@ def _watch(tool: str, argv: list[str], proc: subprocess.Popen, t0: float, stdout
 def run_bpfprof(bpfprof: Path, workdir: Path, n: int, duration_s: float, frequency_hz: int,
                 cpus: int) -> RunResult:
     out = workdir / f"bpfprof-{n}.pb.gz"
-    argv = [str(bpfprof), "record", "--all", "--duration", f"{duration_s:g}",
+    argv = [str(bpfprof), "--log-level", "info", "record", "--all", "--duration", f"{duration_s:g}",
             "--frequency", str(frequency_hz), "-o", str(out)]
     result, stdout = run_profiler("bpfprof", argv, workdir / f"bpfprof-{n}.stdout",
                                   workdir / f"bpfprof-{n}.stderr", duration_s + CHILD_GRACE_S, cpus)
@@ -192,7 +197,8 @@ def run_bpfprof(bpfprof: Path, workdir: Path, n: int, duration_s: float, frequen
     if not m:
         raise BenchError(f"bpfprof printed no summary line:\n{stdout[:500]}")
     first = float(m.group(4)) if m.group(4) else None
-    return replace(result, samples=int(m.group(1)), first_sample_reported_s=first)
+    compiled = CACHE_HIT not in (workdir / f"bpfprof-{n}.stderr").read_text(errors="replace")
+    return replace(result, samples=int(m.group(1)), first_sample_reported_s=first, compiled=compiled)
 
 
 def run_bcc(bcc_profile: str, workdir: Path, n: int, duration_s: float, frequency_hz: int,
@@ -265,6 +271,8 @@ def print_run(r: RunResult) -> None:
     first = ""
     if r.first_sample_reported_s is not None:
         first = f"  first(reported) {r.first_sample_reported_s:.2f}s"
+    if r.compiled is not None:
+        first += "  (compiled)" if r.compiled else "  (BPF from the cache)"
     print(f"  {r.tool:8s} cpu {r.cpu_s:5.2f}s (user {r.user_s:.2f} sys {r.sys_s:.2f})  rss {r.peak_rss_mb:6.1f}MB"
           f"  wall {r.wall_s:5.2f}s  samples {r.samples:6d}  prog {_fmt(r.prog_loaded_s)}s"
           f"  attached {_fmt(r.perf_attached_s)}s{first}", flush=True)
@@ -305,11 +313,13 @@ def report(runs: list[RunResult], expected_samples: int) -> None:
     first_a = med(ours, lambda r: r.first_sample_reported_s)
     print()
     print("targets")
-    _check(f"CPU no more than bcc's profile: {_fmt(cpu_a)}s vs {_fmt(cpu_b)}s",
-           cpu_a is not None and cpu_b is not None and cpu_a <= cpu_b)
+    _check(f"CPU at most {TARGET_CPU_RATIO:g}x bcc's profile: {_fmt(cpu_a)}s vs {_fmt(cpu_b)}s",
+           cpu_a is not None and cpu_b is not None and cpu_a <= TARGET_CPU_RATIO * cpu_b)
     _check(f"peak RSS at most {TARGET_RSS_MB:.0f} MB: {_fmt(rss_a, 1)} MB",
            rss_a is not None and rss_a <= TARGET_RSS_MB)
-    _check(f"first sample within {TARGET_FIRST_SAMPLE_S:.0f} s (bpfprof's own figure): {_fmt(first_a)}s",
+    compiled = sum(bool(r.compiled) for r in ours)
+    print(f"  ({compiled} of {len(ours)} measured bpfprof runs compiled: the warm-up fills the BPF cache)")
+    _check(f"first sample within {TARGET_FIRST_SAMPLE_S:g} s (bpfprof's own figure): {_fmt(first_a)}s",
            first_a is not None and first_a <= TARGET_FIRST_SAMPLE_S)
 
 
@@ -346,6 +356,8 @@ def main() -> int:
     per_run_s = args.duration + CHILD_GRACE_S
     load_s = int((args.repeat + (0 if args.no_warmup else 1)) * 2 * per_run_s + 60)
     workdir = Path(tempfile.mkdtemp(prefix="bench-cpu-record-"))
+    # bpfprof's caches (compiled BPF, unwind tables) of this run only, filled by the warm-up run
+    os.environ.setdefault("BPFPROF_CACHE_DIR", str(workdir / "cache"))
     load = None
     # SIGTERM ends the run like Ctrl-C does, so the finally below kills the load.
     signal.signal(signal.SIGTERM, _interrupt)

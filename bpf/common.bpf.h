@@ -9,7 +9,6 @@
  *   RINGBUF_PAGES    ring buffer size in pages (power of two), sized by the agent
  *                    from CPU count x event rate x drain interval
  *   FILTER_PIDS      1: only processes in `targets` are recorded
- *   AGENT_TGID       the agent's own pid (host namespace), never recorded
  *   WITH_KERNEL      1: record kernel stacks too
  *   MAX_TARGETS      capacity of `targets` (and of `trace_procs`)
  *   TASK_FSBASE_OFFSET  offsetof(task_struct, thread.fsbase) from the running
@@ -42,6 +41,10 @@ BPF_HASH(targets, u32, u8, MAX_TARGETS);
 /* pid -> how to read its trace context; written by the agent at first sight
  * of a process (agent/tracectx/registry.py). Not preallocated: few processes have one. */
 BPF_F_TABLE("hash", u32, struct bpfprof_proc_ctx, trace_procs, MAX_TARGETS, BPF_F_NO_PREALLOC);
+/* The agent's own pid (host namespace), never recorded: written by the agent
+ * after the load, not compiled in, so that one compiled set serves every
+ * start (agent/bpfload/bpf_cache.py). */
+BPF_ARRAY(agent_tgid, u32, 1);
 /* The current record's trace context, until submit_with_stacks() appends it. */
 BPF_PERCPU_ARRAY(trace_ctx_scratch, struct bpfprof_trace_ctx, 1);
 
@@ -87,7 +90,9 @@ static __always_inline u64 rb_flags(u64 size)
 /* Whether this process is recorded at all (the idle task never is). */
 static __always_inline int is_target(u32 tgid)
 {
-    if (tgid == 0 || tgid == AGENT_TGID)
+    u32 zero = 0;
+    u32 *agent = agent_tgid.lookup(&zero);
+    if (tgid == 0 || (agent && tgid == *agent))
         return 0;  /* the idle task; the agent itself (its own overhead is in its metrics) */
 #if FILTER_PIDS
     if (!targets.lookup(&tgid))

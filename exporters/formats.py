@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporters.folded import encode_folded
-from exporters.otlp import encode_otlp_bytes
 from exporters.pprof import encode_pprof
 from exporters.profile import Profile
 
@@ -21,9 +20,15 @@ class OutputFormat:
     encode: Callable[[Profile], bytes]
 
 
+def _otlp_bytes(profile: Profile) -> bytes:
+    from exporters.otlp import encode_otlp_bytes  # noqa: PLC0415  (the OTLP protobufs: only when asked for)
+
+    return encode_otlp_bytes([profile], socket.gethostname())
+
+
 FORMATS: dict[str, OutputFormat] = {
     "pprof": OutputFormat("pprof", extension=".pb.gz", encode=encode_pprof),
     "folded": OutputFormat("folded", extension=".folded", encode=encode_folded),
     # The binary ExportProfilesServiceRequest, as sent to a collector; host.name is this host's.
-    "otlp": OutputFormat("otlp", extension=".otlp.pb", encode=lambda p: encode_otlp_bytes([p], socket.gethostname())),
+    "otlp": OutputFormat("otlp", extension=".otlp.pb", encode=_otlp_bytes),
 }

@@ -76,6 +76,11 @@ fi
 install -m 0644 "$ROOT/packaging/config.example.yaml" "$ETC/config.example.yaml"
 "$PREFIX/venv/bin/bpfprof" agent --config "$ETC/config.yaml" --check-config >/dev/null
 
+# The compiled-BPF cache for this kernel and the installed config, so the service starts without clang.
+# A machine that cannot load BPF yet still gets the unit; the agent then compiles at its first start.
+"$PREFIX/venv/bin/bpfprof" doctor --fix --config "$ETC/config.yaml" >&2 \
+    || log "bpfprof doctor --fix failed (see above): the service compiles its BPF programs when it starts"
+
 # The unit, with the paths of this install.
 install -d "$UNIT_DIR"
 sed -e "s#/opt/bpfprof#$PREFIX#g" -e "s#/etc/bpfprof#$ETC#g" "$ROOT/packaging/systemd/bpfprof.service" \

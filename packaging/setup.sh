@@ -8,7 +8,9 @@
 # Set-up: Debian packages (BCC, kernel headers, perf, compilers), a venv at
 # .venv with bpfprof and its test tools, bcc made importable from the venv
 # (that one package, not all of dist-packages), tracefs/debugfs mounted and
-# kernel headers linked for the running kernel (`bpfprof doctor --fix`).
+# kernel headers linked for the running kernel, and the default probe selections
+# compiled into the BPF cache so that `bpfprof record` starts without clang
+# (`bpfprof doctor --fix`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -70,7 +72,7 @@ mkdir -p "$VENV/bcc-only"
 ln -sfn "$BCC_DIR/bcc" "$VENV/bcc-only/bcc"
 echo "$VENV/bcc-only" > "$SITE/bcc-only.pth"
 
-# --- kernel: tracefs, debugfs, headers ---------------------------------------
+# --- kernel: tracefs, debugfs, headers; the BPF cache warmed ------------------
 "$VENV/bin/bpfprof" doctor --fix
 
 # --- the job ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Compiling and loading bpfprof's C programs with BCC, in a throwaway child.
+"""Compiling and loading bpfprof's C programs with BCC, in a throwaway child, once.
 
 BCC compiles with an in-process clang/LLVM: importing it and compiling one
 small program leaves ~150 MB of RSS that a long-lived agent would carry for
@@ -7,20 +7,29 @@ and map file descriptors to the agent over a Unix socket (SCM_RIGHTS) and
 exits; the kernel objects live on through those descriptors. The agent then
 talks to them with agent/bpfload/libbpf.py only. The cost is one fork (~10 ms).
 
-Call this before the agent starts threads: it forks.
+The child also describes what it loaded (instructions, map definitions) and
+the agent keeps that in the compiled-BPF cache (agent/bpfload/bpf_cache.py):
+the next start with the same source, flags, kernel, BCC and selection loads
+it with libbpf and forks nothing.
+
+Call this before the agent starts threads: it may fork.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import importlib.util
 import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from agent.bpfload import kernel_headers
+from agent.bpfload import bpf_cache, kernel_headers
 from agent.errors import BpfLoadError, PrivilegeError
 from bpf import BPF_DIR
 
@@ -36,6 +45,12 @@ class ProgType(enum.StrEnum):
     PERF_EVENT = "PERF_EVENT"
     TRACEPOINT = "TRACEPOINT"
     KPROBE = "KPROBE"
+
+
+# How many times this process forked the compiler: a start from a warm cache leaves it alone.
+compiles = 0
+# The compile child's reply: the description may be large; the child is ours, still a bound and a deadline.
+_DESCRIPTION_TIMEOUT_S = 60.0
 
 
 def import_bcc() -> Any:
@@ -81,21 +96,38 @@ class LoadedObjects:
         self.maps.clear()
 
 
+def _describe(bcc: Any, b: Any, key: str, loaded: dict[str, int], map_fds: dict[str, int]) -> tuple[bytes, str]:
+    """Child side: the cache entry for what was loaded, or (b"", why not)."""
+    try:
+        license_ = bcc.lib.bpf_module_license(b.module).decode()
+        kern_version = int(bcc.lib.bpf_module_kern_version(b.module))
+        programs = {name: (fd, b.dump_func(name.encode()), license_, kern_version) for name, fd in loaded.items()}
+        return bpf_cache.encode(key, bpf_cache.describe(programs, map_fds)), ""
+    except Exception as e:  # noqa: BLE001  (a description that fails costs the cache, never the capture)
+        return b"", str(e) or type(e).__name__
+
+
 def _compile_and_send(sock: socket.socket, text: str, cflags: list[str],
-                      programs: dict[str, ProgType], maps: list[str]) -> None:
-    """Child side: compile, load, send the fds, wait for the parent to hold them."""
+                      programs: dict[str, ProgType], maps: list[str], key: str) -> None:
+    """Child side: compile, load, send the fds and the cache entry, wait for the parent to hold them."""
     try:
         bcc = import_bcc()
         b = bcc.BPF(text=text.encode(), cflags=cflags)
         names, fds = [], []
+        loaded, map_fds = {}, {}
         for name, ptype in programs.items():
             fn = b.load_func(name.encode(), getattr(bcc.BPF, ptype.value))
             names.append(f"prog:{name}")
             fds.append(fn.fd)
+            loaded[name] = fn.fd
         for name in maps:
             names.append(f"map:{name}")
             fds.append(b[name.encode()].map_fd)
-        socket.send_fds(sock, [json.dumps({"ok": True, "names": names}).encode()], fds)
+            map_fds[name] = fds[-1]
+        entry, why = _describe(bcc, b, key, loaded, map_fds) if key else (b"", "")
+        reply = {"ok": True, "names": names, "entry_bytes": len(entry), "not_cached": why}
+        socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+        sock.sendall(entry)
         sock.recv(1)  # the parent has its own references now
     except BaseException as e:  # noqa: BLE001  (everything goes back to the parent as a message)
         msg = str(e) or type(e).__name__
@@ -105,25 +137,109 @@ def _compile_and_send(sock: socket.socket, text: str, cflags: list[str],
             pass
 
 
-def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgType],
-                  maps: list[str]) -> LoadedObjects:
-    """Compile C `text` (it #includes files of bpf/) with `-D` defines in a child.
+def _cflags(defines: dict[str, int]) -> list[str]:
+    # an undeclared function is an error, not a call BPF cannot make (a helper hidden by a header guard)
+    return [f"-D{k}={int(v)}" for k, v in sorted(defines.items())] + [f"-I{BPF_DIR}", "-Werror=implicit-function-declaration"]
 
-    Returns the fds of the loaded `programs` and `maps`; BpfLoadError with the
-    compiler's message if anything fails (clang's own output goes to stderr).
+
+def _bcc_identity() -> str:
+    """BCC's version without importing it (0.25 s): its version.py and the libbcc it loads."""
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.origin:
+        return "absent"
+    package = Path(spec.origin).parent
+    try:
+        version = (package / "version.py").read_text(errors="replace")
+    except OSError:
+        version = "?"
+    libs = []
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+        p = Path(d) / "libbcc.so.0"
+        try:
+            st = p.stat()
+            libs.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            continue
+    return f"{package.resolve()}\0{version}\0{','.join(libs)}"
+
+
+def _bpf_dir_digest() -> str:
+    """Every file under bpf/ (the sources #include one another): a change to any is another entry."""
+    h = hashlib.sha256()
+    for p in sorted(Path(BPF_DIR).rglob("*")):
+        if p.is_file() and p.suffix in (".c", ".h"):
+            h.update(p.relative_to(BPF_DIR).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def cache_key(text: str, defines: dict[str, int], programs: dict[str, ProgType], maps: list[str],
+              headers: kernel_headers.KernelHeaders) -> str:
+    """The cache entry name of this compile: source, flags, headers, kernel, BCC and the probe selection."""
+    u = os.uname()
+    return bpf_cache.key_digest({
+        "source": hashlib.sha256(text.encode()).hexdigest(),
+        "bpf_dir": _bpf_dir_digest(),
+        "cflags": _cflags(defines),
+        "kernel": [u.release, u.version, u.machine],
+        # not describe(): the first start links the headers and names their source differently from later ones
+        "headers": [str(headers.path), str(headers.path.resolve()), headers.version],
+        "bcc": _bcc_identity(),
+        "programs": sorted([name, str(t)] for name, t in programs.items()),
+        "maps": list(maps),
+    })
+
+
+def is_cached(text: str, defines: dict[str, int], programs: dict[str, ProgType], maps: list[str]) -> bool:
+    """Whether a start with this selection would load from the cache (for `bpfprof doctor`)."""
+    key = cache_key(text, defines, programs, maps, kernel_headers.resolve(link=False))
+    return bpf_cache.read(key) is not None
+
+
+def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgType],
+                  maps: list[str], use_cache: bool = True) -> LoadedObjects:
+    """The loaded `programs` and `maps` of C `text` (it #includes files of bpf/) with `-D` defines.
+
+    From the compiled-BPF cache when it holds this compile (no fork, no
+    clang); else compiled in a child, and the cache filled. BpfLoadError with
+    the compiler's message if anything fails (clang's own output goes to stderr).
     """
     check_privileges()
     headers = kernel_headers.resolve(link=True)
     if headers.warning:
         log.warning("%s", headers.warning)
+    key = cache_key(text, defines, programs, maps, headers) if use_cache else ""
+    if key:
+        t0 = time.monotonic()
+        entry = bpf_cache.read(key)
+        if entry is not None:
+            try:
+                progs, map_fds = bpf_cache.load(entry)
+            except BpfLoadError as e:
+                log.warning("BPF cache entry %s does not load (%s): discarded, compiling again",
+                            bpf_cache.entry_path(key), e)
+                bpf_cache.discard(bpf_cache.entry_path(key))
+            else:
+                if set(progs) == set(programs) and set(map_fds) == set(maps):
+                    log.info("BPF programs loaded from the cache in %.0f ms (%s)", (time.monotonic() - t0) * 1000,
+                             bpf_cache.entry_path(key))
+                    return LoadedObjects(progs, map_fds)
+                LoadedObjects(progs, map_fds).close()
+                log.warning("BPF cache entry %s holds another selection: discarded, compiling again",
+                            bpf_cache.entry_path(key))
+                bpf_cache.discard(bpf_cache.entry_path(key))
     log.info("kernel headers: %s", headers.describe())
-    # an undeclared function is an error, not a call BPF cannot make (a helper hidden by a header guard)
-    cflags = [f"-D{k}={int(v)}" for k, v in sorted(defines.items())] + [f"-I{BPF_DIR}", "-Werror=implicit-function-declaration"]
+    return _compile_in_child(text, _cflags(defines), programs, maps, key)
+
+
+def _compile_in_child(text: str, cflags: list[str], programs: dict[str, ProgType], maps: list[str],
+                      key: str) -> LoadedObjects:
+    global compiles
+    compiles += 1
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # child
         parent.close()
-        _compile_and_send(child, text, cflags, programs, maps)
+        _compile_and_send(child, text, cflags, programs, maps, key)
         os._exit(0)
     child.close()
     try:
@@ -137,8 +253,41 @@ def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgTy
         for name, fd in zip(reply["names"], fds, strict=True):
             kind, _, short = name.partition(":")
             (loaded.programs if kind == "prog" else loaded.maps)[short] = fd
+        entry = _receive(parent, int(reply.get("entry_bytes", 0)))
         parent.send(b"x")
+        if key:
+            _store(key, entry, reply.get("not_cached", ""))
         return loaded
     finally:
         parent.close()
         os.waitpid(pid, 0)
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    if not 0 < size <= bpf_cache.MAX_ENTRY_BYTES:
+        return b""
+    sock.settimeout(_DESCRIPTION_TIMEOUT_S)
+    buf = bytearray()
+    try:
+        while len(buf) < size and (chunk := sock.recv(min(size - len(buf), 1 << 20))):
+            buf += chunk
+    except OSError:
+        return b""
+    finally:
+        sock.settimeout(None)
+    return bytes(buf) if len(buf) == size else b""
+
+
+def _store(key: str, entry: bytes, why_not: str) -> None:
+    """Keep the child's description, once it decodes here too."""
+    if not entry:
+        log.warning("compiled BPF programs not cached: %s", why_not or "no description from the compile child")
+        return
+    try:
+        bpf_cache.decode(key, entry)
+    except bpf_cache.CacheEntryError as e:
+        log.warning("compiled BPF programs not cached: the description is bad (%s)", e)
+        return
+    path = bpf_cache.write(key, entry)
+    if path is not None:
+        log.info("compiled BPF programs cached in %s", path)

@@ -52,6 +52,9 @@ def lib() -> ctypes.CDLL:
         so.ring_buffer__new.restype = vp
         so.ring_buffer__consume.argtypes = [vp]
         so.ring_buffer__free.argtypes = [vp]
+        so.bpf_map_create.argtypes = [i, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, vp]
+        so.bpf_prog_load.argtypes = [i, ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, vp]
+        so.bpf_obj_get_info_by_fd.argtypes = [i, vp, ctypes.POINTER(ctypes.c_uint32)]
         _lib = so
     return _lib
 
@@ -246,3 +249,103 @@ def attach_uprobe(prog_fd: int, path: str, file_offset: int, pid: int = -1, retp
     ctypes.c_uint64.from_buffer(attr, 64).value = file_offset  # config2: probe_offset
     fd = _perf_event_open(attr, pid, 0 if pid == -1 else -1)
     return [_attach(fd, prog_fd)]
+
+
+# -- creating maps and loading programs without BCC (agent/bpfload/bpf_cache.py) --------------------------
+
+BPF_OBJ_NAME_LEN = 16
+
+
+class _MapCreateOpts(ctypes.Structure):
+    """libbpf's struct bpf_map_create_opts (1.1 layout; `sz` tells libbpf which fields we know)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    """libbpf's struct bpf_prog_load_opts, up to log_buf (its last field in libbpf 1.1)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_int),
+                ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32), ("prog_ifindex", ctypes.c_uint32),
+                ("kern_version", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_btf_obj_fd", ctypes.c_uint32), ("attach_prog_fd", ctypes.c_int),
+                ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_void_p),
+                ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_char_p)]
+
+
+class MapInfo(ctypes.Structure):
+    """The kernel's struct bpf_map_info (uapi/linux/bpf.h), as bpf_obj_get_info_by_fd fills it."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * BPF_OBJ_NAME_LEN), ("ifindex", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64),
+                ("netns_ino", ctypes.c_uint64), ("btf_id", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_id", ctypes.c_uint32),
+                ("map_extra", ctypes.c_uint64)]
+
+
+class ProgInfo(ctypes.Structure):
+    """The head of the kernel's struct bpf_prog_info: what identifies a program (type, id, name)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
+                ("name", ctypes.c_char * BPF_OBJ_NAME_LEN)]
+
+
+def _obj_info(fd: int, info: ctypes.Structure) -> None:
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    """What the kernel says a map is: type, sizes, flags, name."""
+    return _obj_info(fd, MapInfo())
+
+
+def prog_info(fd: int) -> ProgInfo:
+    """What the kernel says a program is: its type, id and (possibly truncated) name."""
+    return _obj_info(fd, ProgInfo())
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, map_extra: int = 0) -> int:
+    """A new BPF map (no BTF); its fd. BpfLoadError if the kernel refuses."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags, map_extra=map_extra)
+    fd = lib().bpf_map_create(map_type, name.encode() or None, key_size, value_size, max_entries, ctypes.byref(opts))
+    _check(fd, f"creating BPF map {name!r}")
+    return fd
+
+
+VERIFIER_LOG_BYTES = 1 << 20  # only after a failed load: the verifier's reason
+
+
+def prog_load(prog_type: int, name: str, license_: str, insns: bytes, kern_version: int = 0) -> int:
+    """Load instructions (map fds already patched in) as a program; its fd.
+
+    On failure the load is repeated with the verifier's log, whose last lines
+    go into the BpfLoadError.
+    """
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), kern_version=kern_version)
+    args = (prog_type, name.encode() or None, license_.encode(), buf, len(insns) // 8)
+    fd = lib().bpf_prog_load(*args, ctypes.byref(opts))
+    if fd >= 0:
+        return fd
+    err = -fd
+    log_buf = ctypes.create_string_buffer(VERIFIER_LOG_BYTES)
+    opts.log_level, opts.log_size, opts.log_buf = 1, VERIFIER_LOG_BYTES, ctypes.cast(log_buf, ctypes.c_char_p)
+    fd = lib().bpf_prog_load(*args, ctypes.byref(opts))
+    if fd >= 0:  # it loaded the second time: keep it
+        return fd
+    tail = " / ".join(log_buf.value.decode(errors="replace").strip().splitlines()[-3:])
+    raise BpfLoadError(f"loading BPF program {name!r}: {os.strerror(err)}" + (f" (verifier: {tail})" if tail else ""))

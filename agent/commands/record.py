@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,13 +19,17 @@ from agent.probes.registry import PROBES
 from agent.processes.stack_resolver import DEFAULT_UNWIND, UnwindMode
 from agent.processes.targets import validate_command, validate_pids
 from exporters.formats import FORMATS, OutputFormat
-from exporters.otlp import encode_otlp
-from exporters.otlp_sender import DEFAULT_TIMEOUT_S, ExportStatus, OtlpExporter, parse_headers
 from exporters.profile import Profile
 from exporters.summary import top_functions
 from symbolizer.errors import ConfigError
 
+if TYPE_CHECKING:
+    from exporters.otlp_sender import OtlpExporter
+
 MAX_FREQUENCY_HZ = 20_000
+# exporters.otlp_sender.DEFAULT_TIMEOUT_S (a unit test keeps them equal): that module, gRPC and the
+# OTLP protobufs (~70 ms) are imported only when --otlp-endpoint is given, not at every start.
+OTLP_TIMEOUT_S = 10.0
 MAX_SAMPLE_RATE = Path("/proc/sys/kernel/perf_event_max_sample_rate")
 
 
@@ -104,7 +109,7 @@ class _Progress:
 @click.option("--otlp-insecure", is_flag=True, help="Plaintext gRPC to a host:port endpoint.")
 @click.option("--otlp-ca-file", type=click.Path(dir_okay=False), default=None,
               help="PEM CA bundle to verify the collector's certificate with.")
-@click.option("--otlp-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S,
+@click.option("--otlp-timeout", type=click.FloatRange(min=0, min_open=True), default=OTLP_TIMEOUT_S,
               show_default=True, help="Seconds one export may take, retries included.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency: int, output: Path | None,
@@ -133,6 +138,8 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     _check_output(output)
     exporter = None
     if otlp_endpoint is not None:  # built now, so that a bad endpoint fails before the capture
+        from exporters.otlp_sender import OtlpExporter, parse_headers  # noqa: PLC0415  (see OTLP_TIMEOUT_S)
+
         exporter = OtlpExporter(otlp_endpoint, protocol=otlp_protocol, headers=parse_headers(otlp_headers),
                                 timeout_s=otlp_timeout, insecure=otlp_insecure, ca_file=otlp_ca_file)
     types = tuple(t.strip() for t in profile_types.split(",") if t.strip())
@@ -190,6 +197,9 @@ def _write(profiles: list[Profile], output: Path, out_format: OutputFormat) -> l
 
 def _send(exporter: OtlpExporter, profiles: list[Profile], save: Callable[[], list[Path]]) -> None:
     """One export of all profiles; on failure save them (unless written already), say so in one line, exit 1."""
+    from exporters.otlp import encode_otlp  # noqa: PLC0415  (see OTLP_TIMEOUT_S)
+    from exporters.otlp_sender import ExportStatus  # noqa: PLC0415
+
     try:
         result = exporter.export(encode_otlp(profiles, socket.gethostname()))
     finally:

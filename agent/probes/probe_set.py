@@ -13,6 +13,7 @@ import ctypes
 import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from agent.bpfload import bpf_compile, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects
@@ -37,7 +38,8 @@ EXIT_STOP_WAIT_S = 2.0
 # Headroom over the worst case of full-size records: drains are late when the
 # machine is busy, which is exactly when samples matter.
 RINGBUF_HEADROOM = 4
-SHARED_MAPS = ["records", "drops", "targets"]
+AGENT_TGID_MAP = "agent_tgid"
+SHARED_MAPS = ["records", "drops", "targets", AGENT_TGID_MAP]
 
 
 def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float, record_bytes: int = 0) -> int:
@@ -59,6 +61,7 @@ def wake_bytes(pages: int, cpus: int) -> int:
 
 
 FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
+FOLLOW_PROGRAM = "tracepoint__sched__sched_process_fork"
 COMMON_SOURCE = "common.bpf.h"
 UNWIND_SOURCE = "unwind.bpf.h"  # pasted, not included: it defines maps
 UNWIND_WALK_SOURCE = "unwind_walk.bpf.c"
@@ -102,6 +105,70 @@ def combined_source(sources: Sequence[str]) -> str:
                      for name in dict.fromkeys([COMMON_SOURCE, UNWIND_SOURCE, *sources]))
 
 
+@dataclass(frozen=True)
+class CompilePlan:
+    """What one compile of a selection is made of: the cache key's inputs, and what the set needs after it."""
+
+    text: str
+    defines: dict[str, int]
+    programs: dict[str, bpf_compile.ProgType]
+    maps: list[str]
+    walkers: frozenset[bpf_compile.ProgType]
+    table_rows: int
+
+    def is_cached(self) -> bool:
+        """Whether loading this plan forks no compiler (`bpfprof doctor`)."""
+        return bpf_compile.is_cached(self.text, self.defines, self.programs, self.maps)
+
+    def load(self) -> LoadedObjects:
+        return bpf_compile.load_programs(self.text, self.defines, self.programs, self.maps)
+
+
+def compile_plan(families: Sequence[ProbeFamily], filter_pids: bool, follow_children: bool = False,
+                 with_kernel: bool = True, drain_interval_s: float = 0.1) -> CompilePlan:
+    """The source, defines, programs and maps of one compile of `families`.
+
+    Nothing in it depends on the process that loads it (the agent's own pid
+    is written into `agent_tgid` after the load), so the compiled programs
+    are cached across starts.
+    """
+    cpus = len(libbpf.online_cpus())
+    rate = sum(f.events_per_cpu_s for f in families)
+    # Families whose records are bigger than a stack record (samples with a stack copy) say so.
+    biggest = max((f.record_bytes for f in families), default=0)
+    defines = {
+        "RINGBUF_PAGES": (pages := ringbuf_pages(cpus, rate, drain_interval_s, biggest)),
+        "RB_WAKE_BYTES": wake_bytes(pages, cpus),
+        "FILTER_PIDS": int(filter_pids),
+        "WITH_KERNEL": int(with_kernel),
+        "MAX_TARGETS": MAX_TARGETS,
+    }
+    programs: dict[str, bpf_compile.ProgType] = {}
+    maps = list(SHARED_MAPS)
+    for f in families:
+        own = f.defines()
+        # One stack-copy buffer for the set: as big as the largest family wants.
+        own["USTACK_BYTES"] = max(own.get("USTACK_BYTES", 0), defines.get("USTACK_BYTES", 0))
+        defines.update(own)
+        programs.update(f.programs())
+        maps += [m for m in f.maps() if m not in maps]
+    sources = [s for f in families for s in (f.source, *f.extra_sources)]
+    if follow_children:
+        programs[FOLLOW_PROGRAM] = bpf_compile.ProgType.TRACEPOINT
+        sources.append(FOLLOW_CHILDREN_SOURCE)
+    walkers = frozenset(f.bpf_unwind_prog for f in families if f.walks_in_bpf and f.bpf_unwind_prog)
+    table_rows = 0
+    if walkers:
+        table_rows = max(1, max(f.config.unwind_table_bytes for f in families) // ROW_BYTES)
+        defines.update(UNWIND_ROWS=table_rows, UNWIND_PROCS=UNWIND_MAX_PROCESSES,
+                       UNWIND_SEARCH_STEPS=table_rows.bit_length() + 1)
+        programs.update({UNWIND_WALKERS[t][0]: t for t in sorted(walkers)})
+        programs.update(dict.fromkeys(UNWIND_HOOKS, bpf_compile.ProgType.TRACEPOINT))
+        maps += UNWIND_MAPS
+        sources.append(UNWIND_WALK_SOURCE)
+    return CompilePlan(combined_source(sources), defines, programs, maps, walkers, table_rows)
+
+
 class ProbeSet:
     """Owns the loaded programs of a capture. Use as a context manager; close() detaches."""
 
@@ -110,45 +177,13 @@ class ProbeSet:
                  tracker: ProcessTracker | None = None) -> None:
         self.families = list(families)
         self._pids = None if pids is None else list(pids)
-        cpus = len(libbpf.online_cpus())
-        rate = sum(f.events_per_cpu_s for f in self.families)
-        # Families whose records are bigger than a stack record (samples with a stack copy) say so.
-        biggest = max((f.record_bytes for f in self.families), default=0)
-        defines = {
-            "RINGBUF_PAGES": (pages := ringbuf_pages(cpus, rate, drain_interval_s, biggest)),
-            "RB_WAKE_BYTES": wake_bytes(pages, cpus),
-            "FILTER_PIDS": int(self._pids is not None),
-            # Profiling the profiler would put its symbolization into every
-            # whole-system profile. Its pid as BPF sees it (host namespace).
-            "AGENT_TGID": host_pid(),
-            "WITH_KERNEL": int(with_kernel),
-            "MAX_TARGETS": MAX_TARGETS,
-        }
-        programs: dict[str, bpf_compile.ProgType] = {}
-        maps = list(SHARED_MAPS)
-        for f in self.families:
-            own = f.defines()
-            # One stack-copy buffer for the set: as big as the largest family wants.
-            own["USTACK_BYTES"] = max(own.get("USTACK_BYTES", 0), defines.get("USTACK_BYTES", 0))
-            defines.update(own)
-            programs.update(f.programs())
-            maps += [m for m in f.maps() if m not in maps]
         self._follow = follow_children
-        sources = [s for f in self.families for s in (f.source, *f.extra_sources)]
-        if follow_children:
-            programs["tracepoint__sched__sched_process_fork"] = bpf_compile.ProgType.TRACEPOINT
-            sources.append(FOLLOW_CHILDREN_SOURCE)
-        walkers = {f.bpf_unwind_prog for f in self.families if f.walks_in_bpf and f.bpf_unwind_prog}
-        table_rows = 0
-        if walkers:
-            table_rows = max(1, max(f.config.unwind_table_bytes for f in self.families) // ROW_BYTES)
-            defines.update(UNWIND_ROWS=table_rows, UNWIND_PROCS=UNWIND_MAX_PROCESSES,
-                           UNWIND_SEARCH_STEPS=table_rows.bit_length() + 1)
-            programs.update({UNWIND_WALKERS[t][0]: t for t in walkers})
-            programs.update(dict.fromkeys(UNWIND_HOOKS, bpf_compile.ProgType.TRACEPOINT))
-            maps += UNWIND_MAPS
-            sources.append(UNWIND_WALK_SOURCE)
-        self.objs: LoadedObjects = bpf_compile.load_programs(combined_source(sources), defines, programs, maps)
+        plan = compile_plan(self.families, self._pids is not None, follow_children, with_kernel, drain_interval_s)
+        walkers, table_rows = plan.walkers, plan.table_rows
+        self.objs: LoadedObjects = plan.load()
+        # Profiling the profiler would put its symbolization into every
+        # whole-system profile. Its pid as BPF sees it (host namespace).
+        libbpf.map_update(self.objs.maps[AGENT_TGID_MAP], ctypes.c_uint32(0), ctypes.c_uint32(host_pid()))
         self._events: list[int] = []
         self._ring: libbpf.RingBuffer | None = None
         self.unwind_tables: UnwindTables | None = None
@@ -182,8 +217,7 @@ class ProbeSet:
 
         self._ring = libbpf.RingBuffer(self.objs.maps["records"], dispatch)
         if self._follow:
-            self._events += libbpf.attach_tracepoint(
-                self.objs.programs["tracepoint__sched__sched_process_fork"], "sched", "sched_process_fork")
+            self._events += libbpf.attach_tracepoint(self.objs.programs[FOLLOW_PROGRAM], "sched", "sched_process_fork")
         if self.unwind_tables is not None:
             for prog, (category, name) in UNWIND_HOOKS.items():
                 self._events += libbpf.attach_tracepoint(self.objs.programs[prog], category, name)

@@ -1,0 +1,149 @@
+"""The compiled-BPF cache on the real kernel: a warm start forks no compiler and samples as a cold one.
+
+Each test has a cache directory of its own, so the first load compiles (the
+compile path runs here whatever the rest of the suite left in its cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+import pytest
+
+from agent.bpfload import bpf_cache, bpf_compile, libbpf
+from agent.probes.family import ProbeConfig
+from agent.probes.probe_set import ProbeSet, compile_plan
+from agent.probes.registry import PROBES
+from agent.processes.tracker import ProcessTracker
+from fixtures.builder import build_go
+from recording import read_pprof, run_bpfprof
+
+# As tests/integration/test_cpu_go.py, whose statistics these are: 3 pp is 4 sigma at 20 s.
+TOLERANCE = 0.03
+FUNCTIONS = ("main.spinA", "main.spinB", "main.mix")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("BPFPROF_CACHE_DIR", str(tmp_path))
+    return tmp_path / "bpf"
+
+
+def families(*names: str) -> list:
+    tracker = ProcessTracker()
+    return [PROBES[n](ProbeConfig(), tracker) for n in names]
+
+
+def entry_file(cache_dir) -> os.PathLike:
+    files = list(cache_dir.glob("*.bpfc"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def describe_loaded(objs) -> dict[str, tuple[int, bytes, int]]:
+    """What the kernel says of each program: type, name, verified instruction count."""
+    out = {}
+    for name, fd in objs.programs.items():
+        info = libbpf.prog_info(fd)
+        out[name] = (info.type, info.name, info.xlated_prog_len)
+    return out
+
+
+def no_fork(*_a, **_k):
+    raise AssertionError("the compile child was forked although the cache is warm")
+
+
+def test_second_load_forks_no_compiler_and_loads_the_same_programs(cache_dir, monkeypatch):
+    names = ("offcpu", "lock")  # (cpu with either fails to load on main too: see the report)
+    before = bpf_compile.compiles
+    with ProbeSet(families(*names)) as first:
+        cold = describe_loaded(first.objs)
+        cold_maps = {n: libbpf.map_info(fd) for n, fd in first.objs.maps.items()}
+    assert bpf_compile.compiles == before + 1
+    path = entry_file(cache_dir)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    monkeypatch.setattr(os, "fork", no_fork)
+    with ProbeSet(families(*names)) as second:
+        assert describe_loaded(second.objs) == cold
+        for n, fd in second.objs.maps.items():
+            info = libbpf.map_info(fd)
+            want = cold_maps[n]
+            assert (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags, info.name) == (
+                want.type, want.key_size, want.value_size, want.max_entries, want.map_flags, want.name), n
+        # the tail-call slots and the agent's own pid were written into the new maps
+        assert libbpf.map_keys_u32(second.objs.maps["agent_tgid"]) == [0]
+    assert bpf_compile.compiles == before + 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "version", "foreign"])
+def test_a_damaged_entry_is_rebuilt_with_a_log_line(cache_dir, monkeypatch, caplog, damage):
+    with ProbeSet(families("cpu")):
+        pass
+    path = entry_file(cache_dir)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        for i in range(len(data) // 2, len(data), 997):
+            data[i] ^= 0xFF
+    elif damage == "truncate":
+        del data[len(data) // 3:]
+    elif damage == "version":
+        struct.pack_into("<H", data, 8, bpf_cache.FORMAT_VERSION + 1)
+    else:
+        data[:8] = b"ELF\0\0\0\0\0"
+    path.write_bytes(bytes(data))
+    before = bpf_compile.compiles
+    with caplog.at_level(logging.WARNING, logger="agent.bpfload"):
+        with ProbeSet(families("cpu")) as rebuilt:
+            assert "on_cpu_sample" in rebuilt.objs.programs
+    assert bpf_compile.compiles == before + 1
+    lines = [r.getMessage() for r in caplog.records if "BPF cache" in r.getMessage()]
+    assert len(lines) == 1 and "discarded" in lines[0], lines
+    assert entry_file(cache_dir).read_bytes() != bytes(data)  # rebuilt, and loads warm again
+    monkeypatch.setattr(os, "fork", no_fork)
+    with ProbeSet(families("cpu")):
+        pass
+
+
+def test_an_entry_the_verifier_refuses_is_rebuilt(cache_dir, caplog):
+    """Intact on disk but wrong for the kernel (the checksum is right): discarded at load, compiled again."""
+    with ProbeSet(families("cpu")):
+        pass
+    path = entry_file(cache_dir)
+    key = path.read_bytes()[16:48].hex()
+    entry = bpf_cache.decode(key, path.read_bytes())
+    bad = [p if p.name != "on_cpu_sample" else bpf_cache.ProgDef(
+        p.name, p.kernel_name, p.type, p.license, p.kern_version, p.insns[:-8], p.relocs)  # no exit: refused
+        for p in entry.programs]
+    path.write_bytes(bpf_cache.encode(key, bpf_cache.Entry(entry.maps, tuple(bad))))
+    before = bpf_compile.compiles
+    with caplog.at_level(logging.WARNING, logger="agent.bpfload"):
+        with ProbeSet(families("cpu")):
+            pass
+    assert bpf_compile.compiles == before + 1
+    assert any("does not load" in r.getMessage() for r in caplog.records)
+
+
+def test_doctor_plan_sees_the_entry(cache_dir):
+    plan = compile_plan(families("cpu"), filter_pids=False)
+    assert not plan.is_cached()
+    plan.load().close()
+    assert plan.is_cached()
+
+
+def test_warm_capture_samples_the_fixture_as_its_own_profile(cache_dir, tmp_path):
+    binary = build_go("cpusplit")
+    # the same options: the frequency sizes the ring buffer, which is compiled in
+    cold = run_bpfprof("--log-level", "info", "record", "--frequency", "499", "-o", str(tmp_path / "cold.pb.gz"), "--",
+                       str(binary), "-duration", "2s")
+    assert "compiled BPF programs cached" in cold.stderr, cold.stderr
+    ours, theirs = tmp_path / "warm.pb.gz", tmp_path / "go.pb.gz"
+    warm = run_bpfprof("--log-level", "info", "record", "--frequency", "499", "-o", str(ours), "--",
+                       str(binary), "-duration", "20s", "-hz", "500", "-cpuprofile", str(theirs))
+    assert "loaded from the cache" in warm.stderr and "compiled BPF" not in warm.stderr, warm.stderr
+    mine, go = read_pprof(ours), read_pprof(theirs)
+    assert go.total() > 2500, "the fixture's own profile is too small to compare with"
+    for fn in FUNCTIONS:
+        assert abs(mine.cum_share(fn) - go.cum_share(fn)) <= TOLERANCE, (
+            f"{fn}: bpfprof {mine.cum_share(fn):.3f} vs runtime/pprof {go.cum_share(fn):.3f}")
