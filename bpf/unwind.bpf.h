@@ -138,11 +138,27 @@ struct unwind_state {
     u32 opaque2;
 };
 
-/* Walker programs in unwind_calls, by the program type of their caller. */
+/* The walker program of each caller's program type, one prog array each: the
+ * kernel ties a prog array to the type of the first program that uses it
+ * (bpf_prog_map_compatible), so one array shared by a perf_event and a
+ * tracepoint caller makes the second fail to load with EINVAL. */
 #define UNWIND_PROG_PERF 0
 #define UNWIND_PROG_TP 1
 #define UNWIND_PROG_KPROBE 2
-BPF_PROG_ARRAY(unwind_calls, 3);
+BPF_PROG_ARRAY(unwind_calls_perf, 1);
+BPF_PROG_ARRAY(unwind_calls_tp, 1);
+BPF_PROG_ARRAY(unwind_calls_kprobe, 1);
+
+/* Tail-call the walker for `prog` (a constant once inlined: the other arms fold away). */
+static __always_inline void unwind_tail_call(void *ctx, u32 prog)
+{
+    if (prog == UNWIND_PROG_PERF)
+        unwind_calls_perf.call(ctx, 0);
+    else if (prog == UNWIND_PROG_TP)
+        unwind_calls_tp.call(ctx, 0);
+    else
+        unwind_calls_kprobe.call(ctx, 0);
+}
 BPF_F_TABLE("array", u32, struct unwind_row, unwind_rows, UNWIND_ROWS, BPF_F_MMAPABLE);
 BPF_F_TABLE("hash", u32, struct unwind_proc, unwind_procs, UNWIND_PROCS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(unwind_state, struct unwind_state, 1);
@@ -422,7 +438,7 @@ static __always_inline void unwind_start(void *ctx, struct bpfprof_stack_record 
     st->done = done;
     st->user_mode = (u->flags & BPFPROF_USTACK_USER_MODE) != 0;
     unwind_push(st, r, u->rip);
-    unwind_calls.call(ctx, prog);
+    unwind_tail_call(ctx, prog);
     unwind_count(UNWIND_STOP_CALLS);
 }
 

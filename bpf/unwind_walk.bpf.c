@@ -63,7 +63,7 @@ static __always_inline int unwind_walk(void *ctx, u32 prog)
     if (rc == UW_STEP_NEXT) {
         if (st->calls < UNWIND_MAX_CALLS) {
             st->calls++;
-            unwind_calls.call(ctx, prog);
+            unwind_tail_call(ctx, prog);
         }
         unwind_count(UNWIND_STOP_CALLS);
         rc = UW_STEP_END;

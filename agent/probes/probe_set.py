@@ -65,15 +65,16 @@ FOLLOW_PROGRAM = "tracepoint__sched__sched_process_fork"
 COMMON_SOURCE = "common.bpf.h"
 UNWIND_SOURCE = "unwind.bpf.h"  # pasted, not included: it defines maps
 UNWIND_WALK_SOURCE = "unwind_walk.bpf.c"
-# The BPF walker of each program type, and its slot in `unwind_calls` (UNWIND_PROG_*).
+# The BPF walker of each program type, and the prog array its callers tail-call it through
+# (one per type: unwind.bpf.h unwind_tail_call).
 UNWIND_WALKERS = {
-    bpf_compile.ProgType.PERF_EVENT: ("unwind_walk_perf", 0),
-    bpf_compile.ProgType.TRACEPOINT: ("unwind_walk_tp", 1),
-    bpf_compile.ProgType.KPROBE: ("unwind_walk_kprobe", 2),
+    bpf_compile.ProgType.PERF_EVENT: ("unwind_walk_perf", "unwind_calls_perf"),
+    bpf_compile.ProgType.TRACEPOINT: ("unwind_walk_tp", "unwind_calls_tp"),
+    bpf_compile.ProgType.KPROBE: ("unwind_walk_kprobe", "unwind_calls_kprobe"),
 }
 UNWIND_HOOKS = {"tracepoint__sched__sched_process_exec": ("sched", "sched_process_exec"),
                 "tracepoint__sched__sched_process_exit": ("sched", "sched_process_exit")}
-UNWIND_MAPS = ["unwind_rows", "unwind_procs", "unwind_stats", "unwind_calls"]
+UNWIND_MAPS = ["unwind_rows", "unwind_procs", "unwind_stats", *(array for _, array in UNWIND_WALKERS.values())]
 UNWIND_MAX_PROCESSES = 4096
 
 
@@ -189,8 +190,8 @@ class ProbeSet:
         self.unwind_tables: UnwindTables | None = None
         if walkers:
             for t in walkers:
-                name, slot = UNWIND_WALKERS[t]
-                libbpf.map_update(self.objs.maps["unwind_calls"], ctypes.c_uint32(slot),
+                name, array = UNWIND_WALKERS[t]
+                libbpf.map_update(self.objs.maps[array], ctypes.c_uint32(0),
                                   ctypes.c_uint32(self.objs.programs[name]))
             self.unwind_tables = UnwindTables(self.objs.maps, tracker if tracker is not None else ProcessTracker(), table_rows)
             for f in self.families:

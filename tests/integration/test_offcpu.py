@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fixtures.builder import build_c
 from gotool import gotool_total
 from recording import read_pprof, run_bpfprof
@@ -11,10 +13,11 @@ KNOWN_S = {"wait_in_nanosleep": 0.6, "wait_in_poll": 1.0, "wait_in_pipe": 1.4, "
 KERNEL_WAIT = {"wait_in_nanosleep": "do_nanosleep", "wait_in_poll": "do_sys_poll", "wait_in_pipe": "pipe_read"}
 
 
-def _record(tmp_path, *flags: str):
+def _record(tmp_path, *flags: str, types: str = "offcpu"):
     binary = build_c("offcpu_blocks")
-    out = tmp_path / "offcpu.pb.gz"
-    proc = run_bpfprof("record", "--profile", "offcpu", *flags, "-o", str(out), "--", str(binary), "0.2")
+    out = tmp_path / ("offcpu.pb.gz" if types == "offcpu" else "all.offcpu.pb.gz")
+    proc = run_bpfprof("record", "--profile", types, *flags, "-o", str(out).replace(".offcpu", ""), "--", str(binary),
+                       "0.2")
     truth = {name: int(ns) for name, ns in (line.split() for line in proc.stdout.splitlines()
                                              if line.split()[:1] and line.split()[0] in (*KNOWN_S, "short_naps", "short_naps_over_5ms"))}
     return out, read_pprof(out), truth
@@ -24,8 +27,10 @@ def _off_cpu_ns(prof, function: str) -> int:
     return sum(s.values[1] for s in prof.samples if function in s.functions)
 
 
-def test_off_cpu_time_per_function_matches_known_blocks(tmp_path):
-    out, prof, truth = _record(tmp_path)
+@pytest.mark.parametrize("types", ["offcpu", "cpu,offcpu,lock"])
+def test_off_cpu_time_per_function_matches_known_blocks(tmp_path, types):
+    """Alone, and in one BPF object with the CPU and lock walkers (each program type its own tail-call array)."""
+    out, prof, truth = _record(tmp_path, types=types)
     assert prof.sample_types == [("samples", "count"), ("off_cpu", "nanoseconds")]
     assert prof.raw.string_table[prof.raw.default_sample_type] == "off_cpu"
     for function, nominal_s in KNOWN_S.items():
@@ -45,6 +50,11 @@ def test_off_cpu_time_per_function_matches_known_blocks(tmp_path):
     assert 30 <= sum(s.values[0] for s in prof.samples if "wait_in_nanosleep" in s.functions) <= 32
     for index, unit in (("samples", "minimum"), ("off_cpu", "ns")):
         assert gotool_total(tmp_path, out, index, unit) == prof.total(0 if index == "samples" else 1)
+    if "cpu," in types:  # the CPU profile of the same run, read by go tool pprof too
+        cpu_out = tmp_path / "all.cpu.pb.gz"
+        cpu = read_pprof(cpu_out)
+        assert cpu.sample_types[0] == ("samples", "count")
+        assert gotool_total(tmp_path, cpu_out, "samples", "minimum") == cpu.total(0)
 
 
 def test_min_duration_threshold_leaves_short_blocks_out(tmp_path):
