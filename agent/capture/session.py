@@ -50,9 +50,17 @@ class CaptureStats:
     samples: int = 0
     processes: int = 0
     losses: list[Loss] = field(default_factory=list)  # what was lost or cut short, by reason
-    command_exit: int | None = None
+    command_exit: int | None = None  # Popen.returncode: negative is the signal that ended it
     first_sample_s: float | None = None  # since this process started: the start-up cost users wait for
     unwind: str | None = None  # how the BPF walker did (UnwindTables.summary), if it ran
+
+    @property
+    def command_status(self) -> int:
+        """The command's exit status as a shell reports it (128+N if signal N ended it); 0 if there
+        was no command, or it was still running when the capture ended."""
+        if self.command_exit is None:
+            return 0
+        return 128 - self.command_exit if self.command_exit < 0 else self.command_exit
 
     def drop_lines(self) -> list[str]:
         """'N samples lost (ring buffer full)', one line per reason."""

@@ -122,6 +122,8 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     \b
     Targets: --pid PID (repeatable), --all (default), or -- COMMAND ARGS
     (start it, profile it and its children, stop when it exits).
+    With a COMMAND, bpfprof exits with the command's exit status (128+N if
+    signal N ended it), as a shell would; 0 if it is still running at the end.
     With several --profile types, OUTPUT.TYPE.EXT is written for each.
     With --otlp-endpoint the profiles are sent in one export, and written to
     --output only if it is given; if sending fails they are saved to the file
@@ -183,6 +185,8 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     written = _write(profiles, output, out_format) if write_files else []
     if exporter is not None:
         _send(exporter, profiles, lambda: written or _write(profiles, output, out_format))
+    if stats.command_status:
+        raise click.exceptions.Exit(stats.command_status)
 
 
 def _write(profiles: list[Profile], output: Path, out_format: OutputFormat) -> list[Path]:
