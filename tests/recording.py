@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -11,6 +13,26 @@ from pathlib import Path
 from exporters.pprof import decode_pprof
 
 BPFPROF = Path(sys.executable).parent / "bpfprof"
+
+
+# Process groups of agents a test started in their own session: a test that fails before it
+# stops its agent must not leave it running (and loading the machine) for the tests after it.
+_GROUPS: set[int] = set()
+
+
+def track_group(pid: int) -> None:
+    """Remember a child started with start_new_session=True, for kill_leftover_groups()."""
+    _GROUPS.add(pid)
+
+
+def kill_leftover_groups() -> None:
+    """SIGKILL the groups of tracked children still running (the integration conftest, after each test)."""
+    for pid in list(_GROUPS):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _GROUPS.discard(pid)
 
 
 def run_bpfprof(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:

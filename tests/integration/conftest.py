@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from recording import kill_leftover_groups
+
 
 def pytest_collection_modifyitems(items):
     here = os.path.dirname(__file__)
@@ -22,3 +24,10 @@ def pytest_collection_modifyitems(items):
 def _needs_root(request):
     if request.node.get_closest_marker("bpf") and os.geteuid() != 0:
         pytest.skip("loads BPF programs: needs root")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_agents():
+    """An agent a failed test did not stop is killed before the next test starts."""
+    yield
+    kill_leftover_groups()

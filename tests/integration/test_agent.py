@@ -33,7 +33,7 @@ from otlp_collector import BadCollector, HttpCollector, closed_port
 
 from exporters.otlp import decode_otlp
 from fixtures.builder import build_c, build_go
-from recording import BPFPROF, read_pprof
+from recording import BPFPROF, read_pprof, track_group
 
 
 class Agent:
@@ -50,6 +50,7 @@ class Agent:
         self._err = open(self.stderr_path, "w")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen([*prefix, str(BPFPROF), "agent", "--config", str(self.config_path), *extra_args],
                                      stdout=subprocess.DEVNULL, stderr=self._err, start_new_session=True)
+        track_group(self.proc.pid)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.metrics_port}{path}"
