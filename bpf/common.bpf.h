@@ -6,8 +6,6 @@
  * defined once.
  *
  * Compile-time switches (-D, set by the agent):
- *   RINGBUF_PAGES    ring buffer size in pages (power of two), sized by the agent
- *                    from CPU count x event rate x drain interval
  *   FILTER_PIDS      1: only processes in `targets` are recorded
  *   WITH_KERNEL      1: record kernel stacks too
  *   MAX_TARGETS      capacity of `targets` (and of `trace_procs`)
@@ -34,7 +32,11 @@
 #define TASK_FSBASE_OFFSET -1
 #endif
 
-BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
+/* The ring buffer's size is set when the agent creates the map (from CPU
+ * count x event rate x drain interval, agent/probes/probe_set.py), not
+ * compiled in: the size here is only what BCC's compile creates, and one
+ * compiled set serves every size (agent/bpfload/bpf_cache.py load). */
+BPF_RINGBUF_OUTPUT(records, 64);
 BPF_PERCPU_ARRAY(scratch, struct bpfprof_scratch, 1);
 BPF_PERCPU_ARRAY(drops, u64, BPFPROF_DROP_MAX);
 BPF_HASH(targets, u32, u8, MAX_TARGETS);
@@ -58,18 +60,17 @@ static __always_inline void count_drop(u32 reason)
 /* Ring-buffer wake-ups. A wake-up per record would cost the recorded task an
  * IPI and the agent a context switch per record (on a VM, ~50-90 us of CPU
  * per wake-up of an idle thread): what a burst of heap samples or futex
- * sleeps paid. So a CPU wakes the agent once per RB_WAKE_BYTES bytes it sent
- * (the agent sets it so that all CPUs together fill at most a quarter of the
- * ring in between, whatever the records' sizes), and at once for a record
+ * sleeps paid. So a CPU wakes the agent once per rb_wake_bytes[0] bytes it sent
+ * (the agent writes it after the load, so that all CPUs together fill at most
+ * a quarter of the ring in between, whatever the records' sizes; 0 until
+ * then: every record wakes it), and at once for a record
  * that needs an answer (RB_NOW: a process paused for the agent, an exec to
  * attach to, a stack the BPF walker had no table for). Otherwise the agent
  * drains the ring on its own clock. */
 #define RB_NO_WAKEUP 1
 #define RB_FORCE_WAKEUP 2
 #define RB_NOW RB_FORCE_WAKEUP
-#ifndef RB_WAKE_BYTES
-#define RB_WAKE_BYTES 1
-#endif
+BPF_ARRAY(rb_wake_bytes, u32, 1);
 BPF_PERCPU_ARRAY(rb_unwoken, u32, 1);
 
 /* The wake-up flag for a record of `size` bytes. */
@@ -77,10 +78,11 @@ static __always_inline u64 rb_flags(u64 size)
 {
     u32 zero = 0;
     u32 *n = rb_unwoken.lookup(&zero);
-    if (!n)
+    u32 *every = rb_wake_bytes.lookup(&zero);
+    if (!n || !every)
         return RB_FORCE_WAKEUP;
     *n += size;
-    if (*n >= RB_WAKE_BYTES) {
+    if (*n >= *every) {
         *n = 0;
         return RB_FORCE_WAKEUP;
     }

@@ -332,16 +332,21 @@ def write(key: str, data: bytes, directory: Path | None = None) -> Path | None:
 # -- loading an entry (no BCC) --------------------------------------------------------------------------
 
 
-def load(entry: Entry) -> tuple[dict[str, int], dict[str, int]]:
+def load(entry: Entry, map_entries: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """Create the maps, patch the instructions, load the programs: (program fds, named map fds).
 
-    BpfLoadError if the kernel refuses anything; nothing stays open then.
+    `map_entries`: max_entries of named maps chosen at load time, not compile
+    time (the ring buffer's size): one entry then serves every size, as long
+    as no instruction depends on it. BpfLoadError if the kernel refuses
+    anything; nothing stays open then.
     """
+    sizes = map_entries or {}
     map_fds: list[int] = []
     prog_fds: dict[str, int] = {}
     try:
         for m in entry.maps:
-            map_fds.append(libbpf.map_create(m.type, m.name, m.key_size, m.value_size, m.max_entries,
+            max_entries = sizes.get(m.named, m.max_entries) if m.named else m.max_entries
+            map_fds.append(libbpf.map_create(m.type, m.name, m.key_size, m.value_size, max_entries,
                                              m.flags, m.map_extra))
         for p in entry.programs:
             code = bytearray(p.insns)

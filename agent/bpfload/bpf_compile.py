@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.bpfload import bpf_cache, kernel_headers
+from agent.bpfload import bpf_cache, kernel_headers, libbpf
 from agent.errors import BpfLoadError, PrivilegeError
 from bpf import BPF_DIR
 
@@ -196,12 +196,15 @@ def is_cached(text: str, defines: dict[str, int], programs: dict[str, ProgType],
 
 
 def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgType],
-                  maps: list[str], use_cache: bool = True) -> LoadedObjects:
+                  maps: list[str], use_cache: bool = True, map_entries: dict[str, int] | None = None) -> LoadedObjects:
     """The loaded `programs` and `maps` of C `text` (it #includes files of bpf/) with `-D` defines.
 
     From the compiled-BPF cache when it holds this compile (no fork, no
-    clang); else compiled in a child, and the cache filled. BpfLoadError with
-    the compiler's message if anything fails (clang's own output goes to stderr).
+    clang); else compiled in a child, and the cache filled. `map_entries`:
+    sizes of named maps set at load time (bpf_cache.load), not part of the
+    key, so that captures that differ only in them share one compile.
+    BpfLoadError with the compiler's message if anything fails (clang's own
+    output goes to stderr).
     """
     check_privileges()
     headers = kernel_headers.resolve(link=True)
@@ -213,7 +216,7 @@ def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgTy
         entry = bpf_cache.read(key)
         if entry is not None:
             try:
-                progs, map_fds = bpf_cache.load(entry)
+                progs, map_fds = bpf_cache.load(entry, map_entries)
             except BpfLoadError as e:
                 log.warning("BPF cache entry %s does not load (%s): discarded, compiling again",
                             bpf_cache.entry_path(key), e)
@@ -228,11 +231,22 @@ def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgTy
                             bpf_cache.entry_path(key))
                 bpf_cache.discard(bpf_cache.entry_path(key))
     log.info("kernel headers: %s", headers.describe())
-    return _compile_in_child(text, _cflags(defines), programs, maps, key)
+    loaded, entry = _compile_in_child(text, _cflags(defines), programs, maps, key)
+    if map_entries and any(libbpf.map_info(loaded.maps[name]).max_entries != n for name, n in map_entries.items()):
+        # the child made them at their compiled size: made again from the description, at the asked one
+        if entry is None:
+            log.warning("BPF maps %s kept at their compiled sizes: the compile could not be described",
+                        ", ".join(sorted(map_entries)))
+            return loaded
+        progs, map_fds = bpf_cache.load(entry, map_entries)
+        loaded.close()
+        return LoadedObjects(progs, map_fds)
+    return loaded
 
 
 def _compile_in_child(text: str, cflags: list[str], programs: dict[str, ProgType], maps: list[str],
-                      key: str) -> LoadedObjects:
+                      key: str) -> tuple[LoadedObjects, bpf_cache.Entry | None]:
+    """The child's objects, and the description of them (None when it has none)."""
     global compiles
     compiles += 1
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -255,9 +269,7 @@ def _compile_in_child(text: str, cflags: list[str], programs: dict[str, ProgType
             (loaded.programs if kind == "prog" else loaded.maps)[short] = fd
         entry = _receive(parent, int(reply.get("entry_bytes", 0)))
         parent.send(b"x")
-        if key:
-            _store(key, entry, reply.get("not_cached", ""))
-        return loaded
+        return loaded, _store(key, entry, reply.get("not_cached", "")) if key else None
     finally:
         parent.close()
         os.waitpid(pid, 0)
@@ -278,16 +290,17 @@ def _receive(sock: socket.socket, size: int) -> bytes:
     return bytes(buf) if len(buf) == size else b""
 
 
-def _store(key: str, entry: bytes, why_not: str) -> None:
-    """Keep the child's description, once it decodes here too."""
+def _store(key: str, entry: bytes, why_not: str) -> bpf_cache.Entry | None:
+    """Keep the child's description, once it decodes here too; the decoded entry (None: there is none)."""
     if not entry:
         log.warning("compiled BPF programs not cached: %s", why_not or "no description from the compile child")
-        return
+        return None
     try:
-        bpf_cache.decode(key, entry)
+        decoded = bpf_cache.decode(key, entry)
     except bpf_cache.CacheEntryError as e:
         log.warning("compiled BPF programs not cached: the description is bad (%s)", e)
-        return
+        return None
     path = bpf_cache.write(key, entry)
     if path is not None:
         log.info("compiled BPF programs cached in %s", path)
+    return decoded

@@ -39,7 +39,9 @@ EXIT_STOP_WAIT_S = 2.0
 # machine is busy, which is exactly when samples matter.
 RINGBUF_HEADROOM = 4
 AGENT_TGID_MAP = "agent_tgid"
-SHARED_MAPS = ["records", "drops", "targets", AGENT_TGID_MAP]
+RING_MAP = "records"
+WAKE_BYTES_MAP = "rb_wake_bytes"
+SHARED_MAPS = [RING_MAP, "drops", "targets", AGENT_TGID_MAP, WAKE_BYTES_MAP]
 
 
 def ringbuf_pages(cpus: int, events_per_cpu_s: int, drain_interval_s: float, record_bytes: int = 0) -> int:
@@ -116,13 +118,19 @@ class CompilePlan:
     maps: list[str]
     walkers: frozenset[bpf_compile.ProgType]
     table_rows: int
+    # Set at load time, not compiled in (one cache entry serves every drain interval and CPU count):
+    ring_pages: int = MIN_RINGBUF_PAGES
+    wake_bytes: int = 1
 
     def is_cached(self) -> bool:
         """Whether loading this plan forks no compiler (`bpfprof doctor`)."""
         return bpf_compile.is_cached(self.text, self.defines, self.programs, self.maps)
 
     def load(self) -> LoadedObjects:
-        return bpf_compile.load_programs(self.text, self.defines, self.programs, self.maps)
+        objs = bpf_compile.load_programs(self.text, self.defines, self.programs, self.maps,
+                                         map_entries={RING_MAP: self.ring_pages * PAGE_SIZE})
+        libbpf.map_update(objs.maps[WAKE_BYTES_MAP], ctypes.c_uint32(0), ctypes.c_uint32(self.wake_bytes))
+        return objs
 
 
 def compile_plan(families: Sequence[ProbeFamily], filter_pids: bool, follow_children: bool = False,
@@ -137,9 +145,8 @@ def compile_plan(families: Sequence[ProbeFamily], filter_pids: bool, follow_chil
     rate = sum(f.events_per_cpu_s for f in families)
     # Families whose records are bigger than a stack record (samples with a stack copy) say so.
     biggest = max((f.record_bytes for f in families), default=0)
+    pages = ringbuf_pages(cpus, rate, drain_interval_s, biggest)
     defines = {
-        "RINGBUF_PAGES": (pages := ringbuf_pages(cpus, rate, drain_interval_s, biggest)),
-        "RB_WAKE_BYTES": wake_bytes(pages, cpus),
         "FILTER_PIDS": int(filter_pids),
         "WITH_KERNEL": int(with_kernel),
         "MAX_TARGETS": MAX_TARGETS,
@@ -167,7 +174,8 @@ def compile_plan(families: Sequence[ProbeFamily], filter_pids: bool, follow_chil
         programs.update(dict.fromkeys(UNWIND_HOOKS, bpf_compile.ProgType.TRACEPOINT))
         maps += UNWIND_MAPS
         sources.append(UNWIND_WALK_SOURCE)
-    return CompilePlan(combined_source(sources), defines, programs, maps, walkers, table_rows)
+    return CompilePlan(combined_source(sources), defines, programs, maps, walkers, table_rows,
+                       pages, wake_bytes(pages, cpus))
 
 
 class ProbeSet:

@@ -111,8 +111,7 @@ class RowStore:
 
     def __init__(self, fd: int, capacity_rows: int) -> None:
         self.capacity = capacity_rows
-        size = -(-capacity_rows * ROW_BYTES // mmap.PAGESIZE) * mmap.PAGESIZE
-        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._fd = fd
         self._free: list[tuple[int, int]] = [(0, capacity_rows)]  # (start, count), sorted by start
         self.files: OrderedDict[FileId, _File] = OrderedDict()  # least recently used first
         self.used_rows = 0
@@ -158,14 +157,27 @@ class RowStore:
             self.used_rows -= f.count
             evicted += 1
             start = self._alloc(count)
-        self._mm[start * ROW_BYTES:(start + count) * ROW_BYTES] = data
+        self._write(start * ROW_BYTES, data)
         run = _File(start, count, base)
         self.files[key] = run
         self.used_rows += count
         return run, evicted
 
+    def _write(self, offset: int, data: bytes) -> None:
+        """Copy `data` into the array at byte `offset` through a mapping of just the pages it covers.
+
+        A BPF array's mmap maps every page of the window at once (the
+        kernel's remap_vmalloc_range), so mapping the whole array would put
+        its full budget (16 MB by default) into the agent's RSS for good.
+        """
+        first = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = -(-(offset + len(data)) // mmap.PAGESIZE) * mmap.PAGESIZE
+        with mmap.mmap(self._fd, end - first, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=first) as mm:
+            mm[offset - first:offset - first + len(data)] = data
+
     def close(self) -> None:
-        self._mm.close()
+        """Nothing stays mapped between writes; kept for the callers' lifecycle."""
 
 
 def _default_rows(fs: FileSymbols) -> tuple[int, bytes] | None:

@@ -6,6 +6,7 @@ compile path runs here whatever the rest of the suite left in its cache).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import struct
@@ -14,7 +15,7 @@ import pytest
 
 from agent.bpfload import bpf_cache, bpf_compile, libbpf
 from agent.probes.family import ProbeConfig
-from agent.probes.probe_set import ProbeSet, compile_plan
+from agent.probes.probe_set import MIN_RINGBUF_PAGES, PAGE_SIZE, ProbeSet, compile_plan
 from agent.probes.registry import PROBES
 from agent.processes.tracker import ProcessTracker
 from fixtures.builder import build_go
@@ -29,6 +30,30 @@ FUNCTIONS = ("main.spinA", "main.spinB", "main.mix")
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("BPFPROF_CACHE_DIR", str(tmp_path))
     return tmp_path / "bpf"
+
+
+@pytest.fixture(scope="module")
+def cpu_entry(tmp_path_factory) -> tuple[str, bytes]:
+    """The cache entry of the "cpu" family, compiled once for the tests that start from a warm cache."""
+    where = tmp_path_factory.mktemp("cpu-entry")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BPFPROF_CACHE_DIR", str(where))
+        with ProbeSet(families("cpu")):
+            pass
+        path = entry_file(where / "bpf")
+    return path.name, path.read_bytes()
+
+
+@pytest.fixture
+def warm_cpu(cache_dir, cpu_entry) -> os.PathLike:
+    """`cache_dir` holding the "cpu" entry, as a start before this one left it."""
+    name, data = cpu_entry
+    cache_dir.mkdir(mode=0o700)
+    path = cache_dir / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
 
 
 def families(*names: str) -> list:
@@ -78,9 +103,7 @@ def test_second_load_forks_no_compiler_and_loads_the_same_programs(cache_dir, mo
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "version", "foreign"])
-def test_a_damaged_entry_is_rebuilt_with_a_log_line(cache_dir, monkeypatch, caplog, damage):
-    with ProbeSet(families("cpu")):
-        pass
+def test_a_damaged_entry_is_rebuilt_with_a_log_line(cache_dir, warm_cpu, monkeypatch, caplog, damage):
     path = entry_file(cache_dir)
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -106,10 +129,8 @@ def test_a_damaged_entry_is_rebuilt_with_a_log_line(cache_dir, monkeypatch, capl
         pass
 
 
-def test_an_entry_the_verifier_refuses_is_rebuilt(cache_dir, caplog):
+def test_an_entry_the_verifier_refuses_is_rebuilt(cache_dir, warm_cpu, caplog):
     """Intact on disk but wrong for the kernel (the checksum is right): discarded at load, compiled again."""
-    with ProbeSet(families("cpu")):
-        pass
     path = entry_file(cache_dir)
     key = path.read_bytes()[16:48].hex()
     entry = bpf_cache.decode(key, path.read_bytes())
@@ -125,6 +146,30 @@ def test_an_entry_the_verifier_refuses_is_rebuilt(cache_dir, caplog):
     assert any("does not load" in r.getMessage() for r in caplog.records)
 
 
+def test_ring_size_is_set_at_load_time_from_one_entry(cache_dir, warm_cpu, monkeypatch):
+    """The ring buffer's size and the wake-up threshold differ per drain interval; the compile does not."""
+    monkeypatch.setattr(os, "fork", no_fork)
+    sizes = {}
+    for interval_s in (0.1, 4.0):  # 64 pages (the compiled size), then a bigger ring made at load
+        plan = compile_plan(families("cpu"), filter_pids=False, drain_interval_s=interval_s)
+        with ProbeSet(families("cpu"), drain_interval_s=interval_s) as s:
+            sizes[interval_s] = libbpf.map_info(s.objs.maps["records"]).max_entries
+            assert sizes[interval_s] == plan.ring_pages * PAGE_SIZE
+            value = ctypes.c_uint32()
+            assert libbpf.lib().bpf_map_lookup_elem(s.objs.maps["rb_wake_bytes"], ctypes.byref(ctypes.c_uint32(0)),
+                                                    ctypes.byref(value)) == 0
+            assert value.value == plan.wake_bytes > 1
+    assert sizes[4.0] > sizes[0.1]
+
+
+def test_a_compile_for_a_bigger_ring_makes_it_at_that_size(cache_dir):
+    """A cold start whose ring is not the compiled size gets the size it asked for."""
+    plan = compile_plan(families("cpu"), filter_pids=False, drain_interval_s=4.0)
+    assert plan.ring_pages > MIN_RINGBUF_PAGES
+    with ProbeSet(families("cpu"), drain_interval_s=4.0) as s:
+        assert libbpf.map_info(s.objs.maps["records"]).max_entries == plan.ring_pages * PAGE_SIZE
+
+
 def test_doctor_plan_sees_the_entry(cache_dir):
     plan = compile_plan(families("cpu"), filter_pids=False)
     assert not plan.is_cached()
@@ -134,7 +179,7 @@ def test_doctor_plan_sees_the_entry(cache_dir):
 
 def test_warm_capture_samples_the_fixture_as_its_own_profile(cache_dir, tmp_path):
     binary = build_go("cpusplit")
-    # the same options: the frequency sizes the ring buffer, which is compiled in
+    # the same options (the frequency only sizes the ring buffer, set at load time, but the test needs no other)
     cold = run_bpfprof("--log-level", "info", "record", "--frequency", "499", "-o", str(tmp_path / "cold.pb.gz"), "--",
                        str(binary), "-duration", "2s")
     assert "compiled BPF programs cached" in cold.stderr, cold.stderr

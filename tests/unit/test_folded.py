@@ -94,4 +94,4 @@ def test_formats_registry():
     profile = make_profile()
     assert FORMATS["folded"].encode(profile) == EXPECTED.encode()
     assert sum(s.value[0] for s in decode_pprof(FORMATS["pprof"].encode(profile)).sample) == 18
-    assert FORMATS["pprof"].encode is encode_pprof
+    assert FORMATS["pprof"].encode(profile) == encode_pprof(profile)

@@ -14,7 +14,9 @@ def test_record_otlp_timeout_default_is_the_exporters():
     assert record.OTLP_TIMEOUT_S == DEFAULT_TIMEOUT_S
 
 
-def test_record_does_not_import_grpc_or_the_otlp_protobufs():
-    code = "import sys, agent.cli, agent.commands.record; print(sorted(m for m in ('grpc', 'exporters.otlp', 'exporters.otlp_sender') if m in sys.modules))"
+def test_record_does_not_import_grpc_or_the_protobufs():
+    """Neither OTLP's (only for --otlp-endpoint) nor pprof's (only once the capture is written)."""
+    code = ("import sys, agent.cli, agent.commands.record; print(sorted(m for m in ('grpc', 'exporters.otlp', "
+            "'exporters.otlp_sender', 'exporters.pprof', 'google.protobuf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
