@@ -178,6 +178,8 @@ class ProcessTracker:
             fs = self.cache.get(elf)
             if fs.elf is not elf:
                 elf.close()  # the cache already holds this build id
+            elif not fs.debug_path:  # separate debug info is looked for in the process's root, by its path
+                fs.debug_root, fs.debug_path = f"{self.proc_root}/{pid}/root", entry.path
         except (BpfprofError, OSError) as e:
             self.stats.unreadable_files += 1
             log.info("pid %d: cannot read %s: %s", pid, entry.path, e)
