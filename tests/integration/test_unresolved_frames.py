@@ -12,14 +12,14 @@ from __future__ import annotations
 import re
 import subprocess
 
-from fixtures.builder import build_stripped_lib
-from gotool import go_pprof, parse_top
 from otlp_collector import HttpCollector
-from recording import BPFPROF
 
 from exporters.folded import encode_folded
 from exporters.otlp import decode_otlp
 from exporters.pprof_reader import profile_from_pprof
+from fixtures.builder import build_stripped_lib
+from gotool import go_pprof, parse_top
+from recording import BPFPROF
 from viewer.store import Store, iter_names
 
 LIB = "libspin.so"
