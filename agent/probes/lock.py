@@ -229,6 +229,7 @@ class LockAccumulator(Accumulator):
         self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
         self.merged_sleeps = 0
         self.not_lock_waits = 0  # waits left out: not lock acquisitions (is_lock_wait)
+        self._trimmed: dict[tuple[int, int], tuple[Location, Location]] = {}  # (id, frame) -> (original, trimmed)
 
     def on_record(self, rec: RawRecord) -> None:
         source = rec.aux >> SOURCE_SHIFT
@@ -264,6 +265,19 @@ class LockAccumulator(Accumulator):
         self.records += [s.rec for s in self._sleeps.values()]
         self._sleeps.clear()
 
+    def _from_lock_function(self, loc: Location) -> Location:
+        """`loc` without the frames debug info shows inlined into the lock function (lll_mutex_lock_optimized):
+        the lock function is the leaf. Kept alive here: add_records names stacks by their locations' ids."""
+        names = [libc_name(f.function) for f in loc.frames]
+        j = next((k for k, n in enumerate(names) if n in PTHREAD_MUTEX_FUNCS or n in PTHREAD_RWLOCK_FUNCS), 0)
+        if j == 0:
+            return loc
+        key = (id(loc), j)
+        trimmed = self._trimmed.get(key)
+        if trimmed is None:
+            trimmed = self._trimmed[key] = (loc, replace(loc, frames=loc.frames[j:]))
+        return trimmed[1]
+
     def _reshape(self, rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
                                                                               tuple[tuple[str, str], ...]] | None:
         source, _ = decode_aux(rec.aux)
@@ -271,7 +285,7 @@ class LockAccumulator(Accumulator):
             found = pthread_lock_at(stack)
             if found is not None:  # libc's wait loop under the lock function is not the user's business
                 source, i = found
-                stack = stack[i:]
+                stack = (self._from_lock_function(stack[i]),) + stack[i + 1:]
             elif not is_lock_wait(source, stack):
                 self.not_lock_waits += 1
                 return None
