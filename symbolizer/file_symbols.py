@@ -224,8 +224,9 @@ class SymbolCache:
     binary reuses what the first one parsed.
     """
 
-    def __init__(self, max_files: int = 4096) -> None:
+    def __init__(self, max_files: int = 4096, debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS) -> None:
         self.max_files = max_files
+        self.debug_dirs = debug_dirs  # where new FileSymbols look for separate debug info
         self._by_id: OrderedDict[FileId, FileSymbols] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -243,6 +244,8 @@ class SymbolCache:
                 return fs
             self.misses += 1
             fs = FileSymbols(elf, fid)
+            if self.debug_dirs != DEFAULT_DEBUG_DIRS:
+                fs.debug_dirs = self.debug_dirs
             self._by_id[fid] = fs
             while len(self._by_id) > self.max_files:
                 self._by_id.popitem(last=False)
