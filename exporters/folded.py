@@ -10,7 +10,8 @@ reads and colours the output:
   frame suffixed `_[k]` (flamegraph.pl --colors=java paints them apart);
 - inlined frames are frames of their own, in call order (outer before inner);
 - a frame the symbolizer could not resolve is `module+0xoffset`, the offset
-  in the mapped file, or `0xaddress` when no mapping is known;
+  in the mapped file, or `0xaddress` when no mapping is known
+  (exporters.profile.unresolved_name, as in every other output);
 - stacks that fold to the same line are summed; zero counts are omitted;
   lines are sorted, so the output is stable.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from exporters.profile import Location, Profile
+from exporters.profile import KERNEL_MAPPING_PATH, Location, Profile, unresolved_name
 from symbolizer.frames import FrameKind
 
 # flamegraph.pl's annotation for kernel frames (bcc profile -a).
@@ -33,22 +34,15 @@ def _clean(name: str) -> str:
     return name.replace(";", ":").replace("\n", " ")
 
 
-def _unresolved(loc: Location) -> str:
-    if loc.mapping is None:
-        return f"0x{loc.address:x}"
-    offset = loc.address - loc.mapping.start + loc.mapping.file_offset
-    return f"{loc.mapping.name}+0x{offset:x}"
-
-
 def _names(loc: Location) -> list[str]:
     """The frames of one location, outermost first."""
     if not loc.frames:
-        name = _unresolved(loc)
-        is_kernel = loc.mapping is not None and loc.mapping.path == "[kernel.kallsyms]"
+        name = unresolved_name(loc)
+        is_kernel = loc.mapping is not None and loc.mapping.path == KERNEL_MAPPING_PATH
         return [name + KERNEL_SUFFIX if is_kernel else name]
     out = []
     for frame in reversed(loc.frames):  # Location.frames is innermost first
-        name = _clean(frame.function) or _unresolved(loc)
+        name = _clean(frame.function) or unresolved_name(loc)
         out.append(name + KERNEL_SUFFIX if frame.kind is FrameKind.KERNEL else name)
     return out
 

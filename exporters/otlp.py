@@ -39,7 +39,17 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
-from exporters.profile import Location, ProcessMeta, Profile, SampleKey, TraceLink, ValueType
+from exporters.profile import (
+    KERNEL_MAPPING_PATH,
+    Location,
+    ProcessMeta,
+    Profile,
+    SampleKey,
+    TraceLink,
+    ValueType,
+    is_placeholder,
+    placeholder_frame,
+)
 from exporters.profile_types import kind_of_sample_type
 from symbolizer.errors import ExportError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
@@ -60,7 +70,6 @@ FRAME_TYPE = "profile.frame.type"
 BUILD_ID_PREFIX = "process.executable.build_id."  # + gnu / go / htlhash
 LABEL_PREFIX = "process.context.label."  # + the pprof / Go label key
 
-KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
 
 AttrValue = str | int
 
@@ -137,7 +146,8 @@ class _Dictionary:
         def build(out: pb.Location) -> None:
             out.mapping_index = self.mapping(loc.mapping) if loc.mapping is not None else 0
             out.address = loc.address
-            for frame in loc.frames:  # innermost first, as OTLP's lines
+            # Innermost first, as OTLP's lines; an unresolved address reads as module+0xoffset.
+            for frame in loc.frames or (placeholder_frame(loc),):
                 out.lines.add(function_index=self.function(frame), line=frame.line)
             out.attribute_indices.append(self.attribute(FRAME_TYPE, _frame_type(loc)))
 
@@ -382,8 +392,10 @@ class _Reader:
                 frames.append(Frame(function=self.st[f.name_strindex], kind=kind, file=self.st[f.filename_strindex],
                                     line=line.line, system_name=self.st[f.system_name_strindex],
                                     inlined=n < len(msg.lines) - 1, start_line=f.start_line))
-            loc = self._locations[i] = Location(address=msg.address, mapping=self.mapping(msg.mapping_index),
-                                                frames=tuple(frames))
+            loc = Location(address=msg.address, mapping=self.mapping(msg.mapping_index), frames=tuple(frames))
+            if is_placeholder(loc):
+                loc = Location(address=loc.address, mapping=loc.mapping)
+            self._locations[i] = loc
         return loc
 
     def stack(self, i: int) -> tuple[Location, ...]:

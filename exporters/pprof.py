@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from exporters.bounded_input import gunzip_limited
-from exporters.profile import Location, Profile, Sample
+from exporters.profile import Location, Profile, Sample, placeholder_frame
 from exporters.proto import profile_pb2
 from symbolizer.frames import Frame, Mapping
 
@@ -130,8 +130,9 @@ def encode_pprof(profile: Profile) -> bytes:
         lid = location_ids[loc] = len(location_ids) + 1
         mapping_id = mapping_ids[loc.mapping] if loc.mapping is not None else 0
         out = msg.location.add(id=lid, mapping_id=mapping_id, address=loc.address)
-        # Innermost first, as pprof wants: the last line is the physical function.
-        for frame in loc.frames:
+        # Innermost first, as pprof wants: the last line is the physical function. An unresolved
+        # address gets a placeholder line (module+0xoffset) and leaves has_functions unset.
+        for frame in loc.frames or (placeholder_frame(loc),):
             out.line.add(function_id=function_id(frame), line=frame.line)
         if loc.mapping is not None and loc.frames:
             m = mapping_msgs[loc.mapping]

@@ -17,14 +17,13 @@ import re
 from google.protobuf.message import DecodeError
 
 from exporters.pprof import decode_pprof
-from exporters.profile import Location, ProcessMeta, Profile, SampleKey, ValueType
+from exporters.profile import KERNEL_MAPPING_PATH, Location, ProcessMeta, Profile, SampleKey, ValueType, is_placeholder
 from exporters.profile_types import kind_of_sample_type
 from exporters.proto import profile_pb2
 from symbolizer.errors import ExportError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind, Mapping
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
 
 
 def _build_id_kind(build_id: str) -> BuildIdKind:
@@ -96,7 +95,10 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
             frames.append(Frame(function=name, kind=kind, file=st[f.filename], line=line.line,
                                 system_name="" if system_name == name else system_name,
                                 inlined=n < len(loc.line) - 1, start_line=f.start_line))
-        locations[loc.id] = Location(address=loc.address, mapping=mapping, frames=tuple(frames))
+        location = Location(address=loc.address, mapping=mapping, frames=tuple(frames))
+        if is_placeholder(location):  # our encoder's module+0xoffset line: unresolved
+            location = Location(address=loc.address, mapping=mapping)
+        locations[loc.id] = location
 
     checked_locations = _Checked(locations, "location id")
     profile = Profile(sample_types=[vt(t) for t in msg.sample_type], period_type=vt(msg.period_type),

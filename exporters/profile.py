@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from symbolizer.frames import Frame, Mapping
+from symbolizer.frames import Frame, FrameKind, Mapping
+
+# The pseudo-path of kernel addresses' mapping, as perf names it.
+KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,40 @@ class Location:
     address: int
     mapping: Mapping | None
     frames: tuple[Frame, ...] = ()
+
+    @property
+    def file_offset(self) -> int | None:
+        """Offset of `address` in the mapped file (what addr2line, nm and readelf of that file, found by
+        the mapping's build id, work with); None when no mapping is known."""
+        if self.mapping is None:
+            return None
+        return self.address - self.mapping.start + self.mapping.file_offset
+
+
+def unresolved_name(loc: Location) -> str:
+    """How a frame the symbolizer could not resolve reads everywhere (pprof, OTLP, folded, viewer, top
+    tables): the mapped file's name plus the file offset, `libz.so.1.2.13+0x5e03`, never the runtime
+    address, which no tool can look up; `0xADDRESS` when no mapping is known."""
+    offset = loc.file_offset
+    if offset is None:
+        return f"0x{loc.address:x}"
+    return f"{loc.mapping.name}+0x{offset:x}"
+
+
+def placeholder_frame(loc: Location) -> Frame:
+    """The one function line an encoder gives an unresolved location, so readers that show functions
+    (`go tool pprof`, OTLP backends) show unresolved_name(); the address and mapping (with its build id)
+    stay, so a later symbolizer can still resolve it. Decoders drop it again: is_placeholder()."""
+    kernel = loc.mapping is not None and loc.mapping.path == KERNEL_MAPPING_PATH
+    return Frame(function=unresolved_name(loc), kind=FrameKind.KERNEL if kernel else FrameKind.NATIVE)
+
+
+def is_placeholder(loc: Location) -> bool:
+    """Whether a decoded location's only frame is the placeholder_frame() of its address: unresolved."""
+    if len(loc.frames) != 1:
+        return False
+    f = loc.frames[0]
+    return not f.file and not f.line and f.function == unresolved_name(loc)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from exporters.profile import Location, Profile
+from exporters.profile import Location, Profile, unresolved_name
 
 
 @dataclass(frozen=True)
@@ -16,12 +16,10 @@ class FunctionShare:
 
 
 def location_name(loc: Location) -> str:
-    """Innermost function of a location, or module+0xoffset when unresolved."""
+    """Innermost function of a location, or module+0xoffset (unresolved_name) when unresolved."""
     if loc.frames:
-        return loc.frames[0].function or loc.frames[0].system_name
-    if loc.mapping is not None and loc.mapping.end:
-        return f"{loc.mapping.name}+0x{loc.address - loc.mapping.start + loc.mapping.file_offset:x}"
-    return f"0x{loc.address:x}"
+        return loc.frames[0].function or loc.frames[0].system_name or unresolved_name(loc)
+    return unresolved_name(loc)
 
 
 def top_functions(profile: Profile, n: int = 10, value_index: int = 0) -> list[FunctionShare]:

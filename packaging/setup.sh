@@ -29,6 +29,8 @@ fi
 # --- system packages --------------------------------------------------------
 ARCH=$(dpkg --print-architecture)
 PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" linux-perf python3-venv gcc g++ binutils systemd bpftool)
+# libc6-dbg: libc's separate debug info (build-id tree), which the symbolizer reads for libc's names.
+PACKAGES+=(libc6-dbg)
 # `bpfprof serve`'s browser tests: Debian's Chromium and its driver (never a downloaded browser).
 PACKAGES+=(chromium chromium-driver)
 # npm installs the web UI's flame graph library; a machine with Node.js from elsewhere keeps it.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from symbolizer.debug_files import DEFAULT_DEBUG_DIRS, find_debug_file
 from symbolizer.demangle import demangle
 from symbolizer.dwarf_lines import DwarfLines
 from symbolizer.elf import ElfFile, LoadSegment, vaddr_for_offset
@@ -59,6 +60,12 @@ class FileSymbols:
     A part of the file that fails to parse (corrupt pclntab, bogus DWARF) is
     logged once and left out; the other parts still answer.
     """
+
+    # Where to look for separate debug info (symbolizer.debug_files): the process's root on this host and
+    # the file's path in it; set by whoever opened the file through /proc/PID.
+    debug_root: str = ""
+    debug_path: str = ""
+    debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS
 
     def __init__(self, elf: ElfFile, fid: FileId) -> None:
         self.elf: ElfFile | None = elf  # None: built from_symbols()
@@ -122,14 +129,38 @@ class FileSymbols:
             return True  # corrupt headers: let the pclntab scan decide
 
     @cached_property
+    def debug(self) -> ElfFile | None:
+        """The separate debug file (build-id tree, .gnu_debuglink, MiniDebugInfo) of a binary that lacks a
+        .symtab or DWARF lines itself; looked up on the first lookup that needs it."""
+        elf = self.elf
+        if elf is None or elf.path == "[vdso]":
+            return None
+        try:
+            if elf.section(".symtab") is not None and elf.has_dwarf:
+                return None
+        except BpfprofError:
+            return None
+        build_id = self.id.build_id if self.id.kind == BuildIdKind.GNU else ""
+        return self._guarded("debug info", lambda: find_debug_file(  # type: ignore[return-value]
+            elf, build_id, self.debug_path, self.debug_root, self.debug_dirs))
+
+    @cached_property
     def symbols(self) -> ElfSymbols | None:
+        debug = self.debug
+        if debug is not None and self.elf.section(".symtab") is None and debug.section(".symtab") is not None:
+            found = self._guarded("debug symbols", lambda: ElfSymbols(debug))
+            if found is not None:
+                return found  # type: ignore[return-value]
         return self._guarded("symbols", lambda: ElfSymbols(self.elf))  # type: ignore[return-value]
 
     @cached_property
     def lines(self) -> DwarfLines | None:
-        if not self.elf.has_dwarf:
-            return None
-        return self._guarded("dwarf", lambda: DwarfLines(self.elf))  # type: ignore[return-value]
+        if self.elf.has_dwarf:
+            return self._guarded("dwarf", lambda: DwarfLines(self.elf))  # type: ignore[return-value]
+        debug = self.debug
+        if debug is not None and debug.has_dwarf:
+            return self._guarded("debug dwarf", lambda: DwarfLines(debug))  # type: ignore[return-value]
+        return None
 
     @cached_property
     def unwind_table(self) -> UnwindTable | None:
@@ -193,8 +224,9 @@ class SymbolCache:
     binary reuses what the first one parsed.
     """
 
-    def __init__(self, max_files: int = 4096) -> None:
+    def __init__(self, max_files: int = 4096, debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS) -> None:
         self.max_files = max_files
+        self.debug_dirs = debug_dirs  # where new FileSymbols look for separate debug info
         self._by_id: OrderedDict[FileId, FileSymbols] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -212,6 +244,8 @@ class SymbolCache:
                 return fs
             self.misses += 1
             fs = FileSymbols(elf, fid)
+            if self.debug_dirs != DEFAULT_DEBUG_DIRS:
+                fs.debug_dirs = self.debug_dirs
             self._by_id[fid] = fs
             while len(self._by_id) > self.max_files:
                 self._by_id.popitem(last=False)

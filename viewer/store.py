@@ -25,7 +25,7 @@ from pathlib import Path
 
 # Frame/Mapping types reach the viewer through exporters, its one dependency (DESIGN.md's arrows).
 from exporters.otlp import BuildIdKind, FrameKind
-from exporters.profile import Frame, Location, Mapping, Profile
+from exporters.profile import Frame, Location, Mapping, Profile, unresolved_name
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +480,8 @@ class Store:
 def iter_names(stack_json: str) -> Iterator[str]:
     """Frame names of a stored stack, root first (what a flame graph draws).
 
-    An unresolved address shows as its mapping's base name plus the address.
+    An unresolved address shows as everywhere else: the mapped file's name plus the file offset
+    (exporters.profile.unresolved_name).
     """
     locations = json.loads(stack_json)
     for address, mapping, frames in reversed(locations):
@@ -488,5 +489,8 @@ def iter_names(stack_json: str) -> Iterator[str]:
             for f in reversed(frames):  # outermost (physical) function first
                 yield f[0] or f"{f[4] or '?'}"
         else:
-            where = mapping[0].rsplit("/", 1)[-1] if mapping else "?"
-            yield f"{where}+0x{address:x}"
+            m = None
+            if mapping is not None:
+                path, start, end, offset = mapping[:4]
+                m = Mapping(start=start, end=end, file_offset=offset, path=path)
+            yield unresolved_name(Location(address=address, mapping=m))

@@ -70,6 +70,7 @@ class ProfilingConfig:
     heap_sample_bytes: int = 512 * 1024  # heap: mean bytes between sampled allocations (as `record`)
     unwind: str = "cfi"  # user stacks: "cfi" (walked in BPF with each binary's CFI/pclntab), "copy" or "fp"
     unwind_table_bytes: int = DEFAULT_TABLE_BYTES  # kernel memory for the BPF walker's rows (cfi)
+    debug_dirs: tuple[str, ...] = ()  # more directories of separate debug info, after /usr/lib/debug
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     _check(p.offcpu_min_us >= 0, "profiling.offcpu_min_us", "an integer >= 0", p.offcpu_min_us)
     _check(p.heap_sample_bytes >= 1, "profiling.heap_sample_bytes", "an integer >= 1", p.heap_sample_bytes)
     _check(p.unwind in UNWIND_MODES, "profiling.unwind", f"one of {', '.join(UNWIND_MODES)}", p.unwind)
+    for i, d in enumerate(p.debug_dirs):
+        _check(d.startswith("/"), f"profiling.debug_dirs[{i}]", "an absolute path", d)
     _check(MIN_TABLE_BYTES <= p.unwind_table_bytes <= MAX_TABLE_BYTES, "profiling.unwind_table_bytes",
            f"{MIN_TABLE_BYTES} to {MAX_TABLE_BYTES}", p.unwind_table_bytes)
     s = cfg.selection

@@ -46,6 +46,7 @@ from agent.processes.stack_resolver import UnwindMode
 from agent.processes.tracker import ProcessTracker
 from exporters.otlp_sender import OtlpExporter
 from exporters.profile import Profile
+from symbolizer.debug_files import DEFAULT_DEBUG_DIRS
 from symbolizer.errors import BpfprofError
 from symbolizer.file_symbols import SymbolCache
 
@@ -216,7 +217,8 @@ class Daemon:
         self.exporters_factory = exporters_factory
         self.host_name = host_name or cfg.node_name or socket.gethostname()
         self.stats = AgentStats()
-        self.cache = cache if cache is not None else SymbolCache(cfg.limits.max_symbol_files)
+        self.cache = cache if cache is not None else SymbolCache(cfg.limits.max_symbol_files,
+                                                                  DEFAULT_DEBUG_DIRS + cfg.profiling.debug_dirs)
         self.tracker = ProcessTracker(self.cache, cfg.host_proc, max_processes=cfg.limits.max_processes)
         self.relabeler = Relabeler(cfg.relabel)
         self.queues: list[ExportQueue] = []

@@ -4,9 +4,18 @@ Samples are waiter-side, like Go's block profile restricted to locks:
 `contentions/count` and `delay/nanoseconds` (the time a call spent asleep
 waiting for a lock, for calls that had to sleep). A `lock` label names the
 source: pthread_mutex and pthread_rwlock (futex sleeps inside those calls),
-futex (every other futex sleep: condition variables, semaphores, Go's idle
-threads, hand-rolled locks), go (sync.Mutex, RWMutex, WaitGroup:
+futex (other futex sleeps that may be locks: hand-rolled locks), go_runtime
+(the Go runtime's internal locks), go (sync.Mutex, RWMutex:
 runtime.semacquire1), kernel.
+
+Contention only, decided by call site (the symbolized stack): a futex sleep
+is left out (counted in not_lock_waits) when it is not a lock acquisition:
+inside pthread_join, a condition variable, a semaphore or a barrier wait
+(NOT_LOCK_C_FUNCS), or the Go runtime's own futex sleeps (runtime.futex:
+idle Ms parking on notes, GC and scheduler internals) other than its internal
+lock (runtime.lock2, kept as `go_runtime`; Go's mutex profile counts those too).
+A Go semaphore wait is left out when sync.WaitGroup is the caller of
+runtime.semacquire1 (GO_NOT_LOCK_SEMAS): sync.Mutex and RWMutex stay.
 
 Nothing runs on an uncontended pthread lock call. Each futex sleep is sent
 with the user registers and a stack copy, unwound here by CFI (Debian's libc
@@ -64,6 +73,15 @@ PTHREAD_RWLOCK_FUNCS = frozenset({"pthread_rwlock_rdlock", "pthread_rwlock_wrloc
 # What it cannot tell apart: a lock released uncontended and taken again from
 # the same frame within the gap; then the hold time counts as waiting.
 MERGE_GAP_NS = 500_000
+# Futex sleeps under these libc functions (leading underscores stripped: glibc's
+# internal names, as .symtab or debug info gives them) wait for an event, not a lock.
+NOT_LOCK_C_FUNCS = ("pthread_join", "pthread_clockjoin", "pthread_timedjoin", "pthread_cond_wait",
+                    "pthread_cond_timedwait", "pthread_cond_clockwait", "pthread_barrier_wait", "sem_wait",
+                    "sem_timedwait", "sem_clockwait", "new_sem_wait", "old_sem_wait")
+GO_FUTEX = "runtime.futex"  # the Go runtime's futex syscall wrapper: every futex sleep of Go code
+GO_RUNTIME_LOCK = "runtime.lock2"  # the runtime's internal mutex: a lock; notes, parking: not
+# Callers of runtime.semacquire1 that wait for an event (sync.WaitGroup), not a lock.
+GO_NOT_LOCK_SEMAS = frozenset({"sync.runtime_SemacquireWaitGroup", "sync.runtime_Semacquire"})
 GO_SEMACQUIRE = "runtime.semacquire1"
 GO_PARK = "runtime.gopark"
 _RET = 0xC3
@@ -77,6 +95,7 @@ class LockSource(enum.IntEnum):
     PTHREAD_MUTEX = 1  # not sent by BPF: futex sleeps inside a pthread lock call, told by their stack
     PTHREAD_RWLOCK = 2
     GO = 3
+    GO_RUNTIME = 4  # not sent by BPF: a Go runtime futex sleep inside runtime.lock2
     EXEC = 0xE  # not a wait: a target exec'd
     KERNEL = 0xF  # kernel addresses have the top nibble set
 
@@ -139,16 +158,47 @@ def go_sema_sites(path: str) -> GoSemaSites | None:
     return GoSemaSites(base, tuple(resumes), tuple(returns))
 
 
+def libc_name(function: str) -> str:
+    """A libc function's public name from any of its aliases: .dynsym gives `pthread_mutex_lock`, libc's
+    .symtab (libc6-dbg) `___pthread_mutex_lock`, `__GI___pthread_mutex_lock` or `sem_wait@@GLIBC_2.34`."""
+    return function.split("@", 1)[0].removeprefix("__GI_").lstrip("_")
+
+
 def pthread_lock_at(stack: tuple[Location, ...]) -> tuple[LockSource, int] | None:
     """The pthread lock function a futex sleep's stack is inside, and its index (leaf first)."""
     for i, loc in enumerate(stack):
         for frame in loc.frames:
-            name = frame.function.removeprefix("__")
+            name = libc_name(frame.function)
             if name in PTHREAD_MUTEX_FUNCS:
                 return LockSource.PTHREAD_MUTEX, i
             if name in PTHREAD_RWLOCK_FUNCS:
                 return LockSource.PTHREAD_RWLOCK, i
     return None
+
+
+def _names(stack: tuple[Location, ...]) -> list[str]:
+    return [frame.function for loc in stack for frame in loc.frames]
+
+
+def is_lock_wait(source: LockSource, stack: tuple[Location, ...]) -> bool:
+    """Whether a wait is a lock acquisition, by its call site (the module docstring says which are not).
+
+    `stack` is leaf first; a stack with no resolved frame stays (nothing says it is not a lock).
+    """
+    names = _names(stack)
+    if source == LockSource.GO:
+        callers = names[names.index(GO_SEMACQUIRE) + 1:] if GO_SEMACQUIRE in names else names
+        return not (callers and callers[0] in GO_NOT_LOCK_SEMAS)
+    if source != LockSource.FUTEX:
+        return True
+    if is_go_runtime_futex(names):
+        return GO_RUNTIME_LOCK in names
+    return not any(libc_name(name).startswith(NOT_LOCK_C_FUNCS) for name in names)
+
+
+def is_go_runtime_futex(names: list[str]) -> bool:
+    """Whether a futex sleep is the Go runtime's own (its runtime.futex wrapper is the leaf)."""
+    return bool(names) and names[0].removesuffix(".abi0") == GO_FUTEX
 
 
 @dataclass
@@ -178,6 +228,8 @@ class LockAccumulator(Accumulator):
         self.records: list[RawRecord] = []
         self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
         self.merged_sleeps = 0
+        self.not_lock_waits = 0  # waits left out: not lock acquisitions (is_lock_wait)
+        self._trimmed: dict[tuple[int, int], tuple[Location, Location]] = {}  # (id, frame) -> (original, trimmed)
 
     def on_record(self, rec: RawRecord) -> None:
         source = rec.aux >> SOURCE_SHIFT
@@ -213,15 +265,35 @@ class LockAccumulator(Accumulator):
         self.records += [s.rec for s in self._sleeps.values()]
         self._sleeps.clear()
 
-    @staticmethod
-    def _reshape(rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
-                                                                        tuple[tuple[str, str], ...]]:
+    def _from_lock_function(self, loc: Location) -> Location:
+        """`loc` without the frames debug info shows inlined into the lock function (lll_mutex_lock_optimized):
+        the lock function is the leaf. Kept alive here: add_records names stacks by their locations' ids."""
+        names = [libc_name(f.function) for f in loc.frames]
+        j = next((k for k, n in enumerate(names) if n in PTHREAD_MUTEX_FUNCS or n in PTHREAD_RWLOCK_FUNCS), 0)
+        if j == 0:
+            return loc
+        key = (id(loc), j)
+        trimmed = self._trimmed.get(key)
+        if trimmed is None:
+            trimmed = self._trimmed[key] = (loc, replace(loc, frames=loc.frames[j:]))
+        return trimmed[1]
+
+    def _reshape(self, rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
+                                                                              tuple[tuple[str, str], ...]] | None:
         source, _ = decode_aux(rec.aux)
         if source == LockSource.FUTEX:
             found = pthread_lock_at(stack)
             if found is not None:  # libc's wait loop under the lock function is not the user's business
                 source, i = found
-                stack = stack[i:]
+                stack = (self._from_lock_function(stack[i]),) + stack[i + 1:]
+            elif not is_lock_wait(source, stack):
+                self.not_lock_waits += 1
+                return None
+            elif is_go_runtime_futex(_names(stack)):
+                source = LockSource.GO_RUNTIME
+        elif not is_lock_wait(source, stack):
+            self.not_lock_waits += 1
+            return None
         return stack, (("lock", source.name.lower()),)
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
@@ -298,6 +370,8 @@ class LockProbe(ProbeFamily):
 
     def route(self, rec: RawRecord, acc: Accumulator) -> None:
         if self.is_notice(rec):  # a target exec'd (its pid in value, see lock.bpf.c): a Go program gets uprobes
+            # Its next futex sleeps are unwound in the new image, not a snapshot taken before the exec.
+            self.tracker.refresh(rec.value)
             self.go_uprobes.add(rec.value)
         else:
             acc.on_record(rec)

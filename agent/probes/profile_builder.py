@@ -57,12 +57,13 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
                 window: Window, values: Callable[[RawRecord], list[int]], with_kernel: bool = True,
                 labels: Callable[[RawRecord], tuple[tuple[str, str], ...]] | None = None,
                 reshape: Callable[[RawRecord, tuple[Location, ...]],
-                                  tuple[tuple[Location, ...], tuple[tuple[str, str], ...]]] | None = None) -> None:
+                                  tuple[tuple[Location, ...], tuple[tuple[str, str], ...]] | None] | None = None
+                ) -> None:
     """Add each record as one event of `profile`, at its symbolized stack.
 
     `reshape(record, stack)`, when given, returns the stack to use and the
-    record's labels (instead of `labels`): for families that classify by
-    what the symbolized stack holds.
+    record's labels (instead of `labels`), or None to leave the record out:
+    for families that classify by what the symbolized stack holds.
 
     Identical stacks are interned: a stack (pid and raw addresses) is
     resolved once, and each distinct sample (stack, thread, cpu, trace
@@ -90,7 +91,10 @@ def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackR
             stack = stacks.get(where)
             if stack is None:
                 stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips, r.image)
-            stack, extra = reshape(r, stack)
+            reshaped = reshape(r, stack)
+            if reshaped is None:
+                continue
+            stack, extra = reshaped
             # Locations are the resolver's, alive for the whole build: their ids name the reshaped stack.
             key = (r.pid, tuple(map(id, stack)), r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
             sample = samples.get(key)

@@ -77,6 +77,8 @@ class ProcessTracker:
         # (dev, inode) -> symbols: libc is mapped by every process, open it once
         self._by_inode: dict[tuple[str, int], FileSymbols | None] = {}
         self._vdso: FileSymbols | None = None
+        # (pid, tid) pairs whose name was compared with the snapshot's (see note_record), bounded
+        self._named_tids: set[tuple[int, int]] = set()
         self.stats = TrackerStats()
 
     def __contains__(self, pid: int) -> bool:
@@ -124,6 +126,15 @@ class ProcessTracker:
         info = self._procs.get(pid) if pid in self._procs else self.observe(pid)
         if info is not None and tid == pid and thread_name and thread_name != info.name:
             info = self.refresh(pid)
+        elif info is not None and tid != pid and thread_name and (pid, tid) not in self._named_tids:
+            # A thread's first record: threads start with their process's name, so a new thread named
+            # otherwise was born after an exec the main thread has not shown yet (records of CPUs are
+            # read one CPU after another). A thread that renamed itself costs one needless refresh.
+            if len(self._named_tids) > 65536:
+                self._named_tids.clear()
+            self._named_tids.add((pid, tid))
+            if thread_name != info.name:
+                info = self.refresh(pid)
         return info
 
     def refresh(self, pid: int) -> ProcessInfo | None:
@@ -178,6 +189,8 @@ class ProcessTracker:
             fs = self.cache.get(elf)
             if fs.elf is not elf:
                 elf.close()  # the cache already holds this build id
+            elif not fs.debug_path:  # separate debug info is looked for in the process's root, by its path
+                fs.debug_root, fs.debug_path = f"{self.proc_root}/{pid}/root", entry.path
         except (BpfprofError, OSError) as e:
             self.stats.unreadable_files += 1
             log.info("pid %d: cannot read %s: %s", pid, entry.path, e)

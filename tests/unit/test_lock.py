@@ -7,7 +7,7 @@ from dataclasses import replace
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes import lock as lock_probe
 from agent.probes.family import ProbeConfig
-from agent.probes.lock import LockAccumulator, LockProbe, LockSource, decode_aux
+from agent.probes.lock import LockProbe, LockSource, decode_aux
 from agent.processes.stack_resolver import UnwindMode
 from agent.processes.tracker import ProcessTracker
 from exporters.pprof import decode_pprof, encode_pprof
@@ -84,12 +84,36 @@ def _loc(*names: str) -> Location:
 
 def test_pthread_sleeps_are_labelled_and_start_at_the_lock_function():
     futex = 0x7F00_0000_1000
+    acc = LockProbe(ProbeConfig(), ProcessTracker()).new_accumulator()
     rec = _sleep(1, 1, 1, 1)
     stack = (_loc(), _loc("__futex_abstimed_wait_common"), _loc("__pthread_rwlock_wrlock"), _loc("writer"))
-    assert LockAccumulator._reshape(rec, stack) == (stack[2:], (("lock", "pthread_rwlock"),))
+    assert acc._reshape(rec, stack) == (stack[2:], (("lock", "pthread_rwlock"),))
     stack = (_loc(), _loc("pthread_mutex_lock"), _loc("site"))
-    assert LockAccumulator._reshape(rec, stack) == (stack[1:], (("lock", "pthread_mutex"),))
-    stack = (_loc(), _loc("pthread_cond_wait"), _loc("waiter"))  # a futex sleep that is no lock call
-    assert LockAccumulator._reshape(rec, stack) == (stack, (("lock", "futex"),))
+    assert acc._reshape(rec, stack) == (stack[1:], (("lock", "pthread_mutex"),))
+    stack = (_loc(), _loc("__GI___pthread_mutex_lock"), _loc("site"))  # libc6-dbg's name of it
+    assert acc._reshape(rec, stack) == (stack[1:], (("lock", "pthread_mutex"),))
+    stack = (_loc(), _loc("spin_lock_slow"), _loc("site"))  # a hand-rolled futex lock
+    assert acc._reshape(rec, stack) == (stack, (("lock", "futex"),))
     go = replace(rec, aux=(3 << 60) | futex)
-    assert LockAccumulator._reshape(go, stack) == (stack, (("lock", "go"),))
+    stack = (_loc("runtime.semacquire1"), _loc("internal/sync.runtime_SemacquireMutex"), _loc("main.f"))
+    assert acc._reshape(go, stack) == (stack, (("lock", "go"),))
+    assert acc.not_lock_waits == 0
+
+
+def test_waits_that_are_no_lock_acquisition_are_left_out():
+    """By call site: joins, condition variables, semaphores, Go's idle Ms and WaitGroups wait for events."""
+    acc = LockProbe(ProbeConfig(), ProcessTracker()).new_accumulator()
+    rec = _sleep(1, 1, 1, 1)
+    for names in (("__futex_abstimed_wait_common", "__pthread_clockjoin_ex", "main"),
+                  ("pthread_cond_wait", "waiter"), ("___pthread_cond_timedwait64", "waiter"),
+                  ("__new_sem_wait_slow64", "sem_wait", "worker"),
+                  ("runtime.futex.abi0", "runtime.notesleep", "runtime.mPark", "runtime.stopm"),
+                  ("runtime.futex", "runtime.futexsleep", "runtime.notesleep", "runtime.stopm")):
+        assert acc._reshape(rec, tuple(_loc(n) for n in names)) is None, names
+    go = replace(rec, aux=(3 << 60) | 0x1000)
+    stack = (_loc("runtime.semacquire1"), _loc("sync.runtime_SemacquireWaitGroup"), _loc("main.main"))
+    assert acc._reshape(go, stack) is None
+    assert acc.not_lock_waits == 7
+    # the Go runtime's internal lock is one
+    stack = tuple(_loc(n) for n in ("runtime.futex", "runtime.futexsleep", "runtime.semasleep", "runtime.lock2"))
+    assert acc._reshape(rec, stack) == (stack, (("lock", "go_runtime"),))

@@ -112,3 +112,17 @@ def test_exited_processes_leave_once_no_interval_needs_them(tmp_path, reuse):
         (tmp_path / "50").rmdir()
     assert tracker.evict(safe_seq=3) == 0  # interval 3 is still to be built
     assert tracker.evict(safe_seq=4) == 1 and 50 not in tracker
+
+
+def test_a_new_thread_named_otherwise_shows_an_exec_before_the_main_thread_does(tmp_path):
+    """Records are read one CPU after another: a thread of the exec'd program can come before the main
+    thread's. Its first record, named as the new program, re-reads the process (once per thread)."""
+    tracker = ProcessTracker(proc_root=str(tmp_path))
+    fake_process(tmp_path, 42)
+    before = tracker.note_record(42, 42, "fake")
+    assert tracker.note_record(42, 43, "fake") is before  # a thread with the process's name: no re-read
+    (tmp_path / "42" / "comm").write_text("newprog\n")
+    after = tracker.note_record(42, 44, "newprog")
+    assert after is not before and after.name == "newprog" and tracker.stats.refreshes == 1
+    assert tracker.note_record(42, 44, "newprog") is after  # that thread is not looked at again
+    assert tracker.stats.refreshes == 1

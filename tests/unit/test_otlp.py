@@ -166,7 +166,10 @@ def test_locations_carry_frame_type_and_inlined_lines(req):
     hot = by_address[L_HOT.address]
     names = [strings(req)[d.function_table[line.function_index].name_strindex] for line in hot.lines]
     assert names == ["main.hot", "main.work"] and [line.line for line in hot.lines] == [12, 30]
-    assert not by_address[L_UNRESOLVED.address].lines
+    # Unresolved: one placeholder line that reads module+0xoffset (the file offset, not the address).
+    unresolved = [strings(req)[d.function_table[line.function_index].name_strindex]
+                  for line in by_address[L_UNRESOLVED.address].lines]
+    assert unresolved == [f"libfoo.so+0x{L_UNRESOLVED.address - LIBFOO.start + LIBFOO.file_offset:x}"]
     cpp = d.function_table[by_address[L_CPP.address].lines[0].function_index]
     assert (strings(req)[cpp.system_name_strindex], cpp.start_line) == ("_ZN2ns4stepEi", 80)
 
@@ -177,7 +180,9 @@ def test_tables_are_deduplicated(req):
     assert len(d.location_table) == 1 + 9 and len(d.mapping_table) == 1 + 5
     # main.work appears at two pcs and inlined: one Function
     names = [strings(req)[f.name_strindex] for f in d.function_table[1:]]
-    assert sorted(names) == sorted(["main.hot", "main.work", "main.main", "main", "ns::step(int)", "do_syscall_64"])
+    placeholders = ["libfoo.so+0x1abc", "[vdso]+0x100", "[kernel.kallsyms]+0xffffffff81009000"]  # unresolved
+    assert sorted(names) == sorted(["main.hot", "main.work", "main.main", "main", "ns::step(int)", "do_syscall_64",
+                                    *placeholders])
     assert len({tuple(s.location_indices) for s in d.stack_table}) == len(d.stack_table) == 1 + 4
     keys = [(kv.key_strindex, kv.value.SerializeToString()) for kv in d.attribute_table]
     assert len(set(keys)) == len(keys)

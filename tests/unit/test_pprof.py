@@ -68,7 +68,7 @@ EXPECTED_FLAT = {
     "main.work": 2,
     "asm_sysvec_apic_timer_interrupt": 1,
     "do_syscall_64": 3,
-    "[libfoo.so]": 4,
+    "libfoo.so+0x1abc": 4,  # unresolved: file name + file offset, as in every output
 }
 EXPECTED_CUM = {"main.main": 8, "main": 7, "ns::Engine::step(int)": 7, "__memmove_avx_unaligned_erms": 3}
 
@@ -155,8 +155,9 @@ def test_raw_locations_keep_inlining_mappings_and_build_ids(go_pprof, pprof_file
     # Inlined frames: several lines on one location, innermost first.
     assert locations[L_HOT.address]["functions"] == ["main.hot", "main.work"]
     assert locations[L_CPP.address]["functions"] == ["ns::Engine::step(int)(_ZN2ns6Engine4stepEi)"]
-    # Unresolved: no lines, but the address and its mapping survive.
-    assert locations[L_UNRESOLVED.address] == {"mapping": by_file["/opt/lib/libfoo.so"][0], "functions": []}
+    # Unresolved: a placeholder line module+0xoffset; the runtime address and its mapping survive.
+    assert locations[L_UNRESOLVED.address] == {"mapping": by_file["/opt/lib/libfoo.so"][0],
+                                               "functions": ["libfoo.so+0x1abc"]}
     # Kernel frames: the [kernel.kallsyms] mapping when known, else none.
     assert locations[L_KSYS.address]["mapping"] == by_file["[kernel.kallsyms]"][0]
     assert locations[L_KIRQ.address] == {"mapping": 0, "functions": ["asm_sysvec_apic_timer_interrupt"]}
