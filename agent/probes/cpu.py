@@ -57,8 +57,12 @@ class CpuAccumulator(Accumulator):
         self.records.append(self.family.complete(rec))
         if self.family.trace_contexts is not None:
             self.family.trace_contexts.observe(rec.pid, rec.thread_name)
-        if self.family.python is not None:
-            self.family.python.observe(rec.pid)
+        python = self.family.python
+        if python is not None:
+            proc = python.observe(rec.pid, rec.thread_name)
+            if rec.py_frames and proc is not None and proc.layout is not None:
+                # now, while the process lives: a profile is built after short-lived ones exit
+                self.family.python_frames.read_codes(rec.pid, rec.py_frames, proc.layout)
 
     def record_count(self) -> int:
         return len(self.records)

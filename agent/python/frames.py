@@ -129,6 +129,13 @@ class PythonFrames:
             raise ValueError(f"line table of {size} bytes")
         return CodeInfo(qualname, filename, first, mem.read(table + lay.bytes_sval, size))
 
+    def read_codes(self, pid: int, words: Sequence[int], layout: PyLayout) -> None:
+        """Read the code objects of a record's frames now (cached), while its process is alive."""
+        for w in words:
+            key = (pid, w & PY_CODE_MASK)
+            if key not in self._codes:
+                self.code(pid, key[1], layout)
+
     def location(self, pid: int, word: int, layout: PyLayout) -> Location:
         """The Location of one frame word (a frame named by its address when the code is unreadable)."""
         addr, unit, _entry = split_word(word)

@@ -113,11 +113,17 @@ class PythonRegistry:
         self._proc_root = proc_root
         self._by_file: dict[FileId, PyBinary | None] = {}
         self.processes: dict[int, PyProcess | None] = {}
+        self._names: dict[int, str] = {}  # thread name of the pid's record at its last look
 
-    def observe(self, pid: int) -> PyProcess | None:
-        """Called for each record's pid; the work is done once per pid."""
+    def observe(self, pid: int, thread_name: str = "") -> PyProcess | None:
+        """Called for each record's pid; the work is done once per pid and thread name (an exec renames
+        the process: `record -- COMMAND` is the gate until it execs the interpreter, so a pid without an
+        interpreter is looked at again when its thread name changes)."""
         if pid in self.processes:
-            return self.processes[pid]
+            known = self.processes[pid]
+            if known is not None or self._names.get(pid) == thread_name:
+                return known
+        self._names[pid] = thread_name
         found = self._find(pid)
         self.processes[pid] = found
         if found is not None:
