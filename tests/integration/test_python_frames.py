@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from recording import read_pprof, run_bpfprof
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "python" / "split7030.py"
-PYTHON = "/usr/bin/python3.11"
+PYTHON = "/usr/bin/python3.11"  # static libpython, not PIE, stripped
+PYENV = Path("/root/.pyenv/versions")
+PYENV_311 = sorted(PYENV.glob("3.11.*/bin/python3.11"))  # shared libpython, PIE
+PYENV_312 = sorted(PYENV.glob("3.12.*/bin/python3.12"))  # no layout table yet
 
 
 def _interpreter_samples(prof) -> list:
@@ -17,9 +21,10 @@ def _interpreter_samples(prof) -> list:
             and ("<module>" in s.functions or "_PyEval_EvalFrameDefault" in s.functions)]
 
 
-def test_python_split_matches_loop_counts(tmp_path):
+@pytest.mark.parametrize("python", [PYTHON, *map(str, PYENV_311[:1])])
+def test_python_split_matches_loop_counts(tmp_path, python):
     out = tmp_path / "py.pb.gz"
-    run_bpfprof("record", "--frequency", "199", "--no-kernel", "-o", str(out), "--", PYTHON, str(FIXTURE), "6")
+    run_bpfprof("record", "--frequency", "199", "--no-kernel", "-o", str(out), "--", python, str(FIXTURE), "6")
     prof = read_pprof(out)
     samples = _interpreter_samples(prof)
     total = sum(s.values[0] for s in samples)
@@ -52,3 +57,16 @@ def test_python_split_matches_loop_counts(tmp_path):
 
 SPIN_LOOP_LINES = [i + 1 for i, text in enumerate(FIXTURE.read_text().splitlines())
                    if text.strip() in ("for i in range(n):", "total += i * i")]
+
+
+def test_unsupported_version_keeps_native_frames_and_is_named(tmp_path):
+    assert PYENV_312, "pyenv's CPython 3.12 is missing (packaging/setup.sh installs it)"
+    out = tmp_path / "py312.pb.gz"
+    run_bpfprof("record", "--frequency", "99", "--no-kernel", "-o", str(out), "--", str(PYENV_312[0]),
+                str(FIXTURE), "2")
+    prof = read_pprof(out)
+    samples = [s for s in prof.samples if "_PyEval_EvalFrameDefault" in s.functions]
+    assert sum(s.values[0] for s in samples) >= 100
+    assert not any("<module>" in s.functions for s in prof.samples)
+    comments = [prof.raw.string_table[i] for i in prof.raw.comment]
+    assert any("CPython 3.12" in c and "not supported" in c for c in comments), comments
