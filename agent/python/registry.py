@@ -26,6 +26,7 @@ from symbolizer.proc_maps import MapsEntry, read_maps
 log = logging.getLogger(__name__)
 
 FileId = tuple[int, int]
+MAX_NAMES = 16  # thread names per pid that trigger a new look
 
 
 @dataclass(frozen=True)
@@ -113,19 +114,22 @@ class PythonRegistry:
         self._proc_root = proc_root
         self._by_file: dict[FileId, PyBinary | None] = {}
         self.processes: dict[int, PyProcess | None] = {}
-        self._names: dict[int, str] = {}  # thread name of the pid's record at its last look
+        self._names: dict[int, set[str]] = {}  # thread names the pid's records have shown
 
     def observe(self, pid: int, thread_name: str = "") -> PyProcess | None:
-        """Called for each record's pid; the work is done once per pid and thread name (an exec renames
-        the process: `record -- COMMAND` is the gate until it execs the interpreter, so a pid without an
-        interpreter is looked at again when its thread name changes)."""
-        if pid in self.processes:
-            known = self.processes[pid]
-            if known is not None or self._names.get(pid) == thread_name:
-                return known
-        self._names[pid] = thread_name
+        """Called for each record's pid; the work is done once per pid, and again at a thread name the pid
+        has not shown before (an exec renames the process: `record -- COMMAND` is the gate until it execs
+        the interpreter). CPython before 3.14 does not name its threads; a process that names many is
+        looked at MAX_NAMES times at most."""
+        names = self._names.setdefault(pid, set())
+        if pid in self.processes and (thread_name in names or len(names) >= MAX_NAMES):
+            return self.processes[pid]
+        names.add(thread_name)
+        known = self.processes.get(pid)
         found = self._find(pid)
         self.processes[pid] = found
+        if found is None and known is not None:
+            self._write(pid, None)  # exec'd into something else (BPF deletes it at exec too)
         if found is not None:
             value = found.proc_value()
             if value is not None:
@@ -138,6 +142,7 @@ class PythonRegistry:
     def forget(self, pid: int) -> None:
         """A pid that exec'd or exited: looked at again at its next record."""
         self.processes.pop(pid, None)
+        self._names.pop(pid, None)
 
     def unsupported(self) -> list[str]:
         """One line per interpreter version seen without a layout (for the profile comment)."""
