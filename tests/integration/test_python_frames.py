@@ -3,10 +3,11 @@ functions (tests/fixtures/python/split7030.py), under Debian's stripped, static 
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
-from recording import read_pprof, run_bpfprof
+from recording import BPFPROF, read_pprof, run_bpfprof
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "python" / "split7030.py"
 PYTHON = "/usr/bin/python3.11"  # static libpython, not PIE, stripped
@@ -21,19 +22,43 @@ def _interpreter_samples(prof) -> list:
             and ("<module>" in s.functions or "_PyEval_EvalFrameDefault" in s.functions)]
 
 
+def record_running(tmp_path: Path, python: str, seconds: float) -> Path:
+    """Profile the fixture as a process started before the agent (`record --pid`), released once the
+    agent samples: every sample of it is taken with its interpreter registered."""
+    out = tmp_path / "py.pb.gz"
+    fixture = subprocess.Popen([python, str(FIXTURE), str(seconds + 3), "wait"], stdin=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([str(BPFPROF), "record", "--pid", str(fixture.pid), "--frequency",
+                              "199", "--no-kernel", "--duration", str(seconds), "-o", str(out)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        err = []
+        for line in agent.stderr:
+            err.append(line)
+            if line.startswith("sampling"):
+                break
+        else:
+            raise AssertionError("agent did not start: " + "".join(err))
+        fixture.stdin.write("go\n")
+        fixture.stdin.flush()
+        rest = agent.stderr.read()
+        assert agent.wait(timeout=120) == 0, "".join(err) + rest
+    finally:
+        fixture.kill()
+        fixture.wait()
+        agent.kill()
+        agent.wait()
+    return out
+
+
 @pytest.mark.parametrize("python", [PYTHON, *map(str, PYENV_311[:1])])
 def test_python_split_matches_loop_counts(tmp_path, python):
-    out = tmp_path / "py.pb.gz"
-    run_bpfprof("record", "--frequency", "199", "--no-kernel", "-o", str(out), "--", python, str(FIXTURE), "6")
-    prof = read_pprof(out)
+    prof = read_pprof(record_running(tmp_path, python, 5))
     samples = _interpreter_samples(prof)
     total = sum(s.values[0] for s in samples)
     assert total >= 400, f"only {total} samples of the fixture"
     with_python = [s for s in samples if "_PyEval_EvalFrameDefault" not in s.functions]
     walked = sum(s.values[0] for s in with_python)
-    # Samples before the agent's first look at the process (its first drain, with the unwind tables) keep
-    # native frames only: a few at the start, nothing after.
-    assert walked >= 0.95 * total, f"{walked} of {total} samples with Python frames"
+    assert walked == total, f"{walked} of {total} samples with Python frames"
     # every sample with Python frames reaches the module's top level, through the two functions
     assert all(s.functions[-10:].count("<module>") == 1 for s in with_python)
     hot = sum(s.values[0] for s in with_python if "hot" in s.functions)
