@@ -23,9 +23,9 @@ from agent.errors import BpfLoadError
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
 from agent.probes.profile_builder import add_records
 from agent.processes.stack_resolver import StackResolver
+from agent.processes.tracker import ProcessTracker
 from agent.python.frames import PythonFrames
 from agent.python.registry import PythonRegistry
-from agent.processes.tracker import ProcessTracker
 from agent.tracectx.registry import TraceContextRegistry
 from exporters.profile import Profile
 from exporters.profile_types import cpu_profile

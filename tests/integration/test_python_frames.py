@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from recording import BPFPROF, read_pprof, run_bpfprof
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "python" / "split7030.py"

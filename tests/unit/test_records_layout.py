@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
+from agent.bpfload import records
 from agent.bpfload.records import (
     HEADER_SIZE,
     IPS,
@@ -37,7 +38,6 @@ from agent.bpfload.records import (
     TraceCtx,
     Ustack,
 )
-from agent.bpfload import records
 from agent.python.layouts import ENTRY_BOOL
 from bpf import BPF_DIR
 
