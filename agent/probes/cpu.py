@@ -54,15 +54,17 @@ class CpuAccumulator(Accumulator):
         self.records: list[RawRecord] = []
 
     def on_record(self, rec: RawRecord) -> None:
-        self.records.append(self.family.complete(rec))
-        if self.family.trace_contexts is not None:
-            self.family.trace_contexts.observe(rec.pid, rec.thread_name)
         python = self.family.python
         if python is not None:
+            # before complete(): a new process's first record may wait there for its unwind tables, and
+            # its samples carry no Python frames until it is registered
             proc = python.observe(rec.pid, rec.thread_name)
             if rec.py_frames and proc is not None and proc.layout is not None:
                 # now, while the process lives: a profile is built after short-lived ones exit
                 self.family.python_frames.read_codes(rec.pid, rec.py_frames, proc.layout)
+        self.records.append(self.family.complete(rec))
+        if self.family.trace_contexts is not None:
+            self.family.trace_contexts.observe(rec.pid, rec.thread_name)
 
     def record_count(self) -> int:
         return len(self.records)
