@@ -61,7 +61,7 @@ def test_python_split_matches_loop_counts(tmp_path, python):
     walked = sum(s.values[0] for s in with_python)
     assert walked == total, f"{walked} of {total} samples with Python frames"
     # every sample with Python frames reaches the module's top level, through the two functions
-    assert all(s.functions[-10:].count("<module>") == 1 for s in with_python)
+    assert all(s.functions.count("<module>") == 1 for s in with_python)
     hot = sum(s.values[0] for s in with_python if "hot" in s.functions)
     warm = sum(s.values[0] for s in with_python if "warm" in s.functions)
     hot_share = hot / (hot + warm)
@@ -70,8 +70,8 @@ def test_python_split_matches_loop_counts(tmp_path, python):
     spin = [s.functions for s in with_python if "spin" in s.functions]
     assert spin, "no sample in spin"
     for names in spin:
-        assert names.index("spin") < names.index("<module>") < names.index("Py_RunMain")
-        assert names[names.index("<module>") + 1] == "PyEval_EvalCode"
+        assert names.index("spin") < names.index("<module>") < names.index("PyEval_EvalCode") < names.index(
+            "Py_RunMain")
     # spin's frames name its loop's lines (from the code object's location table), in the fixture's file
     raw = prof.raw
     spin_ids = {f.id for f in raw.function if raw.string_table[f.name] == "spin"}
