@@ -35,15 +35,17 @@ def bpfprof_shares(python: str, seconds: int, hz: int) -> tuple[float, int, floa
                                  "-o", str(out), "--", python, str(FIXTURE), str(seconds)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         ns = 0.0
-        time.sleep(seconds * 0.8 + 3)
-        try:
-            progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                                              timeout=30).stdout)
+        deadline = time.monotonic() + seconds + 120
+        while proc.poll() is None and time.monotonic() < deadline:  # the last reading before the agent exits
+            time.sleep(1)
+            try:
+                progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                                                  text=True, timeout=30).stdout)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                continue
             for p in progs:
                 if p.get("name", "").startswith("on_cpu_sample") and p.get("run_cnt"):
                     ns = p["run_time_ns"] / p["run_cnt"]
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass
         proc.wait(timeout=seconds + 120)
         prof = read_pprof(out)
     hot = sum(s.values[0] for s in prof.samples if "hot" in s.functions)
@@ -83,8 +85,8 @@ def main() -> None:
     print(f"bpfprof  {PY311}: hot {share:.3f} (truth 0.700) over {n} samples; on_cpu_sample {ns311:.0f} ns/run")
     if PY312 is not None:
         _, _, ns312 = bpfprof_shares(str(PY312), a.seconds, a.hz)
-        print(f"bpfprof  {PY312} (no Python walk): on_cpu_sample {ns312:.0f} ns/run; "
-              f"the walk adds ~{ns311 - ns312:.0f} ns per sample")
+        added = f"the walk adds ~{ns311 - ns312:.0f} ns per sample" if ns311 and ns312 else "not measured"
+        print(f"bpfprof  {PY312} (no Python walk): on_cpu_sample {ns312:.0f} ns/run; {added}")
     if a.py_spy:
         share, n, cpu = pyspy_shares(a.py_spy, PY311, a.seconds, a.hz)
         print(f"py-spy   {PY311}: hot {share:.3f} over {n} samples; py-spy + fixture CPU {cpu:.1f} s")
