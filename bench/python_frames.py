@@ -80,7 +80,16 @@ def main() -> None:
     ap.add_argument("--hz", type=int, default=99)
     ap.add_argument("--py-spy", default="")
     a = ap.parse_args()
-    subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=False)
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = stats.read_text().strip()
+    stats.write_text("1")
+    try:
+        run(a)
+    finally:
+        stats.write_text(before)
+
+
+def run(a: argparse.Namespace) -> None:
     share, n, ns311 = bpfprof_shares(PY311, a.seconds, a.hz)
     print(f"bpfprof  {PY311}: hot {share:.3f} (truth 0.700) over {n} samples; on_cpu_sample {ns311:.0f} ns/run")
     if PY312 is not None:
