@@ -51,7 +51,9 @@ enum bpfprof_drop {
     BPFPROF_DROP_KERNEL_TRUNCATED = 4,
     BPFPROF_DROP_LABELS_TRUNCATED = 5, /* Go labels beyond BPFPROF_MAX_LABELS or longer than a slot */
     BPFPROF_DROP_TRACE_CTX_READ_ERR = 6, /* a user read on the way to the trace context failed */
-    BPFPROF_DROP_MAX = 7,
+    BPFPROF_DROP_PY_READ_ERR = 7,  /* a user read on the way to the Python frames failed */
+    BPFPROF_DROP_PY_TRUNCATED = 8, /* Python stack deeper than BPFPROF_PY_MAX_FRAMES: outer frames lost */
+    BPFPROF_DROP_MAX = 9,
 };
 
 /* Kind of the trace context a record may carry after its addresses. */
@@ -59,7 +61,16 @@ enum bpfprof_ctx_kind {
     BPFPROF_CTX_NONE = 0,
     BPFPROF_CTX_OTEL = 1,       /* struct bpfprof_otel_ctx: an OTEP 4947 thread context record */
     BPFPROF_CTX_GO_LABELS = 2,  /* struct bpfprof_go_labels: the running goroutine's pprof labels */
+    /* 3: BPFPROF_CTX_USTACK (ustack.bpf.h) */
+    BPFPROF_CTX_PYTHON = 4,     /* struct bpfprof_py_frames (python.bpf.h): the thread's CPython frames */
 };
+
+/* CPython frames (python.bpf.h): one word per frame, leaf first. */
+#define BPFPROF_PY_MAX_FRAMES 64            /* a power of two (the index mask) */
+#define BPFPROF_PY_CODE_MASK 0xffffffffffffull  /* the code object's address: a user address fits 48 bits */
+#define BPFPROF_PY_UNIT_SHIFT 48
+#define BPFPROF_PY_UNIT_MASK 0x3fffull      /* index of the code unit run; larger indices are cut to it */
+#define BPFPROF_PY_ENTRY_BIT 62             /* the frame a _PyEval_EvalFrameDefault call entered at */
 
 struct bpfprof_header {
     u32 kind;          /* enum bpfprof_kind */
@@ -128,6 +139,7 @@ struct bpfprof_stack_record {
 struct bpfprof_scratch {
     struct bpfprof_stack_record r;
     struct bpfprof_trace_ctx ctx_room;
+    u64 py_room[1 + BPFPROF_PY_MAX_FRAMES];  /* the CPython frames trailer (python.bpf.h) */
 };
 
 /* Per-process facts the agent writes at first sight of a process whose trace
@@ -157,5 +169,31 @@ struct gor_layout {
     u16 gopc;     /* offsetof(runtime.g, gopc) */
     u16 startpc;  /* offsetof(runtime.g, startpc) */
 };
+
+#define BPFPROF_PY_ENTRY_BOOL 1     /* 3.11: _PyInterpreterFrame.is_entry */
+
+/* A `py_procs` value; agent/python/registry.py PyProc mirrors it. */
+struct bpfprof_py_proc {
+    u64 interpreters_head;  /* runtime address of _PyRuntime.interpreters.head */
+    u16 interp_threads_head;
+    u16 tstate_next;
+    u16 tstate_thread_id;
+    u16 tstate_cframe;
+    u16 cframe_current_frame;
+    u16 frame_code;
+    u16 frame_previous;
+    u16 frame_instr;
+    u16 frame_entry;
+    u16 code_adaptive;      /* offset of the first code unit in a code object */
+    u8 entry_kind;          /* BPFPROF_PY_ENTRY_* */
+    u8 pad[3];
+};
+
+struct bpfprof_py_frames {
+    u32 kind;   /* BPFPROF_CTX_PYTHON */
+    u32 size;   /* 8 + 8 x frames */
+    u64 frames[BPFPROF_PY_MAX_FRAMES];
+};
+
 
 #endif

@@ -57,6 +57,19 @@ static __always_inline void count_drop(u32 reason)
         (*c)++;  /* per-CPU slot: no atomics needed */
 }
 
+/* The current record's CPython frames (python.bpf.h), until finish_record appends them. */
+BPF_PERCPU_ARRAY(py_scratch, struct bpfprof_py_frames, 1);
+
+/* Forget the previous record's frames (new_record calls it). */
+static __always_inline void py_reset(void)
+{
+    u32 zero = 0;
+    struct bpfprof_py_frames *p = py_scratch.lookup(&zero);
+    if (p)
+        p->kind = BPFPROF_CTX_NONE;
+}
+
+
 /* Ring-buffer wake-ups. A wake-up per record would cost the recorded task an
  * IPI and the agent a context switch per record (on a VM, ~50-90 us of CPU
  * per wake-up of an idle thread): what a burst of heap samples or futex
@@ -127,6 +140,7 @@ static __always_inline struct bpfprof_stack_record *new_record(u32 kind, u64 val
     struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);
     if (t)
         t->kind = BPFPROF_CTX_NONE;
+    py_reset();
     return r;
 }
 
@@ -273,6 +287,19 @@ static __always_inline u64 finish_record(struct bpfprof_stack_record *r)
             bpf_probe_read_kernel(&r->ips[(kn + un) & (BPFPROF_IPS - 1)], sizeof(*t), t) == 0)
             size += ts;
         t->kind = BPFPROF_CTX_NONE;  /* consumed: never appended to another record */
+    }
+    struct bpfprof_py_frames *p = py_scratch.lookup(&zero);
+    if (p && p->kind == BPFPROF_CTX_PYTHON) {
+        /* after a full stack and a full trace context there is still py_room */
+        u32 ps = p->size;
+        if (ps > sizeof(*p))
+            ps = sizeof(*p);
+        u64 at = size;
+        asm volatile("" : "+r"(at));
+        if (at <= sizeof(struct bpfprof_scratch) - sizeof(*p) &&
+            bpf_probe_read_kernel((u8 *)r + at, sizeof(*p), p) == 0)
+            size = at + ps;
+        p->kind = BPFPROF_CTX_NONE;
     }
     if (size > sizeof(struct bpfprof_scratch))
         return 0;

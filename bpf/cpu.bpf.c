@@ -20,6 +20,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_CPU, 1, 0);
     if (r) {
         add_trace_ctx(r, ctx->regs.r14, ctx->regs.cs);
+        py_read_frames(tgid, current_fsbase());
 #if USTACK_BYTES > 0 && CPU_USTACK
         struct bpfprof_ustack u = {};
         int have = user_regs(ctx, &u);

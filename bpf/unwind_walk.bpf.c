@@ -100,7 +100,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (tgid == (u32)id)
+    if (tgid == (u32)id) {
         unwind_procs.delete(&tgid);
+        py_procs.delete(&tgid);
+    }
     return 0;
 }

@@ -15,6 +15,7 @@ class FrameKind(enum.StrEnum):
     GO = "go"
     NATIVE = "native"
     KERNEL = "kernel"
+    CPYTHON = "cpython"  # a Python function run by CPython's interpreter (agent/python/frames.py)
 
 
 class BuildIdKind(enum.StrEnum):

@@ -20,6 +20,7 @@ COMM_LEN = 16
 MAX_LABELS = 8
 LABEL_KEY_LEN = 32
 LABEL_VALUE_LEN = 64
+PY_MAX_FRAMES = 64  # BPFPROF_PY_MAX_FRAMES
 
 
 class RecordKind(enum.IntEnum):
@@ -44,6 +45,8 @@ class Drop(enum.IntEnum):
     KERNEL_TRUNCATED = 4
     LABELS_TRUNCATED = 5
     TRACE_CTX_READ_ERR = 6
+    PY_READ_ERR = 7
+    PY_TRUNCATED = 8
 
 
 DROP_DESCRIPTIONS = {
@@ -54,6 +57,8 @@ DROP_DESCRIPTIONS = {
     Drop.KERNEL_TRUNCATED: "kernel stacks truncated at 127 frames",
     Drop.LABELS_TRUNCATED: f"samples whose Go labels were cut (over {MAX_LABELS} labels or a long key/value)",
     Drop.TRACE_CTX_READ_ERR: "samples whose trace context could not be read",
+    Drop.PY_READ_ERR: "samples whose Python frames could not be read",
+    Drop.PY_TRUNCATED: f"Python stacks cut at {PY_MAX_FRAMES} frames",
 }
 
 
@@ -77,6 +82,7 @@ class CtxKind(enum.IntEnum):
     OTEL = 1
     GO_LABELS = 2
     USTACK = 3  # BPFPROF_CTX_USTACK (bpf/ustack.bpf.h): user registers + stack copy, CPU samples only
+    PYTHON = 4  # BPFPROF_CTX_PYTHON (bpf/python.bpf.h): the thread's CPython frames, one word each
 
 
 class ProcFlag(enum.IntFlag):
@@ -153,7 +159,24 @@ class StackRecord(ctypes.Structure):
 class Scratch(ctypes.Structure):
     """struct bpfprof_scratch: a record with room for its trace context trailer (the largest a record can be)."""
 
-    _fields_ = [("r", StackRecord), ("ctx_room", TraceCtx)]
+    _fields_ = [("r", StackRecord), ("ctx_room", TraceCtx), ("py_room", ctypes.c_uint64 * (1 + PY_MAX_FRAMES))]
+
+
+class PyProc(ctypes.Structure):
+    """struct bpfprof_py_proc (bpf/python.bpf.h): a `py_procs` value."""
+
+    _fields_ = [("interpreters_head", ctypes.c_uint64)] + [
+        (name, ctypes.c_uint16) for name in (
+            "interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_cframe", "cframe_current_frame",
+            "frame_code", "frame_previous", "frame_instr", "frame_entry", "code_adaptive")] + [
+        ("entry_kind", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+# One word of a PYTHON trailer (BPFPROF_PY_*): the code object, the code unit it ran, an entry frame.
+PY_CODE_MASK = (1 << 48) - 1
+PY_UNIT_SHIFT = 48
+PY_UNIT_MASK = 0x3FFF
+PY_ENTRY_BIT = 62
 
 
 class ProcCtx(ctypes.Structure):
@@ -218,6 +241,8 @@ class RawRecord:
     user_stack: bytes = b""  # user memory from RSP up
     user_mode: bool = True  # the sample hit user mode (RIP is the interrupted instruction)
     ustack_flags: int = 0  # BPFPROF_USTACK_* of the copy
+    # CPython frames (bpf/python.bpf.h), leaf first, one word each (PY_* above); () when not a Python thread
+    py_frames: tuple[int, ...] = ()
     # The process snapshot (processes.tracker.ProcessInfo) the record belongs to, set at delivery: a
     # process that execs keeps its pid, and its earlier samples resolve against the image they ran in.
     image: object = field(default=None, compare=False)
@@ -271,6 +296,7 @@ def parse_record(buf: bytes) -> RawRecord:
     stack = b""
     user_mode = True
     ustack_flags = 0
+    py: tuple[int, ...] = ()
     while len(buf) >= pos + TRACE_CTX_HEADER_SIZE:
         ctx_kind, size = _CTX_HEADER.unpack_from(buf, pos)
         if size < TRACE_CTX_HEADER_SIZE:
@@ -288,6 +314,9 @@ def parse_record(buf: bytes) -> RawRecord:
             stack = buf[start:min(end, start + length)]
             user_mode = bool(flags & USTACK_USER_MODE)
             ustack_flags = flags
+        elif ctx_kind == CtxKind.PYTHON:
+            n = (end - pos - TRACE_CTX_HEADER_SIZE) // 8
+            py = struct.unpack_from(f"<{n}Q", buf, pos + TRACE_CTX_HEADER_SIZE) if n > 0 else ()
         pos += size
     return RawRecord(kind, pid, tid, cpu, ktime, value, aux, name, ips[:kn], ips[kn:], labels, truncated, link,
-                     regs, stack, user_mode, ustack_flags)
+                     regs, stack, user_mode, ustack_flags, py)

@@ -195,11 +195,42 @@ def fix_mounts() -> list[str]:
     return done
 
 
+# Interpreters looked at by `doctor` (what a user's services are likely to run).
+PYTHON_GLOBS = ("/usr/bin/python3.*", "/usr/local/bin/python3.*", "/root/.pyenv/versions/*/bin/python3.*")
+
+
+def check_python(globs: tuple[str, ...] = PYTHON_GLOBS) -> Check:
+    """Which CPython interpreters on this host get Python frames, and which keep native ones (by version)."""
+    import glob
+
+    from agent.python.layouts import unsupported_reason
+    from agent.python.registry import examine_file
+
+    good: list[str] = []
+    bad: list[str] = []
+    import re
+
+    for path in sorted({p for g in globs for p in glob.glob(g) if re.search(r"python3\.\d+$", p)}):
+        real = os.path.realpath(path)
+        lib = [str(p) for p in Path(real).parent.parent.glob("lib/libpython3*.so*")]
+        found = next((b for b in (examine_file(f) for f in [real, *lib]) if b is not None), None)
+        if found is None:
+            continue
+        reason = unsupported_reason(found.version)
+        label = reason.split(":")[0] if reason else "CPython {}.{}".format(*found.version)
+        (bad if reason else good).append(f"{path} ({label})")
+    detail = "Python frames for " + (", ".join(good) or "no interpreter found")
+    if bad:
+        detail += "; native frames only for " + ", ".join(bad)
+    return Check("python frames", bool(good) or not bad, detail, required=False)
+
+
 def run_checks(fix: bool = False, selections: list[Selection] | None = None) -> list[Check]:
     """All checks in the order a user would fix them; the BPF cache for `selections` (default: record's)."""
     checks: list[Callable[[], Check]] = [
         check_privileges, check_kernel_version, check_bpf_syscall, check_perf_events,
         check_tracefs, lambda: check_kernel_headers(link=fix), check_btf, check_bcc, check_heap_sampler,
+        check_python,
     ]
     results = [c() for c in checks]
     if all(c.ok for c in results if c.required):  # a compile needs all of them

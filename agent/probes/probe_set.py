@@ -66,6 +66,7 @@ FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
 FOLLOW_PROGRAM = "tracepoint__sched__sched_process_fork"
 COMMON_SOURCE = "common.bpf.h"
 UNWIND_SOURCE = "unwind.bpf.h"  # pasted, not included: it defines maps
+PYTHON_SOURCE = "python.bpf.h"  # pasted too: CPython frames read at sample time
 UNWIND_WALK_SOURCE = "unwind_walk.bpf.c"
 # The BPF walker of each program type, and the prog array its callers tail-call it through
 # (one per type: unwind.bpf.h unwind_tail_call).
@@ -105,7 +106,7 @@ def combined_source(sources: Sequence[str]) -> str:
     (which lets a source compile alone) into a no-op.
     """
     return "\n".join(source_path(name).read_text()
-                     for name in dict.fromkeys([COMMON_SOURCE, UNWIND_SOURCE, *sources]))
+                     for name in dict.fromkeys([COMMON_SOURCE, PYTHON_SOURCE, UNWIND_SOURCE, *sources]))
 
 
 @dataclass(frozen=True)

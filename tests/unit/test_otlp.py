@@ -387,3 +387,20 @@ def test_convert_errors_are_one_line(tmp_path):
     assert "not an OTLP profiles request" in proc.stderr
     proc = run_bpfprof("convert", str(tmp_path / "missing.pb.gz"), str(tmp_path / "o.otlp.pb"), check=False)
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
+def test_python_frames_are_typed_cpython_and_round_trip():
+    """Python frames (agent/python/frames.py) have no mapping: OTLP names them by profile.frame.type."""
+    py = Location(0x7F0000123450, None, (Frame("Worker.compress_block", FrameKind.CPYTHON, "/app/worker.py", 41,
+                                               system_name="Worker.compress_block", start_line=38),))
+    profile = cpu_profile(start_time_ns=T0, duration_ns=1_000_000_000, frequency_hz=100)
+    profile.processes[300] = ProcessMeta(300, "python3", "/usr/bin/python3.11", "", "worker")
+    profile.add(SampleKey((L_CPP, py, L_EMAIN), 300, 300, "python3", (), 0, None), [1, profile.period],
+                timestamp_ns=T0 + 1)
+    r = encode_otlp([profile], "node-1")
+    by_address = {loc.address: loc for loc in r.dictionary.location_table[1:]}
+    assert attrs(r, by_address[py.address].attribute_indices)["profile.frame.type"] == "cpython"
+    back = decode_otlp(encode_otlp_bytes([profile], "node-1"))
+    frames = [f for p in back for s in p.samples for loc in s.key.stack for f in loc.frames]
+    assert [f.kind for f in frames] == [FrameKind.NATIVE, FrameKind.CPYTHON, FrameKind.NATIVE]
+    assert (frames[1].function, frames[1].file, frames[1].line) == ("Worker.compress_block", "/app/worker.py", 41)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
+from agent.bpfload import records
 from agent.bpfload.records import (
     HEADER_SIZE,
     IPS,
@@ -37,6 +38,7 @@ from agent.bpfload.records import (
     TraceCtx,
     Ustack,
 )
+from agent.python.layouts import ENTRY_BOOL
 from bpf import BPF_DIR
 
 PROGRAM = r"""
@@ -70,6 +72,15 @@ int main(void) {
     D(BPFPROF_DROP_LABELS_TRUNCATED) D(BPFPROF_DROP_TRACE_CTX_READ_ERR)
     D(BPFPROF_MAX_FRAMES) D(BPFPROF_FRAMES_MASK) D(BPFPROF_MAX_USER_FRAMES) D(BPFPROF_IPS)
     S(gor_layout) O(gor_layout, goid) O(gor_layout, labels) O(gor_layout, gopc) O(gor_layout, startpc)
+    S(bpfprof_py_proc) O(bpfprof_scratch, py_room)
+    O(bpfprof_py_proc, interpreters_head) O(bpfprof_py_proc, interp_threads_head) O(bpfprof_py_proc, tstate_next)
+    O(bpfprof_py_proc, tstate_thread_id) O(bpfprof_py_proc, tstate_cframe) O(bpfprof_py_proc, cframe_current_frame)
+    O(bpfprof_py_proc, frame_code) O(bpfprof_py_proc, frame_previous) O(bpfprof_py_proc, frame_instr)
+    O(bpfprof_py_proc, frame_entry) O(bpfprof_py_proc, code_adaptive) O(bpfprof_py_proc, entry_kind)
+    S(bpfprof_py_frames) D(BPFPROF_CTX_PYTHON) D(BPFPROF_PY_MAX_FRAMES) D(BPFPROF_PY_UNIT_SHIFT)
+    D(BPFPROF_PY_UNIT_MASK) D(BPFPROF_PY_ENTRY_BIT) D(BPFPROF_PY_ENTRY_BOOL)
+    D(BPFPROF_DROP_PY_READ_ERR) D(BPFPROF_DROP_PY_TRUNCATED)
+    printf("py_code_mask_bits %d\n", __builtin_popcountll(BPFPROF_PY_CODE_MASK));
     return 0;
 }
 """
@@ -135,6 +146,24 @@ def test_map_value_layouts_agree(tmp_path):
     assert c["gor_layout"] == ctypes.sizeof(GorLayout)
     for name, _ in GorLayout._fields_:
         assert c[f"gor_layout.{name}"] == getattr(GorLayout, name).offset, name
+
+
+def test_python_layouts_agree(tmp_path):
+    """struct bpfprof_py_proc (`py_procs`) and the CPython frames trailer (bpf/python.bpf.h)."""
+    c = layout_values(tmp_path)
+    assert c["bpfprof_py_proc"] == ctypes.sizeof(records.PyProc)
+    for name, _ in records.PyProc._fields_:
+        if f"bpfprof_py_proc.{name}" in c:
+            assert c[f"bpfprof_py_proc.{name}"] == getattr(records.PyProc, name).offset, name
+    assert c["bpfprof_scratch.py_room"] == records.Scratch.py_room.offset
+    room = ctypes.sizeof(records.Scratch) - records.Scratch.py_room.offset
+    assert c["bpfprof_py_frames"] == 8 + 8 * records.PY_MAX_FRAMES == room
+    assert c["BPFPROF_CTX_PYTHON"] == CtxKind.PYTHON and c["BPFPROF_PY_MAX_FRAMES"] == records.PY_MAX_FRAMES
+    assert (c["BPFPROF_PY_UNIT_SHIFT"], c["BPFPROF_PY_UNIT_MASK"], c["BPFPROF_PY_ENTRY_BIT"]) == (
+        records.PY_UNIT_SHIFT, records.PY_UNIT_MASK, records.PY_ENTRY_BIT)
+    assert c["py_code_mask_bits"] == records.PY_CODE_MASK.bit_count() == 48
+    assert c["BPFPROF_PY_ENTRY_BOOL"] == ENTRY_BOOL
+    assert (c["BPFPROF_DROP_PY_READ_ERR"], c["BPFPROF_DROP_PY_TRUNCATED"]) == (Drop.PY_READ_ERR, Drop.PY_TRUNCATED)
 
 
 USTACK_PROGRAM = r"""

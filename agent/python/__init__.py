@@ -1,0 +1,1 @@
+"""CPython frames in profiles: interpreter layouts, the `py_procs` registry, code objects -> frames."""

@@ -1,0 +1,198 @@
+"""CPython frame words (bpf/python.bpf.h) -> Frames, and their place in the native stack.
+
+A word names a code object by address and the code unit its frame ran. The
+code object is read once per (pid, address) from /proc/PID/mem with bounded
+reads (name, file, first line, location table); the line of a code unit is
+decoded from the location table (the format of CPython 3.11-3.13's
+Objects/locations.md). A code object freed and another allocated at the same
+address within one process would be misnamed until the cache is dropped
+(per capture); py-spy and the OpenTelemetry profiler accept the same risk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.bpfload.records import PY_CODE_MASK, PY_ENTRY_BIT, PY_UNIT_MASK, PY_UNIT_SHIFT
+from agent.processes.memory import ProcessMemory
+from agent.python.layouts import PyLayout
+from exporters.profile import Location
+from symbolizer.frames import Frame, FrameKind
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 1024  # longer names and paths are cut
+MAX_LINETABLE_BYTES = 1 << 20
+EVAL_FRAME = "_PyEval_EvalFrameDefault"  # the native frame that runs a run of Python frames
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    qualname: str
+    filename: str
+    firstlineno: int
+    linetable: bytes
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    b = data[pos]
+    pos += 1
+    val = b & 63
+    shift = 6
+    while b & 64:
+        b = data[pos]
+        pos += 1
+        val |= (b & 63) << shift
+        shift += 6
+    return val, pos
+
+
+def _svarint(data: bytes, pos: int) -> tuple[int, int]:
+    val, pos = _varint(data, pos)
+    return (-(val >> 1) if val & 1 else val >> 1), pos
+
+
+def line_of(linetable: bytes, firstlineno: int, unit: int) -> int:
+    """The source line of code unit `unit`, 0 if none (CPython 3.11+ location table)."""
+    line = firstlineno
+    addr = 0
+    pos = 0
+    n = len(linetable)
+    try:
+        while pos < n:
+            first = linetable[pos]
+            pos += 1
+            code = (first >> 3) & 15
+            length = (first & 7) + 1
+            has_line = True
+            if code == 15:
+                has_line = False
+            elif code == 14:
+                delta, pos = _svarint(linetable, pos)
+                line += delta
+                for _ in range(3):
+                    _, pos = _varint(linetable, pos)
+            elif code == 13:
+                delta, pos = _svarint(linetable, pos)
+                line += delta
+            elif code >= 10:
+                line += code - 10
+                pos += 2
+            else:
+                pos += 1
+            if addr <= unit < addr + length:
+                return line if has_line else 0
+            addr += length
+    except IndexError:
+        pass
+    return 0
+
+
+def split_word(word: int) -> tuple[int, int, bool]:
+    """(code address, code unit, entry frame) of a frame word."""
+    return word & PY_CODE_MASK, (word >> PY_UNIT_SHIFT) & PY_UNIT_MASK, bool(word >> PY_ENTRY_BIT & 1)
+
+
+class PythonFrames:
+    """Code objects of one capture's processes, read once each; frame words -> Locations."""
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self._proc_root = proc_root
+        self._codes: dict[tuple[int, int], CodeInfo | None] = {}
+        self._locations: dict[tuple[int, int], Location] = {}
+        self.unreadable = 0
+
+    def code(self, pid: int, addr: int, layout: PyLayout) -> CodeInfo | None:
+        key = (pid, addr)
+        if key in self._codes:
+            return self._codes[key]
+        info = None
+        try:
+            with ProcessMemory(pid, self._proc_root) as mem:
+                info = self._read_code(mem, addr, layout)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            self.unreadable += 1
+            log.debug("pid %d: code object 0x%x unreadable: %s", pid, addr, e)
+        self._codes[key] = info
+        return info
+
+    @staticmethod
+    def _read_code(mem: ProcessMemory, addr: int, lay: PyLayout) -> CodeInfo:
+        filename = _read_str(mem, mem.u64(addr + lay.code_filename), lay)
+        qualname = _read_str(mem, mem.u64(addr + lay.code_qualname), lay)
+        first = int.from_bytes(mem.read(addr + lay.code_firstlineno, 4), "little", signed=True)
+        table = mem.u64(addr + lay.code_linetable)
+        size = mem.i64(table + lay.bytes_size)
+        if not 0 <= size <= MAX_LINETABLE_BYTES:
+            raise ValueError(f"line table of {size} bytes")
+        return CodeInfo(qualname, filename, first, mem.read(table + lay.bytes_sval, size))
+
+    def read_codes(self, pid: int, words: Sequence[int], layout: PyLayout) -> None:
+        """Read the code objects of a record's frames now (cached), while its process is alive."""
+        for w in words:
+            key = (pid, w & PY_CODE_MASK)
+            if key not in self._codes:
+                self.code(pid, key[1], layout)
+
+    def location(self, pid: int, word: int, layout: PyLayout) -> Location:
+        """The Location of one frame word (a frame named by its address when the code is unreadable)."""
+        addr, unit, _entry = split_word(word)
+        key = (pid, word & ~(1 << PY_ENTRY_BIT))
+        loc = self._locations.get(key)
+        if loc is None:
+            info = self.code(pid, addr, layout)
+            if info is None:
+                frame = Frame(function=f"<code 0x{addr:x}>", kind=FrameKind.CPYTHON)
+            else:
+                frame = Frame(function=info.qualname, kind=FrameKind.CPYTHON, file=info.filename,
+                              line=line_of(info.linetable, info.firstlineno, unit), start_line=info.firstlineno,
+                              system_name=info.qualname)
+            loc = self._locations[key] = Location(address=addr, mapping=None, frames=(frame,))
+        return loc
+
+    def merge(self, pid: int, stack: tuple[Location, ...], words: Sequence[int],
+              layout: PyLayout) -> tuple[Location, ...]:
+        """`stack` (leaf first) with each _PyEval_EvalFrameDefault frame replaced by the Python frames it
+        ran: the run of words up to and including the next entry frame, in order. Native frames are
+        kept as they are when the counts disagree (a cut stack): returned unchanged."""
+        groups: list[list[Location]] = [[]]
+        for w in words:
+            groups[-1].append(self.location(pid, w, layout))
+            if split_word(w)[2]:
+                groups.append([])
+        if not groups[-1]:
+            groups.pop()
+        evals = [i for i, loc in enumerate(stack) if _is_eval(loc)]
+        if not evals or len(groups) < len(evals):
+            return stack
+        # More runs than interpreter frames: the native walk was cut; the outermost runs have no place.
+        out: list[Location] = []
+        g = 0
+        for i, loc in enumerate(stack):
+            if g < len(evals) and i == evals[g]:
+                out.extend(groups[g])
+                g += 1
+            else:
+                out.append(loc)
+        return tuple(out)
+
+
+def _is_eval(loc: Location) -> bool:
+    return bool(loc.frames) and loc.frames[-1].system_name == EVAL_FRAME
+
+
+def _read_str(mem: ProcessMemory, addr: int, lay: PyLayout) -> str:
+    """A compact str object's text (cut at MAX_NAME_CHARS)."""
+    length = mem.i64(addr + lay.unicode_length)
+    state = int.from_bytes(mem.read(addr + lay.unicode_state, 4), "little")
+    kind = (state >> 2) & 7
+    compact = (state >> 5) & 1
+    ascii_ = (state >> 6) & 1
+    if not compact or kind not in (1, 2, 4) or length < 0:
+        raise ValueError("not a compact str")
+    n = min(length, MAX_NAME_CHARS)
+    data = mem.read(addr + (lay.ascii_data if ascii_ else lay.compact_data), n * kind)
+    codec = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
+    return data.decode(codec, errors="replace")

@@ -1,0 +1,180 @@
+"""Which processes get their CPython frames read in BPF: the `py_procs` map.
+
+At first sight of a pid, its executable and any mapped libpython3* are looked
+at (once per file, by (dev, inode)) for `_PyRuntime` and `Py_Version`
+(exported by 3.11 and later, also from stripped interpreters: both are in
+.dynsym). A known version gets its layout (agent/python/layouts.py) and the
+runtime address of `_PyRuntime.interpreters.head` (symbol + the mapping's
+load bias: 0 for Debian's non-PIE /usr/bin/python3.11, the library's base
+for pyenv's shared libpython). An unknown version is remembered so the
+profile's comment and `doctor` can name it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.bpfload.records import PyProc
+from agent.python.layouts import LAYOUTS, PyLayout, unsupported_reason, version_of
+from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.errors import BpfprofError
+from symbolizer.proc_maps import MapsEntry, read_maps
+
+log = logging.getLogger(__name__)
+
+FileId = tuple[int, int]
+MAX_NAMES = 16  # thread names per pid that trigger a new look
+
+
+@dataclass(frozen=True)
+class PyBinary:
+    """What one file says about the interpreter in it: None fields when it holds none."""
+
+    runtime_vaddr: int  # ELF vaddr of _PyRuntime
+    version: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class PyProcess:
+    """An interpreter found in a process."""
+
+    path: str
+    version: tuple[int, int] | None
+    runtime_addr: int  # runtime address of _PyRuntime
+    layout: PyLayout | None
+
+    def proc_value(self) -> PyProc | None:
+        """The `py_procs` value, None for a version without a layout."""
+        lay = self.layout
+        if lay is None:
+            return None
+        v = PyProc()
+        v.interpreters_head = self.runtime_addr + lay.runtime_interpreters_head
+        for name in ("interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_cframe",
+                     "cframe_current_frame", "frame_code", "frame_previous", "frame_instr", "frame_entry",
+                     "code_adaptive", "entry_kind"):
+            setattr(v, name, getattr(lay, name))
+        return v
+
+
+def data_symbol(elf: ElfFile, name: str) -> int | None:
+    """st_value of the defined STT_OBJECT symbol `name`, from .dynsym then .symtab (the function symbol
+    tables of symbolizer/elf_symbols.py keep functions only)."""
+    with elf_errors(f"{elf.path}: symbol {name}"):
+        for table in (".dynsym", ".symtab"):
+            sec = elf.elf.get_section_by_name(table)
+            if sec is None or not hasattr(sec, "get_symbol_by_name"):
+                continue
+            for sym in sec.get_symbol_by_name(name) or ():
+                if sym["st_info"]["type"] == "STT_OBJECT" and sym["st_shndx"] != "SHN_UNDEF":
+                    return sym["st_value"]
+    return None
+
+
+def examine_file(path: str) -> PyBinary | None:
+    """The interpreter facts of one ELF file, None if it has no _PyRuntime (or cannot be read)."""
+    try:
+        with ElfFile(path) as elf:
+            runtime = data_symbol(elf, "_PyRuntime")
+            if runtime is None:
+                return None
+            version = None
+            pv = data_symbol(elf, "Py_Version")
+            if pv is not None:
+                off = elf.offset_for_vaddr(pv)
+                with open(path, "rb") as f:
+                    raw = os.pread(f.fileno(), 4, off)
+                if len(raw) == 4:
+                    version = version_of(int.from_bytes(raw, "little"))
+            return PyBinary(runtime, version)
+    except (BpfprofError, OSError) as e:
+        log.info("%s: not examined for CPython: %s", path, e)
+        return None
+
+
+def _candidates(maps: list[MapsEntry], exe: str) -> list[MapsEntry]:
+    """File mappings that may hold the interpreter: the executable, then libpython3*."""
+    seen: dict[str, MapsEntry] = {}
+    for m in maps:
+        if not m.path.startswith("/") or m.path in seen:
+            continue
+        if m.path == exe or os.path.basename(m.path).startswith("libpython3"):
+            seen[m.path] = m  # the first (lowest) mapping of the file
+    return sorted(seen.values(), key=lambda m: m.path != exe)
+
+
+class PythonRegistry:
+    """Keeps `py_procs` in step with the processes seen: `write(pid, value or None)`."""
+
+    def __init__(self, write: Callable[[int, PyProc | None], None], proc_root: str = "/proc") -> None:
+        self._write = write
+        self._proc_root = proc_root
+        self._by_file: dict[FileId, PyBinary | None] = {}
+        self.processes: dict[int, PyProcess | None] = {}
+        self._names: dict[int, set[str]] = {}  # thread names the pid's records have shown
+
+    def observe(self, pid: int, thread_name: str = "") -> PyProcess | None:
+        """Called for each record's pid; the work is done once per pid, and again at a thread name the pid
+        has not shown before (an exec renames the process: `record -- COMMAND` is the gate until it execs
+        the interpreter). CPython before 3.14 does not name its threads; a process that names many is
+        looked at MAX_NAMES times at most."""
+        names = self._names.setdefault(pid, set())
+        if pid in self.processes and (thread_name in names or len(names) >= MAX_NAMES):
+            return self.processes[pid]
+        names.add(thread_name)
+        known = self.processes.get(pid)
+        found = self._find(pid)
+        self.processes[pid] = found
+        if found is None and known is not None:
+            self._write(pid, None)  # exec'd into something else (BPF deletes it at exec too)
+        if found is not None:
+            value = found.proc_value()
+            if value is not None:
+                self._write(pid, value)
+                log.info("pid %d: CPython %s frames read in BPF (%s)", pid, found.version, found.path)
+            else:
+                log.info("pid %d: %s", pid, unsupported_reason(found.version))
+        return found
+
+    def forget(self, pid: int) -> None:
+        """A pid that exec'd or exited: looked at again at its next record."""
+        self.processes.pop(pid, None)
+        self._names.pop(pid, None)
+
+    def unsupported(self) -> list[str]:
+        """One line per interpreter version seen without a layout (for the profile comment)."""
+        out = {unsupported_reason(p.version) for p in self.processes.values() if p is not None and p.layout is None}
+        return sorted(r for r in out if r)
+
+    def _find(self, pid: int) -> PyProcess | None:
+        root = f"{self._proc_root}/{pid}"
+        try:
+            exe = os.readlink(f"{root}/exe").removesuffix(" (deleted)")
+            maps = read_maps(pid, self._proc_root)
+        except (OSError, BpfprofError):
+            return None
+        for m in _candidates(maps, exe):
+            path = f"{root}/root{m.path}"
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if ident not in self._by_file:
+                self._by_file[ident] = examine_file(path)
+            binary = self._by_file[ident]
+            if binary is None:
+                continue
+            try:
+                with ElfFile(path) as elf:
+                    vaddr = elf.vaddr_for_offset(m.offset)
+            except (BpfprofError, OSError):
+                continue
+            if vaddr is None:
+                continue
+            bias = m.start - vaddr
+            return PyProcess(m.path, binary.version, binary.runtime_vaddr + bias, LAYOUTS.get(binary.version))
+        return None

@@ -1,0 +1,75 @@
+"""Python frame words: the record trailer, and their place in place of the interpreter's native frames."""
+
+from __future__ import annotations
+
+import struct
+
+from agent.bpfload.records import HEADER_SIZE, PY_ENTRY_BIT, PY_UNIT_SHIFT, CtxKind, parse_record
+from agent.python.frames import EVAL_FRAME, PythonFrames, split_word
+from agent.python.layouts import LAYOUTS
+from exporters.profile import Location
+from symbolizer.frames import Frame, FrameKind
+
+LAYOUT = LAYOUTS[(3, 11)]
+
+
+def word(code: int, unit: int, entry: bool) -> int:
+    return code | (unit << PY_UNIT_SHIFT) | (int(entry) << PY_ENTRY_BIT)
+
+
+def test_python_trailer_parses_after_the_addresses():
+    words = [word(0x7F0000001000, 5, False), word(0x7F0000002000, 0x3FFF, True)]
+    head = struct.pack("<IIIIQQQHHhh16s", 1, 10, 11, 0, 1, 1, 0, 0, 2, 0, 0, b"python3")
+    trailer = struct.pack("<II", CtxKind.PYTHON, 8 + 8 * len(words)) + struct.pack("<2Q", *words)
+    rec = parse_record(head + struct.pack("<2Q", 0x401000, 0x402000) + trailer)
+    assert len(head) == HEADER_SIZE
+    assert rec.user_ips == (0x401000, 0x402000)
+    assert rec.py_frames == tuple(words)
+    assert split_word(words[1]) == (0x7F0000002000, 0x3FFF, True)
+
+
+def native(name: str, address: int) -> Location:
+    return Location(address=address, mapping=None,
+                    frames=(Frame(function=name, kind=FrameKind.NATIVE, system_name=name),))
+
+
+class Named(PythonFrames):
+    """Code objects named by address, without a process to read them from."""
+
+    def location(self, pid, w, layout):
+        addr, unit, _ = split_word(w)
+        return Location(address=addr, mapping=None,
+                        frames=(Frame(function=f"py{addr:x}", kind=FrameKind.CPYTHON, line=unit),))
+
+
+def names(stack) -> list[str]:
+    return [loc.frames[0].function for loc in stack]
+
+
+def test_each_eval_frame_is_replaced_by_the_frames_it_ran():
+    # leaf first: a C function called from Python, called from Python again through a C call
+    stack = (native("deflate", 1), native(EVAL_FRAME, 2), native("cfunction_call", 3), native(EVAL_FRAME, 4),
+             native("main", 5))
+    words = [word(0xA, 1, False), word(0xB, 2, True), word(0xC, 3, False), word(0xD, 4, True)]
+    merged = Named().merge(1, stack, words, LAYOUT)
+    assert names(merged) == ["deflate", "pya", "pyb", "cfunction_call", "pyc", "pyd", "main"]
+
+
+def test_counts_that_disagree_keep_native_frames():
+    stack = (native(EVAL_FRAME, 2), native(EVAL_FRAME, 4), native("main", 5))
+    words = [word(0xA, 1, True)]  # one run for two interpreter frames: the BPF walk was cut
+    assert Named().merge(1, stack, words, LAYOUT) == stack
+    assert Named().merge(1, (native("main", 5),), words, LAYOUT) == (native("main", 5),)
+
+
+def test_more_runs_than_eval_frames_places_the_innermost():
+    stack = (native(EVAL_FRAME, 2), native("x", 3))  # native walk cut below the outer interpreter frames
+    words = [word(0xA, 1, True), word(0xB, 1, True)]
+    assert names(Named().merge(1, stack, words, LAYOUT)) == ["pya", "x"]
+
+
+def test_unreadable_code_object_is_a_named_unknown_frame():
+    frames = PythonFrames(proc_root="/nonexistent")
+    loc = frames.location(1, word(0x1234, 0, False), LAYOUT)
+    assert loc.frames[0].function == "<code 0x1234>" and loc.frames[0].kind is FrameKind.CPYTHON
+    assert frames.unreadable == 1
