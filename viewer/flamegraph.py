@@ -51,16 +51,20 @@ class Tree:
         """The node at the end of a root-first path of function names, made as needed."""
         node = 0
         for s in names:
-            key = (node, self._name(s))
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = len(self.name)
-                self.name.append(key[1])
-                self.parent.append(node)
-                self.self_.append(0)
-                self.base.append(0.0)
-            node = child
+            node = self.path_from(node, s)
         return node
+
+    def path_from(self, node: int, name: str) -> int:
+        """The child of `node` named `name`, made as needed."""
+        key = (node, self._name(name))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = len(self.name)
+            self.name.append(key[1])
+            self.parent.append(node)
+            self.self_.append(0)
+            self.base.append(0.0)
+        return child
 
     def to_json(self, unit: str, with_base: bool = False) -> dict:
         out = {"names": self.names, "nodes": {"name": self.name, "parent": self.parent, "self": self.self_},
