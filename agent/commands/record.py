@@ -32,6 +32,12 @@ MAX_FREQUENCY_HZ = 20_000
 # OTLP protobufs (~70 ms) are imported only when --otlp-endpoint is given, not at every start.
 OTLP_TIMEOUT_S = 10.0
 MAX_SAMPLE_RATE = Path("/proc/sys/kernel/perf_event_max_sample_rate")
+# The exporters' formats, and html: the viewer's page, imported only when it is asked for.
+FORMAT_NAMES = (*FORMATS, "html")
+
+
+def _extension(name: str) -> str:
+    return ".html" if name == "html" else FORMATS[name].extension
 
 
 def _check_frequency(hz: int) -> int:
@@ -193,13 +199,6 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
         _send(exporter, profiles, lambda: written or _write_all(profiles, outputs, facts))
     if stats.command_status:
         raise click.exceptions.Exit(stats.command_status)
-
-
-FORMAT_NAMES = (*FORMATS, "html")
-
-
-def _extension(name: str) -> str:
-    return ".html" if name == "html" else FORMATS[name].extension
 
 
 def parse_formats(text: str) -> list[str]:
