@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+from exporters.diff import FunctionValues, change_json, rank_changes
 from exporters.profile import Profile, SampleKey, TraceLink, ValueType
 from viewer.attribution import Attribution
 from viewer.store import Store, decode_stack, iter_names
@@ -75,6 +76,35 @@ class Tree:
         return out
 
 
+MAX_CHANGES = 100  # rows of a span diff's ranking
+
+
+def tree_values(tree: Tree, column: list[float], counted: bool) -> FunctionValues:
+    """Self and total per function of one column of a tree (total: once per path, as flame.js's top table).
+
+    `counted`: the values are sample counts, so the diff's test can run on them.
+    """
+    out = FunctionValues()
+    total = list(column)
+    for i in range(len(tree.name) - 1, 0, -1):
+        total[tree.parent[i]] += total[i]
+    out.value_total = total[0]
+    on_path: list[frozenset[int]] = [frozenset()] * len(tree.name)
+    for i in range(1, len(tree.name)):
+        name_id = tree.name[i]
+        above = on_path[tree.parent[i]]
+        on_path[i] = above if name_id in above else above | {name_id}
+        name = tree.names[name_id]
+        out.self_[name] += column[i]
+        if name_id not in above:
+            out.total[name] += total[i]
+    if counted:
+        out.counts_self.update({k: round(v) for k, v in out.self_.items()})
+        out.counts_total.update({k: round(v) for k, v in out.total.items()})
+        out.count_total = round(out.value_total)
+    return out
+
+
 def _stack_names(store: Store, stack_ids: set[int]) -> dict[int, list[str]]:
     return {sid: list(iter_names(text)) for sid, text in store.stacks(stack_ids).items()}
 
@@ -113,8 +143,14 @@ def diff(store: Store, target: Attribution, baselines: list[Attribution]) -> dic
     scale = total / base_total if base_total else 0.0
     for b in baselines:
         _fill(tree, store, b, into_base=True, scale=scale)
-    out = tree.to_json(target.profile_type.unit if target.profile_type else "", with_base=True)
+    unit = target.profile_type.unit if target.profile_type else ""
+    out = tree.to_json(unit, with_base=True)
     out["base_raw_total"] = base_total
+    # The same ranking as `bpfprof diff`, on the unscaled baseline; tested when the values are counts.
+    raw_base = [b / scale for b in tree.base] if scale else [0.0] * len(tree.base)
+    changes = rank_changes(tree_values(tree, raw_base, unit == "count"),
+                           tree_values(tree, [float(v) for v in tree.self_], unit == "count"))
+    out["changes"] = [change_json(c) for c in changes[:MAX_CHANGES]]
     return out
 
 
