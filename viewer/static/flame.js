@@ -24,13 +24,16 @@
 
   // The nested {name, value, children[, d]} tree d3-flame-graph draws: value is the subtree total,
   // d the node's own change against the baseline (d3-flame-graph sums it with computeDelta).
-  function toD3(compact) {
+  // minFraction > 0 leaves out subtrees smaller than that share of the root (a large profile's
+  // long tail, too thin to see even zoomed in): their value stays in their parent's.
+  function toD3(compact, minFraction) {
     const idx = index(compact);
+    const min = Math.max(1e-300, (minFraction || 0) * idx.total[0]);
     const build = (i) => {
       const node = {
         name: compact.names[compact.nodes.name[i]],
         value: idx.total[i],
-        children: idx.children[i].filter((c) => idx.total[c] > 0).map(build),
+        children: idx.children[i].filter((c) => idx.total[c] >= min).map(build),
       };
       if (compact.nodes.base) node.d = compact.nodes.self[i] - compact.nodes.base[i];
       return node;
