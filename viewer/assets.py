@@ -71,3 +71,9 @@ def render_template(name: str, values: dict[str, str] | None = None) -> bytes:
 def render_page() -> bytes:
     """The one HTML page of serve, assets inlined. Raises ConfigError when the npm assets are not installed."""
     return render_template("index.html")
+
+
+def check_assets() -> None:
+    """Read every asset once: ConfigError now, before a capture, rather than when its page is written."""
+    for spec in ASSETS.values():
+        _read(spec)

@@ -149,6 +149,10 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     outputs = format_outputs(output, names)
     for path in outputs.values():
         _check_output(path)
+    if "html" in names:
+        from viewer.assets import check_assets  # noqa: PLC0415  (the viewer: only when asked for)
+
+        check_assets()  # the page's library missing is said before recording, not after
     exporter = None
     if otlp_endpoint is not None:  # built now, so that a bad endpoint fails before the capture
         from exporters.otlp_sender import OtlpExporter, parse_headers  # noqa: PLC0415  (see OTLP_TIMEOUT_S)

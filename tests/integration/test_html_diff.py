@@ -16,11 +16,12 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 
 import pytest
-
 from browser import offline_chromium
+
 from fixtures.builder import build_go
 from recording import BPFPROF, read_pprof, run_bpfprof
 
@@ -104,8 +105,7 @@ def test_html_page_offline_shows_the_pprof_totals(captures):
             drawn = driver.execute_script("return window.bpfReport || null")
             if drawn:
                 break
-            driver.implicitly_wait(0)
-            subprocess.run(["sleep", "0.1"], check=True)
+            time.sleep(0.1)
         assert drawn, "the page did not draw"
         assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
 
