@@ -20,12 +20,14 @@ EXIT_USAGE = 2
 
 # Subcommand -> "module:function". Imported only when that command runs: the
 # agent's start-up is on the path to its first sample, and `record` must not
-# pay for gRPC, SQLite or the viewer. serve imports viewer, which only the CLI
-# (the top of the import graph) may do.
+# pay for gRPC, SQLite or the viewer. serve, view and diff --html import viewer, which only the
+# CLI (the top of the import graph) may do.
 COMMANDS = {
     "record": "agent.commands.record:record",
     "doctor": "agent.commands.doctor:doctor",
     "convert": "agent.commands.convert:convert",
+    "view": "agent.commands.view:view",
+    "diff": "agent.commands.diff:diff",
     "serve": "agent.commands.serve:serve",
     "agent": "agent.commands.agent:agent",
 }

@@ -27,8 +27,9 @@ ASSETS = {
     "app_css": "static/app.css",
     "flame_js": "static/flame.js",
     "app_js": "static/app.js",
+    "report_js": "static/report.js",
 }
-_PLACEHOLDER = re.compile(r"/\*\{\{(\w+)\}\}\*/")
+_PLACEHOLDER = re.compile(r"/\*\{\{(\w+)\}\}\*/|\{\{(\w+)\}\}")
 
 
 def node_modules() -> Path:
@@ -53,8 +54,26 @@ def _inline(name: str, text: str) -> str:
     return text.replace("</style", "<\\/style")
 
 
+def render_template(name: str, values: dict[str, str] | None = None) -> bytes:
+    """A template of viewer/templates with every asset inlined and `values` put in its `/*{{key}}*/` and
+    `{{key}}` places (the caller escapes them for where they go). ConfigError when npm assets are missing."""
+    values = values or {}
+    template = (HERE / "templates" / name).read_text(encoding="utf-8")
+
+    def fill(m: re.Match) -> str:
+        key = m.group(1) or m.group(2)
+        return values[key] if key in values else _inline(key, _read(ASSETS[key]))
+
+    return _PLACEHOLDER.sub(fill, template).encode()
+
+
 @functools.cache
 def render_page() -> bytes:
-    """The one HTML page, assets inlined. Raises ConfigError when the npm assets are not installed."""
-    template = (HERE / "templates" / "index.html").read_text(encoding="utf-8")
-    return _PLACEHOLDER.sub(lambda m: _inline(m.group(1), _read(ASSETS[m.group(1)])), template).encode()
+    """The one HTML page of serve, assets inlined. Raises ConfigError when the npm assets are not installed."""
+    return render_template("index.html")
+
+
+def check_assets() -> None:
+    """Read every asset once: ConfigError now, before a capture, rather than when its page is written."""
+    for spec in ASSETS.values():
+        _read(spec)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+from exporters.diff import FunctionValues, change_json, rank_changes
 from exporters.profile import Profile, SampleKey, TraceLink, ValueType
 from viewer.attribution import Attribution
 from viewer.store import Store, decode_stack, iter_names
@@ -51,16 +52,20 @@ class Tree:
         """The node at the end of a root-first path of function names, made as needed."""
         node = 0
         for s in names:
-            key = (node, self._name(s))
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = len(self.name)
-                self.name.append(key[1])
-                self.parent.append(node)
-                self.self_.append(0)
-                self.base.append(0.0)
-            node = child
+            node = self.path_from(node, s)
         return node
+
+    def path_from(self, node: int, name: str) -> int:
+        """The child of `node` named `name`, made as needed."""
+        key = (node, self._name(name))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = len(self.name)
+            self.name.append(key[1])
+            self.parent.append(node)
+            self.self_.append(0)
+            self.base.append(0.0)
+        return child
 
     def to_json(self, unit: str, with_base: bool = False) -> dict:
         out = {"names": self.names, "nodes": {"name": self.name, "parent": self.parent, "self": self.self_},
@@ -69,6 +74,35 @@ class Tree:
             out["nodes"]["base"] = [round(b, 3) for b in self.base]
             out["base_total"] = round(sum(self.base), 3)
         return out
+
+
+MAX_CHANGES = 100  # rows of a span diff's ranking
+
+
+def tree_values(tree: Tree, column: list[float], counted: bool) -> FunctionValues:
+    """Self and total per function of one column of a tree (total: once per path, as flame.js's top table).
+
+    `counted`: the values are sample counts, so the diff's test can run on them.
+    """
+    out = FunctionValues()
+    total = list(column)
+    for i in range(len(tree.name) - 1, 0, -1):
+        total[tree.parent[i]] += total[i]
+    out.value_total = total[0]
+    on_path: list[frozenset[int]] = [frozenset()] * len(tree.name)
+    for i in range(1, len(tree.name)):
+        name_id = tree.name[i]
+        above = on_path[tree.parent[i]]
+        on_path[i] = above if name_id in above else above | {name_id}
+        name = tree.names[name_id]
+        out.self_[name] += column[i]
+        if name_id not in above:
+            out.total[name] += total[i]
+    if counted:
+        out.counts_self.update({k: round(v) for k, v in out.self_.items()})
+        out.counts_total.update({k: round(v) for k, v in out.total.items()})
+        out.count_total = round(out.value_total)
+    return out
 
 
 def _stack_names(store: Store, stack_ids: set[int]) -> dict[int, list[str]]:
@@ -109,8 +143,14 @@ def diff(store: Store, target: Attribution, baselines: list[Attribution]) -> dic
     scale = total / base_total if base_total else 0.0
     for b in baselines:
         _fill(tree, store, b, into_base=True, scale=scale)
-    out = tree.to_json(target.profile_type.unit if target.profile_type else "", with_base=True)
+    unit = target.profile_type.unit if target.profile_type else ""
+    out = tree.to_json(unit, with_base=True)
     out["base_raw_total"] = base_total
+    # The same ranking as `bpfprof diff`, on the unscaled baseline; tested when the values are counts.
+    raw_base = [b / scale for b in tree.base] if scale else [0.0] * len(tree.base)
+    changes = rank_changes(tree_values(tree, raw_base, unit == "count"),
+                           tree_values(tree, [float(v) for v in tree.self_], unit == "count"))
+    out["changes"] = [change_json(c) for c in changes[:MAX_CHANGES]]
     return out
 
 

@@ -7,43 +7,12 @@ from pathlib import Path
 
 import click
 
-from exporters.bounded_input import read_bounded
-from exporters.otlp import decode_otlp, encode_otlp_bytes
-from exporters.pprof import MAX_PPROF_BYTES, encode_pprof
-from exporters.pprof_reader import profile_from_pprof
-from exporters.profile import Profile
-from symbolizer.errors import ConfigError, ExportError
+from exporters.otlp import encode_otlp_bytes
+from exporters.pprof import encode_pprof
+from exporters.profile_files import format_of, read_profiles
+from symbolizer.errors import ConfigError
 
-# File name endings that say the format; anything else needs --to (output) or is sniffed (input).
-_SUFFIXES = {".otlp.pb": "otlp", ".otlp": "otlp", ".pb.gz": "pprof", ".pprof": "pprof", ".pprof.gz": "pprof"}
 _EXTENSION = {"otlp": ".otlp.pb", "pprof": ".pb.gz"}
-# Most bytes of IN read (OTLP files are not compressed, so this is also their decoded size).
-MAX_INPUT_BYTES = MAX_PPROF_BYTES
-
-
-def _format_of(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((fmt for suffix, fmt in _SUFFIXES.items() if name.endswith(suffix)), None)
-
-
-def _read(path: Path) -> tuple[str, list[Profile]]:
-    """The profiles of IN; ExportError/ConfigError with one line naming the file for anything wrong."""
-    try:
-        data = read_bounded(path, MAX_INPUT_BYTES)
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    except ExportError as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    fmt = _format_of(path) or ("pprof" if data[:2] == b"\x1f\x8b" else "otlp")
-    try:
-        if fmt == "otlp":
-            profiles = decode_otlp(data)
-            if not profiles:
-                raise ExportError("it holds no OTLP profiles")
-            return fmt, profiles
-        return fmt, [profile_from_pprof(data)]
-    except ExportError as e:
-        raise ExportError(f"{path} is not a {'pprof' if fmt == 'pprof' else 'OTLP profiles'} file: {e}") from None
 
 
 @click.command()
@@ -59,8 +28,8 @@ def convert(src: Path, dst: Path, to: str | None, host_name: str | None) -> None
     The input format comes from IN's extension, else its content (gzip is
     pprof). An OTLP file with several profile types gives OUT.TYPE.EXT each.
     """
-    src_fmt, profiles = _read(src)
-    fmt = to or _format_of(dst) or ("pprof" if src_fmt == "otlp" else "otlp")
+    src_fmt, profiles = read_profiles(src)
+    fmt = to or format_of(dst) or ("pprof" if src_fmt == "otlp" else "otlp")
     if fmt == "otlp":
         outputs = [(dst, encode_otlp_bytes(profiles, host_name or socket.gethostname()))]
     elif len(profiles) == 1:

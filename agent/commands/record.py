@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -31,6 +32,12 @@ MAX_FREQUENCY_HZ = 20_000
 # OTLP protobufs (~70 ms) are imported only when --otlp-endpoint is given, not at every start.
 OTLP_TIMEOUT_S = 10.0
 MAX_SAMPLE_RATE = Path("/proc/sys/kernel/perf_event_max_sample_rate")
+# The exporters' formats, and html: the viewer's page, imported only when it is asked for.
+FORMAT_NAMES = (*FORMATS, "html")
+
+
+def _extension(name: str) -> str:
+    return ".html" if name == "html" else FORMATS[name].extension
 
 
 def _check_frequency(hz: int) -> int:
@@ -87,7 +94,9 @@ class _Progress:
 @click.option("--frequency", type=int, default=99, show_default=True, help="Samples per second per CPU.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Output file. Default: bpfprof-<timestamp> with the format's extension.")
-@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="pprof", show_default=True)
+@click.option("--format", "fmt", default="pprof", show_default=True, metavar="FORMATS",
+              help=f"Comma-separated: {', '.join(sorted(FORMAT_NAMES))}. html is a flame graph page that opens "
+                   "from disk. With several, OUTPUT gets each format's extension.")
 @click.option("--no-kernel", is_flag=True, help="Leave kernel frames out.")
 @click.option("--profile", "profile_types", default="cpu", show_default=True, metavar="TYPES",
               help=f"Comma-separated profile types: {', '.join(PROBES)}. Several write one file each.")
@@ -133,11 +142,17 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
     if chosen > 1:
         raise ConfigError("choose one target: --pid, --all or -- COMMAND")
     _check_frequency(frequency)
-    out_format = FORMATS[fmt]
+    names = parse_formats(fmt)
     write_files = output is not None or otlp_endpoint is None
     if output is None:
-        output = Path(f"bpfprof-{time.strftime('%Y%m%d-%H%M%S')}{out_format.extension}")
-    _check_output(output)
+        output = Path(f"bpfprof-{time.strftime('%Y%m%d-%H%M%S')}{_extension(names[0])}")
+    outputs = format_outputs(output, names)
+    for path in outputs.values():
+        _check_output(path)
+    if "html" in names:
+        from viewer.assets import check_assets  # noqa: PLC0415  (the viewer: only when asked for)
+
+        check_assets()  # the page's library missing is said before recording, not after
     exporter = None
     if otlp_endpoint is not None:  # built now, so that a bad endpoint fails before the capture
         from exporters.otlp_sender import OtlpExporter, parse_headers  # noqa: PLC0415  (see OTLP_TIMEOUT_S)
@@ -182,11 +197,59 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
         click.echo(f"dropped: {line}")
     for profile in profiles:
         _print_top(profile, len(profiles) > 1)
-    written = _write(profiles, output, out_format) if write_files else []
+    facts = _facts(what, command, stats, frequency)
+    written = _write_all(profiles, outputs, facts) if write_files else []
     if exporter is not None:
-        _send(exporter, profiles, lambda: written or _write(profiles, output, out_format))
+        _send(exporter, profiles, lambda: written or _write_all(profiles, outputs, facts))
     if stats.command_status:
         raise click.exceptions.Exit(stats.command_status)
+
+
+def parse_formats(text: str) -> list[str]:
+    """`--format pprof,html` -> ['pprof', 'html'] (ConfigError naming a format that is not one)."""
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    for n in names:
+        if n not in FORMAT_NAMES:
+            raise ConfigError(f"--format {n!r} is not a format: choose from {', '.join(sorted(FORMAT_NAMES))}")
+    if not names:
+        raise ConfigError("--format is empty: choose from " + ", ".join(sorted(FORMAT_NAMES)))
+    return names
+
+
+def format_outputs(output: Path, names: list[str]) -> dict[str, Path]:
+    """The file of each format: OUTPUT itself for one format; else OUTPUT without a known extension + each's."""
+    if len(names) == 1:
+        return {names[0]: output}
+    stem = output.name
+    for ext in sorted({_extension(n) for n in FORMAT_NAMES}, key=len, reverse=True):
+        if stem.endswith(ext):
+            stem = stem.removesuffix(ext)
+            break
+    return {n: output.with_name(stem + _extension(n)) for n in names}
+
+
+def _facts(what: str, command: tuple[str, ...], stats: CaptureStats, frequency: int) -> list[tuple[str, str]]:
+    """The capture's facts for the HTML page: what ran, for how long, at what rate, what was lost."""
+    facts = [("command", shlex.join(command) if command else what), ("duration", f"{stats.elapsed_s:.1f} s"),
+             ("frequency", f"{frequency} Hz"), ("samples", f"{stats.samples:,}"),
+             ("processes", str(stats.processes))]
+    facts.extend(("lost", line) for line in stats.drop_lines())
+    if not stats.losses:
+        facts.append(("lost", "nothing"))
+    return facts
+
+
+def _write_all(profiles: list[Profile], outputs: dict[str, Path], facts: list[tuple[str, str]]) -> list[Path]:
+    written = []
+    for name, output in outputs.items():
+        if name == "html":
+            from viewer.report import encode_html  # noqa: PLC0415  (the viewer: only when asked for)
+
+            fmt = OutputFormat("html", ".html", lambda p: encode_html(p, facts))
+        else:
+            fmt = FORMATS[name]
+        written.extend(_write(profiles, output, fmt))
+    return written
 
 
 def _write(profiles: list[Profile], output: Path, out_format: OutputFormat) -> list[Path]:

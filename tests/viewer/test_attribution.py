@@ -150,6 +150,12 @@ def test_diff_against_spans_of_the_same_name(loaded):
     assert by["renderPage"][0] == 50 * 10 * MS and by["renderPage"][1] == pytest.approx(20 * 10 * MS)
     assert by["renderFooter"][1] == pytest.approx(80 * 10 * MS)
     assert d["base_total"] == pytest.approx(d["total"])
+    # Ranked as `bpfprof diff` ranks (exporters/diff.py): the two shifted functions first, 30 points each way;
+    # cpu time is no count, so nothing is tested.
+    first = {(c["function"], c["measure"]): c["points"] for c in d["changes"][:4]}
+    assert first == pytest.approx({("renderPage", "self"): 30, ("renderPage", "total"): 30,
+                                   ("renderFooter", "self"): -30, ("renderFooter", "total"): -30})
+    assert all(c["p"] is None and not c["significant"] for c in d["changes"])
 
 
 def test_diff_of_two_time_ranges(loaded):

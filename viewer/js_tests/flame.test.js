@@ -33,6 +33,14 @@ test('toD3 drops empty subtrees and carries self deltas for a diff', () => {
   assert.equal(t.children[0].children[0].children[0].d, 4);
 });
 
+test('toD3 with minFraction leaves out thin subtrees, their value kept in the parent', () => {
+  const t = f.toD3(compact, 0.2); // 2.4 of 12: idle (2) goes, work (9) and its spin (9) stay, the inner spin (3) too
+  const main = t.children[0];
+  assert.equal(main.value, 12);
+  assert.deepEqual(main.children.map((c) => c.name), ['work']);
+  assert.equal(main.children[0].children[0].children[0].value, 3);
+});
+
 test('topTable: self and total, recursion counted once', () => {
   const rows = f.topTable(compact);
   const by = Object.fromEntries(rows.map((r) => [r.name, r]));

@@ -162,6 +162,7 @@
     const details2 = h('div', { id: 'details' });
     const top = h('table', { class: 'list', id: 'top' });
     const legend = h('p', { id: 'diff-legend', class: 'muted', hidden: true });
+    const changes = h('table', { class: 'list', id: 'changes' });
 
     app.replaceChildren(
       h('h2', {}, link(`/trace/${traceId}`, 'trace', 'muted'), ' / ', h('span', { id: 'span-name', text: sp.name }), ' ',
@@ -173,7 +174,7 @@
         h('button', { type: 'button', id: 'range-reset', text: 'Whole span', onclick: () => { fromIn.value = toIn.value = ''; applyRange(); } })),
       h('div', { class: 'controls' }, search, searchResult,
         h('button', { type: 'button', id: 'reset-zoom', text: 'Reset zoom', onclick: () => chart && chart.resetZoom() })),
-      legend, graph, details2,
+      legend, graph, details2, changes,
       h('div', { class: 'columns' }, h('div', {}, h('h3', { text: 'Top functions' }), top)));
 
     let chart = null;
@@ -217,7 +218,21 @@
       if (data.timeline) drawTimeline(data.timeline, data.window_ms);
       drawGraph();
       drawTop();
+      drawChanges();
       doSearch();
+    }
+
+    // A diff's ranking (exporters/diff.py, as `bpfprof diff` prints it): largest change of share first.
+    function drawChanges() {
+      const rows = (compact.changes || []).slice(0, 30);
+      changes.hidden = !rows.length;
+      const sign = (v) => `${v > 0 ? '+' : ''}${v.toFixed(2)}`;
+      changes.replaceChildren(h('thead', {}, h('tr', {}, ['function', 'measure', 'base %', 'this %', 'change', 'p (adjusted)'].map((t, i) => h('th', { class: i > 1 ? 'num' : '', text: t })))),
+        h('tbody', {}, rows.map((c) => h('tr', { class: c.significant ? 'significant' : 'muted' },
+          h('td', { class: 'fn', text: c.function }), h('td', { text: c.measure }),
+          h('td', { class: 'num', text: c.base.toFixed(2) }), h('td', { class: 'num', text: c.new.toFixed(2) }),
+          h('td', { class: 'num', text: sign(c.points) }),
+          h('td', { class: 'num', text: c.p_adj === null ? 'untested' : String(c.p_adj) })))));
     }
 
     function drawGraph() {

@@ -13,9 +13,9 @@
     const children = Array.from({ length: n }, () => []);
     const total = compact.nodes.self.slice();
     const base = compact.nodes.base ? compact.nodes.base.slice() : null;
+    for (let i = 1; i < n; i++) children[compact.nodes.parent[i]].push(i); // push, not unshift: O(n)
     for (let i = n - 1; i > 0; i--) {
       const p = compact.nodes.parent[i];
-      children[p].unshift(i);
       total[p] += total[i];
       if (base) base[p] += base[i];
     }
@@ -24,13 +24,16 @@
 
   // The nested {name, value, children[, d]} tree d3-flame-graph draws: value is the subtree total,
   // d the node's own change against the baseline (d3-flame-graph sums it with computeDelta).
-  function toD3(compact) {
+  // minFraction > 0 leaves out subtrees smaller than that share of the root (a large profile's
+  // long tail, too thin to see even zoomed in): their value stays in their parent's.
+  function toD3(compact, minFraction) {
     const idx = index(compact);
+    const min = Math.max(1e-300, (minFraction || 0) * idx.total[0]);
     const build = (i) => {
       const node = {
         name: compact.names[compact.nodes.name[i]],
         value: idx.total[i],
-        children: idx.children[i].filter((c) => idx.total[c] > 0).map(build),
+        children: idx.children[i].filter((c) => idx.total[c] >= min).map(build),
       };
       if (compact.nodes.base) node.d = compact.nodes.self[i] - compact.nodes.base[i];
       return node;
@@ -44,19 +47,32 @@
     const idx = index(compact);
     const rows = new Map();
     const row = (name) => {
-      if (!rows.has(name)) rows.set(name, { name, self: 0, total: 0 });
-      return rows.get(name);
+      let r = rows.get(name);
+      if (!r) rows.set(name, (r = { name, self: 0, total: 0 }));
+      return r;
     };
-    const walk = (i, onPath) => {
+    // Depth-first without recursion (stacks can be deep) and without copying the path: onPath counts
+    // how often each name is on the current path; a node adds to total only where its name is not above it.
+    const onPath = new Map();
+    const stack = [[0, false]];
+    while (stack.length) {
+      const [i, leaving] = stack.pop();
       const name = compact.names[compact.nodes.name[i]];
-      if (i !== 0) {
-        row(name).self += compact.nodes.self[i];
-        if (!onPath.has(name)) row(name).total += idx.total[i];
+      if (leaving) {
+        if (i !== 0) onPath.set(name, onPath.get(name) - 1);
+        continue;
       }
-      const next = i === 0 || onPath.has(name) ? onPath : new Set(onPath).add(name);
-      for (const c of idx.children[i]) walk(c, next);
-    };
-    walk(0, new Set());
+      if (i !== 0) {
+        const r = row(name);
+        r.self += compact.nodes.self[i];
+        const seen = onPath.get(name) || 0;
+        if (!seen) r.total += idx.total[i];
+        onPath.set(name, seen + 1);
+      }
+      stack.push([i, true]);
+      const kids = idx.children[i];
+      for (let k = kids.length - 1; k >= 0; k--) if (idx.total[kids[k]] > 0) stack.push([kids[k], false]);
+    }
     return Array.from(rows.values())
       .filter((r) => r.total > 0)
       .sort((a, b) => b.self - a.self || b.total - a.total || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
