@@ -13,6 +13,7 @@ import ctypes
 import fcntl
 import os
 import select
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,9 @@ PERF_TYPE_TRACEPOINT = 2
 PERF_COUNT_SW_CPU_CLOCK = 0
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
+# _IOW('$', 4, __u64): a new sample period, or, for an event opened with freq=1, a new frequency (Hz).
+PERF_EVENT_IOC_PERIOD = 0x40082404
+BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 PERF_FLAG_FD_CLOEXEC = 8
 _ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER7; the kernel accepts any size it knows
@@ -152,6 +156,17 @@ def attach_cpu_clock(prog_fd: int, frequency_hz: int) -> list[int]:
     return fds
 
 
+def set_sample_frequency(fds: list[int], frequency_hz: int) -> None:
+    """Change the frequency of sampling events opened with freq=1 (attach_cpu_clock) in place:
+    no detach, no BPF reload, no gap. BpfLoadError if the kernel refuses (over perf_event_max_sample_rate)."""
+    arg = ctypes.c_uint64(frequency_hz)
+    for fd in fds:
+        try:
+            fcntl.ioctl(fd, PERF_EVENT_IOC_PERIOD, arg)
+        except OSError as e:
+            raise BpfLoadError(f"perf event frequency {frequency_hz} Hz: {e.strerror}") from None
+
+
 def tracepoint_id(category: str, name: str) -> int:
     for root in TRACEFS_ROOTS:
         p = root / "events" / category / name / "id"
@@ -176,6 +191,11 @@ def detach(fds: list[int]) -> None:
     fds.clear()
 
 
+# The longest one consume() delivers records before returning to its caller.
+MAX_CONSUME_S = 0.25
+_STOP_CONSUMING = -125  # -ECANCELED from the sample callback: libbpf stops consuming (record already consumed)
+
+
 class RingBuffer:
     """A BPF ring buffer map consumed with libbpf; `callback(bytes)` per record.
 
@@ -184,9 +204,18 @@ class RingBuffer:
     wait at once, so a waiting loop needs no short timeout to notice a stop.
     """
 
-    def __init__(self, map_fd: int, callback: Callable[[bytes], None]) -> None:
+    def __init__(self, map_fd: int, callback: Callable[[bytes], None],
+                 max_consume_s: float = MAX_CONSUME_S) -> None:
+        self.max_consume_s = max_consume_s
+        self._deadline = 0.0
+        self._count = 0
+        self.stopped_early = False  # the last consume() left records behind (max_consume_s)
+
         def on_record(_ctx: int, data: int, size: int) -> int:
             callback(ctypes.string_at(data, size))
+            self._count += 1
+            if not self._count & 63 and time.monotonic() > self._deadline:
+                return _STOP_CONSUMING  # this record is consumed; the rest waits for the next call
             return 0
 
         self._fn = SAMPLE_FN(on_record)  # keep a reference: libbpf calls it later
@@ -217,7 +246,13 @@ class RingBuffer:
             pass
 
     def consume(self) -> int:
-        return lib().ring_buffer__consume(self._rb)
+        """Deliver what the buffer holds, for at most max_consume_s: when BPF writes faster than the
+        agent reads (libbpf reads on while new records arrive), the caller's loop still gets its turn
+        (interval cuts, the overhead governor, signals). Returns the number delivered."""
+        self._deadline = time.monotonic() + self.max_consume_s
+        self._count = 0
+        self.stopped_early = lib().ring_buffer__consume(self._rb) == _STOP_CONSUMING
+        return self._count
 
     def close(self) -> None:
         if self._rb:
@@ -299,6 +334,39 @@ class ProgInfo(ctypes.Structure):
                 ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
                 ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
                 ("name", ctypes.c_char * BPF_OBJ_NAME_LEN)]
+
+
+class ProgRunInfo(ctypes.Structure):
+    """struct bpf_prog_info (uapi/linux/bpf.h) up to its run-time statistics, which the kernel
+    fills only while kernel.bpf_stats_enabled (or a BPF_ENABLE_STATS fd) is on."""
+
+    _fields_ = [*ProgInfo._fields_,
+                ("ifindex", ctypes.c_uint32), ("gpl_compatible", ctypes.c_uint32),
+                ("netns_dev", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
+                ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
+                ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64),
+                ("btf_id", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32),
+                ("func_info", ctypes.c_uint64), ("nr_func_info", ctypes.c_uint32),
+                ("nr_line_info", ctypes.c_uint32), ("line_info", ctypes.c_uint64),
+                ("jited_line_info", ctypes.c_uint64), ("nr_jited_line_info", ctypes.c_uint32),
+                ("line_info_rec_size", ctypes.c_uint32), ("jited_line_info_rec_size", ctypes.c_uint32),
+                ("nr_prog_tags", ctypes.c_uint32), ("prog_tags", ctypes.c_uint64),
+                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
+
+
+def bpf_stats_enabled() -> bool:
+    """Whether the kernel counts BPF programs' run time (kernel.bpf_stats_enabled)."""
+    try:
+        with open(BPF_STATS_SYSCTL) as f:
+            return f.read(16).strip() not in ("", "0")
+    except OSError:
+        return False
+
+
+def prog_run_time(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program so far; zeros while the kernel does not count them."""
+    info = _obj_info(fd, ProgRunInfo())
+    return int(info.run_time_ns), int(info.run_cnt)
 
 
 def _obj_info(fd: int, info: ctypes.Structure) -> None:

@@ -32,10 +32,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from agent.bpfload import libbpf
 from agent.bpfload.records import RawRecord
 from agent.capture.pipeline import CapturePipeline, Interval
 from agent.daemon.config import AgentConfig
 from agent.daemon.export_queue import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
+from agent.daemon.governor import GOVERN_PERIOD_S, CostMeter, Governor
 from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from agent.daemon.relabel import Relabeler
 from agent.daemon.selection import Selector, read_identity
@@ -140,6 +142,13 @@ class BpfCollector:
                     pod_uids[pid] = info.container.pod_uid
         return out, pod_uids
 
+    def set_frequency(self, frequency_hz: int) -> bool:
+        """Sampling frequency of the cpu family from now on (False: no family samples by frequency)."""
+        return self.pipeline.set_frequency(frequency_hz)
+
+    def bpf_run_time_ns(self) -> int:
+        return self.pipeline.bpf_run_time_ns()
+
     def close(self) -> None:
         self.pipeline.close()
 
@@ -205,6 +214,8 @@ class Daemon:
         self.collector: BpfCollector | None = None
         self.metrics: MetricsServer | None = None
         self.started = threading.Event()  # set once sampling (for tests)
+        self.governor: Governor | None = None
+        self.meter = CostMeter(libbpf.bpf_stats_enabled())
 
     # --- signals -------------------------------------------------------------
 
@@ -248,7 +259,9 @@ class Daemon:
         log.info("sampling %s at %d Hz; exporting every %gs to %s", ",".join(cfg.profiling.profiles),
                  cfg.profiling.frequency_hz, cfg.export.interval_s,
                  ", ".join(q.name for q in self.queues) or "nothing")
+        self._new_governor()
         next_cut = time.monotonic() + cfg.export.interval_s
+        next_govern = time.monotonic() + GOVERN_PERIOD_S
         while not self._stop.is_set():
             self.collector.poll(max(0.0, next_cut - time.monotonic()))
             now = time.monotonic()
@@ -260,10 +273,57 @@ class Daemon:
             if self._reloader is not None and not self._reloader.is_alive():
                 self._reloader = None
                 next_cut = self._apply_reload(next_cut)
+            if now >= next_govern:
+                self._govern()
+                next_govern = now + GOVERN_PERIOD_S
             if now >= next_cut:
                 self._cut()
                 next_cut = max(next_cut + self.cfg.export.interval_s, now + 1.0)
         return self._shutdown()
+
+    # --- the overhead governor ------------------------------------------------------
+
+    def _new_governor(self) -> None:
+        """A governor for the running config (again after a reload): from its frequency down to the floor."""
+        lim, p = self.cfg.limits, self.cfg.profiling
+        self.governor = Governor(lim.cpu_percent, lim.min_frequency_hz, p.frequency_hz)
+        self.stats.frequency_hz = p.frequency_hz
+        self._govern_reading()
+        if self.governor.enabled:
+            log.info("overhead governor: budget %.3g%% of %d CPUs, %d-%d Hz, BPF cost from %s", lim.cpu_percent,
+                     self.governor.cpus, self.governor.floor_hz, p.frequency_hz, self.meter.source)
+
+    def _govern_reading(self) -> None:
+        assert self.collector is not None and self.governor is not None
+        reading = self.meter.read(self.collector.bpf_run_time_ns(),
+                                  self.stats.samples + self.stats.unselected_samples)
+        self.stats.bpf_run_s = reading.bpf_s
+        self.governor.observe(reading)
+
+    def _govern(self) -> None:
+        """Measure; change the sampling frequency if the governor says so (in place, no reload)."""
+        gov, collector = self.governor, self.collector
+        if gov is None or collector is None:
+            return
+        self._govern_reading()
+        new = gov.decide()
+        self.stats.cost_percent = gov.last_cost / gov.cpus * 100
+        if new is None:
+            return
+        old = gov.frequency_hz
+        try:
+            if not collector.set_frequency(new):
+                gov.budget = 0.0  # nothing samples by frequency: nothing to steer
+                return
+        except BpfprofError as e:
+            log.error("overhead governor: cannot set %d Hz: %s", new, e)
+            return
+        gov.applied(new)
+        self.stats.frequency_hz = new
+        self.stats.governor_changes += 1
+        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%): sampling frequency %d -> %d Hz%s",
+                 self.stats.cost_percent, gov.cpus, gov.budget / gov.cpus * 100, old, new,
+                 " (the floor: still over budget)" if gov.at_floor_over_budget else "")
 
     def _cut(self) -> None:
         assert self.collector is not None
@@ -446,6 +506,9 @@ class Daemon:
         else:
             self.collector.cfg = new
             self.collector.set_selection(Selector(new.selection))
+            if new.limits != old.limits:
+                self._new_governor()
+                self.collector.set_frequency(new.profiling.frequency_hz)
         self.stats.reloads_ok += 1
         log.info("config reloaded")
         if new.export.interval_s != old.export.interval_s:
@@ -460,6 +523,7 @@ class Daemon:
         try:
             self.collector = self.collector_factory(self.cfg, self.tracker, self.stats)
             self.collector.start()
+            self._new_governor()
             log.info("probes restarted for the new config")
         except BpfprofError as e:
             log.error("new probes failed (%s); going back to the previous profiling settings", e)
@@ -467,4 +531,5 @@ class Daemon:
             self.tracker.proc_root = old.host_proc
             self.collector = self.collector_factory(old, self.tracker, self.stats)
             self.collector.start()
+            self._new_governor()
 
