@@ -92,9 +92,11 @@ class Governor:
     def decide(self) -> int | None:
         """The new frequency, or None to keep the current one."""
         cost = self.cost()
-        if cost is None or not self.enabled:
+        if cost is None:
             return None
-        self.last_cost = cost
+        self.last_cost = cost  # reported (bpfprof_cost_cpu_percent) whether or not the governor steers
+        if not self.enabled:
+            return None
         ratio = self.budget / cost if cost > 0 else MAX_STEP
         if abs(cost / self.budget - 1.0) <= DEADBAND:
             return None
