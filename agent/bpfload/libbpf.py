@@ -25,7 +25,7 @@ PERF_TYPE_TRACEPOINT = 2
 PERF_COUNT_SW_CPU_CLOCK = 0
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
-# _IOW('$', 4, __u64): a new sample period, or, for an event opened with freq=1, a new frequency (Hz).
+# _IOW('$', 4, __u64): a new sample period (a new frequency for an event still in frequency mode).
 PERF_EVENT_IOC_PERIOD = 0x40082404
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
@@ -156,10 +156,16 @@ def attach_cpu_clock(prog_fd: int, frequency_hz: int) -> list[int]:
     return fds
 
 
-def set_sample_frequency(fds: list[int], frequency_hz: int) -> None:
-    """Change the frequency of sampling events opened with freq=1 (attach_cpu_clock) in place:
-    no detach, no BPF reload, no gap. BpfLoadError if the kernel refuses (over perf_event_max_sample_rate)."""
-    arg = ctypes.c_uint64(frequency_hz)
+def set_cpu_clock_frequency(fds: list[int], frequency_hz: int) -> None:
+    """Change the frequency of attach_cpu_clock's events in place: no detach, no BPF reload, no gap.
+
+    The argument of PERF_EVENT_IOC_PERIOD is a period unless the event is in frequency mode, and the
+    kernel turns a cpu-clock event opened with freq=1 into a fixed-period hrtimer at open time
+    (perf_swevent_init_hrtimer clears attr.freq): so the period in ns is what it takes. Passing the
+    frequency would set a period of a few ns, which the kernel rounds up to 10 us: 100 kHz.
+    BpfLoadError if the kernel refuses.
+    """
+    arg = ctypes.c_uint64(max(1, 1_000_000_000 // frequency_hz))
     for fd in fds:
         try:
             fcntl.ioctl(fd, PERF_EVENT_IOC_PERIOD, arg)

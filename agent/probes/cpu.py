@@ -125,7 +125,7 @@ class CpuProbe(ProbeFamily):
         if the kernel refuses. Samples keep the period they were taken at (profiles())."""
         if frequency_hz == self.frequency_hz:
             return
-        libbpf.set_sample_frequency(self._event_fds, frequency_hz)
+        libbpf.set_cpu_clock_frequency(self._event_fds, frequency_hz)
         self.frequency_changes.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), frequency_hz))
         del self.frequency_changes[:-MAX_FREQUENCY_CHANGES]
         self.frequency_hz = frequency_hz
