@@ -165,8 +165,8 @@ def fixture_figures(s: Settling) -> tuple[float, float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=90)
-    ap.add_argument("--frequency", type=int, default=1000)
-    ap.add_argument("--budget", type=float, default=5.0, help="limits.cpu_percent")
+    ap.add_argument("--frequency", type=int, default=2000)
+    ap.add_argument("--budget", type=float, default=1.0, help="limits.cpu_percent")
     ap.add_argument("--floor", type=int, default=19)
     ap.add_argument("--rate", type=float, default=600, help="short-lived processes a minute")
     args = ap.parse_args()

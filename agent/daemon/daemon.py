@@ -75,7 +75,7 @@ class BpfCollector:
                              offcpu_min_ns=p.offcpu_min_us * 1000, heap_sample_bytes=p.heap_sample_bytes,
                              pids=pids, unwind=UnwindMode(p.unwind), unwind_table_bytes=p.unwind_table_bytes)
         self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept)
-        self._selected: dict[int, bool] = {}
+        self._selected: dict[tuple[int, str], bool] = {}  # (pid, thread name) -> selected
 
     def start(self) -> None:
         """Compile, load and attach (BpfprofError if that fails)."""
@@ -88,11 +88,14 @@ class BpfCollector:
     def accept(self, rec: RawRecord) -> bool:
         """Selection, the per-interval cap, and the process kept for this interval; runs for every sample."""
         pid = rec.pid
-        chosen = self._selected.get(pid)
+        # Keyed by the thread's name too: a process sampled between fork and exec has its parent's
+        # identity, and its decision must not outlive the exec (whose new name is in the next records).
+        key = (pid, rec.thread_name)
+        chosen = self._selected.get(key)
         if chosen is None:
             ident = read_identity(pid, self.cfg.host_proc) if not self.selector.select_all else None
             chosen = self.selector.select_all or (ident is not None and self.selector.matches(ident))
-            self._selected[pid] = chosen
+            self._selected[key] = chosen
         if not chosen:
             self.stats.unselected_samples += 1
             return False
@@ -119,7 +122,7 @@ class BpfCollector:
             self.stats.lose(loss.reason, loss.count)
             if loss.warn:
                 log.warning("%d %s", loss.count, loss.description)
-        self._selected = {pid: v for pid, v in self._selected.items() if pid in self.tracker or not v}
+        self._selected = {key: v for key, v in self._selected.items() if key[0] in self.tracker or not v}
         if len(self._selected) > self.tracker.max_processes * 4:
             self._selected.clear()  # decisions are cheap to redo; keep the cache bounded under churn
         return interval
