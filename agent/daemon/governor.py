@@ -36,8 +36,8 @@ GOVERN_PERIOD_S = 5.0  # how often the governor decides
 WINDOW_S = 15.0  # the longest span of readings one decision averages (an interval's build is a burst)
 DEADBAND = 0.10  # within budget +-10 % nothing changes (noise would make it hunt)
 MAX_STEP = 4.0  # one decision changes the frequency by at most this factor
-# Kernel time of one CPU sample's programs (record + BPF stack walk) when the kernel does not count it:
-# measured here with bpf_stats on (bench/governor_settling.py prints the measured figure).
+# Kernel time of one CPU sample's programs (record + BPF stack walk) when the kernel does not count it.
+# Not calibrated yet: an order of magnitude for a 16-frame walk with a stack copy; bpf_stats beats it.
 BPF_NS_PER_SAMPLE_ESTIMATE = 6_000
 
 
