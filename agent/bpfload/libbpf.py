@@ -9,12 +9,14 @@ agent/bpfload/bpf_compile.py.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import fcntl
 import logging
 import os
 import select
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,9 @@ PERF_TYPE_TRACEPOINT = 2
 PERF_COUNT_SW_CPU_CLOCK = 0
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
+# _IOW('$', 4, __u64): a new sample period (a new frequency for an event still in frequency mode).
+PERF_EVENT_IOC_PERIOD = 0x40082404
+BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 PERF_FLAG_FD_CLOEXEC = 8
 _ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER7; the kernel accepts any size it knows
@@ -149,6 +154,23 @@ def attach_cpu_clock(prog_fd: int, frequency_hz: int) -> list[int]:
     return fds
 
 
+def set_cpu_clock_frequency(fds: list[int], frequency_hz: int) -> None:
+    """Change the frequency of attach_cpu_clock's events in place: no detach, no BPF reload, no gap.
+
+    The argument of PERF_EVENT_IOC_PERIOD is a period unless the event is in frequency mode, and the
+    kernel turns a cpu-clock event opened with freq=1 into a fixed-period hrtimer at open time
+    (perf_swevent_init_hrtimer clears attr.freq): so the period in ns is what it takes. Passing the
+    frequency would set a period of a few ns, which the kernel rounds up to 10 us: 100 kHz.
+    BpfLoadError if the kernel refuses.
+    """
+    arg = ctypes.c_uint64(max(1, 1_000_000_000 // frequency_hz))
+    for fd in fds:
+        try:
+            fcntl.ioctl(fd, PERF_EVENT_IOC_PERIOD, arg)
+        except OSError as e:
+            raise BpfLoadError(f"perf event frequency {frequency_hz} Hz: {e.strerror}") from None
+
+
 def tracepoint_id(category: str, name: str) -> int:
     for root in TRACEFS_ROOTS:
         p = root / "events" / category / name / "id"
@@ -190,6 +212,9 @@ def _libc() -> ctypes.CDLL:
     c.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return c
 
+# The longest one consume() delivers records before returning to its caller.
+MAX_CONSUME_S = 0.25
+
 
 class RingBuffer:
     """A BPF ring buffer map read in place; `callback(bytes)` per record.
@@ -209,9 +234,13 @@ class RingBuffer:
     wait at once, so a waiting loop needs no short timeout to notice a stop.
     """
 
-    def __init__(self, map_fd: int, callback: Callable[[bytes], None]) -> None:
+    def __init__(self, map_fd: int, callback: Callable[[bytes], None],
+                 max_consume_s: float = MAX_CONSUME_S) -> None:
         self._callback = callback
+        self.max_consume_s = max_consume_s
         self.errors = 0
+        self.stopped_early = False  # the last consume() left records behind (max_consume_s)
+        self._backlog: collections.deque[bytes] = collections.deque()
         size = map_info(map_fd).max_entries  # data bytes, a power of two
         self._mask = size - 1
         self._libc = _libc()
@@ -255,7 +284,7 @@ class RingBuffer:
             pass
 
     def take(self) -> list[bytes]:
-        """Copy out every committed record and give their space back to BPF."""
+        """Copy out the records committed when it starts and give their space back to BPF."""
         if self._data is None:
             return []
         data, mask, unpack = self._data, self._mask, _RB_LEN.unpack_from
@@ -271,24 +300,34 @@ class RingBuffer:
             if not length & _RB_DISCARD:
                 out.append(bytes(data[at + _RB_HDR:at + _RB_HDR + size]))
             cons += (size + _RB_HDR + 7) & ~7
-            if cons >= prod:
-                prod = self._producer.value
         self._consumer.value = cons
         return out
 
     def consume(self) -> int:
-        """Hand every committed record to the callback; the number handed. A record the callback
-        fails on is counted in `errors` and logged (the first, then at powers of two), not fatal."""
-        records = self.take()
-        callback = self._callback
-        for buf in records:
+        """Deliver what the buffer holds, for at most max_consume_s: when BPF writes faster than the
+        agent reads, the caller's loop still gets its turn (interval cuts, the overhead governor,
+        signals); records taken out and not yet delivered wait for the next call, at most one
+        ring's worth, so a slow agent still makes BPF drop (counted), never grows without bound.
+        A record the callback fails on is counted in `errors` and logged (the first, then at
+        powers of two), not fatal. Returns the number delivered."""
+        backlog = self._backlog
+        if not backlog:
+            backlog.extend(self.take())
+        deadline = time.monotonic() + self.max_consume_s
+        callback, n = self._callback, 0
+        while backlog:
+            buf = backlog.popleft()
+            n += 1
             try:
                 callback(buf)
             except Exception:
                 self.errors += 1
                 if self.errors & (self.errors - 1) == 0:
                     log.exception("ring-buffer record %d bytes not handled (%d so far)", len(buf), self.errors)
-        return len(records)
+            if not n & 63 and time.monotonic() > deadline:
+                break
+        self.stopped_early = bool(backlog)
+        return n
 
     def close(self) -> None:
         if self._data is not None:
@@ -372,6 +411,39 @@ class ProgInfo(ctypes.Structure):
                 ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
                 ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
                 ("name", ctypes.c_char * BPF_OBJ_NAME_LEN)]
+
+
+class ProgRunInfo(ctypes.Structure):
+    """struct bpf_prog_info (uapi/linux/bpf.h) up to its run-time statistics, which the kernel
+    fills only while kernel.bpf_stats_enabled (or a BPF_ENABLE_STATS fd) is on."""
+
+    _fields_ = [*ProgInfo._fields_,
+                ("ifindex", ctypes.c_uint32), ("gpl_compatible", ctypes.c_uint32),
+                ("netns_dev", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
+                ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
+                ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64),
+                ("btf_id", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32),
+                ("func_info", ctypes.c_uint64), ("nr_func_info", ctypes.c_uint32),
+                ("nr_line_info", ctypes.c_uint32), ("line_info", ctypes.c_uint64),
+                ("jited_line_info", ctypes.c_uint64), ("nr_jited_line_info", ctypes.c_uint32),
+                ("line_info_rec_size", ctypes.c_uint32), ("jited_line_info_rec_size", ctypes.c_uint32),
+                ("nr_prog_tags", ctypes.c_uint32), ("prog_tags", ctypes.c_uint64),
+                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
+
+
+def bpf_stats_enabled() -> bool:
+    """Whether the kernel counts BPF programs' run time (kernel.bpf_stats_enabled)."""
+    try:
+        with open(BPF_STATS_SYSCTL) as f:
+            return f.read(16).strip() not in ("", "0")
+    except OSError:
+        return False
+
+
+def prog_run_time(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program so far; zeros while the kernel does not count them."""
+    info = _obj_info(fd, ProgRunInfo())
+    return int(info.run_time_ns), int(info.run_cnt)
 
 
 def _obj_info(fd: int, info: ctypes.Structure) -> None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects
 from agent.bpfload.records import DROP_DESCRIPTIONS, Loss, RawRecord
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
@@ -213,6 +214,30 @@ class CapturePipeline:
         """How the BPF walker did so far (None when user stacks are not walked in BPF)."""
         tables = self._set.unwind_tables if self._set is not None else None
         return tables.summary() if tables is not None else None
+
+    def set_frequency(self, frequency_hz: int) -> bool:
+        """Sample the frequency-driven families (cpu) at `frequency_hz` from now on, without reloading BPF.
+        False when no selected family samples by frequency. BpfLoadError if the kernel refuses."""
+        changed = False
+        for f in self.families:
+            setter = getattr(f, "set_frequency", None)
+            if setter is not None:
+                setter(frequency_hz)
+                changed = True
+        return changed
+
+    def bpf_run_time_ns(self) -> int:
+        """The loaded programs' run time so far, as the kernel counts it (0 while kernel.bpf_stats_enabled
+        is off; tail-called walkers are counted in their caller's run)."""
+        if self._set is None:
+            return 0
+        total = 0
+        for fd in self._set.objs.programs.values():
+            try:
+                total += libbpf.prog_run_time(fd)[0]
+            except BpfprofError:
+                continue
+        return total
 
     def record_count(self) -> int:
         """Records held by the current accumulators (for a progress line)."""

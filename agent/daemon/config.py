@@ -123,6 +123,8 @@ class LimitsConfig:
     max_processes: int = 8192  # process table; least recently sampled exited processes go first
     max_symbol_files: int = 512  # symbol cache (files by build id), LRU
     max_interval_samples: int = 2_000_000  # records kept per interval; more are dropped and counted
+    cpu_percent: float = 1.0  # the agent's CPU budget (its process + its BPF programs), % of all CPUs; 0 = off
+    min_frequency_hz: int = 19  # the governor never samples slower than this to hold cpu_percent
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,10 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     _check(lim.max_symbol_files >= 8, "limits.max_symbol_files", "an integer >= 8", lim.max_symbol_files)
     _check(lim.max_interval_samples >= 1000, "limits.max_interval_samples", "an integer >= 1000",
            lim.max_interval_samples)
+    _check(0 <= lim.cpu_percent <= 100, "limits.cpu_percent", "a percentage from 0 (off) to 100",
+           lim.cpu_percent)
+    _check(1 <= lim.min_frequency_hz <= MAX_FREQUENCY_HZ, "limits.min_frequency_hz", f"1 to {MAX_FREQUENCY_HZ}",
+           lim.min_frequency_hz)
     if cfg.metrics.listen:
         parse_listen(cfg.metrics.listen)
     for i, rule in enumerate(cfg.relabel):

@@ -34,10 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from agent.bpfload import libbpf
 from agent.bpfload.records import RawRecord
 from agent.capture.pipeline import CapturePipeline, Interval
 from agent.daemon.config import AgentConfig
 from agent.daemon.export_queue import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
+from agent.daemon.governor import GOVERN_PERIOD_S, CostMeter, Governor
 from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from agent.daemon.relabel import Relabeler
 from agent.daemon.selection import Selector, read_identity
@@ -76,7 +78,7 @@ class BpfCollector:
                              offcpu_min_ns=p.offcpu_min_us * 1000, heap_sample_bytes=p.heap_sample_bytes,
                              pids=pids, unwind=UnwindMode(p.unwind), unwind_table_bytes=p.unwind_table_bytes)
         self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept)
-        self._selected: dict[int, bool] = {}
+        self._selected: dict[tuple[int, str], bool] = {}  # (pid, thread name) -> selected
 
     def start(self) -> None:
         """Compile, load and attach (BpfprofError if that fails)."""
@@ -89,11 +91,14 @@ class BpfCollector:
     def accept(self, rec: RawRecord) -> bool:
         """Selection, the per-interval cap, and the process kept for this interval; runs for every sample."""
         pid = rec.pid
-        chosen = self._selected.get(pid)
+        # Keyed by the thread's name too: a process sampled between fork and exec has its parent's
+        # identity, and its decision must not outlive the exec (whose new name is in the next records).
+        key = (pid, rec.thread_name)
+        chosen = self._selected.get(key)
         if chosen is None:
             ident = read_identity(pid, self.cfg.host_proc) if not self.selector.select_all else None
             chosen = self.selector.select_all or (ident is not None and self.selector.matches(ident))
-            self._selected[pid] = chosen
+            self._selected[key] = chosen
         if not chosen:
             self.stats.unselected_samples += 1
             return False
@@ -120,7 +125,7 @@ class BpfCollector:
             self.stats.lose(loss.reason, loss.count)
             if loss.warn:
                 log.warning("%d %s", loss.count, loss.description)
-        self._selected = {pid: v for pid, v in self._selected.items() if pid in self.tracker or not v}
+        self._selected = {key: v for key, v in self._selected.items() if key[0] in self.tracker or not v}
         if len(self._selected) > self.tracker.max_processes * 4:
             self._selected.clear()  # decisions are cheap to redo; keep the cache bounded under churn
         return interval
@@ -142,6 +147,13 @@ class BpfCollector:
                 if info is not None and info.container.pod_uid:
                     pod_uids[pid] = info.container.pod_uid
         return out, pod_uids
+
+    def set_frequency(self, frequency_hz: int) -> bool:
+        """Sampling frequency of the cpu family from now on (False: no family samples by frequency)."""
+        return self.pipeline.set_frequency(frequency_hz)
+
+    def bpf_run_time_ns(self) -> int:
+        return self.pipeline.bpf_run_time_ns()
 
     def close(self) -> None:
         self.pipeline.close()
@@ -239,6 +251,8 @@ class Daemon:
         self.collector: BpfCollector | None = None
         self.metrics: MetricsServer | None = None
         self.started = threading.Event()  # set once sampling (for tests)
+        self.governor: Governor | None = None
+        self.meter = CostMeter(libbpf.bpf_stats_enabled())
 
     # --- signals -------------------------------------------------------------
 
@@ -282,7 +296,9 @@ class Daemon:
         log.info("sampling %s at %d Hz; exporting every %gs to %s", ",".join(cfg.profiling.profiles),
                  cfg.profiling.frequency_hz, cfg.export.interval_s,
                  ", ".join(q.name for q in self.queues) or "nothing")
+        self._new_governor()
         next_cut = time.monotonic() + cfg.export.interval_s
+        next_govern = time.monotonic() + GOVERN_PERIOD_S
         while not self._stop.is_set():
             self.collector.poll(max(0.0, next_cut - time.monotonic()))
             now = time.monotonic()
@@ -294,10 +310,57 @@ class Daemon:
             if self._reloader is not None and not self._reloader.is_alive():
                 self._reloader = None
                 next_cut = self._apply_reload(next_cut)
+            if now >= next_govern:
+                self._govern()
+                next_govern = now + GOVERN_PERIOD_S
             if now >= next_cut:
                 self._cut()
                 next_cut = max(next_cut + self.cfg.export.interval_s, now + 1.0)
         return self._shutdown()
+
+    # --- the overhead governor ------------------------------------------------------
+
+    def _new_governor(self) -> None:
+        """A governor for the running config (again after a reload): from its frequency down to the floor."""
+        lim, p = self.cfg.limits, self.cfg.profiling
+        self.governor = Governor(lim.cpu_percent, lim.min_frequency_hz, p.frequency_hz)
+        self.stats.frequency_hz = p.frequency_hz
+        self._govern_reading()
+        if self.governor.enabled:
+            log.info("overhead governor: budget %.3g%% of %d CPUs, %d-%d Hz, BPF cost from %s", lim.cpu_percent,
+                     self.governor.cpus, self.governor.floor_hz, p.frequency_hz, self.meter.source)
+
+    def _govern_reading(self) -> None:
+        assert self.collector is not None and self.governor is not None
+        reading = self.meter.read(self.collector.bpf_run_time_ns(),
+                                  self.stats.samples + self.stats.unselected_samples)
+        self.stats.bpf_run_s = reading.bpf_s
+        self.governor.observe(reading)
+
+    def _govern(self) -> None:
+        """Measure; change the sampling frequency if the governor says so (in place, no reload)."""
+        gov, collector = self.governor, self.collector
+        if gov is None or collector is None:
+            return
+        self._govern_reading()
+        new = gov.decide()
+        self.stats.cost_percent = gov.last_cost / gov.cpus * 100
+        if new is None:
+            return
+        old = gov.frequency_hz
+        try:
+            if not collector.set_frequency(new):
+                gov.budget = 0.0  # nothing samples by frequency: nothing to steer
+                return
+        except BpfprofError as e:
+            log.error("overhead governor: cannot set %d Hz: %s", new, e)
+            return
+        gov.applied(new)
+        self.stats.frequency_hz = new
+        self.stats.governor_changes += 1
+        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%): sampling frequency %d -> %d Hz%s",
+                 self.stats.cost_percent, gov.cpus, gov.budget / gov.cpus * 100, old, new,
+                 " (the floor: still over budget)" if gov.at_floor_over_budget else "")
 
     def _cut(self) -> None:
         assert self.collector is not None
@@ -481,6 +544,9 @@ class Daemon:
         else:
             self.collector.cfg = new
             self.collector.set_selection(Selector(new.selection))
+            if new.limits != old.limits:
+                self._new_governor()
+                self.collector.set_frequency(new.profiling.frequency_hz)
         self.stats.reloads_ok += 1
         log.info("config reloaded")
         if new.export.interval_s != old.export.interval_s:
@@ -495,6 +561,7 @@ class Daemon:
         try:
             self.collector = self.collector_factory(self.cfg, self.tracker, self.stats)
             self.collector.start()
+            self._new_governor()
             log.info("probes restarted for the new config")
         except BpfprofError as e:
             log.error("new probes failed (%s); going back to the previous profiling settings", e)
@@ -502,4 +569,5 @@ class Daemon:
             self.tracker.proc_root = old.host_proc
             self.collector = self.collector_factory(old, self.tracker, self.stats)
             self.collector.start()
+            self._new_governor()
 

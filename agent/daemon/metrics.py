@@ -61,6 +61,10 @@ class AgentStats:
     ring_buffer_bytes: int = 0  # records' bytes read from the ring buffer
     unwind: dict[str, int] = field(default_factory=dict)  # the BPF walker's counters (UnwindTables.totals)
     reloads_ok: int = 0
+    frequency_hz: int = 0  # what the cpu family samples at now (the overhead governor moves it)
+    governor_changes: int = 0
+    cost_percent: float = 0.0  # the agent's measured cost (process + BPF), % of all CPUs, at the last decision
+    bpf_run_s: float = 0.0  # BPF programs' run time (kernel count, or the estimate: governor.CostMeter)
     reloads_failed: int = 0
     ready: bool = False
     last_loop_monotonic: float = field(default_factory=time.monotonic)
@@ -113,6 +117,14 @@ class AgentCollector(Collector):
         yield counter("symbolizer_cache_evictions", "Symbol cache evictions (LRU).", self.cache.evictions)
         yield gauge("symbolizer_cache_files", "Files in the symbol cache.", len(self.cache))
         yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache holds copied in memory.", self.cache.mapped_bytes())
+        yield gauge("sampling_frequency_hz", "CPU sampling frequency now (the overhead governor moves it).",
+                    s.frequency_hz)
+        yield counter("governor_changes", "Sampling frequency changes made by the overhead governor.",
+                      s.governor_changes)
+        yield gauge("cost_cpu_percent", "The agent's CPU cost (process + BPF) in % of all CPUs, last measured.",
+                    s.cost_percent)
+        yield counter("bpf_run_seconds", "Run time of the agent's BPF programs (kernel bpf_stats, else estimated).",
+                      s.bpf_run_s)
         yield counter("config_reloads", "Successful SIGHUP reloads.", s.reloads_ok)
         yield counter("config_reload_failures", "SIGHUP reloads rejected (old config kept).", s.reloads_failed)
         yield gauge("ready", "1 while sampling.", int(s.ready))

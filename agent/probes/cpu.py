@@ -13,8 +13,10 @@ stack BPF walks.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
+import time
 
 from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
@@ -33,6 +35,8 @@ from exporters.profile_types import cpu_profile
 log = logging.getLogger(__name__)
 TRACE_PROCS_MAP = "trace_procs"
 PY_PROCS_MAP = "py_procs"
+# Frequency changes kept (CpuProbe.set_frequency): far more than the records of an interval can span.
+MAX_FREQUENCY_CHANGES = 4096
 
 
 
@@ -71,8 +75,27 @@ class CpuAccumulator(Accumulator):
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         config = self.family.config
-        profile = cpu_profile(window.start_ns, window.duration_ns, config.frequency_hz)
-        period = profile.period
+        changes = list(self.family.frequency_changes)  # (monotonic ns, Hz) in time order
+        end_ktime = window.end_ns - window.wall_offset_ns
+        hz_at_end = self.family.frequency_at(end_ktime, changes)
+        profile = cpu_profile(window.start_ns, window.duration_ns, hz_at_end)
+        start_ktime = window.start_ns - window.wall_offset_ns
+        inside = [(t, hz) for t, hz in changes if start_ktime < t <= end_ktime]
+        if not inside:
+            period = profile.period
+            values = lambda r: [r.value, r.value * period]  # noqa: E731
+        else:  # the governor changed the frequency in this interval: each sample weighs its own period
+            times = [t for t, _ in changes]
+            periods = [1_000_000_000 // hz for _, hz in changes]
+            first = 1_000_000_000 // config.frequency_hz
+
+            def values(r: RawRecord) -> list[int]:
+                i = bisect.bisect_right(times, r.ktime_ns) - 1
+                return [r.value, r.value * (periods[i] if i >= 0 else first)]
+
+            profile.comments.append("sampling frequency changed by the overhead governor: "
+                                    + ", ".join(f"{hz} Hz from {(t + window.wall_offset_ns) / 1e9:.3f}"
+                                                for t, hz in inside))
         python = self.family.python
         reshape = None
         if python is not None and any(r.py_frames for r in self.records):
@@ -84,8 +107,8 @@ class CpuAccumulator(Accumulator):
                     return stack, ()
                 return frames.merge(r.pid, stack, r.py_frames, proc.layout), ()
 
-        add_records(profile, self.records, resolver, tracker, window, lambda r: [r.value, r.value * period],
-                    with_kernel=config.with_kernel, reshape=reshape)
+        add_records(profile, self.records, resolver, tracker, window, values, with_kernel=config.with_kernel,
+                    reshape=reshape)
         if python is not None:
             profile.comments.extend(python.unsupported())
         return [profile]
@@ -110,6 +133,29 @@ class CpuProbe(ProbeFamily):
         self.trace_contexts: TraceContextRegistry | None = None
         self.python: PythonRegistry | None = None
         self.python_frames = PythonFrames()
+        self.frequency_hz = config.frequency_hz  # what the perf events sample at now (set_frequency)
+        # (CLOCK_MONOTONIC ns, Hz) of each change, so an interval's samples weigh the period they were taken at.
+        self.frequency_changes: list[tuple[int, int]] = []
+        self._event_fds: list[int] = []
+
+    def frequency_at(self, ktime_ns: int, changes: list[tuple[int, int]]) -> int:
+        """The frequency in effect at `ktime_ns` (CLOCK_MONOTONIC) given `changes` (frequency_changes)."""
+        hz = self.config.frequency_hz
+        for t, value in changes:
+            if t > ktime_ns:
+                break
+            hz = value
+        return hz
+
+    def set_frequency(self, frequency_hz: int) -> None:
+        """Sample at `frequency_hz` from now on, without reloading BPF (perf_event ioctl); BpfLoadError
+        if the kernel refuses. Samples keep the period they were taken at (profiles())."""
+        if frequency_hz == self.frequency_hz:
+            return
+        libbpf.set_cpu_clock_frequency(self._event_fds, frequency_hz)
+        self.frequency_changes.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), frequency_hz))
+        del self.frequency_changes[:-MAX_FREQUENCY_CHANGES]
+        self.frequency_hz = frequency_hz
 
     def defines(self) -> dict[str, int]:
         return {"TASK_FSBASE_OFFSET": fsbase_offset(), **super().defines()}
@@ -122,7 +168,8 @@ class CpuProbe(ProbeFamily):
 
     def attach(self, objs: LoadedObjects) -> list[int]:
         super().attach(objs)
-        return libbpf.attach_cpu_clock(objs.programs[self.PROGRAM], self.config.frequency_hz)
+        self._event_fds = libbpf.attach_cpu_clock(objs.programs[self.PROGRAM], self.config.frequency_hz)
+        return list(self._event_fds)
 
     def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:
         fd = objs.maps[TRACE_PROCS_MAP]

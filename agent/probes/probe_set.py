@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ def wake_bytes(pages: int, cpus: int) -> int:
     return max(1, pages * PAGE_SIZE // (4 * cpus))
 
 
+DRAIN_MAX_S = 1.0  # drain(): the longest an interval's cut or the end of a capture reads the ring buffer
 FOLLOW_CHILDREN_SOURCE = "follow_children.bpf.c"
 FOLLOW_PROGRAM = "tracepoint__sched__sched_process_fork"
 COMMON_SOURCE = "common.bpf.h"
@@ -265,8 +267,13 @@ class ProbeSet:
             self._ring.wake()
 
     def drain(self) -> None:
-        """Deliver every record already in the buffer without waiting."""
-        if self._ring is not None:
+        """Deliver the records already in the buffer without waiting (for at most DRAIN_MAX_S when BPF
+        writes faster than the agent reads: what is left goes to the next interval)."""
+        if self._ring is None:
+            return
+        deadline = time.monotonic() + DRAIN_MAX_S
+        self._ring.consume()
+        while self._ring.stopped_early and time.monotonic() < deadline:
             self._ring.consume()
 
     def drops(self) -> dict[Drop, int]:

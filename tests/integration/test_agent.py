@@ -43,6 +43,8 @@ class Agent:
                  prefix: tuple[str, ...] = ()) -> None:
         self.metrics_port = closed_port()
         config.setdefault("metrics", {"listen": f"127.0.0.1:{self.metrics_port}"})
+        # Tests count samples at a known frequency: the overhead governor only where a test turns it on.
+        config.setdefault("limits", {}).setdefault("cpu_percent", 0)
         config.setdefault("log_level", "info")
         self.config_path = tmp_path / "agent.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

@@ -162,3 +162,26 @@ def test_daemon_collector_caps_each_interval_and_counts_the_rest(recording, tmp_
             plain.deliver(rec)
         assert Counter(folded(profiles[0])) == stacks_of(plain, [plain.cut()])
     assert stats.user_addresses > 0 and stats.user_unresolved == 2  # libc's caller of main, once per interval
+
+
+def test_a_frequency_change_mid_interval_weighs_each_sample_by_its_own_period(recording, tracker):
+    """The overhead governor changes the frequency in place: samples before the change weigh 1/199 s,
+    after it 1/50 s, so cpu/nanoseconds stay the CPU time that ran (agent/probes/cpu.py)."""
+    import dataclasses  # noqa: PLC0415
+
+    pipeline = cpu_pipeline(tracker)
+    [family] = pipeline.families
+    assert pipeline.set_frequency(50)  # no perf events here: only the bookkeeping
+    [(changed_ns, hz)] = family.frequency_changes
+    assert hz == 50 and family.frequency_hz == 50
+    records = records_of(recording)
+    half = len(records) // 2
+    for i, rec in enumerate(records):
+        pipeline.deliver(dataclasses.replace(rec, ktime_ns=changed_ns - 1000 if i < half else changed_ns + 1000))
+    [profile] = pipeline.build(pipeline.cut())
+    counts = sum(s.values[0] for s in profile.samples)
+    cpu_ns = sum(s.values[1] for s in profile.samples)
+    assert counts == len(records)
+    assert cpu_ns == half * (10**9 // 199) + (len(records) - half) * (10**9 // 50)
+    assert profile.period == 10**9 // 50
+    assert any("50 Hz from" in c for c in profile.comments)
