@@ -190,15 +190,16 @@ _RESTART_KEYS = ("profiling", "host_proc")
 class LongLivedHeap:
     """Keeps the cyclic GC off the agent's long-lived objects.
 
-    After a build the heap is mostly long-lived: symbol tables, unwind rows,
-    the process table (~2e5 objects). CPython's full collection rescans all of
-    them each time the objects surviving younger collections pass a quarter of
-    that, about once a minute at 99 Hz, ~25 ms each here: ~2 us of every
-    sample. gc.freeze() after each build takes them out of collections; what
-    refcounting frees is freed as before. Frozen objects that later end in a
-    reference cycle would never be collected, so every FULL_EVERY_S the heap is
-    unfrozen and collected once, the first build included (start-up leaves
-    cycles behind).
+    After the first build the heap is mostly long-lived: symbol tables,
+    unwind rows, the process table (~2e5 objects). CPython's full collection
+    rescans all of them each time the objects surviving younger collections
+    pass a quarter of that, about once a minute at 99 Hz, ~25 ms each here:
+    ~2 us of every sample. So after the first build, and every FULL_EVERY_S
+    after, the heap is collected once and frozen (gc.freeze): what is frozen
+    is left out of later collections; what refcounting frees is freed as
+    before. Objects made later (each interval's records and profiles, whose
+    cycles must be collected) stay in the collected generations; anything
+    frozen that later ends in a cycle waits for the next full collection.
     """
 
     FULL_EVERY_S = 600.0
@@ -212,8 +213,8 @@ class LongLivedHeap:
         if now - self._last_full >= self.full_every_s:
             gc.unfreeze()
             gc.collect()
+            gc.freeze()
             self._last_full = now
-        gc.freeze()
 
 
 class Daemon:
