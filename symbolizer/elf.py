@@ -589,3 +589,17 @@ class _ImageStream:
         out = bytes(self._data[self._pos:end])
         self._pos += len(out)
         return out
+
+
+def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
+    """st_value of the defined symbol `name` of type `sym_type` (STT_OBJECT, STT_TLS...), from .dynsym
+    then .symtab; None if neither defines it. (symbolizer/elf_symbols.py keeps functions only.)"""
+    with elf_errors(f"{elf.path}: symbol {name}"):
+        for table in (".dynsym", ".symtab"):
+            sec = elf.elf.get_section_by_name(table)
+            if sec is None or not hasattr(sec, "get_symbol_by_name"):
+                continue
+            for sym in sec.get_symbol_by_name(name) or ():
+                if sym["st_info"]["type"] == sym_type and sym["st_shndx"] != "SHN_UNDEF":
+                    return sym["st_value"]
+    return None

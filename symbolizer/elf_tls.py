@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from symbolizer.elf import PT_TLS, ElfFile, elf_errors
+from symbolizer.elf import PT_TLS, ElfFile, defined_symbol_value
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,7 @@ def tls_segment(elf: ElfFile) -> TlsSegment | None:
 
 def tls_symbol_value(elf: ElfFile, name: str) -> int | None:
     """st_value (offset in the TLS segment) of STT_TLS symbol `name`, from .dynsym then .symtab."""
-    with elf_errors(f"{elf.path}: symbol {name}"):
-        for table in (".dynsym", ".symtab"):
-            sec = elf.elf.get_section_by_name(table)
-            if sec is None or not hasattr(sec, "get_symbol_by_name"):
-                continue
-            for sym in sec.get_symbol_by_name(name) or ():
-                if sym["st_info"]["type"] == "STT_TLS" and sym["st_shndx"] != "SHN_UNDEF":
-                    return sym["st_value"]
-    return None
+    return defined_symbol_value(elf, name, "STT_TLS")
 
 
 def static_tls_offset(elf: ElfFile, name: str) -> int | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from agent.bpfload.records import PyProc
 from agent.python.layouts import LAYOUTS, PyLayout, unsupported_reason, version_of
-from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.elf import ElfFile, defined_symbol_value
 from symbolizer.errors import BpfprofError
 from symbolizer.proc_maps import MapsEntry, read_maps
 
@@ -61,17 +61,8 @@ class PyProcess:
 
 
 def data_symbol(elf: ElfFile, name: str) -> int | None:
-    """st_value of the defined STT_OBJECT symbol `name`, from .dynsym then .symtab (the function symbol
-    tables of symbolizer/elf_symbols.py keep functions only)."""
-    with elf_errors(f"{elf.path}: symbol {name}"):
-        for table in (".dynsym", ".symtab"):
-            sec = elf.elf.get_section_by_name(table)
-            if sec is None or not hasattr(sec, "get_symbol_by_name"):
-                continue
-            for sym in sec.get_symbol_by_name(name) or ():
-                if sym["st_info"]["type"] == "STT_OBJECT" and sym["st_shndx"] != "SHN_UNDEF":
-                    return sym["st_value"]
-    return None
+    """st_value of the defined STT_OBJECT symbol `name`, from .dynsym then .symtab."""
+    return defined_symbol_value(elf, name, "STT_OBJECT")
 
 
 def examine_file(path: str) -> PyBinary | None:
