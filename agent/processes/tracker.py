@@ -45,6 +45,7 @@ class TrackerStats:
     snapshot_failures: int = 0  # pid gone before its maps could be read
     unreadable_files: int = 0
     refreshes: int = 0
+    refresh_misses: int = 0  # refreshes that kept the snapshot held: the process was gone or exiting
     evictions: int = 0  # processes dropped by evict()
     refused: int = 0  # first sights turned away because the table was full
 
@@ -138,17 +139,29 @@ class ProcessTracker:
         return info
 
     def refresh(self, pid: int) -> ProcessInfo | None:
-        """Re-read the maps of a live process (it mapped new code: dlopen, JIT)."""
-        info = self._snapshot(pid)
+        """Re-read the maps of a live process (it mapped new code: dlopen, JIT; it exec'd).
+
+        A process that is exiting has already dropped its address space: its maps read empty
+        (and exe unreadable) while its last records still arrive (a Go program's idle Ms, asleep
+        on futexes the whole run, wake only at the exit, and the exit deletes its BPF unwind
+        table, which asks for a refresh). Such a read never replaces the snapshot held: the
+        records ran in that image, and an empty one would leave their addresses unmapped.
+        """
+        info = self._snapshot(pid, allow_empty=pid not in self._procs or self._procs[pid] is None)
         if info is not None:
             self.stats.refreshes += 1
             self._procs[pid] = info
+        else:
+            self.stats.refresh_misses += 1
         return self._procs.get(pid)
 
-    def _snapshot(self, pid: int) -> ProcessInfo | None:
+    def _snapshot(self, pid: int, allow_empty: bool = True) -> ProcessInfo | None:
+        """None if `pid` is gone, or (unless `allow_empty`) has no mappings left: it is exiting."""
         base = f"{self.proc_root}/{pid}"
         try:
             entries = proc_maps.read_maps(pid, self.proc_root)
+            if not entries and not allow_empty:
+                return None
             with open(f"{base}/comm") as f:
                 name = f.read().strip()
         except OSError:

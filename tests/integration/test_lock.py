@@ -109,7 +109,8 @@ def test_go_lock_profile_is_contention_only(tmp_path):
     assert go_total > 0.3e9, go_total
     lock_call = [s for s in prof.samples if "main.contend" in s.functions]
     assert all("sync.(*Mutex).Lock" in s.functions for s in lock_call)
-    # The contended call agrees with Go's own mutex profile. Issue #14 also wants it >= 95 % of the
-    # whole profile: today ~40 % of the delay is futex sleeps of idle Ms whose user frames come
-    # out without a mapping (so the call-site rules cannot leave them out); open, not asserted.
+    # Idle Ms sleep on futexes until the exit, when the process's maps already read empty: their
+    # stacks resolve in the snapshot held (tracker.refresh keeps it), so runtime.futex is left out.
+    assert contended >= 0.95 * total, (contended, total)
+    assert abs(total - go_total) <= 0.10 * go_total, (total, go_total)
     assert abs(contended - go_total) <= 0.10 * go_total, (contended, go_total)

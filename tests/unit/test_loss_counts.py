@@ -23,13 +23,14 @@ GONE = "user stacks of processes gone before their maps were read"
 
 
 def fake_process(root: Path, pid: int, start_ticks: int = 555, maps: bool = True) -> None:
-    """/proc/PID as far as the tracker reads it: stat (start time), comm, maps (empty: no mappings)."""
+    """/proc/PID as far as the tracker reads it: stat (start time), comm, maps (a stack, no file: a live
+    process; one whose maps read empty is exiting, and a refresh keeps what the tracker held)."""
     d = root / str(pid)
     d.mkdir(parents=True, exist_ok=True)
     (d / "stat").write_text(f"{pid} (fake) S " + " ".join(["0"] * 18 + [str(start_ticks)]) + "\n")
     (d / "comm").write_text("fake\n")
     if maps:
-        (d / "maps").write_text("")
+        (d / "maps").write_text("7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]\n")
 
 
 def record(pid: int) -> RawRecord:

@@ -6,6 +6,8 @@ addresses are computed from `nm` plus the load bias in /proc/PID/maps.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 
@@ -97,6 +99,27 @@ def test_libc_and_vdso_mappings_resolve(pie_process):
     assert vdso.symbols is not None and vdso.mapping.build_id
     libc = next(m for m in info.symbols.mappings if m.mapping.name.startswith("libc.so"))
     assert libc.mapping.build_id == libc.symbols.elf.gnu_build_id
+
+
+def test_a_refresh_of_an_exiting_process_keeps_the_image_it_ran_in(pie_process):
+    """An exiting process (here a zombie: killed, not reaped) has dropped its address space, yet its
+    last records still come (a Go program's idle Ms wake from their futexes only at its exit): a
+    refresh then must not trade the snapshot for an empty one that maps none of their addresses."""
+    binary, pid = pie_process
+    tracker = ProcessTracker(cache=SymbolCache())
+    info = tracker.observe(pid)
+    main = _nm(binary)["main"] + _load_bias(pid, binary)
+    os.kill(pid, signal.SIGKILL)  # not reaped: a zombie until the fixture's wait
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{pid}/maps").read():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert tracker.refresh(pid) is info and tracker.get(pid) is info
+    assert tracker.stats.refresh_misses == 1
+    assert info.symbols.resolve(main, return_address=False)[1][0].function == "main"
+    # first sight of an exiting process: a snapshot (its name) with no mappings, as before
+    other = ProcessTracker(cache=SymbolCache()).observe(pid)
+    assert other is not None and not other.symbols.mappings and other.name == info.name
 
 
 def test_unknown_pid_is_none():
