@@ -4,7 +4,9 @@ Distributions strip their binaries and ship the symbols apart: Debian's
 libc6-dbg puts libc's at /usr/lib/debug/.build-id/xx/rest.debug (named by the
 build id), others name the debug file in the binary's .gnu_debuglink (with a
 CRC32 of that file), and Fedora embeds an xz-compressed ELF of function
-symbols, MiniDebugInfo, in .gnu_debugdata. Each is tried in that order; a
+symbols, MiniDebugInfo, in .gnu_debugdata. When debuginfod servers are
+configured (symbolizer.debuginfod) they are asked after the local places and
+before MiniDebugInfo (which holds function symbols only). Each is tried in that order; a
 candidate is used only when it is provably the binary's (same build id, or
 the debuglink's CRC), so a wrong file can never rename frames.
 
@@ -22,9 +24,13 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from symbolizer.elf import ElfFile
 from symbolizer.errors import ElfParseError
+
+if TYPE_CHECKING:
+    from symbolizer.debuginfod import DebuginfodClient
 
 DEFAULT_DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
 MAX_DEBUG_FILE_BYTES = 1 << 30  # a debug file larger than this is not read for its CRC
@@ -136,7 +142,8 @@ def mini_debug_info(elf: ElfFile, limit: int = MAX_DEBUGDATA_BYTES) -> ElfFile |
 
 
 def find_debug_file(elf: ElfFile, build_id: str, path: str = "", root: str = "",
-                    dirs: Sequence[str] = DEFAULT_DEBUG_DIRS) -> ElfFile | None:
+                    dirs: Sequence[str] = DEFAULT_DEBUG_DIRS,
+                    debuginfod: DebuginfodClient | None = None) -> ElfFile | None:
     """The separate debug file of `elf` (its GNU `build_id`, "" if none), or None.
 
     `path` is the binary's path as its process sees it and `root` that
@@ -150,4 +157,8 @@ def find_debug_file(elf: ElfFile, build_id: str, path: str = "", root: str = "",
     found = _by_debuglink(elf, path or elf.path, roots, dirs)
     if found is not None:
         return found
+    if debuginfod is not None and build_id:
+        found = debuginfod.find(build_id)
+        if found is not None:
+            return found
     return mini_debug_info(elf)

@@ -28,6 +28,7 @@ from symbolizer.gopclntab import GoPclntab, load_pclntab
 
 if TYPE_CHECKING:
     from symbolizer.cfi import UnwindTable
+    from symbolizer.debuginfod import DebuginfodClient
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class FileSymbols:
     debug_root: str = ""
     debug_path: str = ""
     debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS
+    debuginfod: DebuginfodClient | None = None  # asked when no local debug file is found
 
     def __init__(self, elf: ElfFile, fid: FileId) -> None:
         self.elf: ElfFile | None = elf  # None: built from_symbols()
@@ -142,7 +144,7 @@ class FileSymbols:
             return None
         build_id = self.id.build_id if self.id.kind == BuildIdKind.GNU else ""
         return self._guarded("debug info", lambda: find_debug_file(  # type: ignore[return-value]
-            elf, build_id, self.debug_path, self.debug_root, self.debug_dirs))
+            elf, build_id, self.debug_path, self.debug_root, self.debug_dirs, self.debuginfod))
 
     @cached_property
     def symbols(self) -> ElfSymbols | None:
@@ -224,9 +226,11 @@ class SymbolCache:
     binary reuses what the first one parsed.
     """
 
-    def __init__(self, max_files: int = 4096, debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS) -> None:
+    def __init__(self, max_files: int = 4096, debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS,
+                 debuginfod: DebuginfodClient | None = None) -> None:
         self.max_files = max_files
         self.debug_dirs = debug_dirs  # where new FileSymbols look for separate debug info
+        self.debuginfod = debuginfod  # and the servers they ask when none is found there
         self._by_id: OrderedDict[FileId, FileSymbols] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -246,6 +250,8 @@ class SymbolCache:
             fs = FileSymbols(elf, fid)
             if self.debug_dirs != DEFAULT_DEBUG_DIRS:
                 fs.debug_dirs = self.debug_dirs
+            if self.debuginfod is not None:
+                fs.debuginfod = self.debuginfod
             self._by_id[fid] = fs
             while len(self._by_id) > self.max_files:
                 self._by_id.popitem(last=False)

@@ -22,7 +22,9 @@ from agent.processes.targets import validate_command, validate_pids
 from exporters.formats import FORMATS, OutputFormat
 from exporters.profile import Profile
 from exporters.summary import top_functions
+from symbolizer.debuginfod import DebuginfodClient, check_url, urls_from
 from symbolizer.errors import ConfigError
+from symbolizer.file_symbols import DEFAULT_CACHE
 
 if TYPE_CHECKING:
     from exporters.otlp_sender import OtlpExporter
@@ -159,6 +161,7 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
 
         exporter = OtlpExporter(otlp_endpoint, protocol=otlp_protocol, headers=parse_headers(otlp_headers),
                                 timeout_s=otlp_timeout, insecure=otlp_insecure, ca_file=otlp_ca_file)
+    _debuginfod_from_environment()
     types = tuple(t.strip() for t in profile_types.split(",") if t.strip())
     for t in types:
         if t not in PROBES:
@@ -203,6 +206,16 @@ def record(pids: tuple[int, ...], all_: bool, duration: float | None, frequency:
         _send(exporter, profiles, lambda: written or _write_all(profiles, outputs, facts))
     if stats.command_status:
         raise click.exceptions.Exit(stats.command_status)
+
+
+def _debuginfod_from_environment() -> None:
+    """Let the capture's symbolizer ask the debuginfod servers DEBUGINFOD_URLS names (as gdb and perf do)."""
+    urls = urls_from(())
+    for url in urls:
+        if not check_url(url):
+            raise ConfigError(f"DEBUGINFOD_URLS: {url!r} is not an http:// or https:// URL with a host")
+    if urls and DEFAULT_CACHE.debuginfod is None:
+        DEFAULT_CACHE.debuginfod = DebuginfodClient(urls)
 
 
 def parse_formats(text: str) -> list[str]:

@@ -29,6 +29,7 @@ import yaml
 from agent.processes.stack_resolver import UnwindMode
 from agent.unwind.tables import DEFAULT_TABLE_BYTES, MAX_TABLE_BYTES, MIN_TABLE_BYTES
 from exporters.bounded_input import read_bounded
+from symbolizer.debuginfod import check_url
 from symbolizer.errors import ConfigError, ExportError, InputTooLarge
 
 DEFAULT_CONFIG_PATH = "/etc/bpfprof/config.yaml"
@@ -57,6 +58,7 @@ ENV_KEYS: dict[str, str] = {
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RELABEL_ACTIONS = ("drop", "keep", "drop_label", "rename_label", "mask")
 MAX_FREQUENCY_HZ = 20_000
+MAX_DEBUGINFOD_TIMEOUT_S = 60.0  # profiling.debuginfod_timeout_s: the interval's build waits at most this
 MAX_RETRY_AFTER_S = 3600.0  # export.max_retry_after_s: an hour of silence is the most a collector may ask
 UNWIND_MODES = tuple(m.value for m in UnwindMode)
 
@@ -71,6 +73,9 @@ class ProfilingConfig:
     unwind: str = "cfi"  # user stacks: "cfi" (walked in BPF with each binary's CFI/pclntab), "copy" or "fp"
     unwind_table_bytes: int = DEFAULT_TABLE_BYTES  # kernel memory for the BPF walker's rows (cfi)
     debug_dirs: tuple[str, ...] = ()  # more directories of separate debug info, after /usr/lib/debug
+    debuginfod_urls: tuple[str, ...] = ()  # debuginfod servers; empty: $DEBUGINFOD_URLS, else none (off)
+    debuginfod_timeout_s: float = 5.0  # the most one lookup (all servers) may take
+    debuginfod_cache_bytes: int = 1 << 30  # disk budget of downloaded debug files
 
 
 @dataclass(frozen=True)
@@ -336,6 +341,12 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     _check(p.unwind in UNWIND_MODES, "profiling.unwind", f"one of {', '.join(UNWIND_MODES)}", p.unwind)
     for i, d in enumerate(p.debug_dirs):
         _check(d.startswith("/"), f"profiling.debug_dirs[{i}]", "an absolute path", d)
+    for i, u in enumerate(p.debuginfod_urls):
+        _check(check_url(u), f"profiling.debuginfod_urls[{i}]", "an http:// or https:// URL with a host", u)
+    _check(0 < p.debuginfod_timeout_s <= MAX_DEBUGINFOD_TIMEOUT_S, "profiling.debuginfod_timeout_s",
+           f"a number of seconds above 0, at most {MAX_DEBUGINFOD_TIMEOUT_S:g}", p.debuginfod_timeout_s)
+    _check(p.debuginfod_cache_bytes >= 1 << 20, "profiling.debuginfod_cache_bytes", "an integer >= 1048576",
+           p.debuginfod_cache_bytes)
     _check(MIN_TABLE_BYTES <= p.unwind_table_bytes <= MAX_TABLE_BYTES, "profiling.unwind_table_bytes",
            f"{MIN_TABLE_BYTES} to {MAX_TABLE_BYTES}", p.unwind_table_bytes)
     s = cfg.selection

@@ -49,6 +49,7 @@ from agent.processes.tracker import ProcessTracker
 from exporters.otlp_sender import OtlpExporter
 from exporters.profile import Profile
 from symbolizer.debug_files import DEFAULT_DEBUG_DIRS
+from symbolizer.debuginfod import DebuginfodClient, urls_from
 from symbolizer.errors import BpfprofError
 from symbolizer.file_symbols import SymbolCache
 
@@ -230,8 +231,13 @@ class Daemon:
         self.exporters_factory = exporters_factory
         self.host_name = host_name or cfg.node_name or socket.gethostname()
         self.stats = AgentStats()
-        self.cache = cache if cache is not None else SymbolCache(cfg.limits.max_symbol_files,
-                                                                  DEFAULT_DEBUG_DIRS + cfg.profiling.debug_dirs)
+        if cache is None:
+            urls = urls_from(cfg.profiling.debuginfod_urls)
+            debuginfod = DebuginfodClient(urls, deadline_s=cfg.profiling.debuginfod_timeout_s,
+                                          cache_bytes=cfg.profiling.debuginfod_cache_bytes) if urls else None
+            cache = SymbolCache(cfg.limits.max_symbol_files, DEFAULT_DEBUG_DIRS + cfg.profiling.debug_dirs,
+                                debuginfod)
+        self.cache = cache
         self.tracker = ProcessTracker(self.cache, cfg.host_proc, max_processes=cfg.limits.max_processes)
         self.relabeler = Relabeler(cfg.relabel)
         self.queues: list[ExportQueue] = []

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from agent.daemon.config import parse_listen
 from agent.daemon.export_queue import QueueStats
 from exporters.http_server import BoundedHttpServer, HttpLimits, HttpServerStats
+from symbolizer.debuginfod import OUTCOMES as DEBUGINFOD_OUTCOMES
 from symbolizer.errors import ConfigError
 from symbolizer.file_symbols import SymbolCache
 
@@ -114,6 +115,13 @@ class AgentCollector(Collector):
         yield counter("symbolizer_user_unresolved", "Distinct user addresses left unresolved.", s.user_unresolved)
         yield counter("symbolizer_cache_hits", "Symbol cache hits (files by build id).", self.cache.hits)
         yield counter("symbolizer_cache_misses", "Symbol cache misses.", self.cache.misses)
+        debuginfod = CounterMetricFamily(f"{PREFIX}_debuginfod_requests",
+                                         "debuginfod lookups by outcome (off unless servers are configured).",
+                                         labels=["outcome"])
+        client = getattr(self.cache, "debuginfod", None)
+        for outcome in DEBUGINFOD_OUTCOMES:
+            debuginfod.add_metric([outcome], client.outcomes[outcome] if client is not None else 0)
+        yield debuginfod
         yield counter("symbolizer_cache_evictions", "Symbol cache evictions (LRU).", self.cache.evictions)
         yield gauge("symbolizer_cache_files", "Files in the symbol cache.", len(self.cache))
         yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache holds copied in memory.", self.cache.mapped_bytes())
