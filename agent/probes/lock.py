@@ -370,8 +370,9 @@ class LockProbe(ProbeFamily):
 
     def route(self, rec: RawRecord, acc: Accumulator) -> None:
         if self.is_notice(rec):  # a target exec'd (its pid in value, see lock.bpf.c): a Go program gets uprobes
-            # Its next futex sleeps are unwound in the new image, not a snapshot taken before the exec.
-            self.tracker.refresh(rec.value)
+            # No tracker refresh here: the sample path sees the exec itself (a new thread name, a lost
+            # BPF table) and has the unwind tables rebuilt; a refresh here first hid it from them, and
+            # every family's stacks of the new image stayed unwound against the old one.
             self.go_uprobes.add(rec.value)
         else:
             acc.on_record(rec)

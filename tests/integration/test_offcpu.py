@@ -27,11 +27,10 @@ def _off_cpu_ns(prof, function: str) -> int:
     return sum(s.values[1] for s in prof.samples if function in s.functions)
 
 
-@pytest.mark.parametrize("types", ["offcpu", "cpu,offcpu"])
+@pytest.mark.parametrize("types", ["offcpu", "cpu,offcpu,lock"])
 def test_off_cpu_time_per_function_matches_known_blocks(tmp_path, types):
-    """Alone, and in one BPF object with the CPU walker (each program type its own tail-call array).
-    With lock in the same capture too, the nanosleep blocks lose their user frames since the lock
-    call-site merge: open (the closing note of 2026-12-06), so not claimed here."""
+    """Alone, and in one BPF object with the CPU and lock walkers (each program type its own tail-call
+    array; the lock family's exec notice must not hide the exec from the other families' tables)."""
     out, prof, truth = _record(tmp_path, types=types)
     assert prof.sample_types == [("samples", "count"), ("off_cpu", "nanoseconds")]
     assert prof.raw.string_table[prof.raw.default_sample_type] == "off_cpu"
