@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import ssl
-import stat
 import tempfile
 import threading
 import time
@@ -35,12 +34,11 @@ from pathlib import Path
 
 from symbolizer.elf import ElfFile
 from symbolizer.errors import ElfParseError
+from symbolizer.unwind_cache import cache_dir, private_dir
 
 log = logging.getLogger(__name__)
 
 ENV_URLS = "DEBUGINFOD_URLS"
-ENV_CACHE_DIR = "BPFPROF_CACHE_DIR"
-SYSTEM_CACHE_DIR = Path("/var/cache/bpfprof")
 DEFAULT_DEADLINE_S = 5.0
 DEFAULT_CACHE_BYTES = 1 << 30
 MAX_FILE_BYTES = 512 << 20  # a debug file larger than this is not downloaded
@@ -73,31 +71,8 @@ def check_url(url: str) -> bool:
 
 
 def default_cache_dir() -> Path:
-    """debuginfod/ next to the other caches: $BPFPROF_CACHE_DIR, else /var/cache/bpfprof, else ~/.cache."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env:
-        return Path(env) / "debuginfod"
-    if os.access(SYSTEM_CACHE_DIR.parent, os.W_OK) or os.access(SYSTEM_CACHE_DIR, os.W_OK):
-        return SYSTEM_CACHE_DIR / "debuginfod"
-    return Path.home() / ".cache" / "bpfprof" / "debuginfod"
-
-
-def _private_dir(path: Path) -> bool:
-    """Create `path` 0700; True only if it is a real directory this user owns that no one else can write."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            return False
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(path, 0o700)
-        return True
-    except OSError:
-        return False
+    """debuginfod/ beside the other caches (symbolizer/unwind_cache.cache_dir's root)."""
+    return cache_dir().parent / "debuginfod"
 
 
 class _Fetch:
@@ -208,7 +183,7 @@ class DebuginfodClient:
         self._backoff: dict[str, float] = {}  # server -> monotonic time until which it is skipped
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # one lookup at a time: the symbolizer's callers may be threads
-        self.usable = _private_dir(self.directory)
+        self.usable = private_dir(self.directory) is None
         if self.usable:
             self._remove_stale_temporaries()
         if not self.usable:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -31,12 +32,29 @@ _TYPECODES = ("Q", "B", "i", "i")  # pcs, kinds, cfa_offs, rbp_offs (as cfi.Unwi
 
 
 def cache_dir() -> Path:
+    """unwind/ in the one cache root ($BPFPROF_CACHE_DIR, else /var/cache/bpfprof, else ~/.cache/bpfprof);
+    the BPF and debuginfod caches sit beside it."""
     env = os.environ.get(ENV_CACHE_DIR)
     if env:
         return Path(env) / "unwind"
     if os.access(SYSTEM_CACHE_DIR.parent, os.W_OK) or os.access(SYSTEM_CACHE_DIR, os.W_OK):
         return SYSTEM_CACHE_DIR / "unwind"
     return Path.home() / ".cache" / "bpfprof" / "unwind"
+
+
+def private_dir(path: Path) -> str | None:
+    """Create `path` 0700 (parents as needed). None when it is a real directory of this user that no one
+    else can write (made so if it was not), else why it cannot be used."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return "not a directory of this user"
+        if st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def _path(build_id: str, kind: str, directory: Path) -> Path:

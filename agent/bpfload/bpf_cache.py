@@ -244,23 +244,13 @@ def decode(key: str, data: bytes) -> Entry:
 
 
 def _private_dir(directory: Path) -> bool:
-    """Create `directory` 0700; False (and a log line) if it is not this user's alone."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.stat(directory, follow_symlinks=False)
-    except OSError as e:
-        log.warning("BPF cache %s unusable (%s): compiling every start", directory, e)
-        return False
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        log.warning("BPF cache %s is not a directory of this user: not used", directory)
-        return False
-    if st.st_mode & 0o077:
-        try:
-            os.chmod(directory, 0o700)
-        except OSError as e:
-            log.warning("BPF cache %s: cannot make it private (%s): not used", directory, e)
-            return False
-    return True
+    """symbolizer/unwind_cache.private_dir, with the cache's log line when it cannot be used."""
+    from symbolizer.unwind_cache import private_dir  # noqa: PLC0415  (keeps start-up imports small)
+
+    why = private_dir(directory)
+    if why is not None:
+        log.warning("BPF cache %s unusable (%s): compiling every start", directory, why)
+    return why is None
 
 
 def entry_path(key: str, directory: Path | None = None) -> Path:
