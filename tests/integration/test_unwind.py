@@ -23,12 +23,17 @@ TOLERANCE = 0.03  # percentage points, as a fraction
 
 
 def _record(tmp_path, name: str, *command: str, unwind: str | None = None) -> Decoded:
+    return _record_with_output(tmp_path, name, *command, unwind=unwind)[0]
+
+
+def _record_with_output(tmp_path, name: str, *command: str, unwind: str | None = None) -> tuple[Decoded, str]:
+    """The profile, and the command's stdout (fixtures that measure their own truth print it)."""
     out = tmp_path / f"{name}.pb.gz"
     args = ["record", "--frequency", FREQUENCY_HZ, "--no-kernel", "-o", str(out)]
     if unwind is not None:
         args += ["--unwind", unwind]
-    run_bpfprof(*args, "--", *command)
-    return read_pprof(out)
+    proc = run_bpfprof(*args, "--", *command)
+    return read_pprof(out), proc.stdout
 
 
 def _of_binary(prof: Decoded, binary_name: str) -> Decoded:
@@ -110,13 +115,19 @@ RECURSION_DEPTH = 120  # tests/fixtures/c/unwind_recursion.c DEPTH
 
 def test_recursion_deeper_than_a_stack_copy(tmp_path):
     """120 frames of ~100 bytes without frame pointers (~12 KiB of stack): every stack reaches `main`,
-    the two callers split 50/50 as the fixture's work does, and a stack from the leaf has every frame."""
+    the two callers split as the fixture's own CPU clock around each says (equal work, ~50/50), and a
+    stack from the leaf has every frame."""
     binary = build_c("unwind_recursion", flags=("-O2", "-fomit-frame-pointer"))
-    prof = _of_binary(_record(tmp_path, "recursion", str(binary), "8"), binary.name)
+    recorded, stdout = _record_with_output(tmp_path, "recursion", str(binary), "8")
+    prof = _of_binary(recorded, binary.name)
+    truth = {fields[0]: int(fields[1]) for fields in (line.split() for line in stdout.splitlines())
+             if len(fields) == 2 and fields[0] in ("caller_a", "caller_b")}
+    truth_a = truth["caller_a"] / (truth["caller_a"] + truth["caller_b"])
+    assert abs(truth_a - 0.5) <= 0.1, f"the fixture's equal work took {truth_a:.3f} / {1 - truth_a:.3f} of its CPU"
     assert prof.total() > 2000
     assert prof.cum_share("main") >= 0.99, prof.cum_share("main")
-    assert abs(prof.cum_share("caller_a") - 0.5) <= 0.02, prof.cum_share("caller_a")
-    assert abs(prof.cum_share("caller_b") - 0.5) <= 0.02, prof.cum_share("caller_b")
+    assert abs(prof.cum_share("caller_a") - truth_a) <= 0.02, (prof.cum_share("caller_a"), truth_a)
+    assert abs(prof.cum_share("caller_b") - (1 - truth_a)) <= 0.02, (prof.cum_share("caller_b"), 1 - truth_a)
     in_leaf = [s for s in prof.samples if s.functions and s.functions[0] == "burn"]
     leaf_total = sum(s.values[0] for s in in_leaf)
     assert leaf_total >= 0.9 * prof.total(), "the fixture did not burn in its leaf"
