@@ -17,6 +17,7 @@ import bisect
 import ctypes
 import logging
 import time
+from array import array
 
 from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
@@ -24,6 +25,7 @@ from agent.bpfload.records import ProcCtx, PyProc, RawRecord, RecordKind
 from agent.errors import BpfLoadError
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
 from agent.probes.profile_builder import add_records
+from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from agent.python.frames import PythonFrames
@@ -55,7 +57,7 @@ class CpuAccumulator(Accumulator):
 
     def __init__(self, family: CpuProbe) -> None:
         super().__init__(family)
-        self.records: list[RawRecord] = []
+        self.samples = SampleStore()
 
     def on_record(self, rec: RawRecord) -> None:
         python = self.family.python
@@ -66,12 +68,12 @@ class CpuAccumulator(Accumulator):
             if rec.py_frames and proc is not None and proc.layout is not None:
                 # now, while the process lives: a profile is built after short-lived ones exit
                 self.family.python_frames.read_codes(rec.pid, rec.py_frames, proc.layout)
-        self.records.append(self.family.complete(rec))
+        self.samples.add(self.family.complete(rec))
         if self.family.trace_contexts is not None:
             self.family.trace_contexts.observe(rec.pid, rec.thread_name)
 
     def record_count(self) -> int:
-        return len(self.records)
+        return len(self.samples)
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         config = self.family.config
@@ -83,22 +85,25 @@ class CpuAccumulator(Accumulator):
         inside = [(t, hz) for t, hz in changes if start_ktime < t <= end_ktime]
         if not inside:
             period = profile.period
-            values = lambda r: [r.value, r.value * period]  # noqa: E731
+
+            def weights(values: array, _times: array) -> list[int]:
+                n = sum(values)
+                return [n, n * period]
         else:  # the governor changed the frequency in this interval: each sample weighs its own period
-            times = [t for t, _ in changes]
+            starts = [t for t, _ in changes]
             periods = [1_000_000_000 // hz for _, hz in changes]
             first = 1_000_000_000 // config.frequency_hz
 
-            def values(r: RawRecord) -> list[int]:
-                i = bisect.bisect_right(times, r.ktime_ns) - 1
-                return [r.value, r.value * (periods[i] if i >= 0 else first)]
+            def weights(values: array, times: array) -> list[int]:
+                at = [bisect.bisect_right(starts, t) - 1 for t in times]
+                return [sum(values), sum(v * (periods[i] if i >= 0 else first) for v, i in zip(values, at))]
 
             profile.comments.append("sampling frequency changed by the overhead governor: "
                                     + ", ".join(f"{hz} Hz from {(t + window.wall_offset_ns) / 1e9:.3f}"
                                                 for t, hz in inside))
         python = self.family.python
         reshape = None
-        if python is not None and any(r.py_frames for r in self.records):
+        if python is not None and any(r.py_frames for r in self.samples.records):
             frames = self.family.python_frames
 
             def reshape(r: RawRecord, stack: tuple) -> tuple:
@@ -107,7 +112,7 @@ class CpuAccumulator(Accumulator):
                     return stack, ()
                 return frames.merge(r.pid, stack, r.py_frames, proc.layout), ()
 
-        add_records(profile, self.records, resolver, tracker, window, values, with_kernel=config.with_kernel,
+        add_records(profile, self.samples, resolver, tracker, window, weights, with_kernel=config.with_kernel,
                     reshape=reshape)
         if python is not None:
             profile.comments.extend(python.unsupported())

@@ -46,6 +46,7 @@ from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
 from agent.probes.profile_builder import waits_profile
+from agent.probes.sample_store import SampleStore
 from agent.probes.uprobes import ProcessUprobes
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
@@ -225,7 +226,7 @@ class LockAccumulator(Accumulator):
 
     def __init__(self, family: LockProbe) -> None:
         super().__init__(family)
-        self.records: list[RawRecord] = []
+        self.samples = SampleStore()
         self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
         self.merged_sleeps = 0
         self.not_lock_waits = 0  # waits left out: not lock acquisitions (is_lock_wait)
@@ -234,7 +235,7 @@ class LockAccumulator(Accumulator):
     def on_record(self, rec: RawRecord) -> None:
         source = rec.aux >> SOURCE_SHIFT
         if source != LockSource.FUTEX:
-            self.records.append(rec)
+            self.samples.add(rec)
             return
         rsp = rec.user_regs[1] if rec.user_regs is not None else 0
         rec = self.family.complete(rec)
@@ -254,15 +255,16 @@ class LockAccumulator(Accumulator):
             self._sleeps[rec.tid] = _Sleep(merged, rsp, rec.ktime_ns)
             return
         if prev is not None:
-            self.records.append(prev.rec)
+            self.samples.add(prev.rec)
         self._sleeps[rec.tid] = _Sleep(rec, rsp, rec.ktime_ns)
 
     def record_count(self) -> int:
-        return len(self.records) + len(self._sleeps)
+        return len(self.samples) + len(self._sleeps)
 
     def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
         # A sleep still open at the cut ends in this interval: the next one starts afresh.
-        self.records += [s.rec for s in self._sleeps.values()]
+        for sleep in self._sleeps.values():
+            self.samples.add(sleep.rec)
         self._sleeps.clear()
 
     def _from_lock_function(self, loc: Location) -> Location:
@@ -297,7 +299,7 @@ class LockAccumulator(Accumulator):
         return stack, (("lock", source.name.lower()),)
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
-        profile = waits_profile("lock", self.records, resolver, tracker, window, self.family.config.with_kernel,
+        profile = waits_profile("lock", self.samples, resolver, tracker, window, self.family.config.with_kernel,
                                 reshape=self._reshape)
         return [profile]
 

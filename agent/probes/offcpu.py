@@ -15,6 +15,7 @@ from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
 from agent.probes.profile_builder import waits_profile
+from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Profile
@@ -43,21 +44,21 @@ class OffCpuAccumulator(Accumulator):
 
     def __init__(self, family: OffCpuProbe) -> None:
         super().__init__(family)
-        self.records: list[RawRecord] = []
+        self.samples = SampleStore()
         self.short_blocks = 0  # blocks under the threshold in this interval (read at its end)
 
     def on_record(self, rec: RawRecord) -> None:
-        self.records.append(rec)
+        self.samples.add(rec)
 
     def record_count(self) -> int:
-        return len(self.records)
+        return len(self.samples)
 
     def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
         self.short_blocks = self.family.short_blocks_since_last()
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         config = self.family.config
-        profile = waits_profile("offcpu", self.records, resolver, tracker, window, config.with_kernel,
+        profile = waits_profile("offcpu", self.samples, resolver, tracker, window, config.with_kernel,
                                 labels=lambda r: (("state", state_label(r.aux)),))
         if config.offcpu_min_ns:
             profile.comments.append(

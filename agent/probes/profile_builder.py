@@ -10,10 +10,12 @@ authoritative. Samples merge only when stack, labels and link are all equal.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterable
 
 from agent.bpfload.records import RawRecord
 from agent.probes.family import Window
+from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location, ProcessMeta, Profile, Sample, SampleKey, TraceLink
@@ -53,57 +55,56 @@ def trace_context(r: RawRecord) -> tuple[tuple[tuple[str, str], ...], TraceLink 
     return labels, link_from_labels(labels)
 
 
-def add_records(profile: Profile, records: Iterable[RawRecord], resolver: StackResolver, tracker: ProcessTracker,
-                window: Window, values: Callable[[RawRecord], list[int]], with_kernel: bool = True,
+def add_records(profile: Profile, store: SampleStore, resolver: StackResolver, tracker: ProcessTracker,
+                window: Window, weights: Callable[[array, array], list[int]], with_kernel: bool = True,
                 labels: Callable[[RawRecord], tuple[tuple[str, str], ...]] | None = None,
                 reshape: Callable[[RawRecord, tuple[Location, ...]],
                                   tuple[tuple[Location, ...], tuple[tuple[str, str], ...]] | None] | None = None
                 ) -> None:
-    """Add each record as one event of `profile`, at its symbolized stack.
+    """Add each event of `store` to `profile`, at its entry's symbolized stack.
 
-    `reshape(record, stack)`, when given, returns the stack to use and the
-    record's labels (instead of `labels`), or None to leave the record out:
-    for families that classify by what the symbolized stack holds.
+    `weights(values, times)` gives the sample values an entry's events add
+    up to (their record values and CLOCK_MONOTONIC times). `reshape(record,
+    stack)`, when given, returns the stack to use and the entry's labels
+    (instead of `labels`), or None to leave the entry out: for families that
+    classify by what the symbolized stack holds.
 
-    Identical stacks are interned: a stack (pid and raw addresses) is
-    resolved once, and each distinct sample (stack, thread, cpu, trace
-    context, labels) has its SampleKey built and hashed once; any other
-    record costs a tuple key, one dict lookup, its values and a timestamp.
+    The store interned identical records as they arrived; here a stack (pid,
+    image and raw addresses) is resolved once, and each distinct sample
+    (stack, thread, cpu, trace context, labels) has its SampleKey built once.
     """
     stacks: dict[tuple, tuple[Location, ...]] = {}
     samples: dict[tuple, Sample] = {}
     wall_offset_ns = window.wall_offset_ns
-    for r in records:
+    for r, times, values in store.entries():
         kernel_ips = r.kernel_ips if with_kernel else ()
         # An UnwoundStack's `exact` changes how its addresses resolve: part of the stack's identity.
         # So does the image (a pid that exec'd): its snapshot object, alive through the build.
         where = (r.pid, kernel_ips, r.user_ips, getattr(r.user_ips, "exact", None), id(r.image))
+        stack = stacks.get(where)
+        if stack is None:
+            stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips, r.image)
         if reshape is None:
             extra = labels(r) if labels is not None else ()
-            key = (where, r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
-            sample = samples.get(key)
-            if sample is None:
-                stack = stacks.get(where)
-                if stack is None:
-                    stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips, r.image)
-                sample = samples[key] = profile.sample(_sample_key(r, stack, extra, tracker))
         else:
-            stack = stacks.get(where)
-            if stack is None:
-                stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips, r.image)
             reshaped = reshape(r, stack)
             if reshaped is None:
                 continue
             stack, extra = reshaped
-            # Locations are the resolver's, alive for the whole build: their ids name the reshaped stack.
-            key = (r.pid, tuple(map(id, stack)), r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
-            sample = samples.get(key)
-            if sample is None:
-                sample = samples[key] = profile.sample(_sample_key(r, stack, extra, tracker))
+        # Locations are the resolver's, alive for the whole build: their ids name a (reshaped) stack.
+        key = (r.pid, tuple(map(id, stack)), r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
+        sample = samples.get(key)
+        if sample is None:
+            sample = samples[key] = profile.sample(_sample_key(r, stack, extra, tracker))
         totals = sample.values
-        for i, v in enumerate(values(r)):
+        for i, v in enumerate(weights(values, times)):
             totals[i] += v
-        sample.timestamps_ns.append(r.ktime_ns + wall_offset_ns)
+        sample.timestamps_ns.extend(t + wall_offset_ns for t in times)
+
+
+def count_and_sum(values: array, _times: array) -> list[int]:
+    """Weights of wait events (off-CPU blocks, lock waits): how many, and their total (ns)."""
+    return [len(values), sum(values)]
 
 
 def _sample_key(r: RawRecord, stack: tuple[Location, ...], extra: tuple[tuple[str, str], ...],
@@ -116,12 +117,12 @@ def _sample_key(r: RawRecord, stack: tuple[Location, ...], extra: tuple[tuple[st
                      labels=((("process_name", info.name),) if info else ()) + extra + go_labels, link=link, cpu=r.cpu)
 
 
-def waits_profile(kind: str, records: Iterable[RawRecord], resolver: StackResolver, tracker: ProcessTracker,
+def waits_profile(kind: str, store: SampleStore, resolver: StackResolver, tracker: ProcessTracker,
                   window: Window, with_kernel: bool = True, **how: Callable) -> Profile:
-    """A profile of `kind` whose records are waits (off-CPU blocks, lock waits: value in ns), each one
+    """A profile of `kind` whose events are waits (off-CPU blocks, lock waits: value in ns), each one
     event of its duration; `how`: add_records' labels or reshape."""
     profile = empty_profile(kind, window.start_ns, window.duration_ns)
-    add_records(profile, records, resolver, tracker, window, lambda r: [1, r.value], with_kernel, **how)
+    add_records(profile, store, resolver, tracker, window, count_and_sum, with_kernel, **how)
     return profile
 
 

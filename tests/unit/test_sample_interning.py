@@ -1,4 +1,5 @@
-"""Identical stacks are interned when an interval is built (agent/probes/profile_builder.py add_records).
+"""Identical records are interned as they arrive (agent/probes/sample_store.py) and their stacks when an
+interval is built (agent/probes/profile_builder.py add_records).
 
 The records are the replay capture's (tests/replay/data/unwind_split_fp.json: real frame-pointer
 records and the snapshot of their process), with thread and time rewritten; no BPF, no /proc.
@@ -16,6 +17,7 @@ from agent.bpfload.records import parse_record
 from agent.capture.pipeline import CapturePipeline
 from agent.probes.family import ProbeConfig, Window
 from agent.probes.profile_builder import add_records
+from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver, UnwindMode
 from agent.processes.tracker import ProcessTracker
 from exporters.profile_types import cpu_profile
@@ -50,7 +52,9 @@ def test_one_stack_on_two_threads_resolves_once_and_counts_each_event(recording,
     resolver = StackResolver(tracker, None)
     profile = cpu_profile(0, 1, 99)
     window = Window(0, 1, wall_offset_ns=10)
-    add_records(profile, records, resolver, tracker, window, lambda r: [r.value, r.value * profile.period],
+    store = SampleStore.of(records)
+    assert len(store) == 5 and len(store.records) == 2  # one entry per thread
+    add_records(profile, store, resolver, tracker, window, lambda v, _t: [sum(v), sum(v) * profile.period],
                 with_kernel=False)
 
     by_tid = {s.key.tid: s for s in profile.samples}
@@ -70,8 +74,8 @@ def test_samples_split_by_trace_link_and_cpu_like_distinct_keys(recording, tmp_p
     otel = struct.pack("<II16s8sB7x", 1, 40, b"\x01" * 16, b"\x02" * 8, 1)  # CtxKind.OTEL trailer
     records = [parse_record(base), parse_record(base + otel), parse_record(base + otel), parse_record(base)]
     profile = cpu_profile(0, 1, 99)
-    add_records(profile, records, StackResolver(tracker, None), tracker, Window(0, 1, 0), lambda r: [1, 0],
-                with_kernel=False)
+    add_records(profile, SampleStore.of(records), StackResolver(tracker, None), tracker, Window(0, 1, 0),
+                lambda v, _t: [len(v), 0], with_kernel=False)
     assert sorted((s.key.link is not None, s.values[0]) for s in profile.samples) == [(False, 2), (True, 2)]
     [linked] = [s for s in profile.samples if s.key.link is not None]
     assert linked.key.link.span_id == b"\x02" * 8

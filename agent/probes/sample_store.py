@@ -1,0 +1,73 @@
+"""One interval's samples of a family, interned as they arrive.
+
+Records that differ only in their time and value (the same process image,
+thread, CPU, stacks, trace context and aux word) are one entry: the first
+such record, kept, and two arrays with the time and value of every event.
+A sample costs a key, one dict lookup and two appends; what is kept per
+sample is 16 bytes, not a record object, so an interval of a busy host holds
+its distinct stacks, not its samples (issue #12). Profiles are built from the
+entries (profile_builder.add_records), each resolved once.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+
+from agent.bpfload.records import RawRecord
+
+
+def identity(rec: RawRecord) -> tuple:
+    """What makes two records one entry: all but the time and value.
+
+    The image is named by its object (alive while the entry keeps its record):
+    a pid that exec'd has other code at the same addresses. An unwound stack's
+    `exact` set changes how its addresses resolve.
+    """
+    ips = rec.user_ips
+    return (rec.kind, rec.pid, rec.tid, rec.cpu, rec.aux, rec.thread_name, rec.kernel_ips, ips,
+            getattr(ips, "exact", None), id(rec.image), rec.go_labels, rec.go_labels_truncated, rec.otel_link,
+            rec.py_frames)
+
+
+class SampleStore:
+    """Interned samples: `records[i]` stands for the events `times[i]` (CLOCK_MONOTONIC ns) and
+    `values[i]` (the record's value each time). Only the polling thread adds; the builder reads
+    after the interval is cut."""
+
+    __slots__ = ("_index", "records", "times", "values", "count")
+
+    def __init__(self) -> None:
+        self._index: dict[tuple, int] = {}
+        self.records: list[RawRecord] = []
+        self.times: list[array] = []
+        self.values: list[array] = []
+        self.count = 0  # events added
+
+    def add(self, rec: RawRecord) -> None:
+        """One event: its entry's arrays grow, or the record becomes a new entry."""
+        key = identity(rec)
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self.records)
+            self.records.append(rec)
+            self.times.append(array("q"))
+            self.values.append(array("q"))
+        self.times[i].append(rec.ktime_ns)
+        self.values[i].append(rec.value)
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def entries(self) -> Iterator[tuple[RawRecord, array, array]]:
+        """(first record, times, values) of each distinct entry, in arrival order."""
+        return zip(self.records, self.times, self.values)
+
+    @classmethod
+    def of(cls, records: list[RawRecord]) -> SampleStore:
+        """A store holding `records` (tests, replays)."""
+        store = cls()
+        for rec in records:
+            store.add(rec)
+        return store
