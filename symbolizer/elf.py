@@ -591,15 +591,49 @@ class _ImageStream:
         return out
 
 
+_SYMBOL_TYPES = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4,
+                 "STT_COMMON": 5, "STT_TLS": 6, "STT_GNU_IFUNC": 10}
+
+
 def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
     """st_value of the defined symbol `name` of type `sym_type` (STT_OBJECT, STT_TLS...), from .dynsym
-    then .symtab; None if neither defines it. (symbolizer/elf_symbols.py keeps functions only.)"""
+    then .symtab; None if neither defines it. (symbolizer/elf_symbols.py keeps functions only.)
+
+    Asked of every executable a capture sees (is it a CPython? does it have an OpenTelemetry TLS
+    record?), so it reads raw: a table whose string table lacks the name is not scanned at all, and
+    one that has it is scanned with struct (pyelftools' symbol-by-name parses each entry, ~1 s for a
+    large static binary)."""
+    want_type = _SYMBOL_TYPES[sym_type]
+    needle = name.encode() + b"\0"  # not preceded by NUL: linkers share the tails of strings
+    headers = elf.headers
+    all_headers = headers.sections
+    image = elf.image
+    is64 = elf.elfclass == 64
+    fmt = struct.Struct(("<" if elf.little_endian else ">") + ("IBBHQQ" if is64 else "IIIBBH"))
     with elf_errors(f"{elf.path}: symbol {name}"):
         for table in (".dynsym", ".symtab"):
-            sec = elf.elf.get_section_by_name(table)
-            if sec is None or not hasattr(sec, "get_symbol_by_name"):
+            h = headers.section(table)
+            if h is None or h.type not in (SHT_SYMTAB, SHT_DYNSYM) or not 0 <= h.link < len(all_headers):
                 continue
-            for sym in sec.get_symbol_by_name(name) or ():
-                if sym["st_info"]["type"] == sym_type and sym["st_shndx"] != "SHN_UNDEF":
-                    return sym["st_value"]
+            strtab = all_headers[h.link]
+            if strtab.offset + strtab.size > len(image) or h.offset + h.size > len(image):
+                raise ElfParseError(f"{elf.path}: {table} beyond end of file")
+            elf.ensure(strtab.offset, strtab.size)
+            strings = bytes(image[strtab.offset:strtab.offset + strtab.size])
+            offsets = set()
+            at = strings.find(needle)
+            while at >= 0:
+                offsets.add(at)
+                at = strings.find(needle, at + 1)
+            if not offsets:
+                continue
+            usable = h.size - h.size % fmt.size
+            elf.ensure(h.offset, usable)
+            for sym in fmt.iter_unpack(bytes(image[h.offset:h.offset + usable])):
+                if is64:
+                    st_name, st_info, _other, shndx, value, _size = sym
+                else:
+                    st_name, value, _size, st_info, _other, shndx = sym
+                if st_name in offsets and st_info & 0xF == want_type and shndx != 0:
+                    return value
     return None
