@@ -19,11 +19,9 @@ past a byte budget; they are read with ElfFile (bounded preadv, never mmap).
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import re
-import ssl
 import tempfile
 import threading
 import time
@@ -31,10 +29,14 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from symbolizer.elf import ElfFile
 from symbolizer.errors import ElfParseError
 from symbolizer.unwind_cache import cache_dir, private_dir
+
+if TYPE_CHECKING:
+    import http.client
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class _Fetch:
         return left
 
     def _run(self) -> None:
+        import http.client  # noqa: PLC0415  (not at import: most captures ask no server, and it costs 20 ms)
+
         try:
             self.outcome = self._get(self.url)
         except (TimeoutError, OSError, http.client.HTTPException, ValueError) as e:
@@ -107,6 +111,9 @@ class _Fetch:
             self.done = True
 
     def _get(self, url: str) -> str:
+        import http.client  # noqa: PLC0415  (see _run)
+        import ssl  # noqa: PLC0415
+
         for _ in range(MAX_REDIRECTS + 1):
             p = urllib.parse.urlsplit(url)
             if p.scheme == "https":

@@ -11,9 +11,6 @@ from __future__ import annotations
 import functools
 import re
 
-import cxxfilt
-import rust_demangler
-
 # Legacy Rust: the last path component is "h" + 16 hex digits (17 chars),
 # optionally followed by an LLVM suffix such as ".llvm.1234".
 _RUST_LEGACY = re.compile(r"^_ZN.*17h[0-9a-f]{16}E(?:\.|$)")
@@ -31,6 +28,12 @@ def demangle(name: str) -> str:
 
     Never raises: a name a demangler rejects is shown raw.
     """
+    if not name.startswith(("_Z", "_R")):
+        return name
+    # Imported at the first mangled name: cxxfilt loads libstdc++ through ctypes (~10 ms of every start).
+    import cxxfilt  # noqa: PLC0415
+    import rust_demangler  # noqa: PLC0415
+
     try:
         if name.startswith("_R"):
             return _RUST_SHIM.sub(r"{\1#", rust_demangler.demangle(name))

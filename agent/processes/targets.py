@@ -13,7 +13,6 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import psutil
 
 from agent.errors import TargetError
 
@@ -24,11 +23,17 @@ def running_pids() -> list[int]:
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != own]
 
 
+def _pid_exists(pid: int) -> bool:
+    import psutil  # noqa: PLC0415  (not at import: a whole-system capture never asks, and it costs 10 ms)
+
+    return psutil.pid_exists(pid)
+
+
 def validate_pids(pids: Sequence[int]) -> list[int]:
     """Return the pids if every one names a live process; TargetError otherwise."""
     out = []
     for pid in pids:
-        if pid <= 0 or not psutil.pid_exists(pid):
+        if pid <= 0 or not _pid_exists(pid):
             raise TargetError(f"no process with pid {pid}")
         out.append(pid)
     return out
