@@ -7,8 +7,11 @@ Starts `--rate` short-lived processes a minute (each burns CPU in burn()
 for `--life-ms`, then exits) for `--minutes`, with `bpfprof agent`
 profiling the whole machine at 99 Hz, exporting to a pprof directory every
 `--interval` s. Prints the agent's CPU seconds and an RSS curve (sampled
-every 5 s), its process-table and eviction metrics, and the share of samples
-of churn processes that were symbolized (their stack names burn). With
+every 5 s), its process-table and eviction metrics, the share of samples
+of churn processes that were symbolized (their stack names burn), and the
+cost of a new process to the BPF unwinder: its mappings registered, the
+unwind rows built and loaded (CPU, bytes, per file and per process), and the
+agent's whole CPU over the processes started. With
 `--peer`, runs bcc's profile-bpfcc (-F 99, folded) over the same load after
 it and prints the CPU ratio. Figures, never pass/fail on time: a missed
 target prints MISS and the exit status stays 0.
@@ -157,6 +160,20 @@ def run_peer(args: argparse.Namespace, exe: Path, work: Path) -> dict[str, float
     return {"cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_mb": usage.ru_maxrss / 1024}
 
 
+def _new_process_cost(r: dict[str, object], m: dict[str, float]) -> None:
+    """What a new process costs the BPF unwinder (its tables) and the agent as a whole."""
+    registered = m.get("bpfprof_unwind_processes_registered_total", 0)
+    files = m.get("bpfprof_unwind_table_files_loaded_total", 0)
+    table_bytes = m.get("bpfprof_unwind_table_bytes_loaded_total", 0)
+    build_s = m.get("bpfprof_unwind_table_build_seconds_total", 0)
+    started = max(int(r["started"]), 1)
+    print(f"unwind tables: {registered:g} processes registered, {files:g} files loaded "
+          f"({table_bytes / 1e6:.1f} MB, {table_bytes / max(files, 1) / 1e3:.0f} kB per file), "
+          f"rows built in {build_s * 1e3:.0f} ms of CPU ({build_s * 1e3 / max(files, 1):.1f} ms per file)")
+    print(f"per new process: {r['cpu_s'] / started * 1e3:.1f} ms of agent CPU in all, "
+          f"{table_bytes / started / 1e3:.1f} kB of rows loaded, {build_s / started * 1e3:.2f} ms building rows")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=1000, help="processes started per minute")
@@ -181,6 +198,7 @@ def main() -> None:
         ok = r["symbolized"] >= 0.95
         print(f"churn samples {r['churn_samples']}, symbolized {100 * r['symbolized']:.1f}% "
               f"(target >= 95%): {'PASS' if ok else 'MISS'}")
+        _new_process_cost(r, m)
         tracked_ok = m.get("bpfprof_processes_tracked", 0) <= args.max_processes
         print(f"process table within --max-processes {args.max_processes}: {'PASS' if tracked_ok else 'MISS'}")
         if args.peer:
