@@ -25,17 +25,19 @@ from __future__ import annotations
 import binascii
 import bisect
 import gc
+import io
 import operator
 import re
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from itertools import accumulate, compress
+from itertools import accumulate, compress, islice
 from operator import itemgetter
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 DEFAULT_PATH = "/proc/kallsyms"
+CHUNK_BYTES = 256 * 1024  # read and split at a time: bounds the parse's peak memory
 _TEXT_TYPES = b"tTwW"
 # Any kallsyms line: "ffffffff81000000 T _stext" or "ffffffffc0a01000 t fn\t[module]".
 _LINE = re.compile(rb"^([0-9a-fA-F]+) (\S) ([^\n]+)", re.MULTILINE)
@@ -133,52 +135,87 @@ class KernelSymbol(NamedTuple):
     start: int
 
 
+def _chunks(f: BinaryIO, size: int) -> Iterator[bytes]:
+    """The file in pieces of about `size` bytes, each ending at a line end (the last one may not)."""
+    carry = b""
+    while True:
+        block = f.read(size)
+        if not block:
+            if carry:
+                yield carry
+            return
+        block = carry + block
+        end = block.rfind(b"\n") + 1
+        if end == 0:
+            carry = block
+            continue
+        carry = block[end:]
+        yield block[:end]
+
+
+def _split_chunks(chunks: Iterable[bytes]) -> _Lines:
+    """The lines of kallsyms text given in pieces that end at line ends, joined into one _Lines.
+
+    Split piece by piece, the ~10^5 short bytes objects a split makes live
+    for one piece at a time: splitting the whole text at once peaked at
+    ~40 MB of RSS for a 5 MB kallsyms, more than the rest of a capture.
+    """
+    addrs = array("Q")
+    types, names = [], []
+    name_ends = array("Q")
+    for chunk in chunks:
+        part = _split_columns(chunk) or _split_any(chunk)
+        base = name_ends[-1] if name_ends else 0
+        addrs.extend(part.addrs)
+        types.append(part.types)
+        names.append(part.names)
+        name_ends.extend(e + base for e in part.name_ends)
+    return _Lines(addrs, b"".join(types), b"".join(names), name_ends)
+
+
 class KernelSymbols:
     """A sorted snapshot of the kernel's text symbols; reload to see modules loaded later."""
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:
-        with open(path, "rb") as f:  # bytes: faster to split than text, names are ASCII
-            data = f.read()
-        self._load(data)
+        with open(path, "rb", buffering=0) as f:  # bytes: faster to split than text, names are ASCII
+            self._load(_chunks(f, CHUNK_BYTES))
 
     @classmethod
     def from_text(cls, text: str) -> KernelSymbols:
         """A table from kallsyms-formatted text (for tests and recorded snapshots)."""
         self = cls.__new__(cls)
-        self._load(text.encode())
+        self._load(_chunks(io.BytesIO(text.encode()), CHUNK_BYTES))
         return self
 
-    def _load(self, data: bytes) -> None:
+    def _load(self, chunks: Iterable[bytes]) -> None:
         with _no_gc():
-            lines = _split_columns(data) or _split_any(data)
+            lines = _split_chunks(chunks)
         addrs, types = lines.addrs, lines.types
         self._names, self._name_ends = lines.names, lines.name_ends
-        # order[i]: the line of the i-th symbol by address (None: line i itself).
-        order: list[int] | None = None
+        # order[i]: the line of the i-th symbol by address (None: line i itself). Arrays, not lists: a
+        # list of 10^5 ints is ~4 MB of objects at the load's peak.
+        order: array | None = None
         by_addr = addrs
-        non_text = [m.start() for m in _NON_TEXT.finditer(types)]
-        if non_text:  # data symbols would split functions: drop them
-            order = list(range(len(addrs)))
-            by_addr = array("Q", addrs)
-            for i in reversed(non_text):
-                del order[i]
-                del by_addr[i]
-        first_descent = next(compress(range(len(by_addr)), map(operator.gt, by_addr, by_addr[1:])), None)
+        if _NON_TEXT.search(types):  # data symbols would split functions: drop them
+            order = array("I", compress(range(len(addrs)), map(_TEXT_TYPES.__contains__, types)))
+            by_addr = array("Q", map(addrs.__getitem__, order))
+        first_descent = next(compress(range(len(by_addr)), map(operator.gt, by_addr, islice(by_addr, 1, None))),
+                             None)
         if first_descent is not None:  # module symbols follow the core kernel's, unsorted
             if order is None:
-                order = list(range(len(addrs)))
+                order = array("I", range(len(addrs)))
             head = first_descent + 1
             tail = sorted(order[head:], key=addrs.__getitem__)  # stable: file order among equals
             if addrs[tail[0]] >= by_addr[first_descent]:  # all above the sorted head: append
-                order[head:] = tail
+                order[head:] = array("I", tail)
                 del by_addr[head:]
                 by_addr.extend(map(addrs.__getitem__, tail))
             else:
-                order.sort(key=addrs.__getitem__)
+                order = array("I", sorted(order, key=addrs.__getitem__))
                 by_addr = array("Q", map(addrs.__getitem__, order))
         self._starts = by_addr
         self._types = types
-        self._order = array("I", order) if order is not None else None
+        self._order = order
 
         self._best: dict[int, int] = {}  # last index of a group of equal addresses -> the index named
         self._count: int | None = None

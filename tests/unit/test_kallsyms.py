@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from symbolizer import kallsyms
 from symbolizer.kallsyms import KernelSymbols
 
 SAMPLE = """\
@@ -39,6 +40,20 @@ def test_module_symbols_keep_module_and_sort():
     k = KernelSymbols.from_text(SAMPLE)
     assert k.lookup(0xFFFFFFFFC0A00010) == ("ext4_init [ext4]", 0xFFFFFFFFC0A00000)
     assert k.lookup(0xFFFFFFFFC0A01010).name == "ext4_helper [ext4]"
+
+
+@pytest.mark.parametrize("chunk", [7, 40, 64, 1 << 20])
+def test_pieces_of_any_size_parse_like_one(monkeypatch, chunk):
+    """The text is read and split in pieces (bounded peak memory): lines cut across pieces, a piece
+    holding core and module lines, or none whole, give the same table."""
+    monkeypatch.setattr(kallsyms, "CHUNK_BYTES", chunk)
+    k = KernelSymbols.from_text(SAMPLE)
+    assert k.lookup(0xFFFFFFFF81001234) == ("do_one", 0xFFFFFFFF81001000)
+    assert k.lookup(0xFFFFFFFF81000010).name == "_stext"
+    assert k.lookup(0xFFFFFFFF81002010).name == "weak_fn"
+    assert k.lookup(0xFFFFFFFFC0A00010) == ("ext4_init [ext4]", 0xFFFFFFFFC0A00000)
+    assert k.lookup(0xFFFFFFFFC0A01010).name == "ext4_helper [ext4]"
+    assert len(k) == len(KernelSymbols.from_text(SAMPLE.replace("\t", " ")))
 
 
 def test_restricted_kallsyms_is_not_usable(tmp_path):
