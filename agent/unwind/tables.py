@@ -204,6 +204,7 @@ class UnwindTables:
         self._lock = threading.Lock()  # guards rows + _registered, shared by worker and drain thread
         self._registered: dict[int, tuple[float, frozenset[FileId]]] = {}  # pid -> (when, files)
         self._pending: set[int] = set()
+        self._again: set[int] = set()  # pids wanted (forced) while their registration was under way
         self._lost: set[int] = set()
         self._noted: dict[int, object] = {}  # pid -> the snapshot its last record was delivered under  # registered pids whose table BPF deleted, until registered again
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
@@ -211,13 +212,16 @@ class UnwindTables:
 
     # -- drain thread ----------------------------------------------------------------
 
-    def want(self, pid: int, refresh: bool = False) -> None:
-        """Have `pid` registered (again, with its maps re-read, if `refresh`) unless that happened just now."""
+    def want(self, pid: int, refresh: bool = False, force: bool = False) -> None:
+        """Have `pid` registered (again, with its maps re-read, if `refresh`) unless that happened just now;
+        `force`: even then (a new snapshot), and again after a registration under way (it may be the old one's)."""
         with self._lock:
             if pid in self._pending:
+                if force:
+                    self._again.add(pid)
                 return
             got = self._registered.get(pid)
-            if got is not None and time.monotonic() - got[0] < REREGISTER_S:
+            if not force and got is not None and time.monotonic() - got[0] < REREGISTER_S:
                 return
             self._pending.add(pid)
         if self._worker is None:
@@ -230,7 +234,9 @@ class UnwindTables:
         us (first sight, or an exec the tracker noticed). Cheap: called for every record."""
         if self._noted.get(pid, _UNSEEN) is not info:
             self._noted[pid] = info
-            self.want(pid)
+            # Always: an exec moments after the last registration (`record -- COMMAND`'s gate execs the
+            # command) would otherwise leave the new image on the fallback until something else asks.
+            self.want(pid, force=True)
 
     def lost_table(self, pid: int) -> bool:
         """True once per registration of `pid` when BPF found no table for it since: an exec (or its
@@ -270,6 +276,10 @@ class UnwindTables:
             finally:
                 with self._lock:
                     self._pending.discard(pid)
+                    again = pid in self._again
+                    self._again.discard(pid)
+                if again:  # a newer snapshot arrived while this one registered
+                    self.want(pid, force=True)
 
     def register(self, info: ProcessInfo) -> bool:
         """Load the rows of every file `info` maps and write its mappings; False if the table is full."""
