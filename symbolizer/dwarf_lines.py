@@ -1094,9 +1094,7 @@ class DwarfLines:
         self._units: OrderedDict[int, _Unit] = OrderedDict()
 
     def _section(self, name: str, required: bool = False) -> _Section | None:
-        sec = self._elf.elf.get_section_by_name(name)
-        if sec is None:
-            sec = self._elf.elf.get_section_by_name(".z" + name[1:])
+        sec = self._elf.section(name) or self._elf.section(".z" + name[1:])
         if sec is None or sec["sh_type"] == "SHT_NOBITS":
             if required:
                 raise ElfParseError(f"{self._elf.path}: no {name}")

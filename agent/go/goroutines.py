@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from agent.go.exit_pause import GO_EXIT_FUNCTIONS
 from agent.go.layouts import G_LAYOUT_TABLE, GLayout, dwarf_g_layout
 from agent.processes.memory import ProcessMemory
-from symbolizer.elf import ElfFile, elf_errors
+from symbolizer.elf import ElfFile, defined_symbol_value, elf_errors
 from symbolizer.errors import PclntabError
 from symbolizer.gobuildinfo import read_build_info
 from symbolizer.gopclntab import GoPclntab, load_pclntab
@@ -125,10 +125,7 @@ def go_binary(path: str, use_dwarf: bool = True) -> GoBinary | None:
                       for site in call_sites(data, elf, *funcs[name], entries[CASGSTATUS]))
         allgs = 0
         with elf_errors(f"{path}: .symtab"):
-            symtab = elf.elf.get_section_by_name(".symtab")
-            if symtab is not None:
-                found = symtab.get_symbol_by_name(ALLGS)
-                allgs = found[0]["st_value"] if found else 0
+            allgs = defined_symbol_value(elf, ALLGS, "STT_OBJECT") or 0
         return GoBinary(path, info.version, layout, source, elf.offset_for_vaddr(entries[CASGSTATUS]),
                         elf.offset_for_vaddr(entries[GOPARK]), allgs, elf.is_pie_or_shared, tab, sites,
                         next((elf.offset_for_vaddr(funcs[n][0]) for n in GO_EXIT_FUNCTIONS if n in funcs), 0))
