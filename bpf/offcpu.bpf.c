@@ -4,7 +4,7 @@
  * read there, in its own context, into a per-thread stash (an LRU hash of
  * whole records keyed by tid). At switch-in of `next` the stash entry of
  * `next`, if any, gets the time it was off CPU and, when that reaches
- * OFFCPU_MIN_NS, is sent as it is. So only blocks that pass the threshold
+ * offcpu_min_ns[0], is sent as it is. So only blocks that pass the threshold
  * cost ring-buffer space and agent work, and no stack id can be reused under
  * us (see bpfprof.h); the price is one stack walk per switch-out of a target
  * thread, which a switch-out record joined in the agent would pay as well.
@@ -13,7 +13,9 @@
  * cpu = where it went off, aux = prev_state at switch-out (0x100 preempted,
  * 1 S, 2 D: the kernel's TASK_REPORT bits).
  *
- * Compile-time switches: OFFCPU_MIN_NS, OFFCPU_MAX_THREADS (stash capacity).
+ * Compile-time switch: OFFCPU_MAX_THREADS (stash capacity). The threshold,
+ * offcpu_min_ns[0], is written by the agent after the load (not compiled in:
+ * one compiled entry serves every threshold).
  */
 #include "common.bpf.h"
 
@@ -23,11 +25,12 @@
 
 /* Indices of offcpu_counts: what could not be attributed. */
 #define OFFCPU_STASH_FAILED 0 /* stash update failed: that block is lost */
-#define OFFCPU_SHORT 1        /* blocks under OFFCPU_MIN_NS, left out on purpose */
+#define OFFCPU_SHORT 1        /* blocks under offcpu_min_ns[0], left out on purpose */
 #define OFFCPU_COUNTERS 2
 
 BPF_TABLE("lru_hash", u32, struct bpfprof_stack_record, offcpu_stash, OFFCPU_MAX_THREADS);
 BPF_PERCPU_ARRAY(offcpu_counts, u64, OFFCPU_COUNTERS);
+BPF_ARRAY(offcpu_min_ns, u64, 1);
 
 static __always_inline void offcpu_count(u32 what)
 {
@@ -56,7 +59,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
         u64 now = bpf_ktime_get_ns();
         u64 delta = now - s->h.ktime_ns;
         s->h.value = delta;
-        if (delta < OFFCPU_MIN_NS) {
+        u32 zero = 0;
+        u64 *min_ns = offcpu_min_ns.lookup(&zero);
+        if (min_ns && delta < *min_ns) {
             offcpu_count(OFFCPU_SHORT);
         } else {
             u64 kn = s->h.kernel_frames & BPFPROF_FRAMES_MASK;

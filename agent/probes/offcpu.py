@@ -8,6 +8,8 @@ too; the `state` label tells them apart from sleeps.
 
 from __future__ import annotations
 
+import ctypes
+
 from collections.abc import Callable
 
 from agent.bpfload import libbpf
@@ -75,6 +77,7 @@ class OffCpuProbe(ProbeFamily):
     accumulator = OffCpuAccumulator
     PROGRAM = "tracepoint__sched__sched_switch"
     COUNTERS = "offcpu_counts"
+    MIN_NS = "offcpu_min_ns"
     bpf_unwind_switch = "OFFCPU_BPF_UNWIND"
     bpf_unwind_prog = ProgType.TRACEPOINT
     bpf_unwind_family = 1  # UNWIND_FAMILY_OFFCPU
@@ -88,16 +91,18 @@ class OffCpuProbe(ProbeFamily):
         self.needs_drain_clock = True  # a stashed sleep is sent at switch-in without an immediate wake-up
 
     def defines(self) -> dict[str, int]:
-        return {"OFFCPU_MIN_NS": self.config.offcpu_min_ns, "OFFCPU_MAX_THREADS": MAX_THREADS, **super().defines()}
+        return {"OFFCPU_MAX_THREADS": MAX_THREADS, **super().defines()}
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.TRACEPOINT}
 
     def maps(self) -> list[str]:
-        return [self.COUNTERS]
+        return [self.COUNTERS, self.MIN_NS]
 
     def attach(self, objs: LoadedObjects) -> list[int]:
         super().attach(objs)
+        # The threshold is a map, not a define: one compiled entry (bpf_cache) serves every --offcpu-min-us.
+        libbpf.map_update(objs.maps[self.MIN_NS], ctypes.c_uint32(0), ctypes.c_uint64(self.config.offcpu_min_ns))
         return libbpf.attach_tracepoint(objs.programs[self.PROGRAM], "sched", "sched_switch")
 
     def loss_totals(self) -> dict[str, int]:
