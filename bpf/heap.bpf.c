@@ -5,7 +5,7 @@
  * gives the address (libc is C: uretprobes are safe there). Sampling is Go's
  * MemProfileRate scheme, decided here so an unsampled call costs one map
  * lookup: a per-thread countdown of bytes, reset after each sample to an
- * exponentially distributed interval of mean HEAP_SAMPLE_BYTES. An
+ * exponentially distributed interval of mean heap_sample_bytes[0]. An
  * allocation of s bytes is then sampled with probability 1 - exp(-s/R)
  * (the exponential is memoryless), which is what the agent, like Go's
  * scaleHeapSample, divides by.
@@ -24,9 +24,10 @@
 #include <uapi/linux/ptrace.h>
 #include "common.bpf.h"
 
-#ifndef HEAP_SAMPLE_BYTES
-#define HEAP_SAMPLE_BYTES (512 * 1024)
-#endif
+/* The mean sampling interval in bytes, heap_sample_bytes[0]: written by the agent after the load
+ * (not compiled in: one compiled entry serves every rate); 512 KiB until then. */
+#define HEAP_DEFAULT_SAMPLE_BYTES (512 * 1024)
+BPF_ARRAY(heap_sample_bytes, u64, 1);
 #ifndef HEAP_MAX_LIVE
 #define HEAP_MAX_LIVE 262144
 #endif
@@ -91,12 +92,15 @@ static __always_inline u64 heap_neg_log2_q24(u32 r)
     return (26ULL << 24) - log2_r;
 }
 
-/* Bytes to the next sample: exponential with mean HEAP_SAMPLE_BYTES. */
+/* Bytes to the next sample: exponential with mean heap_sample_bytes[0]. */
 static __always_inline s64 heap_next_interval(void)
 {
+    u32 zero = 0;
+    u64 *mean = heap_sample_bytes.lookup(&zero);
+    u64 bytes = mean && *mean ? *mean : HEAP_DEFAULT_SAMPLE_BYTES;
     u32 r = (bpf_get_prandom_u32() & ((1u << 26) - 1)) + 1;
     u64 ln_q24 = (heap_neg_log2_q24(r) * 11629080ULL) >> 24;  /* x ln 2 (ln 2 in Q24) */
-    return (s64)((ln_q24 * (u64)HEAP_SAMPLE_BYTES) >> 24) + 1;
+    return (s64)((ln_q24 * bytes) >> 24) + 1;
 }
 
 /* Whether this allocation of `size` bytes is sampled (updates the thread's countdown). */

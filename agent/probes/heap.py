@@ -26,6 +26,7 @@ objects of processes that exited count as in use at exit.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -76,6 +77,7 @@ GO_FREE_PROGRAM = "heap_go_free"
 # Go processes are re-read this often, so one that exits (and was not paused
 # at exit) keeps what it had published up to then; Go publishes at each GC.
 GO_READ_EVERY_S = 5.0
+SAMPLE_BYTES_MAP = "heap_sample_bytes"
 STATS_MAP = "heap_stats"
 HEAP_STAT_LIVE_FULL = 0  # heap.bpf.c HEAP_STAT_*
 HEAP_STAT_NULL_RESULT = 1
@@ -377,9 +379,6 @@ class HeapProbe(ProbeFamily):
         self.sampler = heap_sampler.sampler_sites(str(lib))
         return heap_sampler.preload_env(lib, self.config.heap_sample_bytes) if self.sampler else {}
 
-    def defines(self) -> dict[str, int]:
-        return {"HEAP_SAMPLE_BYTES": self.config.heap_sample_bytes, **super().defines()}
-
     def programs(self) -> dict[str, ProgType]:
         names = {p for p, _ in LIBC_PROBES.values()} | {RETURN_PROGRAM, GO_MALLOC_PROGRAM, GO_FREE_PROGRAM,
                                                          GO_EXIT_PROGRAM, SAMPLER_ALLOC_PROGRAM,
@@ -387,10 +386,13 @@ class HeapProbe(ProbeFamily):
         return dict.fromkeys(sorted(names), ProgType.KPROBE)
 
     def maps(self) -> list[str]:
-        return [STATS_MAP]
+        return [STATS_MAP, SAMPLE_BYTES_MAP]
 
     def attach(self, objs: LoadedObjects) -> list[int]:
         super().attach(objs)
+        # A map, not a define: one compiled entry (bpf_cache) serves every heap_sample_bytes.
+        libbpf.map_update(objs.maps[SAMPLE_BYTES_MAP], ctypes.c_uint32(0),
+                          ctypes.c_uint64(self.config.heap_sample_bytes))
         pids = self.target_pids()
         fds: list[int] = []
         try:

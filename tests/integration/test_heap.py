@@ -193,14 +193,17 @@ def test_go_files_load_in_go_tool_pprof(go_run):
 
 
 def test_pid_target_sees_a_running_process(tmp_path):
-    """--pid: uprobes go into that process's own libc mapping (kept across its exec); nothing else traps."""
+    """--pid: uprobes go into that process's own libc mapping (kept across its exec); nothing else traps.
+    At a quarter of the default rate: BPF samples at the mean the agent writes into heap_sample_bytes and
+    the agent scales by the same (were BPF left at 512 KiB, site_a would come out 4x short)."""
     binary = build_c("heapsites")
     go = tmp_path / "go"
     # the target waits until bpfprof is recording, however long BPF takes to compile under load
     script = f'while [ ! -e "{go}" ]; do sleep 0.05; done; exec "{binary}"'
     child = subprocess.Popen(["/bin/sh", "-c", script], stdout=subprocess.DEVNULL)
     out = tmp_path / "pid.pb.gz"
-    rec = subprocess.Popen([str(BPFPROF), "record", "--profile", "heap", "--pid", str(child.pid), "-o", str(out)],
+    rec = subprocess.Popen([str(BPFPROF), "record", "--profile", "heap", "--heap-sample-bytes", str(RATE // 4),
+                            "--pid", str(child.pid), "-o", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         await_sampling(rec)
