@@ -14,9 +14,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING
 
+from symbolizer.cached_property import cached_property, computed
 from symbolizer.debug_files import DEFAULT_DEBUG_DIRS, find_debug_file
 from symbolizer.demangle import demangle
 from symbolizer.dwarf_lines import DwarfLines
@@ -27,7 +27,7 @@ from symbolizer.frames import BuildIdKind, Frame, FrameKind
 from symbolizer.gopclntab import GoPclntab, load_pclntab
 
 if TYPE_CHECKING:
-    from symbolizer.cfi import UnwindTable
+    from symbolizer.cfi import FdeIndex, UnwindTable
     from symbolizer.debuginfod import DebuginfodClient
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class FileSymbols:
         self.errors = []
         # The parts __init__ leaves to be parsed on first use, given instead.
         self.__dict__.update(load_segments=list(segments), looks_like_go=False, go=None, lines=None,
-                             symbols=ElfSymbols.from_symbols(symbols), unwind_table=None)
+                             symbols=ElfSymbols.from_symbols(symbols), unwind_table=None, fde_index=None)
         return self
 
     def _guarded(self, what: str, make: Callable[[], object]) -> object | None:
@@ -178,6 +178,21 @@ class FileSymbols:
         if table is not None:
             unwind_cache.store(self.id.build_id, self.id.kind.value, table)
         return table
+
+    @cached_property
+    def fde_index(self) -> FdeIndex | None:
+        """Per-FDE rules through .eh_frame_hdr (None without one): what a stack-copy walk uses
+        while `unwind_table` is not built, so it never waits for a whole-file CFI parse."""
+        from symbolizer.cfi import FdeIndex  # noqa: PLC0415  (only unwinding needs it)
+
+        return self._guarded("fde index", lambda: FdeIndex.from_elf(self.elf))  # type: ignore[return-value]
+
+    def unwind_rules(self) -> UnwindTable | FdeIndex | None:
+        """The table if something built it already (the BPF tables' worker does), else the FDE
+        index, else the table built now (a file without .eh_frame_hdr)."""
+        if computed(self, "unwind_table"):
+            return self.unwind_table
+        return self.fde_index or self.unwind_table
 
     def translate(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
         """Runtime address in a mapping -> ELF vaddr (PIE, shared libraries, exes alike)."""
