@@ -117,6 +117,7 @@ def agent(config_path: str | None, check_config: bool, log_level: str | None, ho
 
         effective = as_dict(cfg)
         effective["export"]["otlp"]["headers"] = {k: "<redacted>" for k in cfg.export.otlp.headers}
+        effective["opamp"]["headers"] = {k: "<redacted>" for k in cfg.opamp.headers}
         click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
         return
     setup_logging(cfg.log_level)
