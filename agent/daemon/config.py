@@ -682,6 +682,14 @@ def config_keys(cls: Any = AgentConfig, prefix: str = "") -> list[str]:
     return out
 
 
+def effective_config_text(cfg: AgentConfig) -> str:
+    """The config as YAML, header values redacted (--check-config prints it; OpAMP reports it)."""
+    effective = as_dict(cfg)
+    effective["export"]["otlp"]["headers"] = {k: "<redacted>" for k in cfg.export.otlp.headers}
+    effective["opamp"]["headers"] = {k: "<redacted>" for k in cfg.opamp.headers}
+    return yaml.safe_dump(effective, sort_keys=False)
+
+
 def as_dict(cfg: Any) -> Any:
     """The config as plain data (for logging the effective config)."""
     if dataclasses.is_dataclass(cfg):

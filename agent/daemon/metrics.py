@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,6 +34,9 @@ from exporters.http_server import BoundedHttpServer, HttpLimits, HttpServerStats
 from symbolizer.debuginfod import OUTCOMES as DEBUGINFOD_OUTCOMES
 from symbolizer.errors import ConfigError
 from symbolizer.file_symbols import SymbolCache
+
+if TYPE_CHECKING:
+    from agent.daemon.opamp import OpampStats
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ class AgentStats:
     cost_percent: float = 0.0  # the agent's measured cost (process + BPF), % of all CPUs, at the last decision
     bpf_run_s: float = 0.0  # BPF programs' run time (kernel count, or the estimate: governor.CostMeter)
     reloads_failed: int = 0
+    opamp: OpampStats | None = None  # the OpAMP client's counters, when opamp.endpoint is set
     ready: bool = False
     last_loop_monotonic: float = field(default_factory=time.monotonic)
 
@@ -133,8 +138,11 @@ class AgentCollector(Collector):
                     s.cost_percent)
         yield counter("bpf_run_seconds", "Run time of the agent's BPF programs (kernel bpf_stats, else estimated).",
                       s.bpf_run_s)
-        yield counter("config_reloads", "Successful SIGHUP reloads.", s.reloads_ok)
-        yield counter("config_reload_failures", "SIGHUP reloads rejected (old config kept).", s.reloads_failed)
+        yield counter("config_reloads", "Successful reloads (SIGHUP or a remote config).", s.reloads_ok)
+        yield counter("config_reload_failures", "Reloads rejected, SIGHUP or remote (old config kept).",
+                      s.reloads_failed)
+        if s.opamp is not None:
+            yield from _opamp_metrics(s.opamp)
         yield gauge("ready", "1 while sampling.", int(s.ready))
         families = {
             "export_batches": ("Intervals delivered.", CounterMetricFamily, "exported_batches"),
@@ -238,6 +246,22 @@ def _http_metrics(h: HttpServerStats) -> Iterable[Metric]:
                               value=h.requests)
     yield GaugeMetricFamily(f"{PREFIX}_metrics_http_open_connections", "Connections open to this endpoint.",
                             value=h.open)
+
+
+def _opamp_metrics(o: OpampStats) -> Iterable[Metric]:
+    """The OpAMP client's exchanges by outcome, remote configs by status, and whether the server answers."""
+    requests = CounterMetricFamily(f"{PREFIX}_opamp_requests", "Exchanges with the OpAMP server by outcome (ok, "
+                                   "unreachable, timeout, http_error, bad_response, server_error).",
+                                   labels=["outcome"])
+    for outcome, n in o.requests.items():
+        requests.add_metric([str(outcome)], n)
+    yield requests
+    configs = CounterMetricFamily(f"{PREFIX}_opamp_remote_configs", "Remote configs applied or failed.",
+                                  labels=["status"])
+    for status, n in o.remote_configs.items():
+        configs.add_metric([str(status)], n)
+    yield configs
+    yield GaugeMetricFamily(f"{PREFIX}_opamp_connected", "1 while the OpAMP server answers.", value=int(o.connected))
 
 
 # UnwindTables.totals() keys that are not walk outcomes -> (metric, help).
