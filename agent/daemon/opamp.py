@@ -58,6 +58,9 @@ MAX_BACKOFF_S = 300.0  # a server down for long is asked every five minutes
 MAX_RETRY_AFTER_S = 600.0  # a server's Retry-After/RetryInfo is obeyed up to this
 MAX_RESPONSE_BYTES = 2 << 20  # a ServerToAgent carries at most a config (config.MAX_CONFIG_BYTES) and a few fields
 STOP_DISCONNECT_S = 2.0  # at shutdown, the AgentDisconnect may take this long
+# Exchanges are at least this far apart, news or not: a server asking for the full state in every
+# answer must not make the agent spin.
+MIN_GAP_S = 0.5
 EFFECTIVE_CONFIG_TYPE = "text/yaml"
 YAML_TYPES = ("", "text/yaml", "application/yaml", "application/x-yaml", "text/x-yaml", "application/json",
               "text/json")
@@ -321,20 +324,23 @@ class OpampClient:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.exchange()
+            try:
+                self.exchange()
+            except Exception as e:  # noqa: BLE001  (a bug here must not end remote control: counted, backed off)
+                log.exception("opamp: exchange failed")
+                self.stats.requests[Outcome.BAD_RESPONSE] += 1
+                self.stats.last_error = f"{type(e).__name__}: {e}"
+                self._failed(Outcome.BAD_RESPONSE, None)
             with self._lock:
                 pending = self._full or any(v != self._taken.get(k) for k, v in self._current.items())
-            if time.monotonic() < self._backoff_until:
-                wait = self._backoff_until - time.monotonic()
+            backoff_s = self._backoff_until - time.monotonic()
+            if backoff_s > 0:  # news or not, the server is given its pause
+                self._stop.wait(backoff_s)
+            elif pending:
+                self._stop.wait(MIN_GAP_S)
             else:
-                wait = 0.0 if pending else self.cfg.heartbeat_interval_s
-            if wait > 0:
-                self._wake.wait(wait)
-                if time.monotonic() < self._backoff_until and not self._stop.is_set():
-                    # woken by news during a backoff: the server is still given its pause
-                    self._wake.clear()
-                    self._stop.wait(max(0.0, self._backoff_until - time.monotonic()))
-            self._wake.clear()
+                self._wake.wait(self.cfg.heartbeat_interval_s)  # a heartbeat, or news at once
+            self._wake.clear()  # what woke it goes in the next message, built after this
 
     def _message(self, fields: Mapping[str, bytes]) -> opamp_pb2.AgentToServer:
         msg = opamp_pb2.AgentToServer(instance_uid=self.uid, sequence_num=self._seq, capabilities=CAPABILITIES)
