@@ -44,7 +44,7 @@ from agent.bpfload.records import RawRecord
 from agent.capture.pipeline import CapturePipeline, Interval
 from agent.daemon.config import AgentConfig, effective_config_text
 from agent.daemon.export_queue import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
-from agent.daemon.governor import GOVERN_PERIOD_S, CostMeter, Governor
+from agent.daemon.governor import GOVERN_PERIOD_S, CostMeter, Governor, Steered, steered
 from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
 from agent.daemon.opamp import Health, OpampClient, RemoteOffer, RemoteStatus, load_instance_uid
 from agent.daemon.relabel import Relabeler
@@ -160,9 +160,14 @@ class BpfCollector:
                     pod_uids[pid] = info.container.pod_uid
         return out, pod_uids
 
-    def set_frequency(self, frequency_hz: int) -> bool:
-        """Sampling frequency of the cpu family from now on (False: no family samples by frequency)."""
-        return self.pipeline.set_frequency(frequency_hz)
+    def steer(self, rates: Steered) -> list[str]:
+        """The families' rates from now on, in place (perf ioctl, map writes); the names of the families
+        that have one (cpu, heap, offcpu). BpfprofError if the kernel refuses."""
+        p = self.pipeline
+        moved = ["cpu"] if p.set_frequency(rates.frequency_hz) else []
+        moved += ["heap"] if p.set_heap_sample_bytes(rates.heap_sample_bytes) else []
+        moved += ["offcpu"] if p.set_offcpu_min_ns(rates.offcpu_min_ns) else []
+        return moved
 
     def bpf_run_time_ns(self) -> int:
         return self.pipeline.bpf_run_time_ns()
@@ -351,7 +356,7 @@ class Daemon:
         """A governor for the running config (again after a reload): from its frequency down to the floor."""
         lim, p = self.cfg.limits, self.cfg.profiling
         self.governor = Governor(lim.cpu_percent, lim.min_frequency_hz, p.frequency_hz)
-        self.stats.frequency_hz = p.frequency_hz
+        self._set_rate_stats(self._rates_at(p.frequency_hz))
         self._govern_reading()
         if self.governor.enabled:
             log.info("overhead governor: budget %.3g%% of %d CPUs, %d-%d Hz, BPF cost from %s", lim.cpu_percent,
@@ -374,20 +379,34 @@ class Daemon:
         self.stats.cost_percent = gov.last_cost / gov.cpus * 100
         if new is None:
             return
-        old = gov.frequency_hz
+        before, after = self._rates_at(gov.frequency_hz), self._rates_at(new)
         try:
-            if not collector.set_frequency(new):
-                gov.budget = 0.0  # nothing samples by frequency: nothing to steer
-                return
+            moved = collector.steer(after)
         except BpfprofError as e:
-            log.error("overhead governor: cannot set %d Hz: %s", new, e)
+            log.error("overhead governor: cannot set %s: %s", after, e)
+            return
+        if not moved:
+            gov.budget = 0.0  # no family with a rate: nothing to steer
             return
         gov.applied(new)
-        self.stats.frequency_hz = new
+        self._set_rate_stats(after)
         self.stats.governor_changes += 1
-        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%): sampling frequency %d -> %d Hz%s",
-                 self.stats.cost_percent, gov.cpus, gov.budget / gov.cpus * 100, old, new,
+        changes = {"cpu": f"sampling frequency {before.frequency_hz} -> {after.frequency_hz} Hz",
+                   "heap": f"heap sample rate {before.heap_sample_bytes} -> {after.heap_sample_bytes} bytes",
+                   "offcpu": f"off-CPU threshold {before.offcpu_min_ns // 1000} -> {after.offcpu_min_ns // 1000} us"}
+        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%): %s%s", self.stats.cost_percent,
+                 gov.cpus, gov.budget / gov.cpus * 100, ", ".join(changes[name] for name in moved),
                  " (the floor: still over budget)" if gov.at_floor_over_budget else "")
+
+    def _rates_at(self, frequency_hz: int) -> Steered:
+        """What every family samples at when the governor's frequency is `frequency_hz`."""
+        p = self.cfg.profiling
+        return steered(frequency_hz, p.frequency_hz, p.heap_sample_bytes, p.offcpu_min_us * 1000)
+
+    def _set_rate_stats(self, rates: Steered) -> None:
+        self.stats.frequency_hz = rates.frequency_hz
+        self.stats.heap_sample_bytes = rates.heap_sample_bytes
+        self.stats.offcpu_min_ns = rates.offcpu_min_ns
 
     def _cut(self) -> None:
         assert self.collector is not None
@@ -591,9 +610,10 @@ class Daemon:
                     log.error("reload: %s", e)
         self.cfg = new
         assert self.collector is not None
-        # The frequency alone changes in place (perf_event ioctl) up to what the probes were loaded for
-        # (their ring buffer is sized for it); the rest of profiling needs new probes.
-        same_probes = (replace(new.profiling, frequency_hz=old.profiling.frequency_hz) == old.profiling
+        # The rates change in place (perf_event ioctl, map writes), the frequency up to what the probes
+        # were loaded for (their ring buffer is sized for it); the rest of profiling needs new probes.
+        rates = ("frequency_hz", "heap_sample_bytes", "offcpu_min_us")
+        same_probes = (replace(new.profiling, **{k: getattr(old.profiling, k) for k in rates}) == old.profiling
                        and new.profiling.frequency_hz <= self._probe_hz)
         if not same_probes or new.host_proc != old.host_proc or new.selection.pids != old.selection.pids:
             if not self._restart_collector(old):
@@ -605,12 +625,12 @@ class Daemon:
         else:
             self.collector.cfg = new
             self.collector.set_selection(Selector(new.selection))
-            if new.limits != old.limits or new.profiling.frequency_hz != old.profiling.frequency_hz:
-                self._new_governor()
+            if new.limits != old.limits or new.profiling != old.profiling:
+                self._new_governor()  # from the configured rates again
                 try:
-                    self.collector.set_frequency(new.profiling.frequency_hz)
+                    self.collector.steer(self._rates_at(new.profiling.frequency_hz))
                 except BpfprofError as e:
-                    log.error("reload: cannot set %d Hz: %s", new.profiling.frequency_hz, e)
+                    log.error("reload: cannot set the new rates: %s", e)
         if new.opamp != old.opamp:
             if self.opamp is not None:
                 self.opamp.stop()

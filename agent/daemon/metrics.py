@@ -67,6 +67,8 @@ class AgentStats:
     unwind: dict[str, int] = field(default_factory=dict)  # the BPF walker's counters (UnwindTables.totals)
     reloads_ok: int = 0
     frequency_hz: int = 0  # what the cpu family samples at now (the overhead governor moves it)
+    heap_sample_bytes: int = 0  # the heap family's BPF sample rate now (the governor moves it)
+    offcpu_min_ns: int = 0  # the off-CPU threshold now (the governor moves it)
     governor_changes: int = 0
     cost_percent: float = 0.0  # the agent's measured cost (process + BPF), % of all CPUs, at the last decision
     bpf_run_s: float = 0.0  # BPF programs' run time (kernel count, or the estimate: governor.CostMeter)
@@ -132,8 +134,12 @@ class AgentCollector(Collector):
         yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache holds copied in memory.", self.cache.mapped_bytes())
         yield gauge("sampling_frequency_hz", "CPU sampling frequency now (the overhead governor moves it).",
                     s.frequency_hz)
-        yield counter("governor_changes", "Sampling frequency changes made by the overhead governor.",
-                      s.governor_changes)
+        yield gauge("heap_sample_bytes", "Mean bytes between the allocations BPF samples now (heap; the overhead "
+                    "governor moves it; Go and the preloaded sampler keep their own).", s.heap_sample_bytes)
+        yield gauge("offcpu_min_block_seconds", "Off-CPU blocks shorter than this are left out now (the overhead "
+                    "governor moves it).", s.offcpu_min_ns / 1e9)
+        yield counter("governor_changes", "Rate changes made by the overhead governor (frequency, heap sample "
+                      "rate and off-CPU threshold together).", s.governor_changes)
         yield gauge("cost_cpu_percent", "The agent's CPU cost (process + BPF) in % of all CPUs, last measured.",
                     s.cost_percent)
         yield counter("bpf_run_seconds", "Run time of the agent's BPF programs (kernel bpf_stats, else estimated).",

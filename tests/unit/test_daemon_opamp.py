@@ -18,6 +18,7 @@ from opamp_server import OpampServer
 from agent.capture.pipeline import Interval
 from agent.daemon.config import AgentConfig, load_config
 from agent.daemon.daemon import Daemon
+from agent.daemon.governor import Steered
 from agent.daemon.metrics import AgentStats
 from agent.daemon.selection import Selector
 from agent.probes.family import Window
@@ -59,9 +60,9 @@ class FakeCollector:
     def set_selection(self, selector: Selector) -> None:
         self.selector = selector
 
-    def set_frequency(self, frequency_hz: int) -> bool:
-        self.frequencies.append(frequency_hz)
-        return True
+    def steer(self, rates: Steered) -> list[str]:
+        self.frequencies.append(rates.frequency_hz)
+        return ["cpu"]
 
     def bpf_run_time_ns(self) -> int:
         return 0
