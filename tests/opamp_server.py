@@ -1,7 +1,8 @@
 """A loopback OpAMP server for the tests, on the protocol's own protobufs (opentelemetry-opamp-client's opamp.proto).
 
-Run as a process: `python tests/opamp_server.py` listens on 127.0.0.1 (a
-free port) and prints `PORT <n>` on stdout. OpAMP over HTTP at /v1/opamp;
+Run as a process: `python tests/opamp_server.py [--cert PEM --key PEM]`
+listens on 127.0.0.1 (a free port; TLS with a cert) and prints `PORT <n>`
+on stdout. OpAMP over HTTP at /v1/opamp;
 the tests steer it and read what agents reported through /control/:
 
     POST /control/offer?type=text/yaml   body: the remote config to offer every agent (empty: none)
@@ -21,6 +22,7 @@ import http.client
 import http.server
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -49,11 +51,12 @@ class State:
         self.mode = "normal"
         self.delay_s = 0.0
 
-    def record(self, msg: opamp_pb2.AgentToServer) -> None:
+    def record(self, msg: opamp_pb2.AgentToServer, authorization: str) -> None:
         uid = str(uuid.UUID(bytes=msg.instance_uid)) if len(msg.instance_uid) == 16 else msg.instance_uid.hex()
         with self.lock:
             a = self.agents.setdefault(uid, {"messages": 0, "full_states": 0, "sequence": [], "statuses": []})
             a["messages"] += 1
+            a["authorization"] = authorization
             a["sequence"].append(msg.sequence_num)
             a["capabilities"] = msg.capabilities
             if msg.HasField("agent_description"):
@@ -135,7 +138,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except DecodeError:
             self._reply(400, b"not an AgentToServer")
             return
-        STATE.record(msg)
+        STATE.record(msg, self.headers.get("Authorization", ""))
         with STATE.lock:
             mode, delay_s, offer = STATE.mode, STATE.delay_s, STATE.offer
         if mode == "slow":
@@ -165,18 +168,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class OpampServer:
     """The server as a child process; a context manager. `endpoint` is its /v1/opamp URL."""
 
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdout=subprocess.PIPE,
+    def __init__(self, cert: str | None = None, key: str | None = None) -> None:
+        tls = ["--cert", cert, "--key", key] if cert and key else []
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *tls], stdout=subprocess.PIPE,
                                      text=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("PORT "):
             self.proc.kill()
             raise RuntimeError(f"opamp test server did not start: {line!r}")
         self.port = int(line.split()[1])
-        self.endpoint = f"http://127.0.0.1:{self.port}/v1/opamp"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/v1/opamp"
 
     def _call(self, method: str, path: str, body: bytes = b"") -> bytes:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        if self.endpoint.startswith("https"):
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=10, context=ssl._create_unverified_context())  # noqa: S323
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             conn.request(method, path, body=body)
             resp = conn.getresponse()
@@ -231,9 +239,15 @@ class OpampServer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--cert", help="PEM certificate: serve HTTPS")
+    parser.add_argument("--key", help="PEM private key of --cert")
     args = parser.parse_args()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
+    if args.cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.cert, args.key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print(f"PORT {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

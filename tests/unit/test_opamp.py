@@ -3,6 +3,7 @@ effective config, remote configs and their status, and a server that is down, sl
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 
 import pytest
@@ -156,3 +157,18 @@ def test_a_thread_reports_news_at_once_and_disconnects(fresh, tmp_path):
     finally:
         c.stop()
     assert fresh.state()[str(uuid.UUID(bytes=c.uid))]["disconnected"]
+
+
+def test_https_with_a_ca_file_and_headers(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with OpampServer(str(cert), str(key)) as server:
+        assert server.endpoint.startswith("https://")
+        trusted = client_for(server.endpoint, tmp_path, ca_file=str(cert), headers={"Authorization": "Bearer t0k"})
+        assert trusted.exchange() == Outcome.OK
+        assert server.agent()["authorization"] == "Bearer t0k"
+        untrusted = client_for(server.endpoint, tmp_path / "other")
+        assert untrusted.exchange() == Outcome.UNREACHABLE and "CERTIFICATE_VERIFY_FAILED" in \
+            untrusted.stats.last_error
