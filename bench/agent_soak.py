@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import gzip
 import os
 import re
@@ -84,6 +85,10 @@ class FlappingCollector:
 
     def _close_listener(self) -> None:
         if self._listener is not None:
+            # shutdown() first: close() alone leaves the accept() blocked in the other thread holding the
+            # socket, still listening, and the next "up" cannot bind the port (the collector died there).
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
 
