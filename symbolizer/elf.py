@@ -86,6 +86,9 @@ COPY_CHUNK_BYTES = 64 * 1024
 # DWARF than this (a hostile sparse file, or a huge debug file) is left out with
 # an ElfParseError instead of growing the agent without bound.
 MAX_COPY_BYTES = 512 * 1024 * 1024
+# Most bytes a compressed section (SHF_COMPRESSED) may inflate to: its header states the size and
+# pyelftools inflates that much, so a few MB of a user's file could otherwise claim gigabytes.
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 _MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap. Holes reserve no swap.
 
 
@@ -295,6 +298,10 @@ class ElfFile:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise ElfParseError(f"{self.path}: cannot read: {exc}") from exc
+        self._open(fd)
+
+    def _open(self, fd: int) -> None:
+        """Take `fd` (closed here on error): an empty copy of the file's size, the ELF header read."""
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -399,6 +406,33 @@ class ElfFile:
             self._closer()
         self._fd = -1
 
+    def reopen(self) -> ElfFile:
+        """A new ElfFile over the same open file (a dup of its descriptor) with nothing copied yet: the
+        file is readable again after discard(), also once the process that mapped it is gone.
+        ElfParseError when this one is closed or holds an in-memory image."""
+        if self._fd < 0:
+            raise ElfParseError(f"{self.path}: cannot reopen: {'closed' if self._closer else 'not a file'}")
+        try:
+            fd = os.dup(self._fd)
+        except OSError as exc:
+            raise ElfParseError(f"{self.path}: cannot reopen: {exc}") from exc
+        other = ElfFile.__new__(ElfFile)
+        other.path = self.path
+        other._open(fd)
+        return other
+
+    def discard(self) -> None:
+        """close(), and give the copy's memory back now even if parsers still hold views of `image`
+        (they then read zeros: call it only on a file nothing reads any more). A closed file whose
+        views lived on kept its pages until the views were collected, which the cyclic GC may
+        leave for minutes (parsed state is full of cycles)."""
+        image = self.image
+        self.close()
+        if isinstance(image, mmap.mmap) and not image.closed:
+            with contextlib.suppress(ValueError, OSError):
+                image.madvise(mmap.MADV_DONTNEED)
+        self.copied_bytes = 0
+
     def __enter__(self) -> Self:
         return self
 
@@ -420,7 +454,15 @@ class ElfFile:
         sec = self.section(name)
         if sec is None or sec["sh_type"] == "SHT_NOBITS":
             return None
-        with elf_errors(f"{self.path}: section {name}"):
+        return self.section_data(sec)
+
+    def section_data(self, sec: Section) -> bytes:
+        """The bytes of `sec`, decompressed if SHF_COMPRESSED: ElfParseError when its header claims
+        more than MAX_DECOMPRESSED_BYTES (a small section of a user's file claiming gigabytes)."""
+        with elf_errors(f"{self.path}: section {sec.name}"):
+            if sec.compressed and sec.data_size > MAX_DECOMPRESSED_BYTES:
+                raise ElfParseError(f"{self.path}: section {sec.name} inflates to {sec.data_size} bytes, over the "
+                                    f"{MAX_DECOMPRESSED_BYTES >> 20} MiB a compressed section may take")
             return sec.data()
 
     @cached_property

@@ -236,7 +236,7 @@ class Daemon:
             debuginfod = DebuginfodClient(urls, deadline_s=cfg.profiling.debuginfod_timeout_s,
                                           cache_bytes=cfg.profiling.debuginfod_cache_bytes) if urls else None
             cache = SymbolCache(cfg.limits.max_symbol_files, DEFAULT_DEBUG_DIRS + cfg.profiling.debug_dirs,
-                                debuginfod)
+                                debuginfod, max_bytes=cfg.limits.max_symbol_cache_bytes)
         self.cache = cache
         self.tracker = ProcessTracker(self.cache, cfg.host_proc, max_processes=cfg.limits.max_processes)
         self.relabeler = Relabeler(cfg.relabel)
@@ -404,6 +404,7 @@ class Daemon:
             except Exception:  # noqa: BLE001  (one bad interval must not end the agent)
                 log.exception("interval %d could not be built; its samples are lost", interval.seq)
                 self.stats.lose("build_error", interval.samples)
+            self.cache.enforce_budget()  # here: no lookup is under way between two builds
             self._gc.after_build()
 
     def _build_one(self, interval: Interval) -> None:
@@ -534,6 +535,7 @@ class Daemon:
         self.relabeler = Relabeler(new.relabel)
         self.tracker.max_processes = new.limits.max_processes
         self.cache.max_files = new.limits.max_symbol_files
+        self.cache.max_bytes = new.limits.max_symbol_cache_bytes
         if new.metrics.listen != old.metrics.listen:
             if self.metrics is not None:
                 self.metrics.close()
