@@ -661,15 +661,24 @@ def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
     record?), so it reads raw: a table whose string table lacks the name is not scanned at all, and
     one that has it is scanned with struct (pyelftools' symbol-by-name parses each entry, ~1 s for a
     large static binary)."""
-    want_type = _SYMBOL_TYPES[sym_type]
-    needle = name.encode() + b"\0"  # not preceded by NUL: linkers share the tails of strings
+    return defined_symbols(elf, (name,), (sym_type,)).get(name)
+
+
+def defined_symbols(elf: ElfFile, names: Sequence[str], sym_types: Sequence[str] | None = None,
+                    tables: Sequence[str] = (".dynsym", ".symtab")) -> dict[str, int]:
+    """st_value of each defined symbol of `names` (of one of `sym_types`; None: any type), the first
+    table of `tables` that defines it winning. Reads as defined_symbol_value does: through the
+    ElfFile's bounded copy, no object per symbol, so a user's file claiming a huge table costs at
+    most MAX_COPY_BYTES and an ElfParseError."""
+    want_types = None if sym_types is None else {_SYMBOL_TYPES[t] for t in sym_types}
     headers = elf.headers
     all_headers = headers.sections
     image = elf.image
     is64 = elf.elfclass == 64
     fmt = struct.Struct(("<" if elf.little_endian else ">") + ("IBBHQQ" if is64 else "IIIBBH"))
-    with elf_errors(f"{elf.path}: symbol {name}"):
-        for table in (".dynsym", ".symtab"):
+    out: dict[str, int] = {}
+    with elf_errors(f"{elf.path}: symbols {', '.join(names)}"):
+        for table in tables:
             h = headers.section(table)
             if h is None or h.type not in (SHT_SYMTAB, SHT_DYNSYM) or not 0 <= h.link < len(all_headers):
                 continue
@@ -678,11 +687,15 @@ def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
                 raise ElfParseError(f"{elf.path}: {table} beyond end of file")
             elf.ensure(strtab.offset, strtab.size)
             strings = bytes(image[strtab.offset:strtab.offset + strtab.size])
-            offsets = set()
-            at = strings.find(needle)
-            while at >= 0:
-                offsets.add(at)
-                at = strings.find(needle, at + 1)
+            offsets: dict[int, str] = {}
+            for name in names:
+                if name in out:
+                    continue
+                needle = name.encode() + b"\0"  # not preceded by NUL: linkers share the tails of strings
+                at = strings.find(needle)
+                while at >= 0:
+                    offsets[at] = name
+                    at = strings.find(needle, at + 1)
             if not offsets:
                 continue
             usable = h.size - h.size % fmt.size
@@ -692,6 +705,8 @@ def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
                     st_name, st_info, _other, shndx, value, _size = sym
                 else:
                     st_name, value, _size, st_info, _other, shndx = sym
-                if st_name in offsets and st_info & 0xF == want_type and shndx != 0:
-                    return value
-    return None
+                name = offsets.get(st_name)
+                if (name is not None and name not in out and shndx != 0
+                        and (want_types is None or st_info & 0xF in want_types)):
+                    out[name] = value
+    return out
