@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from symbolizer.debug_files import DEFAULT_DEBUG_DIRS, find_debug_file
 from symbolizer.demangle import demangle
@@ -71,7 +71,9 @@ class FileSymbols:
     debuginfod: DebuginfodClient | None = None  # asked when no local debug file is found
 
     # What release() drops: parsed on first use from the file's copy, parsed again after it.
-    _PARSED = ("go", "debug", "symbols", "lines", "unwind_table")
+    _PARSED = ("go", "debug", "symbols", "lines", "unwind_table", "unwind_rows")
+    # The BPF walker's rows (symbolizer.unwind_rows.UnwindRows: that module imports this one), once built.
+    unwind_rows: Any = None
     last_used = 0.0  # time.monotonic() of the last lookup or get() (SymbolCache's LRU by bytes)
 
     def __init__(self, elf: ElfFile, fid: FileId) -> None:
@@ -186,8 +188,8 @@ class FileSymbols:
         return table
 
     def held_bytes(self) -> int:
-        """Bytes this file's parsed state holds outside Python's small objects: the copies of the file
-        and of its separate debug file, and DWARF sections decompressed."""
+        """Bytes this file's parsed state holds in big blocks: the copies of the file and of its separate
+        debug file, DWARF sections decompressed, CFI rows and the BPF walker's rows."""
         d = self.__dict__
         total = self.elf.copied_bytes if self.elf is not None else 0
         debug = d.get("debug")
@@ -196,6 +198,12 @@ class FileSymbols:
         lines = d.get("lines")
         if lines is not None:
             total += lines.inflated_bytes
+        table = d.get("unwind_table")
+        if table is not None:
+            total += sum(len(a) * a.itemsize for a in (table.pcs, table.kinds, table.cfa_offs, table.rbp_offs))
+        rows = d.get("unwind_rows")
+        if rows is not None:
+            total += len(rows.data)
         return total
 
     def release(self) -> int:

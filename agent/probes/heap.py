@@ -418,7 +418,8 @@ class HeapProbe(ProbeFamily):
         else:
             try:
                 found = heap_sampler.sampler_in(pid)
-            except OSError:
+            except (OSError, BpfprofError) as e:  # a library of that name the agent cannot read: none
+                log.info("heap: pid %d: sampler library not read: %s", pid, e)
                 found = None
             if found is not None:
                 sampler = found[0]
