@@ -328,8 +328,9 @@ class SymbolCache:
 
     def enforce_budget(self) -> int:
         """Release files evicted by count, then the least recently used until the copies the cache
-        holds fit `max_bytes`; returns how many were released by the budget. Call it where no lookup
-        is under way (FileSymbols.release): the daemon's builder, after each interval."""
+        holds fit `max_bytes` (those counted in budget_evictions); returns how many were released in
+        all. Call it where no lookup is under way (FileSymbols.release): the daemon's builder, after
+        each interval."""
         if self.max_bytes is None:
             return 0
         with self._lock:
@@ -337,11 +338,11 @@ class SymbolCache:
             files = list(self._by_id.values())
         for fs in retired:
             self.released_bytes += fs.release()
+        released = len(retired)
         held = [(fs.last_used, i, fs, fs.held_bytes()) for i, fs in enumerate(files)]
         total = sum(h[3] for h in held)
-        released = 0
         if total > self.max_bytes:
-            before = total
+            before, budget = total, 0
             for _, _, fs, n in sorted(held):
                 if total <= self.max_bytes:
                     break
@@ -349,10 +350,11 @@ class SymbolCache:
                     continue
                 self.released_bytes += fs.release()
                 total -= n
-                released += 1
-            self.budget_evictions += released
+                budget += 1
+            self.budget_evictions += budget
+            released += budget
             log.info("symbol cache: %d files released to fit its %.1f MiB budget (%.1f -> %.1f MiB held)",
-                     released, self.max_bytes / 2**20, before / 2**20, total / 2**20)
+                     budget, self.max_bytes / 2**20, before / 2**20, total / 2**20)
         return released
 
     def __len__(self) -> int:

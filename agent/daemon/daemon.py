@@ -208,6 +208,9 @@ class LongLivedHeap:
     """
 
     FULL_EVERY_S = 600.0
+    # The soonest after the last full collection that a release of cached files asks for another: what they
+    # parsed (DWARF units, pyelftools' objects) is full of cycles, frozen, and would wait FULL_EVERY_S.
+    RELEASED_EVERY_S = 60.0
 
     def __init__(self, full_every_s: float = FULL_EVERY_S) -> None:
         self.full_every_s = full_every_s
@@ -215,9 +218,11 @@ class LongLivedHeap:
         libc = ctypes.CDLL(None)
         self._malloc_trim = getattr(libc, "malloc_trim", None)  # glibc's; musl has none
 
-    def after_build(self) -> None:
+    def after_build(self, released: bool = False) -> None:
+        """After each build; `released`: the symbol cache let files go (their parsed state is garbage)."""
         now = time.monotonic()
-        if now - self._last_full >= self.full_every_s:
+        since = now - self._last_full
+        if since >= self.full_every_s or (released and since >= self.RELEASED_EVERY_S):
             gc.unfreeze()
             gc.collect()
             gc.freeze()
@@ -419,8 +424,8 @@ class Daemon:
             except Exception:  # noqa: BLE001  (one bad interval must not end the agent)
                 log.exception("interval %d could not be built; its samples are lost", interval.seq)
                 self.stats.lose("build_error", interval.samples)
-            self.cache.enforce_budget()  # here: no lookup is under way between two builds
-            self._gc.after_build()
+            released = self.cache.enforce_budget()  # here: no lookup is under way between two builds
+            self._gc.after_build(released > 0)
 
     def _build_one(self, interval: Interval) -> None:
         assert self.collector is not None

@@ -71,3 +71,17 @@ def test_after_a_build_the_c_heaps_free_pages_go_back():
     after = _rss_mb()
     assert after < before - 40, (before, after)
     assert len(kept) == 200
+
+
+def test_files_released_by_the_symbol_cache_are_collected_within_a_minute_not_ten():
+    heap = LongLivedHeap(full_every_s=3600)
+    parsed = weakref.ref(node := _Node())  # a file's parsed state: cycles, frozen at a build
+    heap.after_build()
+    del node  # the cache released the file
+    heap.after_build(released=True)  # too soon after the last full collection
+    assert parsed() is not None
+    heap._last_full -= LongLivedHeap.RELEASED_EVERY_S
+    heap.after_build(released=False)  # nothing released: the ten-minute rule holds
+    assert parsed() is not None
+    heap.after_build(released=True)
+    assert parsed() is None
