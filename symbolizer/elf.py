@@ -408,7 +408,7 @@ class ElfFile:
 
     def reopen(self) -> ElfFile:
         """A new ElfFile over the same open file (a dup of its descriptor) with nothing copied yet: the
-        file is readable again after discard(), also once the process that mapped it is gone.
+        file stays readable after this one is closed, also once the process that mapped it is gone.
         ElfParseError when this one is closed or holds an in-memory image."""
         if self._fd < 0:
             raise ElfParseError(f"{self.path}: cannot reopen: {'closed' if self._closer else 'not a file'}")
@@ -420,18 +420,6 @@ class ElfFile:
         other.path = self.path
         other._open(fd)
         return other
-
-    def discard(self) -> None:
-        """close(), and give the copy's memory back now even if parsers still hold views of `image`
-        (they then read zeros: call it only on a file nothing reads any more). A closed file whose
-        views lived on kept its pages until the views were collected, which the cyclic GC may
-        leave for minutes (parsed state is full of cycles)."""
-        image = self.image
-        self.close()
-        if isinstance(image, mmap.mmap) and not image.closed:
-            with contextlib.suppress(ValueError, OSError):
-                image.madvise(mmap.MADV_DONTNEED)
-        self.copied_bytes = 0
 
     def __enter__(self) -> Self:
         return self

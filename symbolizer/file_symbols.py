@@ -210,9 +210,10 @@ class FileSymbols:
         """Drop what was parsed and copied (SymbolCache's byte budget); returns the bytes given back.
 
         The file stays open (a dup of its descriptor), so the next lookup parses it again, also
-        after its process is gone. Call it only where no lookup of this file is under way (the
-        builder, between intervals): the old copy's pages are given back at once. Files known
-        only by their bytes (the vdso) or by their symbols keep what they have.
+        after its process is gone. The old copy is closed: unmapped at once when no parsed object
+        holds a view of it, else when those are collected (a lookup under way in another thread
+        keeps reading good bytes, or gets an ElfParseError-wrapped "closed", never zeros). Files
+        known only by their bytes (the vdso) or by their symbols keep what they have.
         """
         old = self.elf
         if old is None or old._fd < 0:
@@ -227,9 +228,9 @@ class FileSymbols:
         debug = d.get("debug")
         for name in self._PARSED:
             d.pop(name, None)
-        old.discard()
+        old.close()
         if debug is not None:
-            debug.discard()
+            debug.close()
         return held
 
     def touch(self) -> None:
@@ -329,8 +330,8 @@ class SymbolCache:
     def enforce_budget(self) -> int:
         """Release files evicted by count, then the least recently used until the copies the cache
         holds fit `max_bytes` (those counted in budget_evictions); returns how many were released in
-        all. Call it where no lookup is under way (FileSymbols.release): the daemon's builder, after
-        each interval."""
+        all. The daemon calls it in its builder, after each interval, when no lookup of its own is
+        under way (FileSymbols.release)."""
         if self.max_bytes is None:
             return 0
         with self._lock:
