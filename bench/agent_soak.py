@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import gzip
 import os
 import re
@@ -84,6 +85,10 @@ class FlappingCollector:
 
     def _close_listener(self) -> None:
         if self._listener is not None:
+            # shutdown() first: close() alone leaves the accept() blocked in the other thread holding the
+            # socket, still listening, and the next "up" cannot bind the port (the collector died there).
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
 
@@ -249,6 +254,15 @@ def main() -> None:
               f"({100 * (usage.ru_utime + usage.ru_stime) / (args.minutes * 60):.1f}% of one CPU), "
               f"peak RSS {usage.ru_maxrss / 1024:.0f} MB")
         print("RSS curve (s:MB): " + " ".join(f"{t}:{mb}" for t, mb in curve))
+        second_half = sorted(mb for t, mb in curve if t >= args.minutes * 30)
+        if second_half:
+            print(f"RSS over the second half: median {second_half[len(second_half) // 2]} MB, "
+                  f"max {second_half[-1]} MB")
+        print(f"symbol cache (last scrape): {last.get('bpfprof_symbolizer_cache_files', 0):g} files, "
+              f"{last.get('bpfprof_symbolizer_cache_bytes', 0) / 2**20:.0f} MiB held, "
+              f"{last.get('bpfprof_symbolizer_cache_budget_evictions_total', 0):g} released by its byte budget; "
+              f"{last.get('bpfprof_processes_tracked', 0):g} processes tracked, "
+              f"{last.get('bpfprof_process_evictions_total', 0):g} evicted")
         lost_bpf = {k.split('"')[1]: v for k, v in last.items() if k.startswith("bpfprof_lost_samples_total{")}
         print(f"bpfprof_lost_samples by reason (BPF drops, caps, cut stacks; last scrape): {lost_bpf or 'none'}")
         timeouts = last.get('bpfprof_export_timeouts_total{exporter="otlp"}', 0)

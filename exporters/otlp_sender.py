@@ -41,9 +41,11 @@ import email.utils
 import enum
 import gzip
 import http.client
+import os
 import random
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -260,14 +262,24 @@ def _grpc_retry_info_s(error: grpc.RpcError) -> float | None:
     return None
 
 
+MAX_CA_FILE_BYTES = 4 * 1024 * 1024  # a bundle of every public root is ~250 KB
+
+
 def _read_ca(ca_file: str | None) -> bytes | None:
+    """The CA bundle's bytes; ConfigError for an unreadable file, not a regular file (a FIFO would
+    hang the reader) or one over MAX_CA_FILE_BYTES (/dev/zero)."""
     if ca_file is None:
         return None
     try:
-        with open(ca_file, "rb") as f:
-            return f.read()
+        with open(ca_file, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"OTLP CA file {ca_file} is not a regular file")
+            data = f.read(MAX_CA_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read OTLP CA file {ca_file}: {e.strerror}") from None
+    if len(data) > MAX_CA_FILE_BYTES:
+        raise ConfigError(f"OTLP CA file {ca_file} is larger than {MAX_CA_FILE_BYTES >> 20} MiB")
+    return data
 
 
 class _GrpcTransport:

@@ -1077,6 +1077,7 @@ class DwarfLines:
         self._elf = elf
         self._endian = "<" if elf.little_endian else ">"
         self._byteorder = "little" if elf.little_endian else "big"
+        self.inflated_bytes = 0  # held by compressed sections decompressed (not in the ElfFile's copy)
         with elf_errors(f"{elf.path}: DWARF"):
             self._info = self._section(".debug_info", required=True)
             self._abbrev = self._section(".debug_abbrev", required=True)
@@ -1103,7 +1104,8 @@ class DwarfLines:
         compressed = sec["sh_flags"] & 0x800 or sec.name.startswith(".z")  # SHF_COMPRESSED, GNU .zdebug
         offset, size = sec["sh_offset"], sec["sh_size"]
         if compressed or offset + size > len(image):
-            data = sec.data()
+            data = self._elf.section_data(sec)
+            self.inflated_bytes += len(data)
             return _Section(data, 0, len(data))
         self._elf.ensure(offset, size)
         return _Section(image, offset, size)

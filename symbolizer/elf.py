@@ -86,6 +86,9 @@ COPY_CHUNK_BYTES = 64 * 1024
 # DWARF than this (a hostile sparse file, or a huge debug file) is left out with
 # an ElfParseError instead of growing the agent without bound.
 MAX_COPY_BYTES = 512 * 1024 * 1024
+# Most bytes a compressed section (SHF_COMPRESSED) may inflate to: its header states the size and
+# pyelftools inflates that much, so a few MB of a user's file could otherwise claim gigabytes.
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 _MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap. Holes reserve no swap.
 
 
@@ -295,6 +298,10 @@ class ElfFile:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise ElfParseError(f"{self.path}: cannot read: {exc}") from exc
+        self._open(fd)
+
+    def _open(self, fd: int) -> None:
+        """Take `fd` (closed here on error): an empty copy of the file's size, the ELF header read."""
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -399,6 +406,21 @@ class ElfFile:
             self._closer()
         self._fd = -1
 
+    def reopen(self) -> ElfFile:
+        """A new ElfFile over the same open file (a dup of its descriptor) with nothing copied yet: the
+        file stays readable after this one is closed, also once the process that mapped it is gone.
+        ElfParseError when this one is closed or holds an in-memory image."""
+        if self._fd < 0:
+            raise ElfParseError(f"{self.path}: cannot reopen: {'closed' if self._closer else 'not a file'}")
+        try:
+            fd = os.dup(self._fd)
+        except OSError as exc:
+            raise ElfParseError(f"{self.path}: cannot reopen: {exc}") from exc
+        other = ElfFile.__new__(ElfFile)
+        other.path = self.path
+        other._open(fd)
+        return other
+
     def __enter__(self) -> Self:
         return self
 
@@ -420,7 +442,15 @@ class ElfFile:
         sec = self.section(name)
         if sec is None or sec["sh_type"] == "SHT_NOBITS":
             return None
-        with elf_errors(f"{self.path}: section {name}"):
+        return self.section_data(sec)
+
+    def section_data(self, sec: Section) -> bytes:
+        """The bytes of `sec`, decompressed if SHF_COMPRESSED: ElfParseError when its header claims
+        more than MAX_DECOMPRESSED_BYTES (a small section of a user's file claiming gigabytes)."""
+        with elf_errors(f"{self.path}: section {sec.name}"):
+            if sec.compressed and sec.data_size > MAX_DECOMPRESSED_BYTES:
+                raise ElfParseError(f"{self.path}: section {sec.name} inflates to {sec.data_size} bytes, over the "
+                                    f"{MAX_DECOMPRESSED_BYTES >> 20} MiB a compressed section may take")
             return sec.data()
 
     @cached_property
@@ -619,15 +649,24 @@ def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
     record?), so it reads raw: a table whose string table lacks the name is not scanned at all, and
     one that has it is scanned with struct (pyelftools' symbol-by-name parses each entry, ~1 s for a
     large static binary)."""
-    want_type = _SYMBOL_TYPES[sym_type]
-    needle = name.encode() + b"\0"  # not preceded by NUL: linkers share the tails of strings
+    return defined_symbols(elf, (name,), (sym_type,)).get(name)
+
+
+def defined_symbols(elf: ElfFile, names: Sequence[str], sym_types: Sequence[str] | None = None,
+                    tables: Sequence[str] = (".dynsym", ".symtab")) -> dict[str, int]:
+    """st_value of each defined symbol of `names` (of one of `sym_types`; None: any type), the first
+    table of `tables` that defines it winning. Reads as defined_symbol_value does: through the
+    ElfFile's bounded copy, no object per symbol, so a user's file claiming a huge table costs at
+    most MAX_COPY_BYTES and an ElfParseError."""
+    want_types = None if sym_types is None else {_SYMBOL_TYPES[t] for t in sym_types}
     headers = elf.headers
     all_headers = headers.sections
     image = elf.image
     is64 = elf.elfclass == 64
     fmt = struct.Struct(("<" if elf.little_endian else ">") + ("IBBHQQ" if is64 else "IIIBBH"))
-    with elf_errors(f"{elf.path}: symbol {name}"):
-        for table in (".dynsym", ".symtab"):
+    out: dict[str, int] = {}
+    with elf_errors(f"{elf.path}: symbols {', '.join(names)}"):
+        for table in tables:
             h = headers.section(table)
             if h is None or h.type not in (SHT_SYMTAB, SHT_DYNSYM) or not 0 <= h.link < len(all_headers):
                 continue
@@ -636,11 +675,15 @@ def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
                 raise ElfParseError(f"{elf.path}: {table} beyond end of file")
             elf.ensure(strtab.offset, strtab.size)
             strings = bytes(image[strtab.offset:strtab.offset + strtab.size])
-            offsets = set()
-            at = strings.find(needle)
-            while at >= 0:
-                offsets.add(at)
-                at = strings.find(needle, at + 1)
+            offsets: dict[int, str] = {}
+            for name in names:
+                if name in out:
+                    continue
+                needle = name.encode() + b"\0"  # not preceded by NUL: linkers share the tails of strings
+                at = strings.find(needle)
+                while at >= 0:
+                    offsets[at] = name
+                    at = strings.find(needle, at + 1)
             if not offsets:
                 continue
             usable = h.size - h.size % fmt.size
@@ -650,6 +693,8 @@ def defined_symbol_value(elf: ElfFile, name: str, sym_type: str) -> int | None:
                     st_name, st_info, _other, shndx, value, _size = sym
                 else:
                     st_name, value, _size, st_info, _other, shndx = sym
-                if st_name in offsets and st_info & 0xF == want_type and shndx != 0:
-                    return value
-    return None
+                name = offsets.get(st_name)
+                if (name is not None and name not in out and shndx != 0
+                        and (want_types is None or st_info & 0xF in want_types)):
+                    out[name] = value
+    return out

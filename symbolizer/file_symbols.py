@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from symbolizer.cached_property import cached_property, computed
 from symbolizer.debug_files import DEFAULT_DEBUG_DIRS, find_debug_file
@@ -69,11 +70,18 @@ class FileSymbols:
     debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS
     debuginfod: DebuginfodClient | None = None  # asked when no local debug file is found
 
+    # What release() drops: parsed on first use from the file's copy, parsed again after it.
+    _PARSED = ("go", "debug", "symbols", "lines", "unwind_table", "fde_index", "unwind_rows")
+    # The BPF walker's rows (symbolizer.unwind_rows.UnwindRows: that module imports this one), once built.
+    unwind_rows: Any = None
+    last_used = 0.0  # time.monotonic() of the last lookup or get() (SymbolCache's LRU by bytes)
+
     def __init__(self, elf: ElfFile, fid: FileId) -> None:
         self.elf: ElfFile | None = elf  # None: built from_symbols()
         self.path = elf.path
         self.id = fid
         self.errors: list[str] = []
+        self.last_used = time.monotonic()
 
     @classmethod
     def from_symbols(cls, fid: FileId, path: str, segments: Sequence[LoadSegment],
@@ -194,6 +202,56 @@ class FileSymbols:
             return self.unwind_table
         return self.fde_index or self.unwind_table
 
+    def held_bytes(self) -> int:
+        """Bytes this file's parsed state holds in big blocks: the copies of the file and of its separate
+        debug file, DWARF sections decompressed, CFI rows and the BPF walker's rows."""
+        d = self.__dict__
+        total = self.elf.copied_bytes if self.elf is not None else 0
+        debug = d.get("debug")
+        if debug is not None:
+            total += debug.copied_bytes
+        lines = d.get("lines")
+        if lines is not None:
+            total += lines.inflated_bytes
+        table = d.get("unwind_table")
+        if table is not None:
+            total += sum(len(a) * a.itemsize for a in (table.pcs, table.kinds, table.cfa_offs, table.rbp_offs))
+        rows = d.get("unwind_rows")
+        if rows is not None:
+            total += len(rows.data)
+        return total
+
+    def release(self) -> int:
+        """Drop what was parsed and copied (SymbolCache's byte budget); returns the bytes given back.
+
+        The file stays open (a dup of its descriptor), so the next lookup parses it again, also
+        after its process is gone. The old copy is closed: unmapped at once when no parsed object
+        holds a view of it, else when those are collected (a lookup under way in another thread
+        keeps reading good bytes, or gets an ElfParseError-wrapped "closed", never zeros). Files
+        known only by their bytes (the vdso) or by their symbols keep what they have.
+        """
+        old = self.elf
+        if old is None or old._fd < 0:
+            return 0
+        held = self.held_bytes()
+        try:
+            self.elf = old.reopen()
+        except BpfprofError as e:
+            log.debug("%s: not released: %s", self.path, e)
+            return 0
+        d = self.__dict__
+        debug = d.get("debug")
+        for name in self._PARSED:
+            d.pop(name, None)
+        old.close()
+        if debug is not None:
+            debug.close()
+        return held
+
+    def touch(self) -> None:
+        """Note a use (the unwind rows' builder, which reads the file without symbolize())."""
+        self.last_used = time.monotonic()
+
     def translate(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
         """Runtime address in a mapping -> ELF vaddr (PIE, shared libraries, exes alike)."""
         try:
@@ -203,6 +261,7 @@ class FileSymbols:
 
     def symbolize(self, vaddr: int) -> tuple[Frame, ...]:
         """Frames at `vaddr`, innermost first; () when nothing covers it."""
+        self.last_used = time.monotonic()
         go = self.go
         if go is not None:
             frames = go.lookup(vaddr)
@@ -235,22 +294,29 @@ class FileSymbols:
 
 
 class SymbolCache:
-    """FileSymbols by build id, least recently used evicted past `max_files`.
+    """FileSymbols by build id, least recently used evicted past `max_files`, and past `max_bytes` of
+    copies the least recently used released (enforce_budget()).
 
     Shared by every session of a process, so a second capture of the same
-    binary reuses what the first one parsed.
+    binary reuses what the first one parsed. A file evicted by count may
+    still be held by a process's snapshot: it is released at the next
+    enforce_budget() (parsed again if that process is sampled again).
     """
 
     def __init__(self, max_files: int = 4096, debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS,
-                 debuginfod: DebuginfodClient | None = None) -> None:
+                 debuginfod: DebuginfodClient | None = None, max_bytes: int | None = None) -> None:
         self.max_files = max_files
+        self.max_bytes = max_bytes  # None: no byte budget (a one-shot capture)
         self.debug_dirs = debug_dirs  # where new FileSymbols look for separate debug info
         self.debuginfod = debuginfod  # and the servers they ask when none is found there
         self._by_id: OrderedDict[FileId, FileSymbols] = OrderedDict()
+        self._retired: list[FileSymbols] = []  # evicted by count, to be released by enforce_budget()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.budget_evictions = 0  # files released by the byte budget
+        self.released_bytes = 0
 
     def get(self, elf: ElfFile) -> FileSymbols:
         """The cached FileSymbols of this file's build id, or a new one for it."""
@@ -260,6 +326,7 @@ class SymbolCache:
             if fs is not None:
                 self.hits += 1
                 self._by_id.move_to_end(fid)
+                fs.last_used = time.monotonic()
                 return fs
             self.misses += 1
             fs = FileSymbols(elf, fid)
@@ -269,26 +336,51 @@ class SymbolCache:
                 fs.debuginfod = self.debuginfod
             self._by_id[fid] = fs
             while len(self._by_id) > self.max_files:
-                self._by_id.popitem(last=False)
+                _, gone = self._by_id.popitem(last=False)
+                if self.max_bytes is not None:
+                    self._retired.append(gone)
                 self.evictions += 1
             return fs
+
+    def enforce_budget(self) -> int:
+        """Release files evicted by count, then the least recently used until the copies the cache
+        holds fit `max_bytes` (those counted in budget_evictions); returns how many were released in
+        all. The daemon calls it in its builder, after each interval, when no lookup of its own is
+        under way (FileSymbols.release)."""
+        if self.max_bytes is None:
+            return 0
+        with self._lock:
+            retired, self._retired = self._retired, []
+            files = list(self._by_id.values())
+        for fs in retired:
+            self.released_bytes += fs.release()
+        released = len(retired)
+        held = [(fs.last_used, i, fs, fs.held_bytes()) for i, fs in enumerate(files)]
+        total = sum(h[3] for h in held)
+        if total > self.max_bytes:
+            before, budget = total, 0
+            for _, _, fs, n in sorted(held):
+                if total <= self.max_bytes:
+                    break
+                if n <= 0:
+                    continue
+                self.released_bytes += fs.release()
+                total -= n
+                budget += 1
+            self.budget_evictions += budget
+            released += budget
+            log.info("symbol cache: %d files released to fit its %.1f MiB budget (%.1f -> %.1f MiB held)",
+                     budget, self.max_bytes / 2**20, before / 2**20, total / 2**20)
+        return released
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def mapped_bytes(self) -> int:
-        """Bytes of the files the cache holds that were copied into memory (ElfFile.ensure)."""
+        """Bytes the files in the cache hold copied or inflated in memory (FileSymbols.held_bytes)."""
         with self._lock:
             files = list(self._by_id.values())
-        total = 0
-        for fs in files:
-            if fs.elf is None:
-                continue
-            try:
-                total += fs.elf.copied_bytes
-            except AttributeError:
-                pass
-        return total
+        return sum(fs.held_bytes() for fs in files)
 
 
 DEFAULT_CACHE = SymbolCache()

@@ -21,6 +21,9 @@ DELETED_SUFFIX = " (deleted)"
 MEMFD_PREFIX = "/memfd:"
 # Symlinks followed per path before giving up, as the kernel's ELOOP limit.
 MAX_SYMLINKS = 40
+# Most of /proc/PID/maps read: ~100k mappings. A process can make as many as vm.max_map_count allows
+# (65530 by default, but raised on some hosts) with paths up to PATH_MAX each; past it, an OSError.
+MAX_MAPS_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,13 @@ def parse_maps(text: str) -> list[MapsEntry]:
 
 
 def read_maps(pid: int | str, proc_root: str = "/proc") -> list[MapsEntry]:
-    """The maps of process `pid`. Raises OSError (e.g. FileNotFoundError once it exited)."""
+    """The maps of process `pid`. Raises OSError (e.g. FileNotFoundError once it exited, EFBIG past
+    MAX_MAPS_BYTES)."""
     with open(f"{proc_root}/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
-        return parse_maps(f.read())
+        text = f.read(MAX_MAPS_BYTES + 1)
+    if len(text) > MAX_MAPS_BYTES:
+        raise OSError(errno.EFBIG, f"/proc/{pid}/maps is larger than {MAX_MAPS_BYTES >> 20} MiB")
+    return parse_maps(text)
 
 
 def file_base(pid: int | str, path: str, proc_root: str = "/proc") -> int:

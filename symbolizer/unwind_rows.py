@@ -371,13 +371,12 @@ def lookup(rows: UnwindRows, vaddr: int) -> tuple[int, int, int]:
     return decode_row(kind, rbp, cfa)
 
 
-_BUILT: weakref.WeakKeyDictionary[FileSymbols, UnwindRows] = weakref.WeakKeyDictionary()
 _BUILDING: weakref.WeakKeyDictionary[FileSymbols, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
 def file_rows(fs: FileSymbols) -> UnwindRows:
-    """The rows of a file, built on first use and kept as long as its FileSymbols lives.
+    """The rows of a file, built on first use and kept in its FileSymbols (until it is released).
 
     Built once even when threads ask together (a lock per file, so one big
     file does not hold up the others). A file's corrupt CFI or pclntab is
@@ -385,15 +384,15 @@ def file_rows(fs: FileSymbols) -> UnwindRows:
     build_rows raises.
     """
     with _LOCK:
-        got = _BUILT.get(fs)
+        got = fs.unwind_rows
         if got is not None:
             return got
         lock = _BUILDING.setdefault(fs, threading.Lock())
     with lock:
-        got = _BUILT.get(fs)
+        got = fs.unwind_rows
         if got is None:
             got = build_rows(fs.unwind_table, fs.go)
             with _LOCK:
-                _BUILT[fs] = got
+                fs.unwind_rows = got
                 _BUILDING.pop(fs, None)
         return got

@@ -60,6 +60,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 RELABEL_ACTIONS = ("drop", "keep", "drop_label", "rename_label", "mask")
 MAX_FREQUENCY_HZ = 20_000
 MAX_DEBUGINFOD_TIMEOUT_S = 60.0  # profiling.debuginfod_timeout_s: the interval's build waits at most this
+MIN_SYMBOL_CACHE_BYTES = 16 * 1024 * 1024  # limits.max_symbol_cache_bytes: below it libc and one program thrash
 MAX_RETRY_AFTER_S = 3600.0  # export.max_retry_after_s: an hour of silence is the most a collector may ask
 UNWIND_MODES = tuple(m.value for m in UnwindMode)
 
@@ -128,6 +129,8 @@ class ExportConfig:
 class LimitsConfig:
     max_processes: int = 8192  # process table; least recently sampled exited processes go first
     max_symbol_files: int = 512  # symbol cache (files by build id), LRU
+    # Copies of files (and inflated DWARF) the symbol cache holds; past it the least recently used are released.
+    max_symbol_cache_bytes: int = 256 * 1024 * 1024
     max_interval_samples: int = 2_000_000  # records kept per interval; more are dropped and counted
     cpu_percent: float = 1.0  # the agent's CPU budget (its process + its BPF programs), % of all CPUs; 0 = off
     min_frequency_hz: int = 19  # the governor never samples slower than this to hold cpu_percent
@@ -421,6 +424,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     lim = cfg.limits
     _check(lim.max_processes >= 16, "limits.max_processes", "an integer >= 16", lim.max_processes)
     _check(lim.max_symbol_files >= 8, "limits.max_symbol_files", "an integer >= 8", lim.max_symbol_files)
+    _check(lim.max_symbol_cache_bytes >= MIN_SYMBOL_CACHE_BYTES, "limits.max_symbol_cache_bytes",
+           f"an integer >= {MIN_SYMBOL_CACHE_BYTES}", lim.max_symbol_cache_bytes)
     _check(lim.max_interval_samples >= 1000, "limits.max_interval_samples", "an integer >= 1000",
            lim.max_interval_samples)
     _check(0 <= lim.cpu_percent <= 100, "limits.cpu_percent", "a percentage from 0 (off) to 100",

@@ -130,8 +130,11 @@ class AgentCollector(Collector):
             debuginfod.add_metric([outcome], client.outcomes[outcome] if client is not None else 0)
         yield debuginfod
         yield counter("symbolizer_cache_evictions", "Symbol cache evictions (LRU).", self.cache.evictions)
+        yield counter("symbolizer_cache_budget_evictions",
+                      "Files whose copies the symbol cache released to stay within limits.max_symbol_cache_bytes.",
+                      self.cache.budget_evictions)
         yield gauge("symbolizer_cache_files", "Files in the symbol cache.", len(self.cache))
-        yield gauge("symbolizer_cache_bytes", "Bytes of the files the symbol cache holds copied in memory.", self.cache.mapped_bytes())
+        yield gauge("symbolizer_cache_bytes", "Bytes of files the symbol cache holds copied or inflated in memory.", self.cache.mapped_bytes())
         yield gauge("sampling_frequency_hz", "CPU sampling frequency now (the overhead governor moves it).",
                     s.frequency_hz)
         yield gauge("heap_sample_bytes", "Mean bytes between the allocations BPF samples now (heap; the overhead "

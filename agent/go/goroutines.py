@@ -42,6 +42,7 @@ ALLGS = "runtime.allgs"
 MAX_FRAMES = 127
 MAX_GOROUTINES_READ = 1 << 20  # a corrupt allglen must not make us read forever
 MAX_LABELS = 64
+MAX_LABEL_BYTES = 1024  # of one key or value: the length is the program's word, not to be trusted
 # runtime.isSystemGoroutine: these entry functions are user goroutines although in package runtime.
 USER_RUNTIME_ENTRIES = frozenset({"runtime.main", "runtime.corostart", "runtime.handleAsyncEvent"})
 FUNC_FLAG_TOP_FRAME = 1  # abi.FuncFlagTopFrame: goexit, the bottom of every goroutine
@@ -230,8 +231,8 @@ def read_labels(mem: ProcessMemory, ptr: int) -> tuple[tuple[str, str], ...]:
     out = []
     for i in range(length):
         kp, kl, vp, vl = words[4 * i:4 * i + 4]
-        key = mem.read(kp, kl).decode(errors="replace") if kl else ""
-        value = mem.read(vp, vl).decode(errors="replace") if vl else ""
+        key = mem.read(kp, min(kl, MAX_LABEL_BYTES)).decode(errors="replace") if kl else ""
+        value = mem.read(vp, min(vl, MAX_LABEL_BYTES)).decode(errors="replace") if vl else ""
         out.append((key, value))
     return tuple(out)
 

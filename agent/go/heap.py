@@ -29,12 +29,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from elftools.elf.elffile import ELFFile
-
 from agent.go.exit_pause import GO_EXIT_FUNCTIONS
 from agent.go.heap_buckets import BucketAddresses, cycle_words
 from agent.processes.memory import ProcessMemory
-from symbolizer.elf import ElfFile
+from symbolizer.elf import ElfFile, defined_symbols
+from symbolizer.errors import BpfprofError
 from symbolizer.gobuildinfo import read_build_info
 from symbolizer.gopclntab import load_pclntab
 from symbolizer.proc_maps import file_base
@@ -79,61 +78,51 @@ class GoHeapTarget:
 
 
 def go_heap_target(path: str) -> GoHeapTarget | None:
-    """The probe points of `path`, or None if it is not a Go binary with a memory profiler."""
+    """The probe points of `path`, or None if it is not a Go binary with a memory profiler.
+
+    Read through ElfFile (the file is another user's: bounded copies, never a whole read)."""
     try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            symtab = elf.get_section_by_name(".symtab")
-            syms = {}
-            if symtab is not None:
-                for name in (MALLOC_SYMBOL, FREE_SYMBOL, RATE_SYMBOL, DISABLED_SYMBOL, BUCKETS_SYMBOL,
-                             CYCLE_SYMBOL, *GO_EXIT_FUNCTIONS):
-                    found = symtab.get_symbol_by_name(name)
-                    if found:
-                        syms[name] = found[0]["st_value"]
-            else:  # stripped: the functions are still in .gopclntab (the variables are not: defaults assumed)
-                syms = _pclntab_functions(path, (MALLOC_SYMBOL, FREE_SYMBOL))
+        with ElfFile(path) as ef:
+            syms = defined_symbols(ef, (MALLOC_SYMBOL, FREE_SYMBOL, RATE_SYMBOL, DISABLED_SYMBOL, BUCKETS_SYMBOL,
+                                        CYCLE_SYMBOL, *GO_EXIT_FUNCTIONS), tables=(".symtab",))
+            if ef.headers.section(".symtab") is None:
+                # stripped: the functions are still in .gopclntab (the variables are not: defaults assumed)
+                syms = _pclntab_functions(ef, (MALLOC_SYMBOL, FREE_SYMBOL))
             if MALLOC_SYMBOL not in syms or FREE_SYMBOL not in syms:
                 return None
-            disabled = False
-            if DISABLED_SYMBOL in syms:
-                disabled = _read_vaddr(elf, syms[DISABLED_SYMBOL], 1) == b"\x01"
-            pie = elf.header["e_type"] == "ET_DYN"
-    except (OSError, ValueError) as e:
+            disabled = DISABLED_SYMBOL in syms and _read_vaddr(ef, syms[DISABLED_SYMBOL], 1) == b"\x01"
+            pie = ef.is_pie_or_shared
+            malloc_off = ef.offset_for_vaddr(syms[MALLOC_SYMBOL])
+            free_off = ef.offset_for_vaddr(syms[FREE_SYMBOL])
+            exit_vaddr = next((syms[n] for n in GO_EXIT_FUNCTIONS if n in syms), 0)
+            exit_off = ef.offset_for_vaddr(exit_vaddr) if exit_vaddr else 0
+            info = read_build_info(ef)
+    except (OSError, BpfprofError) as e:
         log.debug("%s: not usable for Go heap probes: %s", path, e)
         return None
-    except Exception as e:  # noqa: BLE001  (pyelftools raises its own errors on odd files)
-        log.debug("%s: not an ELF file we can read: %s", path, e)
-        return None
-    with ElfFile(path) as ef:
-        malloc_off = ef.offset_for_vaddr(syms[MALLOC_SYMBOL])
-        free_off = ef.offset_for_vaddr(syms[FREE_SYMBOL])
-        exit_vaddr = next((syms[n] for n in GO_EXIT_FUNCTIONS if n in syms), 0)
-        exit_off = ef.offset_for_vaddr(exit_vaddr) if exit_vaddr else 0
-        info = read_build_info(ef)
     version = info.version_tuple if info is not None else None
     words = cycle_words(version) if version else 0
     return GoHeapTarget(path, malloc_off, free_off, syms.get(RATE_SYMBOL, 0), pie, disabled,
                         syms.get(BUCKETS_SYMBOL, 0), syms.get(CYCLE_SYMBOL, 0), words, exit_off)
 
 
-def _pclntab_functions(path: str, names: tuple[str, ...]) -> dict[str, int]:
+def _pclntab_functions(elf: ElfFile, names: tuple[str, ...]) -> dict[str, int]:
     """Entry addresses of the Go functions `names` from the binary's .gopclntab."""
-    with open(path, "rb") as f:
-        tab = load_pclntab(f.read())
+    tab = load_pclntab(elf)
     if tab is None:
         return {}
     return {name: entry for entry, _, name in tab.functions() if name in names}
 
 
-def _read_vaddr(elf: ELFFile, vaddr: int, size: int) -> bytes | None:
+def _read_vaddr(elf: ElfFile, vaddr: int, size: int) -> bytes | None:
     """Initial bytes of a variable in the file (data sections; bss reads as zero)."""
-    for seg in elf.iter_segments():
-        if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= vaddr < seg["p_vaddr"] + seg["p_memsz"]:
-            rel = vaddr - seg["p_vaddr"]
-            if rel >= seg["p_filesz"]:
+    for seg in elf.load_segments:
+        if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.memsz:
+            rel = vaddr - seg.vaddr
+            if rel + size > seg.filesz:
                 return b"\0" * size
-            return seg.data()[rel:rel + size]
+            elf.ensure(seg.offset + rel, size)
+            return bytes(elf.image[seg.offset + rel:seg.offset + rel + size])
     return None
 
 

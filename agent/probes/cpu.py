@@ -142,6 +142,15 @@ class CpuProbe(ProbeFamily):
         # (CLOCK_MONOTONIC ns, Hz) of each change, so an interval's samples weigh the period they were taken at.
         self.frequency_changes: list[tuple[int, int]] = []
         self._event_fds: list[int] = []
+        tracker.on_evict(self.forget)
+
+    def forget(self, pid: int) -> None:
+        """A process left the process table: what the registries and the code object cache hold of it goes."""
+        self.python_frames.forget(pid)
+        if self.python is not None:
+            self.python.forget(pid)
+        if self.trace_contexts is not None:
+            self.trace_contexts.forget(pid)
 
     def frequency_at(self, ktime_ns: int, changes: list[tuple[int, int]]) -> int:
         """The frequency in effect at `ktime_ns` (CLOCK_MONOTONIC) given `changes` (frequency_changes)."""

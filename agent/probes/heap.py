@@ -34,8 +34,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from elftools.elf.elffile import ELFFile
-
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
@@ -50,7 +48,7 @@ from agent.processes.targets import gated_command_path
 from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location, Profile, SampleKey
 from exporters.profile_types import empty_profile
-from symbolizer.elf import ElfFile
+from symbolizer.elf import ElfFile, defined_symbols
 from symbolizer.errors import BpfprofError
 from symbolizer.proc_maps import open_mapped_file, read_maps
 
@@ -195,22 +193,15 @@ class _ProbePoint:
 
 
 def libc_probe_points(path: str) -> list[_ProbePoint]:
-    """Entry (and return) probe points of the allocation functions `path` exports."""
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        dynsym = elf.get_section_by_name(".dynsym")
-        if dynsym is None:
-            return []
-        vaddrs = {}
-        for name in LIBC_PROBES:
-            syms = [s for s in (dynsym.get_symbol_by_name(name) or ()) if s["st_shndx"] != "SHN_UNDEF"]
-            if syms:
-                vaddrs[name] = syms[0]["st_value"]
-    if "malloc" not in vaddrs or "free" not in vaddrs:
-        return []
-    points: list[_ProbePoint] = []
-    seen: set[int] = set()
+    """Entry (and return) probe points of the allocation functions `path` exports (read through
+    ElfFile: bounded copies of a file another user may own)."""
     with ElfFile(path) as ef:
+        found = defined_symbols(ef, tuple(LIBC_PROBES), tables=(".dynsym",))
+        vaddrs = {name: found[name] for name in LIBC_PROBES if name in found}  # in LIBC_PROBES' order
+        if "malloc" not in vaddrs or "free" not in vaddrs:
+            return []
+        points: list[_ProbePoint] = []
+        seen: set[int] = set()
         for name, vaddr in vaddrs.items():
             off = ef.offset_for_vaddr(vaddr)
             if off in seen:
@@ -438,7 +429,8 @@ class HeapProbe(ProbeFamily):
         else:
             try:
                 found = heap_sampler.sampler_in(pid)
-            except OSError:
+            except (OSError, BpfprofError) as e:  # a library of that name the agent cannot read: none
+                log.info("heap: pid %d: sampler library not read: %s", pid, e)
                 found = None
             if found is not None:
                 sampler = found[0]

@@ -23,10 +23,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
-
 from agent.go.heap import read_rate_at
 from agent.probes.uprobes import function_offsets
+from symbolizer.elf import ElfFile, defined_symbols
 from symbolizer.proc_maps import open_mapped_file, read_maps
 from symbolizer.unwind_cache import cache_dir
 
@@ -89,10 +88,8 @@ def sampler_sites(path: str) -> SamplerSites | None:
     offsets = function_offsets(path, [ALLOC_FUNCTION, FREE_FUNCTION])
     if len(offsets) < 2:
         return None
-    with open(path, "rb") as f:  # a data symbol: ElfSymbols keeps functions only
-        dynsym = ELFFile(f).get_section_by_name(".dynsym")
-        found = dynsym.get_symbol_by_name(RATE_VARIABLE) if dynsym is not None else None
-    rate_vaddr = found[0]["st_value"] if found else 0
+    with ElfFile(path) as elf:  # a data symbol: ElfSymbols keeps functions only
+        rate_vaddr = defined_symbols(elf, (RATE_VARIABLE,), tables=(".dynsym",)).get(RATE_VARIABLE, 0)
     return SamplerSites(path, offsets[ALLOC_FUNCTION], offsets[FREE_FUNCTION], rate_vaddr)
 
 

@@ -86,6 +86,7 @@ GO_NOT_LOCK_SEMAS = frozenset({"sync.runtime_SemacquireWaitGroup", "sync.runtime
 GO_SEMACQUIRE = "runtime.semacquire1"
 GO_PARK = "runtime.gopark"
 _RET = 0xC3
+MAX_FUNCTION_BYTES = 1 << 20  # runtime.semacquire1 is ~1 KiB; a pclntab claiming more is not believed
 _CALL_REL32 = 0xE8
 
 
@@ -130,25 +131,28 @@ def go_sema_sites(path: str) -> GoSemaSites | None:
     Go's epilogue pops the frame (ADDQ, POPQ BP), so an SP delta of 0 over one
     byte that is 0xC3 is exactly a RET (the prologue's delta-0 range is longer).
     Calls to gopark are `E8 rel32` whose target is gopark's entry.
+    The file is read through ElfFile (another user's file: bounded copies, not a whole read).
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    tab = load_pclntab(data)
-    if tab is None:
-        return None
-    found: dict[str, tuple[int, int, int]] = {}
-    for idx, (entry, end, name) in enumerate(tab.functions()):
-        if name in (GO_SEMACQUIRE, GO_PARK):
-            found[name] = (idx, entry, end)
-    if len(found) < 2:
-        return None
-    idx, entry, end = found[GO_SEMACQUIRE]
-    park = found[GO_PARK][1]
     with ElfFile(path) as elf:
+        tab = load_pclntab(elf)
+        if tab is None:
+            return None
+        found: dict[str, tuple[int, int, int]] = {}
+        for idx, (entry, end, name) in enumerate(tab.functions()):
+            if name in (GO_SEMACQUIRE, GO_PARK):
+                found[name] = (idx, entry, end)
+        if len(found) < 2:
+            return None
+        idx, entry, end = found[GO_SEMACQUIRE]
+        park = found[GO_PARK][1]
         base = elf.offset_for_vaddr(entry)
-    code = data[base:base + end - entry]
+        if not 0 < end - entry <= MAX_FUNCTION_BYTES:
+            return None
+        elf.ensure(base, end - entry)
+        code = bytes(elf.image[base:base + end - entry])
+        pcsp = _pcsp_table(tab, idx)
     returns, start = [], 0
-    for stop, delta in zip(*_pcsp_table(tab, idx), strict=True):
+    for stop, delta in zip(*pcsp, strict=True):
         if delta == 0 and stop - start == 1 and code[start] == _RET:
             returns.append(base + start)
         start = stop

@@ -9,8 +9,12 @@ the file open, so it stays readable after the process is gone.
 
 from __future__ import annotations
 
+import errno
+import inspect
 import logging
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.processes.containers import ContainerInfo, read_container_info, read_environ_var
@@ -80,7 +84,28 @@ class ProcessTracker:
         self._vdso: FileSymbols | None = None
         # (pid, tid) pairs whose name was compared with the snapshot's (see note_record), bounded
         self._named_tids: set[tuple[int, int]] = set()
+        # Told of every pid evicted once no interval may still need what they hold of it (on_evict)
+        self._listeners: list[Callable[[], Callable[[int], None] | None]] = []
+        self._forget_later: dict[int, int] = {}  # evicted pid -> the interval that may still need it
         self.stats = TrackerStats()
+
+    def on_evict(self, forget: Callable[[int], None]) -> None:
+        """Call `forget(pid)` for each pid evicted, once no pending interval needs it: per-process state
+        kept elsewhere (Python code objects, registries) goes with the process. A bound method is held
+        weakly (the families of a config replaced by a reload go with it)."""
+        if inspect.ismethod(forget):
+            ref = weakref.WeakMethod(forget)
+            self._listeners.append(ref)
+        else:
+            self._listeners.append(lambda: forget)
+
+    def _forget(self, pid: int) -> None:
+        for ref in list(self._listeners):
+            forget = ref()
+            if forget is None:
+                self._listeners.remove(ref)
+            else:
+                forget(pid)
 
     def __contains__(self, pid: int) -> bool:
         return pid in self._procs
@@ -164,7 +189,9 @@ class ProcessTracker:
                 return None
             with open(f"{base}/comm") as f:
                 name = f.read().strip()
-        except OSError:
+        except OSError as e:
+            if e.errno == errno.EFBIG:  # a process that made more mappings than we read: counted as a failure
+                log.warning("pid %d: not snapshotted, its stacks stay unresolved: %s", pid, e.strerror)
             return None
         try:
             exe = os.readlink(f"{base}/exe")
@@ -235,6 +262,12 @@ class ProcessTracker:
         or whose pid was reused (start time changed), then the least recently
         sampled until the table is under `max_processes`.
         """
+        for pid, seq in list(self._forget_later.items()):
+            if pid in self._procs:
+                del self._forget_later[pid]  # seen again: alive under that pid
+            elif seq < safe_seq:
+                del self._forget_later[pid]
+                self._forget(pid)
         failed = [pid for pid, info in self._procs.items() if info is None]
         failed_set = set(failed)
         candidates = sorted((seq, pid) for pid, seq in self._last_seen.items()
@@ -248,8 +281,12 @@ class ProcessTracker:
                 gone += [pid for _, pid in candidates if pid not in gone_set][:excess]
         for pid in gone:
             self._procs.pop(pid, None)
-            self._last_seen.pop(pid, None)
+            seq = self._last_seen.pop(pid, None)
             self._start.pop(pid, None)
+            if seq is None or seq < safe_seq:
+                self._forget(pid)
+            else:  # a failed snapshot sampled in an interval not built yet: its other state waits for it
+                self._forget_later[pid] = seq
         self.stats.evictions += len(gone)
         if len(self._by_inode) > INODE_CACHE_MAX:
             self._by_inode.clear()

@@ -100,14 +100,24 @@ class PythonFrames:
 
     def __init__(self, proc_root: str = "/proc") -> None:
         self._proc_root = proc_root
-        self._codes: dict[tuple[int, int], CodeInfo | None] = {}
-        self._locations: dict[tuple[int, int], Location] = {}
+        # pid -> code address -> what it names; pid -> frame word -> its Location (forget() drops a pid)
+        self._codes: dict[int, dict[int, CodeInfo | None]] = {}
+        self._locations: dict[int, dict[int, Location]] = {}
         self.unreadable = 0
 
+    def forget(self, pid: int) -> None:
+        """Drop what was read of `pid` (the process table evicted it: it exited, or its pid is reused)."""
+        self._codes.pop(pid, None)
+        self._locations.pop(pid, None)
+
+    def __len__(self) -> int:
+        """Code objects held, of every process."""
+        return sum(len(c) for c in list(self._codes.values()))
+
     def code(self, pid: int, addr: int, layout: PyLayout) -> CodeInfo | None:
-        key = (pid, addr)
-        if key in self._codes:
-            return self._codes[key]
+        codes = self._codes.setdefault(pid, {})
+        if addr in codes:
+            return codes[addr]
         info = None
         try:
             with ProcessMemory(pid, self._proc_root) as mem:
@@ -115,7 +125,7 @@ class PythonFrames:
         except (OSError, ValueError, UnicodeDecodeError) as e:
             self.unreadable += 1
             log.debug("pid %d: code object 0x%x unreadable: %s", pid, addr, e)
-        self._codes[key] = info
+        codes[addr] = info
         return info
 
     @staticmethod
@@ -131,16 +141,19 @@ class PythonFrames:
 
     def read_codes(self, pid: int, words: Sequence[int], layout: PyLayout) -> None:
         """Read the code objects of a record's frames now (cached), while its process is alive."""
+        codes = self._codes.get(pid)
         for w in words:
-            key = (pid, w & PY_CODE_MASK)
-            if key not in self._codes:
-                self.code(pid, key[1], layout)
+            addr = w & PY_CODE_MASK
+            if codes is None or addr not in codes:
+                self.code(pid, addr, layout)
+                codes = self._codes.get(pid)
 
     def location(self, pid: int, word: int, layout: PyLayout) -> Location:
         """The Location of one frame word (a frame named by its address when the code is unreadable)."""
         addr, unit, _entry = split_word(word)
-        key = (pid, word & ~(1 << PY_ENTRY_BIT))
-        loc = self._locations.get(key)
+        key = word & ~(1 << PY_ENTRY_BIT)
+        locations = self._locations.setdefault(pid, {})
+        loc = locations.get(key)
         if loc is None:
             info = self.code(pid, addr, layout)
             if info is None:
@@ -149,7 +162,7 @@ class PythonFrames:
                 frame = Frame(function=info.qualname, kind=FrameKind.CPYTHON, file=info.filename,
                               line=line_of(info.linetable, info.firstlineno, unit), start_line=info.firstlineno,
                               system_name=info.qualname)
-            loc = self._locations[key] = Location(address=addr, mapping=None, frames=(frame,))
+            loc = locations[key] = Location(address=addr, mapping=None, frames=(frame,))
         return loc
 
     def merge(self, pid: int, stack: tuple[Location, ...], words: Sequence[int],

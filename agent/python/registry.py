@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FileId = tuple[int, int]
 MAX_NAMES = 16  # thread names per pid that trigger a new look
+MAX_FILES = 4096  # files examined kept (dev, inode); past it they are forgotten (a build makes new ones)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ class PythonRegistry:
                 continue
             ident = (st.st_dev, st.st_ino)
             if ident not in self._by_file:
+                if len(self._by_file) >= MAX_FILES:
+                    self._by_file.clear()
                 self._by_file[ident] = examine_file(path)
             binary = self._by_file[ident]
             if binary is None:

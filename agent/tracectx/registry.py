@@ -38,6 +38,7 @@ from symbolizer.errors import BpfprofError
 log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
+MAX_FILES = 4096  # executables examined kept (dev, inode); past it they are forgotten (a build makes new ones)
 WORKER_IDLE_S = 1.0
 FileId = tuple[int, int]  # (st_dev, st_ino) of the executable
 
@@ -115,6 +116,8 @@ class TraceContextRegistry:
             if ident is not None:
                 known = self._by_file.get(ident)
                 if known is None:
+                    if len(self._by_file) >= MAX_FILES:
+                        self._by_file.clear()
                     known = self._by_file[ident] = examine(exe, use_dwarf=False)
                     self.examined_files += 1
                     if self._use_dwarf and known.has_dwarf and known.go is not None:
@@ -125,6 +128,15 @@ class TraceContextRegistry:
                 self._write(pid, value)
         if value is not None:
             log.info("pid %d: trace context %s", pid, ctx)
+
+    def forget(self, pid: int) -> None:
+        """Drop `pid` (the process table evicted it): looked at again if it shows up again."""
+        with self._lock:
+            self._pids.pop(pid, None)
+
+    def __len__(self) -> int:
+        """Processes known."""
+        return len(self._pids)
 
     def _queue_dwarf(self, ident: FileId, exe: str) -> None:
         """Under the lock. The worker exits when idle, so no thread outlives a capture for long."""

@@ -1,0 +1,67 @@
+"""What the agent keeps of a process goes when the process table evicts it.
+
+Under churn (a thousand processes a minute) the CPU family's registries
+(Python interpreters, trace contexts) and its cache of Python code objects
+grew by every pid ever seen: a soak's RSS never levelled. The tracker tells
+them of each pid it evicts, once no interval still to be built needs it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from agent.probes.cpu import CpuProbe
+from agent.probes.family import ProbeConfig
+from agent.processes.tracker import ProcessTracker
+from agent.python.registry import PythonRegistry
+from agent.tracectx.registry import TraceContextRegistry
+from symbolizer.file_symbols import SymbolCache
+
+PYTHON = "/usr/bin/python3.11"
+CHILD = "import sys, time\ndef work(): pass\nprint(id(work.__code__), flush=True)\ntime.sleep(60)\n"
+
+
+def test_an_evicted_process_leaves_the_registries_and_the_code_cache():
+    tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
+    probe = CpuProbe(ProbeConfig(), tracker)
+    written: dict[str, dict[int, object]] = {"py": {}, "ctx": {}}
+    probe.python = PythonRegistry(lambda pid, v: written["py"].__setitem__(pid, v))
+    probe.trace_contexts = TraceContextRegistry(lambda pid, v: written["ctx"].__setitem__(pid, v), use_dwarf=False)
+    child = subprocess.Popen([PYTHON, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        code_addr = int(child.stdout.readline())
+        pid = child.pid
+        assert tracker.observe(pid) is not None
+        tracker.seen(pid, 0)
+        proc = probe.python.observe(pid, "python3.11")
+        assert proc is not None and proc.layout is not None
+        probe.python_frames.read_codes(pid, [code_addr], proc.layout)
+        assert probe.python_frames.code(pid, code_addr, proc.layout).qualname == "work"
+        probe.trace_contexts.observe(pid, "python3.11")
+        assert pid in probe.python.processes and len(probe.python_frames) == 1 and len(probe.trace_contexts) == 1
+        assert tracker.evict(safe_seq=1) == 0  # alive: it stays, and so does what is known of it
+    finally:
+        child.kill()
+        child.wait()
+    assert tracker.evict(safe_seq=0) == 0  # interval 0 is not built yet: it still needs the process
+    assert pid in probe.python.processes
+    assert tracker.evict(safe_seq=1) == 1
+    assert pid not in probe.python.processes
+    assert len(probe.python_frames) == 0
+    assert len(probe.trace_contexts) == 0
+
+
+def test_a_failed_snapshot_sampled_in_a_pending_interval_is_forgotten_after_it():
+    tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
+    forgotten: list[int] = []
+    tracker.on_evict(forgotten.append)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert tracker.observe(child.pid) is None  # gone before its maps were read
+    tracker.seen(child.pid, 3)
+    assert tracker.evict(safe_seq=2) == 1  # nothing to symbolize with: out of the table at once...
+    assert forgotten == []  # ...but interval 3 may still look up what else is known of it
+    tracker.evict(safe_seq=3)
+    assert forgotten == []
+    tracker.evict(safe_seq=4)
+    assert forgotten == [child.pid]
