@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import yaml  # noqa: E402
 from agent_churn import Churn, build_churn  # noqa: E402
+
 from fixtures.builder import build_go  # noqa: E402
 from recording import BPFPROF, read_pprof  # noqa: E402
 

@@ -96,7 +96,7 @@ class CpuAccumulator(Accumulator):
 
             def weights(values: array, times: array) -> list[int]:
                 at = [bisect.bisect_right(starts, t) - 1 for t in times]
-                return [sum(values), sum(v * (periods[i] if i >= 0 else first) for v, i in zip(values, at))]
+                return [sum(values), sum(v * (periods[i] if i >= 0 else first) for v, i in zip(values, at, strict=True))]
 
             profile.comments.append("sampling frequency changed (overhead governor or reload): "
                                     + ", ".join(f"{hz} Hz from {(t + window.wall_offset_ns) / 1e9:.3f}"

@@ -9,7 +9,6 @@ too; the `state` label tells them apart from sleeps.
 from __future__ import annotations
 
 import ctypes
-
 from collections.abc import Callable
 
 from agent.bpfload import libbpf
