@@ -49,6 +49,7 @@ class PyBinary:
     runtime_vaddr: int  # ELF vaddr of _PyRuntime
     version: tuple[int, int] | None
     layout: PyLayout | None = None  # None: the version has none
+    reason: str | None = None  # why there is no layout (unsupported_reason, or what this build lacks)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class PyProcess:
     version: tuple[int, int] | None
     runtime_addr: int  # runtime address of _PyRuntime
     layout: PyLayout | None
+    reason: str | None = None  # PyBinary.reason
 
     def proc_value(self) -> PyProc | None:
         """The `py_procs` value, None for a version without a layout."""
@@ -104,13 +106,15 @@ def examine_file(path: str) -> PyBinary | None:
             else:
                 version = version_from_name(path)
             layout = LAYOUTS.get(version) if version else None
+            reason = unsupported_reason(version)
             if version == (3, 13):
                 raw = os.pread(f.fileno(), DEBUG_OFFSETS_313_BYTES, elf.offset_for_vaddr(runtime))
                 try:
                     layout = from_debug_offsets(raw)
-                except DebugOffsetsError as e:
-                    log.info("%s: %s; the 3.13 table from CPython's headers used", path, e)
-            return PyBinary(runtime, version, layout)
+                except DebugOffsetsError as e:  # a free-threaded build: other layouts than the table's
+                    layout = None
+                    reason = f"CPython 3.13 ({e}): Python frames not supported; native frames kept"
+            return PyBinary(runtime, version, layout, reason)
     except (BpfprofError, OSError) as e:
         log.info("%s: not examined for CPython: %s", path, e)
         return None
@@ -157,7 +161,7 @@ class PythonRegistry:
                 self._write(pid, value)
                 log.info("pid %d: CPython %s frames read in BPF (%s)", pid, found.version, found.path)
             else:
-                log.info("pid %d: %s", pid, unsupported_reason(found.version))
+                log.info("pid %d: %s", pid, found.reason)
         return found
 
     def forget(self, pid: int) -> None:
@@ -168,7 +172,7 @@ class PythonRegistry:
     def comments(self) -> list[str]:
         """The profile's comment lines: one per interpreter version seen without a layout, and one per
         supported version whose functions are named by co_name."""
-        out = {unsupported_reason(p.version) if p.layout is None else name_note(p.version)
+        out = {p.reason if p.layout is None else name_note(p.version)
                for p in self.processes.values() if p is not None}
         return sorted(r for r in out if r)
 
@@ -199,5 +203,5 @@ class PythonRegistry:
             if vaddr is None:
                 continue
             bias = m.start - vaddr
-            return PyProcess(m.path, binary.version, binary.runtime_vaddr + bias, binary.layout)
+            return PyProcess(m.path, binary.version, binary.runtime_vaddr + bias, binary.layout, binary.reason)
         return None

@@ -78,3 +78,24 @@ def test_doctor_names_each_interpreter_with_its_version():
     for python in sorted(Path("/root/.pyenv/versions").glob("3.[78].*/bin/python3.[78]")):
         assert f"{python} (CPython 3.{python.name[-1]})" in bad
     assert check.ok
+
+
+def test_a_313_build_without_usable_debug_offsets_keeps_native_frames(tmp_path):
+    """A free-threaded 3.13 (other struct layouts than the GIL build's table) is named, not walked."""
+    import shutil
+
+    from agent.python.registry import data_symbol, examine_file
+    from symbolizer.elf import ElfFile
+
+    lib = sorted(Path("/root/.pyenv/versions").glob("3.13.*/lib/libpython3.13.so.1.0"))
+    assert lib, "pyenv's CPython 3.13 is missing"
+    copy = tmp_path / "libpython3.13.so.1.0"
+    shutil.copy(lib[0], copy)
+    with ElfFile(str(copy)) as elf:
+        off = elf.offset_for_vaddr(data_symbol(elf, "_PyRuntime"))
+    with open(copy, "r+b") as f:
+        f.seek(off + 16)
+        f.write((1).to_bytes(8, "little"))  # _Py_DebugOffsets.free_threaded
+    found = examine_file(str(copy))
+    assert found is not None and found.version == (3, 13) and found.layout is None
+    assert found.reason.startswith("CPython 3.13 (a free-threaded build)") and "native frames kept" in found.reason
