@@ -115,7 +115,7 @@ class CpuAccumulator(Accumulator):
         add_records(profile, self.samples, resolver, tracker, window, weights, with_kernel=config.with_kernel,
                     reshape=reshape)
         if python is not None:
-            profile.comments.extend(python.unsupported())
+            profile.comments.extend(python.comments())
         return [profile]
 
 
