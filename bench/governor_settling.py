@@ -69,6 +69,7 @@ class Settling:
     budget_percent: float
     curve: list[tuple[float, int, float]] = field(default_factory=list)  # (s since start, Hz, cost % of CPUs)
     offcpu_us: list[float] = field(default_factory=list)  # the off-CPU threshold at each point of the curve
+    bpf_percent: list[float] = field(default_factory=list)  # the BPF programs' part of each point's cost
     pprof_dir: Path | None = None
     fixture_pid: int = 0
     fixture_cpu_s: float = 0.0
@@ -137,6 +138,7 @@ def run(work: Path, seconds: float, frequency_hz: int, budget_percent: float, fl
                 cost = ((cpu - prev_cpu) + (bpf - prev_bpf)) / (now - prev_t) / cpus * 100
                 out.curve.append((round(now - t0, 1), int(m.get("bpfprof_sampling_frequency_hz", 0)), cost))
                 out.offcpu_us.append(m.get("bpfprof_offcpu_min_block_seconds", 0.0) * 1e6)
+                out.bpf_percent.append((bpf - prev_bpf) / (now - prev_t) / cpus * 100)
                 prev_t, prev_cpu, prev_bpf = now, cpu, bpf
         split.returncode = os.waitstatus_to_exitcode(status)
         out.fixture_cpu_s = usage.ru_utime + usage.ru_stime
@@ -182,9 +184,9 @@ def main() -> None:
         print(f"budget {args.budget}% of {os.cpu_count()} CPUs; start {args.frequency} Hz, floor {args.floor} Hz; "
               f"{args.rate:g} processes/min; {','.join(profiles)}")
         offcpu = "offcpu" in profiles
-        print("   t(s)      Hz   cost(% of CPUs)" + ("   off-CPU threshold (us)" if offcpu else ""))
-        for (t, hz, cost), us in zip(s.curve, s.offcpu_us, strict=True):
-            print(f"  {t:5.0f}  {hz:6d}   {cost:6.2f}" + (f"   {us:8.0f}" if offcpu else ""))
+        print("   t(s)      Hz   cost(% of CPUs)  of it BPF" + ("   off-CPU threshold (us)" if offcpu else ""))
+        for (t, hz, cost), bpf, us in zip(s.curve, s.bpf_percent, s.offcpu_us, strict=True):
+            print(f"  {t:5.0f}  {hz:6d}   {cost:6.2f}           {bpf:6.2f}" + (f"   {us:8.0f}" if offcpu else ""))
         at = s.settled_at()
         if at is None:
             print("never settled within budget +-20%")
