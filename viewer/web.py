@@ -228,7 +228,8 @@ class Api:
         return self._json({
             "profile": file_profiles.profile_json(lp), "method": a.method.value, "reason": a.reason,
             "type": a.profile_type.key, "window_ms": [(a.window[0] - lp.start_ns) / 1e6, (a.window[1] - lp.start_ns) / 1e6],
-            "flamegraph": flamegraph(self.store, a), "timeline": timeline(a), "samples": len(a.samples),
+            "flamegraph": flamegraph(self.store, a), "timeline": file_profiles.timeline(self.store, lp, a),
+            "samples": len(a.samples),
         })
 
     def profile_diff(self, query: dict, profile: str) -> Reply:
