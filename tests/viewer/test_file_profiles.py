@@ -4,6 +4,7 @@ profiles themselves: totals per type, a time range, the diff against `bpfprof di
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -15,6 +16,7 @@ from exporters.profile import Frame, FrameKind, Location, Mapping, SampleKey
 from exporters.profile_types import cpu_profile
 from tests.viewer.conftest import get, get_json
 from tests.viewer.data import MS, T0, Ev, cpu, every, heap, profiles_request, stack
+from viewer.reply_cache import ReplyCache
 from viewer.server import FileViewer
 from viewer.store import Store
 
@@ -138,3 +140,34 @@ def test_stack_names_in_memory_are_those_read_back_from_the_file(tmp_path):
     assert again.stack_names(ids) == kept
     assert next(iter(kept.values())) == ("main", "run", "_Z5outerv", "inner", "libz.so.1+0x3345")
     again.close()
+
+
+def test_reply_cache_builds_once_for_concurrent_requests_and_keeps_no_failure():
+    started, release, builds = threading.Event(), threading.Event(), []
+
+    def slow() -> str:
+        builds.append(1)
+        started.set()
+        release.wait(10)
+        return "reply"
+
+    cache: ReplyCache[str] = ReplyCache(max_entries=2)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("k", slow))) for _ in range(4)]
+    threads[0].start()
+    started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert results == ["reply"] * 4 and len(builds) == 1
+
+    def fail() -> str:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        cache.get("bad", fail)
+    assert cache.get("bad", lambda: "fine") == "fine"  # a failure is not kept
+    cache.get("third", lambda: "3")
+    assert cache.get("k", lambda: "rebuilt") == "rebuilt"  # the oldest went when the third came
