@@ -44,6 +44,7 @@ from exporters.profile import (
     Location,
     ProcessMeta,
     Profile,
+    Sample,
     SampleKey,
     TraceLink,
     ValueType,
@@ -342,7 +343,7 @@ class _Group:
     period: int = 0
     time_ns: int = 0
     duration_ns: int = 0
-    samples: dict[SampleKey, tuple[dict[int, int], list[int]]] = field(default_factory=dict)
+    samples: dict[tuple, tuple[SampleKey, dict[int, int], list[int]]] = field(default_factory=dict)  # by _cheap_key
     processes: dict[int, ProcessMeta] = field(default_factory=dict)
 
 
@@ -354,6 +355,10 @@ class _Reader:
         self.st = d.string_table
         self._locations: dict[int, Location] = {}
         self._stacks: dict[int, tuple[Location, ...]] = {}
+        # Equal locations and stacks are one object each, so a sample's stack is known by its id(): hashing
+        # a SampleKey hashes every frame of its stack, and a large profile has millions of frames.
+        self._equal_locations: dict[Location, Location] = {}
+        self._equal_stacks: dict[tuple[int, ...], tuple[Location, ...]] = {}
 
     def attrs(self, indices: Iterable[int]) -> dict[str, AttrValue]:
         out = {}
@@ -395,13 +400,16 @@ class _Reader:
             loc = Location(address=msg.address, mapping=self.mapping(msg.mapping_index), frames=tuple(frames))
             if is_placeholder(loc):
                 loc = Location(address=loc.address, mapping=loc.mapping)
-            self._locations[i] = loc
+            loc = self._locations[i] = self._equal_locations.setdefault(loc, loc)
         return loc
 
     def stack(self, i: int) -> tuple[Location, ...]:
+        """The locations of stack `i`; equal stacks (whatever their index) are the same tuple."""
         stack = self._stacks.get(i)
         if stack is None:
-            stack = self._stacks[i] = tuple(self.location(j) for j in self.d.stack_table[i].location_indices)
+            locations = tuple(self.location(j) for j in self.d.stack_table[i].location_indices)
+            stack = self._equal_stacks.setdefault(tuple(map(id, locations)), locations)
+            self._stacks[i] = stack
         return stack
 
     def value_type(self, vt: pb.ValueType) -> ValueType:
@@ -432,6 +440,12 @@ def _sample_key(r: _Reader, pid: int, sample: pb.Sample) -> SampleKey:
         link = TraceLink(trace_id=msg.trace_id, span_id=msg.span_id)
     return SampleKey(stack=r.stack(sample.stack_index), pid=pid, tid=tid, thread_name=thread_name,
                      labels=tuple(labels), cpu=cpu, link=link)
+
+
+def _cheap_key(key: SampleKey) -> tuple:
+    """A key equal for equal SampleKeys of one _Reader (its stacks are one object per content), hashed
+    without walking the stack."""
+    return (id(key.stack), key.pid, key.tid, key.thread_name, key.labels, key.cpu, key.link)
 
 
 def decode_otlp(data: bytes | ExportProfilesServiceRequest) -> list[Profile]:
@@ -471,7 +485,7 @@ def _decode(request: ExportProfilesServiceRequest) -> list[Profile]:
                 column = g.sample_types.index(vt)
                 for s in prof.samples:
                     key = _sample_key(r, meta.pid, s)
-                    values, timestamps = g.samples.setdefault(key, ({}, []))
+                    _, values, timestamps = g.samples.setdefault(_cheap_key(key), (key, {}, []))
                     values[column] = values.get(column, 0) + (sum(s.values) if s.values
                                                               else len(s.timestamps_unix_nano))
                     if column == 0:  # every sample type repeats the same timestamps
@@ -482,9 +496,9 @@ def _decode(request: ExportProfilesServiceRequest) -> list[Profile]:
         p = Profile(sample_types=g.sample_types, period_type=g.period_type, period=g.period,
                     start_time_ns=g.time_ns, duration_ns=g.duration_ns, default_sample_type=default,
                     processes=g.processes, kind=kind_of_sample_type(default))  # OTLP has no kind
-        for key, (values, timestamps) in g.samples.items():
-            p.add(key, [values.get(i, 0) for i in range(len(g.sample_types))])
-            p.samples[-1].timestamps_ns.extend(timestamps)  # keys are unique: add() appended a sample
+        for key, values, timestamps in g.samples.values():  # keys are unique: no Profile.add lookup
+            p.samples.append(Sample(key=key, values=[values.get(i, 0) for i in range(len(g.sample_types))],
+                                    timestamps_ns=timestamps))
         out.append(p)
     return out
 

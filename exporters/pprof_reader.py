@@ -17,7 +17,16 @@ import re
 from google.protobuf.message import DecodeError
 
 from exporters.pprof import decode_pprof
-from exporters.profile import KERNEL_MAPPING_PATH, Location, ProcessMeta, Profile, SampleKey, ValueType, is_placeholder
+from exporters.profile import (
+    KERNEL_MAPPING_PATH,
+    Location,
+    ProcessMeta,
+    Profile,
+    Sample,
+    SampleKey,
+    ValueType,
+    is_placeholder,
+)
 from exporters.profile_types import kind_of_sample_type
 from exporters.proto import profile_pb2
 from symbolizer.errors import ExportError
@@ -85,6 +94,9 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
                                  path=st[m.filename], build_id=build_id, build_id_kind=_build_id_kind(build_id))
     functions = _Checked({f.id: f for f in msg.function}, "function id")
     locations: dict[int, Location] = {}
+    # Equal locations, and then equal stacks, are one object each: samples are grouped by their stack's id()
+    # instead of hashing a SampleKey, which hashes every frame of its stack.
+    equal: dict[Location, Location] = {}
     for loc in msg.location:
         mapping = mappings.get(loc.mapping_id)
         kind = _frame_kind(mapping)
@@ -98,7 +110,7 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
         location = Location(address=loc.address, mapping=mapping, frames=tuple(frames))
         if is_placeholder(location):  # our encoder's module+0xoffset line: unresolved
             location = Location(address=loc.address, mapping=mapping)
-        locations[loc.id] = location
+        locations[loc.id] = equal.setdefault(location, location)
 
     checked_locations = _Checked(locations, "location id")
     profile = Profile(sample_types=[vt(t) for t in msg.sample_type], period_type=vt(msg.period_type),
@@ -107,6 +119,8 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
     # Without a default sample type pprof shows the last one (what Go's runtime/pprof relies on).
     profile.kind = kind_of_sample_type(profile.default_sample_type or (profile.sample_types[-1].type
                                                                         if profile.sample_types else ""))
+    stacks: dict[tuple[int, ...], tuple[Location, ...]] = {}
+    samples: dict[tuple, Sample] = {}
     for n, s in enumerate(msg.sample):
         if len(s.value) != len(msg.sample_type):
             raise ExportError(f"malformed pprof: sample {n} has {len(s.value)} values for "
@@ -122,9 +136,16 @@ def profile_from_pprof(data: bytes | profile_pb2.Profile) -> Profile:
                 thread_name = st[label.str]
             elif label.str:
                 labels.append((key, st[label.str]))
-        key = SampleKey(stack=tuple(checked_locations[i] for i in s.location_id), pid=pid, tid=tid,
-                        thread_name=thread_name, labels=tuple(labels))
-        profile.add(key, list(s.value))
+        stack = tuple(checked_locations[i] for i in s.location_id)
+        stack = stacks.setdefault(tuple(map(id, stack)), stack)
+        cheap = (id(stack), pid, tid, thread_name, tuple(labels))
+        sample = samples.get(cheap)
+        if sample is None:
+            key = SampleKey(stack=stack, pid=pid, tid=tid, thread_name=thread_name, labels=cheap[4])
+            sample = samples[cheap] = Sample(key=key, values=list(s.value))
+            profile.samples.append(sample)
+        else:  # the same key twice: one sample, values added (as Profile.add)
+            sample.values = [a + b for a, b in zip(sample.values, s.value, strict=True)]
         if pid not in profile.processes:
             name = dict(labels).get("process_name", "")
             profile.processes[pid] = ProcessMeta(pid=pid, name=name, service_name=name)

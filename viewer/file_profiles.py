@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from exporters.profile import Profile
 from viewer.attribution import Attribution, Method, ProfileType
+from viewer.flamegraph import TIMELINE_BUCKETS
 from viewer.store import LoadedProfile, Store
 
 
@@ -38,12 +39,23 @@ def profile_json(lp: LoadedProfile) -> dict:
 
 
 def samples_of(store: Store, lp: LoadedProfile, type_key: str, window: tuple[int, int] | None = None) -> Attribution:
-    """The profile's samples of one type (its default when `type_key` is empty or unknown) inside `window`."""
+    """The profile's samples of one type (its default when `type_key` is empty or unknown) inside `window`,
+    one row per sample with its events' values summed (no times: timeline() draws those)."""
     types = {t.key: t for t in profile_types(lp)}
     pt = types.get(type_key) or default_type(lp)
     window = window or (lp.start_ns, lp.end_ns)
-    rows = store.samples(source=lp.source, window=None if window == (lp.start_ns, lp.end_ns) else window)
+    rows = store.samples(source=lp.source, window=None if window == (lp.start_ns, lp.end_ns) else window,
+                         summed=len(lp.sample_types))
     profiles = store.profiles({s.profile_id for s in rows}) if rows else {}
-    reason = f"{len(rows)} sample events of {lp.source}"
-    return Attribution(Method.PROFILE if rows else Method.NONE, reason if rows else f"no samples of {lp.source} "
-                       "in this window", pt, rows, profiles, window)
+    if not rows:
+        return Attribution(Method.NONE, f"no samples of {lp.source} in this window", pt, rows, profiles, window)
+    return Attribution(Method.PROFILE, f"{len(rows)} samples of {lp.source}", pt, rows, profiles, window)
+
+
+def timeline(store: Store, lp: LoadedProfile, a: Attribution, buckets: int = TIMELINE_BUCKETS) -> dict:
+    """flamegraph.timeline's strip for a loaded profile, summed by SQLite (untimed samples left out)."""
+    start, end = a.window
+    width = max(1, (end - start + buckets - 1) // buckets)
+    index = next(i for i, (t, _) in enumerate(lp.sample_types) if t == a.profile_type.sample_type)
+    by_bucket = store.value_by_time(lp.source, index, a.window, width)
+    return {"bucket_ms": width / 1e6, "values": [by_bucket.get(b, 0) for b in range(buckets)]}

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 
 from exporters.diff import FunctionValues, change_json, count_index_of, rank_changes
 from exporters.profile import Profile, SampleKey, TraceLink, ValueType
 from viewer.attribution import Attribution
-from viewer.store import Store, decode_stack, iter_names
+from viewer.store import Store, decode_stack
 
 ROOT_NAME = "all"
 TIMELINE_BUCKETS = 60
@@ -56,11 +57,14 @@ class Tree:
             self.names.append(s)
         return i
 
-    def path(self, names: list[str]) -> int:
+    def path(self, names: Iterable[str]) -> int:
         """The node at the end of a root-first path of function names, made as needed."""
         node = 0
-        for s in names:
-            node = self.path_from(node, s)
+        name_ids, children = self._name_ids, self._children
+        for s in names:  # path_from inlined: this loop runs once per frame of every stack drawn
+            name_id = name_ids.get(s)
+            child = None if name_id is None else children.get((node, name_id))
+            node = self.path_from(node, s) if child is None else child
         return node
 
     def path_from(self, node: int, name: str) -> int:
@@ -122,21 +126,23 @@ def tree_values(tree: Tree, column: list[float], counts: list[float] | None) -> 
     return out
 
 
-def _stack_names(store: Store, stack_ids: set[int]) -> dict[int, list[str]]:
-    return {sid: list(iter_names(text)) for sid, text in store.stacks(stack_ids).items()}
-
-
 def _fill(tree: Tree, store: Store, a: Attribution, column: list, counts: list | None = None) -> int:
     """Add an attribution's values to a column of the tree (and, with `counts`, the values of the sample
     type that counts its events: cpu -> samples); returns the total added."""
-    names = _stack_names(store, {s.stack_id for s in a.samples})
+    names = store.stack_names({s.stack_id for s in a.samples})
+    nodes: dict[int, int] = {}  # stack id -> its node: samples of one stack in other threads or times
     total = 0
     count_of: dict[int, int | None] = {}
+    index_of: dict[int, int] = {}
     for s in a.samples:
-        i = a.value_index(s.profile_id)
+        i = index_of.get(s.profile_id)
+        if i is None:
+            i = index_of[s.profile_id] = a.value_index(s.profile_id)
         if i < 0 or i >= len(s.values):
             continue
-        node = tree.path(names.get(s.stack_id, ["[stack lost]"]))
+        node = nodes.get(s.stack_id)
+        if node is None:
+            node = nodes[s.stack_id] = tree.path(names.get(s.stack_id, ("[stack lost]",)))
         v = s.values[i]
         total += v
         column[node] += v

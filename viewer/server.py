@@ -88,10 +88,24 @@ class FileViewer:
         self.ui: BoundedHttpServer | None = None
 
     def start(self, host: str, port: int, limits: HttpLimits | None = None) -> str:
-        """Binds (OSError if it cannot) and serves; returns the URL of the UI."""
-        self.ui = start_http(make_handler(Api(self.store, render_page)), host, port, name="view",
-                             limits=limits or ServeConfig.http_limits)
+        """Binds (OSError if it cannot) and serves; returns the URL of the UI.
+
+        Each profile's first flame graph is built on a thread meanwhile, so that the page a user opens
+        finds it made (or waits for it, not for a second build).
+        """
+        api = Api(self.store, render_page)
+        self.ui = start_http(make_handler(api), host, port, name="view", limits=limits or ServeConfig.http_limits)
+        ids = [lp.id for lp in self.store.loaded_profiles()]
+        threading.Thread(target=self._prepare, args=(api, ids), name="view-prepare", daemon=True).start()
         return f"http://{_url_host(host)}:{self.ui.port}/"
+
+    @staticmethod
+    def _prepare(api: Api, ids: list[int]) -> None:
+        for i in ids:
+            try:
+                api.handle(f"/api/profile/{i}/flamegraph")  # the page's first request, word for word
+            except Exception as e:  # noqa: BLE001  (a request made later reports it; this one only warms)
+                log.debug("preparing profile %d failed: %s", i, e)
 
     def stop(self) -> None:
         if self.ui is not None:

@@ -63,6 +63,8 @@ CREATE INDEX IF NOT EXISTS samples_by_profile ON samples (profile_id);
 MIGRATIONS = (("profiles", "source", "ALTER TABLE profiles ADD COLUMN source TEXT NOT NULL DEFAULT ''"),
               ("profiles", "default_type", "ALTER TABLE profiles ADD COLUMN default_type TEXT NOT NULL DEFAULT ''"))
 
+MAX_CACHED_STACKS = 200_000  # stack ids by digest and names by id kept in memory (beyond: read again)
+
 SPAN_COLUMNS = ("trace_id", "span_id", "parent_span_id", "name", "service", "kind", "start_ns", "end_ns",
                 "duration_ns", "status_code", "status_message", "pid", "tid", "thread_attr", "thread_name",
                 "attributes", "resource", "received_ns")
@@ -156,14 +158,43 @@ class SpanFilter:
 # --- stack serialization: leaf-first locations, innermost frame first ----------
 
 
-def _encode_stack(stack: tuple[Location, ...]) -> str:
-    out = []
+def _encode_location(loc: Location) -> str:
+    m = loc.mapping
+    mapping = None if m is None else [m.path, m.start, m.end, m.file_offset, m.build_id, m.build_id_kind.value]
+    frames = [[f.function, f.kind.value, f.file, f.line, f.system_name, f.start_line] for f in loc.frames]
+    return json.dumps([loc.address, mapping, frames], separators=(",", ":"))
+
+
+def _encode_stack(stack: tuple[Location, ...], cache: dict[int, str] | None = None) -> str:
+    """A stack as JSON text. `cache` (by id(), so only while the locations are alive) encodes each
+    Location once: a decoded profile's samples share theirs."""
+    if cache is None:
+        return "[" + ",".join(_encode_location(loc) for loc in stack) + "]"
+    parts = []
     for loc in stack:
-        m = loc.mapping
-        mapping = None if m is None else [m.path, m.start, m.end, m.file_offset, m.build_id, m.build_id_kind.value]
-        frames = [[f.function, f.kind.value, f.file, f.line, f.system_name, f.start_line] for f in loc.frames]
-        out.append([loc.address, mapping, frames])
-    return json.dumps(out, separators=(",", ":"))
+        text = cache.get(id(loc))
+        if text is None:
+            text = cache[id(loc)] = _encode_location(loc)
+        parts.append(text)
+    return "[" + ",".join(parts) + "]"
+
+
+def _location_names(loc: Location) -> tuple[str, ...]:
+    if loc.frames:
+        return tuple(f.function or f.system_name or "?" for f in reversed(loc.frames))
+    return (unresolved_name(loc),)
+
+
+def _names(stack: tuple[Location, ...], cache: dict[int, tuple[str, ...]]) -> tuple[str, ...]:
+    """Frame names root first, as iter_names reads them from the stored text; `cache` by id() as
+    _encode_stack's."""
+    out: list[str] = []
+    for loc in reversed(stack):
+        names = cache.get(id(loc))
+        if names is None:
+            names = cache[id(loc)] = _location_names(loc)
+        out += names
+    return tuple(out)
 
 
 def decode_stack(text: str) -> tuple[Location, ...]:
@@ -182,12 +213,8 @@ def decode_stack(text: str) -> tuple[Location, ...]:
     return tuple(locations)
 
 
-def _split(total: int, n: int) -> list[int]:
-    """`total` over n events, remainder on the last (exporters/otlp does the same)."""
-    share, rest = divmod(total, n)
-    values = [share] * n
-    values[-1] += rest
-    return values
+def _values_text(values) -> str:  # noqa: ANN001  (a sequence of ints)
+    return "[" + ",".join(map(str, values)) + "]"
 
 
 class Store:
@@ -213,6 +240,7 @@ class Store:
                 self._db.execute(sql)
         self._db.execute("CREATE INDEX IF NOT EXISTS profiles_by_source ON profiles (source) WHERE source != ''")
         self._stack_ids: dict[bytes, int] = {}
+        self._stack_names: dict[int, tuple[str, ...]] = {}  # what flame graphs read; the table is the truth
 
     def close(self) -> None:
         with self._lock:
@@ -255,6 +283,8 @@ class Store:
             period_type = json.dumps([p.period_type.type, p.period_type.unit])
             kind = p.kind or (p.default_sample_type or (p.sample_types[0].type if p.sample_types else ""))
             profile_ids: dict[int, int] = {}
+            encoded: dict[int, str] = {}  # Location JSON by id(), for this profile's samples only
+            named: dict[int, tuple[str, ...]] = {}  # and its names
             for sample in p.samples:
                 pid = sample.key.pid
                 if pid not in profile_ids:
@@ -266,35 +296,44 @@ class Store:
                          p.start_time_ns + p.duration_ns, pid, meta.service_name if meta else "",
                          (meta.executable_path or meta.name) if meta else "", now, source, p.default_sample_type))
                     profile_ids[pid] = cur.lastrowid
-                events += self._add_sample(profile_ids[pid], sample)
+                events += self._add_sample(profile_ids[pid], sample, encoded, named)
         return events
 
-    def _add_sample(self, profile_id: int, sample) -> int:  # noqa: ANN001  (exporters.profile.Sample)
+    def _add_sample(self, profile_id: int, sample, encoded: dict[int, str],  # noqa: ANN001  (a Sample)
+                    named: dict[int, tuple[str, ...]]) -> int:
         key = sample.key
-        stack_id = self._stack_id(key.stack)
+        stack_id = self._stack_id(key.stack, encoded, named)
         trace_id = key.link.trace_id if key.link else None
         span_id = key.link.span_id if key.link else None
         ts = sample.timestamps_ns
         if ts:
-            columns = [_split(v, len(ts)) for v in sample.values]
-            rows = [(profile_id, stack_id, key.tid, t, json.dumps([c[i] for c in columns]), trace_id, span_id,
-                     key.thread_name) for i, t in enumerate(ts)]
+            # Each value split over the events, the remainder on the last (as exporters/otlp): every
+            # event but the last has the same values, so their text is made once.
+            n = len(ts)
+            shares = [divmod(v, n) for v in sample.values]
+            same = _values_text([q for q, _ in shares])
+            last = _values_text([q + r for q, r in shares])
+            rows = [(profile_id, stack_id, key.tid, t, same, trace_id, span_id, key.thread_name) for t in ts]
+            rows[-1] = (profile_id, stack_id, key.tid, ts[-1], last, trace_id, span_id, key.thread_name)
         else:
-            rows = [(profile_id, stack_id, key.tid, None, json.dumps(sample.values), trace_id, span_id,
+            rows = [(profile_id, stack_id, key.tid, None, _values_text(sample.values), trace_id, span_id,
                      key.thread_name)]
         self._db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?)", rows)
         return len(rows)
 
-    def _stack_id(self, stack: tuple[Location, ...]) -> int:
-        text = _encode_stack(stack)
+    def _stack_id(self, stack: tuple[Location, ...], encoded: dict[int, str],
+                  named: dict[int, tuple[str, ...]]) -> int:
+        text = _encode_stack(stack, encoded)
         digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
         sid = self._stack_ids.get(digest)
         if sid is None:
             self._db.execute("INSERT OR IGNORE INTO stacks (digest, frames) VALUES (?, ?)", (digest, text))
             sid = self._db.execute("SELECT id FROM stacks WHERE digest = ?", (digest,)).fetchone()[0]
-            if len(self._stack_ids) > 200_000:  # bound the cache; the table is the truth
+            if len(self._stack_ids) > MAX_CACHED_STACKS:  # bound the caches; the table is the truth
                 self._stack_ids.clear()
+                self._stack_names.clear()
             self._stack_ids[digest] = sid
+            self._stack_names[sid] = _names(stack, named)
         return sid
 
     class _Tx:
@@ -401,12 +440,15 @@ class Store:
                 for r in rows]
 
     def samples(self, *, span_ids: Iterable[bytes] = (), tid: int | None = None, pid: int | None = None,
-                service: str = "", window: tuple[int, int] | None = None, source: str = "") -> list[SampleRow]:
+                service: str = "", window: tuple[int, int] | None = None, source: str = "",
+                summed: int = 0) -> list[SampleRow]:
         """Sample events selected by link (any of `span_ids`), else by thread/process, inside `window`.
 
         `window` is [start, end) in Unix ns, half-open as OTLP's; an untimed
         sample is in it when its profile's window overlaps. `pid` and `service` together mean either.
-        `source`: only the profile loaded from that file.
+        `source`: only the profile loaded from that file. `summed` > 0: one row per sample of the
+        profile (events alike in all but their time, ts_ns None) with its first `summed` values summed
+        by SQLite: what a flame graph or a pprof needs, without a Python object per event.
         """
         where, args = [], []
         if source:
@@ -431,13 +473,41 @@ class Store:
         if window is not None:
             where.append("((s.ts_ns >= ? AND s.ts_ns < ?) OR (s.ts_ns IS NULL AND p.start_ns < ? AND p.end_ns > ?))")
             args += [window[0], window[1], window[1], window[0]]
-        sql = ("SELECT s.profile_id, s.stack_id, s.tid, s.ts_ns, s.vals, s.trace_id, s.span_id, s.thread_name "
-               "FROM samples s JOIN profiles p ON p.id = s.profile_id")
+        group = "s.profile_id, s.stack_id, s.tid, s.trace_id, s.span_id, s.thread_name"
+        if summed:
+            sums = ",".join(f"sum(json_extract(s.vals, '$[{i}]'))" for i in range(summed))
+            sql = f"SELECT {group}, {sums} FROM samples s JOIN profiles p ON p.id = s.profile_id"
+        else:
+            sql = ("SELECT s.profile_id, s.stack_id, s.tid, s.ts_ns, s.vals, s.trace_id, s.span_id, s.thread_name "
+                   "FROM samples s JOIN profiles p ON p.id = s.profile_id")
         if where:
             sql += " WHERE " + " AND ".join(where)
+        if summed:
+            sql += f" GROUP BY {group}"
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
+        if summed:
+            return [SampleRow(r[0], r[1], r[2], None, tuple(v or 0 for v in r[6:]), r[3], r[4], r[5]) for r in rows]
         return [SampleRow(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), r[5], r[6], r[7]) for r in rows]
+
+    def value_by_time(self, source: str, value_index: int, window: tuple[int, int],
+                      bucket_ns: int) -> dict[int, int]:
+        """Sum of one value per time bucket (from window's start) of a loaded profile's timed events."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT (s.ts_ns - ?) / ? AS b, sum(json_extract(s.vals, ?)) FROM samples s"
+                " JOIN profiles p ON p.id = s.profile_id WHERE p.source = ? AND s.ts_ns >= ? AND s.ts_ns < ?"
+                " GROUP BY b", (window[0], bucket_ns, f"$[{value_index}]", source, window[0], window[1])).fetchall()
+        return {b: v or 0 for b, v in rows}
+
+    def stack_names(self, ids: Iterable[int]) -> dict[int, tuple[str, ...]]:
+        """Frame names of stacks, root first (iter_names), from memory when this store wrote them."""
+        wanted = set(ids)
+        out = {sid: self._stack_names[sid] for sid in wanted if sid in self._stack_names}
+        missing = wanted - out.keys()
+        if missing:
+            out.update((sid, tuple(iter_names(text))) for sid, text in self.stacks(missing).items())
+        return out
 
     def stacks(self, ids: Iterable[int]) -> dict[int, str]:
         """Stored stack JSON by id (decode with decode_stack, or read the names directly)."""
@@ -514,6 +584,7 @@ class Store:
                 self._db.execute("DELETE FROM profiles WHERE received_ns < ?", (cutoff_ns,))
                 self._db.execute("DELETE FROM stacks WHERE id NOT IN (SELECT DISTINCT stack_id FROM samples)")
                 self._stack_ids.clear()
+                self._stack_names.clear()
                 deleted["profiles"] += len(old)
 
 

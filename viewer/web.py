@@ -33,6 +33,7 @@ from exporters.pprof import encode_pprof
 from viewer import file_profiles
 from viewer.attribution import Attribution, Method, SpanSamples
 from viewer.flamegraph import diff, dumps, flamegraph, timeline, to_profile
+from viewer.reply_cache import ReplyCache
 from viewer.store import LoadedProfile, SpanFilter, SpanRecord, Store
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class Api:
 
     def __init__(self, store: Store, page: Callable[[], bytes]) -> None:
         self.store, self.page = store, page
+        self.replies: ReplyCache[Reply] = ReplyCache()  # loaded profiles never change: their replies keep
         self.routes: list[tuple[re.Pattern, Callable[..., Reply]]] = [
             (re.compile(r"^/$"), self._page),
             (re.compile(rf"^/trace/{_HEX_TRACE}/?$"), self._page),
@@ -222,16 +224,27 @@ class Api:
     def profiles(self, query: dict) -> Reply:
         return self._json({"profiles": [file_profiles.profile_json(lp) for lp in self.store.loaded_profiles()]})
 
+    def _kept(self, what: str, query: dict, profile: str, build: Callable[[dict, str], Reply]) -> Reply:
+        key = f"{what}/{profile}?{sorted(query.items())}"
+        return self.replies.get(key, lambda: build(query, profile))
+
     def profile_flamegraph(self, query: dict, profile: str) -> Reply:
+        return self._kept("flamegraph", query, profile, self._profile_flamegraph)
+
+    def profile_diff(self, query: dict, profile: str) -> Reply:
+        return self._kept("diff", query, profile, self._profile_diff)
+
+    def _profile_flamegraph(self, query: dict, profile: str) -> Reply:
         lp = self._loaded(profile)
         a = file_profiles.samples_of(self.store, lp, _q(query, "type"), _window(lp, query, "from_ms", "to_ms"))
         return self._json({
             "profile": file_profiles.profile_json(lp), "method": a.method.value, "reason": a.reason,
             "type": a.profile_type.key, "window_ms": [(a.window[0] - lp.start_ns) / 1e6, (a.window[1] - lp.start_ns) / 1e6],
-            "flamegraph": flamegraph(self.store, a), "timeline": timeline(a), "samples": len(a.samples),
+            "flamegraph": flamegraph(self.store, a), "timeline": file_profiles.timeline(self.store, lp, a),
+            "samples": len(a.samples),
         })
 
-    def profile_diff(self, query: dict, profile: str) -> Reply:
+    def _profile_diff(self, query: dict, profile: str) -> Reply:
         lp = self._loaded(profile)
         base_id = _q(query, "base")
         if not base_id.isdigit():

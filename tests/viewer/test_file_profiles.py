@@ -4,6 +4,7 @@ profiles themselves: totals per type, a time range, the diff against `bpfprof di
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -11,8 +12,11 @@ from exporters.diff import change_json, function_values, rank_changes
 from exporters.otlp import decode_otlp
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.pprof_reader import profile_from_pprof
+from exporters.profile import Frame, FrameKind, Location, Mapping, SampleKey
+from exporters.profile_types import cpu_profile
 from tests.viewer.conftest import get, get_json
-from tests.viewer.data import MS, T0, Ev, cpu, every, heap, profiles_request
+from tests.viewer.data import MS, T0, Ev, cpu, every, heap, profiles_request, stack
+from viewer.reply_cache import ReplyCache
 from viewer.server import FileViewer
 from viewer.store import Store
 
@@ -115,3 +119,55 @@ def test_a_store_made_before_the_source_column_gets_it(tmp_path):
     store = Store(path)
     assert store.profiles()[1].source == "" and store.loaded_profiles() == []
     store.close()
+
+
+def test_stack_names_in_memory_are_those_read_back_from_the_file(tmp_path):
+    """Names kept at insert (what flame graphs read) equal iter_names of the stored text, which a store
+    opened again (serve restarted) reads: resolved, inlined and unresolved frames alike."""
+    mapping = Mapping(start=0x400000, end=0x500000, file_offset=0x1000, path="/usr/lib/libz.so.1")
+    inlined = Location(0x401000, mapping, (Frame(function="inner", kind=FrameKind.NATIVE),
+                                           Frame(function="", system_name="_Z5outerv", kind=FrameKind.NATIVE)))
+    unresolved = Location(0x402345, mapping)
+    p = cpu_profile(T0, 10**9, 100)
+    p.add(SampleKey(stack=(unresolved, inlined, *stack("main", "run")), pid=1, tid=1, thread_name="t"), [1, 10])
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    store.add_profiles([p], source="f")
+    ids = {r.stack_id for r in store.samples(source="f")}
+    kept = store.stack_names(ids)
+    store.close()
+    again = Store(path)
+    assert again.stack_names(ids) == kept
+    assert next(iter(kept.values())) == ("main", "run", "_Z5outerv", "inner", "libz.so.1+0x3345")
+    again.close()
+
+
+def test_reply_cache_builds_once_for_concurrent_requests_and_keeps_no_failure():
+    started, release, builds = threading.Event(), threading.Event(), []
+
+    def slow() -> str:
+        builds.append(1)
+        started.set()
+        release.wait(10)
+        return "reply"
+
+    cache: ReplyCache[str] = ReplyCache(max_entries=2)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("k", slow))) for _ in range(4)]
+    threads[0].start()
+    started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert results == ["reply"] * 4 and len(builds) == 1
+
+    def fail() -> str:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        cache.get("bad", fail)
+    assert cache.get("bad", lambda: "fine") == "fine"  # a failure is not kept
+    cache.get("third", lambda: "3")
+    assert cache.get("k", lambda: "rebuilt") == "rebuilt"  # the oldest went when the third came
