@@ -53,6 +53,8 @@ few hundred microseconds instead of building it again.
 from __future__ import annotations
 
 import struct
+import sys
+import threading
 from array import array
 from bisect import bisect_right
 from enum import IntEnum
@@ -63,7 +65,7 @@ from symbolizer.errors import ElfParseError
 from symbolizer.leb128 import sleb128 as _sleb
 from symbolizer.leb128 import uleb128 as _uleb
 
-__all__ = ["RBP_LOST", "RBP_SAME", "CfaKind", "UnwindRow", "UnwindTable", "parse_cfi"]
+__all__ = ["RBP_LOST", "RBP_SAME", "CfaKind", "FdeIndex", "UnwindRow", "UnwindTable", "parse_cfi"]
 
 # DWARF register numbers on x86-64 (System V psABI, "DWARF Register Number Mapping").
 REG_RBP = 6
@@ -236,7 +238,9 @@ class _Parser:
         pos += 1
         if version not in (1, 3, 4):
             raise ElfParseError(f"CIE at {start:#x}: version {version}")
-        nul = buf.index(b"\0", pos, end)
+        nul = buf.find(b"\0", pos, end)  # find, not index: buf may be a file image (mmap)
+        if nul < 0:
+            raise ElfParseError(f"CIE at {start:#x}: augmentation string runs past its end")
         aug = buf[pos:nul].decode("latin-1")
         pos = nul + 1
         addr_size = 8
@@ -712,3 +716,134 @@ def _eh_frame_from_segments(elf: ElfFile) -> _Section | None:
                 return _Section(bytes(img[start:stop]), ptr, True)
         return None
     return None
+
+
+# .eh_frame_hdr's search table encoding: DW_EH_PE_datarel | sdata4, what GNU ld, gold and lld write.
+_HDR_TABLE_ENC = 0x3B
+# FDEs whose rows an FdeIndex keeps (a few KiB each at most); past it the oldest half is dropped.
+_INDEX_CACHED_FDES = 4096
+_NONE_RULE = (CfaKind.NONE, 0, RBP_SAME)
+
+
+class FdeIndex:
+    """The rule at a pc from one FDE, found through .eh_frame_hdr's sorted search table.
+
+    What a runtime unwinder does (and what the BPF walker's worker does not
+    wait for): bisect the header's (initial location, FDE) pairs, run that
+    one FDE's program, keep its rows. Building a whole UnwindTable runs every
+    FDE of the file first (libLLVM: 180k FDEs, seconds of CPU on first sight);
+    a stack-copy sample of a file whose table is not built yet needs only the
+    few functions it passes through. Same rows as UnwindTable for files whose
+    CFI is all in .eh_frame (a file with .debug_frame gets no index: the
+    table merges both). Thread-safe; parsed FDEs are kept, bounded.
+    """
+
+    def __init__(self, elf: ElfFile, eh_vaddr: int, eh_off: int, eh_end: int, hdr_vaddr: int,
+                 locs: array, fdes: array) -> None:
+        self._elf = elf
+        self._eh_vaddr = eh_vaddr
+        self._eh_off = eh_off
+        self._eh_end = eh_end
+        self._hdr_vaddr = hdr_vaddr
+        self._locs = locs  # initial locations - hdr_vaddr, sorted
+        self._fdes = fdes  # FDE addresses - hdr_vaddr
+        # Positions in the parser are file offsets: pcrel pointers add base + pos.
+        self._parser = _Parser(_Section(elf.image, eh_vaddr - eh_off, True), 0, 0, _Rows())  # type: ignore[arg-type]
+        self._cache: dict[int, tuple[int, int, list[int], list[tuple[int, int, int]]]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._locs)
+
+    @classmethod
+    def from_elf(cls, elf: ElfFile) -> FdeIndex | None:
+        """The index of an x86-64 file with a usable .eh_frame_hdr and no .debug_frame, else None."""
+        if elf.machine != "EM_X86_64" or elf.elfclass != 64 or elf.section(".debug_frame") is not None:
+            return None
+        hdr = next((h for h in elf.program_headers if h.type == PT_GNU_EH_FRAME), None)
+        if hdr is None or hdr.filesz < 12:
+            return None
+        with elf_errors(f"{elf.path}: .eh_frame_hdr"):
+            elf.ensure(hdr.offset, hdr.filesz)
+            img = elf.image
+            if hdr.offset + hdr.filesz > len(img):
+                return None
+            head = _Parser(_Section(bytes(img[hdr.offset:hdr.offset + hdr.filesz]), hdr.vaddr, True), 0, 0, _Rows())
+            version, ptr_enc, count_enc, table_enc = head.buf[:4]
+            if version != 1 or table_enc != _HDR_TABLE_ENC:
+                return None
+            eh_vaddr, pos = head.pointer(4, ptr_enc)
+            count, pos = head.pointer(pos, count_enc)
+            if count == 0 or pos + 8 * count > len(head.buf):
+                return None
+            pairs = array("i")
+            pairs.frombytes(head.buf[pos:pos + 8 * count])
+            if sys.byteorder != "little":
+                pairs.byteswap()
+            seg = next((s for s in elf.load_segments if s.vaddr <= eh_vaddr < s.vaddr + s.filesz), None)
+            if seg is None:
+                return None
+            locs = pairs[0::2]
+            if any(locs[i] > locs[i + 1] for i in range(len(locs) - 1)):
+                return None  # the table must be sorted to be searched
+            eh_off = eh_vaddr - seg.vaddr + seg.offset
+            return cls(elf, eh_vaddr, eh_off, min(seg.offset + seg.filesz, len(img)), hdr.vaddr, locs, pairs[1::2])
+
+    def rule(self, vaddr: int) -> tuple[int, int, int]:
+        """(kind, cfa_off, rbp_off) at `vaddr`, as UnwindTable.lookup; NONE where no FDE covers it.
+
+        Raises ElfParseError when the FDE it finds is corrupt.
+        """
+        i = bisect_right(self._locs, vaddr - self._hdr_vaddr) - 1
+        if i < 0:
+            return _NONE_RULE
+        got = self._cache.get(i)
+        if got is None:
+            with self._lock:
+                got = self._parse(i)
+                if len(self._cache) >= _INDEX_CACHED_FDES:
+                    for k in list(self._cache)[:_INDEX_CACHED_FDES // 2]:
+                        del self._cache[k]
+                self._cache[i] = got
+        begin, end, pcs, rules = got
+        if not begin <= vaddr < end:
+            return _NONE_RULE
+        j = bisect_right(pcs, vaddr) - 1
+        return rules[j] if j >= 0 else _NONE_RULE
+
+    def _entry(self, off: int) -> tuple[int, int]:
+        """(position after the length, end) of the CFI entry at file offset `off`, its bytes made present."""
+        if not self._eh_off <= off < self._eh_end - 8:
+            raise ElfParseError(f"FDE pointer {off:#x} outside .eh_frame")
+        self._elf.ensure(off, 12)
+        length = struct.unpack_from("<I", self._elf.image, off)[0]
+        pos = off + 4
+        if length == 0xFFFFFFFF:
+            length = struct.unpack_from("<Q", self._elf.image, pos)[0]
+            pos += 8
+        end = pos + length
+        if length < 4 or end > self._eh_end:
+            raise ElfParseError(f"CFI entry at {off:#x} runs past .eh_frame")
+        self._elf.ensure(off, end - off)
+        return pos, end
+
+    def _parse(self, i: int) -> tuple[int, int, list[int], list[tuple[int, int, int]]]:
+        off = self._fdes[i] + self._hdr_vaddr - self._eh_vaddr + self._eh_off
+        try:
+            pos, end = self._entry(off)
+            wide = pos - off == 12
+            cie_id = struct.unpack_from("<Q" if wide else "<I", self._elf.image, pos)[0]
+            if cie_id == 0:
+                raise ElfParseError(f"search table entry {i} points at a CIE")
+            cie_off = pos - cie_id
+            self._entry(cie_off)  # the parser reads the CIE from the image
+            rows = self._parser.out = _Rows()
+            self._parser.fde(cie_off, pos + (8 if wide else 4), end)
+        except (IndexError, struct.error, ValueError, OverflowError) as exc:
+            raise ElfParseError(f"{self._elf.path}: corrupt FDE at {off:#x}: {exc!r}") from exc
+        if not rows.fdes:
+            return (0, 0, [], [])  # a discarded function: covers nothing
+        begin, fde_end, i0, i1, _ = rows.fdes[-1]
+        pcs = [pc for pc in rows.pcs[i0:i1] if pc < fde_end]
+        rules = [(rows.kinds[k], rows.cfa[k], rows.rbp[k]) for k in range(i0, i0 + len(pcs))]
+        return (begin, fde_end, pcs, rules)

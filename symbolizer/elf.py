@@ -41,12 +41,12 @@ import stat
 import struct
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from functools import cached_property
 from typing import NamedTuple, Self
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section
 
+from symbolizer.cached_property import cached_property
 from symbolizer.errors import ElfParseError
 
 # Bytes of head and tail that file_hash() reads, as OTel's "htlhash" does.

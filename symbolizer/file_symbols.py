@@ -15,9 +15,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from symbolizer.cached_property import _LOCKS, cached_property, computed
 from symbolizer.debug_files import DEFAULT_DEBUG_DIRS, find_debug_file
 from symbolizer.demangle import demangle
 from symbolizer.dwarf_lines import DwarfLines
@@ -28,7 +28,7 @@ from symbolizer.frames import BuildIdKind, Frame, FrameKind
 from symbolizer.gopclntab import GoPclntab, load_pclntab
 
 if TYPE_CHECKING:
-    from symbolizer.cfi import UnwindTable
+    from symbolizer.cfi import FdeIndex, UnwindTable
     from symbolizer.debuginfod import DebuginfodClient
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class FileSymbols:
     debuginfod: DebuginfodClient | None = None  # asked when no local debug file is found
 
     # What release() drops: parsed on first use from the file's copy, parsed again after it.
-    _PARSED = ("go", "debug", "symbols", "lines", "unwind_table", "unwind_rows")
+    _PARSED = ("go", "debug", "symbols", "lines", "unwind_table", "fde_index", "unwind_rows")
     # The BPF walker's rows (symbolizer.unwind_rows.UnwindRows: that module imports this one), once built.
     unwind_rows: Any = None
     last_used = 0.0  # time.monotonic() of the last lookup or get() (SymbolCache's LRU by bytes)
@@ -99,7 +99,7 @@ class FileSymbols:
         self.errors = []
         # The parts __init__ leaves to be parsed on first use, given instead.
         self.__dict__.update(load_segments=list(segments), looks_like_go=False, go=None, lines=None,
-                             symbols=ElfSymbols.from_symbols(symbols), unwind_table=None)
+                             symbols=ElfSymbols.from_symbols(symbols), unwind_table=None, fde_index=None)
         return self
 
     def _guarded(self, what: str, make: Callable[[], object]) -> object | None:
@@ -210,32 +210,54 @@ class FileSymbols:
         """Drop what was parsed and copied (SymbolCache's byte budget); returns the bytes given back.
 
         The file stays open (a dup of its descriptor), so the next lookup parses it again, also
-        after its process is gone. The old copy is closed: unmapped at once when no parsed object
-        holds a view of it, else when those are collected (a lookup under way in another thread
-        keeps reading good bytes, or gets an ElfParseError-wrapped "closed", never zeros). Files
-        known only by their bytes (the vdso) or by their symbols keep what they have.
+        after its process is gone. The old copy is not closed here: a walk under way in another
+        thread (the drain thread's FDE index, the unwind rows' worker) keeps reading good bytes;
+        it is unmapped when the last parsed object holding it is collected (the daemon collects
+        within a minute of a release). A file with a part being parsed right now is left for the
+        next time (0). Files known only by their bytes (the vdso) or by their symbols keep what
+        they have.
         """
         old = self.elf
         if old is None or old._fd < 0:
             return 0
-        held = self.held_bytes()
-        try:
-            self.elf = old.reopen()
-        except BpfprofError as e:
-            log.debug("%s: not released: %s", self.path, e)
-            return 0
         d = self.__dict__
-        debug = d.get("debug")
-        for name in self._PARSED:
-            d.pop(name, None)
-        old.close()
-        if debug is not None:
-            debug.close()
-        return held
+        taken = []
+        try:
+            for lock in list(d.get(_LOCKS, {}).values()):
+                if not lock.acquire(blocking=False):
+                    return 0  # being computed in another thread
+                taken.append(lock)
+            held = self.held_bytes()
+            try:
+                self.elf = old.reopen()
+            except BpfprofError as e:
+                log.debug("%s: not released: %s", self.path, e)
+                return 0
+            for name in self._PARSED:
+                d.pop(name, None)
+            return held
+        finally:
+            for lock in taken:
+                lock.release()
 
     def touch(self) -> None:
         """Note a use (the unwind rows' builder, which reads the file without symbolize())."""
         self.last_used = time.monotonic()
+
+    @cached_property
+    def fde_index(self) -> FdeIndex | None:
+        """Per-FDE rules through .eh_frame_hdr (None without one): what a stack-copy walk uses
+        while `unwind_table` is not built, so it never waits for a whole-file CFI parse."""
+        from symbolizer.cfi import FdeIndex  # noqa: PLC0415  (only unwinding needs it)
+
+        return self._guarded("fde index", lambda: FdeIndex.from_elf(self.elf))  # type: ignore[return-value]
+
+    def unwind_rules(self) -> UnwindTable | FdeIndex | None:
+        """The table if something built it already (the BPF tables' worker does), else the FDE
+        index, else the table built now (a file without .eh_frame_hdr)."""
+        if computed(self, "unwind_table"):
+            return self.unwind_table
+        return self.fde_index or self.unwind_table
 
     def translate(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
         """Runtime address in a mapping -> ELF vaddr (PIE, shared libraries, exes alike)."""
@@ -337,9 +359,14 @@ class SymbolCache:
         with self._lock:
             retired, self._retired = self._retired, []
             files = list(self._by_id.values())
+        released = 0
         for fs in retired:
-            self.released_bytes += fs.release()
-        released = len(retired)
+            got = fs.release()
+            if got > 0:
+                self.released_bytes += got
+                released += 1
+            elif fs.elf is not None and fs.elf._fd >= 0 and fs.held_bytes() > 0:
+                self._retired.append(fs)  # in use in another thread: next time
         held = [(fs.last_used, i, fs, fs.held_bytes()) for i, fs in enumerate(files)]
         total = sum(h[3] for h in held)
         if total > self.max_bytes:
@@ -349,7 +376,10 @@ class SymbolCache:
                     break
                 if n <= 0:
                     continue
-                self.released_bytes += fs.release()
+                got = fs.release()
+                if got <= 0:
+                    continue  # in use in another thread: next time
+                self.released_bytes += got
                 total -= n
                 budget += 1
             self.budget_evictions += budget

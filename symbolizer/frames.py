@@ -48,6 +48,9 @@ class Mapping:
         return self.path.rsplit("/", 1)[-1] if self.path else "[unknown]"
 
 
+MAX_LINE = (1 << 31) - 1  # the largest source line kept; larger or negative means unknown (0)
+
+
 @dataclass(frozen=True)
 class Frame:
     """One function activation at one source position.
@@ -64,6 +67,15 @@ class Frame:
     system_name: str = ""
     inlined: bool = False
     start_line: int = 0
+
+    def __post_init__(self) -> None:
+        # Lines come from files and process memory others control (a torn read of a Python code
+        # object's line table decoded to -2e37 once): out of pprof's int64/OTLP's range means unknown,
+        # never an encoder's ValueError that loses the whole capture.
+        if not 0 <= self.line <= MAX_LINE:
+            object.__setattr__(self, "line", 0)
+        if not 0 <= self.start_line <= MAX_LINE:
+            object.__setattr__(self, "start_line", 0)
 
 
 # A frame for an address no symbol covers. The agent still keeps the address

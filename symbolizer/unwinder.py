@@ -37,7 +37,7 @@ from collections import Counter, OrderedDict
 from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from symbolizer.cfi import RBP_LOST, RBP_SAME, CfaKind, UnwindTable
+from symbolizer.cfi import RBP_LOST, RBP_SAME, CfaKind, FdeIndex, UnwindTable
 from symbolizer.errors import BpfprofError
 from symbolizer.gopclntab import FUNC_FLAG_SPWRITE, FUNC_FLAG_TOP_FRAME, GoPclntab
 
@@ -114,7 +114,7 @@ class _View(NamedTuple):
     lo: int
     hi: int
     bias: int  # ELF vaddr = runtime address + bias
-    table: UnwindTable | None
+    table: UnwindTable | FdeIndex | None  # FdeIndex until a whole table is built
     go: GoPclntab | None
 
 
@@ -175,7 +175,7 @@ class Unwinder:
                 if seg.vaddr <= vaddr < seg.vaddr + seg.memsz:
                     lo, hi = max(lo, seg.vaddr - bias), min(hi, seg.vaddr + seg.memsz - bias)
                     break
-            view = _View(lo, hi, bias, fs.unwind_table, fs.go)
+            view = _View(lo, hi, bias, fs.unwind_rules(), fs.go)
         got[1].append(view)
         return view
 
@@ -200,10 +200,16 @@ class Unwinder:
         table = view.table
         if table is None:
             return (CfaKind.NONE, 0, RBP_SAME)
-        i = bisect_right(table.pcs, vaddr) - 1
-        if i < 0:
-            return (CfaKind.NONE, 0, RBP_SAME)
-        kind, off, rbp = table.kinds[i], table.cfa_offs[i], table.rbp_offs[i]
+        if type(table) is FdeIndex:
+            try:
+                kind, off, rbp = table.rule(vaddr)
+            except BpfprofError:
+                return (CfaKind.UNSUPPORTED, 0, RBP_LOST)
+        else:
+            i = bisect_right(table.pcs, vaddr) - 1
+            if i < 0:
+                return (CfaKind.NONE, 0, RBP_SAME)
+            kind, off, rbp = table.kinds[i], table.cfa_offs[i], table.rbp_offs[i]
         if kind == CfaKind.PLT:
             # The rule depends only on the pc, so it folds into a plain RSP row.
             return (CfaKind.RSP, off + (8 if (vaddr & 15) >= rbp else 0), RBP_SAME)

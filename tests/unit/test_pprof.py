@@ -289,3 +289,17 @@ def test_regenerating_profile_pb2_gives_the_committed_file(tmp_path):
         "profile_pb2.py is stale or protoc's version changed: run `python -m exporters.proto.generate` "
         "and keep pyproject's protobuf lower bound >= the 'Protobuf Python Version' it stamps"
     )
+
+
+def test_out_of_range_lines_are_unknown_not_an_encoding_error():
+    """A line decoded from garbage (a torn read of a Python code object gave -2e37) must not lose the capture."""
+    bad = Frame("app.handler", FrameKind.NATIVE, "/srv/app.py", -21897790768154323722524284729129751669,
+                start_line=1 << 40)
+    assert (bad.line, bad.start_line) == (0, 0)
+    assert Frame("f", FrameKind.NATIVE, "x.c", (1 << 31) - 1).line == (1 << 31) - 1
+    profile = cpu_profile(0, 10**9, 99)
+    profile.add(SampleKey((Location(0x555555554900, ENGINE, (bad,)),), 7, 7, "app"), [10_101_010, 1])
+    msg = decode_pprof(encode_pprof(profile))
+    assert [line.line for loc in msg.location for line in loc.line] == [0]
+    [back] = decode_otlp(encode_otlp_bytes([profile], "host"))
+    assert {back.total(0), back.total(1)} == {10_101_010, 1}

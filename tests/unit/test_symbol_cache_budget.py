@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 
 from fixtures.builder import build_c
+from symbolizer.cached_property import _LOCKS
 from symbolizer.elf import COPY_CHUNK_BYTES, ElfFile
 from symbolizer.file_symbols import SymbolCache
 
@@ -102,3 +104,31 @@ def test_without_a_budget_nothing_is_released(tmp_path):
     before = cache.mapped_bytes()
     assert cache.enforce_budget() == 0
     assert cache.mapped_bytes() == before > 0
+
+
+def test_a_file_being_parsed_in_another_thread_is_left_for_the_next_check(tmp_path):
+    """The unwind rows' worker may be building a file's table while the builder enforces the budget."""
+    path, function = _files(tmp_path)["libc"]
+    cache = SymbolCache(max_bytes=1)
+    fs = cache.get(ElfFile(path))
+    _frames(fs, function)
+    parsing, done = threading.Event(), threading.Event()
+
+    def slow_table() -> None:
+        lock = fs.__dict__.setdefault(_LOCKS, {}).setdefault("unwind_table", threading.RLock())
+        with lock:  # what cached_property holds while it computes
+            parsing.set()
+            done.wait(30)
+
+    worker = threading.Thread(target=slow_table)
+    worker.start()
+    parsing.wait(30)
+    try:
+        assert cache.enforce_budget() == 0
+        assert "symbols" in fs.__dict__  # untouched while in use
+    finally:
+        done.set()
+        worker.join()
+    assert cache.enforce_budget() == 1
+    assert "symbols" not in fs.__dict__
+    assert fs.symbolize(fs.symbols.find(function).start)  # parsed again

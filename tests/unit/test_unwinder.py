@@ -232,6 +232,9 @@ class _FakeSymbols:
     def translate(self, addr: int, start: int, off: int) -> int:
         return addr - start + off
 
+    def unwind_rules(self) -> UnwindTable | None:
+        return self.unwind_table
+
 
 def _table(rows: list[tuple[int, CfaKind, int, int]]) -> UnwindTable:
     return UnwindTable(array("Q", [r[0] for r in rows]), array("B", [r[1] for r in rows]),
