@@ -282,6 +282,11 @@ def main() -> None:
             ok = collector.received_samples == exporters["otlp"][0]
             print(f"  collector took {collector.received_samples} samples, the agent says it exported "
                   f"{exporters['otlp'][0]}: {'PASS' if ok else 'MISS'}")
+        levels = re.findall(r"\blevel=(\w+)", log)
+        released = re.findall(r"symbol cache: (\d+) files released", log)
+        print(f"agent log: {levels.count('warning')} warnings, {levels.count('error')} errors, "
+              f"{log.count('Traceback')} tracebacks; symbol cache releases logged: {len(released)} "
+              f"({sum(map(int, released))} files)")
         print(f"'gone before their maps were read': {profiles} profiles, at most {largest_gone} in one interval, "
               f"{over} interval(s) claiming more than their own samples: {'PASS' if not over else 'MISS'}")
 
