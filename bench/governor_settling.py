@@ -2,6 +2,7 @@
 
     flock /tmp/work/heavy.lock .venv/bin/python bench/governor_settling.py
     flock /tmp/work/heavy.lock .venv/bin/python bench/governor_settling.py --frequency 4000 --budget 3 --seconds 120
+    flock /tmp/work/heavy.lock .venv/bin/python bench/governor_settling.py --profiles cpu,offcpu
 
 `bpfprof agent` profiles the whole machine at `--frequency` Hz with
 `limits.cpu_percent: --budget` while the Go fixture cpusplit burns its 70/30
@@ -9,7 +10,8 @@ split on both CPUs and `--rate` short-lived processes a minute come and go.
 Every 5 s it prints the agent's cost over those 5 s, measured from outside
 (its /proc/PID/stat CPU time, every thread, plus its BPF run time from the
 kernel: kernel.bpf_stats_enabled is switched on for the run and restored),
-next to the frequency the governor set. At the end: when the cost entered
+next to the frequency the governor set (and, with `--profiles cpu,offcpu`,
+the off-CPU threshold it moves with it). At the end: when the cost entered
 budget +-20 % for good, the mean cost after that, and the fixture's shares
 and CPU time in our profiles against its own runtime/pprof and its rusage.
 Figures, never pass/fail on time.
@@ -33,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import yaml  # noqa: E402
 from agent_churn import Churn, build_churn  # noqa: E402
+
 from fixtures.builder import build_go  # noqa: E402
 from recording import BPFPROF, read_pprof  # noqa: E402
 
@@ -65,6 +68,8 @@ def scrape(port: int) -> dict[str, float]:
 class Settling:
     budget_percent: float
     curve: list[tuple[float, int, float]] = field(default_factory=list)  # (s since start, Hz, cost % of CPUs)
+    offcpu_us: list[float] = field(default_factory=list)  # the off-CPU threshold at each point of the curve
+    bpf_percent: list[float] = field(default_factory=list)  # the BPF programs' part of each point's cost
     pprof_dir: Path | None = None
     fixture_pid: int = 0
     fixture_cpu_s: float = 0.0
@@ -88,7 +93,7 @@ class Settling:
 
 
 def run(work: Path, seconds: float, frequency_hz: int, budget_percent: float, floor_hz: int, rate: float,
-        interval_s: float = 10.0) -> Settling:
+        interval_s: float = 10.0, profiles: tuple[str, ...] = ("cpu",)) -> Settling:
     """One run; cpusplit lives for `seconds`, the agent a little longer on both sides."""
     churn_exe = build_churn(work)
     split_exe = build_go("cpusplit")
@@ -98,7 +103,7 @@ def run(work: Path, seconds: float, frequency_hz: int, budget_percent: float, fl
     port_sock.close()
     pprof_dir = work / "pprof"
     # Only the load's processes: on a shared machine others' processes would be part of the cost.
-    config = {"profiling": {"profiles": ["cpu"], "frequency_hz": frequency_hz},
+    config = {"profiling": {"profiles": list(profiles), "frequency_hz": frequency_hz},
               "selection": {"exe_names": [churn_exe.name, split_exe.name]},
               "limits": {"cpu_percent": budget_percent, "min_frequency_hz": floor_hz},
               "export": {"interval_s": interval_s, "pprof_dir": {"path": str(pprof_dir)}},
@@ -132,6 +137,8 @@ def run(work: Path, seconds: float, frequency_hz: int, budget_percent: float, fl
                 bpf = m.get("bpfprof_bpf_run_seconds_total", prev_bpf)
                 cost = ((cpu - prev_cpu) + (bpf - prev_bpf)) / (now - prev_t) / cpus * 100
                 out.curve.append((round(now - t0, 1), int(m.get("bpfprof_sampling_frequency_hz", 0)), cost))
+                out.offcpu_us.append(m.get("bpfprof_offcpu_min_block_seconds", 0.0) * 1e6)
+                out.bpf_percent.append((bpf - prev_bpf) / (now - prev_t) / cpus * 100)
                 prev_t, prev_cpu, prev_bpf = now, cpu, bpf
         split.returncode = os.waitstatus_to_exitcode(status)
         out.fixture_cpu_s = usage.ru_utime + usage.ru_stime
@@ -169,14 +176,17 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1.0, help="limits.cpu_percent")
     ap.add_argument("--floor", type=int, default=19)
     ap.add_argument("--rate", type=float, default=600, help="short-lived processes a minute")
+    ap.add_argument("--profiles", default="cpu", help="profiling.profiles (cpu, or cpu,offcpu)")
     args = ap.parse_args()
+    profiles = tuple(args.profiles.split(","))
     with tempfile.TemporaryDirectory(prefix="bpfprof-governor-") as tmp:
-        s = run(Path(tmp), args.seconds, args.frequency, args.budget, args.floor, args.rate)
+        s = run(Path(tmp), args.seconds, args.frequency, args.budget, args.floor, args.rate, profiles=profiles)
         print(f"budget {args.budget}% of {os.cpu_count()} CPUs; start {args.frequency} Hz, floor {args.floor} Hz; "
-              f"{args.rate:g} processes/min")
-        print("   t(s)      Hz   cost(% of CPUs)")
-        for t, hz, cost in s.curve:
-            print(f"  {t:5.0f}  {hz:6d}   {cost:6.2f}")
+              f"{args.rate:g} processes/min; {','.join(profiles)}")
+        offcpu = "offcpu" in profiles
+        print("   t(s)      Hz   cost(% of CPUs)  of it BPF" + ("   off-CPU threshold (us)" if offcpu else ""))
+        for (t, hz, cost), bpf, us in zip(s.curve, s.bpf_percent, s.offcpu_us, strict=True):
+            print(f"  {t:5.0f}  {hz:6d}   {cost:6.2f}           {bpf:6.2f}" + (f"   {us:8.0f}" if offcpu else ""))
         at = s.settled_at()
         if at is None:
             print("never settled within budget +-20%")

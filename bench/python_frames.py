@@ -1,43 +1,97 @@
-"""CPython frames (#16): shares of the 70/30 fixture by bpfprof and by py-spy, and the BPF time per
-CPU sample with the Python walk (3.11) beside the same program under an interpreter it skips (3.12).
+"""CPython frames (#16): what reading them costs, beside py-spy on the same program at the same rate.
+
+For each interpreter (pyenv's 3.9-3.13, Debian's 3.11) the 70/30 fixture (tests/fixtures/python/
+split7030.py, which measures its own functions' CPU) runs until it has used --cpu-seconds of CPU, once
+under `bpfprof record --pid` and once under `py-spy record --pid` (both attach to the running process,
+at --hz). Printed per interpreter:
+- bpfprof: hot share vs. the fixture's own clock, samples, mean BPF ns per run of on_cpu_sample
+  (kernel.bpf_stats_enabled), the added BPF ns per sample against the same program under an interpreter
+  it does not walk (pyenv's 3.8: native frames only), and the agent's CPU per sample (its whole run,
+  start-up included, from wait4's rusage);
+- py-spy: hot share, samples, its CPU (wait4's rusage) and the ratio of the two tools' CPU.
 
 Run as root under the heavy lock:
-    flock /tmp/work/heavy.lock .venv/bin/python bench/python_frames.py [--py-spy PATH]
-Prints figures; asserts nothing. py-spy: a PyPI package (pip install py-spy into any venv).
+    flock /tmp/work/heavy.lock .venv/bin/python bench/python_frames.py --py-spy /tmp/spy/bin/py-spy
+py-spy: a PyPI package (pip install py-spy into any venv; not a dependency of bpfprof).
+Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 FIXTURE = ROOT / "tests" / "fixtures" / "python" / "split7030.py"
-PY311 = "/usr/bin/python3.11"
-PY312 = next(iter(sorted(Path("/root/.pyenv/versions").glob("3.12.*/bin/python3.12"))), None)
+PYENV = Path("/root/.pyenv/versions")
 
 
-def bpfprof_shares(python: str, seconds: int, hz: int) -> tuple[float, int, float]:
-    """(hot share of hot+warm, samples, mean BPF ns per run of on_cpu_sample)."""
-    from recording import read_pprof
+@dataclass
+class Result:
+    hot_share: float
+    samples: int
+    truth: float  # the fixture's own hot share
+    tool_cpu_s: float  # the profiler's CPU (user + system)
+    bpf_ns: float = 0.0  # mean run time of on_cpu_sample (bpfprof only)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "p.pb.gz"
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "record", "--frequency", str(hz), "--no-kernel",
-                                 "-o", str(out), "--", python, str(FIXTURE), str(seconds)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ns = 0.0
-        deadline = time.monotonic() + seconds + 120
-        while proc.poll() is None and time.monotonic() < deadline:  # the last reading before the agent exits
-            time.sleep(1)
+
+def interpreters() -> list[str]:
+    from agent.python.layouts import LAYOUTS
+
+    found = ["/usr/bin/python3.11"] if Path("/usr/bin/python3.11").exists() else []
+    for v in sorted(LAYOUTS):
+        found += [str(p) for p in sorted(PYENV.glob(f"3.{v[1]}.*/bin/python3.{v[1]}"))]
+    return found
+
+
+def cpu_of(pid: int) -> float:
+    """Wait for child `pid`; its user + system CPU seconds."""
+    _, _, ru = os.wait4(pid, 0)
+    return ru.ru_utime + ru.ru_stime
+
+
+def start_fixture(python: str, cpu_seconds: float) -> subprocess.Popen:
+    fx = subprocess.Popen([python, str(FIXTURE), str(cpu_seconds), "wait"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+    assert fx.stdout.readline().strip() == "ready"
+    return fx
+
+
+def release(fx: subprocess.Popen) -> float:
+    """Let the fixture run; its own hot share once it is done."""
+    fx.stdin.write("go\n")
+    fx.stdin.flush()
+    rows = json.loads(fx.stdout.read().strip().splitlines()[-1])["cpu"]
+    cpu = Counter()
+    for _, name, s in rows:
+        cpu[name] += s
+    cpu_of(fx.pid)
+    fx.returncode = 0
+    return cpu["hot"] / (cpu["hot"] + cpu["warm"])
+
+
+class BpfStats:
+    """Polls bpftool for on_cpu_sample's run_time_ns / run_cnt while a capture runs (the last reading)."""
+
+    def __init__(self) -> None:
+        self.ns = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
             try:
                 progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
                                                   text=True, timeout=30).stdout)
@@ -45,40 +99,67 @@ def bpfprof_shares(python: str, seconds: int, hz: int) -> tuple[float, int, floa
                 continue
             for p in progs:
                 if p.get("name", "").startswith("on_cpu_sample") and p.get("run_cnt"):
-                    ns = p["run_time_ns"] / p["run_cnt"]
-        proc.wait(timeout=seconds + 120)
+                    self.ns = p["run_time_ns"] / p["run_cnt"]
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.ns
+
+
+def bpfprof_run(python: str, cpu_seconds: float, hz: int) -> Result:
+    from recording import read_pprof
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "p.pb.gz"
+        fx = start_fixture(python, cpu_seconds)
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "record", "--pid", str(fx.pid), "--frequency",
+                                  str(hz), "--no-kernel", "-o", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        for line in agent.stderr:
+            if line.startswith("sampling"):
+                break
+        stats = BpfStats()
+        truth = release(fx)
+        ns = stats.stop()
+        agent.send_signal(signal.SIGINT)
+        agent.stderr.read()
+        agent_cpu = cpu_of(agent.pid)
+        agent.returncode = 0
         prof = read_pprof(out)
     hot = sum(s.values[0] for s in prof.samples if "hot" in s.functions)
     warm = sum(s.values[0] for s in prof.samples if "warm" in s.functions)
-    return hot / max(hot + warm, 1), hot + warm, ns
+    total = sum(s.values[0] for s in prof.samples)
+    return Result(hot / max(hot + warm, 1), total, truth, agent_cpu, ns)
 
 
-def pyspy_shares(pyspy: str, python: str, seconds: int, hz: int) -> tuple[float, int, float]:
-    """(hot share, samples, py-spy's CPU seconds) from py-spy's raw (folded) output."""
+def pyspy_run(pyspy: str, python: str, cpu_seconds: float, hz: int) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "spy.txt"
-        r = subprocess.run([pyspy, "record", "--format", "raw", "--rate", str(hz), "-o", str(out), "--",
-                            python, str(FIXTURE), str(seconds)], capture_output=True, text=True,
-                           timeout=seconds + 60)
-        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        fx = start_fixture(python, cpu_seconds)
+        spy = subprocess.Popen([pyspy, "record", "--format", "raw", "--rate", str(hz), "-o",
+                                str(out), "--pid", str(fx.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+        time.sleep(1.0)  # py-spy has no ready line: give it its attach
+        truth = release(fx)
+        spy_cpu = cpu_of(spy.pid)
+        spy.returncode = 0
         counts: Counter[str] = Counter()
+        total = 0
         for line in out.read_text().splitlines() if out.exists() else ():
             stack, _, n = line.rpartition(" ")
-            if " (" in stack:
-                for fn in ("hot", "warm"):
-                    if f";{fn} (" in ";" + stack:
-                        counts[fn] += int(n)
-        if r.returncode != 0 and not counts:
-            print("py-spy failed:", r.stderr.strip()[-300:])
-    total = counts["hot"] + counts["warm"]
-    return counts["hot"] / max(total, 1), total, cpu.ru_utime + cpu.ru_stime
+            total += int(n)
+            for fn in ("hot", "warm"):
+                if f";{fn} (" in ";" + stack:
+                    counts[fn] += int(n)
+    return Result(counts["hot"] / max(counts["hot"] + counts["warm"], 1), total, truth, spy_cpu)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--hz", type=int, default=99)
-    ap.add_argument("--py-spy", default="")
+    ap.add_argument("--cpu-seconds", type=float, default=5.0)
+    ap.add_argument("--hz", type=int, default=997)
+    ap.add_argument("--py-spy", default="", help="path of a py-spy binary (none: bpfprof only)")
     a = ap.parse_args()
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     before = stats.read_text().strip()
@@ -90,15 +171,27 @@ def main() -> None:
 
 
 def run(a: argparse.Namespace) -> None:
-    share, n, ns311 = bpfprof_shares(PY311, a.seconds, a.hz)
-    print(f"bpfprof  {PY311}: hot {share:.3f} (truth 0.700) over {n} samples; on_cpu_sample {ns311:.0f} ns/run")
-    if PY312 is not None:
-        _, _, ns312 = bpfprof_shares(str(PY312), a.seconds, a.hz)
-        added = f"the walk adds ~{ns311 - ns312:.0f} ns per sample" if ns311 and ns312 else "not measured"
-        print(f"bpfprof  {PY312} (no Python walk): on_cpu_sample {ns312:.0f} ns/run; {added}")
-    if a.py_spy:
-        share, n, cpu = pyspy_shares(a.py_spy, PY311, a.seconds, a.hz)
-        print(f"py-spy   {PY311}: hot {share:.3f} over {n} samples; py-spy + fixture CPU {cpu:.1f} s")
+    base = sorted(PYENV.glob("3.8.*/bin/python3.8"))
+    base_ns = 0.0
+    if base:
+        r = bpfprof_run(str(base[0]), a.cpu_seconds, a.hz)
+        base_ns = r.bpf_ns
+        print(f"baseline {base[0]} (no Python walk): on_cpu_sample {r.bpf_ns:.0f} ns/run; agent "
+              f"{r.tool_cpu_s:.2f} s CPU for {r.samples} samples ({1e6 * r.tool_cpu_s / max(r.samples, 1):.0f} us each)")
+    print(f"{a.cpu_seconds} s of fixture CPU per run at {a.hz} Hz")
+    for python in interpreters():
+        b = bpfprof_run(python, a.cpu_seconds, a.hz)
+        added = f"{b.bpf_ns - base_ns:+.0f} ns vs 3.8" if base_ns and b.bpf_ns else "no baseline"
+        print(f"{python}\n  bpfprof: hot {b.hot_share:.4f} (fixture {b.truth:.4f}, error "
+              f"{100 * abs(b.hot_share - b.truth):.2f} points) of {b.samples} samples; on_cpu_sample "
+              f"{b.bpf_ns:.0f} ns/run ({added}); agent {b.tool_cpu_s:.2f} s CPU, "
+              f"{1e6 * b.tool_cpu_s / max(b.samples, 1):.0f} us per sample")
+        if a.py_spy:
+            s = pyspy_run(a.py_spy, python, a.cpu_seconds, a.hz)
+            print(f"  py-spy:  hot {s.hot_share:.4f} (fixture {s.truth:.4f}, error "
+                  f"{100 * abs(s.hot_share - s.truth):.2f} points) of {s.samples} samples; py-spy "
+                  f"{s.tool_cpu_s:.2f} s CPU, {1e6 * s.tool_cpu_s / max(s.samples, 1):.0f} us per sample; "
+                  f"bpfprof/py-spy CPU {b.tool_cpu_s / max(s.tool_cpu_s, 1e-9):.2f}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ enum bpfprof_ctx_kind {
 #define BPFPROF_PY_UNIT_SHIFT 48
 #define BPFPROF_PY_UNIT_MASK 0x3fffull      /* index of the code unit run; larger indices are cut to it */
 #define BPFPROF_PY_ENTRY_BIT 62             /* the frame a _PyEval_EvalFrameDefault call entered at */
+/* 3.12+: the shim frame an eval call pushes under its first frame (no code object): the word before
+ * it is that call's entry frame; the leaf word when the call has no frame (yet) */
+#define BPFPROF_PY_SHIM (1ull << BPFPROF_PY_ENTRY_BIT)
 
 struct bpfprof_header {
     u32 kind;          /* enum bpfprof_kind */
@@ -170,23 +173,34 @@ struct gor_layout {
     u16 startpc;  /* offsetof(runtime.g, startpc) */
 };
 
+/* How a frame entered by a _PyEval_EvalFrameDefault call is told (entry_kind). */
 #define BPFPROF_PY_ENTRY_BOOL 1     /* 3.11: _PyInterpreterFrame.is_entry */
+#define BPFPROF_PY_ENTRY_OWNER 2    /* 3.12+: a shim frame (owner == owner_cstack) lies under it */
+#define BPFPROF_PY_ENTRY_ALL 3      /* 3.9, 3.10: every PyFrameObject is an eval call of its own */
+/* What frame_instr holds (instr_kind). */
+#define BPFPROF_PY_INSTR_POINTER 0  /* a pointer to the code unit (3.11+) */
+#define BPFPROF_PY_INSTR_LASTI_UNITS 1  /* int f_lasti, in code units (3.10) */
+#define BPFPROF_PY_INSTR_LASTI_BYTES 2  /* int f_lasti, in bytes (3.9) */
+#define BPFPROF_PY_NO_CFRAME 0xffff /* cframe_current_frame: tstate_frame points at the frame itself */
 
-/* A `py_procs` value; agent/python/registry.py PyProc mirrors it. */
+/* A `py_procs` value; agent/python/registry.py PyProc mirrors it (agent/python/layouts.py says which
+ * field of which version each offset is). */
 struct bpfprof_py_proc {
     u64 interpreters_head;  /* runtime address of _PyRuntime.interpreters.head */
     u16 interp_threads_head;
     u16 tstate_next;
     u16 tstate_thread_id;
-    u16 tstate_cframe;
-    u16 cframe_current_frame;
+    u16 tstate_frame;       /* ->frame (3.9, 3.10), ->cframe (3.11, 3.12), ->current_frame (3.13) */
+    u16 cframe_current_frame;  /* or BPFPROF_PY_NO_CFRAME */
     u16 frame_code;
     u16 frame_previous;
     u16 frame_instr;
     u16 frame_entry;
     u16 code_adaptive;      /* offset of the first code unit in a code object */
     u8 entry_kind;          /* BPFPROF_PY_ENTRY_* */
-    u8 pad[3];
+    u8 instr_kind;          /* BPFPROF_PY_INSTR_* */
+    u8 owner_cstack;        /* FRAME_OWNED_BY_CSTACK (BPFPROF_PY_ENTRY_OWNER) */
+    u8 pad;
 };
 
 struct bpfprof_py_frames {

@@ -5,12 +5,16 @@
  * own headers per version, agent/python/layouts.py), the sampled thread's
  * PyThreadState is found among the main interpreter's threads by its
  * thread_id, which is pthread_self(): on x86-64 glibc the thread's FS base.
- * Its frame chain (tstate->cframe->current_frame, 3.11) is walked leaf first,
- * one word per _PyInterpreterFrame into the record's BPFPROF_CTX_PYTHON
- * trailer: the code object's address, the index of the code unit it ran, and
- * whether the frame was the entry frame of a _PyEval_EvalFrameDefault call
- * (the agent puts each run of frames up to an entry frame in place of that
- * native frame). Code objects are resolved in the agent (agent/python/frames.py).
+ * Its frame chain is walked leaf first (tstate->frame's PyFrameObjects in
+ * 3.9/3.10, tstate->cframe->current_frame's _PyInterpreterFrames in
+ * 3.11/3.12, tstate->current_frame in 3.13), one word per Python frame into
+ * the record's BPFPROF_CTX_PYTHON trailer: the code object's address, the
+ * index of the code unit it ran, and whether the frame was the entry frame of
+ * a _PyEval_EvalFrameDefault call (the agent puts each run of frames up to an
+ * entry frame in place of that native frame). The versions tell entry frames
+ * apart differently (entry_kind): a flag (3.11), a shim frame owned by the C
+ * stack under them (3.12+: sent as a BPFPROF_PY_SHIM word), or every frame (3.9/3.10). Code objects
+ * are resolved in the agent (agent/python/frames.py).
  *
  * Pasted after common.bpf.h (agent/probes/probe_set.py: BCC rewrites map
  * accesses only in its main file); the per-CPU trailer py_scratch is in
@@ -24,6 +28,58 @@
 #define PY_MAX_THREADS 32   /* threads of the interpreter looked at for the sampled one */
 
 BPF_F_TABLE("hash", u32, struct bpfprof_py_proc, py_procs, MAX_TARGETS, BPF_F_NO_PREALLOC);
+
+/* One word per frame from `frame` outwards into out->frames, for one way of telling entry frames
+ * (`ek`) and reading the code unit (`ik`), both constants at each call: the verifier then walks loops
+ * without version branches in them. Returns the number of words, -1 if a read failed; *rest is the
+ * frame the walk stopped at (0: the chain's end). */
+static __always_inline int py_walk(struct bpfprof_py_proc *pp, struct bpfprof_py_frames *out, u64 frame,
+                                   const int ek, const int ik, u64 *rest)
+{
+    u64 off_code = pp->frame_code, off_instr = pp->frame_instr, off_prev = pp->frame_previous;
+    u64 off_entry = pp->frame_entry, adaptive = pp->code_adaptive;
+    u8 cstack = pp->owner_cstack;
+    int n = 0;
+    for (int i = 0; i < BPFPROF_PY_MAX_FRAMES; i++) {
+        if (frame == 0)
+            break;
+        u64 code = 0, instr = 0, prev = 0;
+        u8 entry = 1;  /* BPFPROF_PY_ENTRY_ALL: every frame */
+        if (bpf_probe_read_user(&code, 8, (void *)(frame + off_code)) != 0 ||
+            bpf_probe_read_user(&instr, 8, (void *)(frame + off_instr)) != 0 ||
+            bpf_probe_read_user(&prev, 8, (void *)(frame + off_prev)) != 0)
+            return -1;
+        if (ek != BPFPROF_PY_ENTRY_ALL && bpf_probe_read_user(&entry, 1, (void *)(frame + off_entry)) != 0)
+            return -1;
+        u64 word;
+        if (ek == BPFPROF_PY_ENTRY_OWNER && entry == cstack) {
+            word = BPFPROF_PY_SHIM;  /* the shim under an eval call's first frame: the word before it */
+        } else {
+            if (ek == BPFPROF_PY_ENTRY_OWNER)
+                entry = 0;
+            u64 unit = 0;
+            if (ik == BPFPROF_PY_INSTR_POINTER) {
+                u64 first = code + adaptive;
+                if (instr >= first)
+                    unit = (instr - first) / 2;
+            } else {
+                s32 lasti = (s32)instr;  /* f_lasti, -1 before the first instruction */
+                if (lasti > 0)
+                    unit = ik == BPFPROF_PY_INSTR_LASTI_BYTES ? (u64)lasti / 2 : (u64)lasti;
+            }
+            if (unit > BPFPROF_PY_UNIT_MASK)
+                unit = BPFPROF_PY_UNIT_MASK;
+            word = (code & BPFPROF_PY_CODE_MASK) | (unit << BPFPROF_PY_UNIT_SHIFT) |
+                   ((u64)(entry != 0) << BPFPROF_PY_ENTRY_BIT);
+        }
+        out->frames[i & (BPFPROF_PY_MAX_FRAMES - 1)] = word;
+        n = i + 1;
+        frame = prev;
+    }
+    *rest = frame;
+    return n;
+}
+
 /* Read the current thread's Python frames into the per-CPU trailer, if its process is registered. */
 static __always_inline void py_read_frames(u32 tgid, u64 fsbase)
 {
@@ -49,32 +105,26 @@ static __always_inline void py_read_frames(u32 tgid, u64 fsbase)
     }
     if (ts == 0 || tid != fsbase)
         return;  /* a thread Python does not know (yet): native frames only */
-    u64 frame = 0, cframe = 0;
-    if (bpf_probe_read_user(&cframe, 8, (void *)(ts + pp->tstate_cframe)) != 0 || cframe == 0)
+    u64 frame = 0, cur = 0;
+    if (bpf_probe_read_user(&cur, 8, (void *)(ts + pp->tstate_frame)) != 0)
         goto fail;
-    if (bpf_probe_read_user(&frame, 8, (void *)(cframe + pp->cframe_current_frame)) != 0)
+    if (pp->cframe_current_frame == BPFPROF_PY_NO_CFRAME) {
+        frame = cur;
+    } else if (cur == 0 ||
+               bpf_probe_read_user(&frame, 8, (void *)(cur + pp->cframe_current_frame)) != 0) {
         goto fail;
-    u32 n = 0;
-    for (int i = 0; i < BPFPROF_PY_MAX_FRAMES; i++) {
-        if (frame == 0)
-            break;
-        u64 code = 0, instr = 0, prev = 0;
-        u8 entry = 0;
-        if (bpf_probe_read_user(&code, 8, (void *)(frame + pp->frame_code)) != 0 ||
-            bpf_probe_read_user(&instr, 8, (void *)(frame + pp->frame_instr)) != 0 ||
-            bpf_probe_read_user(&entry, 1, (void *)(frame + pp->frame_entry)) != 0 ||
-            bpf_probe_read_user(&prev, 8, (void *)(frame + pp->frame_previous)) != 0)
-            goto fail;
-        u64 first = code + pp->code_adaptive, unit = 0;
-        if (instr >= first)
-            unit = (instr - first) / 2;
-        if (unit > BPFPROF_PY_UNIT_MASK)
-            unit = BPFPROF_PY_UNIT_MASK;
-        out->frames[i & (BPFPROF_PY_MAX_FRAMES - 1)] =
-            (code & BPFPROF_PY_CODE_MASK) | (unit << BPFPROF_PY_UNIT_SHIFT) | ((u64)(entry != 0) << BPFPROF_PY_ENTRY_BIT);
-        n = i + 1;
-        frame = prev;
     }
+    int n;
+    if (pp->entry_kind == BPFPROF_PY_ENTRY_ALL && pp->instr_kind == BPFPROF_PY_INSTR_LASTI_BYTES)
+        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_ALL, BPFPROF_PY_INSTR_LASTI_BYTES, &frame);  /* 3.9 */
+    else if (pp->entry_kind == BPFPROF_PY_ENTRY_ALL)
+        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_ALL, BPFPROF_PY_INSTR_LASTI_UNITS, &frame);  /* 3.10 */
+    else if (pp->entry_kind == BPFPROF_PY_ENTRY_OWNER)
+        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_OWNER, BPFPROF_PY_INSTR_POINTER, &frame);  /* 3.12+ */
+    else
+        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_BOOL, BPFPROF_PY_INSTR_POINTER, &frame);  /* 3.11 */
+    if (n < 0)
+        goto fail;
     if (frame != 0)
         count_drop(BPFPROF_DROP_PY_TRUNCATED);
     if (n == 0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from exporters.profile import Profile
@@ -61,12 +62,16 @@ class Change:
 def count_index(profile: Profile, value_index: int) -> int | None:
     """The sample type that counts events for `value_index` (itself when a count): alloc_space ->
     alloc_objects, cpu -> samples. None when the profile has no count type."""
-    types = profile.sample_types
-    if types[value_index].unit == "count":
+    return count_index_of([(t.type, t.unit) for t in profile.sample_types], value_index)
+
+
+def count_index_of(types: Sequence[tuple[str, str]], value_index: int) -> int | None:
+    """count_index over (type, unit) pairs (the viewer's stored sample types)."""
+    if types[value_index][1] == "count":
         return value_index
-    counts = [i for i, t in enumerate(types) if t.unit == "count"]
-    prefix = types[value_index].type.split("_")[0] + "_"
-    same = [i for i in counts if types[i].type.startswith(prefix)]
+    counts = [i for i, (_, unit) in enumerate(types) if unit == "count"]
+    prefix = types[value_index][0].split("_")[0] + "_"
+    same = [i for i in counts if types[i][0].startswith(prefix)]
     return (same or counts or [None])[0]
 
 

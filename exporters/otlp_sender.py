@@ -313,7 +313,7 @@ class _GrpcTransport:
         self._channel.close()
 
 
-def _retry_after_s(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+def retry_after_s(value: str | None, now: Callable[[], float] = time.time) -> float | None:
     """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent or unreadable."""
     if not value:
         return None
@@ -354,15 +354,31 @@ def _abort(conn: http.client.HTTPConnection) -> None:
             pass  # not connected yet, or closed already
 
 
-class _HttpTransport:
-    def __init__(self, endpoint: Endpoint, headers: dict[str, str], ca: bytes | None, compression: str | None):
-        parts = urlsplit(endpoint.target)
+@dataclass(frozen=True)
+class HttpReply:
+    """A complete HTTP answer: status, reason, the body (at most the poster's cap) and its Retry-After."""
+
+    status: int
+    reason: str
+    body: bytes
+    retry_after: str | None
+
+
+class HttpPoster:
+    """POSTs bytes to one URL, each POST bounded end to end: connect, send and the whole answer fit in
+    its `timeout_s` (a watchdog shuts the socket down at the deadline). Shared by the OTLP/HTTP
+    exporter and the OpAMP client. Thread-safe; close() aborts the POSTs in flight."""
+
+    def __init__(self, url: str, headers: dict[str, str], ca: bytes | None, gzip_body: bool = False,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        parts = urlsplit(url)
         self._host, self._port = parts.hostname or "", parts.port
-        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._context = None
-        if endpoint.secure:
+        if parts.scheme == "https":
             self._context = ssl.create_default_context(cadata=ca.decode() if ca else None)
-        self._gzip = compression == "gzip"
+        self._gzip = gzip_body
+        self._max_response_bytes = max_response_bytes
         self._headers = {"Content-Type": "application/x-protobuf", "User-Agent": USER_AGENT, **headers}
         if self._gzip:
             self._headers["Content-Encoding"] = "gzip"
@@ -370,9 +386,8 @@ class _HttpTransport:
         self._open: set[http.client.HTTPConnection] = set()  # attempts in flight, aborted by close()
         self._closed = False
 
-    def send(self, request: ExportProfilesServiceRequest, timeout_s: float) -> Attempt:
-        """One POST whose connect, send and whole response fit in `timeout_s` (the watchdog's deadline)."""
-        body = request.SerializeToString()
+    def post(self, body: bytes, timeout_s: float) -> HttpReply | Attempt:
+        """The server's complete answer, or an Attempt saying why there is none (and whether to retry)."""
         if self._gzip:
             body = gzip.compress(body, compresslevel=6)
         if self._context is not None:
@@ -401,7 +416,7 @@ class _HttpTransport:
                 return timed_out
             conn.request("POST", self._path, body=body, headers=self._headers)
             resp = conn.getresponse()
-            data = resp.read(MAX_RESPONSE_BYTES)
+            data = resp.read(self._max_response_bytes)
         except ssl.SSLError as e:
             if expired.is_set() or self._closed:
                 return timed_out if expired.is_set() else aborted
@@ -411,7 +426,7 @@ class _HttpTransport:
                 return timed_out
             if self._closed:
                 return aborted
-            # Connection refused/reset: the collector may be restarting.
+            # Connection refused/reset: the server may be restarting.
             return Attempt(reason=f"{type(e).__name__}: {e}", retryable=True)
         finally:
             watchdog.cancel()
@@ -422,18 +437,9 @@ class _HttpTransport:
             return timed_out
         if self._closed:
             return aborted
-        if resp.length and len(data) < MAX_RESPONSE_BYTES:  # the server closed before its Content-Length
+        if resp.length and len(data) < self._max_response_bytes:  # the server closed before its Content-Length
             return Attempt(reason=f"HTTP {resp.status}: the response was cut short", retryable=True)
-        if 200 <= resp.status < 300:
-            response = ExportProfilesServiceResponse()
-            try:
-                response.ParseFromString(data)
-            except DecodeError:
-                return Attempt(result=ExportResult(ExportStatus.SUCCESS, "response body was not protobuf"))
-            return Attempt(result=_partial(response))
-        retryable = resp.status in RetryPolicy.RETRYABLE_HTTP
-        return Attempt(reason=_http_error_message(resp.status, resp.reason, data), retryable=retryable,
-                       retry_after_s=_retry_after_s(resp.getheader("Retry-After")) if retryable else None)
+        return HttpReply(resp.status, resp.reason, data, resp.getheader("Retry-After"))
 
     def close(self) -> None:
         """Refuse new attempts and abort those in flight (shutdown after the flush window)."""
@@ -442,6 +448,30 @@ class _HttpTransport:
             open_now = list(self._open)
         for conn in open_now:
             _abort(conn)
+
+
+class _HttpTransport:
+    def __init__(self, endpoint: Endpoint, headers: dict[str, str], ca: bytes | None, compression: str | None):
+        self._poster = HttpPoster(endpoint.target, headers, ca, gzip_body=compression == "gzip")
+
+    def send(self, request: ExportProfilesServiceRequest, timeout_s: float) -> Attempt:
+        """One POST whose connect, send and whole response fit in `timeout_s` (the watchdog's deadline)."""
+        reply = self._poster.post(request.SerializeToString(), timeout_s)
+        if isinstance(reply, Attempt):
+            return reply
+        if 200 <= reply.status < 300:
+            response = ExportProfilesServiceResponse()
+            try:
+                response.ParseFromString(reply.body)
+            except DecodeError:
+                return Attempt(result=ExportResult(ExportStatus.SUCCESS, "response body was not protobuf"))
+            return Attempt(result=_partial(response))
+        retryable = reply.status in RetryPolicy.RETRYABLE_HTTP
+        return Attempt(reason=_http_error_message(reply.status, reply.reason, reply.body), retryable=retryable,
+                       retry_after_s=retry_after_s(reply.retry_after) if retryable else None)
+
+    def close(self) -> None:
+        self._poster.close()
 
 
 class OtlpExporter:

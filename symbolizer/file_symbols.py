@@ -187,6 +187,21 @@ class FileSymbols:
             unwind_cache.store(self.id.build_id, self.id.kind.value, table)
         return table
 
+    @cached_property
+    def fde_index(self) -> FdeIndex | None:
+        """Per-FDE rules through .eh_frame_hdr (None without one): what a stack-copy walk uses
+        while `unwind_table` is not built, so it never waits for a whole-file CFI parse."""
+        from symbolizer.cfi import FdeIndex  # noqa: PLC0415  (only unwinding needs it)
+
+        return self._guarded("fde index", lambda: FdeIndex.from_elf(self.elf))  # type: ignore[return-value]
+
+    def unwind_rules(self) -> UnwindTable | FdeIndex | None:
+        """The table if something built it already (the BPF tables' worker does), else the FDE
+        index, else the table built now (a file without .eh_frame_hdr)."""
+        if computed(self, "unwind_table"):
+            return self.unwind_table
+        return self.fde_index or self.unwind_table
+
     def held_bytes(self) -> int:
         """Bytes this file's parsed state holds in big blocks: the copies of the file and of its separate
         debug file, DWARF sections decompressed, CFI rows and the BPF walker's rows."""
@@ -243,21 +258,6 @@ class FileSymbols:
     def touch(self) -> None:
         """Note a use (the unwind rows' builder, which reads the file without symbolize())."""
         self.last_used = time.monotonic()
-
-    @cached_property
-    def fde_index(self) -> FdeIndex | None:
-        """Per-FDE rules through .eh_frame_hdr (None without one): what a stack-copy walk uses
-        while `unwind_table` is not built, so it never waits for a whole-file CFI parse."""
-        from symbolizer.cfi import FdeIndex  # noqa: PLC0415  (only unwinding needs it)
-
-        return self._guarded("fde index", lambda: FdeIndex.from_elf(self.elf))  # type: ignore[return-value]
-
-    def unwind_rules(self) -> UnwindTable | FdeIndex | None:
-        """The table if something built it already (the BPF tables' worker does), else the FDE
-        index, else the table built now (a file without .eh_frame_hdr)."""
-        if computed(self, "unwind_table"):
-            return self.unwind_table
-        return self.fde_index or self.unwind_table
 
     def translate(self, addr: int, map_start: int, map_file_offset: int) -> int | None:
         """Runtime address in a mapping -> ELF vaddr (PIE, shared libraries, exes alike)."""

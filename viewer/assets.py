@@ -26,6 +26,7 @@ ASSETS = {
     "d3_flamegraph_colormapper_js": "npm:d3-flame-graph/dist/d3-flamegraph-colorMapper.min.js",
     "app_css": "static/app.css",
     "flame_js": "static/flame.js",
+    "dom_js": "static/dom.js",
     "app_js": "static/app.js",
     "report_js": "static/report.js",
 }

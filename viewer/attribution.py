@@ -27,6 +27,7 @@ class Method(enum.StrEnum):
     LINK = "link"
     THREAD = "thread"
     PROCESS = "process"
+    PROFILE = "profile"  # no span: every sample of a profile loaded from a file (`bpfprof view`)
     NONE = "none"
 
 

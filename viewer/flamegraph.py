@@ -14,8 +14,9 @@ no change.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
-from exporters.diff import FunctionValues, change_json, rank_changes
+from exporters.diff import FunctionValues, change_json, count_index_of, rank_changes
 from exporters.profile import Profile, SampleKey, TraceLink, ValueType
 from viewer.attribution import Attribution
 from viewer.store import Store, decode_stack, iter_names
@@ -40,6 +41,13 @@ class Tree:
         self.self_: list[int] = [0]
         self.base: list[float] = [0.0]
         self._children: dict[tuple[int, int], int] = {}
+        self._extra: list[list[float]] = []
+
+    def column(self) -> list[float]:
+        """A new value column, kept as long as the tree as nodes are made."""
+        col = [0.0] * len(self.name)
+        self._extra.append(col)
+        return col
 
     def _name(self, s: str) -> int:
         i = self._name_ids.get(s)
@@ -65,6 +73,8 @@ class Tree:
             self.parent.append(node)
             self.self_.append(0)
             self.base.append(0.0)
+            for col in self._extra:
+                col.append(0.0)
         return child
 
     def to_json(self, unit: str, with_base: bool = False) -> dict:
@@ -79,29 +89,36 @@ class Tree:
 MAX_CHANGES = 100  # rows of a span diff's ranking
 
 
-def tree_values(tree: Tree, column: list[float], counted: bool) -> FunctionValues:
-    """Self and total per function of one column of a tree (total: once per path, as flame.js's top table).
-
-    `counted`: the values are sample counts, so the diff's test can run on them.
-    """
-    out = FunctionValues()
+def _per_function(tree: Tree, column: list[float]) -> tuple[Counter, Counter, float]:
+    """Self and total per function of one column (total: once per path, as flame.js's top table), and the sum."""
+    self_: Counter[str] = Counter()
+    total_of: Counter[str] = Counter()
     total = list(column)
     for i in range(len(tree.name) - 1, 0, -1):
         total[tree.parent[i]] += total[i]
-    out.value_total = total[0]
     on_path: list[frozenset[int]] = [frozenset()] * len(tree.name)
     for i in range(1, len(tree.name)):
         name_id = tree.name[i]
         above = on_path[tree.parent[i]]
         on_path[i] = above if name_id in above else above | {name_id}
         name = tree.names[name_id]
-        out.self_[name] += column[i]
-        if name_id not in above:
-            out.total[name] += total[i]
-    if counted:
-        out.counts_self.update({k: round(v) for k, v in out.self_.items()})
-        out.counts_total.update({k: round(v) for k, v in out.total.items()})
-        out.count_total = round(out.value_total)
+        if column[i]:  # no entry for nothing: the test's correction counts the functions tested
+            self_[name] += column[i]
+        if name_id not in above and total[i]:
+            total_of[name] += total[i]
+    return self_, total_of, total[0]
+
+
+def tree_values(tree: Tree, column: list[float], counts: list[float] | None) -> FunctionValues:
+    """Self and total per function of one column of a tree, with the sample counts of `counts` (the
+    diff's test runs on those; None: no count type, nothing is tested). As exporters.diff.function_values."""
+    out = FunctionValues()
+    out.self_, out.total, out.value_total = _per_function(tree, column)
+    if counts is not None:
+        cs, ct, n = _per_function(tree, counts)
+        out.counts_self.update({k: round(v) for k, v in cs.items()})
+        out.counts_total.update({k: round(v) for k, v in ct.items()})
+        out.count_total = round(n)
     return out
 
 
@@ -109,10 +126,12 @@ def _stack_names(store: Store, stack_ids: set[int]) -> dict[int, list[str]]:
     return {sid: list(iter_names(text)) for sid, text in store.stacks(stack_ids).items()}
 
 
-def _fill(tree: Tree, store: Store, a: Attribution, into_base: bool, scale: float = 1.0) -> int:
-    """Add an attribution's values to the tree's self (or base) column; returns the total added."""
+def _fill(tree: Tree, store: Store, a: Attribution, column: list, counts: list | None = None) -> int:
+    """Add an attribution's values to a column of the tree (and, with `counts`, the values of the sample
+    type that counts its events: cpu -> samples); returns the total added."""
     names = _stack_names(store, {s.stack_id for s in a.samples})
     total = 0
+    count_of: dict[int, int | None] = {}
     for s in a.samples:
         i = a.value_index(s.profile_id)
         if i < 0 or i >= len(s.values):
@@ -120,36 +139,38 @@ def _fill(tree: Tree, store: Store, a: Attribution, into_base: bool, scale: floa
         node = tree.path(names.get(s.stack_id, ["[stack lost]"]))
         v = s.values[i]
         total += v
-        if into_base:
-            tree.base[node] += v * scale
-        else:
-            tree.self_[node] += v
+        column[node] += v
+        if counts is not None:
+            ci = count_of.get(s.profile_id, -1)
+            if ci == -1:
+                ci = count_of[s.profile_id] = count_index_of(a.profiles[s.profile_id].sample_types, i)
+            if ci is not None and ci < len(s.values):
+                counts[node] += s.values[ci]
     return total
 
 
 def flamegraph(store: Store, a: Attribution) -> dict:
     """The compact flame graph of an attribution's samples (empty tree when none)."""
     tree = Tree()
-    _fill(tree, store, a, into_base=False)
+    _fill(tree, store, a, tree.self_)
     return tree.to_json(a.profile_type.unit if a.profile_type else "")
 
 
 def diff(store: Store, target: Attribution, baselines: list[Attribution]) -> dict:
-    """Target's flame graph with a `base` column: the baselines summed, scaled to the target's total."""
+    """Target's flame graph with a `base` column: the baselines summed, scaled to the target's total; and
+    `changes`, ranked by exporters/diff.py as `bpfprof diff` ranks them (tested on the sample counts)."""
     tree = Tree()
-    total = _fill(tree, store, target, into_base=False)
-    probe = Tree()  # baseline totals first, to scale in one pass
-    base_total = sum(_fill(probe, store, b, into_base=True) for b in baselines)
+    counts, base_counts, raw_base = tree.column(), tree.column(), tree.column()
+    total = _fill(tree, store, target, tree.self_, counts)
+    base_total = sum(_fill(tree, store, b, raw_base, base_counts) for b in baselines)
     scale = total / base_total if base_total else 0.0
-    for b in baselines:
-        _fill(tree, store, b, into_base=True, scale=scale)
+    tree.base = [v * scale for v in raw_base]
     unit = target.profile_type.unit if target.profile_type else ""
     out = tree.to_json(unit, with_base=True)
     out["base_raw_total"] = base_total
-    # The same ranking as `bpfprof diff`, on the unscaled baseline; tested when the values are counts.
-    raw_base = [b / scale for b in tree.base] if scale else [0.0] * len(tree.base)
-    changes = rank_changes(tree_values(tree, raw_base, unit == "count"),
-                           tree_values(tree, [float(v) for v in tree.self_], unit == "count"))
+    tested = any(counts) and any(base_counts)
+    changes = rank_changes(tree_values(tree, raw_base, base_counts if tested else None),
+                           tree_values(tree, [float(v) for v in tree.self_], counts if tested else None))
     out["changes"] = [change_json(c) for c in changes[:MAX_CHANGES]]
     return out
 

@@ -1,11 +1,15 @@
-"""`bpfprof serve` as a library: store + OTLP receivers + web UI + retention, started and stopped together."""
+"""`bpfprof serve` as a library: store + OTLP receivers + web UI + retention, started and stopped together;
+and `bpfprof view`'s: the same web UI over an in-memory store of profiles read from files."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
-from exporters.http_server import BoundedHttpServer
+from exporters.http_server import BoundedHttpServer, HttpLimits
+from exporters.profile import Profile
+from viewer import file_profiles
 from viewer.assets import render_page
 from viewer.config import ServeConfig
 from viewer.receiver import OtlpReceiver, start_http
@@ -71,4 +75,25 @@ class Server:
         self.receiver.stop()
         if self._retention.is_alive():
             self._retention.join(timeout=5)
+        self.store.close()
+
+
+class FileViewer:
+    """`bpfprof view`: profiles stored in memory under their names, served by serve's own UI (no receivers)."""
+
+    def __init__(self, named: Sequence[tuple[str, Profile]]) -> None:
+        render_page()  # ConfigError before loading anything if the page's assets are missing
+        self.store = Store(":memory:")
+        file_profiles.load(self.store, named)
+        self.ui: BoundedHttpServer | None = None
+
+    def start(self, host: str, port: int, limits: HttpLimits | None = None) -> str:
+        """Binds (OSError if it cannot) and serves; returns the URL of the UI."""
+        self.ui = start_http(make_handler(Api(self.store, render_page)), host, port, name="view",
+                             limits=limits or ServeConfig.http_limits)
+        return f"http://{_url_host(host)}:{self.ui.port}/"
+
+    def stop(self) -> None:
+        if self.ui is not None:
+            self.ui.close()
         self.store.close()

@@ -45,7 +45,8 @@ CREATE INDEX IF NOT EXISTS spans_by_name ON spans (service, name);
 CREATE TABLE IF NOT EXISTS profiles (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, sample_types TEXT NOT NULL,
     period_type TEXT NOT NULL, period INTEGER NOT NULL, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
-    pid INTEGER NOT NULL, service TEXT NOT NULL, executable TEXT NOT NULL, received_ns INTEGER NOT NULL
+    pid INTEGER NOT NULL, service TEXT NOT NULL, executable TEXT NOT NULL, received_ns INTEGER NOT NULL,
+    source TEXT NOT NULL DEFAULT '', default_type TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS profiles_by_received ON profiles (received_ns);
 CREATE TABLE IF NOT EXISTS stacks (id INTEGER PRIMARY KEY, digest BLOB UNIQUE NOT NULL, frames TEXT NOT NULL);
@@ -58,6 +59,9 @@ CREATE INDEX IF NOT EXISTS samples_by_tid ON samples (tid, ts_ns);
 CREATE INDEX IF NOT EXISTS samples_by_ts ON samples (ts_ns);
 CREATE INDEX IF NOT EXISTS samples_by_profile ON samples (profile_id);
 """
+# Added after the first release: a store file made before it gets the column on open.
+MIGRATIONS = (("profiles", "source", "ALTER TABLE profiles ADD COLUMN source TEXT NOT NULL DEFAULT ''"),
+              ("profiles", "default_type", "ALTER TABLE profiles ADD COLUMN default_type TEXT NOT NULL DEFAULT ''"))
 
 SPAN_COLUMNS = ("trace_id", "span_id", "parent_span_id", "name", "service", "kind", "start_ns", "end_ns",
                 "duration_ns", "status_code", "status_message", "pid", "tid", "thread_attr", "thread_name",
@@ -103,6 +107,21 @@ class ProfileRow:
     pid: int
     service: str
     executable: str
+    source: str = ""  # the file it was loaded from (`bpfprof view`); "" when received over OTLP
+
+
+@dataclass(frozen=True)
+class LoadedProfile:
+    """A profile loaded from a file (`bpfprof view`): its profiles rows (one per process) seen as one."""
+
+    id: int  # the lowest of its rows' ids: the profile's id in URLs
+    source: str
+    kind: str
+    sample_types: list[tuple[str, str]]
+    start_ns: int
+    end_ns: int
+    processes: int
+    default_type: str  # the profile's default sample type ("" when it named none)
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode = DELETE")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.executescript(SCHEMA)
+        for table, column, sql in MIGRATIONS:
+            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(sql)
+        self._db.execute("CREATE INDEX IF NOT EXISTS profiles_by_source ON profiles (source) WHERE source != ''")
         self._stack_ids: dict[bytes, int] = {}
 
     def close(self) -> None:
@@ -211,17 +234,20 @@ class Store:
             self._hold_size()
         return len(rows)
 
-    def add_profiles(self, profiles: Iterable[Profile]) -> int:
-        """Store decoded profiles, one profiles row per (profile, process); returns sample events stored."""
+    def add_profiles(self, profiles: Iterable[Profile], source: str = "") -> int:
+        """Store decoded profiles, one profiles row per (profile, process); returns sample events stored.
+
+        `source` names the file they were read from (listed by loaded_profiles); "" for OTLP received.
+        """
         now = self.clock_ns()
         events = 0
         with self._lock:
             with self._tx():
-                events = self._insert_profiles(profiles, now)
+                events = self._insert_profiles(profiles, now, source)
             self._hold_size()
         return events
 
-    def _insert_profiles(self, profiles: Iterable[Profile], now: int) -> int:
+    def _insert_profiles(self, profiles: Iterable[Profile], now: int, source: str = "") -> int:
         """The rows of add_profiles (lock held, in its transaction); returns sample events."""
         events = 0
         for p in profiles:
@@ -235,10 +261,10 @@ class Store:
                     meta = p.processes.get(pid)
                     cur = self._db.execute(
                         "INSERT INTO profiles (kind, sample_types, period_type, period, start_ns, end_ns, pid,"
-                        " service, executable, received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        " service, executable, received_ns, source, default_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                         (kind, sample_types, period_type, p.period, p.start_time_ns,
                          p.start_time_ns + p.duration_ns, pid, meta.service_name if meta else "",
-                         (meta.executable_path or meta.name) if meta else "", now))
+                         (meta.executable_path or meta.name) if meta else "", now, source, p.default_sample_type))
                     profile_ids[pid] = cur.lastrowid
                 events += self._add_sample(profile_ids[pid], sample)
         return events
@@ -351,7 +377,8 @@ class Store:
             return [r[0] for r in self._db.execute("SELECT DISTINCT service FROM spans ORDER BY service")]
 
     def profiles(self, ids: Iterable[int] | None = None) -> dict[int, ProfileRow]:
-        sql = "SELECT id, kind, sample_types, period_type, period, start_ns, end_ns, pid, service, executable FROM profiles"
+        sql = ("SELECT id, kind, sample_types, period_type, period, start_ns, end_ns, pid, service, executable, source"
+               " FROM profiles")
         with self._lock:
             if ids is None:
                 rows = self._db.execute(sql).fetchall()
@@ -362,16 +389,29 @@ class Store:
                     chunk = wanted[i:i + 500]
                     rows += self._db.execute(f"{sql} WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
         return {r[0]: ProfileRow(r[0], r[1], [tuple(x) for x in json.loads(r[2])], tuple(json.loads(r[3])), r[4],
-                                 r[5], r[6], r[7], r[8], r[9]) for r in rows}
+                                 r[5], r[6], r[7], r[8], r[9], r[10]) for r in rows}
+
+    def loaded_profiles(self) -> list[LoadedProfile]:
+        """Profiles loaded from files, in the order they were loaded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT min(id), source, kind, sample_types, min(start_ns), max(end_ns), count(*), default_type"
+                " FROM profiles WHERE source != '' GROUP BY source ORDER BY min(id)").fetchall()
+        return [LoadedProfile(r[0], r[1], r[2], [tuple(x) for x in json.loads(r[3])], r[4], r[5], r[6], r[7])
+                for r in rows]
 
     def samples(self, *, span_ids: Iterable[bytes] = (), tid: int | None = None, pid: int | None = None,
-                service: str = "", window: tuple[int, int] | None = None) -> list[SampleRow]:
+                service: str = "", window: tuple[int, int] | None = None, source: str = "") -> list[SampleRow]:
         """Sample events selected by link (any of `span_ids`), else by thread/process, inside `window`.
 
         `window` is [start, end) in Unix ns, half-open as OTLP's; an untimed
         sample is in it when its profile's window overlaps. `pid` and `service` together mean either.
+        `source`: only the profile loaded from that file.
         """
         where, args = [], []
+        if source:
+            where.append("p.source = ?")
+            args.append(source)
         span_ids = list(span_ids)
         if span_ids:
             where.append(f"s.span_id IN ({','.join('?' * len(span_ids))})")

@@ -9,9 +9,14 @@
     GET /api/trace/<trace_id>/span/<span_id>/diff?type=&baseline=name|range&from_ms=&to_ms=&base_from_ms=&base_to_ms=
     GET /api/trace/<trace_id>/span/<span_id>/pprof?type=&from_ms=&to_ms=   (gzip'd pprof download)
     GET /api/status
+    GET /profile/<id>                       a profile loaded from a file (`bpfprof view`; the page)
+    GET /api/profiles                       the profiles loaded from files
+    GET /api/profile/<id>/flamegraph?type=&from_ms=&to_ms=
+    GET /api/profile/<id>/diff?type=&base=<id>                     (against another loaded profile)
+    GET /api/profile/<id>/pprof?type=&from_ms=&to_ms=
 
 Times in the API are milliseconds (floats): Unix ms for absolute times,
-offsets from the span's start for ranges, because JavaScript numbers cannot
+offsets from the span's (or profile's) start for ranges, because JavaScript numbers cannot
 hold Unix nanoseconds exactly.
 """
 
@@ -25,9 +30,10 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from exporters.pprof import encode_pprof
-from viewer.attribution import Method, SpanSamples
+from viewer import file_profiles
+from viewer.attribution import Attribution, Method, SpanSamples
 from viewer.flamegraph import diff, dumps, flamegraph, timeline, to_profile
-from viewer.store import SpanFilter, SpanRecord, Store
+from viewer.store import LoadedProfile, SpanFilter, SpanRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ DIFF_BASELINE_SPANS = 50  # other spans of the same name summed into a baseline
 
 _HEX_TRACE = r"(?P<trace>[0-9a-fA-F]{32})"
 _HEX_SPAN = r"(?P<span>[0-9a-fA-F]{16})"
+_PROFILE = r"(?P<profile>\d{1,18})"
 
 
 class ApiError(Exception):
@@ -74,15 +81,22 @@ def _float(query: dict[str, list[str]], name: str) -> float | None:
         raise ApiError(400, f"{name}={v!r} is not a number") from None
 
 
-def _window(span: SpanRecord, query: dict[str, list[str]], lo: str, hi: str) -> tuple[int, int]:
-    """[from, to] in Unix ns from offsets (ms) into the span, clamped to the span."""
+def _window(span: SpanRecord | LoadedProfile, query: dict[str, list[str]], lo: str, hi: str) -> tuple[int, int]:
+    """[from, to] in Unix ns from offsets (ms) into the span (or loaded profile), clamped to it."""
     a, b = _float(query, lo), _float(query, hi)
     start = span.start_ns + int((a or 0) * 1e6)
     end = span.end_ns if b is None else span.start_ns + int(b * 1e6)
     start, end = max(span.start_ns, start), min(span.end_ns, end)
     if end < start:
-        raise ApiError(400, f"{lo}..{hi} selects nothing of the span")
+        raise ApiError(400, f"{lo}..{hi} selects nothing of the {'span' if isinstance(span, SpanRecord) else 'profile'}")
     return start, end
+
+
+def _pprof_reply(store: Store, a: Attribution, name: str) -> Reply:
+    if not a.samples:
+        raise ApiError(404, f"no samples: {a.reason}")
+    return Reply(200, encode_pprof(to_profile(store, a)), "application/octet-stream",
+                 (("Content-Disposition", f'attachment; filename="{name}"'),))
 
 
 class Api:
@@ -100,6 +114,11 @@ class Api:
             (re.compile(rf"^/api/trace/{_HEX_TRACE}/span/{_HEX_SPAN}/flamegraph$"), self.flamegraph),
             (re.compile(rf"^/api/trace/{_HEX_TRACE}/span/{_HEX_SPAN}/diff$"), self.diff),
             (re.compile(rf"^/api/trace/{_HEX_TRACE}/span/{_HEX_SPAN}/pprof$"), self.pprof),
+            (re.compile(rf"^/profile/{_PROFILE}/?$"), self._page),
+            (re.compile(r"^/api/profiles$"), self.profiles),
+            (re.compile(rf"^/api/profile/{_PROFILE}/flamegraph$"), self.profile_flamegraph),
+            (re.compile(rf"^/api/profile/{_PROFILE}/diff$"), self.profile_diff),
+            (re.compile(rf"^/api/profile/{_PROFILE}/pprof$"), self.profile_pprof),
         ]
 
     def handle(self, target: str) -> Reply:
@@ -188,12 +207,50 @@ class Api:
     def pprof(self, query: dict, trace: str, span: str) -> Reply:
         s = self._span(trace, span)
         a = SpanSamples(self.store, s, _window(s, query, "from_ms", "to_ms")).for_type(_q(query, "type"))
-        if not a.samples:
-            raise ApiError(404, f"no samples for this span: {a.reason}")
         kind = a.profile_type.kind if a.profile_type else "profile"
-        name = f"bpfprof-{trace[:8]}-{span}-{kind}.pb.gz"
-        return Reply(200, encode_pprof(to_profile(self.store, a)), "application/octet-stream",
-                     (("Content-Disposition", f'attachment; filename="{name}"'),))
+        return _pprof_reply(self.store, a, f"bpfprof-{trace[:8]}-{span}-{kind}.pb.gz")
+
+    # --- profiles loaded from files (`bpfprof view`) --------------------------------------------
+
+    def _loaded(self, profile: str) -> LoadedProfile:
+        found = {lp.id: lp for lp in self.store.loaded_profiles()}
+        lp = found.get(int(profile))
+        if lp is None:
+            raise ApiError(404, f"no profile {profile} (loaded: {', '.join(map(str, found)) or 'none'})")
+        return lp
+
+    def profiles(self, query: dict) -> Reply:
+        return self._json({"profiles": [file_profiles.profile_json(lp) for lp in self.store.loaded_profiles()]})
+
+    def profile_flamegraph(self, query: dict, profile: str) -> Reply:
+        lp = self._loaded(profile)
+        a = file_profiles.samples_of(self.store, lp, _q(query, "type"), _window(lp, query, "from_ms", "to_ms"))
+        return self._json({
+            "profile": file_profiles.profile_json(lp), "method": a.method.value, "reason": a.reason,
+            "type": a.profile_type.key, "window_ms": [(a.window[0] - lp.start_ns) / 1e6, (a.window[1] - lp.start_ns) / 1e6],
+            "flamegraph": flamegraph(self.store, a), "timeline": timeline(a), "samples": len(a.samples),
+        })
+
+    def profile_diff(self, query: dict, profile: str) -> Reply:
+        lp = self._loaded(profile)
+        base_id = _q(query, "base")
+        if not base_id.isdigit():
+            raise ApiError(400, "base= names the loaded profile to compare with (its id)")
+        base = self._loaded(base_id)
+        target = file_profiles.samples_of(self.store, lp, _q(query, "type"))
+        type_key = target.profile_type.key
+        baseline = file_profiles.samples_of(self.store, base, type_key)
+        if baseline.profile_type.key != type_key:
+            raise ApiError(400, f"{base.source} has no {type_key} samples: compare profiles of the same type")
+        return self._json({"profile": file_profiles.profile_json(lp), "method": target.method.value,
+                           "reason": target.reason, "type": type_key, "baseline": base.source,
+                           "flamegraph": diff(self.store, target, [baseline])})
+
+    def profile_pprof(self, query: dict, profile: str) -> Reply:
+        lp = self._loaded(profile)
+        a = file_profiles.samples_of(self.store, lp, _q(query, "type"), _window(lp, query, "from_ms", "to_ms"))
+        stem = re.sub(r"[^\w.-]+", "_", lp.source.rsplit("/", 1)[-1]).removesuffix(".pb.gz")
+        return _pprof_reply(self.store, a, f"{stem}-{a.profile_type.kind or 'profile'}.pb.gz")
 
 
 def make_handler(api: Api) -> type[http.server.BaseHTTPRequestHandler]:

@@ -167,9 +167,10 @@ class PyProc(ctypes.Structure):
 
     _fields_ = [("interpreters_head", ctypes.c_uint64)] + [
         (name, ctypes.c_uint16) for name in (
-            "interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_cframe", "cframe_current_frame",
+            "interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_frame", "cframe_current_frame",
             "frame_code", "frame_previous", "frame_instr", "frame_entry", "code_adaptive")] + [
-        ("entry_kind", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+        ("entry_kind", ctypes.c_uint8), ("instr_kind", ctypes.c_uint8), ("owner_cstack", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8)]
 
 
 # One word of a PYTHON trailer (BPFPROF_PY_*): the code object, the code unit it ran, an entry frame.
@@ -177,6 +178,7 @@ PY_CODE_MASK = (1 << 48) - 1
 PY_UNIT_SHIFT = 48
 PY_UNIT_MASK = 0x3FFF
 PY_ENTRY_BIT = 62
+PY_SHIM = 1 << PY_ENTRY_BIT  # BPFPROF_PY_SHIM: an eval call's shim frame (3.12+), no code object
 
 
 class ProcCtx(ctypes.Structure):

@@ -226,6 +226,23 @@ class CapturePipeline:
                 changed = True
         return changed
 
+    def set_heap_sample_bytes(self, sample_bytes: int) -> bool:
+        """The heap family's BPF sample rate from now on (a map write); False without the heap family."""
+        return self._set_on_families("set_sample_bytes", sample_bytes)
+
+    def set_offcpu_min_ns(self, min_ns: int) -> bool:
+        """The off-CPU threshold from now on (a map write); False without the offcpu family."""
+        return self._set_on_families("set_min_ns", min_ns)
+
+    def _set_on_families(self, setter: str, value: int) -> bool:
+        changed = False
+        for f in self.families:
+            set_value = getattr(f, setter, None)
+            if set_value is not None:
+                set_value(value)
+                changed = True
+        return changed
+
     def bpf_run_time_ns(self) -> int:
         """The loaded programs' run time so far, as the kernel counts it (0 while kernel.bpf_stats_enabled
         is off; tail-called walkers are counted in their caller's run)."""

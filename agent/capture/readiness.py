@@ -203,7 +203,6 @@ def check_python(globs: tuple[str, ...] = PYTHON_GLOBS) -> Check:
     """Which CPython interpreters on this host get Python frames, and which keep native ones (by version)."""
     import glob
 
-    from agent.python.layouts import unsupported_reason
     from agent.python.registry import examine_file
 
     good: list[str] = []
@@ -216,7 +215,7 @@ def check_python(globs: tuple[str, ...] = PYTHON_GLOBS) -> Check:
         found = next((b for b in (examine_file(f) for f in [real, *lib]) if b is not None), None)
         if found is None:
             continue
-        reason = unsupported_reason(found.version)
+        reason = found.reason
         label = reason.split(":")[0] if reason else "CPython {}.{}".format(*found.version)
         (bad if reason else good).append(f"{path} ({label})")
     detail = "Python frames for " + (", ".join(good) or "no interpreter found")

@@ -106,18 +106,15 @@ def agent(config_path: str | None, check_config: bool, log_level: str | None, ho
         "metrics.listen": metrics_listen,
     }
 
-    def load() -> AgentConfig:
-        return load_config(config_path, flags)
+    def load(remote: dict | None = None) -> AgentConfig:
+        """The local config (file, environment, flags), with the last remote config (OpAMP) on top."""
+        return load_config(config_path, flags, remote=remote)
 
     cfg = load()
     if check_config:
-        import yaml  # noqa: PLC0415
+        from agent.daemon.config import effective_config_text  # noqa: PLC0415
 
-        from agent.daemon.config import as_dict  # noqa: PLC0415
-
-        effective = as_dict(cfg)
-        effective["export"]["otlp"]["headers"] = {k: "<redacted>" for k in cfg.export.otlp.headers}
-        click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
+        click.echo(effective_config_text(cfg), nl=False)
         return
     setup_logging(cfg.log_level)
     if cfg.export.pprof_dir.path:

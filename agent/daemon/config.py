@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -140,6 +141,35 @@ class MetricsConfig:
     listen: str = "127.0.0.1:9464"  # host:port of /metrics, /healthz, /readyz; "" = off
 
 
+# What a remote config (OpAMP) may change unless opamp.allow_remote says otherwise: what is sampled, how
+# often, of which processes, and how it is relabelled; not where profiles go nor the agent's own endpoints.
+DEFAULT_ALLOW_REMOTE = ("log_level", "profiling.profiles", "profiling.frequency_hz", "profiling.kernel_stacks",
+                        "profiling.offcpu_min_us", "profiling.heap_sample_bytes", "selection", "relabel",
+                        "export.interval_s", "limits.cpu_percent", "limits.min_frequency_hz")
+# Keys a remote config may change only when opamp.allow_remote names them one by one (a parent such as
+# "export" does not cover them): where profiles are sent and the credentials sent along, what the agent
+# listens on, and where it reads the host's processes.
+GUARDED_REMOTE_KEYS = ("export.otlp.endpoint", "export.otlp.protocol", "export.otlp.headers", "export.otlp.insecure",
+                       "export.otlp.ca_file", "export.viewer.endpoint", "export.pprof_dir.path", "metrics.listen",
+                       "host_proc")
+# Never from a remote config: the control channel itself (and so the bounds set on it).
+NEVER_REMOTE = "opamp"
+OPAMP_SCHEMES = ("http", "https")
+
+
+@dataclass(frozen=True)
+class OpampConfig:
+    """The OpAMP client (agent/daemon/opamp.py): remote configuration, health and effective config."""
+
+    endpoint: str = ""  # http(s)://host:port/v1/opamp; "" = off
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every message (auth tokens)
+    ca_file: str = ""  # PEM bundle to verify an https server with; system roots otherwise
+    heartbeat_interval_s: float = 30.0  # a message at least this often (HTTP: the server answers only then)
+    timeout_s: float = 10.0  # one exchange, connect to the last byte of the answer
+    instance_uid_file: str = "/var/lib/bpfprof/instance_uid"  # the agent's OpAMP id, kept across restarts
+    allow_remote: tuple[str, ...] = DEFAULT_ALLOW_REMOTE  # key paths (or sections) a remote config may set
+
+
 @dataclass(frozen=True)
 class RelabelRule:
     """One rule; which fields apply depends on `action` (packaging/config.example.yaml)."""
@@ -163,6 +193,7 @@ class AgentConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     relabel: tuple[RelabelRule, ...] = ()
+    opamp: OpampConfig = field(default_factory=OpampConfig)
 
 
 # --- ${ENV} expansion ---------------------------------------------------------
@@ -405,7 +436,32 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         parse_listen(cfg.metrics.listen)
     for i, rule in enumerate(cfg.relabel):
         _validate_rule(rule, f"relabel[{i}]")
+    _validate_opamp(cfg.opamp)
     return cfg
+
+
+def _validate_opamp(o: OpampConfig) -> None:
+    if o.endpoint:
+        parts = urlsplit(o.endpoint)
+        if parts.scheme in ("ws", "wss"):
+            raise ConfigError(f"opamp.endpoint: WebSocket is not supported, use http:// or https://, got "
+                              f"{o.endpoint!r}")
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        _check(parts.scheme in OPAMP_SCHEMES and bool(parts.hostname) and port_ok, "opamp.endpoint",
+               "an http:// or https:// URL with a host", o.endpoint)
+    _check(1 <= o.heartbeat_interval_s <= 86400, "opamp.heartbeat_interval_s", "1 to 86400 seconds",
+           o.heartbeat_interval_s)
+    _check(0 < o.timeout_s <= 300, "opamp.timeout_s", "a number of seconds above 0, at most 300", o.timeout_s)
+    _check(not o.ca_file or os.path.isfile(o.ca_file), "opamp.ca_file", "a readable file", o.ca_file)
+    _check(o.instance_uid_file.startswith("/"), "opamp.instance_uid_file", "an absolute path", o.instance_uid_file)
+    keys = config_keys()
+    for i, key in enumerate(o.allow_remote):
+        known = any(k == key or k.startswith(key + ".") or k.startswith(key + "[]") for k in keys)
+        _check(known and not _under(key, NEVER_REMOTE), f"opamp.allow_remote[{i}]",
+               "a config key or section (not opamp)", key)
 
 
 def _validate_rule(rule: RelabelRule, path: str) -> None:
@@ -500,12 +556,15 @@ def read_config_file(path: str, environ: Mapping[str, str]) -> dict:
 
 
 def load_config(path: str | None = None, flags: Mapping[str, Any] | None = None,
-                environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Build and validate the config: flags (key path -> value) > environment > file > defaults.
+                environ: Mapping[str, str] | None = None, remote: Mapping[str, Any] | None = None) -> AgentConfig:
+    """Build and validate the config: remote > flags (key path -> value) > environment > file > defaults.
 
     `path` None means $BPFPROF_CONFIG, else DEFAULT_CONFIG_PATH if it exists
     (a missing default file is fine: defaults plus flags). A path that was
-    named explicitly must exist. Raises ConfigError.
+    named explicitly must exist. `remote` is a remote config's tree
+    (parse_remote_config): its keys win, within the local opamp.allow_remote
+    (check_remote). Raises ConfigError; one caused by `remote` starts with
+    "remote config: " and names the key.
     """
     environ = os.environ if environ is None else environ
     explicit = path is not None or ENV_CONFIG in environ
@@ -526,9 +585,90 @@ def load_config(path: str | None = None, flags: Mapping[str, Any] | None = None,
             tree["node_name"] = node_name(environ)
     prefix = f"config {path}: " if (explicit or os.path.exists(path)) else "config: "
     try:
-        return validate(_build(AgentConfig, tree, ""))
+        local = validate(_build(AgentConfig, tree, ""))
     except ConfigError as e:
         raise ConfigError(f"{prefix}{e}") from None
+    if not remote:
+        return local
+    try:
+        check_remote(remote, local.opamp.allow_remote)
+        return validate(_build(AgentConfig, _merge(tree, remote), ""))
+    except ConfigError as e:
+        raise ConfigError(f"remote config: {e}") from None
+
+
+# --- remote configs (OpAMP) -------------------------------------------------------
+
+
+def parse_remote_config(body: bytes) -> dict:
+    """A remote config's body (YAML or JSON, the file's schema) as a tree; ConfigError for any problem.
+
+    Bounded as a file is (MAX_CONFIG_BYTES, no aliases, MAX_CONFIG_DEPTH).
+    `${VAR}` is not expanded: a server must not read the agent's environment.
+    """
+    if len(body) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"remote config: larger than {MAX_CONFIG_BYTES >> 10} KiB")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"remote config: not UTF-8 text (byte {e.start})") from None
+    data = parse_config_yaml(text, "(remote)")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"remote config: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def _under(key: str, parent: str) -> bool:
+    return key == parent or key.startswith(parent + ".")
+
+
+def remote_allowed(key: str, allow: tuple[str, ...]) -> bool:
+    """Whether a remote config may set the leaf key path `key` under the local `allow` list.
+
+    A section allows the keys under it, except GUARDED_REMOTE_KEYS, which only
+    an entry naming them (or a part of them) allows; NEVER_REMOTE nothing allows.
+    """
+    if _under(key, NEVER_REMOTE):
+        return False
+    guarded = next((g for g in GUARDED_REMOTE_KEYS if _under(key, g)), None)
+    if guarded is not None:
+        return any(_under(key, a) and _under(a, guarded) for a in allow)
+    return any(_under(key, a) for a in allow)
+
+
+def _leaf_keys(cls: Any, data: Mapping[str, Any], path: str) -> list[str]:
+    """The key paths `data` sets, down to the fields that are not sections (a list or a mapping is one key)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key, value in data.items():
+        sub = _join(path, str(key))
+        tp = hints.get(str(key))
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out += _leaf_keys(tp, value, sub)
+        else:
+            out.append(sub)
+    return out
+
+
+def check_remote(remote: Mapping[str, Any], allow: tuple[str, ...]) -> None:
+    """ConfigError naming the first key `remote` may not set, or an unknown key or a bad type in it."""
+    _build(AgentConfig, dict(remote), "")  # unknown keys and types first: their message is the useful one
+    for key in _leaf_keys(AgentConfig, remote, ""):
+        if not remote_allowed(key, allow):
+            raise ConfigError(f"{key}: not allowed to be changed remotely (opamp.allow_remote in the local config)")
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
+    """`over` on top of `base`, mappings merged key by key (lists and values replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def config_keys(cls: Any = AgentConfig, prefix: str = "") -> list[str]:
@@ -545,6 +685,14 @@ def config_keys(cls: Any = AgentConfig, prefix: str = "") -> list[str]:
         else:
             out.append(path)
     return out
+
+
+def effective_config_text(cfg: AgentConfig) -> str:
+    """The config as YAML, header values redacted (--check-config prints it; OpAMP reports it)."""
+    effective = as_dict(cfg)
+    effective["export"]["otlp"]["headers"] = {k: "<redacted>" for k in cfg.export.otlp.headers}
+    effective["opamp"]["headers"] = {k: "<redacted>" for k in cfg.opamp.headers}
+    return yaml.safe_dump(effective, sort_keys=False)
 
 
 def as_dict(cfg: Any) -> Any:

@@ -22,8 +22,12 @@ given back (malloc_trim).
 SIGTERM/SIGINT: stop sampling, cut the last interval, build it, flush the
 queues for up to export.timeout_s, exit 0; all within STOP_BUDGET_S, what
 is still unsent then counted as dropped. SIGHUP: reload the config; a bad
-one is logged and the old one kept. Changing what BPF does (profiles,
-frequency, pids, host_proc) restarts the probes; the rest applies at once.
+one is logged and the old one kept. A remote config (OpAMP,
+agent/daemon/opamp.py) takes the same path, on top of the local config,
+and its outcome is reported back: APPLIED, or FAILED with the reason.
+Changing what BPF loads (profiles, pids, host_proc, ...) restarts the
+probes, the interval in progress cut and exported first; the frequency
+alone changes in place; the rest applies at once.
 """
 
 from __future__ import annotations
@@ -37,14 +41,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from agent.bpfload import libbpf
 from agent.bpfload.records import RawRecord
 from agent.capture.pipeline import CapturePipeline, Interval
-from agent.daemon.config import AgentConfig
+from agent.daemon.config import AgentConfig, effective_config_text
 from agent.daemon.export_queue import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
-from agent.daemon.governor import GOVERN_PERIOD_S, CostMeter, Governor
+from agent.daemon.governor import GOVERN_PERIOD_S, CostMeter, Governor, Steered, steered
 from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
+from agent.daemon.opamp import Health, OpampClient, RemoteOffer, RemoteStatus, load_instance_uid
 from agent.daemon.relabel import Relabeler
 from agent.daemon.selection import Selector, read_identity
 from agent.probes.family import ProbeConfig
@@ -139,6 +145,11 @@ class BpfCollector:
     def seq(self) -> int:
         return self.pipeline.seq
 
+    @seq.setter
+    def seq(self, value: int) -> None:
+        """Numbering goes on across a probe restart: the process table keys what to keep by it."""
+        self.pipeline.seq = value
+
     def build(self, interval: Interval) -> tuple[list[Profile], dict[int, str]]:
         """Symbolize an interval (builder thread). Returns the profiles and pid -> pod uid."""
         out = self.pipeline.build(interval)
@@ -153,9 +164,14 @@ class BpfCollector:
                     pod_uids[pid] = info.container.pod_uid
         return out, pod_uids
 
-    def set_frequency(self, frequency_hz: int) -> bool:
-        """Sampling frequency of the cpu family from now on (False: no family samples by frequency)."""
-        return self.pipeline.set_frequency(frequency_hz)
+    def steer(self, rates: Steered) -> list[str]:
+        """The families' rates from now on, in place (perf ioctl, map writes); the names of the families
+        that have one (cpu, heap, offcpu). BpfprofError if the kernel refuses."""
+        p = self.pipeline
+        moved = ["cpu"] if p.set_frequency(rates.frequency_hz) else []
+        moved += ["heap"] if p.set_heap_sample_bytes(rates.heap_sample_bytes) else []
+        moved += ["offcpu"] if p.set_offcpu_min_ns(rates.offcpu_min_ns) else []
+        return moved
 
     def bpf_run_time_ns(self) -> int:
         return self.pipeline.bpf_run_time_ns()
@@ -187,10 +203,6 @@ def make_exporters(cfg: AgentConfig, host_name: str) -> list[BatchExporter]:
 
 CollectorFactory = Callable[[AgentConfig, ProcessTracker, AgentStats], BpfCollector]
 ExportersFactory = Callable[[AgentConfig, str], list[BatchExporter]]
-
-# What needs new probes when it changes on reload.
-_RESTART_KEYS = ("profiling", "host_proc")
-
 
 class LongLivedHeap:
     """Keeps the cyclic GC off the agent's long-lived objects.
@@ -241,7 +253,7 @@ class LongLivedHeap:
 class Daemon:
     """The agent. run() returns the exit code; stop() and request_reload() are signal-safe."""
 
-    def __init__(self, cfg: AgentConfig, reload_config: Callable[[], AgentConfig] | None = None,
+    def __init__(self, cfg: AgentConfig, reload_config: Callable[[dict | None], AgentConfig] | None = None,
                  collector_factory: CollectorFactory = BpfCollector,
                  exporters_factory: ExportersFactory = make_exporters, host_name: str | None = None,
                  cache: SymbolCache | None = None) -> None:
@@ -268,6 +280,10 @@ class Daemon:
         # file must not stall sampling); the main loop applies what it leaves here.
         self._reloader: threading.Thread | None = None
         self._reloaded: tuple[AgentConfig, list[ExportQueue] | None] | BpfprofError | None = None
+        self._reload_offer: RemoteOffer | None = None  # the remote config the reload in flight applies
+        self._remote: dict | None = None  # the last remote config applied; every reload puts it on top
+        self.opamp: OpampClient | None = None
+        self._last_losses: dict[str, int] = {}  # the last cut interval's losses, for the health reported
         self._pending: collections.deque[Interval] = collections.deque()
         self._pending_lock = threading.Lock()
         self._building: int | None = None
@@ -278,6 +294,8 @@ class Daemon:
         self.collector: BpfCollector | None = None
         self.metrics: MetricsServer | None = None
         self.started = threading.Event()  # set once sampling (for tests)
+        self._started_ns = time.time_ns()
+        self._probe_hz = cfg.profiling.frequency_hz  # the frequency the running probes were loaded for
         self.governor: Governor | None = None
         self.meter = CostMeter(libbpf.bpf_stats_enabled())
 
@@ -313,6 +331,7 @@ class Daemon:
         try:
             self.collector = self.collector_factory(cfg, self.tracker, self.stats)
             self.collector.start()
+            self._probe_hz = cfg.profiling.frequency_hz
         except BaseException:
             self._shutdown_exports(0.5)
             if self.metrics:
@@ -324,6 +343,7 @@ class Daemon:
                  cfg.profiling.frequency_hz, cfg.export.interval_s,
                  ", ".join(q.name for q in self.queues) or "nothing")
         self._new_governor()
+        self._start_opamp()
         next_cut = time.monotonic() + cfg.export.interval_s
         next_govern = time.monotonic() + GOVERN_PERIOD_S
         while not self._stop.is_set():
@@ -334,11 +354,16 @@ class Daemon:
             if self._reload.is_set() and self._reloader is None:
                 self._reload.clear()
                 self._start_reload()
+            if self.opamp is not None and self._reloader is None:
+                offer = self.opamp.take_offer()
+                if offer is not None:
+                    self._start_reload(offer)
             if self._reloader is not None and not self._reloader.is_alive():
                 self._reloader = None
                 next_cut = self._apply_reload(next_cut)
             if now >= next_govern:
                 self._govern()
+                self._report_health()
                 next_govern = now + GOVERN_PERIOD_S
             if now >= next_cut:
                 self._cut()
@@ -351,7 +376,7 @@ class Daemon:
         """A governor for the running config (again after a reload): from its frequency down to the floor."""
         lim, p = self.cfg.limits, self.cfg.profiling
         self.governor = Governor(lim.cpu_percent, lim.min_frequency_hz, p.frequency_hz)
-        self.stats.frequency_hz = p.frequency_hz
+        self._set_rate_stats(self._rates_at(p.frequency_hz))
         self._govern_reading()
         if self.governor.enabled:
             log.info("overhead governor: budget %.3g%% of %d CPUs, %d-%d Hz, BPF cost from %s", lim.cpu_percent,
@@ -374,24 +399,39 @@ class Daemon:
         self.stats.cost_percent = gov.last_cost / gov.cpus * 100
         if new is None:
             return
-        old = gov.frequency_hz
+        before, after = self._rates_at(gov.frequency_hz), self._rates_at(new)
         try:
-            if not collector.set_frequency(new):
-                gov.budget = 0.0  # nothing samples by frequency: nothing to steer
-                return
+            moved = collector.steer(after)
         except BpfprofError as e:
-            log.error("overhead governor: cannot set %d Hz: %s", new, e)
+            log.error("overhead governor: cannot set %s: %s", after, e)
+            return
+        if not moved:
+            gov.budget = 0.0  # no family with a rate: nothing to steer
             return
         gov.applied(new)
-        self.stats.frequency_hz = new
+        self._set_rate_stats(after)
         self.stats.governor_changes += 1
-        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%): sampling frequency %d -> %d Hz%s",
-                 self.stats.cost_percent, gov.cpus, gov.budget / gov.cpus * 100, old, new,
+        changes = {"cpu": f"sampling frequency {before.frequency_hz} -> {after.frequency_hz} Hz",
+                   "heap": f"heap sample rate {before.heap_sample_bytes} -> {after.heap_sample_bytes} bytes",
+                   "offcpu": f"off-CPU threshold {before.offcpu_min_ns // 1000} -> {after.offcpu_min_ns // 1000} us"}
+        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%): %s%s", self.stats.cost_percent,
+                 gov.cpus, gov.budget / gov.cpus * 100, ", ".join(changes[name] for name in moved),
                  " (the floor: still over budget)" if gov.at_floor_over_budget else "")
+
+    def _rates_at(self, frequency_hz: int) -> Steered:
+        """What every family samples at when the governor's frequency is `frequency_hz`."""
+        p = self.cfg.profiling
+        return steered(frequency_hz, p.frequency_hz, p.heap_sample_bytes, p.offcpu_min_us * 1000)
+
+    def _set_rate_stats(self, rates: Steered) -> None:
+        self.stats.frequency_hz = rates.frequency_hz
+        self.stats.heap_sample_bytes = rates.heap_sample_bytes
+        self.stats.offcpu_min_ns = rates.offcpu_min_ns
 
     def _cut(self) -> None:
         assert self.collector is not None
         interval = self.collector.cut()
+        self._last_losses = {loss.reason: loss.count for loss in interval.losses if loss.count}
         with self._pending_lock:
             while len(self._pending) >= MAX_PENDING_INTERVALS:
                 old = self._pending.popleft()
@@ -472,6 +512,8 @@ class Daemon:
                 self.stats.lose("not_built_at_shutdown", interval.samples)
         left_s = STOP_BUDGET_S - (time.monotonic() - t0)
         self._shutdown_exports(max(1.0, min(self.cfg.export.timeout_s, left_s)))
+        if self.opamp is not None:
+            self.opamp.stop()
         if self.metrics is not None:
             self.metrics.close()
         self._builder_wake.set()
@@ -509,15 +551,21 @@ class Daemon:
 
     # --- SIGHUP -------------------------------------------------------------------
 
-    def _start_reload(self) -> None:
-        """Read and validate the config on a thread; the main loop applies the outcome (_apply_reload)."""
-        if self.reload_config is None:
+    def _start_reload(self, offer: RemoteOffer | None = None) -> None:
+        """Read and validate the config on a thread; the main loop applies the outcome (_apply_reload).
+
+        `offer`: a remote config to put on top of the local one (else the last one applied stays on top).
+        """
+        if self.reload_config is None or (offer is not None and offer.tree is None):
+            if offer is not None:  # unreadable (not YAML, several files): nothing to validate
+                self._remote_outcome(offer, offer.error or "remote configs are not accepted here")
             return
         load, running = self.reload_config, self.cfg
+        remote = offer.tree if offer is not None else self._remote
 
         def read() -> None:
             try:
-                new = load()
+                new = load(remote)
                 queues = None  # new exporters (they read CA files) only when export changed
                 if new.export != running.export or new.node_name != running.node_name:
                     queues = [ExportQueue(e, new.export.queue_max_batches)
@@ -529,12 +577,26 @@ class Daemon:
                 self._reloaded = BpfprofError(f"{type(e).__name__}: {e}")
 
         self._reloaded = None
+        self._reload_offer = offer
         self._reloader = threading.Thread(target=read, name="config-reload", daemon=True)
         self._reloader.start()
+
+    def _remote_outcome(self, offer: RemoteOffer, error: str = "") -> None:
+        """Tell the OpAMP server what became of its config."""
+        if self.opamp is None:
+            return
+        if error:
+            log.error("remote config %s rejected, keeping the running config: %s", offer.config_hash.hex()[:16],
+                      error)
+            self.opamp.report_remote_status(offer.config_hash, RemoteStatus.FAILED, error)
+        else:
+            log.info("remote config %s applied", offer.config_hash.hex()[:16])
+            self.opamp.report_remote_status(offer.config_hash, RemoteStatus.APPLIED)
 
     def _apply_reload(self, next_cut: float) -> float:
         """Apply the config the reload thread read; keep the old one if it is bad."""
         outcome, self._reloaded = self._reloaded, None
+        offer, self._reload_offer = self._reload_offer, None
         try:
             if outcome is None:
                 raise BpfprofError("the config loader ended without a result")
@@ -542,7 +604,10 @@ class Daemon:
                 raise outcome
         except BpfprofError as e:
             self.stats.reloads_failed += 1
-            log.error("reload rejected, keeping the running config: %s", e)
+            if offer is not None:
+                self._remote_outcome(offer, str(e))
+            else:
+                log.error("reload rejected, keeping the running config: %s", e)
             return next_cut
         new, queues = outcome
         old = self.cfg
@@ -567,36 +632,104 @@ class Daemon:
                     log.error("reload: %s", e)
         self.cfg = new
         assert self.collector is not None
-        if any(getattr(new, k) != getattr(old, k) for k in _RESTART_KEYS) or (
-                new.selection.pids != old.selection.pids):
-            self._restart_collector(old)
+        # The rates change in place (perf_event ioctl, map writes), the frequency up to what the probes
+        # were loaded for (their ring buffer is sized for it); the rest of profiling needs new probes.
+        rates = ("frequency_hz", "heap_sample_bytes", "offcpu_min_us")
+        same_probes = (replace(new.profiling, **{k: getattr(old.profiling, k) for k in rates}) == old.profiling
+                       and new.profiling.frequency_hz <= self._probe_hz)
+        if not same_probes or new.host_proc != old.host_proc or new.selection.pids != old.selection.pids:
+            if not self._restart_collector(old):
+                new = self.cfg  # the old config again
+                if offer is not None:
+                    self._remote_outcome(offer, "the probes for the new profiling settings failed to load; "
+                                                "the previous ones run")
+                    offer = None
         else:
             self.collector.cfg = new
             self.collector.set_selection(Selector(new.selection))
-            if new.limits != old.limits:
-                self._new_governor()
-                self.collector.set_frequency(new.profiling.frequency_hz)
+            if new.limits != old.limits or new.profiling != old.profiling:
+                self._new_governor()  # from the configured rates again
+                try:
+                    self.collector.steer(self._rates_at(new.profiling.frequency_hz))
+                except BpfprofError as e:
+                    log.error("reload: cannot set the new rates: %s", e)
+        if new.opamp != old.opamp:
+            if self.opamp is not None:
+                self.opamp.stop()
+                self.opamp = None
+            self._start_opamp()
+        elif self.opamp is not None:
+            self.opamp.set_effective_config(effective_config_text(new))
         self.stats.reloads_ok += 1
-        log.info("config reloaded")
+        if offer is not None:
+            self._remote = offer.tree
+            self._remote_outcome(offer)
+        else:
+            log.info("config reloaded")
         if new.export.interval_s != old.export.interval_s:
             return time.monotonic() + new.export.interval_s
         return next_cut
 
-    def _restart_collector(self, old: AgentConfig) -> None:
+    # --- OpAMP -----------------------------------------------------------------------
+
+    def _start_opamp(self) -> None:
+        o = self.cfg.opamp
+        if not o.endpoint:
+            return
+        try:
+            self.opamp = OpampClient(o, load_instance_uid(o.instance_uid_file), self.host_name, self.cfg.node_name)
+        except BpfprofError as e:
+            log.error("opamp: %s; running without remote configuration", e)
+            return
+        self.stats.opamp = self.opamp.stats
+        self.opamp.set_effective_config(effective_config_text(self.cfg))
+        self._report_health()
+        self.opamp.start()
+
+    def health(self) -> Health:
+        """Healthy, or degraded with every reason: probes not attached, an exporter failing, samples lost
+        in the last interval, over the CPU budget at the governor's floor."""
+        reasons = []
+        if not self.stats.ready:
+            reasons.append("probes not attached")
+        for q in self.queues:
+            if q.stats.last_error:
+                reasons.append(f"export {q.name} failing: {q.stats.last_error}")
+        if self._last_losses:
+            lost = ", ".join(f"{n} {reason}" for reason, n in sorted(self._last_losses.items()))
+            reasons.append(f"samples lost in the last interval: {lost}")
+        gov = self.governor
+        if gov is not None and gov.enabled and gov.at_floor_over_budget:
+            reasons.append(f"over the CPU budget at the floor of {gov.floor_hz} Hz")
+        return Health(not reasons, "; ".join(reasons), self._started_ns)
+
+    def _report_health(self) -> None:
+        if self.opamp is not None:
+            self.opamp.set_health(self.health())
+
+    def _restart_collector(self, old: AgentConfig) -> bool:
+        """New probes for self.cfg, the interval in progress cut (and exported) first; False if they failed
+        to load and the previous ones run again."""
         assert self.collector is not None
         self._cut()
+        seq = self.collector.seq
         self.collector.close()
         self.tracker.proc_root = self.cfg.host_proc
         try:
             self.collector = self.collector_factory(self.cfg, self.tracker, self.stats)
+            self.collector.seq = seq
             self.collector.start()
+            self._probe_hz = self.cfg.profiling.frequency_hz
             self._new_governor()
             log.info("probes restarted for the new config")
+            return True
         except BpfprofError as e:
             log.error("new probes failed (%s); going back to the previous profiling settings", e)
             self.cfg = old
             self.tracker.proc_root = old.host_proc
             self.collector = self.collector_factory(old, self.tracker, self.stats)
+            self.collector.seq = seq
             self.collector.start()
             self._new_governor()
+            return False
 

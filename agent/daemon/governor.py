@@ -18,6 +18,15 @@ so a decision never mixes two frequencies. The frequency is changed in place
 (perf_event ioctl, no BPF reload); each sample keeps the period it was taken
 at (agent/probes/cpu.py), so rates stay right across a change.
 
+The other families with a rate follow the same factor (`steered`): the heap
+family's BPF sample rate (bytes between sampled allocations, the
+heap_sample_bytes map) grows as the frequency falls, and the off-CPU
+threshold (the offcpu_min_ns map) rises by OFFCPU_STEP_NS per unit of the
+factor, so fewer short blocks are recorded. Each allocation is scaled by the
+rate it was sampled at (agent/probes/heap.py). The lock family has no rate:
+a contention is recorded whole or not at all, so it is not steered; Go heap
+profiles and the preloaded sampler keep their own rates.
+
 The control law (Governor.decide) is plain arithmetic, tested without a kernel.
 """
 
@@ -39,6 +48,29 @@ MAX_STEP = 4.0  # one decision changes the frequency by at most this factor
 # Kernel time of one CPU sample's programs (record + BPF stack walk) when the kernel does not count it.
 # Not calibrated yet: an order of magnitude for a 16-frame walk with a stack copy; bpf_stats beats it.
 BPF_NS_PER_SAMPLE_ESTIMATE = 6_000
+
+
+# The off-CPU threshold rises by this per unit of ceiling/frequency - 1: 300 us more at a quarter of the
+# rate. Most blocks on a busy host are short (a wake-up, a page fault): they go first.
+OFFCPU_STEP_NS = 100_000
+MAX_HEAP_SAMPLE_BYTES = 1 << 30  # the heap rate is never spread wider than an allocation per GiB
+
+
+@dataclass(frozen=True)
+class Steered:
+    """What the families sample at, for one governor frequency."""
+
+    frequency_hz: int
+    heap_sample_bytes: int
+    offcpu_min_ns: int
+
+
+def steered(frequency_hz: int, ceiling_hz: int, heap_sample_bytes: int, offcpu_min_ns: int) -> Steered:
+    """The configured rates (at `ceiling_hz`) scaled down by frequency_hz / ceiling_hz."""
+    stretch = ceiling_hz / frequency_hz if frequency_hz > 0 else 1.0
+    return Steered(frequency_hz,
+                   min(MAX_HEAP_SAMPLE_BYTES, max(heap_sample_bytes, round(heap_sample_bytes * stretch))),
+                   offcpu_min_ns + round(OFFCPU_STEP_NS * max(0.0, stretch - 1.0)))
 
 
 def own_cpu_s() -> float:

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,6 +34,9 @@ from exporters.http_server import BoundedHttpServer, HttpLimits, HttpServerStats
 from symbolizer.debuginfod import OUTCOMES as DEBUGINFOD_OUTCOMES
 from symbolizer.errors import ConfigError
 from symbolizer.file_symbols import SymbolCache
+
+if TYPE_CHECKING:
+    from agent.daemon.opamp import OpampStats
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +67,13 @@ class AgentStats:
     unwind: dict[str, int] = field(default_factory=dict)  # the BPF walker's counters (UnwindTables.totals)
     reloads_ok: int = 0
     frequency_hz: int = 0  # what the cpu family samples at now (the overhead governor moves it)
+    heap_sample_bytes: int = 0  # the heap family's BPF sample rate now (the governor moves it)
+    offcpu_min_ns: int = 0  # the off-CPU threshold now (the governor moves it)
     governor_changes: int = 0
     cost_percent: float = 0.0  # the agent's measured cost (process + BPF), % of all CPUs, at the last decision
     bpf_run_s: float = 0.0  # BPF programs' run time (kernel count, or the estimate: governor.CostMeter)
     reloads_failed: int = 0
+    opamp: OpampStats | None = None  # the OpAMP client's counters, when opamp.endpoint is set
     ready: bool = False
     last_loop_monotonic: float = field(default_factory=time.monotonic)
 
@@ -130,14 +137,21 @@ class AgentCollector(Collector):
         yield gauge("symbolizer_cache_bytes", "Bytes of files the symbol cache holds copied or inflated in memory.", self.cache.mapped_bytes())
         yield gauge("sampling_frequency_hz", "CPU sampling frequency now (the overhead governor moves it).",
                     s.frequency_hz)
-        yield counter("governor_changes", "Sampling frequency changes made by the overhead governor.",
-                      s.governor_changes)
+        yield gauge("heap_sample_bytes", "Mean bytes between the allocations BPF samples now (heap; the overhead "
+                    "governor moves it; Go and the preloaded sampler keep their own).", s.heap_sample_bytes)
+        yield gauge("offcpu_min_block_seconds", "Off-CPU blocks shorter than this are left out now (the overhead "
+                    "governor moves it).", s.offcpu_min_ns / 1e9)
+        yield counter("governor_changes", "Rate changes made by the overhead governor (frequency, heap sample "
+                      "rate and off-CPU threshold together).", s.governor_changes)
         yield gauge("cost_cpu_percent", "The agent's CPU cost (process + BPF) in % of all CPUs, last measured.",
                     s.cost_percent)
         yield counter("bpf_run_seconds", "Run time of the agent's BPF programs (kernel bpf_stats, else estimated).",
                       s.bpf_run_s)
-        yield counter("config_reloads", "Successful SIGHUP reloads.", s.reloads_ok)
-        yield counter("config_reload_failures", "SIGHUP reloads rejected (old config kept).", s.reloads_failed)
+        yield counter("config_reloads", "Successful reloads (SIGHUP or a remote config).", s.reloads_ok)
+        yield counter("config_reload_failures", "Reloads rejected, SIGHUP or remote (old config kept).",
+                      s.reloads_failed)
+        if s.opamp is not None:
+            yield from _opamp_metrics(s.opamp)
         yield gauge("ready", "1 while sampling.", int(s.ready))
         families = {
             "export_batches": ("Intervals delivered.", CounterMetricFamily, "exported_batches"),
@@ -241,6 +255,22 @@ def _http_metrics(h: HttpServerStats) -> Iterable[Metric]:
                               value=h.requests)
     yield GaugeMetricFamily(f"{PREFIX}_metrics_http_open_connections", "Connections open to this endpoint.",
                             value=h.open)
+
+
+def _opamp_metrics(o: OpampStats) -> Iterable[Metric]:
+    """The OpAMP client's exchanges by outcome, remote configs by status, and whether the server answers."""
+    requests = CounterMetricFamily(f"{PREFIX}_opamp_requests", "Exchanges with the OpAMP server by outcome (ok, "
+                                   "unreachable, timeout, http_error, bad_response, server_error).",
+                                   labels=["outcome"])
+    for outcome, n in o.requests.items():
+        requests.add_metric([str(outcome)], n)
+    yield requests
+    configs = CounterMetricFamily(f"{PREFIX}_opamp_remote_configs", "Remote configs applied or failed.",
+                                  labels=["status"])
+    for status, n in o.remote_configs.items():
+        configs.add_metric([str(status)], n)
+    yield configs
+    yield GaugeMetricFamily(f"{PREFIX}_opamp_connected", "1 while the OpAMP server answers.", value=int(o.connected))
 
 
 # UnwindTables.totals() keys that are not walk outcomes -> (metric, help).

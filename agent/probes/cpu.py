@@ -89,16 +89,16 @@ class CpuAccumulator(Accumulator):
             def weights(values: array, _times: array) -> list[int]:
                 n = sum(values)
                 return [n, n * period]
-        else:  # the governor changed the frequency in this interval: each sample weighs its own period
+        else:  # the frequency changed in this interval (governor, reload): each sample weighs its own period
             starts = [t for t, _ in changes]
             periods = [1_000_000_000 // hz for _, hz in changes]
             first = 1_000_000_000 // config.frequency_hz
 
             def weights(values: array, times: array) -> list[int]:
                 at = [bisect.bisect_right(starts, t) - 1 for t in times]
-                return [sum(values), sum(v * (periods[i] if i >= 0 else first) for v, i in zip(values, at))]
+                return [sum(values), sum(v * (periods[i] if i >= 0 else first) for v, i in zip(values, at, strict=True))]
 
-            profile.comments.append("sampling frequency changed by the overhead governor: "
+            profile.comments.append("sampling frequency changed (overhead governor or reload): "
                                     + ", ".join(f"{hz} Hz from {(t + window.wall_offset_ns) / 1e9:.3f}"
                                                 for t, hz in inside))
         python = self.family.python
@@ -115,7 +115,7 @@ class CpuAccumulator(Accumulator):
         add_records(profile, self.samples, resolver, tracker, window, weights, with_kernel=config.with_kernel,
                     reshape=reshape)
         if python is not None:
-            profile.comments.extend(python.unsupported())
+            profile.comments.extend(python.comments())
         return [profile]
 
 

@@ -20,7 +20,10 @@ in agent/probes/<name>.py, one line in PROBES (agent/probes/registry.py).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,6 +76,42 @@ class Window:
     @property
     def duration_ns(self) -> int:
         return max(0, self.end_ns - self.start_ns)
+
+
+class SettingChanges:
+    """A setting changed while the probes run (the overhead governor, a reload) and when: records are read
+    with the value in effect when they were taken (CLOCK_MONOTONIC ns, as their ktime_ns)."""
+
+    MAX_CHANGES = 4096  # far more than the records of an interval can span
+
+    def __init__(self, initial: int) -> None:
+        self.initial = initial
+        self.now = initial
+        self.changes: list[tuple[int, int]] = []  # (monotonic ns, value) in time order
+
+    def set(self, value: int) -> bool:
+        """Record a change to `value` now; False if it is the value already in effect."""
+        if value == self.now:
+            return False
+        self.changes.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), value))
+        del self.changes[:-self.MAX_CHANGES]
+        self.now = value
+        return True
+
+    def at(self, ktime_ns: int) -> int:
+        """The value in effect at `ktime_ns`."""
+        i = bisect.bisect_right(self.changes, (ktime_ns, math.inf))
+        return self.changes[i - 1][1] if i else self.initial
+
+    def inside(self, window: Window) -> list[tuple[int, int]]:
+        """The changes made within `window` (monotonic ns, value)."""
+        start, end = window.start_ns - window.wall_offset_ns, window.end_ns - window.wall_offset_ns
+        return [(t, v) for t, v in self.changes if start < t <= end]
+
+    @staticmethod
+    def describe(changes: list[tuple[int, int]], window: Window, unit: str) -> str:
+        """`512 KiB from 1765040000.123, ...` for a profile's comment (Unix seconds)."""
+        return ", ".join(f"{v}{unit} from {(t + window.wall_offset_ns) / 1e9:.3f}" for t, v in changes)
 
 
 class Accumulator:

@@ -42,7 +42,7 @@ from agent.go.exit_pause import GO_EXIT_PROGRAM, GO_EXIT_SOURCE
 from agent.go.heap import GoHeapTarget
 from agent.go.heap_buckets import HeapBuckets, physical_stack, read_heap_buckets
 from agent.probes import heap_sampler
-from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, SettingChanges, Window, read_percpu_total
 from agent.processes.stack_resolver import StackResolver, UnwoundStack
 from agent.processes.targets import gated_command_path
 from agent.processes.tracker import ProcessTracker
@@ -106,6 +106,7 @@ class _GroupKey:
     kernel_ips: tuple[int, ...]
     user_ips: tuple[int, ...]
     size: int
+    rate: int = 0  # sampled at this mean byte interval by BPF; 0: the process's own rate (Go, the sampler)
 
 
 @dataclass
@@ -125,10 +126,11 @@ class HeapTracker:
     unmatched_frees: int = 0
     duplicates: int = 0
 
-    def add(self, rec: RawRecord) -> None:
+    def add(self, rec: RawRecord, rate: int = 0) -> None:
+        """`rate`: the BPF sampling rate an ALLOC was taken at (0: its process's own rate)."""
         self.records += 1
         if rec.kind == RecordKind.ALLOC:
-            key = _GroupKey(rec.pid, rec.tid, rec.thread_name, rec.kernel_ips, rec.user_ips, rec.value)
+            key = _GroupKey(rec.pid, rec.tid, rec.thread_name, rec.kernel_ips, rec.user_ips, rec.value, rate)
             if self.live.get((rec.pid, rec.aux)) == key:
                 # The same live object from the same stack again: an entry uprobe
                 # on a Go function fires twice when its prologue grows the stack
@@ -163,7 +165,7 @@ class HeapTracker:
     def scaled(self, rate_of: dict[int, int], default_rate: int) -> Iterable[tuple[_Group, list[int]]]:
         """Each group with [alloc_objects, alloc_space, inuse_objects, inuse_space] scaled as Go does."""
         for key, g in self.groups.items():
-            rate = rate_of.get(key.pid, default_rate)
+            rate = key.rate or rate_of.get(key.pid, default_rate)
             yield g, [*scale_heap_sample(g.allocs, key.size, rate), *scale_heap_sample(g.live, key.size, rate)]
 
 
@@ -264,20 +266,23 @@ class HeapAccumulator(Accumulator):
             if rec.pid in family.go_targets and family.go_targets[rec.pid].reads_buckets:
                 self.read_buckets(rec.pid, into=self.go_reads)
             return
+        bpf_rate = 0
         if rec.kind == RecordKind.ALLOC:
             if rec.pid not in self.rates:
                 rate = family.rate_of(rec.pid)
                 if rate is not None:
                     self.rates[rec.pid] = rate
+            if rec.pid not in self.rates:  # sampled in BPF: at the rate in effect then (the governor moves it)
+                bpf_rate = family.sample_bytes.at(rec.ktime_ns)
             rec = family.complete(rec)
-        self.live.add(rec)
+        self.live.add(rec, bpf_rate)
 
     def record_count(self) -> int:
         return self.live.records
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         family = self.family
-        rate = family.config.heap_sample_bytes
+        rate = family.sample_bytes.now
         for pid in family.bucket_pids():  # read at the cut (carry_into); a process gone keeps its last read
             last = self._last_read(pid)
             if last is None:
@@ -322,6 +327,11 @@ class HeapAccumulator(Accumulator):
             profile.comments.append(f"heap: {self.live.unmatched_frees} frees of objects sampled before the capture")
         if self.null_results:
             profile.comments.append(f"heap: {self.null_results} sampled allocations returned NULL")
+        changes = family.sample_bytes.inside(window)
+        if changes:
+            profile.comments.append("heap: sample rate of the processes sampled in BPF changed (overhead governor "
+                                    "or reload), each allocation scaled by its own: "
+                                    + family.sample_bytes.describe(changes, window, " bytes"))
         return [profile]
 
     def _add_bucket_samples(self, profile: Profile, resolver: StackResolver, tracker: ProcessTracker,
@@ -361,6 +371,8 @@ class HeapProbe(ProbeFamily):
         self.sampler_pids: dict[int, tuple[heap_sampler.SamplerSites, int]] = {}  # pid -> (its sampler, bias)
         self.preloaded: set[int] = set()  # commands bpfprof started with the sampler preloaded
         self._null_before = 0
+        # Mean bytes between the allocations BPF samples (the heap_sample_bytes map); set_sample_bytes moves it.
+        self.sample_bytes = SettingChanges(config.heap_sample_bytes)
 
     def command_env(self) -> dict[str, str]:
         """Preload the in-process sampler into the command (agent/probes/heap_sampler.py), when it can be built."""
@@ -382,8 +394,7 @@ class HeapProbe(ProbeFamily):
     def attach(self, objs: LoadedObjects) -> list[int]:
         super().attach(objs)
         # A map, not a define: one compiled entry (bpf_cache) serves every heap_sample_bytes.
-        libbpf.map_update(objs.maps[SAMPLE_BYTES_MAP], ctypes.c_uint32(0),
-                          ctypes.c_uint64(self.config.heap_sample_bytes))
+        libbpf.map_update(objs.maps[SAMPLE_BYTES_MAP], ctypes.c_uint32(0), ctypes.c_uint64(self.sample_bytes.now))
         pids = self.target_pids()
         fds: list[int] = []
         try:
@@ -470,6 +481,13 @@ class HeapProbe(ProbeFamily):
     def bucket_pids(self) -> list[int]:
         """The Go processes read from their buckets (a list: the polling thread may add targets)."""
         return [pid for pid, go in list(self.go_targets.items()) if go.reads_buckets]
+
+    def set_sample_bytes(self, sample_bytes: int) -> None:
+        """Sample the allocations BPF sees every `sample_bytes` on average from now on (the map; no reload).
+        Go's runtime and the preloaded sampler keep their own rates. BpfLoadError if the map write fails."""
+        if sample_bytes != self.sample_bytes.now and self.objs is not None:
+            libbpf.map_update(self.objs.maps[SAMPLE_BYTES_MAP], ctypes.c_uint32(0), ctypes.c_uint64(sample_bytes))
+        self.sample_bytes.set(sample_bytes)
 
     def read_buckets(self, pid: int) -> tuple[HeapBuckets, int] | None:
         """`pid`'s profile buckets and its MemProfileRate now; None if it is gone or unreadable."""

@@ -9,13 +9,12 @@ too; the `state` label tells them apart from sleeps.
 from __future__ import annotations
 
 import ctypes
-
 from collections.abc import Callable
 
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import RawRecord, RecordKind
-from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window, read_percpu_total
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, SettingChanges, Window, read_percpu_total
 from agent.probes.profile_builder import waits_profile
 from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver
@@ -62,9 +61,13 @@ class OffCpuAccumulator(Accumulator):
         config = self.family.config
         profile = waits_profile("offcpu", self.samples, resolver, tracker, window, config.with_kernel,
                                 labels=lambda r: (("state", state_label(r.aux)),))
-        if config.offcpu_min_ns:
-            profile.comments.append(
-                f"off-CPU blocks shorter than {config.offcpu_min_ns} ns left out: {self.short_blocks}")
+        min_ns = self.family.min_ns
+        if min_ns.now or min_ns.changes:
+            profile.comments.append(f"off-CPU blocks shorter than {min_ns.now} ns left out: {self.short_blocks}")
+        changes = min_ns.inside(window)
+        if changes:
+            profile.comments.append("off-CPU threshold changed (overhead governor or reload): "
+                                    + min_ns.describe(changes, window, " ns"))
         return [profile]
 
 
@@ -88,6 +91,7 @@ class OffCpuProbe(ProbeFamily):
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         super().__init__(config, tracker)
         self._short_before = 0
+        self.min_ns = SettingChanges(config.offcpu_min_ns)  # the offcpu_min_ns map; set_min_ns moves it
         self.needs_drain_clock = True  # a stashed sleep is sent at switch-in without an immediate wake-up
 
     def defines(self) -> dict[str, int]:
@@ -102,8 +106,15 @@ class OffCpuProbe(ProbeFamily):
     def attach(self, objs: LoadedObjects) -> list[int]:
         super().attach(objs)
         # The threshold is a map, not a define: one compiled entry (bpf_cache) serves every --offcpu-min-us.
-        libbpf.map_update(objs.maps[self.MIN_NS], ctypes.c_uint32(0), ctypes.c_uint64(self.config.offcpu_min_ns))
+        libbpf.map_update(objs.maps[self.MIN_NS], ctypes.c_uint32(0), ctypes.c_uint64(self.min_ns.now))
         return libbpf.attach_tracepoint(objs.programs[self.PROGRAM], "sched", "sched_switch")
+
+    def set_min_ns(self, min_ns: int) -> None:
+        """Leave out blocks shorter than `min_ns` from now on (the map; no reload). BpfLoadError if the
+        map write fails."""
+        if min_ns != self.min_ns.now and self.objs is not None:
+            libbpf.map_update(self.objs.maps[self.MIN_NS], ctypes.c_uint32(0), ctypes.c_uint64(min_ns))
+        self.min_ns.set(min_ns)
 
     def loss_totals(self) -> dict[str, int]:
         return {"offcpu_stash_failed": read_percpu_total(self.objs, self.COUNTERS, STASH_FAILED)}

@@ -64,7 +64,7 @@ class SampleStore:
 
     def entries(self) -> Iterator[tuple[RawRecord, array, array]]:
         """(first record, times, values) of each distinct entry, in arrival order."""
-        return zip(self.records, self.times, self.values)
+        return zip(self.records, self.times, self.values, strict=True)
 
     @classmethod
     def of(cls, records: list[RawRecord]) -> SampleStore:

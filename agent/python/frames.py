@@ -2,9 +2,11 @@
 
 A word names a code object by address and the code unit its frame ran. The
 code object is read once per (pid, address) from /proc/PID/mem with bounded
-reads (name, file, first line, location table); the line of a code unit is
-decoded from the location table (the format of CPython 3.11-3.13's
-Objects/locations.md). A code object freed and another allocated at the same
+reads (name, file, first line, line table); the line of a code unit is
+decoded from the version's line table: 3.9's co_lnotab and 3.10's co_linetable
+(Objects/lnotab_notes.txt of each), 3.11-3.13's location table
+(Objects/locations.md). 3.9 and 3.10 code objects have no co_qualname: their
+frames are named by co_name (`spin`, not `Worker.spin`). A code object freed and another allocated at the same
 address within one process would be misnamed until the cache is dropped
 (per capture); py-spy and the OpenTelemetry profiler accept the same risk.
 """
@@ -15,9 +17,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.bpfload.records import PY_CODE_MASK, PY_ENTRY_BIT, PY_UNIT_MASK, PY_UNIT_SHIFT
+from agent.bpfload.records import PY_CODE_MASK, PY_ENTRY_BIT, PY_SHIM, PY_UNIT_MASK, PY_UNIT_SHIFT
 from agent.processes.memory import ProcessMemory
-from agent.python.layouts import PyLayout
+from agent.python.layouts import LINE_LNOTAB, LINE_LOCATIONS, LINE_TABLE_310, PyLayout
 from exporters.profile import Location
 from symbolizer.frames import Frame, FrameKind
 
@@ -90,6 +92,42 @@ def line_of(linetable: bytes, firstlineno: int, unit: int) -> int:
     return 0
 
 
+def line_of_lnotab(lnotab: bytes, firstlineno: int, unit: int) -> int:
+    """The source line of code unit `unit` from a 3.9 co_lnotab: (byte delta, signed line delta) pairs,
+    the line changing at each pair's address (as 3.9's PyCode_Addr2Line)."""
+    target = unit * 2
+    line = firstlineno
+    addr = 0
+    for i in range(0, len(lnotab) - 1, 2):
+        addr += lnotab[i]
+        if addr > target:
+            break
+        delta = lnotab[i + 1]
+        line += delta - 256 if delta >= 128 else delta
+    return line
+
+
+def line_of_linetable_310(linetable: bytes, firstlineno: int, unit: int) -> int:
+    """The source line of code unit `unit` from a 3.10 co_linetable: (byte length, signed line delta)
+    pairs, each a range of bytecode; -128 is a range without a line (0 here)."""
+    target = unit * 2
+    line = firstlineno
+    end = 0
+    for i in range(0, len(linetable) - 1, 2):
+        start = end
+        end += linetable[i]
+        delta = linetable[i + 1]
+        has_line = delta != 128
+        if has_line:
+            line += delta - 256 if delta >= 128 else delta
+        if start <= target < end:
+            return line if has_line else 0
+    return 0
+
+
+LINE_DECODERS = {LINE_LNOTAB: line_of_lnotab, LINE_TABLE_310: line_of_linetable_310, LINE_LOCATIONS: line_of}
+
+
 def split_word(word: int) -> tuple[int, int, bool]:
     """(code address, code unit, entry frame) of a frame word."""
     return word & PY_CODE_MASK, (word >> PY_UNIT_SHIFT) & PY_UNIT_MASK, bool(word >> PY_ENTRY_BIT & 1)
@@ -143,6 +181,8 @@ class PythonFrames:
         """Read the code objects of a record's frames now (cached), while its process is alive."""
         codes = self._codes.get(pid)
         for w in words:
+            if w == PY_SHIM:  # a 3.12+ shim frame: no code object
+                continue
             addr = w & PY_CODE_MASK
             if codes is None or addr not in codes:
                 self.code(pid, addr, layout)
@@ -160,7 +200,8 @@ class PythonFrames:
                 frame = Frame(function=f"<code 0x{addr:x}>", kind=FrameKind.CPYTHON)
             else:
                 frame = Frame(function=info.qualname, kind=FrameKind.CPYTHON, file=info.filename,
-                              line=line_of(info.linetable, info.firstlineno, unit), start_line=info.firstlineno,
+                              line=LINE_DECODERS[layout.line_table](info.linetable, info.firstlineno, unit),
+                              start_line=info.firstlineno,
                               system_name=info.qualname)
             loc = locations[key] = Location(address=addr, mapping=None, frames=(frame,))
         return loc
@@ -168,27 +209,35 @@ class PythonFrames:
     def merge(self, pid: int, stack: tuple[Location, ...], words: Sequence[int],
               layout: PyLayout) -> tuple[Location, ...]:
         """`stack` (leaf first) with each _PyEval_EvalFrameDefault frame replaced by the Python frames it
-        ran: the run of words up to and including the next entry frame, in order. Native frames are
-        kept as they are when the counts disagree (a cut stack): returned unchanged."""
+        ran: the run of words up to and including the next entry frame, in order.
+
+        When the counts disagree: more runs than interpreter frames means the native walk was cut, and
+        the innermost runs take the frames there are. Fewer runs, the last one complete (its outermost
+        word an entry frame), means an interpreter call was sampled between its entry and its first
+        frame's push (or its last pop and its return): that is the innermost call, so the runs take the
+        outermost interpreter frames and the innermost keeps its native name. A cut Python walk (the
+        last run incomplete) takes the innermost ones."""
         groups: list[list[Location]] = [[]]
         for w in words:
-            groups[-1].append(self.location(pid, w, layout))
+            if w != PY_SHIM:  # a shim ends its call's run; it has no frame (3.12+)
+                groups[-1].append(self.location(pid, w, layout))
             if split_word(w)[2]:
                 groups.append([])
         if not groups[-1]:
             groups.pop()
         evals = [i for i, loc in enumerate(stack) if _is_eval(loc)]
-        if not evals or len(groups) < len(evals):
+        if not evals or not groups:
             return stack
-        # More runs than interpreter frames: the native walk was cut; the outermost runs have no place.
+        if len(groups) < len(evals) and split_word(words[-1])[2]:
+            evals = evals[len(evals) - len(groups):]
+        runs = dict(zip(evals, groups, strict=False))  # extra runs (a cut native walk) have no place
         out: list[Location] = []
-        g = 0
         for i, loc in enumerate(stack):
-            if g < len(evals) and i == evals[g]:
-                out.extend(groups[g])
-                g += 1
-            else:
+            run = runs.get(i)
+            if not run:  # not an interpreter frame, or one whose call has no frame (3.12+: a shim only)
                 out.append(loc)
+            else:
+                out.extend(run)
         return tuple(out)
 
 

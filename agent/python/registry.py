@@ -1,24 +1,37 @@
 """Which processes get their CPython frames read in BPF: the `py_procs` map.
 
 At first sight of a pid, its executable and any mapped libpython3* are looked
-at (once per file, by (dev, inode)) for `_PyRuntime` and `Py_Version`
-(exported by 3.11 and later, also from stripped interpreters: both are in
-.dynsym). A known version gets its layout (agent/python/layouts.py) and the
-runtime address of `_PyRuntime.interpreters.head` (symbol + the mapping's
-load bias: 0 for Debian's non-PIE /usr/bin/python3.11, the library's base
-for pyenv's shared libpython). An unknown version is remembered so the
-profile's comment and `doctor` can name it.
+at (once per file, by (dev, inode)) for `_PyRuntime` and its version:
+`Py_Version` (exported by 3.11 and later, also from stripped interpreters:
+both are in .dynsym), else the file's name (python3.9, libpython3.10.so.1.0:
+3.9 and 3.10 publish their version only as text). A known version gets its
+layout (agent/python/layouts.py; 3.13's from the `_Py_DebugOffsets` at the
+start of `_PyRuntime`'s initialised bytes) and the runtime address of
+`_PyRuntime.interpreters.head` (symbol + the mapping's load bias: 0 for
+Debian's non-PIE /usr/bin/python3.11, the library's base for pyenv's shared
+libpython). An unknown version is remembered so the profile's comment and
+`doctor` can name it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.bpfload.records import PyProc
-from agent.python.layouts import LAYOUTS, PyLayout, unsupported_reason, version_of
+from agent.python.layouts import (
+    DEBUG_OFFSETS_313_BYTES,
+    LAYOUTS,
+    DebugOffsetsError,
+    PyLayout,
+    from_debug_offsets,
+    name_note,
+    unsupported_reason,
+    version_of,
+)
 from symbolizer.elf import ElfFile, defined_symbol_value
 from symbolizer.errors import BpfprofError
 from symbolizer.proc_maps import MapsEntry, read_maps
@@ -36,6 +49,8 @@ class PyBinary:
 
     runtime_vaddr: int  # ELF vaddr of _PyRuntime
     version: tuple[int, int] | None
+    layout: PyLayout | None = None  # None: the version has none
+    reason: str | None = None  # why there is no layout (unsupported_reason, or what this build lacks)
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,7 @@ class PyProcess:
     version: tuple[int, int] | None
     runtime_addr: int  # runtime address of _PyRuntime
     layout: PyLayout | None
+    reason: str | None = None  # PyBinary.reason
 
     def proc_value(self) -> PyProc | None:
         """The `py_procs` value, None for a version without a layout."""
@@ -54,9 +70,9 @@ class PyProcess:
             return None
         v = PyProc()
         v.interpreters_head = self.runtime_addr + lay.runtime_interpreters_head
-        for name in ("interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_cframe",
+        for name in ("interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_frame",
                      "cframe_current_frame", "frame_code", "frame_previous", "frame_instr", "frame_entry",
-                     "code_adaptive", "entry_kind"):
+                     "code_adaptive", "entry_kind", "instr_kind", "owner_cstack"):
             setattr(v, name, getattr(lay, name))
         return v
 
@@ -66,22 +82,40 @@ def data_symbol(elf: ElfFile, name: str) -> int | None:
     return defined_symbol_value(elf, name, "STT_OBJECT")
 
 
+NAME_VERSION = re.compile(r"python(\d)\.(\d+)")  # python3.10, libpython3.9.so.1.0
+
+
+def version_from_name(path: str) -> tuple[int, int] | None:
+    """(3, 10) for .../python3.10 or libpython3.10.so.1.0; None for a name without a version."""
+    m = NAME_VERSION.search(os.path.basename(path))
+    return (int(m[1]), int(m[2])) if m else None
+
+
 def examine_file(path: str) -> PyBinary | None:
     """The interpreter facts of one ELF file, None if it has no _PyRuntime (or cannot be read)."""
     try:
-        with ElfFile(path) as elf:
+        with ElfFile(path) as elf, open(path, "rb") as f:
             runtime = data_symbol(elf, "_PyRuntime")
             if runtime is None:
                 return None
             version = None
             pv = data_symbol(elf, "Py_Version")
             if pv is not None:
-                off = elf.offset_for_vaddr(pv)
-                with open(path, "rb") as f:
-                    raw = os.pread(f.fileno(), 4, off)
+                raw = os.pread(f.fileno(), 4, elf.offset_for_vaddr(pv))
                 if len(raw) == 4:
                     version = version_of(int.from_bytes(raw, "little"))
-            return PyBinary(runtime, version)
+            else:
+                version = version_from_name(path)
+            layout = LAYOUTS.get(version) if version else None
+            reason = unsupported_reason(version)
+            if version == (3, 13):
+                raw = os.pread(f.fileno(), DEBUG_OFFSETS_313_BYTES, elf.offset_for_vaddr(runtime))
+                try:
+                    layout = from_debug_offsets(raw)
+                except DebugOffsetsError as e:  # a free-threaded build: other layouts than the table's
+                    layout = None
+                    reason = f"CPython 3.13 ({e}): Python frames not supported; native frames kept"
+            return PyBinary(runtime, version, layout, reason)
     except (BpfprofError, OSError) as e:
         log.info("%s: not examined for CPython: %s", path, e)
         return None
@@ -128,7 +162,7 @@ class PythonRegistry:
                 self._write(pid, value)
                 log.info("pid %d: CPython %s frames read in BPF (%s)", pid, found.version, found.path)
             else:
-                log.info("pid %d: %s", pid, unsupported_reason(found.version))
+                log.info("pid %d: %s", pid, found.reason)
         return found
 
     def forget(self, pid: int) -> None:
@@ -136,9 +170,11 @@ class PythonRegistry:
         self.processes.pop(pid, None)
         self._names.pop(pid, None)
 
-    def unsupported(self) -> list[str]:
-        """One line per interpreter version seen without a layout (for the profile comment)."""
-        out = {unsupported_reason(p.version) for p in self.processes.values() if p is not None and p.layout is None}
+    def comments(self) -> list[str]:
+        """The profile's comment lines: one per interpreter version seen without a layout, and one per
+        supported version whose functions are named by co_name."""
+        out = {p.reason if p.layout is None else name_note(p.version)
+               for p in self.processes.values() if p is not None}
         return sorted(r for r in out if r)
 
     def _find(self, pid: int) -> PyProcess | None:
@@ -170,5 +206,5 @@ class PythonRegistry:
             if vaddr is None:
                 continue
             bias = m.start - vaddr
-            return PyProcess(m.path, binary.version, binary.runtime_vaddr + bias, LAYOUTS.get(binary.version))
+            return PyProcess(m.path, binary.version, binary.runtime_vaddr + bias, binary.layout, binary.reason)
         return None

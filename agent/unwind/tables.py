@@ -209,6 +209,9 @@ class UnwindTables:
         self._noted: dict[int, object] = {}  # pid -> the snapshot its last record was delivered under  # registered pids whose table BPF deleted, until registered again
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
+        # Set by close() under _lock: the map fds may be closed after it, so the worker writes nothing more
+        # (a build under way when the capture ends finishes into nothing; it is not waited for).
+        self._closed = False
 
     # -- drain thread ----------------------------------------------------------------
 
@@ -260,7 +263,7 @@ class UnwindTables:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
+            if item is None or self._closed:
                 return
             pid, refresh = abs(item), item < 0
             try:
@@ -303,6 +306,8 @@ class UnwindTables:
         for i, e in enumerate(sorted(entries)):
             value.m[i] = UnwindMapping(*e)
         with self._lock:
+            if self._closed:
+                return False
             for key in files:
                 run = self.rows.files.get(key)
                 if run is not None:
@@ -345,6 +350,8 @@ class UnwindTables:
             return None
         base, data = built
         with self._lock:
+            if self._closed:
+                return None
             run, evicted = self.rows.load(fs.id, base, data)
             self.stats.files_evicted += evicted
             if run is None:
@@ -400,8 +407,12 @@ class UnwindTables:
                 f"{t['table_bytes'] / 1e6:.1f} MB, built in {t['build_ms']} ms")
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         if self._worker is not None:
             self._queue.put(None)
-            self._worker.join(timeout=5)
+            # Between items it stops at once; inside a large file's build (seconds) it is left to finish
+            # into nothing rather than holding up the end of the capture.
+            self._worker.join(timeout=0.5)
             self._worker = None
         self.rows.close()

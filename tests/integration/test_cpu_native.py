@@ -79,7 +79,7 @@ def test_pid_target_records_only_that_process(tmp_path):
     import subprocess
 
     binary = build_c("callchain")
-    child = subprocess.Popen([str(binary), "6"])
+    child = subprocess.Popen([str(binary), "60"])  # killed below; outlives a cold BPF compile on a loaded machine
     try:
         out = tmp_path / "pid.pb.gz"
         run_bpfprof("record", "--pid", str(child.pid), "--duration", "1.5", "-o", str(out))

@@ -13,12 +13,19 @@ profiles give the fixture across the frequency changes is its rusage within 15 %
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from governor_settling import fixture_figures, run  # noqa: E402
+
+from fixtures.builder import build_c  # noqa: E402
+from integration.test_agent import Agent  # noqa: E402
+from recording import read_pprof  # noqa: E402
 
 BUDGET_PERCENT = 1.0
 SHARE_TOLERANCE = 0.05  # shares of a 40-90 s run sampled partly at a few tens of Hz
@@ -36,3 +43,49 @@ def test_settles_within_budget_and_keeps_rates_and_shares(tmp_path):
     assert 0.6 < go < 0.8, "the fixture did not run its 70/30 split"
     assert abs(ours - go) <= SHARE_TOLERANCE, (ours, go)
     assert abs(cpu_s / rusage_s - 1) <= 0.15, (cpu_s, rusage_s)
+
+
+def test_heap_rate_and_offcpu_threshold_follow_the_frequency(tmp_path):
+    """Far over a tiny budget with cpu, offcpu and heap selected: each step lowers the CPU frequency, widens
+    the heap sample rate and raises the off-CPU threshold by the same factor; each is logged, in the
+    metrics, and in the profiles of the intervals after it (period, comments)."""
+    prog = subprocess.Popen([str(build_c("mallocloop")), "100000000000"], stdout=subprocess.DEVNULL)
+    agent = Agent(tmp_path, {"profiling": {"profiles": ["cpu", "offcpu", "heap"], "frequency_hz": 499},
+                             "selection": {"pids": [prog.pid]},
+                             "limits": {"cpu_percent": 0.01, "min_frequency_hz": 19},
+                             "export": {"interval_s": 2, "pprof_dir": {"path": str(tmp_path / "pprof")}}})
+    try:
+        agent.wait_ready()
+        agent.wait_metric("bpfprof_governor_changes_total", 1)
+        changed_ns = time.time_ns()
+        heap_bytes = agent.metric("bpfprof_heap_sample_bytes")
+        assert heap_bytes > 512 * 1024, heap_bytes
+        assert agent.metric("bpfprof_offcpu_min_block_seconds") > 0
+        assert agent.metric("bpfprof_sampling_frequency_hz") < 499
+        deadline = time.monotonic() + 30
+        later: dict[str, list] = {}
+        while time.monotonic() < deadline and len(later) < 3:
+            for f in (tmp_path / "pprof").glob("*.pb.gz"):
+                kind = f.name.split(".")[-3]
+                prof = read_pprof(f)
+                if prof.raw.time_nanos >= changed_ns and prof.samples:
+                    later.setdefault(kind, []).append(prof)
+            time.sleep(0.5)
+        assert set(later) == {"cpu", "offcpu", "heap"}, (sorted(later), agent.stderr()[-2000:])
+        code, err = agent.stop()
+    finally:
+        prog.kill()
+        prog.wait()
+        if agent.proc.poll() is None:
+            agent.stop()
+    assert code == 0, err
+    step = re.search(r"sampling frequency 499 -> (\d+) Hz, heap sample rate 524288 -> (\d+) bytes, "
+                     r"off-CPU threshold 0 -> (\d+) us", err)
+    assert step, err[-3000:]
+    hz, heap_rate, _offcpu_us = (int(g) for g in step.groups())
+    assert heap_rate == round(524288 * 499 / hz)
+    assert all(p.raw.period > 1_000_000_000 // 499 for p in later["cpu"])
+    assert all(p.raw.period >= heap_rate for p in later["heap"])
+    comments = [p.raw.string_table[c] for p in later["offcpu"] for c in p.raw.comment]
+    assert any(c.startswith("off-CPU blocks shorter than") and not c.startswith("off-CPU blocks shorter than 0 ")
+               for c in comments), comments

@@ -5,10 +5,13 @@ The Go fixture cpusplit runs spinA/spinB at 7/3 of its work (twice) and at
 so the base capture's shares give each loop's cost per tenth, and from it
 the shares the 4/6 run must have; `diff` must name spinA and spinB first,
 with the predicted signs and sizes within 3 points, and two runs of the same
-split must give no significant change. The HTML page is opened from a file:
-URL in headless Chromium with its network cut off, and what it draws (flame
-graph frames, top table) is read back and compared with the pprof file
-written by the same capture.
+split must give no significant change. The HTML pages (a capture's, and
+`diff --html`'s) are opened from a file: URL in headless Chromium with its
+network cut off, and what they draw (flame graph frames, top table, the
+diff's changes) is read back and compared with the pprof files written by the
+same captures. `bpfprof view` is opened the same way on loopback: a pprof and
+an OTLP file of the captures, each page against its pprof, and its diff
+against `bpfprof diff`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import re
 import signal
 import subprocess
 import time
-import urllib.request
 
 import pytest
 from browser import offline_chromium
@@ -32,15 +34,16 @@ TOLERANCE_POINTS = 3.0
 
 @pytest.fixture(scope="module")
 def captures(tmp_path_factory):
-    """Three captures: base (7/3), same (7/3 again), new (4/6); each as pprof and html."""
+    """Three captures: base (7/3), same (7/3 again), new (4/6); each as pprof, html and OTLP."""
     tmp = tmp_path_factory.mktemp("htmldiff")
     binary = build_go("cpusplit")
     out = {}
     for name, tenths in (("base", "7"), ("same", "7"), ("new", "4")):
-        run_bpfprof("record", "--frequency", FREQUENCY_HZ, "--format", "pprof,html", "-o", str(tmp / f"{name}.pb.gz"),
+        run_bpfprof("record", "--frequency", FREQUENCY_HZ, "--format", "pprof,html,otlp", "-o", str(tmp / f"{name}.pb.gz"),
                     "--", str(binary), "-duration", DURATION, "-a", tenths)
         out[name] = tmp / f"{name}.pb.gz"
         assert (tmp / f"{name}.html").is_file(), "pprof,html did not write the html file beside the pprof"
+        assert (tmp / f"{name}.otlp.pb").is_file(), "pprof,html,otlp did not write the OTLP file beside the pprof"
     return tmp, out
 
 
@@ -93,6 +96,44 @@ def _function_values(decoded, index: int) -> tuple[dict[str, int], dict[str, int
     return self_, total
 
 
+def _wait(driver, script: str, *args):
+    """The script's value once truthy (polled for up to 60 s)."""
+    for _ in range(600):
+        value = driver.execute_script(script, *args)
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"the page never answered {script!r}")
+
+
+# Read back from the drawn page: every flame graph frame's [name, value, depth, delta] and the top table.
+FRAMES = ("return Array.from(document.querySelectorAll('#flamegraph svg g')).filter((g) => g.__data__)"
+          ".map((g) => [g.__data__.data.name, g.__data__.value, g.__data__.depth, g.__data__.delta || 0])")
+TOP = ("return Array.from(document.querySelectorAll('#top tbody tr'))"
+       ".map((r) => [r.querySelector('td.fn').textContent, +r.dataset.self, +r.dataset.total])")
+CHANGES = ("return Array.from(document.querySelectorAll('#changes tbody tr'))"
+           ".map((r) => [r.querySelector('td.fn').textContent, r.dataset.measure, +r.dataset.points,"
+           " r.classList.contains('significant')])")
+
+
+def _check_graph_and_top(driver, decoded, index: int, where: str) -> None:
+    """The drawn frames and top table hold the pprof's totals for sample type `index`."""
+    self_, total = _function_values(decoded, index)
+    frames = driver.execute_script(FRAMES)
+    assert [v for _, v, depth, _ in frames if depth == 0] == [decoded.total(index)], where
+    # spinA is not recursive: its frames sum to its total.
+    assert sum(v for name, v, _, _ in frames if name == "main.spinA") == total["main.spinA"], where
+    table = {name: (s, t) for name, s, t in driver.execute_script(TOP)}
+    assert len(table) >= 3, where
+    for name in ("main.spinA", "main.spinB", "main.mix"):
+        assert table[name] == (self_.get(name, 0), total[name]), (where, name)
+
+
+def _select(driver, element_id: str, value: str) -> None:
+    driver.execute_script("const s = document.getElementById(arguments[0]); s.value = arguments[1];"
+                          "s.dispatchEvent(new Event('change'));", element_id, value)
+
+
 def test_html_page_offline_shows_the_pprof_totals(captures):
     tmp, f = captures
     decoded = read_pprof(f["base"])
@@ -100,41 +141,12 @@ def test_html_page_offline_shows_the_pprof_totals(captures):
     page = (tmp / "base.html").resolve()
     with offline_chromium(str(tmp)) as driver:
         driver.get(page.as_uri())
-        drawn = None
-        for _ in range(600):
-            drawn = driver.execute_script("return window.bpfReport || null")
-            if drawn:
-                break
-            time.sleep(0.1)
-        assert drawn, "the page did not draw"
+        _wait(driver, "return window.bpfReport || null")
         assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
-
-        def frames() -> list[tuple[str, float, int]]:
-            return driver.execute_script(
-                "return Array.from(document.querySelectorAll('#flamegraph svg g'))"
-                ".filter((g) => g.__data__).map((g) => [g.__data__.data.name, g.__data__.value, g.__data__.depth])")
-
-        def top() -> dict[str, tuple[int, int]]:
-            rows = driver.execute_script(
-                "return Array.from(document.querySelectorAll('#top tbody tr'))"
-                ".map((r) => [r.querySelector('td.fn').textContent, +r.dataset.self, +r.dataset.total])")
-            return {name: (s, t) for name, s, t in rows}
-
         for index, key in ((1, "cpu"), (0, "samples")):
             if key != "cpu":
-                driver.execute_script(
-                    "const s = document.getElementById('type'); s.value = arguments[0];"
-                    "s.dispatchEvent(new Event('change'));", key)
-            self_, total = _function_values(decoded, index)
-            drawn_frames = frames()
-            root = [v for name, v, depth in drawn_frames if depth == 0]
-            assert root == [decoded.total(index)], (key, root)
-            spin_a = sum(v for name, v, _ in drawn_frames if name == "main.spinA")
-            assert spin_a == total["main.spinA"], key  # spinA is not recursive: its frames sum to its total
-            table = top()
-            assert len(table) >= 3
-            for name in ("main.spinA", "main.spinB", "main.mix"):
-                assert table[name] == (self_.get(name, 0), total[name]), (key, name)
+                _select(driver, "type", key)
+            _check_graph_and_top(driver, decoded, index, key)
 
         facts = driver.find_element("id", "facts").text
         for word in ("command", "duration", "frequency", FREQUENCY_HZ, "samples", "lost"):
@@ -144,16 +156,74 @@ def test_html_page_offline_shows_the_pprof_totals(captures):
         assert result.startswith("1 frames of 1 functions match"), result
 
 
-def test_view_serves_the_page_on_loopback(captures):
-    _, f = captures
-    proc = subprocess.Popen([str(BPFPROF), "view", str(f["base"])], stderr=subprocess.PIPE, text=True)
+def test_diff_page_offline_shows_both_profiles_totals(captures):
+    """diff --html's page: NEW's frames and top table, BASE's share of each function (the frames' value
+    minus their delta), and the changes table as `bpfprof diff` prints it."""
+    tmp, f = captures
+    base, new = read_pprof(f["base"]), read_pprof(f["new"])
+    proc = run_bpfprof("diff", str(f["base"]), str(f["new"]), "--html", str(tmp / "diff.html"))
+    printed = {(r[4], measure): (r[2], r[3]) for measure in ("self", "total") for r in _rows(proc.stdout, measure)}
+    with offline_chromium(str(tmp)) as driver:
+        driver.get((tmp / "diff.html").resolve().as_uri())
+        _wait(driver, "return window.bpfReport || null")
+        assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
+        _check_graph_and_top(driver, new, 1, "diff page")
+        frames = driver.execute_script(FRAMES)
+        root = next(v for _, v, depth, _ in frames if depth == 0)
+        _, base_total = _function_values(base, 1)
+        for fn in ("main.spinA", "main.spinB"):
+            # A frame's value minus its delta is BASE's value there, scaled to NEW's total. Paths BASE has
+            # and NEW has not are not drawn (no width in NEW's tree): a few samples of kernel paths under
+            # the spin loops, so the share drawn is BASE's within half a point, not exactly.
+            scaled_base = sum(v - d for name, v, _, d in frames if name == fn)
+            assert abs(100 * scaled_base / root - 100 * base_total[fn] / base.total(1)) < 0.5, fn
+        changes = driver.execute_script(CHANGES)
+        assert {c[0] for c in [c for c in changes if c[1] == "total"][:2]} == {"main.spinA", "main.spinB"}, changes[:6]
+        for fn, measure, points, significant in changes:
+            if (fn, measure) in printed:
+                assert abs(points - printed[fn, measure][0]) < 0.01 and significant == printed[fn, measure][1], fn
+
+
+def test_view_opens_pprof_and_otlp_files_on_loopback(captures):
+    """`bpfprof view base.pb.gz new.otlp.pb`: serve's page lists both, each profile page draws its
+    capture's pprof totals, and its diff ranks as `bpfprof diff` does."""
+    tmp, f = captures
+    base, new = read_pprof(f["base"]), read_pprof(f["new"])
+    otlp = tmp / "new.otlp.pb"
+    proc = subprocess.Popen([str(BPFPROF), "view", str(f["base"]), str(otlp)], stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
-        m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
+        m = re.search(r"2 profile\(s\) at (http://127\.0\.0\.1:\d+/)", line)
         assert m, line
-        with urllib.request.urlopen(m[1], timeout=10) as r:
-            body = r.read()
-        assert b'id="report-data"' in body and b"main.spinA" in body
+        url = m[1]
+        with offline_chromium(str(tmp), loopback=True) as driver:
+            driver.get(url)
+            rows = _wait(driver, "const r = Array.from(document.querySelectorAll('#profiles tr.profile-row'))"
+                                 ".map((tr) => [tr.dataset.profileId, tr.querySelector('a').textContent]);"
+                                 "return r.length ? r : null")
+            assert [name for _, name in rows] == [str(f["base"]), str(otlp)]
+            assert driver.execute_script("return document.getElementById('spans')") is None
+            ids = [pid for pid, _ in rows]
+            for pid, decoded, where in ((ids[0], base, "pprof"), (ids[1], new, "OTLP")):
+                driver.get(f"{url}profile/{pid}")
+                _wait(driver, "return window.bpfDrawn && window.bpfDrawn.type === 'cpu/cpu'")
+                _check_graph_and_top(driver, decoded, 1, where)
+                _select(driver, "type", "cpu/samples")
+                _wait(driver, "return window.bpfDrawn.type === 'cpu/samples'")
+                _check_graph_and_top(driver, decoded, 0, where)
+            # On the OTLP profile's page: diff against the pprof one, as `bpfprof diff` ranks it.
+            _select(driver, "type", "cpu/cpu")
+            _wait(driver, "return window.bpfDrawn.type === 'cpu/cpu'")
+            _select(driver, "mode", f"base-{ids[0]}")
+            _wait(driver, "return window.bpfDrawn.mode !== 'profile'")
+            changes = driver.execute_script(CHANGES)
+            printed = run_bpfprof("diff", str(f["base"]), str(f["new"])).stdout
+            expected = {(r[4], measure): (r[2], r[3]) for measure in ("self", "total") for r in _rows(printed, measure)}
+            assert {c[0] for c in [c for c in changes if c[1] == "total"][:2]} == {"main.spinA", "main.spinB"}, changes[:6]
+            for fn, measure, points, significant in changes:
+                if (fn, measure) in expected:
+                    assert abs(points - expected[fn, measure][0]) < 0.01, (fn, measure, points, expected[fn, measure])
+                    assert significant == expected[fn, measure][1], (fn, measure)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

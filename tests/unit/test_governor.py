@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import random
 
-from agent.daemon.governor import DEADBAND, GOVERN_PERIOD_S, MAX_STEP, Governor, Reading
+from agent.daemon.governor import (
+    DEADBAND,
+    GOVERN_PERIOD_S,
+    MAX_HEAP_SAMPLE_BYTES,
+    MAX_STEP,
+    OFFCPU_STEP_NS,
+    Governor,
+    Reading,
+    Steered,
+    steered,
+)
 
 CPUS = 2
 
@@ -95,3 +105,10 @@ def test_a_decision_uses_only_readings_taken_at_the_current_frequency():
     assert gov.cost() is None  # one reading left: the next decision waits for a period at the new frequency
     gov.observe(Reading(10.0, 5.3, 0.0))
     assert abs(gov.cost() - 0.06) < 1e-9
+
+
+def test_the_other_families_follow_the_frequency():
+    assert steered(99, 99, 512 * 1024, 0) == Steered(99, 512 * 1024, 0)  # at the ceiling: as configured
+    quarter = steered(25, 100, 512 * 1024, 1_000_000)
+    assert quarter == Steered(25, 4 * 512 * 1024, 1_000_000 + 3 * OFFCPU_STEP_NS)
+    assert steered(1, 20_000, 1 << 20, 0).heap_sample_bytes == MAX_HEAP_SAMPLE_BYTES

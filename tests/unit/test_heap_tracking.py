@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from agent.bpfload.records import RawRecord, RecordKind
+from agent.probes.family import SettingChanges, Window
 from agent.probes.heap import (
     LIBC_PROBES,
     RETURN_PROGRAM,
@@ -145,3 +146,29 @@ def test_carry_keeps_live_objects_of_running_processes_and_no_allocations():
     nxt.add(rec(RecordKind.FREE, 0x100))  # a free in the next interval lowers in-use there, not here
     assert [g.live for g in nxt.groups.values()] == [1]
     assert sorted(g.live for g in t.groups.values()) == [0, 1, 2]
+
+
+def test_each_allocation_is_scaled_by_the_rate_it_was_sampled_at():
+    """The governor moved the BPF rate mid-interval: the same stack and size sampled at two rates are two
+    groups, each scaled by its own (inuse too, when they carry into the next interval)."""
+    t = HeapTracker()
+    t.add(rec(RecordKind.ALLOC, 0x1000, 4096), RATE)
+    t.add(rec(RecordKind.ALLOC, 0x2000, 4096), 4 * RATE)
+    t.add(rec(RecordKind.ALLOC, 0x3000, 4096, pid=8))  # 0: its process's own rate (Go, the sampler)
+    got = sorted((g.first.pid, v) for g, v in t.scaled({8: 100}, 1))
+    assert got == sorted([(7, [*scale_heap_sample(1, 4096, RATE), *scale_heap_sample(1, 4096, RATE)]),
+                          (7, [*scale_heap_sample(1, 4096, 4 * RATE), *scale_heap_sample(1, 4096, 4 * RATE)]),
+                          (8, [*scale_heap_sample(1, 4096, 100), *scale_heap_sample(1, 4096, 100)])])
+    carried = t.carry(lambda pid: True)
+    assert sorted(k.rate for k in carried.groups) == [0, RATE, 4 * RATE]
+
+
+def test_setting_changes_are_read_at_the_records_time():
+    s = SettingChanges(RATE)
+    assert s.at(0) == RATE and not s.set(RATE)
+    assert s.set(2 * RATE)
+    t = s.changes[0][0]
+    assert s.at(t - 1) == RATE and s.at(t) == 2 * RATE and s.now == 2 * RATE
+    window = Window(t - 10, t + 10, 0)
+    assert s.inside(window) == [(t, 2 * RATE)] and s.inside(Window(t, t + 10, 0)) == []
+    assert s.describe(s.inside(window), window, " bytes") == f"{2 * RATE} bytes from {t / 1e9:.3f}"

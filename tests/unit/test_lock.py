@@ -70,7 +70,7 @@ def test_sleeps_of_one_call_are_one_contention():
     probe.on_record(_sleep(1, end_ns=19_300_000, waited_ns=50_000, rsp=0x7FE0,  # another caller
                            ips=(0x401000, 0x403000, 0x405000)))
     probe.carry_into(probe.family.new_accumulator(), alive=lambda pid: True)  # the cut ends open sleeps
-    waits = sorted((r.tid, t, v) for r, times, values in probe.samples.entries() for t, v in zip(times, values))
+    waits = sorted((r.tid, t, v) for r, times, values in probe.samples.entries() for t, v in zip(times, values, strict=True))
     assert waits == [(1, 1_500_000, 900_000), (1, 2_000_000, 100_000), (1, 2_900_000, 100_000), (1, 19_000_000, 100_000),
                      (1, 19_160_000, 110_000), (1, 19_200_000, 50_000), (1, 19_300_000, 50_000),
                      (2, 1_500_000, 480_000)]

@@ -26,9 +26,9 @@ from exporters.otlp_sender import (
     OtlpExporter,
     Protocol,
     RetryPolicy,
-    _retry_after_s,
     parse_headers,
     resolve_endpoint,
+    retry_after_s,
 )
 from symbolizer.errors import ConfigError
 
@@ -141,9 +141,9 @@ def test_shutdown_during_backoff_stops_retrying(fake):
 
 
 def test_retry_after_forms():
-    assert _retry_after_s("3") == 3.0
-    assert _retry_after_s(None) is None and _retry_after_s("soon") is None
-    assert _retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=lambda: 1445412470.0) == 10.0
+    assert retry_after_s("3") == 3.0
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=lambda: 1445412470.0) == 10.0
 
 
 # --- gRPC ----------------------------------------------------------------------

@@ -117,6 +117,7 @@ def files(tmp_path_factory):
     (d / "heap.pb.gz").write_bytes(encode_pprof(heap))
     (d / "empty.pb.gz").write_bytes(encode_pprof(cpu_profile(0, 10**9, 99)))
     (d / "corrupt.pb.gz").write_bytes(good.read_bytes()[:40])
+    (d / "corrupt.otlp").write_bytes(b"\x0a\xff\xff\xff\x0fnot a protobuf")
     return d
 
 
@@ -133,9 +134,13 @@ def test_diff_missing_sample_type_is_one_line_exit_2(files):
     _one_line_error(proc, "no sample type 'inuse_space'")
 
 
-@pytest.mark.parametrize("bad", ["empty.pb.gz", "corrupt.pb.gz"])
-def test_view_bad_input_is_one_line_exit_2(files, bad):
-    _one_line_error(run_bpfprof("view", str(files / bad), check=False), bad)
+@pytest.mark.parametrize(("args", "words"), [(["empty.pb.gz"], ["empty.pb.gz", "empty"]),
+                                             (["corrupt.pb.gz"], ["corrupt.pb.gz", "gzip"]),
+                                             (["corrupt.otlp"], ["corrupt.otlp", "OTLP"]),
+                                             (["--type", "cpu", "good.pb.gz", "heap.pb.gz"], ["heap.pb.gz", "no cpu"])])
+def test_view_bad_input_is_one_line_exit_2(files, args, words):
+    args = [a if a.startswith("-") or a == "cpu" else str(files / a) for a in args]
+    _one_line_error(run_bpfprof("view", *args, check=False), *words)
 
 
 def test_diff_of_a_file_with_itself_prints_no_significant_change(files, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from agent.bpfload.records import HEADER_SIZE, PY_ENTRY_BIT, PY_UNIT_SHIFT, CtxKind, parse_record
+from agent.bpfload.records import HEADER_SIZE, PY_ENTRY_BIT, PY_SHIM, PY_UNIT_SHIFT, CtxKind, parse_record
 from agent.python.frames import EVAL_FRAME, PythonFrames, split_word
 from agent.python.layouts import LAYOUTS
 from exporters.profile import Location
@@ -55,11 +55,18 @@ def test_each_eval_frame_is_replaced_by_the_frames_it_ran():
     assert names(merged) == ["deflate", "pya", "pyb", "cfunction_call", "pyc", "pyd", "main"]
 
 
-def test_counts_that_disagree_keep_native_frames():
-    stack = (native(EVAL_FRAME, 2), native(EVAL_FRAME, 4), native("main", 5))
-    words = [word(0xA, 1, True)]  # one run for two interpreter frames: the BPF walk was cut
-    assert Named().merge(1, stack, words, LAYOUT) == stack
+def test_an_interpreter_call_without_frames_yet_keeps_the_innermost_native():
+    # sampled between a _PyEval_EvalFrameDefault's entry and its first frame's push: the innermost one
+    stack = (native(EVAL_FRAME, 2), native("call", 3), native(EVAL_FRAME, 4), native("main", 5))
+    words = [word(0xA, 1, False), word(0xB, 1, True)]  # one complete run for two interpreter frames
+    assert names(Named().merge(1, stack, words, LAYOUT)) == [EVAL_FRAME, "call", "pya", "pyb", "main"]
     assert Named().merge(1, (native("main", 5),), words, LAYOUT) == (native("main", 5),)
+
+
+def test_a_cut_python_walk_fills_the_innermost():
+    stack = (native(EVAL_FRAME, 2), native("call", 3), native(EVAL_FRAME, 4), native("main", 5))
+    words = [word(0xA, 1, False)]  # its run never reached an entry frame: the BPF walk stopped
+    assert names(Named().merge(1, stack, words, LAYOUT)) == ["pya", "call", EVAL_FRAME, "main"]
 
 
 def test_more_runs_than_eval_frames_places_the_innermost():
@@ -73,3 +80,15 @@ def test_unreadable_code_object_is_a_named_unknown_frame():
     loc = frames.location(1, word(0x1234, 0, False), LAYOUT)
     assert loc.frames[0].function == "<code 0x1234>" and loc.frames[0].kind is FrameKind.CPYTHON
     assert frames.unreadable == 1
+
+
+def test_shim_words_end_runs_and_an_empty_run_keeps_its_native_frame():
+    # 3.12+: [leaf shim: the innermost call popped its last frame], a, b, shim, c, shim
+    stack = (native(EVAL_FRAME, 1), native("call", 2), native(EVAL_FRAME, 3), native("c_call", 4),
+             native(EVAL_FRAME, 5), native("main", 6))
+    words = [PY_SHIM, word(0xA, 1, False), word(0xB, 2, False), PY_SHIM, word(0xC, 3, False), PY_SHIM]
+    frames = Named()
+    assert names(frames.merge(1, stack, words, LAYOUT)) == [EVAL_FRAME, "call", "pya", "pyb", "c_call", "pyc",
+                                                           "main"]
+    frames.read_codes(1, [PY_SHIM], LAYOUT)  # no code object behind a shim
+    assert frames.unreadable == 0

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from agent.bpfload.records import PyProc
+from agent.capture.readiness import check_python
 from agent.processes.memory import ProcessMemory
-from agent.python.registry import PythonRegistry
+from agent.python.layouts import LAYOUTS
+from agent.python.registry import PythonRegistry, version_from_name
 
-PYTHONS = [Path("/usr/bin/python3.11"), *sorted(Path("/root/.pyenv/versions").glob("3.11.*/bin/python3.11"))]
+PYTHONS = [Path("/usr/bin/python3.11"), *sorted(p for v in LAYOUTS for p in Path("/root/.pyenv/versions").glob(
+    f"{v[0]}.{v[1]}.*/bin/python{v[0]}.{v[1]}"))]
 SCRIPT = "import sys, threading; print(threading.get_ident(), flush=True); sys.stdin.read()"
 
 
@@ -25,7 +28,7 @@ def test_registered_value_reaches_the_main_thread_state(python):
         written: dict[int, PyProc | None] = {}
         reg = PythonRegistry(written.__setitem__)
         found = reg.observe(proc.pid, "python3")
-        assert found is not None and found.version == (3, 11) and found.layout is not None
+        assert found is not None and found.version == version_from_name(str(python)) and found.layout is not None
         value = written[proc.pid]
         with ProcessMemory(proc.pid) as mem:
             interp = mem.u64(value.interpreters_head)
@@ -38,6 +41,10 @@ def test_registered_value_reaches_the_main_thread_state(python):
                 tstate = mem.u64(tstate + value.tstate_next)
         assert ident in ids  # threading.get_ident() is pthread_self(), what BPF compares with the FS base
         assert reg.observe(proc.pid, "python3") is found and len(written) == 1  # looked at once
+        notes = reg.comments()
+        assert notes == ([] if found.version >= (3, 11) else [f"CPython 3.{found.version[1]}: Python functions "
+                                                           "named by co_name (no qualified names before 3.11: "
+                                                           "`spin`, not `Worker.spin`)"])
     finally:
         proc.stdin.close()
         proc.wait(timeout=10)
@@ -50,7 +57,45 @@ def test_a_process_without_an_interpreter_is_none():
         written: dict = {}
         reg = PythonRegistry(written.__setitem__)
         assert reg.observe(proc.pid, "sleep") is None and reg.observe(proc.pid, "sleep") is None
-        assert written == {} and reg.unsupported() == []
+        assert written == {} and reg.comments() == []
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_version_from_name():
+    assert version_from_name("/root/.pyenv/versions/3.10.13/lib/libpython3.10.so.1.0") == (3, 10)
+    assert version_from_name("/usr/bin/python3.9") == (3, 9)
+    assert version_from_name("/usr/bin/python3") is None
+
+
+def test_doctor_names_each_interpreter_with_its_version():
+    check = check_python()
+    good, _, bad = check.detail.partition("; native frames only for ")
+    for python in PYTHONS:
+        version = version_from_name(str(python))
+        assert f"{python} (CPython {version[0]}.{version[1]})" in good
+    for python in sorted(Path("/root/.pyenv/versions").glob("3.[78].*/bin/python3.[78]")):
+        assert f"{python} (CPython 3.{python.name[-1]})" in bad
+    assert check.ok
+
+
+def test_a_313_build_without_usable_debug_offsets_keeps_native_frames(tmp_path):
+    """A free-threaded 3.13 (other struct layouts than the GIL build's table) is named, not walked."""
+    import shutil
+
+    from agent.python.registry import data_symbol, examine_file
+    from symbolizer.elf import ElfFile
+
+    lib = sorted(Path("/root/.pyenv/versions").glob("3.13.*/lib/libpython3.13.so.1.0"))
+    assert lib, "pyenv's CPython 3.13 is missing"
+    copy = tmp_path / "libpython3.13.so.1.0"
+    shutil.copy(lib[0], copy)
+    with ElfFile(str(copy)) as elf:
+        off = elf.offset_for_vaddr(data_symbol(elf, "_PyRuntime"))
+    with open(copy, "r+b") as f:
+        f.seek(off + 16)
+        f.write((1).to_bytes(8, "little"))  # _Py_DebugOffsets.free_threaded
+    found = examine_file(str(copy))
+    assert found is not None and found.version == (3, 13) and found.layout is None
+    assert found.reason.startswith("CPython 3.13 (a free-threaded build)") and "native frames kept" in found.reason

@@ -38,7 +38,7 @@ from agent.bpfload.records import (
     TraceCtx,
     Ustack,
 )
-from agent.python.layouts import ENTRY_BOOL
+from agent.python import layouts
 from bpf import BPF_DIR
 
 PROGRAM = r"""
@@ -74,13 +74,17 @@ int main(void) {
     S(gor_layout) O(gor_layout, goid) O(gor_layout, labels) O(gor_layout, gopc) O(gor_layout, startpc)
     S(bpfprof_py_proc) O(bpfprof_scratch, py_room)
     O(bpfprof_py_proc, interpreters_head) O(bpfprof_py_proc, interp_threads_head) O(bpfprof_py_proc, tstate_next)
-    O(bpfprof_py_proc, tstate_thread_id) O(bpfprof_py_proc, tstate_cframe) O(bpfprof_py_proc, cframe_current_frame)
+    O(bpfprof_py_proc, tstate_thread_id) O(bpfprof_py_proc, tstate_frame) O(bpfprof_py_proc, cframe_current_frame)
     O(bpfprof_py_proc, frame_code) O(bpfprof_py_proc, frame_previous) O(bpfprof_py_proc, frame_instr)
     O(bpfprof_py_proc, frame_entry) O(bpfprof_py_proc, code_adaptive) O(bpfprof_py_proc, entry_kind)
+    O(bpfprof_py_proc, instr_kind) O(bpfprof_py_proc, owner_cstack)
     S(bpfprof_py_frames) D(BPFPROF_CTX_PYTHON) D(BPFPROF_PY_MAX_FRAMES) D(BPFPROF_PY_UNIT_SHIFT)
     D(BPFPROF_PY_UNIT_MASK) D(BPFPROF_PY_ENTRY_BIT) D(BPFPROF_PY_ENTRY_BOOL)
+    D(BPFPROF_PY_ENTRY_OWNER) D(BPFPROF_PY_ENTRY_ALL) D(BPFPROF_PY_INSTR_POINTER) D(BPFPROF_PY_INSTR_LASTI_UNITS)
+    D(BPFPROF_PY_INSTR_LASTI_BYTES) D(BPFPROF_PY_NO_CFRAME)
     D(BPFPROF_DROP_PY_READ_ERR) D(BPFPROF_DROP_PY_TRUNCATED)
     printf("py_code_mask_bits %d\n", __builtin_popcountll(BPFPROF_PY_CODE_MASK));
+    printf("BPFPROF_PY_SHIM %llu\n", BPFPROF_PY_SHIM);
     return 0;
 }
 """
@@ -162,7 +166,10 @@ def test_python_layouts_agree(tmp_path):
     assert (c["BPFPROF_PY_UNIT_SHIFT"], c["BPFPROF_PY_UNIT_MASK"], c["BPFPROF_PY_ENTRY_BIT"]) == (
         records.PY_UNIT_SHIFT, records.PY_UNIT_MASK, records.PY_ENTRY_BIT)
     assert c["py_code_mask_bits"] == records.PY_CODE_MASK.bit_count() == 48
-    assert c["BPFPROF_PY_ENTRY_BOOL"] == ENTRY_BOOL
+    assert c["BPFPROF_PY_SHIM"] == records.PY_SHIM
+    for name in ("ENTRY_BOOL", "ENTRY_OWNER", "ENTRY_ALL", "INSTR_POINTER", "INSTR_LASTI_UNITS",
+                 "INSTR_LASTI_BYTES", "NO_CFRAME"):
+        assert c[f"BPFPROF_PY_{name}"] == getattr(layouts, name), name
     assert (c["BPFPROF_DROP_PY_READ_ERR"], c["BPFPROF_DROP_PY_TRUNCATED"]) == (Drop.PY_READ_ERR, Drop.PY_TRUNCATED)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from exporters.diff import change_json, function_values, rank_changes
 from exporters.pprof import decode_pprof
 from exporters.profile import TraceLink
 from tests.viewer.conftest import get, get_json, post
@@ -150,12 +151,18 @@ def test_diff_against_spans_of_the_same_name(loaded):
     assert by["renderPage"][0] == 50 * 10 * MS and by["renderPage"][1] == pytest.approx(20 * 10 * MS)
     assert by["renderFooter"][1] == pytest.approx(80 * 10 * MS)
     assert d["base_total"] == pytest.approx(d["total"])
-    # Ranked as `bpfprof diff` ranks (exporters/diff.py): the two shifted functions first, 30 points each way;
-    # cpu time is no count, so nothing is tested.
+    # Ranked as `bpfprof diff` ranks the same samples as two profiles (exporters/diff.py, tested on the
+    # cpu/samples counts): the two shifted functions first, 30 points each way, significant.
     first = {(c["function"], c["measure"]): c["points"] for c in d["changes"][:4]}
     assert first == pytest.approx({("renderPage", "self"): 30, ("renderPage", "total"): 30,
                                    ("renderFooter", "self"): -30, ("renderFooter", "total"): -30})
-    assert all(c["p"] is None and not c["significant"] for c in d["changes"])
+    base = cpu([Ev(("main", "renderPage"), PID, 102, t) for t in every(at(6000), at(6200))]
+               + [Ev(("main", "renderFooter"), PID, 102, t) for t in every(at(6200), at(7000))])
+    new = cpu([Ev(("main", "renderPage"), PID, 102, t) for t in every(at(4000), at(4500))]
+              + [Ev(("main", "renderFooter"), PID, 102, t) for t in every(at(4500), at(5000))])
+    expected = [change_json(c) for c in rank_changes(function_values(base, 1), function_values(new, 1))]
+    assert d["changes"] == expected
+    assert [c["significant"] for c in d["changes"][:4]] == [True] * 4
 
 
 def test_diff_of_two_time_ranges(loaded):

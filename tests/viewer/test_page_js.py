@@ -24,5 +24,5 @@ def test_page_inlines_every_asset():
     from viewer.assets import render_page  # noqa: PLC0415
 
     page = render_page().decode()
-    assert "/*{{" not in page and "bpfflame" in page and "d3-flame-graph" in page
-    assert page.count("<script>") == page.count("</script>") == 5
+    assert "/*{{" not in page and "bpfflame" in page and "bpfdom" in page and "d3-flame-graph" in page
+    assert page.count("<script>") == page.count("</script>") == 6

@@ -1,28 +1,12 @@
-// The page of `bpfprof serve`: routes /, /trace/<id>, /trace/<id>/span/<id> on the client, reads the
-// JSON API, draws flame graphs with d3-flame-graph. Pure data work is in flame.js (tested by node).
+// The page of `bpfprof serve` and `bpfprof view`: routes /, /trace/<id>, /trace/<id>/span/<id> and
+// /profile/<id> on the client, reads the JSON API, draws flame graphs with d3-flame-graph (dom.js's
+// panel). Pure data work is in flame.js (tested by node).
 (function () {
   'use strict';
   const F = window.bpfflame;
   const app = document.getElementById('app');
 
-  // --- tiny DOM helpers: text always via textContent (span names are user data) -------------------
-  function h(tag, attrs, ...kids) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === undefined || v === null || v === false) continue;
-      if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
-      else if (k === 'text') el.textContent = v;
-      else el.setAttribute(k, v === true ? '' : v);
-    }
-    for (const kid of kids.flat()) if (kid !== null && kid !== undefined) el.append(kid);
-    return el;
-  }
-  const svgNS = 'http://www.w3.org/2000/svg';
-  function s(tag, attrs) {
-    const el = document.createElementNS(svgNS, tag);
-    for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
-    return el;
-  }
+  const { h, s, flamePanel } = window.bpfdom;
   async function api(path) {
     const r = await fetch(path);
     const body = await r.json();
@@ -43,6 +27,7 @@
     let m;
     if ((m = p.match(/^\/trace\/([0-9a-fA-F]{32})\/span\/([0-9a-fA-F]{16})\/?$/))) return spanPage(m[1], m[2]).catch(fail);
     if ((m = p.match(/^\/trace\/([0-9a-fA-F]{32})\/?$/))) return tracePage(m[1]).catch(fail);
+    if ((m = p.match(/^\/profile\/(\d+)\/?$/))) return profilePage(m[1]).catch(fail);
     return listPage().catch(fail);
   }
   window.addEventListener('popstate', route);
@@ -56,7 +41,7 @@
   // --- spans list: slowest first, with filters ----------------------------------------------------
   async function listPage() {
     const q = new URLSearchParams(location.search);
-    const data = await api(`/api/spans?${q}`);
+    const [data, loaded] = await Promise.all([api(`/api/spans?${q}`), api('/api/profiles')]);
     const field = (name, label, attrs) => h('label', {}, label, h('input', { name, value: q.get(name) || '', ...attrs }));
     const service = h('select', { name: 'service' }, h('option', { value: '', text: 'all services' }),
       data.services.map((sv) => h('option', { value: sv, text: sv, selected: sv === q.get('service') })));
@@ -91,11 +76,30 @@
         h('td', { text: when(sp.start_unix_ms) }),
         h('td', { class: 'num', text: sp.tid ?? '' }));
     });
-    app.replaceChildren(h('h2', { text: 'Spans, slowest first' }), form,
+    const spans = [h('h2', { text: 'Spans, slowest first' }), form,
       rows.length ? h('table', { class: 'list', id: 'spans' },
         h('thead', {}, h('tr', {}, ['duration', '', 'service', 'span', 'trace', 'start (UTC)', 'thread'].map((t) => h('th', { text: t })))),
         h('tbody', {}, rows))
-        : h('p', { class: 'muted', id: 'empty', text: 'No spans yet: point an OTLP trace exporter at this server.' }));
+        : h('p', { class: 'muted', id: 'empty', text: 'No spans yet: point an OTLP trace exporter at this server.' })];
+    // `bpfprof view` has profiles from files and no spans: only the profiles then.
+    const profiles = loaded.profiles.length ? profileList(loaded.profiles) : [];
+    app.replaceChildren(...profiles, ...(profiles.length && !rows.length && !q.toString() ? [] : spans));
+  }
+
+  function profileList(profiles) {
+    const rows = profiles.map((p) => {
+      const path = `/profile/${p.id}`;
+      return h('tr', { class: 'clickable profile-row', 'data-profile-id': p.id, onclick: () => go(path) },
+        h('td', {}, link(path, p.source, 'profile-link')),
+        h('td', { text: p.kind }),
+        h('td', { text: p.types.map((t) => t.sample_type).join(', ') }),
+        h('td', { text: when(p.start_unix_ms) }),
+        h('td', { class: 'num', text: ms(p.duration_ms) }),
+        h('td', { class: 'num', text: p.processes }));
+    });
+    return [h('h2', { text: 'Profiles from files' }), h('table', { class: 'list', id: 'profiles' },
+      h('thead', {}, h('tr', {}, ['file', 'kind', 'sample types', 'start (UTC)', 'duration', 'processes'].map((t) => h('th', { text: t })))),
+      h('tbody', {}, rows))];
   }
 
   // --- one trace: its spans as a waterfall -------------------------------------------------------
@@ -121,14 +125,11 @@
       h('table', { class: 'list waterfall', id: 'trace' }, h('tbody', {}, rows)));
   }
 
-  // --- one span: details, method, flame graph, top table ---------------------------------------
+  // --- one span: details, method, then the graph view -------------------------------------------
   async function spanPage(traceId, spanId) {
     const base = `/api/trace/${traceId}/span/${spanId}`;
-    const state = { type: '', from: null, to: null, mode: 'span', baseFrom: null, baseTo: null, term: '' };
-    let data = await api(`${base}/flamegraph`);
+    const data = await api(`${base}/flamegraph`);
     const sp = data.span;
-    state.type = data.type;
-
     const detail = (k, v) => h('tr', {}, h('td', { text: k }), h('td', { class: 'mono', text: v ?? '' }));
     const attrs = Object.entries(sp.attributes).map(([k, v]) => detail(k, typeof v === 'string' ? v : JSON.stringify(v)));
     const details = h('table', { class: 'details', id: 'span-details' },
@@ -136,7 +137,34 @@
       detail('parent span id', sp.parent_span_id || '(root)'), detail('start (UTC)', when(sp.start_unix_ms)),
       detail('duration', ms(sp.duration_ms)), detail('process', sp.pid), detail('thread', sp.tid ?? `(${sp.thread_attr ?? 'no thread.id'})`),
       detail('status', sp.status_code ? `${sp.status_code} ${sp.status_message}` : 'unset/ok'), attrs);
+    const title = h('h2', {}, link(`/trace/${traceId}`, 'trace', 'muted'), ' / ', h('span', { id: 'span-name', text: sp.name }), ' ',
+      h('span', { class: 'muted', text: ms(sp.duration_ms) }));
+    graphView(base, data, [title, details], [
+      { value: 'span', text: 'this span' },
+      { value: 'name', text: 'diff vs other spans of this name', query: { baseline: 'name' } },
+      { value: 'range', text: 'diff vs another time range', query: { baseline: 'range' }, range: true }]);
+  }
 
+  // --- one profile loaded from a file (`bpfprof view`) ---------------------------------------------
+  async function profilePage(id) {
+    const base = `/api/profile/${id}`;
+    const [data, loaded] = await Promise.all([api(`${base}/flamegraph`), api('/api/profiles')]);
+    const p = data.profile;
+    const detail = (k, v) => h('tr', {}, h('td', { text: k }), h('td', { class: 'mono', text: v ?? '' }));
+    const details = h('table', { class: 'details', id: 'profile-details' },
+      detail('file', p.source), detail('kind', p.kind), detail('start (UTC)', when(p.start_unix_ms)),
+      detail('duration', ms(p.duration_ms)), detail('processes', p.processes));
+    const title = h('h2', {}, link('/', 'profiles', 'muted'), ' / ', h('span', { id: 'profile-name', text: p.source }));
+    const others = loaded.profiles.filter((o) => o.id !== p.id && o.kind === p.kind)
+      .map((o) => ({ value: `base-${o.id}`, text: `diff vs ${o.source}`, query: { base: o.id } }));
+    graphView(base, data, [title, details], [{ value: 'profile', text: 'this profile' }, ...others]);
+  }
+
+  // The method line, profile type, view mode (the graph or a diff), time range, search, flame panel
+  // and pprof download of a span or a profile: `base` is its API prefix, `data` its first flamegraph.
+  function graphView(base, data, head, modes) {
+    const state = { type: data.type, from: null, to: null, mode: modes[0], baseFrom: null, baseTo: null };
+    const panel = flamePanel({ minFraction: 1e-5 }); // as the file pages: thin frames are not drawn
     const method = h('div', { id: 'method' });
     const typeSel = h('select', { id: 'type', onchange: () => { state.type = typeSel.value; refresh(); } });
     const fromIn = h('input', { id: 'range-from', type: 'number', step: 'any', min: 0, size: 8 });
@@ -146,39 +174,26 @@
       state.to = toIn.value === '' ? null : +toIn.value;
       refresh();
     };
-    const mode = h('select', { id: 'mode', onchange: () => { state.mode = mode.value; baseBox.hidden = state.mode !== 'range'; refresh(); } },
-      h('option', { value: 'span', text: 'this span' }),
-      h('option', { value: 'name', text: 'diff vs other spans of this name' }),
-      h('option', { value: 'range', text: 'diff vs another time range' }));
+    const mode = h('select', { id: 'mode', onchange: () => {
+      state.mode = modes.find((m) => m.value === mode.value);
+      baseBox.hidden = !state.mode.range;
+      refresh();
+    } }, modes.map((m) => h('option', { value: m.value, text: m.text })));
     const baseFrom = h('input', { id: 'base-from', type: 'number', step: 'any', min: 0, size: 8 });
     const baseTo = h('input', { id: 'base-to', type: 'number', step: 'any', min: 0, size: 8 });
     const baseBox = h('span', { hidden: true }, 'baseline ms ', baseFrom, '–', baseTo,
       h('button', { type: 'button', text: 'Compare', onclick: () => { state.baseFrom = +baseFrom.value || 0; state.baseTo = baseTo.value === '' ? null : +baseTo.value; refresh(); } }));
-    const search = h('input', { id: 'search', placeholder: 'search functions', size: 24 });
-    const searchResult = h('span', { id: 'search-result', class: 'muted' });
     const pprof = h('a', { id: 'pprof', text: 'download pprof' });
     const timeline = s('svg', { id: 'timeline', width: 600, height: 40 });
-    const graph = h('div', { id: 'flamegraph' });
-    const details2 = h('div', { id: 'details' });
-    const top = h('table', { class: 'list', id: 'top' });
-    const legend = h('p', { id: 'diff-legend', class: 'muted', hidden: true });
-    const changes = h('table', { class: 'list', id: 'changes' });
 
-    app.replaceChildren(
-      h('h2', {}, link(`/trace/${traceId}`, 'trace', 'muted'), ' / ', h('span', { id: 'span-name', text: sp.name }), ' ',
-        h('span', { class: 'muted', text: ms(sp.duration_ms) })),
-      details, method,
-      h('div', { class: 'controls' }, h('label', {}, 'profile ', typeSel), h('label', {}, 'view ', mode), baseBox, pprof),
+    app.replaceChildren(...head, method,
+      h('div', { class: 'controls' }, h('label', {}, 'profile ', typeSel), modes.length > 1 ? h('label', {}, 'view ', mode) : null, baseBox, pprof),
       h('div', { class: 'controls' }, timeline, h('span', {}, 'range ms ', fromIn, '–', toIn),
         h('button', { type: 'button', id: 'range-apply', text: 'Apply', onclick: applyRange }),
-        h('button', { type: 'button', id: 'range-reset', text: 'Whole span', onclick: () => { fromIn.value = toIn.value = ''; applyRange(); } })),
-      h('div', { class: 'controls' }, search, searchResult,
-        h('button', { type: 'button', id: 'reset-zoom', text: 'Reset zoom', onclick: () => chart && chart.resetZoom() })),
-      legend, graph, details2, changes,
-      h('div', { class: 'columns' }, h('div', {}, h('h3', { text: 'Top functions' }), top)));
-
-    let chart = null;
-    let compact = null;
+        h('button', { type: 'button', id: 'range-reset', text: 'Whole', onclick: () => { fromIn.value = toIn.value = ''; applyRange(); } })),
+      h('div', { class: 'controls' }, panel.search, panel.searchResult, panel.resetZoom),
+      panel.legend, panel.graph, panel.details, panel.changes,
+      h('div', { class: 'columns' }, h('div', {}, h('h3', { text: 'Top functions' }), panel.top)));
 
     function query(extra) {
       const p = new URLSearchParams();
@@ -191,8 +206,8 @@
 
     async function refresh() {
       try {
-        if (state.mode === 'span') data = await api(`${base}/flamegraph?${query()}`);
-        else data = await api(`${base}/diff?${query({ baseline: state.mode, base_from_ms: state.baseFrom, base_to_ms: state.baseTo })}`);
+        if (!state.mode.query) data = await api(`${base}/flamegraph?${query()}`);
+        else data = await api(`${base}/diff?${query({ ...state.mode.query, base_from_ms: state.baseFrom, base_to_ms: state.baseTo })}`);
       } catch (e) {
         method.className = 'm-none';
         method.textContent = String(e.message || e);
@@ -202,86 +217,23 @@
     }
 
     function draw() {
-      compact = data.flamegraph;
       state.type = data.type;
       method.className = `m-${data.method}`;
       method.replaceChildren(h('b', { text: `method: ${data.method}` }), ' — ', data.reason,
         data.baseline ? ` · baseline: ${data.baseline}` : '');
       method.dataset.method = data.method;
       method.dataset.type = data.type;
-      if (data.types) {
-        typeSel.replaceChildren(...data.types.map((t) => h('option', { value: t.key, text: t.key, selected: t.key === data.type })));
+      const types = data.types || (data.profile && data.profile.types);
+      if (types) {
+        typeSel.replaceChildren(...types.map((t) => h('option', { value: t.key, text: t.key, selected: t.key === data.type })));
       }
       pprof.href = `${base}/pprof?${query()}`;
-      legend.hidden = !compact.nodes.base;
-      legend.textContent = compact.nodes.base ? 'red: more than the baseline (scaled to this total), blue: less, orange: new' : '';
       if (data.timeline) drawTimeline(data.timeline, data.window_ms);
-      drawGraph();
-      drawTop();
-      drawChanges();
-      doSearch();
+      window.bpfTimes = panel.draw(data.flamegraph);
+      window.bpfDrawn = { type: data.type, mode: state.mode.value, total: data.flamegraph.total, ms: performance.now() };
     }
 
-    // A diff's ranking (exporters/diff.py, as `bpfprof diff` prints it): largest change of share first.
-    function drawChanges() {
-      const rows = (compact.changes || []).slice(0, 30);
-      changes.hidden = !rows.length;
-      const sign = (v) => `${v > 0 ? '+' : ''}${v.toFixed(2)}`;
-      changes.replaceChildren(h('thead', {}, h('tr', {}, ['function', 'measure', 'base %', 'this %', 'change', 'p (adjusted)'].map((t, i) => h('th', { class: i > 1 ? 'num' : '', text: t })))),
-        h('tbody', {}, rows.map((c) => h('tr', { class: c.significant ? 'significant' : 'muted' },
-          h('td', { class: 'fn', text: c.function }), h('td', { text: c.measure }),
-          h('td', { class: 'num', text: c.base.toFixed(2) }), h('td', { class: 'num', text: c.new.toFixed(2) }),
-          h('td', { class: 'num', text: sign(c.points) }),
-          h('td', { class: 'num', text: c.p_adj === null ? 'untested' : String(c.p_adj) })))));
-    }
-
-    function drawGraph() {
-      if (chart) chart.destroy();
-      graph.replaceChildren();
-      if (!compact.total) {
-        graph.append(h('p', { class: 'muted', id: 'no-samples', text: 'No samples of this type in this window.' }));
-        chart = null;
-        return;
-      }
-      const unit = compact.unit;
-      chart = flamegraph()
-        .width(Math.max(600, (graph.clientWidth || app.clientWidth) - 24)) // room for a scrollbar appearing
-        .cellHeight(18)
-        .transitionDuration(0)
-        .minFrameSize(1)
-        .sort(true)
-        .computeDelta(!!compact.nodes.base)
-        .setSearchMatch((d, term) => F.matches(d.data.name, term))
-        .setDetailsElement(details2)
-        .setDetailsHandler((d) => {
-          details2.textContent = d ? `${d.data.name}: ${F.formatValue(d.value, unit)} (${F.percent(d.value, compact.total)})` : '';
-        })
-        .setLabelHandler((d) => `${d.data.name} (${F.formatValue(d.value, unit)}, ${F.percent(d.value, compact.total)})`);
-      if (compact.nodes.base) chart.setColorMapper(flamegraph.colorMapper.differentialColorMapper);
-      chart.setSearchHandler(() => {}); // the sum is shown by doSearch, from flame.js
-      d3.select(graph).datum(F.toD3(compact)).call(chart);
-    }
-
-    function drawTop() {
-      const rows = F.topTable(compact).slice(0, 100);
-      const unit = compact.unit;
-      top.replaceChildren(h('thead', {}, h('tr', {}, ['function', 'self', 'self %', 'total', 'total %'].map((t, i) => h('th', { class: i ? 'num' : '', text: t })))),
-        h('tbody', {}, rows.map((r) => h('tr', { onclick: () => { search.value = r.name; doSearch(); } },
-          h('td', { class: 'fn', text: r.name }),
-          h('td', { class: 'num', text: F.formatValue(r.self, unit) }), h('td', { class: 'num', text: F.percent(r.self, compact.total) }),
-          h('td', { class: 'num', text: F.formatValue(r.total, unit) }), h('td', { class: 'num', text: F.percent(r.total, compact.total) })))));
-    }
-
-    function doSearch() {
-      state.term = search.value.trim();
-      if (chart) { if (state.term) chart.search(state.term); else chart.clear(); }
-      if (!state.term) { searchResult.textContent = ''; return; }
-      const r = F.searchSum(compact, state.term);
-      searchResult.textContent = `${r.count} frames of ${r.functions} functions match: ${F.formatValue(r.sum, compact.unit)} (${F.percent(r.sum, r.total)})`;
-    }
-    search.addEventListener('input', doSearch);
-
-    // The strip of value over time; drag to select a range of the span.
+    // The strip of value over time; drag to select a range.
     function drawTimeline(tl, windowMs) {
       const W = 600, H = 40;
       const max = Math.max(1, ...tl.values);
