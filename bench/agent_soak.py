@@ -210,6 +210,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=5, help="the agent's export.timeout_s")
     ap.add_argument("--retry-after", type=int, default=20, help="the throttling collector's Retry-After, seconds")
     ap.add_argument("--max-processes", type=int, default=1024)
+    ap.add_argument("--symbol-cache-mib", type=int, default=None,
+                    help="the agent's limits.max_symbol_cache_bytes in MiB (default: the agent's default)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bpfprof-soak-") as tmp:
         work = Path(tmp)
@@ -220,7 +222,8 @@ def main() -> None:
         config.write_text(
             f"log_level: info\nmetrics:\n  listen: 127.0.0.1:{mport}\n"
             f"limits:\n  max_processes: {args.max_processes}\n"
-            f"export:\n  interval_s: {args.interval}\n  timeout_s: {args.timeout}\n"
+            + (f"  max_symbol_cache_bytes: {args.symbol_cache_mib << 20}\n" if args.symbol_cache_mib else "")
+            + f"export:\n  interval_s: {args.interval}\n  timeout_s: {args.timeout}\n"
             f"  otlp:\n    endpoint: http://127.0.0.1:{port}\n"
             f"  pprof_dir:\n    path: {work / 'pprof'}\n    max_files: 100000\n")
         log_path = work / "agent.log"
@@ -279,6 +282,11 @@ def main() -> None:
             ok = collector.received_samples == exporters["otlp"][0]
             print(f"  collector took {collector.received_samples} samples, the agent says it exported "
                   f"{exporters['otlp'][0]}: {'PASS' if ok else 'MISS'}")
+        levels = re.findall(r"\blevel=(\w+)", log)
+        released = re.findall(r"symbol cache: (\d+) files released", log)
+        print(f"agent log: {levels.count('warning')} warnings, {levels.count('error')} errors, "
+              f"{log.count('Traceback')} tracebacks; symbol cache releases logged: {len(released)} "
+              f"({sum(map(int, released))} files)")
         print(f"'gone before their maps were read': {profiles} profiles, at most {largest_gone} in one interval, "
               f"{over} interval(s) claiming more than their own samples: {'PASS' if not over else 'MISS'}")
 

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from symbolizer.cached_property import cached_property, computed
+from symbolizer.cached_property import _LOCKS, cached_property, computed
 from symbolizer.debug_files import DEFAULT_DEBUG_DIRS, find_debug_file
 from symbolizer.demangle import demangle
 from symbolizer.dwarf_lines import DwarfLines
-from symbolizer.elf import ElfFile, LoadSegment, vaddr_for_offset
+from symbolizer.elf import COPY_CHUNK_BYTES, ElfFile, LoadSegment, vaddr_for_offset
 from symbolizer.elf_symbols import ElfSymbols, Symbol
 from symbolizer.errors import BpfprofError
 from symbolizer.frames import BuildIdKind, Frame, FrameKind
@@ -225,28 +225,35 @@ class FileSymbols:
         """Drop what was parsed and copied (SymbolCache's byte budget); returns the bytes given back.
 
         The file stays open (a dup of its descriptor), so the next lookup parses it again, also
-        after its process is gone. The old copy is closed: unmapped at once when no parsed object
-        holds a view of it, else when those are collected (a lookup under way in another thread
-        keeps reading good bytes, or gets an ElfParseError-wrapped "closed", never zeros). Files
-        known only by their bytes (the vdso) or by their symbols keep what they have.
+        after its process is gone. The old copy is not closed here: a walk under way in another
+        thread (the drain thread's FDE index, the unwind rows' worker) keeps reading good bytes;
+        it is unmapped when the last parsed object holding it is collected (the daemon collects
+        within a minute of a release). A file with a part being parsed right now is left for the
+        next time (0). Files known only by their bytes (the vdso) or by their symbols keep what
+        they have.
         """
         old = self.elf
         if old is None or old._fd < 0:
             return 0
-        held = self.held_bytes()
-        try:
-            self.elf = old.reopen()
-        except BpfprofError as e:
-            log.debug("%s: not released: %s", self.path, e)
-            return 0
         d = self.__dict__
-        debug = d.get("debug")
-        for name in self._PARSED:
-            d.pop(name, None)
-        old.close()
-        if debug is not None:
-            debug.close()
-        return held
+        taken = []
+        try:
+            for lock in list(d.get(_LOCKS, {}).values()):
+                if not lock.acquire(blocking=False):
+                    return 0  # being computed in another thread
+                taken.append(lock)
+            held = self.held_bytes()
+            try:
+                self.elf = old.reopen()
+            except BpfprofError as e:
+                log.debug("%s: not released: %s", self.path, e)
+                return 0
+            for name in self._PARSED:
+                d.pop(name, None)
+            return held
+        finally:
+            for lock in taken:
+                lock.release()
 
     def touch(self) -> None:
         """Note a use (the unwind rows' builder, which reads the file without symbolize())."""
@@ -303,10 +310,18 @@ class SymbolCache:
     enforce_budget() (parsed again if that process is sampled again).
     """
 
+    # Files used more recently than this are never released: they would be parsed again at once (a soak with a
+    # budget under its working set released every file at every build, spent 27 % of a CPU re-parsing, and
+    # grew, with each build's garbage waiting for a collection). Past the budget with only those left, the
+    # cache holds the last minute's working set.
+    MIN_IDLE_S = 60.0
+
     def __init__(self, max_files: int = 4096, debug_dirs: tuple[str, ...] = DEFAULT_DEBUG_DIRS,
-                 debuginfod: DebuginfodClient | None = None, max_bytes: int | None = None) -> None:
+                 debuginfod: DebuginfodClient | None = None, max_bytes: int | None = None,
+                 min_idle_s: float = MIN_IDLE_S) -> None:
         self.max_files = max_files
         self.max_bytes = max_bytes  # None: no byte budget (a one-shot capture)
+        self.min_idle_s = min_idle_s
         self.debug_dirs = debug_dirs  # where new FileSymbols look for separate debug info
         self.debuginfod = debuginfod  # and the servers they ask when none is found there
         self._by_id: OrderedDict[FileId, FileSymbols] = OrderedDict()
@@ -352,25 +367,36 @@ class SymbolCache:
         with self._lock:
             retired, self._retired = self._retired, []
             files = list(self._by_id.values())
+        released = 0
         for fs in retired:
-            self.released_bytes += fs.release()
-        released = len(retired)
+            got = fs.release()
+            if got > 0:
+                self.released_bytes += got
+                released += 1
+            elif fs.elf is not None and fs.elf._fd >= 0 and fs.held_bytes() > 0:
+                self._retired.append(fs)  # in use in another thread: next time
         held = [(fs.last_used, i, fs, fs.held_bytes()) for i, fs in enumerate(files)]
         total = sum(h[3] for h in held)
         if total > self.max_bytes:
             before, budget = total, 0
-            for _, _, fs, n in sorted(held):
-                if total <= self.max_bytes:
+            recent = time.monotonic() - self.min_idle_s
+            for used, _, fs, n in sorted(held):
+                if total <= self.max_bytes or used > recent:
                     break
-                if n <= 0:
-                    continue
-                self.released_bytes += fs.release()
+                if n <= COPY_CHUNK_BYTES:
+                    continue  # what a release keeps (the ELF header's chunk): nothing to gain
+                got = fs.release()
+                if got <= 0:
+                    continue  # in use in another thread: next time
+                self.released_bytes += got
                 total -= n
                 budget += 1
             self.budget_evictions += budget
             released += budget
-            log.info("symbol cache: %d files released to fit its %.1f MiB budget (%.1f -> %.1f MiB held)",
-                     budget, self.max_bytes / 2**20, before / 2**20, total / 2**20)
+            if budget:
+                log.info("symbol cache: %d files released to fit its %.1f MiB budget (%.1f -> %.1f MiB held%s)",
+                         budget, self.max_bytes / 2**20, before / 2**20, total / 2**20,
+                         "; the rest was used in the last minute" if total > self.max_bytes else "")
         return released
 
     def __len__(self) -> int:
