@@ -32,7 +32,10 @@ SHARE_TOLERANCE = 0.05  # shares of a 40-90 s run sampled partly at a few tens o
 
 
 def test_settles_within_budget_and_keeps_rates_and_shares(tmp_path):
-    s = run(tmp_path, seconds=90, frequency_hz=2000, budget_percent=BUDGET_PERCENT, floor_hz=19, rate=600)
+    # 200 short-lived processes a minute, not 600: at 600 the agent's cost per new process alone is
+    # 1.5-1.7 % at the 19 Hz floor (measured on a quiet machine), past the budget before any sampling,
+    # so the test judged the floor, not the governor. At 200 it settles above the floor (95-156 Hz).
+    s = run(tmp_path, seconds=90, frequency_hz=2000, budget_percent=BUDGET_PERCENT, floor_hz=19, rate=200)
     curve = "; ".join(f"{t:.0f}s {hz}Hz {c:.2f}%" for t, hz, c in s.curve)
     assert "Traceback" not in s.log, s.log[-3000:]
     assert "overhead governor: cost" in s.log, curve
