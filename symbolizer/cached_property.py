@@ -57,3 +57,9 @@ class cached_property(Generic[T]):  # noqa: N801  (named like the functools one 
 def computed(instance: object, name: str) -> bool:
     """Whether `instance.name` has been computed (reading it would not compute it now)."""
     return name in instance.__dict__
+
+
+def locks(instance: object) -> list[Any]:  # threading.RLock objects (RLock is a factory, not a type)
+    """The locks of `instance`'s attributes computed or being computed (release() takes them all
+    without waiting, so it never drops state another thread is building)."""
+    return list(instance.__dict__.get(_LOCKS, {}).values())

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from symbolizer.cached_property import _LOCKS, cached_property, computed
+from symbolizer.cached_property import cached_property, computed, locks
 from symbolizer.debug_files import DEFAULT_DEBUG_DIRS, find_debug_file
 from symbolizer.demangle import demangle
 from symbolizer.dwarf_lines import DwarfLines
@@ -238,7 +238,7 @@ class FileSymbols:
         d = self.__dict__
         taken = []
         try:
-            for lock in list(d.get(_LOCKS, {}).values()):
+            for lock in locks(self):
                 if not lock.acquire(blocking=False):
                     return 0  # being computed in another thread
                 taken.append(lock)
