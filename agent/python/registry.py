@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,6 +142,9 @@ class PythonRegistry:
         self._by_file: dict[FileId, PyBinary | None] = {}
         self.processes: dict[int, PyProcess | None] = {}
         self._names: dict[int, set[str]] = {}  # thread names the pid's records have shown
+        # observe/forget run on the drain thread, comments on the build thread: a set comprehension over
+        # the live dict raised "dictionary changed size during iteration" and lost a whole interval.
+        self._lock = threading.Lock()
 
     def observe(self, pid: int, thread_name: str = "") -> PyProcess | None:
         """Called for each record's pid; the work is done once per pid, and again at a thread name the pid
@@ -153,7 +157,8 @@ class PythonRegistry:
         names.add(thread_name)
         known = self.processes.get(pid)
         found = self._find(pid)
-        self.processes[pid] = found
+        with self._lock:
+            self.processes[pid] = found
         if found is None and known is not None:
             self._write(pid, None)  # exec'd into something else (BPF deletes it at exec too)
         if found is not None:
@@ -167,14 +172,16 @@ class PythonRegistry:
 
     def forget(self, pid: int) -> None:
         """A pid that exec'd or exited: looked at again at its next record."""
-        self.processes.pop(pid, None)
+        with self._lock:
+            self.processes.pop(pid, None)
         self._names.pop(pid, None)
 
     def comments(self) -> list[str]:
         """The profile's comment lines: one per interpreter version seen without a layout, and one per
         supported version whose functions are named by co_name."""
-        out = {p.reason if p.layout is None else name_note(p.version)
-               for p in self.processes.values() if p is not None}
+        with self._lock:
+            seen = list(self.processes.values())
+        out = {p.reason if p.layout is None else name_note(p.version) for p in seen if p is not None}
         return sorted(r for r in out if r)
 
     def _find(self, pid: int) -> PyProcess | None:

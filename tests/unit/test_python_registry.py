@@ -4,6 +4,7 @@ interpreter's thread list holds the process's main thread (read back through /pr
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -99,3 +100,34 @@ def test_a_313_build_without_usable_debug_offsets_keeps_native_frames(tmp_path):
     found = examine_file(str(copy))
     assert found is not None and found.version == (3, 13) and found.layout is None
     assert found.reason.startswith("CPython 3.13 (a free-threaded build)") and "native frames kept" in found.reason
+
+
+def test_comments_while_the_drain_thread_observes_and_forgets():
+    """The build thread asks for comments while the drain thread observes and forgets pids: a CI run lost an
+    interval to "dictionary changed size during iteration"."""
+    reg = PythonRegistry(lambda pid, value: None, proc_root="/nonexistent")  # every pid: looked at, None
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def drain() -> None:
+        pid = 0
+        while not stop.is_set():
+            pid += 1
+            reg.observe(pid, "t")
+            if pid % 3 == 0:
+                reg.forget(pid - 2)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                assert reg.comments() == []
+            except RuntimeError as e:
+                errors.append(e)
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert errors == [] and len(reg.processes) > 1000
