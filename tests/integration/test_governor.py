@@ -53,8 +53,11 @@ def test_heap_rate_and_offcpu_threshold_follow_the_frequency(tmp_path):
     the heap sample rate and raises the off-CPU threshold by the same factor; each is logged, in the
     metrics, and in the profiles of the intervals after it (period, comments)."""
     prog = subprocess.Popen([str(build_c("mallocloop")), "100000000000"], stdout=subprocess.DEVNULL)
+    # mallocloop's own off-CPU time is preemption, mostly shorter than the raised threshold (~2.5 ms at the
+    # floor) on a quiet machine: a CI run saw no off-CPU sample in 30 s. 50 ms sleeps are over any threshold.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.05)"])
     agent = Agent(tmp_path, {"profiling": {"profiles": ["cpu", "offcpu", "heap"], "frequency_hz": 499},
-                             "selection": {"pids": [prog.pid]},
+                             "selection": {"pids": [prog.pid, sleeper.pid]},
                              "limits": {"cpu_percent": 0.01, "min_frequency_hz": 19},
                              "export": {"interval_s": 2, "pprof_dir": {"path": str(tmp_path / "pprof")}}})
     try:
@@ -77,8 +80,9 @@ def test_heap_rate_and_offcpu_threshold_follow_the_frequency(tmp_path):
         assert set(later) == {"cpu", "offcpu", "heap"}, (sorted(later), agent.stderr()[-2000:])
         code, err = agent.stop()
     finally:
-        prog.kill()
-        prog.wait()
+        for p in (prog, sleeper):
+            p.kill()
+            p.wait()
         if agent.proc.poll() is None:
             agent.stop()
     assert code == 0, err
