@@ -106,7 +106,7 @@ class AgentCollector(Collector):
             lost.add_metric([reason], n)
         yield lost
         yield counter("stack_collisions", "Stacks that could not be read or were truncated (BPF stack errors).",
-                      sum(n for r, n in s.lost_samples.items() if "stack" in r))
+                      sum(n for r, n in list(s.lost_samples.items()) if "stack" in r))  # builder adds keys
         yield counter("ring_buffer_bytes", "Bytes of records read from the BPF ring buffer.", s.ring_buffer_bytes)
         yield from _unwind_metrics(s.unwind)
         yield counter("unselected_samples", "Samples of processes the selection leaves out.", s.unselected_samples)
