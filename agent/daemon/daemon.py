@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 # Losses of samples already accepted into an interval, before any exporter saw them (AgentStats.lost_samples).
 PRE_EXPORT_LOSSES = ("builder_behind", "build_error", "not_built_at_shutdown")
 MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the oldest is dropped
+LOOP_ERROR_PAUSE_S = 0.5  # after an unexpected error in the sampling loop, before the next turn
 SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
 # SIGTERM to exit, build and flush together: under systemd's TimeoutStopSec and the pods'
 # terminationGracePeriodSeconds (60 s, packaging/; tests/unit/test_export_deadlines.py keeps them apart).
@@ -298,6 +299,7 @@ class Daemon:
         self._probe_hz = cfg.profiling.frequency_hz  # the frequency the running probes were loaded for
         self.governor: Governor | None = None
         self.meter = CostMeter(libbpf.bpf_stats_enabled())
+        self._next_cut = self._next_govern = 0.0  # monotonic times of the next cut and governor decision
 
     # --- signals -------------------------------------------------------------
 
@@ -344,31 +346,42 @@ class Daemon:
                  ", ".join(q.name for q in self.queues) or "nothing")
         self._new_governor()
         self._start_opamp()
-        next_cut = time.monotonic() + cfg.export.interval_s
-        next_govern = time.monotonic() + GOVERN_PERIOD_S
+        self._next_cut = time.monotonic() + cfg.export.interval_s
+        self._next_govern = time.monotonic() + GOVERN_PERIOD_S
         while not self._stop.is_set():
-            self.collector.poll(max(0.0, next_cut - time.monotonic()))
-            now = time.monotonic()
-            self.stats.last_loop_monotonic = now
-            self.stats.processes_tracked = len(self.tracker)
-            if self._reload.is_set() and self._reloader is None:
-                self._reload.clear()
-                self._start_reload()
-            if self.opamp is not None and self._reloader is None:
-                offer = self.opamp.take_offer()
-                if offer is not None:
-                    self._start_reload(offer)
-            if self._reloader is not None and not self._reloader.is_alive():
-                self._reloader = None
-                next_cut = self._apply_reload(next_cut)
-            if now >= next_govern:
-                self._govern()
-                self._report_health()
-                next_govern = now + GOVERN_PERIOD_S
-            if now >= next_cut:
-                self._cut()
-                next_cut = max(next_cut + self.cfg.export.interval_s, now + 1.0)
+            try:
+                self._loop_once()
+            except Exception:  # a bug must not end a fleet's profiling, nor lose what was collected
+                self.stats.loop_errors += 1
+                log.exception("sampling loop error %d (it goes on)", self.stats.loop_errors)
+                self._stop.wait(LOOP_ERROR_PAUSE_S)  # an error that repeats does not spin a CPU
         return self._shutdown()
+
+    def _loop_once(self) -> None:
+        """One turn of the sampling loop: drain, reload, govern, cut. The next govern and cut times move
+        before each runs, so one that raises is not retried at once."""
+        assert self.collector is not None
+        self.collector.poll(max(0.0, self._next_cut - time.monotonic()))
+        now = time.monotonic()
+        self.stats.last_loop_monotonic = now
+        self.stats.processes_tracked = len(self.tracker)
+        if self._reload.is_set() and self._reloader is None:
+            self._reload.clear()
+            self._start_reload()
+        if self.opamp is not None and self._reloader is None:
+            offer = self.opamp.take_offer()
+            if offer is not None:
+                self._start_reload(offer)
+        if self._reloader is not None and not self._reloader.is_alive():
+            self._reloader = None
+            self._next_cut = self._apply_reload(self._next_cut)
+        if now >= self._next_govern:
+            self._next_govern = now + GOVERN_PERIOD_S
+            self._govern()
+            self._report_health()
+        if now >= self._next_cut:
+            self._next_cut = max(self._next_cut + self.cfg.export.interval_s, now + 1.0)
+            self._cut()
 
     # --- the overhead governor ------------------------------------------------------
 
