@@ -290,6 +290,7 @@ class Daemon:
         self._building: int | None = None
         self._builder_wake = threading.Event()
         self._builder_done = threading.Event()
+        self._built = threading.Event()  # an interval was built since the last eviction
         self._builder: threading.Thread | None = None
         self._gc = LongLivedHeap()
         self.collector: BpfCollector | None = None
@@ -382,6 +383,9 @@ class Daemon:
         if now >= self._next_cut:
             self._next_cut = max(self._next_cut + self.cfg.export.interval_s, now + 1.0)
             self._cut()
+        elif self._built.is_set():
+            self._built.clear()
+            self._evict()
 
     # --- the overhead governor ------------------------------------------------------
 
@@ -451,8 +455,17 @@ class Daemon:
                 self.stats.lose("builder_behind", old.samples)
                 log.warning("interval %d dropped: symbolization is behind", old.seq)
             self._pending.append(interval)
-            safe = min([i.seq for i in self._pending] + ([self._building] if self._building is not None else []))
         self._builder_wake.set()
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the processes no interval still to be built needs (on this thread: it owns the table). At
+        each cut, and as soon as the builder has built one: a process sampled only in that interval goes
+        then, not a cut later, so under churn the table holds one interval's processes, not two."""
+        assert self.collector is not None
+        with self._pending_lock:
+            safe = min([i.seq for i in self._pending] + ([self._building] if self._building is not None else [])
+                       + [self.collector.seq])
         evicted = self.tracker.evict(safe)
         self.stats.process_evictions = self.tracker.stats.evictions
         self.stats.processes_tracked = len(self.tracker)
@@ -479,6 +492,8 @@ class Daemon:
                 self.stats.lose("build_error", interval.samples)
             released = self.cache.enforce_budget()  # here: no lookup is under way between two builds
             self._gc.after_build(released > 0)
+            self._built.set()  # the sampling loop evicts what only this interval needed
+            self._wake()
 
     def _build_one(self, interval: Interval) -> None:
         assert self.collector is not None
