@@ -58,6 +58,21 @@ def _read_line(proc: subprocess.Popen, pattern: str, timeout_s: float = 30) -> r
     raise AssertionError(f"no line matching {pattern!r} from {proc.args}:\n{''.join(seen)}")
 
 
+def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen, str, str]:
+    """`bpfprof serve` on ephemeral loopback ports: (process, its OTLP HTTP port, its web UI's URL)."""
+    serve = subprocess.Popen([str(BPFPROF), "serve", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
+                              "--ui", "127.0.0.1:0", "--db", str(tmp_path / "serve.sqlite")],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        http_port = _read_line(serve, r"OTLP HTTP on 127\.0\.0\.1:(\d+)").group(1)
+        ui = _read_line(serve, r"web UI at (http://\S+/)").group(1)
+    except BaseException:
+        serve.kill()
+        serve.wait()
+        raise
+    return serve, http_port, ui
+
+
 def _json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.load(r)
@@ -103,13 +118,9 @@ def test_slowest_span_flame_graph_in_chromium(tmp_path, libspin, browser):
     from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: PLC0415
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    serve = subprocess.Popen([str(BPFPROF), "serve", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-                              "--ui", "127.0.0.1:0", "--db", str(tmp_path / "serve.sqlite")],
-                             stderr=subprocess.PIPE, text=True)
+    serve, http_port, ui = _start_serve(tmp_path)
     agent = app = None
     try:
-        http_port = _read_line(serve, r"OTLP HTTP on 127\.0\.0\.1:(\d+)").group(1)
-        ui = _read_line(serve, r"web UI at (http://\S+/)").group(1)
         app = subprocess.Popen([sys.executable, str(APP / "traced_app.py"), str(libspin),
                                 f"http://127.0.0.1:{http_port}/v1/traces"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

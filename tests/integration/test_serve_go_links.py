@@ -17,7 +17,7 @@ import urllib.request
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from fixtures.builder import build_go
-from integration.test_serve_e2e import BPFPROF, _json, _read_line, _stop, _wait
+from integration.test_serve_e2e import BPFPROF, _json, _read_line, _start_serve, _stop, _wait
 
 SPANS = 6
 
@@ -41,13 +41,9 @@ def _send_spans(http_port: str, spans: list[dict]) -> None:
 def test_go_spans_open_on_their_linked_samples(tmp_path):
     binary = build_go("labels")
     truth = tmp_path / "spans.jsonl"
-    serve = subprocess.Popen([str(BPFPROF), "serve", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-                              "--ui", "127.0.0.1:0", "--db", str(tmp_path / "serve.sqlite")],
-                             stderr=subprocess.PIPE, text=True)
+    serve, http_port, ui = _start_serve(tmp_path)
     agent = app = None
     try:
-        http_port = _read_line(serve, r"OTLP HTTP on 127\.0\.0\.1:(\d+)").group(1)
-        ui = _read_line(serve, r"web UI at (http://\S+/)").group(1)
         app = subprocess.Popen([str(binary), "-wait-stdin", "-out", str(truth), "-spans", str(SPANS),
                                 "-span-ms", "300", "-gap-ms", "300", "-warmup-ms", "300"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from browser import offline_chromium
 
-from integration.test_serve_e2e import ARTIFACTS, BPFPROF, _json, _read_line, _stop, _wait
+from integration.test_serve_e2e import ARTIFACTS, BPFPROF, _json, _read_line, _start_serve, _stop, _wait
 
 APP = Path(__file__).resolve().parents[1] / "fixtures" / "python" / "otel_spans.py"
 SLOW_FN, FAST_FN = "Worker.slow_work", "fast_work"
@@ -46,13 +46,9 @@ def _functions(fg: dict) -> dict[str, float]:
 
 def test_python_span_flame_graph_names_its_function(tmp_path):
     truth_file = tmp_path / "spans.json"
-    serve = subprocess.Popen([str(BPFPROF), "serve", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-                              "--ui", "127.0.0.1:0", "--db", str(tmp_path / "serve.sqlite")],
-                             stderr=subprocess.PIPE, text=True)
+    serve, http_port, ui = _start_serve(tmp_path)
     agent = app = None
     try:
-        http_port = _read_line(serve, r"OTLP HTTP on 127\.0\.0\.1:(\d+)").group(1)
-        ui = _read_line(serve, r"web UI at (http://\S+/)").group(1)
         app = subprocess.Popen([sys.executable, str(APP), f"http://127.0.0.1:{http_port}/v1/traces",
                                 str(truth_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert app.stdout.readline().strip() == "ready"
