@@ -73,6 +73,20 @@ def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen, str, str]:
     return serve, http_port, ui
 
 
+def _start_agent(pid: int, http_port: str, *extra: str) -> subprocess.Popen:
+    """`bpfprof agent` on `pid`, a 1 s interval, sending to serve's OTLP HTTP port; returns once it samples."""
+    agent = subprocess.Popen([str(BPFPROF), "--log-level", "info", "agent", "--pid", str(pid), "--interval", "1",
+                              "--metrics-listen", "", *extra, "--viewer-endpoint", f"http://127.0.0.1:{http_port}"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _read_line(agent, r"sampling cpu", timeout_s=60)
+    except BaseException:
+        agent.kill()
+        agent.wait()
+        raise
+    return agent
+
+
 def _json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.load(r)
@@ -125,11 +139,7 @@ def test_slowest_span_flame_graph_in_chromium(tmp_path, libspin, browser):
                                 f"http://127.0.0.1:{http_port}/v1/traces"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert app.stdout.readline().strip() == "ready"
-        agent = subprocess.Popen([str(BPFPROF), "--log-level", "info", "agent", "--pid", str(app.pid),
-                                  "--interval", "1", "--metrics-listen", "",
-                                  "--viewer-endpoint", f"http://127.0.0.1:{http_port}"],
-                                 stderr=subprocess.PIPE, text=True)
-        _read_line(agent, r"sampling cpu", timeout_s=60)
+        agent = _start_agent(app.pid, http_port)
         app.stdin.write("go\n")
         app.stdin.flush()
         assert app.stdout.readline().strip() == "done"

@@ -17,7 +17,7 @@ import urllib.request
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from fixtures.builder import build_go
-from integration.test_serve_e2e import BPFPROF, _json, _read_line, _start_serve, _stop, _wait
+from integration.test_serve_e2e import _json, _start_agent, _start_serve, _stop, _wait
 
 SPANS = 6
 
@@ -48,11 +48,7 @@ def test_go_spans_open_on_their_linked_samples(tmp_path):
                                 "-span-ms", "300", "-gap-ms", "300", "-warmup-ms", "300"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert app.stdout.readline().strip() == "ready"
-        agent = subprocess.Popen([str(BPFPROF), "--log-level", "info", "agent", "--pid", str(app.pid),
-                                  "--interval", "1", "--metrics-listen", "", "--frequency", "199",
-                                  "--viewer-endpoint", f"http://127.0.0.1:{http_port}"],
-                                 stderr=subprocess.PIPE, text=True)
-        _read_line(agent, r"sampling cpu", timeout_s=60)
+        agent = _start_agent(app.pid, http_port, "--frequency", "199")
         app.stdin.write("go\n")
         app.stdin.flush()
         assert app.wait(timeout=60) == 0

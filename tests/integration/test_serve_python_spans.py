@@ -20,7 +20,7 @@ from pathlib import Path
 
 from browser import offline_chromium
 
-from integration.test_serve_e2e import ARTIFACTS, BPFPROF, _json, _read_line, _start_serve, _stop, _wait
+from integration.test_serve_e2e import ARTIFACTS, _json, _start_agent, _start_serve, _stop, _wait
 
 APP = Path(__file__).resolve().parents[1] / "fixtures" / "python" / "otel_spans.py"
 SLOW_FN, FAST_FN = "Worker.slow_work", "fast_work"
@@ -52,11 +52,7 @@ def test_python_span_flame_graph_names_its_function(tmp_path):
         app = subprocess.Popen([sys.executable, str(APP), f"http://127.0.0.1:{http_port}/v1/traces",
                                 str(truth_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert app.stdout.readline().strip() == "ready"
-        agent = subprocess.Popen([str(BPFPROF), "--log-level", "info", "agent", "--pid", str(app.pid),
-                                  "--interval", "1", "--metrics-listen", "", "--frequency", str(HZ),
-                                  "--viewer-endpoint", f"http://127.0.0.1:{http_port}"],
-                                 stderr=subprocess.PIPE, text=True)
-        _read_line(agent, r"sampling cpu", timeout_s=60)
+        agent = _start_agent(app.pid, http_port, "--frequency", str(HZ))
         app.stdin.write("go\n")
         app.stdin.flush()
         assert app.stdout.readline().strip() == "done"
