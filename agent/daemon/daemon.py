@@ -553,7 +553,7 @@ class Daemon:
         """At exit, where every accepted sample went (the metrics endpoint is closed by then):
         accepted = lost before export + relabel-dropped + per exporter (delivered + dropped + queued)."""
         s = self.stats
-        before = {k: n for k, n in list(s.lost_samples.items()) if k in PRE_EXPORT_LOSSES and n}
+        before = {k: n for k, n in s.lost_samples.copy().items() if k in PRE_EXPORT_LOSSES and n}
         log.info("books: %d samples accepted; before export %d relabel-dropped, lost %s", s.samples,
                  s.relabel_dropped_samples, before or "none")
         for q in self._retired + self.queues:

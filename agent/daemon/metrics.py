@@ -103,11 +103,11 @@ class AgentCollector(Collector):
 
         yield counter("samples", "Samples accepted into an export interval.", s.samples)
         lost = CounterMetricFamily(f"{PREFIX}_lost_samples", "Samples lost, by reason.", labels=["reason"])
-        for reason, n in sorted(s.lost_samples.items()):
+        for reason, n in sorted(s.lost_samples.copy().items()):
             lost.add_metric([reason], n)
         yield lost
         yield counter("stack_collisions", "Stacks that could not be read or were truncated (BPF stack errors).",
-                      sum(n for r, n in list(s.lost_samples.items()) if "stack" in r))  # builder adds keys
+                      sum(n for r, n in s.lost_samples.copy().items() if "stack" in r))  # builder adds keys
         yield counter("ring_buffer_bytes", "Bytes of records read from the BPF ring buffer.", s.ring_buffer_bytes)
         yield from _unwind_metrics(s.unwind)
         yield counter("loop_errors", "Unexpected errors in the sampling loop (logged with a traceback; sampling "

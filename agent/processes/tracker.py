@@ -267,17 +267,19 @@ class ProcessTracker:
         or whose pid was reused (start time changed), then the least recently
         sampled until the table is under `max_processes`.
         """
-        # Snapshots of the live dicts: the builder and the unwind worker add pids while this runs (a
+        # Copies of the live dicts: the builder and the unwind worker add pids while this runs (a
         # comprehension over _procs raised "dictionary changed size during iteration" in a stress test).
-        for pid, seq in list(self._forget_later.items()):
+        # dict.copy(), not list(d.items()): that allocates a tuple per item, a garbage collection there
+        # can run finalizers that let another thread in, and the iteration fails all the same.
+        for pid, seq in self._forget_later.copy().items():
             if pid in self._procs:
                 del self._forget_later[pid]  # seen again: alive under that pid
             elif seq < safe_seq:
                 del self._forget_later[pid]
                 self._forget(pid)
-        failed = [pid for pid, info in list(self._procs.items()) if info is None]
+        failed = [pid for pid, info in self._procs.copy().items() if info is None]
         failed_set = set(failed)
-        candidates = sorted((seq, pid) for pid, seq in list(self._last_seen.items())
+        candidates = sorted((seq, pid) for pid, seq in self._last_seen.copy().items()
                             if seq < safe_seq and pid not in failed_set)
         gone = failed + [pid for _, pid in candidates
                          if process_start_ticks(pid, self.proc_root) != self._start.get(pid)]

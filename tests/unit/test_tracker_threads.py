@@ -6,6 +6,7 @@ on the drain thread, where nothing catches it: the daemon would have exited with
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -24,6 +25,13 @@ def _table(tmp_path, n: int) -> ProcessTracker:
     return tracker
 
 
+class _Finalized:
+    """Cyclic garbage with a finalizer: a collection runs Python code, where another thread can get in."""
+
+    def __del__(self) -> None:
+        pass
+
+
 def test_evict_while_another_thread_observes(tmp_path):
     tracker = _table(tmp_path, 4000)
     stop = threading.Event()
@@ -33,9 +41,15 @@ def test_evict_while_another_thread_observes(tmp_path):
         while not stop.is_set():
             tracker.observe(pid)  # gone under this /proc: a failed snapshot, held as None
             pid += 1
+            if pid % 50 == 0:
+                cycle = _Finalized()
+                cycle.me = cycle
 
-    interval = sys.getswitchinterval()
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
     sys.setswitchinterval(1e-5)  # switch threads often: the old code failed within ~10 evictions
+    # Collect often: list(d.items()) allocates a tuple per item, so a collection (and a finalizer, and a
+    # thread switch) can come in the middle of it; in full-suite runs that failed where the test alone passed.
+    gc.set_threshold(5)
     t = threading.Thread(target=builder)
     t.start()
     try:
@@ -45,6 +59,7 @@ def test_evict_while_another_thread_observes(tmp_path):
         stop.set()
         t.join()
         sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
     assert all(tracker.get(pid) is not None for pid in range(100000, 104000))
 
 
