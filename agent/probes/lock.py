@@ -237,6 +237,8 @@ class LockAccumulator(Accumulator):
         self._trimmed: dict[tuple[int, int], tuple[Location, Location]] = {}  # (id, frame) -> (original, trimmed)
 
     def on_record(self, rec: RawRecord) -> None:
+        if self.family.python is not None:
+            self.family.python.observe(rec)  # before complete(): see PythonStacks.observe
         source = rec.aux >> SOURCE_SHIFT
         if source != LockSource.FUTEX:
             self.samples.add(rec)
@@ -287,6 +289,8 @@ class LockAccumulator(Accumulator):
     def _reshape(self, rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
                                                                               tuple[tuple[str, str], ...]] | None:
         source, _ = decode_aux(rec.aux)
+        if self.family.python is not None:  # first: which Python call waited tells a lock from an event
+            stack = self.family.python.merge(rec, stack)
         if source == LockSource.FUTEX:
             found = pthread_lock_at(stack)
             if found is not None:  # libc's wait loop under the lock function is not the user's business
@@ -305,6 +309,8 @@ class LockAccumulator(Accumulator):
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         profile = waits_profile("lock", self.samples, resolver, tracker, window, self.family.config.with_kernel,
                                 reshape=self._reshape)
+        if self.family.python is not None:
+            profile.comments.extend(self.family.python.comments())
         return [profile]
 
 
@@ -319,6 +325,7 @@ class LockProbe(ProbeFamily):
     bpf_unwind_switch = "LOCK_BPF_UNWIND"
     bpf_unwind_prog = ProgType.TRACEPOINT
     bpf_unwind_family = 2  # UNWIND_FAMILY_LOCK
+    reads_python = True
     events_per_cpu_s = 2000
     COUNTERS = "lock_counts"
     LOSSES = {"lock_wait_map_full": "lock waits (wait map full)"}

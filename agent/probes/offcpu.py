@@ -19,7 +19,7 @@ from agent.probes.profile_builder import waits_profile
 from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Profile
+from exporters.profile import Location, Profile
 
 # Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
 # beyond that the least recently switched-out are evicted and their block is lost.
@@ -49,6 +49,8 @@ class OffCpuAccumulator(Accumulator):
         self.short_blocks = 0  # blocks under the threshold in this interval (read at its end)
 
     def on_record(self, rec: RawRecord) -> None:
+        if self.family.python is not None:
+            self.family.python.observe(rec)
         self.samples.add(rec)
 
     def record_count(self) -> int:
@@ -59,8 +61,17 @@ class OffCpuAccumulator(Accumulator):
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         config = self.family.config
+        python = self.family.python
+        reshape = None
+        if python is not None and any(r.py_frames for r in self.samples.records):
+
+            def reshape(r: RawRecord, stack: tuple[Location, ...]) -> tuple:
+                return python.merge(r, stack), (("state", state_label(r.aux)),)
+
         profile = waits_profile("offcpu", self.samples, resolver, tracker, window, config.with_kernel,
-                                labels=lambda r: (("state", state_label(r.aux)),))
+                                labels=lambda r: (("state", state_label(r.aux)),), reshape=reshape)
+        if python is not None:
+            profile.comments.extend(python.comments())
         min_ns = self.family.min_ns
         if min_ns.now or min_ns.changes:
             profile.comments.append(f"off-CPU blocks shorter than {min_ns.now} ns left out: {self.short_blocks}")
@@ -84,6 +95,7 @@ class OffCpuProbe(ProbeFamily):
     bpf_unwind_switch = "OFFCPU_BPF_UNWIND"
     bpf_unwind_prog = ProgType.TRACEPOINT
     bpf_unwind_family = 1  # UNWIND_FAMILY_OFFCPU
+    reads_python = True
     # Blocks per CPU-second that pass the threshold on a busy host; sizes the ring buffer.
     events_per_cpu_s = 2000
     LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)"}
