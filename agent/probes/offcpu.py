@@ -24,8 +24,12 @@ from exporters.profile import Location, Profile
 # Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
 # beyond that the least recently switched-out are evicted and their block is lost.
 MAX_THREADS = 8192
+# Threads of Python processes whose frames can wait at once (~0.5 KiB each): their own LRU, so that the
+# stash does not carry room for a trailer most threads never have; beyond it a block loses its Python
+# frames (counted), not its native stack.
+MAX_PYTHON_THREADS = 2048
 # Counters of offcpu_counts (bpf/offcpu.bpf.c OFFCPU_*).
-STASH_FAILED, SHORT = 0, 1
+STASH_FAILED, SHORT, PY_LOST = 0, 1, 2
 
 # prev_state at switch-out: the kernel's TASK_REPORT bits, 0x100 = preempted.
 # 0 (TASK_RUNNING) is a runnable thread that gave the CPU up (cond_resched,
@@ -98,7 +102,8 @@ class OffCpuProbe(ProbeFamily):
     reads_python = True
     # Blocks per CPU-second that pass the threshold on a busy host; sizes the ring buffer.
     events_per_cpu_s = 2000
-    LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)"}
+    LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)",
+              "offcpu_python_lost": "off-CPU blocks' Python frames (evicted before the switch-in)"}
 
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         super().__init__(config, tracker)
@@ -107,7 +112,7 @@ class OffCpuProbe(ProbeFamily):
         self.needs_drain_clock = True  # a stashed sleep is sent at switch-in without an immediate wake-up
 
     def defines(self) -> dict[str, int]:
-        return {"OFFCPU_MAX_THREADS": MAX_THREADS, **super().defines()}
+        return {"OFFCPU_MAX_THREADS": MAX_THREADS, "OFFCPU_PY_THREADS": MAX_PYTHON_THREADS, **super().defines()}
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.TRACEPOINT}
@@ -129,7 +134,8 @@ class OffCpuProbe(ProbeFamily):
         self.min_ns.set(min_ns)
 
     def loss_totals(self) -> dict[str, int]:
-        return {"offcpu_stash_failed": read_percpu_total(self.objs, self.COUNTERS, STASH_FAILED)}
+        return {"offcpu_stash_failed": read_percpu_total(self.objs, self.COUNTERS, STASH_FAILED),
+                "offcpu_python_lost": read_percpu_total(self.objs, self.COUNTERS, PY_LOST)}
 
     def short_blocks_since_last(self) -> int:
         """Blocks left out for being short since the last call (at each cut)."""
