@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -61,15 +62,18 @@ def build_churn(out_dir: Path) -> Path:
 
 
 class Churn:
-    """Starts `rate_per_min` processes a minute until stop(); reaps them as they exit."""
+    """Starts `rate_per_min` processes a minute until stop(); reaps them as they exit. `cpu_s`: the CPU they
+    used (user + sys, from the rusage of reaped children: start no other child meanwhile)."""
 
     def __init__(self, exe: Path, rate_per_min: float, life_ms: int) -> None:
         self.exe, self.period_s, self.life_ms = exe, 60.0 / rate_per_min, life_ms
         self.started = 0
+        self.cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         live: list[subprocess.Popen] = []
         next_t = time.monotonic()
         while not self._stop.is_set():
@@ -80,6 +84,8 @@ class Churn:
             self._stop.wait(max(0.0, next_t - time.monotonic()))
         for p in live:
             p.wait()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
     def __enter__(self) -> Churn:
         self._thread.start()

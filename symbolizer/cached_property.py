@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar, overload
 T = TypeVar("T")
 
 _LOCKS = "_cached_property_locks"
+_MISSING: Any = object()
 
 
 class cached_property(Generic[T]):  # noqa: N801  (named like the functools one it replaces)
@@ -42,8 +43,9 @@ class cached_property(Generic[T]):  # noqa: N801  (named like the functools one 
             return self
         d = instance.__dict__
         name = self.attrname
-        if name in d:
-            return d[name]
+        value = d.get(name, _MISSING)  # one lookup: FileSymbols.release() pops names from other threads
+        if value is not _MISSING:
+            return value
         # dict.setdefault is atomic under the GIL: two threads get the same lock.
         lock = d.setdefault(_LOCKS, {}).setdefault(name, threading.RLock())
         with lock:

@@ -300,7 +300,10 @@ class GoPclntab:
     def _func(self, idx: int) -> _Func:
         f = self._cache.get(idx)
         if f is not None:
-            self._cache.move_to_end(idx)
+            try:
+                self._cache.move_to_end(idx)
+            except KeyError:  # another thread (drain, builder) pushed it out just now: it stays ours
+                pass
             return f
         f = _guard("func", lambda: self._read_func(idx))
         self._cache[idx] = f

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 # Losses of samples already accepted into an interval, before any exporter saw them (AgentStats.lost_samples).
 PRE_EXPORT_LOSSES = ("builder_behind", "build_error", "not_built_at_shutdown")
 MAX_PENDING_INTERVALS = 2  # cut intervals waiting for the builder; past it the oldest is dropped
+LOOP_ERROR_PAUSE_S = 0.5  # after an unexpected error in the sampling loop, before the next turn
 SHUTDOWN_BUILD_S = 30.0  # symbolizing the last interval at SIGTERM; the export flush has its own bound
 # SIGTERM to exit, build and flush together: under systemd's TimeoutStopSec and the pods'
 # terminationGracePeriodSeconds (60 s, packaging/; tests/unit/test_export_deadlines.py keeps them apart).
@@ -289,6 +290,7 @@ class Daemon:
         self._building: int | None = None
         self._builder_wake = threading.Event()
         self._builder_done = threading.Event()
+        self._built = threading.Event()  # an interval was built since the last eviction
         self._builder: threading.Thread | None = None
         self._gc = LongLivedHeap()
         self.collector: BpfCollector | None = None
@@ -298,6 +300,7 @@ class Daemon:
         self._probe_hz = cfg.profiling.frequency_hz  # the frequency the running probes were loaded for
         self.governor: Governor | None = None
         self.meter = CostMeter(libbpf.bpf_stats_enabled())
+        self._next_cut = self._next_govern = 0.0  # monotonic times of the next cut and governor decision
 
     # --- signals -------------------------------------------------------------
 
@@ -344,31 +347,45 @@ class Daemon:
                  ", ".join(q.name for q in self.queues) or "nothing")
         self._new_governor()
         self._start_opamp()
-        next_cut = time.monotonic() + cfg.export.interval_s
-        next_govern = time.monotonic() + GOVERN_PERIOD_S
+        self._next_cut = time.monotonic() + cfg.export.interval_s
+        self._next_govern = time.monotonic() + GOVERN_PERIOD_S
         while not self._stop.is_set():
-            self.collector.poll(max(0.0, next_cut - time.monotonic()))
-            now = time.monotonic()
-            self.stats.last_loop_monotonic = now
-            self.stats.processes_tracked = len(self.tracker)
-            if self._reload.is_set() and self._reloader is None:
-                self._reload.clear()
-                self._start_reload()
-            if self.opamp is not None and self._reloader is None:
-                offer = self.opamp.take_offer()
-                if offer is not None:
-                    self._start_reload(offer)
-            if self._reloader is not None and not self._reloader.is_alive():
-                self._reloader = None
-                next_cut = self._apply_reload(next_cut)
-            if now >= next_govern:
-                self._govern()
-                self._report_health()
-                next_govern = now + GOVERN_PERIOD_S
-            if now >= next_cut:
-                self._cut()
-                next_cut = max(next_cut + self.cfg.export.interval_s, now + 1.0)
+            try:
+                self._loop_once()
+            except Exception:  # a bug must not end a fleet's profiling, nor lose what was collected
+                self.stats.loop_errors += 1
+                log.exception("sampling loop error %d (it goes on)", self.stats.loop_errors)
+                self._stop.wait(LOOP_ERROR_PAUSE_S)  # an error that repeats does not spin a CPU
         return self._shutdown()
+
+    def _loop_once(self) -> None:
+        """One turn of the sampling loop: drain, reload, govern, cut. The next govern and cut times move
+        before each runs, so one that raises is not retried at once."""
+        assert self.collector is not None
+        self.collector.poll(max(0.0, self._next_cut - time.monotonic()))
+        now = time.monotonic()
+        self.stats.last_loop_monotonic = now
+        self.stats.processes_tracked = len(self.tracker)
+        if self._reload.is_set() and self._reloader is None:
+            self._reload.clear()
+            self._start_reload()
+        if self.opamp is not None and self._reloader is None:
+            offer = self.opamp.take_offer()
+            if offer is not None:
+                self._start_reload(offer)
+        if self._reloader is not None and not self._reloader.is_alive():
+            self._reloader = None
+            self._next_cut = self._apply_reload(self._next_cut)
+        if now >= self._next_govern:
+            self._next_govern = now + GOVERN_PERIOD_S
+            self._govern()
+            self._report_health()
+        if now >= self._next_cut:
+            self._next_cut = max(self._next_cut + self.cfg.export.interval_s, now + 1.0)
+            self._cut()
+        elif self._built.is_set():
+            self._built.clear()
+            self._evict()
 
     # --- the overhead governor ------------------------------------------------------
 
@@ -438,8 +455,17 @@ class Daemon:
                 self.stats.lose("builder_behind", old.samples)
                 log.warning("interval %d dropped: symbolization is behind", old.seq)
             self._pending.append(interval)
-            safe = min([i.seq for i in self._pending] + ([self._building] if self._building is not None else []))
         self._builder_wake.set()
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the processes no interval still to be built needs (on this thread: it owns the table). At
+        each cut, and as soon as the builder has built one: a process sampled only in that interval goes
+        then, not a cut later, so under churn the table holds one interval's processes, not two."""
+        assert self.collector is not None
+        with self._pending_lock:
+            safe = min([i.seq for i in self._pending] + ([self._building] if self._building is not None else [])
+                       + [self.collector.seq])
         evicted = self.tracker.evict(safe)
         self.stats.process_evictions = self.tracker.stats.evictions
         self.stats.processes_tracked = len(self.tracker)
@@ -466,6 +492,8 @@ class Daemon:
                 self.stats.lose("build_error", interval.samples)
             released = self.cache.enforce_budget()  # here: no lookup is under way between two builds
             self._gc.after_build(released > 0)
+            self._built.set()  # the sampling loop evicts what only this interval needed
+            self._wake()
 
     def _build_one(self, interval: Interval) -> None:
         assert self.collector is not None
@@ -525,7 +553,7 @@ class Daemon:
         """At exit, where every accepted sample went (the metrics endpoint is closed by then):
         accepted = lost before export + relabel-dropped + per exporter (delivered + dropped + queued)."""
         s = self.stats
-        before = {k: n for k, n in s.lost_samples.items() if k in PRE_EXPORT_LOSSES and n}
+        before = {k: n for k, n in list(s.lost_samples.items()) if k in PRE_EXPORT_LOSSES and n}
         log.info("books: %d samples accepted; before export %d relabel-dropped, lost %s", s.samples,
                  s.relabel_dropped_samples, before or "none")
         for q in self._retired + self.queues:

@@ -73,6 +73,7 @@ class AgentStats:
     cost_percent: float = 0.0  # the agent's measured cost (process + BPF), % of all CPUs, at the last decision
     bpf_run_s: float = 0.0  # BPF programs' run time (kernel count, or the estimate: governor.CostMeter)
     reloads_failed: int = 0
+    loop_errors: int = 0  # unexpected exceptions in the sampling loop, logged; the loop went on
     opamp: OpampStats | None = None  # the OpAMP client's counters, when opamp.endpoint is set
     ready: bool = False
     last_loop_monotonic: float = field(default_factory=time.monotonic)
@@ -106,9 +107,11 @@ class AgentCollector(Collector):
             lost.add_metric([reason], n)
         yield lost
         yield counter("stack_collisions", "Stacks that could not be read or were truncated (BPF stack errors).",
-                      sum(n for r, n in s.lost_samples.items() if "stack" in r))
+                      sum(n for r, n in list(s.lost_samples.items()) if "stack" in r))  # builder adds keys
         yield counter("ring_buffer_bytes", "Bytes of records read from the BPF ring buffer.", s.ring_buffer_bytes)
         yield from _unwind_metrics(s.unwind)
+        yield counter("loop_errors", "Unexpected errors in the sampling loop (logged with a traceback; sampling "
+                      "went on).", s.loop_errors)
         yield counter("unselected_samples", "Samples of processes the selection leaves out.", s.unselected_samples)
         yield counter("relabel_dropped_samples", "Samples dropped by relabel rules.", s.relabel_dropped_samples)
         yield gauge("processes_tracked", "Processes in the process table.", s.processes_tracked)

@@ -54,7 +54,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
@@ -246,7 +246,8 @@ class GoroutineAccumulator(Accumulator):
     def carry_into(self, nxt: Accumulator, alive: Callable[[int], bool]) -> None:
         assert isinstance(nxt, GoroutineAccumulator)
         nxt.table = self.table.carry(alive)
-        nxt.procs = {pid: proc for pid, proc in self.procs.items() if alive(pid)}
+        # Copies: the builder's _refresh of this interval replaces labels the drain thread stores for the next.
+        nxt.procs = {pid: replace(proc, labels=dict(proc.labels)) for pid, proc in self.procs.items() if alive(pid)}
 
     # -- the end of an interval ---------------------------------------------------
 

@@ -16,6 +16,7 @@ import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.processes.containers import ContainerInfo, read_container_info, read_environ_var
 from agent.processes.memory import read_vdso
@@ -57,6 +58,7 @@ class TrackerStats:
 # (dev, inode) -> symbols entries kept; past it the table is cleared (binaries
 # that churn, such as a build, would grow it without bound).
 INODE_CACHE_MAX = 4096
+_MISSING: Any = object()  # a dict.get default that tells "absent" from a held None
 
 
 def process_start_ticks(pid: int, proc_root: str = "/proc") -> int | None:
@@ -118,8 +120,9 @@ class ProcessTracker:
 
     def observe(self, pid: int) -> ProcessInfo | None:
         """Snapshot `pid` unless already known; None if it exited before we looked or the table is full."""
-        if pid in self._procs:
-            return self._procs[pid]
+        known = self._procs.get(pid, _MISSING)
+        if known is not _MISSING:
+            return known
         if self.max_processes is not None and len(self._procs) >= self.max_processes:
             self.stats.refused += 1
             return None
@@ -172,10 +175,11 @@ class ProcessTracker:
         table, which asks for a refresh). Such a read never replaces the snapshot held: the
         records ran in that image, and an empty one would leave their addresses unmapped.
         """
-        info = self._snapshot(pid, allow_empty=pid not in self._procs or self._procs[pid] is None)
+        info = self._snapshot(pid, allow_empty=self._procs.get(pid) is None)
         if info is not None:
             self.stats.refreshes += 1
-            self._procs[pid] = info
+            if pid in self._procs:  # evicted meanwhile (the unwind worker refreshes too): not brought back
+                self._procs[pid] = info
         else:
             self.stats.refresh_misses += 1
         return self._procs.get(pid)
@@ -218,8 +222,9 @@ class ProcessTracker:
         if not entry.is_file:
             return None
         key = (entry.dev, entry.inode)
-        if key in self._by_inode:
-            return self._by_inode[key]
+        known = self._by_inode.get(key, _MISSING)  # one lookup: evict() may clear the table meanwhile
+        if known is not _MISSING:
+            return known
         fs = None
         try:
             path = proc_maps.open_mapped_file(pid, entry, self.proc_root)
@@ -262,15 +267,17 @@ class ProcessTracker:
         or whose pid was reused (start time changed), then the least recently
         sampled until the table is under `max_processes`.
         """
+        # Snapshots of the live dicts: the builder and the unwind worker add pids while this runs (a
+        # comprehension over _procs raised "dictionary changed size during iteration" in a stress test).
         for pid, seq in list(self._forget_later.items()):
             if pid in self._procs:
                 del self._forget_later[pid]  # seen again: alive under that pid
             elif seq < safe_seq:
                 del self._forget_later[pid]
                 self._forget(pid)
-        failed = [pid for pid, info in self._procs.items() if info is None]
+        failed = [pid for pid, info in list(self._procs.items()) if info is None]
         failed_set = set(failed)
-        candidates = sorted((seq, pid) for pid, seq in self._last_seen.items()
+        candidates = sorted((seq, pid) for pid, seq in list(self._last_seen.items())
                             if seq < safe_seq and pid not in failed_set)
         gone = failed + [pid for _, pid in candidates
                          if process_start_ticks(pid, self.proc_root) != self._start.get(pid)]

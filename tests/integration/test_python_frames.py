@@ -149,8 +149,8 @@ def test_split_matches_measured_cpu(run):
 
 
 def loop_lines(path: Path) -> list[int]:
-    """spin's lines: its loop, its first line (a frame at its first instruction, RESUME in 3.11+) and the
-    two around the loop, which a sample hits about once in 2500 (each profile here has ~2500 in spin)."""
+    """spin's lines, `def` (a frame at its first instruction, RESUME in 3.11+) to `return` (a CI run caught
+    3.13 once on the return of a call: rare, but a line of spin all the same)."""
     return [i + 1 for i, text in enumerate(path.read_text().splitlines())
             if text.strip() in ("def spin(n):", "total = 0", "for i in range(n):", "total += i * i",
                                 "return total")]
