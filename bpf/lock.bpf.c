@@ -21,6 +21,8 @@
  *            the caller's, so the return address at [rsp] is put back as
  *            the second frame.
  *   kernel   lock:contention_begin/end (LOCK_KERNEL), kernel + user stacks
+ * futex and kernel-lock records carry the waiter's CPython frames (python.bpf.h), read at the wait's
+ * end, in the waiter's context (its Python frames are those of the call that waited).
  * Record: value = ns waited, aux = lock address | source << 60.
  * An exec of a target sends a header-only record with aux = LOCK_EXEC and
  * the pid in value, so the agent can put its uprobes in the new program.
@@ -81,16 +83,15 @@ static __always_inline void lock_count(u32 what)
 
 /* Send `r` with the stacks of `ctx`: kernel (when `kernel`) and user, or,
  * `frameless`, the user stack of Go at a RET, where rbp is already the
- * caller's and the return address still at [rsp] (read_frameless_user_stack). */
+ * caller's and the return address still at [rsp] (read_frameless_user_stack);
+ * then its Python frames, if read (finish_record). */
 static __always_inline void lock_submit(void *ctx, struct bpfprof_stack_record *r, int kernel, int frameless)
 {
-    u64 n = frameless ? read_frameless_user_stack(ctx, r) : read_stacks(ctx, r, kernel);
-    asm volatile("" : "+r"(n));  /* clang knows n <= 254 and would drop the check the verifier needs */
-    if (n > 2 * BPFPROF_MAX_FRAMES)
-        return;
-    u64 size = sizeof(struct bpfprof_header) + n * sizeof(u64);
-    if (records.ringbuf_output(r, size, rb_flags(size)) != 0)
-        count_drop(BPFPROF_DROP_RINGBUF_FULL);
+    if (frameless)
+        read_frameless_user_stack(ctx, r);
+    else
+        read_stacks(ctx, r, kernel);
+    submit_record(r, finish_record(r));
 }
 
 /* ---- futex ---------------------------------------------------------------- */
@@ -126,6 +127,7 @@ static __always_inline int lock_futex_exit(void *ctx, long ret)
                                                 (addr & LOCK_ADDR_MASK) | again | (LOCK_SRC_FUTEX << 60));
     if (!r)
         return 0;
+    py_read_frames(r->h.pid, current_fsbase());
 #if USTACK_BYTES > 0 && LOCK_USTACK
     struct bpfprof_ustack u = {};
     int have = user_regs_at_entry(&u);
@@ -251,8 +253,10 @@ TRACEPOINT_PROBE(lock, contention_end)
     u64 addr = w->addr;
     lock_kernel_waits.delete(&tid);
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_LOCK, delta, addr);
-    if (r)
+    if (r) {
+        py_read_frames(r->h.pid, current_fsbase());
         lock_submit(args, r, 1, 0);
+    }
     return 0;
 }
 #endif

@@ -13,7 +13,18 @@
  * cpu = where it went off, aux = prev_state at switch-out (0x100 preempted,
  * 1 S, 2 D: the kernel's TASK_REPORT bits).
  *
- * Compile-time switch: OFFCPU_MAX_THREADS (stash capacity). The threshold,
+ * CPython frames (python.bpf.h) are read at switch-out too, in the thread's
+ * own context, and kept apart from the stash: a smaller LRU keyed by tid,
+ * filled only for threads of registered Python processes (~0.5 KiB an entry
+ * against the stash's ~2 KiB, so the stash does not grow by a trailer most
+ * threads never have). The stash entry says in its aux (OFFCPU_AUX_PY)
+ * whether the py entry belongs to it: an entry left by an earlier switch-out
+ * of the same tid is never sent. At switch-in a record with Python frames is
+ * put together with its trailer in the per-CPU scratch (finish_record);
+ * one whose entry was evicted goes without it, counted (OFFCPU_PY_LOST).
+ *
+ * Compile-time switches: OFFCPU_MAX_THREADS (stash capacity),
+ * OFFCPU_PY_THREADS (capacity of the Python frames' LRU). The threshold,
  * offcpu_min_ns[0], is written by the agent after the load (not compiled in:
  * one compiled entry serves every threshold).
  */
@@ -26,9 +37,18 @@
 /* Indices of offcpu_counts: what could not be attributed. */
 #define OFFCPU_STASH_FAILED 0 /* stash update failed: that block is lost */
 #define OFFCPU_SHORT 1        /* blocks under offcpu_min_ns[0], left out on purpose */
-#define OFFCPU_COUNTERS 2
+#define OFFCPU_PY_LOST 2      /* a block's Python frames evicted from offcpu_py (or not kept): sent without */
+#define OFFCPU_COUNTERS 3
+
+/* In a stash entry's aux until its switch-in: offcpu_py holds its Python frames. prev_state never uses it. */
+#define OFFCPU_AUX_PY (1ULL << 63)
+
+#ifndef OFFCPU_PY_THREADS
+#define OFFCPU_PY_THREADS 1
+#endif
 
 BPF_TABLE("lru_hash", u32, struct bpfprof_stack_record, offcpu_stash, OFFCPU_MAX_THREADS);
+BPF_TABLE("lru_hash", u32, struct bpfprof_py_frames, offcpu_py, OFFCPU_PY_THREADS);
 BPF_PERCPU_ARRAY(offcpu_counts, u64, OFFCPU_COUNTERS);
 BPF_ARRAY(offcpu_min_ns, u64, 1);
 
@@ -46,6 +66,44 @@ static __always_inline void offcpu_stash_record(struct bpfprof_stack_record *r)
     u32 tid = r->h.tid;
     if (offcpu_stash.update(&tid, r) != 0)
         offcpu_count(OFFCPU_STASH_FAILED);
+}
+
+/* Keep the Python frames py_read_frames just read for the thread going off CPU (none: nothing to keep). */
+static __always_inline void offcpu_keep_py(struct bpfprof_stack_record *r)
+{
+    u32 zero = 0, tid = r->h.tid;
+    struct bpfprof_py_frames *p = py_scratch.lookup(&zero);
+    if (!p || p->kind != BPFPROF_CTX_PYTHON)
+        return;
+    if (offcpu_py.update(&tid, p) == 0)
+        r->h.aux |= OFFCPU_AUX_PY;
+    else
+        offcpu_count(OFFCPU_PY_LOST);
+}
+
+/* Send stash entry `s` of thread `tid`, `size` bytes of it, with its Python frames when it has them. */
+static __always_inline void offcpu_send(struct bpfprof_stack_record *s, u32 tid, u64 size)
+{
+    u32 zero = 0;
+    if (!(s->h.aux & OFFCPU_AUX_PY)) {
+        if (records.ringbuf_output(s, size, rb_flags(size)) != 0)
+            count_drop(BPFPROF_DROP_RINGBUF_FULL);
+        return;
+    }
+    s->h.aux &= ~OFFCPU_AUX_PY;
+    struct bpfprof_py_frames *py = offcpu_py.lookup(&tid);
+    struct bpfprof_scratch *out = scratch.lookup(&zero);
+    struct bpfprof_py_frames *p = py_scratch.lookup(&zero);
+    struct bpfprof_trace_ctx *t = trace_ctx_scratch.lookup(&zero);
+    if (!py || !out || !p || !t || bpf_probe_read_kernel(p, sizeof(*p), py) != 0 ||
+        bpf_probe_read_kernel(&out->r, size, s) != 0) {
+        offcpu_count(OFFCPU_PY_LOST);
+        if (records.ringbuf_output(s, size, rb_flags(size)) != 0)
+            count_drop(BPFPROF_DROP_RINGBUF_FULL);
+        return;
+    }
+    t->kind = BPFPROF_CTX_NONE;  /* off-CPU records carry no trace context */
+    submit_record(&out->r, finish_record(&out->r));  /* appends (and consumes) the py_scratch trailer */
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
@@ -67,8 +125,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
             u64 kn = s->h.kernel_frames & BPFPROF_FRAMES_MASK;
             u64 un = s->h.user_frames & (BPFPROF_IPS - 1);
             u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
-            if (size <= sizeof(*s) && records.ringbuf_output(s, size, rb_flags(size)) != 0)
-                count_drop(BPFPROF_DROP_RINGBUF_FULL);
+            if (size <= sizeof(*s))
+                offcpu_send(s, next, size);
         }
         s->h.ktime_ns = 0;  /* consumed: a second switch-in without a switch-out is not a block */
     }
@@ -80,6 +138,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_OFFCPU, 0, args->prev_state);
     if (!r)
         return 0;
+    /* before the walk below: it may end in a tail call that stashes the record */
+    py_read_frames(id >> 32, current_fsbase());
+    offcpu_keep_py(r);
 #if OFFCPU_BPF_UNWIND
     struct bpfprof_ustack u = {};
     if (user_regs_at_entry(&u)) {

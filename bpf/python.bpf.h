@@ -16,6 +16,11 @@
  * stack under them (3.12+: sent as a BPFPROF_PY_SHIM word), or every frame (3.9/3.10). Code objects
  * are resolved in the agent (agent/python/frames.py).
  *
+ * Callers read the current thread's frames: cpu.bpf.c at each sample,
+ * offcpu.bpf.c at a switch-out (kept until the switch-in sends the block),
+ * lock.bpf.c at the end of a futex or kernel lock wait. The agent side is one
+ * per capture too (agent/probes/python_stacks.py).
+ *
  * Pasted after common.bpf.h (agent/probes/probe_set.py: BCC rewrites map
  * accesses only in its main file); the per-CPU trailer py_scratch is in
  * common.bpf.h, whose finish_record appends it.

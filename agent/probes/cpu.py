@@ -19,37 +19,24 @@ import logging
 import time
 from array import array
 
-from agent.bpfload import btf, libbpf
+from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
-from agent.bpfload.records import ProcCtx, PyProc, RawRecord, RecordKind
+from agent.bpfload.records import ProcCtx, RawRecord, RecordKind
 from agent.errors import BpfLoadError
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
 from agent.probes.profile_builder import add_records
 from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
-from agent.python.frames import PythonFrames
-from agent.python.registry import PythonRegistry
 from agent.tracectx.registry import TraceContextRegistry
 from exporters.profile import Profile
 from exporters.profile_types import cpu_profile
 
 log = logging.getLogger(__name__)
 TRACE_PROCS_MAP = "trace_procs"
-PY_PROCS_MAP = "py_procs"
 # Frequency changes kept (CpuProbe.set_frequency): far more than the records of an interval can span.
 MAX_FREQUENCY_CHANGES = 4096
 
-
-
-def fsbase_offset() -> int:
-    """offsetof(task_struct, thread.fsbase) on this kernel, -1 when BTF cannot say."""
-    try:
-        return btf.task_fsbase_offset()
-    except btf.BtfError as e:
-        log.warning("no FS base offset from BTF (%s): Go labels only in user-mode samples, "
-                    "no OpenTelemetry thread contexts", e)
-        return -1
 
 
 class CpuAccumulator(Accumulator):
@@ -60,14 +47,8 @@ class CpuAccumulator(Accumulator):
         self.samples = SampleStore()
 
     def on_record(self, rec: RawRecord) -> None:
-        python = self.family.python
-        if python is not None:
-            # before complete(): a new process's first record may wait there for its unwind tables, and
-            # its samples carry no Python frames until it is registered
-            proc = python.observe(rec.pid, rec.thread_name)
-            if rec.py_frames and proc is not None and proc.layout is not None:
-                # now, while the process lives: a profile is built after short-lived ones exit
-                self.family.python_frames.read_codes(rec.pid, rec.py_frames, proc.layout)
+        if self.family.python is not None:
+            self.family.python.observe(rec)  # before complete(): see PythonStacks.observe
         self.samples.add(self.family.complete(rec))
         if self.family.trace_contexts is not None:
             self.family.trace_contexts.observe(rec.pid, rec.thread_name)
@@ -104,13 +85,9 @@ class CpuAccumulator(Accumulator):
         python = self.family.python
         reshape = None
         if python is not None and any(r.py_frames for r in self.samples.records):
-            frames = self.family.python_frames
 
             def reshape(r: RawRecord, stack: tuple) -> tuple:
-                proc = python.processes.get(r.pid)
-                if not r.py_frames or proc is None or proc.layout is None:
-                    return stack, ()
-                return frames.merge(r.pid, stack, r.py_frames, proc.layout), ()
+                return python.merge(r, stack), ()
 
         add_records(profile, self.samples, resolver, tracker, window, weights, with_kernel=config.with_kernel,
                     reshape=reshape)
@@ -130,14 +107,13 @@ class CpuProbe(ProbeFamily):
     ustack_switch = "CPU_USTACK"
     bpf_unwind_switch = "CPU_BPF_UNWIND"
     bpf_unwind_prog = ProgType.PERF_EVENT
+    reads_python = True
     PROGRAM = "on_cpu_sample"
 
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         super().__init__(config, tracker)
         self.events_per_cpu_s = config.frequency_hz
         self.trace_contexts: TraceContextRegistry | None = None
-        self.python: PythonRegistry | None = None
-        self.python_frames = PythonFrames()
         self.frequency_hz = config.frequency_hz  # what the perf events sample at now (set_frequency)
         # (CLOCK_MONOTONIC ns, Hz) of each change, so an interval's samples weigh the period they were taken at.
         self.frequency_changes: list[tuple[int, int]] = []
@@ -145,10 +121,8 @@ class CpuProbe(ProbeFamily):
         tracker.on_evict(self.forget)
 
     def forget(self, pid: int) -> None:
-        """A process left the process table: what the registries and the code object cache hold of it goes."""
-        self.python_frames.forget(pid)
-        if self.python is not None:
-            self.python.forget(pid)
+        """A process left the process table: what the trace context registry holds of it goes (the
+        Python frames' PythonStacks is told by the tracker itself)."""
         if self.trace_contexts is not None:
             self.trace_contexts.forget(pid)
 
@@ -171,14 +145,11 @@ class CpuProbe(ProbeFamily):
         del self.frequency_changes[:-MAX_FREQUENCY_CHANGES]
         self.frequency_hz = frequency_hz
 
-    def defines(self) -> dict[str, int]:
-        return {"TASK_FSBASE_OFFSET": fsbase_offset(), **super().defines()}
-
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.PERF_EVENT}
 
     def maps(self) -> list[str]:
-        return [TRACE_PROCS_MAP, PY_PROCS_MAP]
+        return [TRACE_PROCS_MAP]
 
     def attach(self, objs: LoadedObjects) -> list[int]:
         super().attach(objs)
@@ -199,19 +170,5 @@ class CpuProbe(ProbeFamily):
                     log.warning("pid %d: trace context not registered: %s", pid, e)
 
         self.trace_contexts = TraceContextRegistry(write)
-        py_fd = objs.maps[PY_PROCS_MAP]
-
-        def write_py(pid: int, value: PyProc | None) -> None:
-            key = ctypes.c_uint32(pid)
-            if value is None:
-                libbpf.lib().bpf_map_delete_elem(py_fd, ctypes.byref(key))
-                return
-            try:
-                libbpf.map_update(py_fd, key, value)
-            except BpfLoadError as e:  # map full: this process keeps native frames only
-                log.warning("pid %d: Python frames not registered: %s", pid, e)
-
-        self.python = PythonRegistry(write_py)
         for pid in self.config.pids or ():  # known targets: registered before their first sample
             self.trace_contexts.observe(pid)
-            self.python.observe(pid)

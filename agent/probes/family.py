@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from agent.bpfload import libbpf
+from agent.bpfload import btf, libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import Loss, RawRecord, RecordKind, Scratch, Ustack
+from agent.probes.python_stacks import PythonStacks
 from agent.processes.stack_resolver import (
     DEFAULT_UNWIND,
     DEFAULT_USTACK_BYTES,
@@ -42,6 +44,18 @@ from agent.processes.stack_resolver import (
 from agent.processes.tracker import ProcessTracker
 from agent.unwind.tables import DEFAULT_TABLE_BYTES, UnwindTables
 from exporters.profile import Profile
+
+log = logging.getLogger(__name__)
+
+
+def fsbase_offset() -> int:
+    """offsetof(task_struct, thread.fsbase) on this kernel, -1 when BTF cannot say."""
+    try:
+        return btf.task_fsbase_offset()
+    except btf.BtfError as e:
+        log.warning("no FS base offset from BTF (%s): no Python frames, Go labels only in user-mode samples, "
+                    "no OpenTelemetry thread contexts", e)
+        return -1
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,9 @@ class ProbeFamily:
     bpf_unwind_switch: str | None = None
     bpf_unwind_prog: ProgType | None = None
     bpf_unwind_family: int = 0  # UNWIND_FAMILY_*: the index of its walk counters
+    # Families whose records carry the thread's CPython frames (bpf/python.bpf.h py_read_frames): the probe
+    # set gives each the capture's one PythonStacks (`python`), whose frames their profiles merge.
+    reads_python: bool = False
     # What loss_totals() counts: reason (a metric label) -> description (reads after a count).
     LOSSES: ClassVar[dict[str, str]] = {}
 
@@ -181,6 +198,7 @@ class ProbeFamily:
         self.ustack_bytes = ((config.ustack_bytes + 7) & ~7) if cfi else 0
         self.user_stacks: UserStacks | None = UserStacks(tracker) if cfi else None
         self.unwind_tables: UnwindTables | None = None  # set by the probe set when walks_in_bpf
+        self.python: PythonStacks | None = None  # set by the probe set when reads_python
         # Records drained on a short clock, so that a process is snapshotted soon after its first sample,
         # before it can exit. Not needed where BPF walks every stack: a process it has no table for
         # (new, or after an exec) sends its samples with an immediate wake-up (unwind_walk.bpf.c).
@@ -199,6 +217,8 @@ class ProbeFamily:
             own = {"USTACK_BYTES": self.ustack_bytes, self.ustack_switch: int(self.ustack_bytes > 0)}
         if self.bpf_unwind_switch is not None:
             own[self.bpf_unwind_switch] = int(self.walks_in_bpf)
+        if self.reads_python:  # a thread's PyThreadState is found by its FS base
+            own["TASK_FSBASE_OFFSET"] = fsbase_offset()
         return own
 
     def programs(self) -> dict[str, ProgType]:

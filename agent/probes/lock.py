@@ -4,7 +4,9 @@ Samples are waiter-side, like Go's block profile restricted to locks:
 `contentions/count` and `delay/nanoseconds` (the time a call spent asleep
 waiting for a lock, for calls that had to sleep). A `lock` label names the
 source: pthread_mutex and pthread_rwlock (futex sleeps inside those calls),
-futex (other futex sleeps that may be locks: hand-rolled locks), go_runtime
+python (CPython's lock acquisition: threading.Lock and RLock, the import
+lock; 3.13's PyMutex), futex (other futex sleeps that may be locks:
+hand-rolled locks), go_runtime
 (the Go runtime's internal locks), go (sync.Mutex, RWMutex:
 runtime.semacquire1), kernel.
 
@@ -16,6 +18,15 @@ idle Ms parking on notes, GC and scheduler internals) other than its internal
 lock (runtime.lock2, kept as `go_runtime`; Go's mutex profile counts those too).
 A Go semaphore wait is left out when sync.WaitGroup is the caller of
 runtime.semacquire1 (GO_NOT_LOCK_SEMAS): sync.Mutex and RWMutex stay.
+CPython's locks sleep in a semaphore wait too, under PyThread_acquire_lock_timed
+(or 3.13's PyMutex); such a sleep is a lock's when the record carries the
+waiter's Python frames (read in BPF) and its innermost Python caller is named
+(its code object was read before the process exited) and not
+threading's event waits built on a lock (Condition.wait, under which Event,
+Semaphore, Barrier and queue wait, and Thread.join before 3.13:
+PYTHON_EVENT_WAITS). Without Python frames (a version they are not read for)
+it stays out, as any semaphore wait. GIL waits are condition-variable waits:
+out too.
 
 Nothing runs on an uncontended pthread lock call. Each futex sleep is sent
 with the user registers and a stack copy, unwound here by CFI (Debian's libc
@@ -53,6 +64,7 @@ from agent.processes.tracker import ProcessTracker
 from exporters.profile import Location, Profile
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
+from symbolizer.frames import FrameKind
 from symbolizer.gopclntab import load_pclntab
 
 log = logging.getLogger(__name__)
@@ -79,6 +91,11 @@ MERGE_GAP_NS = 500_000
 NOT_LOCK_C_FUNCS = ("pthread_join", "pthread_clockjoin", "pthread_timedjoin", "pthread_cond_wait",
                     "pthread_cond_timedwait", "pthread_cond_clockwait", "pthread_barrier_wait", "sem_wait",
                     "sem_timedwait", "sem_clockwait", "new_sem_wait", "old_sem_wait")
+# CPython's lock acquisition (exported: in .dynsym of stripped interpreters too), and 3.13's PyMutex.
+PYTHON_LOCK_FUNCS = frozenset({"PyThread_acquire_lock_timed", "PyMutex_Lock", "_PyMutex_LockTimed"})
+# Python functions of threading.py that wait for an event by acquiring a lock: co_qualname (3.11+), co_name.
+PYTHON_EVENT_WAITS = frozenset({"Condition.wait", "Thread._wait_for_tstate_lock", "wait", "_wait_for_tstate_lock"})
+PYTHON_EVENT_FILE = "threading.py"
 GO_FUTEX = "runtime.futex"  # the Go runtime's futex syscall wrapper: every futex sleep of Go code
 GO_RUNTIME_LOCK = "runtime.lock2"  # the runtime's internal mutex: a lock; notes, parking: not
 # Callers of runtime.semacquire1 that wait for an event (sync.WaitGroup), not a lock.
@@ -98,6 +115,7 @@ class LockSource(enum.IntEnum):
     PTHREAD_RWLOCK = 2
     GO = 3
     GO_RUNTIME = 4  # not sent by BPF: a Go runtime futex sleep inside runtime.lock2
+    PYTHON = 5  # not sent by BPF: a futex sleep inside CPython's lock acquisition (python_lock_at)
     EXEC = 0xE  # not a wait: a target exec'd
     KERNEL = 0xF  # kernel addresses have the top nibble set
 
@@ -181,6 +199,21 @@ def pthread_lock_at(stack: tuple[Location, ...]) -> tuple[LockSource, int] | Non
     return None
 
 
+def python_lock_at(stack: tuple[Location, ...]) -> int | None:
+    """The index (leaf first) of CPython's lock acquisition a futex sleep's stack is inside, when its
+    innermost Python caller (the stack has the record's Python frames merged) is not an event wait."""
+    for i, loc in enumerate(stack):
+        if any(f.function in PYTHON_LOCK_FUNCS for f in loc.frames):
+            caller = next((f for outer in stack[i + 1:] for f in outer.frames if f.kind == FrameKind.CPYTHON),
+                          None)
+            if caller is None or not caller.file:  # no Python frames, or an unreadable code object (read
+                return None  # after its process exited): nothing tells a lock from an event
+            if caller.function in PYTHON_EVENT_WAITS and caller.file.endswith(PYTHON_EVENT_FILE):
+                return None
+            return i
+    return None
+
+
 def _names(stack: tuple[Location, ...]) -> list[str]:
     return [frame.function for loc in stack for frame in loc.frames]
 
@@ -237,6 +270,8 @@ class LockAccumulator(Accumulator):
         self._trimmed: dict[tuple[int, int], tuple[Location, Location]] = {}  # (id, frame) -> (original, trimmed)
 
     def on_record(self, rec: RawRecord) -> None:
+        if self.family.python is not None:
+            self.family.python.observe(rec)  # before complete(): see PythonStacks.observe
         source = rec.aux >> SOURCE_SHIFT
         if source != LockSource.FUTEX:
             self.samples.add(rec)
@@ -275,7 +310,8 @@ class LockAccumulator(Accumulator):
         """`loc` without the frames debug info shows inlined into the lock function (lll_mutex_lock_optimized):
         the lock function is the leaf. Kept alive here: add_records names stacks by their locations' ids."""
         names = [libc_name(f.function) for f in loc.frames]
-        j = next((k for k, n in enumerate(names) if n in PTHREAD_MUTEX_FUNCS or n in PTHREAD_RWLOCK_FUNCS), 0)
+        j = next((k for k, (n, f) in enumerate(zip(names, loc.frames, strict=True))
+                  if n in PTHREAD_MUTEX_FUNCS or n in PTHREAD_RWLOCK_FUNCS or f.function in PYTHON_LOCK_FUNCS), 0)
         if j == 0:
             return loc
         key = (id(loc), j)
@@ -287,8 +323,12 @@ class LockAccumulator(Accumulator):
     def _reshape(self, rec: RawRecord, stack: tuple[Location, ...]) -> tuple[tuple[Location, ...],
                                                                               tuple[tuple[str, str], ...]] | None:
         source, _ = decode_aux(rec.aux)
+        if self.family.python is not None:  # first: which Python call waited tells a lock from an event
+            stack = self.family.python.merge(rec, stack)
         if source == LockSource.FUTEX:
             found = pthread_lock_at(stack)
+            if found is None and (at := python_lock_at(stack)) is not None:
+                found = LockSource.PYTHON, at
             if found is not None:  # libc's wait loop under the lock function is not the user's business
                 source, i = found
                 stack = (self._from_lock_function(stack[i]),) + stack[i + 1:]
@@ -305,6 +345,8 @@ class LockAccumulator(Accumulator):
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         profile = waits_profile("lock", self.samples, resolver, tracker, window, self.family.config.with_kernel,
                                 reshape=self._reshape)
+        if self.family.python is not None:
+            profile.comments.extend(self.family.python.comments())
         return [profile]
 
 
@@ -319,6 +361,7 @@ class LockProbe(ProbeFamily):
     bpf_unwind_switch = "LOCK_BPF_UNWIND"
     bpf_unwind_prog = ProgType.TRACEPOINT
     bpf_unwind_family = 2  # UNWIND_FAMILY_LOCK
+    reads_python = True
     events_per_cpu_s = 2000
     COUNTERS = "lock_counts"
     LOSSES = {"lock_wait_map_full": "lock waits (wait map full)"}

@@ -19,13 +19,17 @@ from agent.probes.profile_builder import waits_profile
 from agent.probes.sample_store import SampleStore
 from agent.processes.stack_resolver import StackResolver
 from agent.processes.tracker import ProcessTracker
-from exporters.profile import Profile
+from exporters.profile import Location, Profile
 
 # Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
 # beyond that the least recently switched-out are evicted and their block is lost.
 MAX_THREADS = 8192
+# Threads of Python processes whose frames can wait at once (~0.5 KiB each): their own LRU, so that the
+# stash does not carry room for a trailer most threads never have; beyond it a block loses its Python
+# frames (counted), not its native stack.
+MAX_PYTHON_THREADS = 2048
 # Counters of offcpu_counts (bpf/offcpu.bpf.c OFFCPU_*).
-STASH_FAILED, SHORT = 0, 1
+STASH_FAILED, SHORT, PY_LOST = 0, 1, 2
 
 # prev_state at switch-out: the kernel's TASK_REPORT bits, 0x100 = preempted.
 # 0 (TASK_RUNNING) is a runnable thread that gave the CPU up (cond_resched,
@@ -49,6 +53,8 @@ class OffCpuAccumulator(Accumulator):
         self.short_blocks = 0  # blocks under the threshold in this interval (read at its end)
 
     def on_record(self, rec: RawRecord) -> None:
+        if self.family.python is not None:
+            self.family.python.observe(rec)
         self.samples.add(rec)
 
     def record_count(self) -> int:
@@ -59,8 +65,17 @@ class OffCpuAccumulator(Accumulator):
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         config = self.family.config
+        python = self.family.python
+        reshape = None
+        if python is not None and any(r.py_frames for r in self.samples.records):
+
+            def reshape(r: RawRecord, stack: tuple[Location, ...]) -> tuple:
+                return python.merge(r, stack), (("state", state_label(r.aux)),)
+
         profile = waits_profile("offcpu", self.samples, resolver, tracker, window, config.with_kernel,
-                                labels=lambda r: (("state", state_label(r.aux)),))
+                                labels=lambda r: (("state", state_label(r.aux)),), reshape=reshape)
+        if python is not None:
+            profile.comments.extend(python.comments())
         min_ns = self.family.min_ns
         if min_ns.now or min_ns.changes:
             profile.comments.append(f"off-CPU blocks shorter than {min_ns.now} ns left out: {self.short_blocks}")
@@ -84,9 +99,11 @@ class OffCpuProbe(ProbeFamily):
     bpf_unwind_switch = "OFFCPU_BPF_UNWIND"
     bpf_unwind_prog = ProgType.TRACEPOINT
     bpf_unwind_family = 1  # UNWIND_FAMILY_OFFCPU
+    reads_python = True
     # Blocks per CPU-second that pass the threshold on a busy host; sizes the ring buffer.
     events_per_cpu_s = 2000
-    LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)"}
+    LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)",
+              "offcpu_python_lost": "off-CPU blocks' Python frames (evicted before the switch-in)"}
 
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         super().__init__(config, tracker)
@@ -95,7 +112,7 @@ class OffCpuProbe(ProbeFamily):
         self.needs_drain_clock = True  # a stashed sleep is sent at switch-in without an immediate wake-up
 
     def defines(self) -> dict[str, int]:
-        return {"OFFCPU_MAX_THREADS": MAX_THREADS, **super().defines()}
+        return {"OFFCPU_MAX_THREADS": MAX_THREADS, "OFFCPU_PY_THREADS": MAX_PYTHON_THREADS, **super().defines()}
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.TRACEPOINT}
@@ -117,7 +134,8 @@ class OffCpuProbe(ProbeFamily):
         self.min_ns.set(min_ns)
 
     def loss_totals(self) -> dict[str, int]:
-        return {"offcpu_stash_failed": read_percpu_total(self.objs, self.COUNTERS, STASH_FAILED)}
+        return {"offcpu_stash_failed": read_percpu_total(self.objs, self.COUNTERS, STASH_FAILED),
+                "offcpu_python_lost": read_percpu_total(self.objs, self.COUNTERS, PY_LOST)}
 
     def short_blocks_since_last(self) -> int:
         """Blocks left out for being short since the last call (at each cut)."""

@@ -26,6 +26,7 @@ from agent.bpfload.records import (
     parse_record,
 )
 from agent.probes.family import ProbeFamily
+from agent.probes.python_stacks import PY_PROCS_MAP, PythonStacks, map_writer
 from agent.processes.targets import wait_stopped
 from agent.processes.tracker import ProcessTracker
 from agent.unwind.tables import ROW_BYTES, UnwindTables
@@ -163,6 +164,8 @@ def compile_plan(families: Sequence[ProbeFamily], filter_pids: bool, follow_chil
         defines.update(own)
         programs.update(f.programs())
         maps += [m for m in f.maps() if m not in maps]
+    if any(f.reads_python for f in families):
+        maps.append(PY_PROCS_MAP)
     sources = [s for f in families for s in (f.source, *f.extra_sources)]
     if follow_children:
         programs[FOLLOW_PROGRAM] = bpf_compile.ProgType.TRACEPOINT
@@ -208,6 +211,14 @@ class ProbeSet:
             for f in self.families:
                 if f.walks_in_bpf:
                     f.unwind_tables = self.unwind_tables
+        # One for the capture: `py_procs` is one map whichever families read Python frames.
+        self.python: PythonStacks | None = None
+        if any(f.reads_python for f in self.families):
+            self.python = PythonStacks(map_writer(self.objs.maps[PY_PROCS_MAP]),
+                                       tracker if tracker is not None else ProcessTracker())
+            for f in self.families:
+                if f.reads_python:
+                    f.python = self.python
         self.received_bytes = 0  # ring-buffer bytes delivered: the hot path's cost (bench/hotpath_vs_bcc.py)
         for pid in self._pids or ():
             self.add_target(pid)
@@ -235,6 +246,9 @@ class ProbeSet:
                 self._events += libbpf.attach_tracepoint(self.objs.programs[prog], category, name)
             for pid in self._pids or ():
                 self.unwind_tables.want(pid)
+        if self.python is not None:
+            for pid in self._pids or ():  # known targets: registered before their first record
+                self.python.observe_pid(pid)
         for f in self.families:
             self._events += f.attach(self.objs)
 

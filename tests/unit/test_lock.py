@@ -117,3 +117,34 @@ def test_waits_that_are_no_lock_acquisition_are_left_out():
     # the Go runtime's internal lock is one
     stack = tuple(_loc(n) for n in ("runtime.futex", "runtime.futexsleep", "runtime.semasleep", "runtime.lock2"))
     assert acc._reshape(rec, stack) == (stack, (("lock", "go_runtime"),))
+
+
+def _py(name: str, file: str = "/app/work.py") -> Location:
+    """A merged CPython frame (as PythonStacks.merge puts it in place of the interpreter's); file "": a code
+    object that could not be read."""
+    return Location(address=0x7F00_0000_2000, mapping=None,
+                    frames=(Frame(function=name, kind=FrameKind.CPYTHON, file=file, system_name=name),))
+
+
+def test_python_lock_waits_are_told_by_their_python_caller():
+    """A semaphore sleep under CPython's lock acquisition is a lock's when the Python frames name a caller
+    other than threading's event waits; the lock function is the leaf, the Python caller above it."""
+    acc = LockProbe(ProbeConfig(), ProcessTracker()).new_accumulator()
+    rec = _sleep(1, 1, 1, 1)
+    native = (_loc("__futex_abstimed_wait_common"), _loc("__new_sem_wait_slow64.constprop.0"))
+    acquire = (_loc("PyThread_acquire_lock_timed"), _loc("acquire_timed"), _loc("lock_PyThread_acquire_lock"))
+    stack = native + acquire + (_py("contend"), _py("worker"), _py("Thread._bootstrap", "/usr/lib/threading.py"))
+    assert acc._reshape(rec, stack) == (stack[2:], (("lock", "python"),))
+    mutex = (_loc("PyMutex_Lock"), _py("Registry.add"))  # 3.13's PyMutex, under a C method
+    assert acc._reshape(rec, native + mutex) == (mutex, (("lock", "python"),))
+    assert acc.not_lock_waits == 0
+    for caller in (_py("Condition.wait", "/usr/lib/python3.11/threading.py"),  # Event, Semaphore, queue under it
+                   _py("Thread._wait_for_tstate_lock", "/usr/lib/python3.11/threading.py"),  # join before 3.13
+                   _py("wait", "/root/.pyenv/versions/3.9.18/lib/python3.9/threading.py"),  # co_name before 3.11
+                   _py("<code 0x7f0012345678>", file="")):  # unreadable: nothing says it is a lock
+        assert acc._reshape(rec, native + acquire + (caller, _py("main"))) is None, caller
+    assert acc._reshape(rec, native + acquire) is None  # no Python frames: a semaphore wait, as before
+    assert acc.not_lock_waits == 5
+    # a function named `wait` of the application's own is not threading's
+    stack = native + acquire + (_py("wait", "/app/pool.py"),)
+    assert acc._reshape(rec, stack) == (stack[2:], (("lock", "python"),))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from agent.probes import family
 from agent.probes.family import ProbeConfig
-from agent.probes.offcpu import OffCpuProbe, state_label
+from agent.probes.offcpu import MAX_PYTHON_THREADS, OffCpuProbe, state_label
+from agent.probes.probe_set import compile_plan
+from agent.probes.python_stacks import PY_PROCS_MAP
 from agent.processes.tracker import ProcessTracker
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import SampleKey
@@ -34,3 +37,13 @@ def test_threshold_is_not_compiled_in():
     one, other = (OffCpuProbe(ProbeConfig(offcpu_min_ns=ns), ProcessTracker()) for ns in (0, 5_000_000))
     assert one.defines() == other.defines()
     assert "offcpu_min_ns" in one.maps()
+
+
+def test_python_frames_need_no_cpu_family(monkeypatch):
+    """`record --profile offcpu` alone reads Python frames: the compile has `py_procs` and the FS base offset
+    a thread's PyThreadState is found by."""
+    monkeypatch.setattr(family, "fsbase_offset", lambda: 2600)
+    probe = OffCpuProbe(ProbeConfig(), ProcessTracker())
+    plan = compile_plan([probe], filter_pids=True)
+    assert PY_PROCS_MAP in plan.maps and plan.defines["TASK_FSBASE_OFFSET"] == 2600
+    assert plan.defines["OFFCPU_PY_THREADS"] == MAX_PYTHON_THREADS

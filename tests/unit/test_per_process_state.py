@@ -1,8 +1,7 @@
 """What the agent keeps of a process goes when the process table evicts it.
 
-Under churn (a thousand processes a minute) the CPU family's registries
-(Python interpreters, trace contexts) and its cache of Python code objects
-grew by every pid ever seen: a soak's RSS never levelled. The tracker tells
+Under churn (a thousand processes a minute) the registries (Python
+interpreters, trace contexts) and the cache of Python code objects grew by every pid ever seen: a soak's RSS never levelled. The tracker tells
 them of each pid it evicts, once no interval still to be built needs it.
 """
 
@@ -12,8 +11,8 @@ import subprocess
 
 from agent.probes.cpu import CpuProbe
 from agent.probes.family import ProbeConfig
+from agent.probes.python_stacks import PythonStacks
 from agent.processes.tracker import ProcessTracker
-from agent.python.registry import PythonRegistry
 from agent.tracectx.registry import TraceContextRegistry
 from symbolizer.file_symbols import SymbolCache
 
@@ -25,7 +24,7 @@ def test_an_evicted_process_leaves_the_registries_and_the_code_cache():
     tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
     probe = CpuProbe(ProbeConfig(), tracker)
     written: dict[str, dict[int, object]] = {"py": {}, "ctx": {}}
-    probe.python = PythonRegistry(lambda pid, v: written["py"].__setitem__(pid, v))
+    python = PythonStacks(lambda pid, v: written["py"].__setitem__(pid, v), tracker)  # as the probe set makes it
     probe.trace_contexts = TraceContextRegistry(lambda pid, v: written["ctx"].__setitem__(pid, v), use_dwarf=False)
     child = subprocess.Popen([PYTHON, "-c", CHILD], stdout=subprocess.PIPE, text=True)
     try:
@@ -33,21 +32,21 @@ def test_an_evicted_process_leaves_the_registries_and_the_code_cache():
         pid = child.pid
         assert tracker.observe(pid) is not None
         tracker.seen(pid, 0)
-        proc = probe.python.observe(pid, "python3.11")
+        proc = python.registry.observe(pid, "python3.11")
         assert proc is not None and proc.layout is not None
-        probe.python_frames.read_codes(pid, [code_addr], proc.layout)
-        assert probe.python_frames.code(pid, code_addr, proc.layout).qualname == "work"
+        python.frames.read_codes(pid, [code_addr], proc.layout)
+        assert python.frames.code(pid, code_addr, proc.layout).qualname == "work"
         probe.trace_contexts.observe(pid, "python3.11")
-        assert pid in probe.python.processes and len(probe.python_frames) == 1 and len(probe.trace_contexts) == 1
+        assert pid in python.registry.processes and len(python.frames) == 1 and len(probe.trace_contexts) == 1
         assert tracker.evict(safe_seq=1) == 0  # alive: it stays, and so does what is known of it
     finally:
         child.kill()
         child.wait()
     assert tracker.evict(safe_seq=0) == 0  # interval 0 is not built yet: it still needs the process
-    assert pid in probe.python.processes
+    assert pid in python.registry.processes
     assert tracker.evict(safe_seq=1) == 1
-    assert pid not in probe.python.processes
-    assert len(probe.python_frames) == 0
+    assert pid not in python.registry.processes
+    assert len(python.frames) == 0
     assert len(probe.trace_contexts) == 0
 
 
