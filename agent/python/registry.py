@@ -21,6 +21,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.bpfload.records import PyProc
 from agent.python.layouts import (
@@ -35,12 +36,13 @@ from agent.python.layouts import (
 )
 from symbolizer.elf import ElfFile, defined_symbol_value
 from symbolizer.errors import BpfprofError
-from symbolizer.proc_maps import MapsEntry, read_maps
+from symbolizer.proc_maps import MapsEntry, open_mapped_file, read_maps
 
 log = logging.getLogger(__name__)
 
 FileId = tuple[int, int]
 MAX_NAMES = 16  # thread names per pid that trigger a new look
+_MISSING: Any = object()
 MAX_FILES = 4096  # files examined kept (dev, inode); past it they are forgotten (a build makes new ones)
 
 
@@ -92,8 +94,10 @@ def version_from_name(path: str) -> tuple[int, int] | None:
     return (int(m[1]), int(m[2])) if m else None
 
 
-def examine_file(path: str) -> PyBinary | None:
-    """The interpreter facts of one ELF file, None if it has no _PyRuntime (or cannot be read)."""
+def examine_file(path: str, name: str | None = None) -> PyBinary | None:
+    """The interpreter facts of the ELF file at `path`, None if it has no _PyRuntime (or cannot be read).
+    `name`: the file's name in its process (3.9 and 3.10 tell their version only there), if `path` is
+    another way to it (/proc/PID/map_files/...)."""
     try:
         with ElfFile(path) as elf, open(path, "rb") as f:
             runtime = data_symbol(elf, "_PyRuntime")
@@ -106,7 +110,7 @@ def examine_file(path: str) -> PyBinary | None:
                 if len(raw) == 4:
                     version = version_of(int.from_bytes(raw, "little"))
             else:
-                version = version_from_name(path)
+                version = version_from_name(name or path)
             layout = LAYOUTS.get(version) if version else None
             reason = unsupported_reason(version)
             if version == (3, 13):
@@ -140,6 +144,7 @@ class PythonRegistry:
         self._write = write
         self._proc_root = proc_root
         self._by_file: dict[FileId, PyBinary | None] = {}
+        self._vaddrs: dict[tuple[FileId, int], int | None] = {}  # (file, mapped offset) -> its vaddr
         self.processes: dict[int, PyProcess | None] = {}
         self._names: dict[int, set[str]] = {}  # thread names the pid's records have shown
         # observe/forget run on the drain thread, comments on the build thread: a set comprehension over
@@ -192,7 +197,11 @@ class PythonRegistry:
         except (OSError, BpfprofError):
             return None
         for m in _candidates(maps, exe):
-            path = f"{root}/root{m.path}"
+            # The mapped inode itself (map_files), or its path resolved inside the process's root: never
+            # a symlink in a container followed out to a host file.
+            path = open_mapped_file(pid, m, self._proc_root)
+            if path is None:
+                continue
             try:
                 st = os.stat(path)
             except OSError:
@@ -201,15 +210,19 @@ class PythonRegistry:
             if ident not in self._by_file:
                 if len(self._by_file) >= MAX_FILES:
                     self._by_file.clear()
-                self._by_file[ident] = examine_file(path)
+                    self._vaddrs.clear()
+                self._by_file[ident] = examine_file(path, m.path)
             binary = self._by_file[ident]
             if binary is None:
                 continue
-            try:
-                with ElfFile(path) as elf:
-                    vaddr = elf.vaddr_for_offset(m.offset)
-            except (BpfprofError, OSError):
-                continue
+            vaddr = self._vaddrs.get((ident, m.offset), _MISSING)
+            if vaddr is _MISSING:  # once per file and offset: the processes of one binary map it alike
+                try:
+                    with ElfFile(path) as elf:
+                        vaddr = elf.vaddr_for_offset(m.offset)
+                except (BpfprofError, OSError):
+                    continue
+                self._vaddrs[(ident, m.offset)] = vaddr
             if vaddr is None:
                 continue
             bias = m.start - vaddr

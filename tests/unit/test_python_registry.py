@@ -136,3 +136,19 @@ def test_comments_while_the_drain_thread_observes_and_forgets():
         stop.set()
         t.join()
     assert errors == [] and len(reg.processes) > 1000
+
+
+def test_a_container_symlink_is_not_followed_to_a_host_interpreter(tmp_path):
+    """A process in a container maps /usr/lib/libpython3.11.so.1.0, which in its root is an absolute
+    symlink naming a host path: the registry must read the container's file (here: none), never follow
+    the link out to the host's libpython (what joining /proc/PID/root and the path did)."""
+    host_lib = Path("/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0")
+    proc = tmp_path / "proc" / "42"
+    (proc / "root" / "usr" / "lib").mkdir(parents=True)
+    (proc / "root" / "usr" / "lib" / "libpython3.11.so.1.0").symlink_to(host_lib)  # resolved inside: nothing
+    (proc / "root" / "usr" / "bin").mkdir()
+    (proc / "exe").symlink_to("/usr/bin/app")
+    ino = host_lib.stat().st_ino  # what the kernel's maps line would show if the link were followed
+    (proc / "maps").write_text(f"7f0000000000-7f0000100000 r-xp 00000000 fd:01 {ino} /usr/lib/libpython3.11.so.1.0\n")
+    reg = PythonRegistry(lambda pid, value: None, proc_root=str(tmp_path / "proc"))
+    assert reg.observe(42, "app") is None
