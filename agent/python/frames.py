@@ -211,8 +211,10 @@ class PythonFrames:
         """`stack` (leaf first) with each _PyEval_EvalFrameDefault frame replaced by the Python frames it
         ran: the run of words up to and including the next entry frame, in order.
 
-        When the counts disagree: more runs than interpreter frames means the native walk was cut, and
-        the innermost runs take the frames there are. Fewer runs, the last one complete (its outermost
+        When the counts disagree: more runs than interpreter frames means the native walk was cut (or
+        stopped at a frame it could not name): the innermost runs take the interpreter frames there are
+        and the others follow the walk's last frame, outermost last, so the sample still reaches the
+        module's top level. Fewer runs, the last one complete (its outermost
         word an entry frame), means an interpreter call was sampled between its entry and its first
         frame's push (or its last pop and its return): that is the innermost call, so the runs take the
         outermost interpreter frames and the innermost keeps its native name. A cut Python walk (the
@@ -230,7 +232,7 @@ class PythonFrames:
             return stack
         if len(groups) < len(evals) and split_word(words[-1])[2]:
             evals = evals[len(evals) - len(groups):]
-        runs = dict(zip(evals, groups, strict=False))  # extra runs (a cut native walk) have no place
+        runs = dict(zip(evals, groups, strict=False))
         out: list[Location] = []
         for i, loc in enumerate(stack):
             run = runs.get(i)
@@ -238,6 +240,8 @@ class PythonFrames:
                 out.append(loc)
             else:
                 out.extend(run)
+        for run in groups[len(evals):]:  # a cut native walk: the outer Python frames after its last frame
+            out.extend(run)
         return tuple(out)
 
 

@@ -69,10 +69,12 @@ def test_a_cut_python_walk_fills_the_innermost():
     assert names(Named().merge(1, stack, words, LAYOUT)) == ["pya", "call", EVAL_FRAME, "main"]
 
 
-def test_more_runs_than_eval_frames_places_the_innermost():
-    stack = (native(EVAL_FRAME, 2), native("x", 3))  # native walk cut below the outer interpreter frames
-    words = [word(0xA, 1, True), word(0xB, 1, True)]
-    assert names(Named().merge(1, stack, words, LAYOUT)) == ["pya", "x"]
+def test_more_runs_than_eval_frames_places_the_innermost_and_keeps_the_outer_after_the_cut():
+    # the native walk stopped at x (cut, or a static function it could not name) below the outer
+    # interpreter frames: their Python frames, read in BPF apart from it, still reach the top level
+    stack = (native(EVAL_FRAME, 2), native("x", 3))
+    words = [word(0xA, 1, True), word(0xB, 1, False), word(0xC, 1, True)]
+    assert names(Named().merge(1, stack, words, LAYOUT)) == ["pya", "x", "pyb", "pyc"]
 
 
 def test_unreadable_code_object_is_a_named_unknown_frame():
