@@ -149,3 +149,16 @@ def test_files_used_in_the_last_minute_are_kept_past_the_budget(tmp_path, caplog
     assert cache.mapped_bytes() > cache.max_bytes
     assert any("the rest was used in the last minute" in r.getMessage() for r in caplog.records)
     assert cache.enforce_budget() == 0  # nothing idle left: no release, no log line
+
+
+def test_frames_are_kept_per_file_and_go_with_a_release(tmp_path):
+    """The processes of one binary share its addresses: a second lookup of an address returns what the
+    first found (DWARF's inline chain is not walked again), until a release gives the file's parse back."""
+    path, function = _files(tmp_path)["libc"]  # large enough to be released (a small file keeps its one chunk)
+    cache = SymbolCache(max_bytes=1, min_idle_s=0)
+    fs = cache.get(ElfFile(path))
+    addr, first = _frames(fs, function)
+    assert first and fs.symbolize(addr) is first
+    cache.enforce_budget()
+    again = fs.symbolize(addr)
+    assert again == first and again is not first  # parsed again after the release
