@@ -5,17 +5,31 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects
 from agent.processes.targets import gated_command_path, running_pids
+from agent.processes.tracker import process_start_ticks
 from symbolizer.elf import ElfFile
 from symbolizer.elf_symbols import ElfSymbols
 from symbolizer.errors import BpfprofError
 
 log = logging.getLogger(__name__)
 Sites = TypeVar("Sites")
+# Per-process uprobes of exited processes are closed once this many processes have some (then at twice
+# what was left): a `record -- go test ./...` runs hundreds of Go binaries, each holding perf event fds.
+SWEEP_AT = 64
+
+
+@dataclass
+class _Placed:
+    """What one target process holds: its start time (a reused pid is another process), fds, file keys."""
+
+    start: int | None
+    fds: list[int] = field(default_factory=list)
+    keys: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def function_offsets(path: str, names: list[str]) -> dict[str, int]:
@@ -42,7 +56,8 @@ class ProcessUprobes(Generic[Sites]):
     its pid); system-wide, once per file for every process (-1). A command
     bpfprof starts is probed before its exec, through the file it will run,
     so a short one is probed from its first instruction. detach() removes
-    every uprobe placed.
+    every uprobe placed. Per-process uprobes of processes that exited are
+    closed as new ones are placed (`SWEEP_AT`), so their fds do not pile up.
     """
 
     def __init__(self, family: str, sites_of: Callable[[str], Sites | None],
@@ -52,7 +67,10 @@ class ProcessUprobes(Generic[Sites]):
         self._uprobes = uprobes
         self._sites: dict[tuple[int, int], Sites | None] = {}
         self._placed: set[tuple[int, int, int]] = set()  # (pid or -1, st_dev, st_ino)
-        self._fds: list[int] = []
+        self._fds: list[int] = []  # system-wide uprobes
+        self._per_pid: dict[int, _Placed] = {}  # per-process uprobes, by pid
+        self._sweep_at = SWEEP_AT
+        self.closed = 0  # processes whose uprobes were closed after they exited
         self._objs: LoadedObjects | None = None
         self.per_pid = False
         self.errors = 0  # processes whose uprobes could not be placed
@@ -102,13 +120,33 @@ class ProcessUprobes(Generic[Sites]):
         if (target, *key) in self._placed:
             return True
         self._placed.add((target, *key))  # tried once: a failure is not retried at every exec
+        if self.per_pid:
+            placed = self._per_pid.get(pid)
+            if placed is None:
+                if len(self._per_pid) >= self._sweep_at:
+                    self._sweep()
+                placed = self._per_pid[pid] = _Placed(process_start_ticks(pid))
+            placed.keys.append((target, *key))
+            fds = placed.fds
+        else:
+            fds = self._fds
         try:
             for program, offset in self._uprobes(sites):
-                self._fds += libbpf.attach_uprobe(self._objs.programs[program], exe, offset, target)
+                fds += libbpf.attach_uprobe(self._objs.programs[program], exe, offset, target)
         except (OSError, BpfprofError) as e:
             self._failed(pid, e)
             return False
         return True
+
+    def _sweep(self) -> None:
+        """Close the uprobes of processes that exited (or whose pid now names another process)."""
+        for pid, placed in list(self._per_pid.items()):
+            if process_start_ticks(pid) != placed.start or placed.start is None:
+                libbpf.detach(placed.fds)
+                self._placed.difference_update(placed.keys)
+                del self._per_pid[pid]
+                self.closed += 1
+        self._sweep_at = max(SWEEP_AT, 2 * len(self._per_pid))
 
     def _failed(self, pid: int, e: Exception) -> None:
         if not isinstance(e, FileNotFoundError):  # gone (or a kernel thread) is no error
@@ -122,3 +160,8 @@ class ProcessUprobes(Generic[Sites]):
     def detach(self) -> None:
         libbpf.detach(self._fds)
         self._fds = []
+        for placed in self._per_pid.values():
+            libbpf.detach(placed.fds)
+        self._per_pid.clear()
+        if self.closed:
+            log.info("%s: uprobes of %d exited processes closed during the capture", self.family, self.closed)

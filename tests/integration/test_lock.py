@@ -3,13 +3,18 @@ own waits, and a Go fixture whose runtime block profile (rate 1) is the witness.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
+import time
+from pathlib import Path
 
-from agent.probes.lock import go_sema_sites, libc_name
+from agent.probes.lock import LockProbe, go_sema_sites, libc_name
+from agent.probes.uprobes import SWEEP_AT
 from fixtures.builder import build_c, build_go
 from gotool import gotool_total
-from recording import read_pprof, run_bpfprof
+from recording import BPFPROF, read_pprof, run_bpfprof, track_group
 
 
 def _delay(prof, function: str, lock: str | None = None) -> tuple[int, int]:
@@ -114,3 +119,32 @@ def test_go_lock_profile_is_contention_only(tmp_path):
     assert contended >= 0.95 * total, (contended, total)
     assert abs(total - go_total) <= 0.10 * go_total, (total, go_total)
     assert abs(contended - go_total) <= 0.10 * go_total, (contended, go_total)
+
+
+def test_uprobes_of_exited_go_processes_are_closed(tmp_path):
+    """`record -- go test ./...` runs hundreds of Go binaries, each given semaphore uprobes (a perf event fd
+    per probe point) at its exec: those of exited ones are closed as new ones come, so the capture's fds
+    stay bounded instead of growing with every child (the fd limit would end the capture)."""
+    binary = build_go("cpusplit")
+    per_process = len(LockProbe._sema_uprobes(go_sema_sites(str(binary))))
+    children = 240
+    # each lives 40 ms: long enough for the agent to place its uprobes after its exec
+    script = f"for i in $(seq {children}); do {binary} -duration 40ms -workers 1 > /dev/null; done"
+    out = tmp_path / "lock.pb.gz"
+    proc = subprocess.Popen([str(BPFPROF), "--log-level", "info", "record", "--profile", "lock", "-o", str(out), "--", "sh", "-c", script],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    track_group(proc.pid)
+    fd_dir = Path(f"/proc/{proc.pid}/fd")
+    counts = []
+    while proc.poll() is None:
+        with contextlib.suppress(OSError):
+            counts.append(len(os.listdir(fd_dir)))
+        time.sleep(0.02)
+    err = proc.stderr.read()
+    assert proc.returncode == 0, err
+    closed = re.search(r"lock: uprobes of (\d+) exited processes closed", err)
+    assert closed and int(closed[1]) >= children // 2, err[-2000:]
+    # every child held per_process fds while it ran: without the sweep the peak is children x per_process more
+    # than the start; with it, at most what two sweeps' worth of processes hold
+    assert max(counts) - min(counts) < 2 * SWEEP_AT * per_process < children * per_process, (counts[:5], max(counts))
+    read_pprof(out)
