@@ -382,12 +382,16 @@ def _uprobe_multi_link(prog_fd: int, path: str, offsets: list[int], pid: int, re
 
 
 _uprobe_links: bool | None = None
+# Set to 1: uprobes as perf events even where links exist (a comparison, or a kernel whose links misbehave).
+UPROBE_PERF_EVENTS_ENV = "BPFPROF_UPROBE_PERF_EVENTS"
 
 
 def uprobe_links() -> bool:
     """Whether this kernel attaches uprobes through BPF uprobe_multi links (probed once, as libbpf does:
     a link on "/" is refused with EBADF where the link type exists, EINVAL where it does not)."""
     global _uprobe_links
+    if _uprobe_links is None and os.environ.get(UPROBE_PERF_EVENTS_ENV, "") not in ("", "0"):
+        _uprobe_links = False
     if _uprobe_links is None:
         insns = struct.pack("<QQ", 0xb7, 0x95)  # r0 = 0; exit
         try:

@@ -131,7 +131,9 @@ def check_uprobes() -> Check:
     """How uprobes attach: uprobe_multi links, or one perf event per probe point (slow to remove)."""
     if libbpf.uprobe_links():
         return Check("uprobes", True, "BPF uprobe_multi links (one per program and process)", required=False)
-    return Check("uprobes", True, "perf events (no uprobe_multi links before Linux 6.6): each uprobe takes "
+    why = f"{libbpf.UPROBE_PERF_EVENTS_ENV} is set" if os.environ.get(libbpf.UPROBE_PERF_EVENTS_ENV, "") not in (
+        "", "0") else "no uprobe_multi links before Linux 6.6"
+    return Check("uprobes", True, f"perf events ({why}): each uprobe takes "
                  "~0.1 s to remove, so captures of many short Go processes end slowly", required=False)
 
 
