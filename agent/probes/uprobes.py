@@ -55,15 +55,12 @@ class UprobeCloser:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.closed = 0  # fds closed so far
-
-    @property
-    def backlog(self) -> int:
-        """fds handed over and not closed yet."""
-        return len(self._queue)
+        self.backlog = 0  # fds handed over and not closed yet (queued or in the round under way)
 
     def submit(self, fds: list[int]) -> None:
         with self._lock:
             self._queue += fds
+            self.backlog += len(fds)
             if self._thread is None and not self._stopping:
                 self._thread = threading.Thread(target=self._run, name=f"bpfprof-{self._name}-closer", daemon=True)
                 self._thread.start()
@@ -80,7 +77,9 @@ class UprobeCloser:
                     return
             n = len(batch)
             libbpf.close_all(batch)
-            self.closed += n
+            with self._lock:
+                self.closed += n
+                self.backlog -= n
 
     def stop(self) -> list[int]:
         """End the thread (after the round it is in); the fds it had not closed."""
@@ -92,6 +91,7 @@ class UprobeCloser:
             thread.join()
         with self._lock:
             left, self._queue = self._queue, []
+            self.backlog = 0
             self._thread, self._stopping = None, False  # a later submit starts a new thread
         return left
 

@@ -28,7 +28,7 @@ def test_submitted_fds_are_closed_off_the_callers_thread():
     deadline = time.monotonic() + 5
     while closer.closed < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert closer.closed == 2 and not _is_open(r) and not _is_open(w)
+    assert closer.closed == 2 and closer.backlog == 0 and not _is_open(r) and not _is_open(w)
     assert closer.stop() == []
     assert not any(t.name == "bpfprof-test-closer" for t in threading.enumerate())
 
