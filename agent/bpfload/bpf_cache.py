@@ -40,7 +40,7 @@ from agent.errors import BpfLoadError
 log = logging.getLogger(__name__)
 
 MAGIC = b"BPFPROG\0"
-FORMAT_VERSION = 1  # bump whenever what an entry holds, or how it is loaded, changes
+FORMAT_VERSION = 2  # bump whenever what an entry holds, or how it is loaded, changes
 _HEADER = struct.Struct("<8sH6s32s32sQ")  # magic, version, reserved (zero), key digest, payload sha256, length
 _META_LEN = struct.Struct("<I")
 MAX_ENTRY_BYTES = 64 << 20  # a bound on what is read; bpfprof's entries are tens of KB
@@ -86,6 +86,7 @@ class ProgDef:
     kern_version: int
     insns: bytes
     relocs: tuple[tuple[int, int], ...]  # (instruction index, index into Entry.maps)
+    attach_type: int = 0  # expected_attach_type it was loaded with (uprobe_multi links need theirs)
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,9 @@ def map_references(insns: bytes) -> list[tuple[int, int, int]]:
     return refs
 
 
-def describe(programs: dict[str, tuple[int, bytes, str, int]], named_maps: dict[str, int]) -> Entry:
-    """The entry for loaded programs: name -> (fd, instructions, license, kern_version); map name -> fd.
+def describe(programs: dict[str, tuple[int, bytes, str, int, int]], named_maps: dict[str, int]) -> Entry:
+    """The entry for loaded programs: name -> (fd, instructions, license, kern_version, expected attach
+    type: the kernel does not report it); map name -> fd.
 
     Runs where the fds in the instructions are valid (the compile child).
     """
@@ -151,7 +153,7 @@ def describe(programs: dict[str, tuple[int, bytes, str, int]], named_maps: dict[
         return index_of_id[info.id]
 
     progs = []
-    for name, (fd, insns, license_, kern_version) in programs.items():
+    for name, (fd, insns, license_, kern_version, attach_type) in programs.items():
         code = bytearray(insns)
         relocs = []
         for i, map_fd, _src in map_references(insns):
@@ -159,7 +161,7 @@ def describe(programs: dict[str, tuple[int, bytes, str, int]], named_maps: dict[
             struct.pack_into("<i", code, i * INSN_BYTES + 4, 0)  # the child's fd means nothing later
         info = libbpf.prog_info(fd)
         progs.append(ProgDef(name, info.name.decode(errors="replace"), info.type, license_, kern_version,
-                             bytes(code), tuple(relocs)))
+                             bytes(code), tuple(relocs), attach_type))
     for fd in named_maps.values():
         map_index(fd)  # a named map no program refers to is still created
     return Entry(tuple(maps), tuple(progs))
@@ -174,7 +176,8 @@ def encode(key: str, entry: Entry) -> bytes:
     progs = []
     for p in entry.programs:
         progs.append({"name": p.name, "kernel_name": p.kernel_name, "type": p.type, "license": p.license,
-                      "kern_version": p.kern_version, "offset": len(blob), "length": len(p.insns),
+                      "kern_version": p.kern_version, "attach_type": p.attach_type,
+                      "offset": len(blob), "length": len(p.insns),
                       "relocs": [list(r) for r in p.relocs]})
         blob += p.insns
     maps = [{"type": m.type, "key_size": m.key_size, "value_size": m.value_size, "max_entries": m.max_entries,
@@ -230,7 +233,7 @@ def decode(key: str, data: bytes) -> Entry:
                 raise CacheEntryError(f"program {p.get('name')!r}: map references do not match its instructions")
             progs.append(ProgDef(_field(p, "name", str), _field(p, "kernel_name", str), _field(p, "type", int, 1, 1 << 16),
                                  _field(p, "license", str), _field(p, "kern_version", int, 0, (1 << 32) - 1),
-                                 insns, relocs))
+                                 insns, relocs, _field(p, "attach_type", int, 0, 1 << 16)))
     except CacheEntryError:
         raise
     except (ValueError, KeyError, TypeError, struct.error, NotCacheable) as e:
@@ -342,7 +345,8 @@ def load(entry: Entry, map_entries: dict[str, int] | None = None) -> tuple[dict[
             code = bytearray(p.insns)
             for i, m in p.relocs:
                 struct.pack_into("<i", code, i * INSN_BYTES + 4, map_fds[m])
-            prog_fds[p.name] = libbpf.prog_load(p.type, p.kernel_name, p.license, bytes(code), p.kern_version)
+            prog_fds[p.name] = libbpf.prog_load(p.type, p.kernel_name, p.license, bytes(code), p.kern_version,
+                                                p.attach_type)
     except BaseException:
         for fd in (*map_fds, *prog_fds.values()):
             os.close(fd)

@@ -47,6 +47,13 @@ class ProgType(enum.StrEnum):
     KPROBE = "KPROBE"
 
 
+def expected_attach_type(ptype: ProgType) -> int:
+    """What a program of `ptype` is loaded for: uprobe programs (KPROBE: this project has no kprobes) for
+    uprobe_multi links where the kernel has them (libbpf.attach_uprobes); decided before the compile
+    child forks, so both sides agree."""
+    return libbpf.uprobe_attach_type() if ptype == ProgType.KPROBE else 0
+
+
 # How many times this process forked the compiler: a start from a warm cache leaves it alone.
 compiles = 0
 # The compile child's reply: the description may be large; the child is ours, still a bound and a deadline.
@@ -96,12 +103,14 @@ class LoadedObjects:
         self.maps.clear()
 
 
-def _describe(bcc: Any, b: Any, key: str, loaded: dict[str, int], map_fds: dict[str, int]) -> tuple[bytes, str]:
+def _describe(bcc: Any, b: Any, key: str, loaded: dict[str, tuple[int, int]],
+              map_fds: dict[str, int]) -> tuple[bytes, str]:
     """Child side: the cache entry for what was loaded, or (b"", why not)."""
     try:
         license_ = bcc.lib.bpf_module_license(b.module).decode()
         kern_version = int(bcc.lib.bpf_module_kern_version(b.module))
-        programs = {name: (fd, b.dump_func(name.encode()), license_, kern_version) for name, fd in loaded.items()}
+        programs = {name: (fd, b.dump_func(name.encode()), license_, kern_version, attach_type)
+                    for name, (fd, attach_type) in loaded.items()}
         return bpf_cache.encode(key, bpf_cache.describe(programs, map_fds)), ""
     except Exception as e:  # noqa: BLE001  (a description that fails costs the cache, never the capture)
         return b"", str(e) or type(e).__name__
@@ -116,10 +125,11 @@ def _compile_and_send(sock: socket.socket, text: str, cflags: list[str],
         names, fds = [], []
         loaded, map_fds = {}, {}
         for name, ptype in programs.items():
-            fn = b.load_func(name.encode(), getattr(bcc.BPF, ptype.value))
+            attach_type = expected_attach_type(ptype)
+            fn = b.load_func(name.encode(), getattr(bcc.BPF, ptype.value), attach_type=attach_type or -1)
             names.append(f"prog:{name}")
             fds.append(fn.fd)
-            loaded[name] = fn.fd
+            loaded[name] = (fn.fd, attach_type)
         for name in maps:
             names.append(f"map:{name}")
             fds.append(b[name.encode()].map_fd)
@@ -184,7 +194,7 @@ def cache_key(text: str, defines: dict[str, int], programs: dict[str, ProgType],
         # not describe(): the first start links the headers and names their source differently from later ones
         "headers": [str(headers.path), str(headers.path.resolve()), headers.version],
         "bcc": _bcc_identity(),
-        "programs": sorted([name, str(t)] for name, t in programs.items()),
+        "programs": sorted([name, str(t), expected_attach_type(t)] for name, t in programs.items()),
         "maps": list(maps),
     })
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.bpfload import bpf_cache, bpf_compile, kernel_headers
+from agent.bpfload import bpf_cache, bpf_compile, kernel_headers, libbpf
 from agent.probes.family import ProbeConfig
 from symbolizer.errors import BpfprofError
 
@@ -127,6 +127,16 @@ def check_bcc() -> Check:
     return Check("bcc", True, f"bcc {version} from {Path(bcc.__file__).parent}")
 
 
+def check_uprobes() -> Check:
+    """How uprobes attach: uprobe_multi links, or one perf event per probe point (slow to remove)."""
+    if libbpf.uprobe_links():
+        return Check("uprobes", True, "BPF uprobe_multi links (one per program and process)", required=False)
+    why = f"{libbpf.UPROBE_PERF_EVENTS_ENV} is set" if os.environ.get(libbpf.UPROBE_PERF_EVENTS_ENV, "") not in (
+        "", "0") else "no uprobe_multi links before Linux 6.6"
+    return Check("uprobes", True, f"perf events ({why}): each uprobe takes "
+                 "~0.1 s to remove, so captures of many short Go processes end slowly", required=False)
+
+
 def check_heap_sampler() -> Check:
     """The in-process heap sampler builds (it is compiled here on first use): its path, to preload into services."""
     from agent.probes import heap_sampler  # noqa: PLC0415  (pulls pyelftools: only when doctor runs)
@@ -228,7 +238,7 @@ def run_checks(fix: bool = False, selections: list[Selection] | None = None) -> 
     """All checks in the order a user would fix them; the BPF cache for `selections` (default: record's)."""
     checks: list[Callable[[], Check]] = [
         check_privileges, check_kernel_version, check_bpf_syscall, check_perf_events,
-        check_tracefs, lambda: check_kernel_headers(link=fix), check_btf, check_bcc, check_heap_sampler,
+        check_tracefs, lambda: check_kernel_headers(link=fix), check_btf, check_bcc, check_uprobes, check_heap_sampler,
         check_python,
     ]
     results = [c() for c in checks]

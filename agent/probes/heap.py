@@ -214,6 +214,22 @@ def libc_probe_points(path: str) -> list[_ProbePoint]:
     return points
 
 
+def _attach_points(objs: LoadedObjects, points: list[_ProbePoint], pid: int) -> list[int]:
+    """Uprobes at `points` of one file in `pid` (-1: every process): one link per program and kind
+    (entry or return), so detaching them waits for one grace period, not one per point."""
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for pt in points:
+        groups.setdefault((pt.program, pt.retprobe), []).append(pt.offset)
+    fds: list[int] = []
+    try:
+        for (program, retprobe), offsets in groups.items():
+            fds += libbpf.attach_uprobes(objs.programs[program], points[0].path, offsets, pid, retprobe)
+    except BaseException:
+        libbpf.close_all(fds)
+        raise
+    return fds
+
+
 class HeapAccumulator(Accumulator):
     """One interval's allocations (alloc_*) and the sampled objects live at its end (inuse_*), which carry
     over from interval to interval."""
@@ -401,20 +417,19 @@ class HeapProbe(ProbeFamily):
             if not pids:  # the whole system: every process mapping the system libc
                 log.warning("heap: probing malloc and free of every process (whole system); each call "
                             "traps into a uprobe, so allocation-heavy programs slow down: select processes")
-                for pt in libc_probe_points(SYSTEM_LIBC):
-                    fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, -1, pt.retprobe)
+                fds += _attach_points(objs, libc_probe_points(SYSTEM_LIBC), -1)
             for pid in pids:
                 fds += self._attach_pid(objs, pid)
         except BpfprofError:  # a libc we cannot read too: nothing stays attached
-            libbpf.detach(fds)
+            libbpf.close_all(fds)
             raise
         if not fds and not self.bucket_pids():
             log.warning("heap: no allocator found to probe in the target processes")
         return fds
 
     def _attach_sampler(self, objs: LoadedObjects, pid: int, sites: heap_sampler.SamplerSites) -> list[int]:
-        fds = libbpf.attach_uprobe(objs.programs[SAMPLER_ALLOC_PROGRAM], sites.path, sites.alloc_offset, pid)
-        return fds + libbpf.attach_uprobe(objs.programs[SAMPLER_FREE_PROGRAM], sites.path, sites.free_offset, pid)
+        fds = libbpf.attach_uprobes(objs.programs[SAMPLER_ALLOC_PROGRAM], sites.path, [sites.alloc_offset], pid)
+        return fds + libbpf.attach_uprobes(objs.programs[SAMPLER_FREE_PROGRAM], sites.path, [sites.free_offset], pid)
 
     def _attach_pid(self, objs: LoadedObjects, pid: int) -> list[int]:
         """Probe the allocators of one process: its in-process sampler if it has one, else its mapped
@@ -456,10 +471,10 @@ class HeapProbe(ProbeFamily):
                 self.go_targets[pid] = go
                 if go.reads_buckets:  # read from its memory: nothing runs in the program
                     if self.config.own_command and go.exit_offset:
-                        fds += libbpf.attach_uprobe(objs.programs[GO_EXIT_PROGRAM], path, go.exit_offset, pid)
+                        fds += libbpf.attach_uprobes(objs.programs[GO_EXIT_PROGRAM], path, [go.exit_offset], pid)
                     continue
-                fds += libbpf.attach_uprobe(objs.programs[GO_MALLOC_PROGRAM], path, go.malloc_offset, pid)
-                fds += libbpf.attach_uprobe(objs.programs[GO_FREE_PROGRAM], path, go.free_offset, pid)
+                fds += libbpf.attach_uprobes(objs.programs[GO_MALLOC_PROGRAM], path, [go.malloc_offset], pid)
+                fds += libbpf.attach_uprobes(objs.programs[GO_FREE_PROGRAM], path, [go.free_offset], pid)
                 continue
             if sampler is not None:
                 continue  # its allocator calls are sampled in the process: no trap per call
@@ -468,8 +483,7 @@ class HeapProbe(ProbeFamily):
             except Exception as e:  # noqa: BLE001  (one unreadable file must not end the capture)
                 log.debug("heap: %s: %s", path, e)
                 continue
-            for pt in points:
-                fds += libbpf.attach_uprobe(objs.programs[pt.program], pt.path, pt.offset, pid, pt.retprobe)
+            fds += _attach_points(objs, points, pid)
         return fds
 
     def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:

@@ -298,7 +298,7 @@ class ProbeSet:
         """Detach and free everything (idempotent)."""
         for f in self.families:
             f.detach()
-        libbpf.detach(self._events)
+        libbpf.close_all(self._events)  # uprobes among them: closed in parallel (libbpf.close_all)
         if self._ring is not None:
             self._ring.close()
             self._ring = None

@@ -15,6 +15,7 @@ import pytest
 
 from agent.bpfload import bpf_cache, bpf_compile, libbpf
 from agent.probes.family import ProbeConfig
+from agent.probes.lock import go_sema_sites
 from agent.probes.probe_set import MIN_RINGBUF_PAGES, PAGE_SIZE, ProbeSet, compile_plan
 from agent.probes.registry import PROBES
 from agent.processes.tracker import ProcessTracker
@@ -76,6 +77,14 @@ def describe_loaded(objs) -> dict[str, tuple[int, bytes, int]]:
     return out
 
 
+def assert_uprobes_attach(objs) -> None:
+    """A uprobe program, however loaded, attaches the way this kernel attaches uprobes (a uprobe_multi
+    link needs the program loaded with its expected_attach_type, which the kernel does not report)."""
+    binary = str(build_go("cpusplit"))
+    sites = go_sema_sites(binary)
+    libbpf.close_all(libbpf.attach_uprobes(objs.programs["lock_go_sema_enter"], binary, [sites.entry], os.getpid()))
+
+
 def no_fork(*_a, **_k):
     raise AssertionError("the compile child was forked although the cache is warm")
 
@@ -85,6 +94,7 @@ def test_second_load_forks_no_compiler_and_loads_the_same_programs(cache_dir, mo
     before = bpf_compile.compiles
     with ProbeSet(families(*names)) as first:
         cold = describe_loaded(first.objs)
+        assert_uprobes_attach(first.objs)
         cold_maps = {n: libbpf.map_info(fd) for n, fd in first.objs.maps.items()}
     assert bpf_compile.compiles == before + 1
     path = entry_file(cache_dir)
@@ -92,6 +102,7 @@ def test_second_load_forks_no_compiler_and_loads_the_same_programs(cache_dir, mo
     monkeypatch.setattr(os, "fork", no_fork)
     with ProbeSet(families(*names)) as second:
         assert describe_loaded(second.objs) == cold
+        assert_uprobes_attach(second.objs)
         for n, fd in second.objs.maps.items():
             info = libbpf.map_info(fd)
             want = cold_maps[n]

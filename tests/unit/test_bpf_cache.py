@@ -31,7 +31,9 @@ def entry() -> Entry:
         struct.pack_into("<i", code, i * 8 + 4, 0)
     maps = (MapDef(27, 0, 0, 1 << 16, 0, "records", named="records"),
             MapDef(2, 4, 64, 1, 1 << 10, "unwind_rows", named=""))
-    progs = (ProgDef("on_cpu_sample", "on_cpu_sample", 7, "GPL", 0, bytes(code), ((0, 0), (2, 1))),)
+    progs = (ProgDef("on_cpu_sample", "on_cpu_sample", 7, "GPL", 0, bytes(code), ((0, 0), (2, 1))),
+             # a uprobe program loaded for uprobe_multi links (BPF_TRACE_UPROBE_MULTI): kept through the entry
+             ProgDef("on_uprobe", "on_uprobe", 2, "GPL", 0, bytes(code), ((0, 0), (2, 1)), attach_type=48))
     return Entry(maps, progs)
 
 
