@@ -25,6 +25,14 @@ def track_group(pid: int) -> None:
     _GROUPS.add(pid)
 
 
+def kill_all(*procs: subprocess.Popen | None) -> None:
+    """Kill and reap each process given (None: never started); one already gone is left as it is."""
+    for p in procs:
+        if p is not None:
+            p.kill()
+            p.wait()
+
+
 def kill_leftover_groups() -> None:
     """SIGKILL the groups of tracked children still running (the integration conftest, after each test)."""
     for pid in list(_GROUPS):

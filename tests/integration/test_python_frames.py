@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.python.layouts import LAYOUTS
-from recording import BPFPROF, Decoded, DecodedSample, read_pprof, run_bpfprof, track_group
+from recording import BPFPROF, Decoded, DecodedSample, kill_all, read_pprof, run_bpfprof, track_group
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "python"
 SPLIT, THREADS, ZLIB = (FIXTURES / f"{name}.py" for name in ("split7030", "threads", "zlib_calls"))
@@ -95,12 +95,7 @@ def run(request, tmp_path_factory) -> Run:
         rest = agent.stderr.read()
         assert agent.wait(timeout=120) == 0, "".join(err) + rest
     finally:
-        for p in procs.values():
-            p.kill()
-            p.wait()
-        if agent is not None:
-            agent.kill()
-            agent.wait()
+        kill_all(*procs.values(), agent)
     return Run(python, read_pprof(out), {f: p.pid for f, p in procs.items()}, truth)
 
 

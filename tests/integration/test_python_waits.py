@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gotool import gotool_total
-from recording import BPFPROF, Decoded, DecodedSample, read_pprof, track_group
+from recording import BPFPROF, Decoded, DecodedSample, kill_all, read_pprof, track_group
 from tests.integration.test_python_frames import FIXTURES, PYTHONS, THREAD_TOP, TOP_LEVEL, python_names
 
 NAPS, CONTEND = FIXTURES / "naps.py", FIXTURES / "lock_contend.py"
@@ -99,12 +99,7 @@ def run(request, tmp_path_factory) -> Run:
         reader.join(timeout=10)
         assert code == 0, "".join(err[-50:])
     finally:
-        for p in procs.values():
-            p.kill()
-            p.wait()
-        if agent is not None:
-            agent.kill()
-            agent.wait()
+        kill_all(*procs.values(), agent)
     offcpu_out, lock_out = tmp / "waits.offcpu.pb.gz", tmp / "waits.lock.pb.gz"
     for path, index in ((offcpu_out, "off_cpu"), (lock_out, "delay")):
         prof = read_pprof(path)
