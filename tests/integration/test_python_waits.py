@@ -135,12 +135,17 @@ def test_off_cpu_split_by_python_function_matches_measured(run):
 
 def test_lock_profile_names_the_python_waiter(run):
     samples = run.samples(run.lock, CONTEND)
-    waited = [s for s in samples if "contend" in python_names(s)]
+    # The Python lock's waits. A kernel lock a thread met inside `contend` (a CI run had one: lock
+    # "kernel", a spinlock on the futex path) is a lock wait of its own, recorded as such.
+    in_contend = [s for s in samples if "contend" in python_names(s)]
+    waited = [s for s in in_contend if s.labels.get("lock") == "python"]
+    kernel = sum(s.values[1] for s in in_contend if s.labels.get("lock") == "kernel")
     ns = sum(s.values[1] for s in waited)
+    assert {s.labels.get("lock") for s in in_contend} <= {"python", "kernel"} and kernel <= 0.05 * ns, kernel
     want = run.blocked[CONTEND]["contend"] * 1e9
     print(f"{Path(run.python).name} contend: {ns / 1e9:.3f} s waited, measured {want / 1e9:.3f} s")
     assert want > 1e9, want  # the fixture really contended
-    assert {s.labels.get("lock") for s in waited} == {"python"}
+    assert waited
     assert abs(ns - want) <= DELAY_TOLERANCE * want, (ns, want)
     # CPython's lock function is the leaf, the Python caller above it: acquire is a C method, no frame
     assert {s.functions[0] for s in waited} <= {"PyThread_acquire_lock_timed", "PyMutex_Lock", "_PyMutex_LockTimed"}
