@@ -14,8 +14,8 @@ another --duration s later; every figure is a difference between the marks:
 - agent CPU in user space (and system) per sample: utime/stime of
   /proc/PID/stat, over the samples the agent accepted (bpfprof_samples_total);
   bcc's profile: its own /proc/PID/stat over its program's run count.
-- BPF time per sample: run_time_ns / run_cnt of `bpftool prog show -j` with
-  kernel.bpf_stats_enabled=1 (set for the run, restored after), for the
+- BPF time per sample: run_time_ns / run_cnt (BPF_OBJ_GET_INFO_BY_FD, what
+  `bpftool prog show` prints) with kernel.bpf_stats_enabled=1 (set for the run, restored after), for the
   programs each process holds (prog_id in /proc/PID/fdinfo); for the agent also all its
   programs' time over its accepted samples.
 - ring-buffer bytes per sample: bpfprof_ring_buffer_bytes_total over the
@@ -37,7 +37,6 @@ exit status stays 0 (non-zero only when the benchmark cannot run).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -56,6 +55,7 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH.parent / "tests")]
 from cpu_record_vs_bcc import BenchError, find_bcc_profile, online_cpus, start_load, stop_load  # noqa: E402
 from otlp_collector import closed_port  # noqa: E402
 
+from agent.bpfload import libbpf  # noqa: E402
 from recording import BPFPROF  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -102,6 +102,11 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+SETTLE_LIMIT_S = 120.0  # the longest wait for the agent's start-up backlog before the first mark
+SETTLE_QUIET_S = 6.0  # ... which is over once nothing was built for this long
+SETTLE_BUILD_S = 0.5  # an interval build longer than this is still backlog (steady ones take ~0.02 s here)
+
+
 def prog_ids(pid: int) -> set[int]:
     """Ids of the BPF programs whose fds `pid` holds (prog_id in /proc/PID/fdinfo; this bpftool lists no pids)."""
     ids = set()
@@ -116,12 +121,21 @@ def prog_ids(pid: int) -> set[int]:
     return ids
 
 
+# bpf_prog_type numbers (uapi/linux/bpf.h) of the programs the agent and bcc's profile load.
+PROG_TYPES = {2: "kprobe", 5: "tracepoint", 7: "perf_event", 17: "raw_tracepoint", 26: "tracing"}
+
+
 def programs_of(pid: int) -> dict[int, tuple[str, str, int, int]]:
-    """BPF programs `pid` holds: id -> (type, name, run_time_ns, run_cnt)."""
-    ids = prog_ids(pid)
-    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True).stdout
-    return {p["id"]: (p.get("type", "?"), p.get("name", "?"), p.get("run_time_ns", 0), p.get("run_cnt", 0))
-            for p in json.loads(out or "[]") if p["id"] in ids}
+    """BPF programs `pid` holds: id -> (type, name, run_time_ns, run_cnt). Read by syscall, not by running
+    bpftool: the agent profiles the whole machine, so a bpftool child at each mark would be a new process
+    it symbolizes (its files' CFI parsed) between the marks, a cost of this script, not of the sample path."""
+    out = {}
+    for prog_id in prog_ids(pid):
+        info = libbpf.prog_run_info(prog_id)
+        if info is not None:
+            out[prog_id] = (PROG_TYPES.get(info.type, str(info.type)), info.name.decode(errors="replace"),
+                            int(info.run_time_ns), int(info.run_cnt))
+    return out
 
 
 def mark(pid: int, port: int | None = None) -> Mark:
@@ -176,6 +190,22 @@ class AgentRun:
                 raise BenchError("agent did not become ready:\n  " + "\n  ".join(tail))
             time.sleep(0.2)
 
+    def wait_settled(self, limit_s: float = SETTLE_LIMIT_S) -> float:
+        """Until the agent has no start-up backlog left: no unwind rows built and no slow interval build over
+        SETTLE_QUIET_S (bcc's profile compiles in-process at the same time, and the agent, which profiles
+        the whole machine, then builds tables for and symbolizes libLLVM and libclang). Seconds waited."""
+        t0 = time.monotonic()
+        last, quiet_since = None, t0
+        while time.monotonic() - t0 < limit_s:
+            m = scrape(self.port)
+            built = m.get("bpfprof_unwind_table_build_seconds_total")
+            if built != last or m.get("bpfprof_interval_build_seconds", 0.0) > SETTLE_BUILD_S:
+                last, quiet_since = built, time.monotonic()
+            elif time.monotonic() - quiet_since >= SETTLE_QUIET_S:
+                break
+            time.sleep(1.0)
+        return time.monotonic() - t0
+
     def mark(self) -> Mark:
         return mark(self.proc.pid, self.port)
 
@@ -222,13 +252,15 @@ def steady_state(args: argparse.Namespace, unwind: str, work: Path, bcc_profile:
     try:
         if bcc_profile:
             bcc_out = open(work / f"bcc-{unwind}.folded", "w")  # noqa: SIM115
-            seconds = int(args.warmup + args.duration + READY_TIMEOUT_S)
+            seconds = int(args.warmup + args.duration + READY_TIMEOUT_S + SETTLE_LIMIT_S)
             bcc = subprocess.Popen([bcc_profile, "-F", str(args.frequency), "-f", str(seconds)],
                                    stdin=subprocess.DEVNULL, stdout=bcc_out, stderr=subprocess.DEVNULL)
         agent.wait_ready()
         if bcc:
             wait_programs(bcc.pid)
         time.sleep(args.warmup)
+        settled = agent.wait_settled()
+        print(f"  (the agent's start-up backlog settled {settled:.0f} s after the warm-up)")
         a0, b0 = agent.mark(), mark(bcc.pid) if bcc else None
         time.sleep(args.duration)
         a1, b1 = agent.mark(), mark(bcc.pid) if bcc else None
@@ -347,8 +379,8 @@ def main() -> int:
     unwinds = [u for u in args.unwind.split(",") if u]
     if os.geteuid() != 0:
         raise BenchError("run as root: the agent loads BPF programs and the script sets kernel.bpf_stats_enabled")
-    if not BPFPROF.exists() or not shutil.which("bpftool"):
-        raise BenchError(f"needs {BPFPROF} (packaging/setup.sh) and bpftool")
+    if not BPFPROF.exists():
+        raise BenchError(f"needs {BPFPROF} (packaging/setup.sh)")
     bcc_profile = None if args.no_bcc else find_bcc_profile(args.bcc_profile)
     cpus = online_cpus()
     work = Path(tempfile.mkdtemp(prefix="bench-hotpath-"))

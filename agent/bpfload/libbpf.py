@@ -567,6 +567,20 @@ def prog_run_time(fd: int) -> tuple[int, int]:
     return int(info.run_time_ns), int(info.run_cnt)
 
 
+def prog_run_info(prog_id: int) -> ProgRunInfo | None:
+    """Type, name and run-time statistics of any loaded program by its id (root), None if it is gone:
+    what `bpftool prog show` prints, without starting a process."""
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        return _obj_info(fd, ProgRunInfo())
+    except BpfLoadError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _obj_info(fd: int, info: ctypes.Structure) -> None:
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")

@@ -278,6 +278,31 @@ def _labels(buf: bytes, pos: int, end: int) -> tuple[tuple[tuple[str, str], ...]
     return tuple(out), bool(cut) or count < total
 
 
+# A record's time and value, the header's only fields that differ between repeats of one sample.
+_TIME_VALUE = struct.Struct("<QQ")
+_TIME_AT = Header.ktime_ns.offset  # after kind, pid, tid, cpu
+assert Header.value.offset == _TIME_AT + 8
+# Records longer than this carry a stack copy (kilobytes, different every time): never repeats.
+REPEAT_MAX_BYTES = 2048
+
+
+def repeat_key(buf: bytes) -> bytes | None:
+    """All of a record but its time and value, None for one that cannot repeat (a stack copy).
+
+    Two records with the same key are the same sample taken twice: same kind,
+    process, thread, CPU, name, stacks and trailers. The pipeline uses it to
+    add a repeat to its entry without parsing it (CapturePipeline.deliver_buf).
+    """
+    if len(buf) > REPEAT_MAX_BYTES:
+        return None
+    return buf[:_TIME_AT] + buf[_TIME_AT + 16:]
+
+
+def time_value(buf: bytes) -> tuple[int, int]:
+    """(ktime_ns, value) of a record."""
+    return _TIME_VALUE.unpack_from(buf, _TIME_AT)
+
+
 def parse_record(buf: bytes) -> RawRecord:
     """Decode one ring-buffer record: a bpfprof_header, addresses, then optional trailers.
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects
-from agent.bpfload.records import DROP_DESCRIPTIONS, Loss, RawRecord
-from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
+from agent.bpfload.records import DROP_DESCRIPTIONS, Loss, RawRecord, parse_record, repeat_key, time_value
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Repeat, Window
 from agent.probes.probe_set import ProbeSet
 from agent.probes.profile_builder import add_process_meta
 from agent.probes.registry import PROBES
@@ -41,6 +41,9 @@ DRAIN_INTERVAL_S = 0.1
 # The longest wait for records when no family needs the drain clock: BPF wakes the agent for what it
 # must act on at once, and every wake-up costs a sleeping thread tens of microseconds of CPU on a VM.
 QUIET_WAIT_S = 1.0
+# Bytes of keys (records less 16 bytes, ~0.1-2 KB each) an interval keeps to know repeats by
+# (CapturePipeline.deliver_buf); past it, new distinct samples are parsed every time they come.
+MAX_REPEAT_BYTES = 8 << 20
 
 
 def wall_offset_ns() -> int:
@@ -83,6 +86,7 @@ class CapturePipeline:
     def __init__(self, config: ProbeConfig, profiles: Iterable[str], tracker: ProcessTracker,
                  targets: Iterable[int] | None = None, follow_children: bool = False,
                  accept: Callable[[RawRecord], bool] | None = None,
+                 accept_repeat: Callable[[int], bool] | None = None,
                  drain_interval_s: float = DRAIN_INTERVAL_S) -> None:
         wanted = list(profiles)
         unknown = [p for p in wanted if p not in PROBES]
@@ -99,6 +103,11 @@ class CapturePipeline:
         self._follow = follow_children
         self._drain_interval_s = drain_interval_s
         self.accept = accept
+        # For a repeat (deliver_buf), in place of accept(): the selection it passed holds until
+        # forget_repeats(); what is left is the daemon's per-interval cap and counts.
+        self.accept_repeat: Callable[[int], bool] | None = accept_repeat
+        self._repeats: dict[bytes, Repeat] = {}
+        self._repeat_bytes = 0
         self._set: ProbeSet | None = None
         self._tables: UnwindTables | None = None  # the BPF walker's, when user stacks are walked in BPF
         self._current: dict[ProbeFamily, Accumulator] = {}
@@ -141,7 +150,7 @@ class CapturePipeline:
         if self._set is None:
             self.load()
         assert self._set is not None
-        self._set.start(self.deliver)
+        self._set.start(self.deliver, self.deliver_buf)
         self.begin()
         for f in self.families:
             f.on_start(self._set.objs, self._current[f])
@@ -155,10 +164,31 @@ class CapturePipeline:
 
     # -- records -------------------------------------------------------------------
 
-    def deliver(self, rec: RawRecord) -> None:
-        """Take one parsed ring-buffer record: accept, count, route to its families' accumulators.
+    def deliver_buf(self, buf: bytes) -> None:
+        """Take one ring-buffer record as it came (the probe set's callback): a repeat of a sample already
+        taken this interval (records.repeat_key) goes straight to its entry, without a parse or a record
+        object (most samples of a steady host: the same threads in the same stacks); others are parsed
+        and delivered."""
+        key = repeat_key(buf)
+        if key is not None:
+            rep = self._repeats.get(key)
+            if rep is not None and self.tracker.get(rep.pid) is rep.image:
+                if self.accept_repeat is None or self.accept_repeat(rep.pid):
+                    self.samples += 1
+                    self.interval_samples += 1
+                    ktime_ns, value = time_value(buf)
+                    rep.add(rep, ktime_ns, value)
+                return
+        rep = self.deliver(parse_record(buf))
+        if rep is not None and key is not None and self._repeat_bytes < MAX_REPEAT_BYTES:
+            self._repeats[key] = rep
+            self._repeat_bytes += len(key)
 
-        The probe set calls it for every record; replay tests call it with recorded ones.
+    def deliver(self, rec: RawRecord) -> Repeat | None:
+        """Take one parsed ring-buffer record: accept, count, route to its families' accumulators. Returns
+        how a repeat of it can be added (Accumulator.on_record) when one family took it as a sample.
+
+        Replay tests call it with recorded records.
         """
         families = self._by_kind.get(rec.kind, ())
         for f in families:
@@ -166,7 +196,7 @@ class CapturePipeline:
                 break
         else:  # a sample
             if self.accept is not None and not self.accept(rec):
-                return
+                return None
             if self.first_sample_s is None:
                 self.first_sample_s = process_age_s()
             self.samples += 1
@@ -176,8 +206,17 @@ class CapturePipeline:
             rec.image = self.tracker.note_record(rec.pid, rec.tid, rec.thread_name)
             if self._tables is not None:
                 self._tables.note(rec.pid, rec.image)
+            if len(families) == 1:
+                return families[0].route(rec, self._current[families[0]])
         for f in families:
             f.route(rec, self._current[f])
+        return None
+
+    def forget_repeats(self) -> None:
+        """Parse every record again until it is seen anew (the selection changed: what was accepted may
+        not be now). cut() does it too: the entries the repeats point at are the last interval's."""
+        self._repeats.clear()
+        self._repeat_bytes = 0
 
     @property
     def wait_s(self) -> float:
@@ -301,6 +340,7 @@ class CapturePipeline:
         self._totals_before.update({reason: total.count for reason, total in totals.items()})
         if self._tables is not None:  # the BPF side deleted the tables of exited processes
             self._tables.forget_dead(lambda pid: os.path.exists(f"{self.tracker.proc_root}/{pid}"))
+        self.forget_repeats()
         done = []
         for f in self.families:
             nxt = f.new_accumulator()

@@ -89,7 +89,8 @@ class BpfCollector:
         config = ProbeConfig(frequency_hz=p.frequency_hz, with_kernel=p.kernel_stacks,
                              offcpu_min_ns=p.offcpu_min_us * 1000, heap_sample_bytes=p.heap_sample_bytes,
                              pids=pids, unwind=UnwindMode(p.unwind), unwind_table_bytes=p.unwind_table_bytes)
-        self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept)
+        self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept,
+                                        accept_repeat=self.accept_repeat)
         self._selected: dict[tuple[int, str], bool] = {}  # (pid, thread name) -> selected
 
     def start(self) -> None:
@@ -99,6 +100,7 @@ class BpfCollector:
     def set_selection(self, selector: Selector) -> None:
         self.selector = selector
         self._selected.clear()
+        self.pipeline.forget_repeats()
 
     def accept(self, rec: RawRecord) -> bool:
         """Selection, the per-interval cap, and the process kept for this interval; runs for every sample."""
@@ -119,6 +121,15 @@ class BpfCollector:
             return False
         self.stats.samples += 1
         self.tracker.seen(pid, self.pipeline.seq)
+        return True
+
+    def accept_repeat(self, _pid: int) -> bool:
+        """accept() for a repeat of a sample accepted this interval (CapturePipeline.deliver_buf): its
+        selection holds (set_selection forgets repeats) and its process is marked seen; the cap and counts."""
+        if self.pipeline.interval_samples >= self.cfg.limits.max_interval_samples:
+            self.stats.lose("interval_full")
+            return False
+        self.stats.samples += 1
         return True
 
     def poll(self, timeout_s: float) -> None:

@@ -23,10 +23,10 @@ from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects, ProgType
 from agent.bpfload.records import ProcCtx, RawRecord, RecordKind
 from agent.errors import BpfLoadError
-from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Window
+from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Repeat, Window
 from agent.probes.profile_builder import add_records
 from agent.probes.sample_store import SampleStore
-from agent.processes.stack_resolver import StackResolver
+from agent.processes.stack_resolver import NO_COPY, StackResolver
 from agent.processes.tracker import ProcessTracker
 from agent.tracectx.registry import TraceContextRegistry
 from exporters.profile import Profile
@@ -46,12 +46,30 @@ class CpuAccumulator(Accumulator):
         super().__init__(family)
         self.samples = SampleStore()
 
-    def on_record(self, rec: RawRecord) -> None:
-        if self.family.python is not None:
-            self.family.python.observe(rec)  # before complete(): see PythonStacks.observe
-        self.samples.add(self.family.complete(rec))
-        if self.family.trace_contexts is not None:
-            self.family.trace_contexts.observe(rec.pid, rec.thread_name)
+    def on_record(self, rec: RawRecord) -> Repeat | None:
+        family = self.family
+        if family.python is not None:
+            family.python.observe(rec)  # before complete(): see PythonStacks.observe
+        done = family.complete(rec)
+        index = self.samples.add(done)
+        if family.trace_contexts is not None:
+            family.trace_contexts.observe(rec.pid, rec.thread_name)
+        if done is not rec or rec.image is None:  # a stack copy is walked (and counted) on its own; a
+            return None  # process with no snapshot is looked for again at its next record
+        stacks = family.user_stacks
+        no_copy = bool(rec.user_ips) and stacks is not None and stacks.tables is None
+        return Repeat(self._repeat, index, rec.pid, rec.thread_name, rec.image, no_copy)
+
+    def _repeat(self, rep: Repeat, ktime_ns: int, value: int) -> None:
+        """on_record of a record equal to entry `rep.index`'s but for time and value (its Repeat)."""
+        family = self.family
+        if family.python is not None:
+            family.python.observe_thread(rep.pid, rep.thread_name)
+        self.samples.repeat(rep.index, ktime_ns, value)
+        if family.trace_contexts is not None:
+            family.trace_contexts.observe(rep.pid, rep.thread_name)
+        if rep.no_copy:
+            family.user_stacks.outcomes[NO_COPY] += 1
 
     def record_count(self) -> int:
         return len(self.samples)

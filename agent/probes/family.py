@@ -128,6 +128,21 @@ class SettingChanges:
         return ", ".join(f"{v}{unit} from {(t + window.wall_offset_ns) / 1e9:.3f}" for t, v in changes)
 
 
+@dataclass(frozen=True)
+class Repeat:
+    """Where a sample went in its accumulator, so that its repeats in the interval go there by their bytes
+    alone: CapturePipeline.deliver_buf keys it by records.repeat_key, and checks `image` (the process
+    snapshot it was delivered under) is still the process's before calling add(self, ktime_ns, value),
+    which adds one event to entry `index` and does what the accumulator does per record besides."""
+
+    add: Callable[[Repeat, int, int], None]
+    index: int
+    pid: int
+    thread_name: str
+    image: object
+    no_copy: bool = False  # counted as a stack from frame pointers only (UserStacks.complete)
+
+
 class Accumulator:
     """One interval's records of one family. Built by ProbeFamily.new_accumulator().
 
@@ -139,8 +154,10 @@ class Accumulator:
     def __init__(self, family: ProbeFamily) -> None:
         self.family = family
 
-    def on_record(self, rec: RawRecord) -> None:
-        """Take one record of one of the family's kinds."""
+    def on_record(self, rec: RawRecord) -> Repeat | None:
+        """Take one record of one of the family's kinds. Returns how to add a repeat of it without parsing
+        one (a record equal but for its time and value, records.repeat_key), or None if it cannot be."""
+        return None
 
     def tick(self) -> None:
         """Called after every poll of the ring buffer: for work on a clock (heap: re-reading Go buckets)."""
@@ -249,9 +266,10 @@ class ProbeFamily:
         """After every family attached, before the first poll; `first` takes the first interval's
         records (goroutines already running are seeded into it)."""
 
-    def route(self, rec: RawRecord, acc: Accumulator) -> None:
-        """Deliver one record: notices about processes (an exec) are the family's, samples the accumulator's."""
-        acc.on_record(rec)
+    def route(self, rec: RawRecord, acc: Accumulator) -> Repeat | None:
+        """Deliver one record: notices about processes (an exec) are the family's, samples the accumulator's
+        (what it returns: Accumulator.on_record)."""
+        return acc.on_record(rec)
 
     def is_notice(self, rec: RawRecord) -> bool:
         """Whether `rec` is a notice (an exec, a paused exit) rather than a sample: notices reach the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -227,11 +228,17 @@ class ProbeSet:
         """Record this process too (only when the set filters by pid)."""
         libbpf.map_update(self.objs.maps["targets"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
 
-    def start(self, deliver: Callable[[RawRecord], None]) -> None:
-        """Attach every family; each record is parsed and handed to `deliver`."""
+    def start(self, deliver: Callable[[RawRecord], object],
+              deliver_buf: Callable[[bytes], None] | None = None) -> None:
+        """Attach every family; each record is parsed and handed to `deliver`, or, with `deliver_buf`,
+        handed as it came to that (which parses what it needs to) unless it is a paused exit."""
+        go_exit = struct.pack("<I", RecordKind.GO_EXIT)
 
         def dispatch(buf: bytes) -> None:
             self.received_bytes += len(buf)
+            if deliver_buf is not None and buf[:4] != go_exit:
+                deliver_buf(buf)
+                return
             rec = parse_record(buf)
             if rec.kind == RecordKind.GO_EXIT:
                 self._at_go_exit(rec, deliver)

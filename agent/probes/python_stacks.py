@@ -66,6 +66,10 @@ class PythonStacks:
         if rec.py_frames and proc is not None and proc.layout is not None:
             self.frames.read_codes(rec.pid, rec.py_frames, proc.layout)
 
+    def observe_thread(self, pid: int, thread_name: str) -> None:
+        """A repeat of a record already observed (its code objects are read): the process's re-check."""
+        self.registry.observe(pid, thread_name)
+
     def observe_pid(self, pid: int) -> None:
         """A known target: registered before its first record."""
         self.registry.observe(pid)

@@ -46,8 +46,8 @@ class SampleStore:
         self.values: list[array] = []
         self.count = 0  # events added
 
-    def add(self, rec: RawRecord) -> None:
-        """One event: its entry's arrays grow, or the record becomes a new entry."""
+    def add(self, rec: RawRecord) -> int:
+        """One event: its entry's arrays grow, or the record becomes a new entry. Returns the entry's index."""
         key = identity(rec)
         i = self._index.get(key)
         if i is None:
@@ -57,6 +57,13 @@ class SampleStore:
             self.values.append(array("q"))
         self.times[i].append(rec.ktime_ns)
         self.values[i].append(rec.value)
+        self.count += 1
+        return i
+
+    def repeat(self, i: int, ktime_ns: int, value: int) -> None:
+        """One more event of entry `i` (a record identical to its first but for time and value)."""
+        self.times[i].append(ktime_ns)
+        self.values[i].append(value)
         self.count += 1
 
     def __len__(self) -> int:

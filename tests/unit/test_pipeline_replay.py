@@ -13,12 +13,13 @@ another process's /proc: the tracker's proc root is an empty directory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from itertools import pairwise
 
 import pytest
 
-from agent.bpfload.records import RawRecord, RecordKind, parse_record
+from agent.bpfload.records import RawRecord, RecordKind, parse_record, repeat_key
 from agent.capture.pipeline import CapturePipeline, Interval
 from agent.daemon.config import AgentConfig, LimitsConfig, ProfilingConfig
 from agent.daemon.daemon import BpfCollector
@@ -167,8 +168,6 @@ def test_daemon_collector_caps_each_interval_and_counts_the_rest(recording, tmp_
 def test_a_frequency_change_mid_interval_weighs_each_sample_by_its_own_period(recording, tracker):
     """The overhead governor changes the frequency in place: samples before the change weigh 1/199 s,
     after it 1/50 s, so cpu/nanoseconds stay the CPU time that ran (agent/probes/cpu.py)."""
-    import dataclasses  # noqa: PLC0415
-
     pipeline = cpu_pipeline(tracker)
     [family] = pipeline.families
     assert pipeline.set_frequency(50)  # no perf events here: only the bookkeeping
@@ -185,3 +184,76 @@ def test_a_frequency_change_mid_interval_weighs_each_sample_by_its_own_period(re
     assert cpu_ns == half * (10**9 // 199) + (len(records) - half) * (10**9 // 50)
     assert profile.period == 10**9 // 50
     assert any("50 Hz from" in c for c in profile.comments)
+
+
+def count_parses(monkeypatch) -> list[int]:
+    """Counts the records the pipeline parses (a repeat it recognises by its bytes is not parsed)."""
+    import agent.capture.pipeline as pipeline_module  # noqa: PLC0415
+
+    calls = [0]
+    real = pipeline_module.parse_record
+
+    def counting(buf: bytes) -> RawRecord:
+        calls[0] += 1
+        return real(buf)
+
+    monkeypatch.setattr(pipeline_module, "parse_record", counting)
+    return calls
+
+
+def test_records_taken_as_bytes_parse_each_distinct_sample_once_per_interval(recording, tracker, monkeypatch):
+    """The probe set hands the pipeline each record's bytes (deliver_buf): a repeat of a sample already
+    taken in the interval (same thread, CPU, stacks; another time) joins its entry unparsed. The
+    profiles must be the live run's, every event's time kept, and only distinct samples parsed."""
+    parses = count_parses(monkeypatch)
+    pipeline = cpu_pipeline(tracker)
+    parts = chunks(recording.records, 3)
+    intervals = []
+    for part in parts:
+        for buf in part:
+            pipeline.deliver_buf(buf)
+        intervals.append(pipeline.cut())
+
+    assert [i.samples for i in intervals] == [98, 98, 96] and pipeline.samples == RECORDS
+    assert stacks_of(pipeline, intervals) == Counter(recording.meta["live"]["stacks"])
+    distinct = sum(len({repeat_key(buf) for buf in part}) for part in parts)  # per interval: cuts forget
+    assert parses[0] == distinct < RECORDS / 4
+    for part, interval in zip(parts, intervals, strict=True):
+        [profile] = pipeline.build(interval)
+        assert sorted(t for s in profile.samples for t in s.timestamps_ns) == sorted(
+            parse_record(buf).ktime_ns + interval.window.wall_offset_ns for buf in part)
+
+
+def test_a_new_snapshot_of_the_process_ends_its_repeats(recording, tracker, monkeypatch):
+    """An exec (or new code mapped) gives the pid a new snapshot; samples after it resolve in it, so a
+    record equal to one taken before is parsed and delivered again, not added to the old image's entry."""
+    parses = count_parses(monkeypatch)
+    pipeline = cpu_pipeline(tracker)
+    buf = recording.records[0]
+    pid = parse_record(buf).pid
+    pipeline.deliver_buf(buf)
+    pipeline.deliver_buf(buf)
+    assert parses[0] == 1
+    old = tracker.get(pid)
+    tracker._procs[pid] = dataclasses.replace(old)  # what refresh() does: another snapshot object
+    pipeline.deliver_buf(buf)
+    pipeline.deliver_buf(buf)
+    assert parses[0] == 2
+    [acc] = pipeline.cut().accumulators
+    assert [len(t) for t in acc.samples.times] == [2, 2]  # one entry per image, two events each
+    assert [r.image for r in acc.samples.records] == [old, tracker.get(pid)]
+
+
+def test_daemon_caps_and_counts_repeats_as_it_does_parsed_records(recording, tmp_path):
+    cap = 100
+    cfg = AgentConfig(profiling=ProfilingConfig(profiles=("cpu",), frequency_hz=199, kernel_stacks=False,
+                                                unwind="fp"),
+                      limits=LimitsConfig(max_interval_samples=cap), host_proc=str(tmp_path))
+    stats = AgentStats()
+    collector = BpfCollector(cfg, recording.tracker(str(tmp_path), cfg.limits.max_processes), stats)
+    collector.pipeline.begin()
+    for buf in recording.records:
+        collector.pipeline.deliver_buf(buf)
+    [profile], _ = collector.build(collector.cut())
+    assert profile.total() == stats.samples == cap
+    assert stats.lost_samples == {"interval_full": RECORDS - cap}
