@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from symbolizer.frames import Frame, FrameKind, Mapping
+from symbolizer.frames import Frame, FrameKind, Mapping, hash_once
 
 # The pseudo-path of kernel addresses' mapping, as perf names it.
 KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
@@ -34,6 +34,8 @@ class Location:
     address: int
     mapping: Mapping | None
     frames: tuple[Frame, ...] = ()
+
+    __hash__ = hash_once
 
     @property
     def file_offset(self) -> int | None:
@@ -104,6 +106,8 @@ class SampleKey:
     labels: tuple[tuple[str, str], ...] = ()
     cpu: int = -1  # logical CPU, -1 when not kept (it splits samples that would merge)
     link: TraceLink | None = None
+
+    __hash__ = hash_once
 
 
 @dataclass

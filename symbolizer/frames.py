@@ -6,7 +6,25 @@ These are the only symbolizer names `exporters` may import.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+
+def hash_once(obj: object) -> int:
+    """A frozen dataclass's hash, computed at its first use and kept (as str keeps its own).
+
+    Locations, their mappings and samples' keys are hashed at every lookup of
+    the builder's and the encoders' tables, and the generated __hash__ hashes
+    every field again each time, a whole stack for a SampleKey (a third of an
+    interval's build and most of its pprof encode before). Frozen: the fields
+    never change, so neither does the hash. Not for objects that cross
+    processes (str hashes are salted per process): none of these do.
+    """
+    try:
+        return obj._hash  # type: ignore[attr-defined]
+    except AttributeError:
+        h = hash(tuple(getattr(obj, f.name) for f in fields(obj)))
+        object.__setattr__(obj, "_hash", h)
+        return h
 
 
 class FrameKind(enum.StrEnum):
@@ -41,6 +59,8 @@ class Mapping:
     path: str
     build_id: str = ""
     build_id_kind: BuildIdKind = BuildIdKind.NONE
+
+    __hash__ = hash_once
 
     @property
     def name(self) -> str:

@@ -3,12 +3,15 @@ every kind recognised again when a profile comes back from OTLP, which carries n
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from exporters.otlp import decode_otlp, encode_otlp
 from exporters.pprof import decode_pprof, encode_pprof
 from exporters.profile import Location, SampleKey
 from exporters.profile_types import PROFILE_TYPES, cpu_profile, empty_profile, kind_of_sample_type
+from symbolizer.frames import Frame, FrameKind, Mapping
 
 # What Go's runtime/pprof writes (src/runtime/pprof/proto.go, protomem.go, pprof.go), off-CPU shaped like CPU.
 RUNTIME_PPROF = {
@@ -49,3 +52,20 @@ def test_cpu_period_is_one_sampling_interval_and_names_not_ours_have_no_kind():
     assert kind_of_sample_type("wall") == ""
     with pytest.raises(KeyError):
         empty_profile("wall", 0, 0)
+
+
+def test_locations_and_sample_keys_hash_once_and_as_their_fields_do():
+    """Their hash is kept at first use (symbolizer.frames.hash_once): equal objects built apart must
+    still hash and look up alike, and a changed copy must not carry the old hash."""
+    def loc(address: int) -> Location:
+        return Location(address, Mapping(0x1000, 0x2000, 0, "/usr/bin/app", "ab" * 20),
+                        (Frame(function="main", kind=FrameKind.NATIVE, file="app.c", line=3),))
+
+    a, b = loc(0x1234), loc(0x1234)
+    assert a is not b and a == b and hash(a) == hash(b)
+    assert {a: 1}[b] == 1 and {SampleKey((a,), 1, 2, "t"): 1}[SampleKey((b,), 1, 2, "t")] == 1
+    hash(a)
+    moved = dataclasses.replace(a, address=0x1235)
+    assert moved != a and hash(moved) == hash(loc(0x1235))
+    assert hash(a.mapping) == hash(dataclasses.replace(b.mapping))
+    assert SampleKey((a,), 1, 2, "t") != SampleKey((a,), 1, 3, "t")
