@@ -5,10 +5,12 @@ targets) the executable is examined once per file: a Go binary gets its
 runtime layout (agent/go/layouts.py), an executable exporting
 otel_thread_ctx_v1 its TLS offset (agent/tracectx/otel_thread_ctx.py).
 
-Go offsets are written at once from the version table, then replaced by the
-binary's DWARF ones when it has DWARF: reading DWARF takes ~0.5 s, seconds on
-a busy host, which the drain loop must not wait for and the process's first
-spans should not lose. A worker thread does it. Samples a process sends before
+Go offsets come from the version table (agent/go/layouts.py, from the Go
+runtime's sources per release). Only a Go binary of a release the table does
+not know has its DWARF read for them, by a worker thread: reading DWARF takes
+0.5 s to seconds of CPU (pyelftools over the runtime's DIEs; 4 s of a 10 s
+capture's profile of one Go binary under load), which the drain loop must not
+wait for and which a known release does not need. Samples a process sends before
 its entry is written carry no context: for a process seen only through its
 samples that is the first drain interval (~0.1 s).
 
@@ -34,6 +36,7 @@ from agent.go.layouts import GoRuntimeLayout, layout_for
 from agent.tracectx.otel_thread_ctx import thread_ctx_offset
 from symbolizer.elf import ElfFile
 from symbolizer.errors import BpfprofError
+from symbolizer.gobuildinfo import read_build_info
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class ExeTraceContext:
     go: GoRuntimeLayout | None = None
     otel_tls: int | None = None
     has_dwarf: bool = False
+    go_unknown: bool = False  # a Go binary of a release the version table lacks: only its DWARF can tell
 
     def proc_ctx(self) -> ProcCtx | None:
         """The `trace_procs` value, None if there is nothing to read."""
@@ -71,8 +75,9 @@ def examine(path: str, use_dwarf: bool) -> ExeTraceContext:
     """Trace-context facts of one executable; nothing readable on any error."""
     try:
         with ElfFile(path) as elf:
-            return ExeTraceContext(go=layout_for(elf, use_dwarf), otel_tls=thread_ctx_offset(elf),
-                                   has_dwarf=elf.has_dwarf)
+            go = layout_for(elf, use_dwarf)
+            return ExeTraceContext(go=go, otel_tls=thread_ctx_offset(elf), has_dwarf=elf.has_dwarf,
+                                   go_unknown=go is None and read_build_info(elf) is not None)
     except (BpfprofError, OSError) as e:
         log.info("%s: not examined for trace context: %s", path, e)
         return ExeTraceContext()
@@ -120,7 +125,7 @@ class TraceContextRegistry:
                         self._by_file.clear()
                     known = self._by_file[ident] = examine(exe, use_dwarf=False)
                     self.examined_files += 1
-                    if self._use_dwarf and known.has_dwarf and known.go is not None:
+                    if self._use_dwarf and known.has_dwarf and known.go_unknown:
                         self._queue_dwarf(ident, exe)
                 ctx = known
             value = ctx.proc_ctx()
@@ -168,10 +173,7 @@ class TraceContextRegistry:
                 ctx = self._by_file.get(ident)
                 if ctx is None or go is None or ctx.go == go:
                     continue
-                if ctx.go is not None and (ctx.go.g_m, ctx.go.m_curg, ctx.go.g_labels) != (go.g_m, go.m_curg,
-                                                                                            go.g_labels):
-                    log.warning("%s: DWARF offsets %s differ from the version table's %s", exe, go, ctx.go)
-                ctx = self._by_file[ident] = replace(ctx, go=go)
+                ctx = self._by_file[ident] = replace(ctx, go=go, go_unknown=False)
                 value = ctx.proc_ctx()
                 for pid, (pid_ident, _, _) in self._pids.items():
                     if pid_ident == ident:

@@ -16,7 +16,7 @@ from agent.bpfload.records import (
     TraceCtx,
     parse_record,
 )
-from agent.go.layouts import VERSION_TABLE, layout_for
+from agent.go.layouts import VERSION_TABLE, dwarf_offsets, layout_for
 from agent.probes.profile_builder import ZERO_TRACE_ID, link_from_labels, trace_context
 from agent.tracectx.registry import TraceContextRegistry
 from exporters.profile import TraceLink
@@ -125,3 +125,27 @@ def test_registry_writes_once_per_pid_and_follows_exec(tmp_path):
     reg.observe(8)
     assert written[8] is None
     reg.close()
+
+
+def test_dwarf_is_read_only_for_a_go_release_the_table_does_not_know(tmp_path, monkeypatch):
+    """Reading a Go binary's DWARF costs seconds of CPU on a busy host: a release the version table knows
+    is served from the table alone; one it does not know gets its offsets from DWARF, in the worker."""
+    written: dict[int, object] = {}
+    exe = build_go("labels")  # with DWARF
+    _fake_proc(tmp_path, 7, exe)
+    reg = TraceContextRegistry(lambda pid, v: written.__setitem__(pid, v), proc_root=str(tmp_path))
+    reg.observe(7, "go-labels")
+    assert reg._worker is None  # nothing queued
+    assert (written[7].g_m, written[7].m_curg, written[7].g_labels) == VERSION_TABLE[(1, 27)]
+    reg.close()
+
+    monkeypatch.delitem(VERSION_TABLE, (1, 27))  # a release newer than the table
+    written.clear()
+    reg = TraceContextRegistry(lambda pid, v: written.__setitem__(pid, v), proc_root=str(tmp_path))
+    reg.observe(7, "go-labels")
+    assert 7 not in written  # nothing to read until DWARF says where
+    reg.close()  # waits for the DWARF read
+    [ctx] = reg.layouts().values()
+    assert ctx.go is not None and ctx.go.source == "dwarf" and not ctx.go_unknown
+    with ElfFile(exe) as elf:
+        assert written[7].g_m == ctx.go.g_m and (ctx.go.g_m, ctx.go.m_curg, ctx.go.g_labels) == dwarf_offsets(elf)
