@@ -41,10 +41,11 @@ import stat
 import struct
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, Self
+from typing import TYPE_CHECKING, NamedTuple, Self
 
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import Section
+if TYPE_CHECKING:  # pyelftools costs ~40 ms to import: at first use (ElfFile.elf), off a capture's start
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import Section
 
 from symbolizer.cached_property import cached_property
 from symbolizer.errors import ElfParseError
@@ -347,6 +348,8 @@ class ElfFile:
     def elf(self) -> ELFFile:
         """pyelftools' view, made on first use: building its parsers costs ~1.5 ms a file, and most
         files a capture opens need only headers, notes and tables read with struct."""
+        from elftools.elf.elffile import ELFFile  # noqa: PLC0415  (see the import at the top)
+
         with elf_errors(self.path):
             return ELFFile(_ImageStream(self.image, self.ensure))
 
