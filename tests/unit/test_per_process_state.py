@@ -11,9 +11,11 @@ import os
 import subprocess
 import weakref
 
+from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes.cpu import CpuProbe
 from agent.probes.family import ProbeConfig
 from agent.probes.python_stacks import PythonStacks
+from agent.processes.stack_resolver import UserStacks
 from agent.processes.tracker import ProcessTracker
 from agent.tracectx.registry import TraceContextRegistry
 from agent.unwind.tables import UnwindTables
@@ -96,3 +98,31 @@ def test_a_gone_process_the_unwind_tables_never_registered_leaves_them():
     assert tracker.evict(safe_seq=1) == 1
     tables.forget_dead(alive)
     assert snapshot() is None
+
+
+def test_a_pid_evicted_is_re_read_again_at_a_pc_outside_its_snapshot():
+    """The stack walker re-reads a process's maps once when a sample's PC is outside its snapshot (dlopen,
+    JIT). The pids re-read were kept for good: a set that grew under churn, and a process that reused a pid
+    in it was never re-read."""
+    tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
+    stacks = UserStacks(tracker)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        pid = child.pid
+        rec = RawRecord(kind=RecordKind.CPU, pid=pid, tid=pid, cpu=0, ktime_ns=0, value=1, aux=0,
+                        thread_name="sleep", kernel_ips=(), user_ips=(), user_regs=(0x10, 0x7FFD0000, 0),
+                        user_stack=bytes(64))
+        assert tracker.observe(pid) is not None
+        tracker.seen(pid, 0)
+        stacks.complete(rec)
+        stacks.complete(rec)
+        assert tracker.stats.refreshes == 1  # once per process
+        tracker.max_processes = 0  # evicted while alive, as the least recently sampled of a full table
+        assert tracker.evict(safe_seq=1) == 1
+        tracker.max_processes = 64
+        assert tracker.observe(pid) is not None  # seen again: the table's new process under that pid
+        stacks.complete(rec)
+        assert tracker.stats.refreshes == 2
+    finally:
+        child.kill()
+        child.wait()
