@@ -35,7 +35,7 @@ import struct
 from bisect import bisect_right
 from collections import Counter, OrderedDict
 from enum import IntEnum, StrEnum
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
 
 from symbolizer.cfi import RBP_LOST, RBP_SAME, CfaKind, FdeIndex, UnwindTable
 from symbolizer.errors import BpfprofError
@@ -132,6 +132,7 @@ MAX_CACHED_RULES = 1 << 16
 MAX_CACHED_PROCESSES = 512
 
 Rule = tuple[int, int, int]  # (kind, cfa offset, rbp offset), as UnwindTable rows
+_Views: TypeAlias = "dict[int, tuple[MappedFile, list[_View]]]"  # id(mapping) -> (the mapping, its views)
 
 
 class Unwinder:
@@ -148,19 +149,24 @@ class Unwinder:
         self.stops: Counter[StopReason] = Counter()
         self.frames: Counter[FrameSource] = Counter()
         self.samples = 0
-        self._views: dict[int, tuple[MappedFile, list[_View]]] = {}
-        self._rules: OrderedDict[int, tuple[MappingLookup, dict[int, Rule]]] = OrderedDict()
+        # id(process) -> (process, its rules by pc, its mappings' views by id(MappedFile)), least recently
+        # used first. The views live in their process's entry, not in a table of their own: keyed by
+        # id(mapping) and holding the mapping, such a table kept every mapping ever walked (and the unwind
+        # tables of files the symbol cache had let go), ~2 kB a process: a soak under churn (1000 processes
+        # a minute) grew by 2 MB a minute.
+        self._procs: OrderedDict[int, tuple[MappingLookup, dict[int, Rule], _Views]] = OrderedDict()
 
-    def _view(self, mf: MappedFile, pc: int) -> _View:
-        """Translation and tables for `pc` in mapping `mf` (cached per mapping and segment)."""
-        got = self._views.get(id(mf))
+    def _view(self, views: _Views, mf: MappedFile, pc: int) -> _View:
+        """Translation and tables for `pc` in mapping `mf` (cached per mapping and segment in `views`,
+        its process's)."""
+        got = views.get(id(mf))
         if got is not None and got[0] is mf:
             for v in got[1]:
                 if v.lo <= pc < v.hi:
                     return v
         else:
             got = (mf, [])
-            self._views[id(mf)] = got
+            views[id(mf)] = got
         fs = mf.symbols
         m = mf.mapping
         if fs is None:
@@ -181,10 +187,13 @@ class Unwinder:
 
     def rule_at(self, process: MappingLookup, pc: int) -> Rule:
         """The unwind rule at runtime address `pc` (give a return address as pc - 1)."""
+        return self._rule_at(process, self._cached(process)[2], pc)
+
+    def _rule_at(self, process: MappingLookup, views: _Views, pc: int) -> Rule:
         mf = process.mapping_at(pc)
         if mf is None:
             return (_K_UNMAPPED, 0, 0)
-        view = self._view(mf, pc)
+        view = self._view(views, mf, pc)
         vaddr = pc + view.bias
         if view.go is not None:
             try:
@@ -215,20 +224,20 @@ class Unwinder:
             return (CfaKind.RSP, off + (8 if (vaddr & 15) >= rbp else 0), RBP_SAME)
         return (kind, off, rbp)
 
-    def _rules_of(self, process: MappingLookup) -> dict[int, Rule]:
+    def _cached(self, process: MappingLookup) -> tuple[MappingLookup, dict[int, Rule], _Views]:
+        """`process`'s cache entry (made now if new; the least recently used goes past MAX_CACHED_PROCESSES)."""
         key = id(process)
-        got = self._rules.get(key)
+        got = self._procs.get(key)
         if got is not None and got[0] is process:
-            self._rules.move_to_end(key)
-            rules = got[1]
-            if len(rules) >= MAX_CACHED_RULES:
-                rules.clear()
-            return rules
-        rules: dict[int, Rule] = {}
-        self._rules[key] = (process, rules)
-        if len(self._rules) > MAX_CACHED_PROCESSES:
-            self._rules.popitem(last=False)
-        return rules
+            self._procs.move_to_end(key)
+            if len(got[1]) >= MAX_CACHED_RULES:
+                got[1].clear()
+            return got
+        got = (process, {}, {})
+        self._procs[key] = got
+        if len(self._procs) > MAX_CACHED_PROCESSES:
+            self._procs.popitem(last=False)
+        return got
 
     def unwind(self, regs: Regs | tuple[int, int, int | None], stack: bytes | memoryview, process: MappingLookup,
                stack_base: int | None = None, rip_is_return: bool = False) -> UnwindResult:
@@ -245,7 +254,7 @@ class Unwinder:
         base = rsp if stack_base is None else stack_base
         limit = base + len(stack)
         unpack = _U64.unpack_from
-        rules = self._rules_of(process)
+        _, rules, views = self._cached(process)
         pcs = [rip]
         sources = [FrameSource.LEAF]
         pc = rip
@@ -255,7 +264,7 @@ class Unwinder:
             lookup_pc = pc - 1 if is_return else pc
             rule = rules.get(lookup_pc)
             if rule is None:
-                rule = rules[lookup_pc] = self.rule_at(process, lookup_pc)
+                rule = rules[lookup_pc] = self._rule_at(process, views, lookup_pc)
             kind, off, rbp_off = rule
             source = FrameSource.CFI
             new_rbp = rbp

@@ -201,10 +201,17 @@ class UserStacks:
         self.tracker = tracker
         self.unwinder = Unwinder()
         self.outcomes: Counter[str] = Counter()
-        self._refreshed: set[int] = set()
+        self._refreshed: set[int] = set()  # pids re-read once for a PC outside their snapshot
+        # Dropped with the process: a set of every pid ever re-read grew under churn, and a process that
+        # reused a pid in it was never re-read (its dlopen'ed code stayed unmapped).
+        tracker.on_evict(self.forget)
         # The BPF walker's tables (agent/unwind/tables.py), told of every copy a BPF walk sent instead of
         # walking: the process wants its tables. None: no BPF walker.
         self.tables: FallbackSink | None = None
+
+    def forget(self, pid: int) -> None:
+        """The process table evicted `pid` (ProcessTracker.on_evict)."""
+        self._refreshed.discard(pid)
 
     def complete(self, rec: RawRecord) -> RawRecord:
         """`rec` with user_ips unwound and the stack copy dropped (a record without a copy as it is).

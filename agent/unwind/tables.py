@@ -205,8 +205,8 @@ class UnwindTables:
         self._registered: dict[int, tuple[float, frozenset[FileId]]] = {}  # pid -> (when, files)
         self._pending: set[int] = set()
         self._again: set[int] = set()  # pids wanted (forced) while their registration was under way
-        self._lost: set[int] = set()
-        self._noted: dict[int, object] = {}  # pid -> the snapshot its last record was delivered under  # registered pids whose table BPF deleted, until registered again
+        self._lost: set[int] = set()  # registered pids whose table BPF deleted, until registered again
+        self._noted: dict[int, object] = {}  # pid -> the snapshot its last record was delivered under
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         # Set by close() under _lock: the map fds may be closed after it, so the worker writes nothing more
@@ -251,11 +251,15 @@ class UnwindTables:
             return True
 
     def forget_dead(self, alive: Callable[[int], bool]) -> None:
-        """Release the files of registered processes that are gone (the BPF side deleted their tables)."""
+        """Release the files of registered processes that are gone (the BPF side deleted their tables), and
+        forget the snapshot of every noted process that is gone, registered or not."""
         with self._lock:
-            dead = [pid for pid in self._registered if not alive(pid)]
+            # Noted pids too: one never registered (its snapshot failed, or the tracker evicted it before the
+            # worker came to it, as when the worker is behind) held its snapshot until its pid came back.
+            dead = [pid for pid in self._registered.keys() | self._noted.keys() if not alive(pid)]
             for pid in dead:
-                self._drop(pid)
+                if pid in self._registered:
+                    self._drop(pid)
                 self._noted.pop(pid, None)
 
     # -- worker -----------------------------------------------------------------------

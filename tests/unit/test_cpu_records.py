@@ -109,6 +109,9 @@ class _Tracker:
     def refresh(self, pid):
         return self.proc
 
+    def on_evict(self, forget):
+        pass
+
 
 def _mapped():
     from symbolizer.frames import Mapping

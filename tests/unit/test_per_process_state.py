@@ -7,13 +7,18 @@ them of each pid it evicts, once no interval still to be built needs it.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import weakref
 
+from agent.bpfload.records import RawRecord, RecordKind
 from agent.probes.cpu import CpuProbe
 from agent.probes.family import ProbeConfig
 from agent.probes.python_stacks import PythonStacks
+from agent.processes.stack_resolver import UserStacks
 from agent.processes.tracker import ProcessTracker
 from agent.tracectx.registry import TraceContextRegistry
+from agent.unwind.tables import UnwindTables
 from symbolizer.file_symbols import SymbolCache
 
 PYTHON = "/usr/bin/python3.11"
@@ -64,3 +69,60 @@ def test_a_failed_snapshot_sampled_in_a_pending_interval_is_forgotten_after_it()
     assert forgotten == []
     tracker.evict(safe_seq=4)
     assert forgotten == [child.pid]
+
+
+def test_a_gone_process_the_unwind_tables_never_registered_leaves_them():
+    """A pid is noted at its records with the snapshot they came under; a registration that never happens
+    (the snapshot failed, or the tracker evicted the process before the worker came to it) held that
+    snapshot until the pid was reused."""
+    tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
+    tables = UnwindTables({"unwind_rows": -1, "unwind_procs": -1, "unwind_stats": -1}, tracker, 1024)
+    tables.want = lambda pid, refresh=False, force=False: None  # the worker never comes to it
+
+    def alive(pid: int) -> bool:
+        return os.path.exists(f"/proc/{pid}")
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        info = tracker.observe(child.pid)
+        assert info is not None
+        tables.note(child.pid, info)
+        snapshot = weakref.ref(info)
+        del info
+        tracker.seen(child.pid, 0)
+        tables.forget_dead(alive)
+        assert snapshot() is not None  # alive: noted still
+    finally:
+        child.kill()
+        child.wait()
+    assert tracker.evict(safe_seq=1) == 1
+    tables.forget_dead(alive)
+    assert snapshot() is None
+
+
+def test_a_pid_evicted_is_re_read_again_at_a_pc_outside_its_snapshot():
+    """The stack walker re-reads a process's maps once when a sample's PC is outside its snapshot (dlopen,
+    JIT). The pids re-read were kept for good: a set that grew under churn, and a process that reused a pid
+    in it was never re-read."""
+    tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
+    stacks = UserStacks(tracker)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        pid = child.pid
+        rec = RawRecord(kind=RecordKind.CPU, pid=pid, tid=pid, cpu=0, ktime_ns=0, value=1, aux=0,
+                        thread_name="sleep", kernel_ips=(), user_ips=(), user_regs=(0x10, 0x7FFD0000, 0),
+                        user_stack=bytes(64))
+        assert tracker.observe(pid) is not None
+        tracker.seen(pid, 0)
+        stacks.complete(rec)
+        stacks.complete(rec)
+        assert tracker.stats.refreshes == 1  # once per process
+        tracker.max_processes = 0  # evicted while alive, as the least recently sampled of a full table
+        assert tracker.evict(safe_seq=1) == 1
+        tracker.max_processes = 64
+        assert tracker.observe(pid) is not None  # seen again: the table's new process under that pid
+        stacks.complete(rec)
+        assert tracker.stats.refreshes == 2
+    finally:
+        child.kill()
+        child.wait()

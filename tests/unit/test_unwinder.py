@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import weakref
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,15 @@ from symbolizer.file_symbols import FileSymbols, file_id
 from symbolizer.frames import Mapping
 from symbolizer.proc_maps import parse_maps
 from symbolizer.process_symbols import MappedFile, ProcessSymbols
-from symbolizer.unwinder import FrameSource, Regs, StopReason, Unwinder, frame_pointer_walk, unwind
+from symbolizer.unwinder import (
+    MAX_CACHED_PROCESSES,
+    FrameSource,
+    Regs,
+    StopReason,
+    Unwinder,
+    frame_pointer_walk,
+    unwind,
+)
 
 C_BUILDS = {
     "fp": ("-O2", "-g", "-fno-omit-frame-pointer"),
@@ -306,6 +315,22 @@ def test_synthetic_max_depth():
     res = Unwinder(max_frames=10).unwind(Regs(0x2000, RSP, 0), _stack(*[0x2001] * 64), _proc(table))
     assert res.stop == StopReason.MAX_DEPTH
     assert len(res.pcs) == 11
+
+
+def test_a_process_out_of_the_cache_is_not_held():
+    # The drain thread's Unwinder lives as long as the agent and walks every process of a churning host:
+    # what it caches of one (rules, its mappings' views) must go with its cache entry, not hold the
+    # snapshot (and through it the files' tables) for good.
+    table = _table([(0x2000, CfaKind.RSP, 8, RBP_SAME), (0x3000, CfaKind.OUTERMOST, 0, 0)])
+    u = Unwinder()
+    first = _proc(table)
+    assert u.unwind(Regs(0x2000, RSP, 0), _stack(0x3005), first).stop == StopReason.OUTERMOST
+    gone_process, gone_mapping = weakref.ref(first), weakref.ref(first.mappings[0])
+    del first
+    for _ in range(MAX_CACHED_PROCESSES):
+        u.unwind(Regs(0x2000, RSP, 0), _stack(0x3005), _proc(table))
+    assert gone_process() is None
+    assert gone_mapping() is None
 
 
 def test_go_frame_info_of_stripped_binary():
