@@ -29,7 +29,7 @@ from agent.bpfload.records import LabelsForm
 from symbolizer.elf import ElfFile, elf_errors
 from symbolizer.elf_tls import static_tls_offset, tls_segment
 from symbolizer.errors import ElfParseError
-from symbolizer.gobuildinfo import read_build_info
+from symbolizer.gobuildinfo import GoBuildInfo, read_build_info
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,13 @@ def tls_g_offset(elf: ElfFile) -> int:
     return off if off is not None else DEFAULT_TLS_G
 
 
-def layout_for(elf: ElfFile, use_dwarf: bool = True) -> GoRuntimeLayout | None:
+def layout_for(elf: ElfFile, use_dwarf: bool = True, info: GoBuildInfo | None = None) -> GoRuntimeLayout | None:
     """The layout of a Go executable, or None if `elf` is not Go or its version is unknown without DWARF.
 
     `use_dwarf` False: the version table only (instant; DWARF takes ~0.5 s, seconds on a busy host).
+    `info`: the file's build info when the caller has read it already.
     """
-    info = read_build_info(elf)
+    info = info if info is not None else read_build_info(elf)
     if info is None:
         return None
     vt = info.version_tuple

@@ -75,9 +75,10 @@ def examine(path: str, use_dwarf: bool) -> ExeTraceContext:
     """Trace-context facts of one executable; nothing readable on any error."""
     try:
         with ElfFile(path) as elf:
-            go = layout_for(elf, use_dwarf)
+            info = read_build_info(elf)
+            go = layout_for(elf, use_dwarf, info) if info is not None else None
             return ExeTraceContext(go=go, otel_tls=thread_ctx_offset(elf), has_dwarf=elf.has_dwarf,
-                                   go_unknown=go is None and read_build_info(elf) is not None)
+                                   go_unknown=info is not None and go is None)
     except (BpfprofError, OSError) as e:
         log.info("%s: not examined for trace context: %s", path, e)
         return ExeTraceContext()
