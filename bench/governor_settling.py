@@ -11,7 +11,8 @@ Every 5 s it prints the agent's cost over those 5 s, measured from outside
 (its /proc/PID/stat CPU time, every thread, plus its BPF run time from the
 kernel: kernel.bpf_stats_enabled is switched on for the run and restored),
 next to the frequency the governor set (and, with `--profiles cpu,offcpu`,
-the off-CPU threshold it moves with it). At the end: when the cost entered
+the off-CPU threshold it steers too) and the cost by family the agent
+measured itself at its last decision (what it sheds first). At the end: when the cost entered
 budget +-20 % for good, the mean cost after that, and the fixture's shares
 and CPU time in our profiles against its own runtime/pprof and its rusage.
 Figures, never pass/fail on time.
@@ -70,6 +71,7 @@ class Settling:
     curve: list[tuple[float, int, float]] = field(default_factory=list)  # (s since start, Hz, cost % of CPUs)
     offcpu_us: list[float] = field(default_factory=list)  # the off-CPU threshold at each point of the curve
     bpf_percent: list[float] = field(default_factory=list)  # the BPF programs' part of each point's cost
+    family_percent: list[dict[str, float]] = field(default_factory=list)  # the agent's own cost by family
     pprof_dir: Path | None = None
     fixture_pid: int = 0
     fixture_cpu_s: float = 0.0
@@ -139,6 +141,8 @@ def run(work: Path, seconds: float, frequency_hz: int, budget_percent: float, fl
                 out.curve.append((round(now - t0, 1), int(m.get("bpfprof_sampling_frequency_hz", 0)), cost))
                 out.offcpu_us.append(m.get("bpfprof_offcpu_min_block_seconds", 0.0) * 1e6)
                 out.bpf_percent.append((bpf - prev_bpf) / (now - prev_t) / cpus * 100)
+                out.family_percent.append({k.split('"')[1]: v for k, v in m.items()
+                                           if k.startswith("bpfprof_family_cost_cpu_percent{")})
                 prev_t, prev_cpu, prev_bpf = now, cpu, bpf
         split.returncode = os.waitstatus_to_exitcode(status)
         out.fixture_cpu_s = usage.ru_utime + usage.ru_stime
@@ -184,9 +188,12 @@ def main() -> None:
         print(f"budget {args.budget}% of {os.cpu_count()} CPUs; start {args.frequency} Hz, floor {args.floor} Hz; "
               f"{args.rate:g} processes/min; {','.join(profiles)}")
         offcpu = "offcpu" in profiles
-        print("   t(s)      Hz   cost(% of CPUs)  of it BPF" + ("   off-CPU threshold (us)" if offcpu else ""))
-        for (t, hz, cost), bpf, us in zip(s.curve, s.bpf_percent, s.offcpu_us, strict=True):
-            print(f"  {t:5.0f}  {hz:6d}   {cost:6.2f}           {bpf:6.2f}" + (f"   {us:8.0f}" if offcpu else ""))
+        print("   t(s)      Hz   cost(% of CPUs)  of it BPF" + ("   off-CPU threshold (us)" if offcpu else "")
+              + "   the agent's cost by family at its last decision (%)")
+        for (t, hz, cost), bpf, us, fam in zip(s.curve, s.bpf_percent, s.offcpu_us, s.family_percent, strict=True):
+            by_family = " ".join(f"{name} {pct:.2f}" for name, pct in sorted(fam.items(), key=lambda kv: -kv[1]))
+            print(f"  {t:5.0f}  {hz:6d}   {cost:6.2f}           {bpf:6.2f}" + (f"   {us:8.0f}" if offcpu else "")
+                  + f"   {by_family}")
         at = s.settled_at()
         if at is None:
             print("never settled within budget +-20%")

@@ -44,6 +44,7 @@ QUIET_WAIT_S = 1.0
 # Bytes of keys (records less 16 bytes, ~0.1-2 KB each) an interval keeps to know repeats by
 # (CapturePipeline.deliver_buf); past it, new distinct samples are parsed every time they come.
 MAX_REPEAT_BYTES = 8 << 20
+SHARED_PROGRAMS = "shared"  # bpf_run_time_ns: the programs of no one family (fork and exec hooks)
 
 
 def wall_offset_ns() -> int:
@@ -114,6 +115,7 @@ class CapturePipeline:
         self.seq = 0
         self.interval_samples = 0  # samples taken in the current interval
         self.samples = 0  # since start
+        self.family_records: dict[str, int] = {}  # samples each family took since start (the governor's shares)
         self.first_sample_s: float | None = None  # since this process started: the start-up cost users wait for
         self.has_kernel_stacks = False
         self._start_ns = 0
@@ -175,6 +177,7 @@ class CapturePipeline:
             if rep is not None and self.tracker.get(rep.pid) is rep.image:
                 if self.accept_repeat is None or self.accept_repeat(rep.pid):
                     self.samples += 1
+                    self.family_records[rep.family] += 1
                     self.interval_samples += 1
                     ktime_ns, value = time_value(buf)
                     rep.add(rep, ktime_ns, value)
@@ -206,6 +209,9 @@ class CapturePipeline:
             rec.image = self.tracker.note_record(rec.pid, rec.tid, rec.thread_name)
             if self._tables is not None:
                 self._tables.note(rec.pid, rec.image)
+            counts = self.family_records
+            for f in families:
+                counts[f.name] = counts.get(f.name, 0) + 1
             if len(families) == 1:
                 return families[0].route(rec, self._current[families[0]])
         for f in families:
@@ -282,18 +288,21 @@ class CapturePipeline:
                 changed = True
         return changed
 
-    def bpf_run_time_ns(self) -> int:
-        """The loaded programs' run time so far, as the kernel counts it (0 while kernel.bpf_stats_enabled
-        is off; tail-called walkers are counted in their caller's run)."""
+    def bpf_run_time_ns(self) -> dict[str, int]:
+        """The loaded programs' run time so far by family, as the kernel counts it (`shared`: programs of no
+        one family, such as the exec and fork hooks). All 0 while kernel.bpf_stats_enabled is off; a
+        tail-called walker is counted in its caller's run, so in the family that sampled."""
         if self._set is None:
-            return 0
-        total = 0
-        for fd in self._set.objs.programs.values():
+            return {}
+        owner = {name: f.name for f in self.families for name in f.programs()}
+        out: dict[str, int] = {}
+        for name, fd in self._set.objs.programs.items():
+            family = owner.get(name, SHARED_PROGRAMS)
             try:
-                total += libbpf.prog_run_time(fd)[0]
+                out[family] = out.get(family, 0) + libbpf.prog_run_time(fd)[0]
             except BpfprofError:
                 continue
-        return total
+        return out
 
     def record_count(self) -> int:
         """Records held by the current accumulators (for a progress line)."""

@@ -40,7 +40,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from agent.bpfload import libbpf
@@ -185,8 +185,11 @@ class BpfCollector:
         moved += ["offcpu"] if p.set_offcpu_min_ns(rates.offcpu_min_ns) else []
         return moved
 
-    def bpf_run_time_ns(self) -> int:
+    def bpf_run_time_ns(self) -> dict[str, int]:
         return self.pipeline.bpf_run_time_ns()
+
+    def family_records(self) -> dict[str, int]:
+        return dict(self.pipeline.family_records)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -401,33 +404,37 @@ class Daemon:
     # --- the overhead governor ------------------------------------------------------
 
     def _new_governor(self) -> None:
-        """A governor for the running config (again after a reload): from its frequency down to the floor."""
+        """A governor for the running config (again after a reload): every family at its configured rate."""
         lim, p = self.cfg.limits, self.cfg.profiling
-        self.governor = Governor(lim.cpu_percent, lim.min_frequency_hz, p.frequency_hz)
-        self._set_rate_stats(self._rates_at(p.frequency_hz))
+        self.governor = Governor(lim.cpu_percent, lim.min_frequency_hz, p.frequency_hz, families=p.profiles)
+        self._set_rate_stats(self._rates_at(self.governor.factors))
         self._govern_reading()
         if self.governor.enabled:
-            log.info("overhead governor: budget %.3g%% of %d CPUs, %d-%d Hz, BPF cost from %s", lim.cpu_percent,
-                     self.governor.cpus, self.governor.floor_hz, p.frequency_hz, self.meter.source)
+            log.info("overhead governor: budget %.3g%% of %d CPUs, steering %s down to %.3g of their rates "
+                     "(%d Hz), BPF cost from %s", lim.cpu_percent, self.governor.cpus,
+                     ", ".join(self.governor.factors), self.governor.floor, self.governor.floor_hz,
+                     self.meter.source)
 
     def _govern_reading(self) -> None:
         assert self.collector is not None and self.governor is not None
         reading = self.meter.read(self.collector.bpf_run_time_ns(),
-                                  self.stats.samples + self.stats.unselected_samples)
+                                  self.stats.samples + self.stats.unselected_samples,
+                                  self.collector.family_records())
         self.stats.bpf_run_s = reading.bpf_s
         self.governor.observe(reading)
 
     def _govern(self) -> None:
-        """Measure; change the sampling frequency if the governor says so (in place, no reload)."""
+        """Measure; change the families' rates if the governor says so (in place, no reload)."""
         gov, collector = self.governor, self.collector
         if gov is None or collector is None:
             return
         self._govern_reading()
         new = gov.decide()
         self.stats.cost_percent = gov.last_cost / gov.cpus * 100
+        self.stats.family_cost_percent = {name: c / gov.cpus * 100 for name, c in gov.last_family_costs.items()}
         if new is None:
             return
-        before, after = self._rates_at(gov.frequency_hz), self._rates_at(new)
+        before, after = self._rates_at(gov.factors), self._rates_at(new)
         try:
             moved = collector.steer(after)
         except BpfprofError as e:
@@ -442,14 +449,17 @@ class Daemon:
         changes = {"cpu": f"sampling frequency {before.frequency_hz} -> {after.frequency_hz} Hz",
                    "heap": f"heap sample rate {before.heap_sample_bytes} -> {after.heap_sample_bytes} bytes",
                    "offcpu": f"off-CPU threshold {before.offcpu_min_ns // 1000} -> {after.offcpu_min_ns // 1000} us"}
-        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%): %s%s", self.stats.cost_percent,
-                 gov.cpus, gov.budget / gov.cpus * 100, ", ".join(changes[name] for name in moved),
+        shares = ", ".join(f"{name} {c:.2f}%" for name, c in sorted(self.stats.family_cost_percent.items(),
+                                                                   key=lambda kv: -kv[1]))
+        log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%; %s): %s%s", self.stats.cost_percent,
+                 gov.cpus, gov.budget / gov.cpus * 100, shares or "no cost by family",
+                 ", ".join(changes[name] for name in moved),
                  " (the floor: still over budget)" if gov.at_floor_over_budget else "")
 
-    def _rates_at(self, frequency_hz: int) -> Steered:
-        """What every family samples at when the governor's frequency is `frequency_hz`."""
+    def _rates_at(self, factors: Mapping[str, float]) -> Steered:
+        """What every family samples at when the governor's factors are `factors`."""
         p = self.cfg.profiling
-        return steered(frequency_hz, p.frequency_hz, p.heap_sample_bytes, p.offcpu_min_us * 1000)
+        return steered(factors, p.frequency_hz, p.heap_sample_bytes, p.offcpu_min_us * 1000)
 
     def _set_rate_stats(self, rates: Steered) -> None:
         self.stats.frequency_hz = rates.frequency_hz
@@ -689,7 +699,7 @@ class Daemon:
             if new.limits != old.limits or new.profiling != old.profiling:
                 self._new_governor()  # from the configured rates again
                 try:
-                    self.collector.steer(self._rates_at(new.profiling.frequency_hz))
+                    self.collector.steer(self._rates_at({}))
                 except BpfprofError as e:
                     log.error("reload: cannot set the new rates: %s", e)
         if new.opamp != old.opamp:

@@ -71,6 +71,7 @@ class AgentStats:
     offcpu_min_ns: int = 0  # the off-CPU threshold now (the governor moves it)
     governor_changes: int = 0
     cost_percent: float = 0.0  # the agent's measured cost (process + BPF), % of all CPUs, at the last decision
+    family_cost_percent: dict[str, float] = field(default_factory=dict)  # the same by family (governor.py)
     bpf_run_s: float = 0.0  # BPF programs' run time (kernel count, or the estimate: governor.CostMeter)
     reloads_failed: int = 0
     loop_errors: int = 0  # unexpected exceptions in the sampling loop, logged; the loop went on
@@ -144,10 +145,16 @@ class AgentCollector(Collector):
                     "governor moves it; Go and the preloaded sampler keep their own).", s.heap_sample_bytes)
         yield gauge("offcpu_min_block_seconds", "Off-CPU blocks shorter than this are left out now (the overhead "
                     "governor moves it).", s.offcpu_min_ns / 1e9)
-        yield counter("governor_changes", "Rate changes made by the overhead governor (frequency, heap sample "
-                      "rate and off-CPU threshold together).", s.governor_changes)
+        yield counter("governor_changes", "Rate changes made by the overhead governor (each decision that moved "
+                      "the CPU frequency, the heap sample rate or the off-CPU threshold).", s.governor_changes)
         yield gauge("cost_cpu_percent", "The agent's CPU cost (process + BPF) in % of all CPUs, last measured.",
                     s.cost_percent)
+        by_family = GaugeMetricFamily(f"{PREFIX}_family_cost_cpu_percent", "The agent's cost by profile family, "
+                                      "% of all CPUs, last measured: its BPF programs plus the agent's CPU shared "
+                                      "out by records (shared: BPF hooks of no one family).", labels=["family"])
+        for name, pct in sorted(s.family_cost_percent.copy().items()):
+            by_family.add_metric([name], pct)
+        yield by_family
         yield counter("bpf_run_seconds", "Run time of the agent's BPF programs (kernel bpf_stats, else estimated).",
                       s.bpf_run_s)
         yield counter("config_reloads", "Successful reloads (SIGHUP or a remote config).", s.reloads_ok)

@@ -58,7 +58,7 @@ class CpuAccumulator(Accumulator):
             return None  # process with no snapshot is looked for again at its next record
         stacks = family.user_stacks
         no_copy = bool(rec.user_ips) and stacks is not None and stacks.tables is None
-        return Repeat(self._repeat, index, rec.pid, rec.thread_name, rec.image, no_copy)
+        return Repeat(self._repeat, index, rec.pid, rec.thread_name, rec.image, family.name, no_copy)
 
     def _repeat(self, rep: Repeat, ktime_ns: int, value: int) -> None:
         """on_record of a record equal to entry `rep.index`'s but for time and value (its Repeat)."""

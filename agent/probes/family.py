@@ -140,6 +140,7 @@ class Repeat:
     pid: int
     thread_name: str
     image: object
+    family: str  # its family's name (the governor shares the agent's CPU out by records per family)
     no_copy: bool = False  # counted as a stack from frame pointers only (UserStacks.complete)
 
 

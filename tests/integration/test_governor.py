@@ -49,9 +49,10 @@ def test_settles_within_budget_and_keeps_rates_and_shares(tmp_path):
 
 
 def test_heap_rate_and_offcpu_threshold_follow_the_frequency(tmp_path):
-    """Far over a tiny budget with cpu, offcpu and heap selected: each step lowers the CPU frequency, widens
-    the heap sample rate and raises the off-CPU threshold by the same factor; each is logged, in the
-    metrics, and in the profiles of the intervals after it (period, comments)."""
+    """Far over a tiny budget with cpu, offcpu and heap selected: every family costs more than the budget,
+    so the first step lowers the CPU frequency, widens the heap sample rate and raises the off-CPU threshold,
+    each by its own factor; each is logged with the cost by family, in the metrics, and in the profiles
+    of the intervals after it (period, comments)."""
     prog = subprocess.Popen([str(build_c("mallocloop")), "100000000000"], stdout=subprocess.DEVNULL)
     # mallocloop's own off-CPU time is preemption, mostly shorter than the raised threshold (~2.5 ms at the
     # floor) on a quiet machine: a CI run saw no off-CPU sample in 30 s. 50 ms sleeps are over any threshold.
@@ -86,11 +87,13 @@ def test_heap_rate_and_offcpu_threshold_follow_the_frequency(tmp_path):
         if agent.proc.poll() is None:
             agent.stop()
     assert code == 0, err
-    step = re.search(r"sampling frequency 499 -> (\d+) Hz, heap sample rate 524288 -> (\d+) bytes, "
-                     r"off-CPU threshold 0 -> (\d+) us", err)
+    step = re.search(r"\(budget 0.01%; ([^)]*)\): sampling frequency 499 -> (\d+) Hz, heap sample rate "
+                     r"524288 -> (\d+) bytes, off-CPU threshold 0 -> (\d+) us", err)
     assert step, err[-3000:]
-    hz, heap_rate, _offcpu_us = (int(g) for g in step.groups())
-    assert heap_rate == round(524288 * 499 / hz)
+    shares = dict(part.rsplit(" ", 1) for part in step.group(1).split(", "))
+    assert {"cpu", "heap", "offcpu"} <= set(shares), shares
+    hz, heap_rate, offcpu_us = (int(g) for g in step.groups()[1:])
+    assert hz < 499 and heap_rate > 524288 and offcpu_us > 0
     assert all(p.raw.period > 1_000_000_000 // 499 for p in later["cpu"])
     assert all(p.raw.period >= heap_rate for p in later["heap"])
     comments = [p.raw.string_table[c] for p in later["offcpu"] for c in p.raw.comment]

@@ -64,8 +64,11 @@ class FakeCollector:
         self.frequencies.append(rates.frequency_hz)
         return ["cpu"]
 
-    def bpf_run_time_ns(self) -> int:
-        return 0
+    def bpf_run_time_ns(self) -> dict[str, int]:
+        return {}
+
+    def family_records(self) -> dict[str, int]:
+        return {}
 
     def close(self) -> None:
         pass
