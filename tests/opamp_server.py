@@ -6,6 +6,7 @@ on stdout. OpAMP over HTTP at /v1/opamp;
 the tests steer it and read what agents reported through /control/:
 
     POST /control/offer?type=text/yaml   body: the remote config to offer every agent (empty: none)
+    POST /control/offer?withdraw=1        offer an empty config map: "no remote config" (the local one)
     POST /control/mode?mode=M[&delay_s=S]  normal | garbage (200, not protobuf) | unavailable (503,
                                            Retry-After: 1) | server_error (ServerErrorResponse) | slow
                                            (answers after delay_s)
@@ -112,7 +113,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self._body()
         if parts.path == "/control/offer":
             with STATE.lock:
-                if body:
+                if query.get("withdraw"):
+                    STATE.offer = opamp_pb2.AgentRemoteConfig(config_hash=hashlib.sha256(b"").digest())
+                elif body:
                     rc = opamp_pb2.AgentRemoteConfig(config_hash=hashlib.sha256(body).digest())
                     rc.config.config_map[query.get("name", "")].CopyFrom(
                         opamp_pb2.AgentConfigFile(body=body, content_type=query.get("type", "text/yaml")))
@@ -195,6 +198,10 @@ class OpampServer:
     def offer(self, text: str, content_type: str = "text/yaml", name: str = "") -> str:
         """Offer `text` as the remote config (\"\" withdraws it); returns its hash in hex."""
         return self._call("POST", f"/control/offer?type={content_type}&name={name}", text.encode()).decode()
+
+    def withdraw(self) -> str:
+        """Offer an empty remote config (the agent goes back to its local file); returns its hash in hex."""
+        return self._call("POST", "/control/offer?withdraw=1").decode()
 
     def mode(self, mode: str, delay_s: float = 0.0) -> None:
         self._call("POST", f"/control/mode?mode={mode}&delay_s={delay_s}")

@@ -167,6 +167,8 @@ class OpampConfig:
     heartbeat_interval_s: float = 30.0  # a message at least this often (HTTP: the server answers only then)
     timeout_s: float = 10.0  # one exchange, connect to the last byte of the answer
     instance_uid_file: str = "/var/lib/bpfprof/instance_uid"  # the agent's OpAMP id, kept across restarts
+    # The last remote config applied, kept so a restart runs it before (or without) the server: "" = not kept
+    remote_config_file: str = "/var/lib/bpfprof/remote_config.json"
     allow_remote: tuple[str, ...] = DEFAULT_ALLOW_REMOTE  # key paths (or sections) a remote config may set
 
 
@@ -457,6 +459,8 @@ def _validate_opamp(o: OpampConfig) -> None:
     _check(0 < o.timeout_s <= 300, "opamp.timeout_s", "a number of seconds above 0, at most 300", o.timeout_s)
     _check(not o.ca_file or os.path.isfile(o.ca_file), "opamp.ca_file", "a readable file", o.ca_file)
     _check(o.instance_uid_file.startswith("/"), "opamp.instance_uid_file", "an absolute path", o.instance_uid_file)
+    _check(not o.remote_config_file or o.remote_config_file.startswith("/"), "opamp.remote_config_file",
+           "an absolute path, or empty not to keep remote configs", o.remote_config_file)
     keys = config_keys()
     for i, key in enumerate(o.allow_remote):
         known = any(k == key or k.startswith(key + ".") or k.startswith(key + "[]") for k in keys)

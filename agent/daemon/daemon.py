@@ -50,7 +50,15 @@ from agent.daemon.config import AgentConfig, effective_config_text
 from agent.daemon.export_queue import Batch, BatchExporter, ExportQueue, OtlpBatchExporter, PprofDirExporter
 from agent.daemon.governor import GOVERN_PERIOD_S, CostMeter, Governor, Steered, steered
 from agent.daemon.metrics import AgentCollector, AgentStats, MetricsServer, make_registry
-from agent.daemon.opamp import Health, OpampClient, RemoteOffer, RemoteStatus, load_instance_uid
+from agent.daemon.opamp import (
+    Health,
+    OpampClient,
+    RemoteOffer,
+    RemoteStatus,
+    load_instance_uid,
+    load_remote_config,
+    save_remote_config,
+)
 from agent.daemon.relabel import Relabeler
 from agent.daemon.selection import Selector, read_identity
 from agent.probes.family import ProbeConfig
@@ -272,8 +280,10 @@ class Daemon:
                  collector_factory: CollectorFactory = BpfCollector,
                  exporters_factory: ExportersFactory = make_exporters, host_name: str | None = None,
                  cache: SymbolCache | None = None) -> None:
-        self.cfg = cfg
         self.reload_config = reload_config
+        self._remote: dict | None = None  # the last remote config applied; every reload puts it on top
+        self._restored: RemoteOffer | None = None  # the one kept from the last run, started with
+        self.cfg = cfg = self._restore_remote(cfg)
         self.collector_factory = collector_factory
         self.exporters_factory = exporters_factory
         self.host_name = host_name or cfg.node_name or socket.gethostname()
@@ -296,7 +306,6 @@ class Daemon:
         self._reloader: threading.Thread | None = None
         self._reloaded: tuple[AgentConfig, list[ExportQueue] | None] | BpfprofError | None = None
         self._reload_offer: RemoteOffer | None = None  # the remote config the reload in flight applies
-        self._remote: dict | None = None  # the last remote config applied; every reload puts it on top
         self.opamp: OpampClient | None = None
         self._last_losses: dict[str, int] = {}  # the last cut interval's losses, for the health reported
         self._pending: collections.deque[Interval] = collections.deque()
@@ -598,6 +607,26 @@ class Daemon:
         self.metrics = MetricsServer(listen, make_registry(collector), self.stats, collector=collector)
         log.info("metrics on http://%s/metrics", listen)
 
+    def _restore_remote(self, local: AgentConfig) -> AgentConfig:
+        """`local` with the remote config the last run applied on top (kept in opamp.remote_config_file),
+        validated against the local file as any offer is: a fleet's config holds across a restart while
+        the server is down. One no longer valid (the local file changed) is logged and dropped."""
+        if not local.opamp.endpoint or self.reload_config is None:
+            return local
+        kept = load_remote_config(local.opamp.remote_config_file)
+        if kept is None:
+            return local
+        try:
+            cfg = self.reload_config(kept.tree)
+        except BpfprofError as e:
+            log.warning("opamp: the remote config %s kept from the last run is not valid here (%s): starting "
+                        "with the local config", kept.config_hash.hex()[:16], e)
+            save_remote_config(local.opamp.remote_config_file, RemoteOffer(kept.config_hash, {}))
+            return local
+        log.info("opamp: starting with the remote config %s kept from the last run", kept.config_hash.hex()[:16])
+        self._remote, self._restored = kept.tree, kept
+        return cfg
+
     # --- SIGHUP -------------------------------------------------------------------
 
     def _start_reload(self, offer: RemoteOffer | None = None) -> None:
@@ -713,6 +742,7 @@ class Daemon:
         if offer is not None:
             self._remote = offer.tree
             self._remote_outcome(offer)
+            save_remote_config(new.opamp.remote_config_file, offer)
         else:
             log.info("config reloaded")
         if new.export.interval_s != old.export.interval_s:
@@ -732,6 +762,9 @@ class Daemon:
             return
         self.stats.opamp = self.opamp.stats
         self.opamp.set_effective_config(effective_config_text(self.cfg))
+        if self._restored is not None:
+            self.opamp.restored(self._restored)
+            self._restored = None
         self._report_health()
         self.opamp.start()
 

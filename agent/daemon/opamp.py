@@ -27,8 +27,10 @@ agent within one heartbeat, which is what fleet rollouts need.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -65,6 +67,7 @@ EFFECTIVE_CONFIG_TYPE = "text/yaml"
 YAML_TYPES = ("", "text/yaml", "application/yaml", "application/x-yaml", "text/x-yaml", "application/json",
               "text/json")
 UID_FILE_MAX_BYTES = 256
+REMOTE_FILE_MAX_BYTES = 8 << 20  # a kept remote config: one config (MAX_CONFIG_BYTES of YAML) as JSON
 
 
 class Outcome(enum.StrEnum):
@@ -216,6 +219,48 @@ def read_offer(remote: opamp_pb2.AgentRemoteConfig) -> RemoteOffer:
         return RemoteOffer(h, None, str(e))
 
 
+def save_remote_config(path: str, offer: RemoteOffer) -> None:
+    """Keep the remote config just applied in `path` (JSON: its hash and tree; atomically, 0600: it may
+    carry export headers), so the next start runs it before the server answers; an empty one (the
+    server's "no remote config") removes the file. A failure is logged: the config lives for this run."""
+    if not path:
+        return
+    try:
+        if not offer.tree:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"config_hash": offer.config_hash.hex(), "config": offer.tree}, f)
+        os.replace(tmp, path)
+    except (OSError, TypeError, ValueError) as e:
+        log.warning("opamp: cannot keep the remote config in %s (%s): the next start begins with the local one",
+                    path, e)
+
+
+def load_remote_config(path: str) -> RemoteOffer | None:
+    """The remote config kept by save_remote_config, or None (none kept; one unreadable is logged and
+    removed, never half-used). The caller validates it against the local file like any offer."""
+    if not path:
+        return None
+    try:
+        data = json.loads(read_bounded(path, REMOTE_FILE_MAX_BYTES))
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not data["config"]:
+            raise ValueError("not a kept remote config")
+        return RemoteOffer(bytes.fromhex(data.get("config_hash", "")), data["config"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError, BpfprofError) as e:
+        log.warning("opamp: kept remote config %s unreadable (%s): removed; starting with the local config",
+                    path, e)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+
+
 # --- the client ----------------------------------------------------------------------------
 
 
@@ -281,6 +326,12 @@ class OpampClient:
         self.stats.remote_configs[status] += 1
         self._set("remote_config_status", opamp_pb2.RemoteConfigStatus(
             last_remote_config_hash=config_hash, status=_STATUS_PB[status], error_message=error))
+
+    def restored(self, offer: RemoteOffer) -> None:
+        """The daemon started with `offer`, kept from the last run: reported APPLIED, and the server's
+        offer of the same hash is not taken again."""
+        self._seen_hash = offer.config_hash
+        self.report_remote_status(offer.config_hash, RemoteStatus.APPLIED)
 
     def take_offer(self) -> RemoteOffer | None:
         """The newest remote config not yet taken (None: nothing new). Called from the daemon's loop."""

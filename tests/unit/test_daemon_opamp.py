@@ -7,6 +7,7 @@ OpAMP server is the loopback process (tests/opamp_server.py).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -84,7 +85,8 @@ def running(tmp_path):
             "profiling": {"frequency_hz": 199}, "selection": {"exe_names": ["burn_a"]},
             "export": {"interval_s": 1}, "metrics": {"listen": ""}, "log_level": "debug",
             "opamp": {"endpoint": server.endpoint, "heartbeat_interval_s": 1,
-                      "instance_uid_file": str(tmp_path / "uid")}}))
+                      "instance_uid_file": str(tmp_path / "uid"),
+                      "remote_config_file": str(tmp_path / "state" / "remote_config.json")}}))
 
         def load(remote: dict | None = None) -> AgentConfig:
             return load_config(str(path), environ={}, remote=remote)
@@ -136,6 +138,59 @@ def test_remote_config_applied_failed_and_kept_across_sighup(running):
         time.sleep(0.05)
     assert daemon.cfg.export.interval_s == 2 and daemon.cfg.profiling.frequency_hz == 49
     assert daemon.cfg.selection.exe_names == ("burn_b",)
+
+
+def test_the_applied_remote_config_is_kept_for_the_next_start(running, tmp_path, caplog):
+    """The config a server applied is what the next start runs, before the server answers (here: never,
+    it is gone), still bounded by the local file; an empty offer ends it; a kept file that is garbage or
+    no longer allowed is dropped with a log line, and the local config runs."""
+    daemon, server, path = running
+    kept = tmp_path / "state" / "remote_config.json"
+    good = server.offer("profiling:\n  frequency_hz: 49\n")
+    assert status_for(server, good)["status"] == "APPLIED"
+    bad = server.offer("profiling:\n  frequency_hz: 0\n")
+    assert status_for(server, bad)["status"] == "FAILED"
+    assert json.loads(kept.read_text())["config_hash"] == good, "a FAILED offer does not replace the kept one"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    daemon.stop()
+    local = path.read_text().replace(server.endpoint, "http://127.0.0.1:9/v1/opamp")  # nobody listens there
+
+    def start() -> Daemon:
+        path.write_text(local)
+
+        def load(remote: dict | None = None) -> AgentConfig:
+            return load_config(str(path), environ={}, remote=remote)
+        return Daemon(load(), reload_config=load, collector_factory=FakeCollector,
+                      exporters_factory=lambda cfg, host: [], host_name="host-a")
+
+    again = start()
+    assert again.cfg.profiling.frequency_hz == 49, "the kept remote config runs from the start"
+    again._start_opamp()
+    try:
+        assert again.opamp is not None and again.opamp.stats.remote_configs["applied"] == 1
+        assert again.opamp._seen_hash.hex() == good, "the same offer is not applied twice"
+    finally:
+        again.opamp.stop(0.1)
+
+    tree = yaml.safe_load(local)
+    tree["opamp"]["allow_remote"] = ["export"]
+    local = yaml.safe_dump(tree)
+    assert start().cfg.profiling.frequency_hz == 199, "no longer allowed by the local file: the local config"
+    assert not kept.exists() and "not valid here" in caplog.text
+
+    kept.write_text("{not json")
+    assert start().cfg.profiling.frequency_hz == 199 and not kept.exists()
+    assert "unreadable" in caplog.text
+
+
+def test_an_empty_offer_ends_the_kept_remote_config(running, tmp_path):
+    daemon, server, _ = running
+    kept = tmp_path / "state" / "remote_config.json"
+    assert status_for(server, server.offer("profiling:\n  frequency_hz: 49\n"))["status"] == "APPLIED"
+    assert kept.exists()
+    assert status_for(server, server.withdraw())["status"] == "APPLIED"
+    assert not kept.exists()
+    assert daemon.cfg.profiling.frequency_hz == 199, "the local file's again"
 
 
 def test_probe_restart_keeps_interval_numbers_going(running):
