@@ -782,7 +782,7 @@ class Daemon:
             reasons.append(f"samples lost in the last interval: {lost}")
         gov = self.governor
         if gov is not None and gov.enabled and gov.at_floor_over_budget:
-            reasons.append(f"over the CPU budget at the floor of {gov.floor_hz} Hz")
+            reasons.append(f"over the CPU budget with {', '.join(gov.factors)} at their floor ({gov.floor_hz} Hz)")
         return Health(not reasons, "; ".join(reasons), self._started_ns)
 
     def _report_health(self) -> None:
