@@ -72,6 +72,15 @@ def map_update(fd: int, key: ctypes._SimpleCData, value: ctypes._SimpleCData) ->
     _check(lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "bpf map update")
 
 
+def map_delete(fd: int, key: ctypes._SimpleCData) -> bool:
+    """Delete `key`; False if it was not there (BpfLoadError for any other refusal)."""
+    rc = lib().bpf_map_delete_elem(fd, ctypes.byref(key))
+    if rc == -errno.ENOENT:
+        return False
+    _check(rc, "bpf map delete")
+    return True
+
+
 def map_lookup_percpu_u64(fd: int, key: int) -> list[int]:
     """One key of a BPF_PERCPU_ARRAY of u64: a value per possible CPU."""
     n = possible_cpus()

@@ -292,6 +292,8 @@ _UNWIND_TABLE_METRICS = {
                           "Files that did not fit the walker's table (walked with frame pointers)."),
     "processes_registered": ("unwind_processes_registered", "Processes given a table of mappings."),
     "process_table_full": ("unwind_process_table_full", "Registrations refused: the process table was full."),
+    "stale_deleted": ("unwind_stale_tables_deleted", "Tables of processes registered after their exit, "
+                      "deleted when they were found gone."),
 }
 
 

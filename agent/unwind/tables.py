@@ -96,6 +96,7 @@ class TableStats:
     processes_registered: int = 0
     registrations: int = 0
     process_table_full: int = 0
+    stale_deleted: int = 0  # tables of processes found gone that BPF still held (registered after their exit)
 
 
 @dataclass
@@ -260,6 +261,14 @@ class UnwindTables:
             for pid in dead:
                 if pid in self._registered:
                     self._drop(pid)
+                    # BPF deletes a table at its process's exit, but not one written after it (the worker
+                    # registered a snapshot of a process that had just exited): without this it stays
+                    # until the pid is reused, and under churn such tables fill unwind_procs.
+                    try:
+                        if libbpf.map_delete(self._procs_fd, ctypes.c_uint32(pid)):
+                            self.stats.stale_deleted += 1
+                    except BpfLoadError as e:
+                        log.debug("pid %d: unwind table not deleted: %s", pid, e)
                 self._noted.pop(pid, None)
 
     # -- worker -----------------------------------------------------------------------
@@ -398,6 +407,7 @@ class UnwindTables:
         out.update(files_loaded=st.files_loaded, table_bytes=st.bytes_loaded, files_evicted=st.files_evicted,
                    files_over_budget=st.files_over_budget, processes_registered=st.processes_registered,
                    registrations=st.registrations, process_table_full=st.process_table_full,
+                   stale_deleted=st.stale_deleted,
                    build_ms=round(st.build_seconds * 1000))
         return out
 

@@ -9,14 +9,23 @@ binomial spread of ~1 pp on a 70/30 split at 2000 samples).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from agent.bpfload import libbpf
+from agent.processes.tracker import ProcessTracker
+from agent.unwind.tables import UnwindProc, UnwindTables
 from fixtures.builder import build_c, build_go
 from recording import Decoded, read_pprof, run_bpfprof
 from symbolizer.elf import ElfFile
+from symbolizer.file_symbols import SymbolCache
+
+BPF_MAP_TYPE_HASH, BPF_F_NO_PREALLOC = 1, 1
 
 FREQUENCY_HZ = "499"
 TOLERANCE = 0.03  # percentage points, as a fraction
@@ -199,3 +208,33 @@ def test_fresh_binary_every_200ms_complete_from_the_first_sample(tmp_path, recor
     assert sum(complete.values()) >= 0.95 * total, f"{sum(complete.values())} of {total} complete; {summary}"
     short = {Path(f).name: n for f, n in complete.items() if n < 0.8 * total / EXEC_FILES}
     assert not short, f"files with fewer complete samples than 80 % of {total / EXEC_FILES:.0f}: {short}"
+
+
+def test_a_table_registered_after_its_process_exited_is_deleted_from_bpf():
+    """BPF deletes a process's table at its exit; one the worker wrote after that (a snapshot registered
+    moments too late, as under churn) stayed until the pid was reused and, in numbers, filled the table.
+    A real BPF hash map, as unwind_procs is (root, as the BPF tests)."""
+    procs_fd = libbpf.map_create(BPF_MAP_TYPE_HASH, "unwind_procs", 4, ctypes.sizeof(UnwindProc), 64,
+                                 flags=BPF_F_NO_PREALLOC)
+    try:
+        tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
+        tables = UnwindTables({"unwind_rows": -1, "unwind_procs": procs_fd, "unwind_stats": -1}, tracker, 1024)
+        tables._file_rows = lambda fs: None  # every mapping walked by frame pointers: no rows map needed
+        live = subprocess.Popen(["sleep", "60"])
+        late = subprocess.Popen(["sleep", "60"])
+        try:
+            for child in (live, late):
+                info = tracker.observe(child.pid)
+                assert info is not None and tables.register(info)
+        finally:
+            late.kill()
+            late.wait()  # gone; BPF's exit hook is not loaded here, as if it had run before the write
+        try:
+            tables.forget_dead(lambda pid: os.path.exists(f"/proc/{pid}"))
+            assert libbpf.map_keys_u32(procs_fd) == [live.pid]
+            assert tables.stats.stale_deleted == 1
+        finally:
+            live.kill()
+            live.wait()
+    finally:
+        os.close(procs_fd)

@@ -126,3 +126,4 @@ def test_a_pid_evicted_is_re_read_again_at_a_pc_outside_its_snapshot():
     finally:
         child.kill()
         child.wait()
+
