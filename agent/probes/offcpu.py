@@ -9,6 +9,7 @@ too; the `state` label tells them apart from sleeps.
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Callable
 
 from agent.bpfload import libbpf
@@ -24,6 +25,9 @@ from exporters.profile import Location, Profile
 # Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
 # beyond that the least recently switched-out are evicted and their block is lost.
 MAX_THREADS = 8192
+# Counting the stash's entries (for its evictions) is a syscall per entry, up to MAX_THREADS (~20 ms):
+# done at every cut only while the stash may be near full (where evictions happen), else this often.
+EVICTION_WALK_S = 60.0
 # Threads of Python processes whose frames can wait at once (~0.5 KiB each): their own LRU, so that the
 # stash does not carry room for a trailer most threads never have; beyond it a block loses its Python
 # frames (counted), not its native stack.
@@ -118,6 +122,7 @@ class OffCpuProbe(ProbeFamily):
         self.min_ns = SettingChanges(config.offcpu_min_ns)  # the offcpu_min_ns map; set_min_ns moves it
         self.needs_drain_clock = True  # a stashed sleep is sent at switch-in without an immediate wake-up
         self._evicted = 0  # the highest eviction count read (a reading races the programs: never lower it)
+        self._walked_at = -EVICTION_WALK_S  # monotonic time of the last count of the stash's entries
 
     def defines(self) -> dict[str, int]:
         return {"OFFCPU_MAX_THREADS": MAX_THREADS, "OFFCPU_PY_THREADS": MAX_PYTHON_THREADS, **super().defines()}
@@ -159,6 +164,13 @@ class OffCpuProbe(ProbeFamily):
         if self.objs is None or self.STASH not in self.objs.maps:
             return 0
         stashed = read_percpu_total(self.objs, self.COUNTERS, STASHED)
+        now = time.monotonic()
+        # stashed - consumed = entries left + evicted: under half the capacity, a walk now finds at most the
+        # evictions of a past crowd, which the walk every EVICTION_WALK_S counts (late, not lost).
+        if (stashed - read_percpu_total(self.objs, self.COUNTERS, CONSUMED) < MAX_THREADS // 2
+                and now - self._walked_at < EVICTION_WALK_S):
+            return self._evicted
+        self._walked_at = now
         left = len(set(libbpf.map_keys_u32(self.objs.maps[self.STASH])))
         consumed = read_percpu_total(self.objs, self.COUNTERS, CONSUMED)
         self._evicted = max(self._evicted, stashed - consumed - left)

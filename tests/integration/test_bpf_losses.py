@@ -59,9 +59,11 @@ def test_family_losses_become_lost_samples_once_per_growth():
         target.wait()
 
 
-def test_off_cpu_blocks_lost_on_every_path_are_counted():
+def test_off_cpu_blocks_lost_on_every_path_are_counted(monkeypatch):
     """Each way bpf/offcpu.bpf.c can leave a block unsent has a reason, and a stash entry the LRU evicted
-    is counted from what was added, deleted at switch-in, and is left."""
+    is counted from what was added, deleted at switch-in, and is left (counted at every cut here; the
+    agent counts the entries left only every EVICTION_WALK_S while the stash is far from full)."""
+    monkeypatch.setattr(offcpu, "EVICTION_WALK_S", 0.0)
     target = subprocess.Popen(["sleep", "120"])  # asleep the whole time: it adds nothing to the stash
     cfg = AgentConfig(profiling=ProfilingConfig(profiles=("offcpu",)), selection=SelectionConfig(pids=(target.pid,)))
     stats = AgentStats()
