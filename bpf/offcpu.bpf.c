@@ -23,6 +23,18 @@
  * put together with its trailer in the per-CPU scratch (finish_record);
  * one whose entry was evicted goes without it, counted (OFFCPU_PY_LOST).
  *
+ * Nothing leaves the stash uncounted: an entry is deleted when its block is
+ * sent or left out (short, OFFCPU_SHORT), and each way a block can go
+ * unsent has its counter: a stash update that failed, an entry bigger than a
+ * record, a record the Python path could not build, a switch-in the program
+ * missed (found at the next switch-out: OFFCPU_UNCONSUMED; a missed
+ * switch-out the kernel counts as the program's recursion misses, read by the
+ * agent). The LRU evicts entries of the longest-blocked threads when more
+ * than OFFCPU_MAX_THREADS are off CPU at once; OFFCPU_STASHED and
+ * OFFCPU_CONSUMED let the agent count those: stashed - consumed - entries
+ * left = evicted. A thread's last switch-out (exiting) is not a block and is
+ * not stashed.
+ *
  * Compile-time switches: OFFCPU_MAX_THREADS (stash capacity),
  * OFFCPU_PY_THREADS (capacity of the Python frames' LRU). The threshold,
  * offcpu_min_ns[0], is written by the agent after the load (not compiled in:
@@ -38,7 +50,16 @@
 #define OFFCPU_STASH_FAILED 0 /* stash update failed: that block is lost */
 #define OFFCPU_SHORT 1        /* blocks under offcpu_min_ns[0], left out on purpose */
 #define OFFCPU_PY_LOST 2      /* a block's Python frames evicted from offcpu_py (or not kept): sent without */
-#define OFFCPU_COUNTERS 3
+#define OFFCPU_TOO_BIG 3      /* a stash entry's frame counts exceed the record: not sent */
+#define OFFCPU_UNSENT 4       /* the record with Python frames could not be built: not sent */
+#define OFFCPU_UNCONSUMED 5   /* a switch-out found the thread's last block unsent (its switch-in missed) */
+#define OFFCPU_STASHED 6      /* entries added to the stash (not a loss: for the eviction count) */
+#define OFFCPU_CONSUMED 7     /* entries deleted at switch-in, sent or not (not a loss: idem) */
+#define OFFCPU_NO_SCRATCH 8   /* no per-CPU scratch for a switch-out: that block is lost */
+#define OFFCPU_COUNTERS 9
+
+/* sched_switch prev_state of a thread's last switch-out (EXIT_DEAD, EXIT_ZOMBIE as TASK_REPORT bits). */
+#define OFFCPU_EXITING (0x10 | 0x20)
 
 /* In a stash entry's aux until its switch-in: offcpu_py holds its Python frames. prev_state never uses it. */
 #define OFFCPU_AUX_PY (1ULL << 63)
@@ -64,8 +85,14 @@ static __always_inline void offcpu_count(u32 what)
 static __always_inline void offcpu_stash_record(struct bpfprof_stack_record *r)
 {
     u32 tid = r->h.tid;
+    /* Entries are deleted at switch-in: one still here is a block whose switch-in the program missed. */
+    struct bpfprof_stack_record *old = offcpu_stash.lookup(&tid);
+    if (old && old->h.ktime_ns != 0)
+        offcpu_count(OFFCPU_UNCONSUMED);
     if (offcpu_stash.update(&tid, r) != 0)
         offcpu_count(OFFCPU_STASH_FAILED);
+    else if (!old)
+        offcpu_count(OFFCPU_STASHED);
 }
 
 /* Keep the Python frames py_read_frames just read for the thread going off CPU (none: nothing to keep). */
@@ -103,7 +130,10 @@ static __always_inline void offcpu_send(struct bpfprof_stack_record *s, u32 tid,
         return;
     }
     t->kind = BPFPROF_CTX_NONE;  /* off-CPU records carry no trace context */
-    submit_record(&out->r, finish_record(&out->r));  /* appends (and consumes) the py_scratch trailer */
+    u64 full = finish_record(&out->r);  /* appends (and consumes) the py_scratch trailer */
+    if (full == 0)
+        offcpu_count(OFFCPU_UNSENT);
+    submit_record(&out->r, full);
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
@@ -111,8 +141,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
     /* `next` first: the switch-out below may end in a tail call (the BPF walker), which never returns. */
     u32 next = args->next_pid;
     struct bpfprof_stack_record *s = next != 0 ? offcpu_stash.lookup(&next) : 0;
-    /* No entry: not a target, or off CPU since before the capture (or
-     * evicted from a full stash). ktime 0: already consumed. */
+    /* No entry: not a target, off CPU since before the capture, a new
+     * thread's first run, or evicted from a full stash (counted by the agent
+     * from OFFCPU_STASHED - OFFCPU_CONSUMED). */
     if (s && s->h.ktime_ns != 0) {
         u64 now = bpf_ktime_get_ns();
         u64 delta = now - s->h.ktime_ns;
@@ -127,17 +158,25 @@ TRACEPOINT_PROBE(sched, sched_switch)
             u64 size = sizeof(struct bpfprof_header) + (kn + un) * sizeof(u64);
             if (size <= sizeof(*s))
                 offcpu_send(s, next, size);
+            else
+                offcpu_count(OFFCPU_TOO_BIG);
         }
         s->h.ktime_ns = 0;  /* consumed: a second switch-in without a switch-out is not a block */
+        if (offcpu_stash.delete(&next) == 0)
+            offcpu_count(OFFCPU_CONSUMED);
     }
 
     u32 prev = args->prev_pid;
     u64 id = bpf_get_current_pid_tgid();
     if (prev == 0 || (u32)id != prev || !is_target(id >> 32))
         return 0;
+    if (args->prev_state & OFFCPU_EXITING)
+        return 0;  /* its last switch-out: it never runs again, so this is no block */
     struct bpfprof_stack_record *r = new_record(BPFPROF_KIND_OFFCPU, 0, args->prev_state);
-    if (!r)
+    if (!r) {
+        offcpu_count(OFFCPU_NO_SCRATCH);
         return 0;
+    }
     /* before the walk below: it may end in a tail call that stashes the record */
     py_read_frames(id >> 32, current_fsbase());
     offcpu_keep_py(r);

@@ -13,7 +13,17 @@ static __always_inline void unwind_done(void *ctx, struct unwind_state *st, stru
     r->h.user_frames = st->frames & (BPFPROF_IPS - 1);
 #if BPFPROF_OFFCPU_STASH
     if (st->done == UNWIND_DONE_STASH) {
-        /* no room for a copy in the stash: a fallback keeps the frames walked */
+        /* No room for a copy in the stash. A walk that met code outside the table at its leaf (the
+         * table is older than the process's code: a snapshot taken before the dynamic loader mapped
+         * libc, or before an exec) takes frame pointers, as without a table; the agent sees the leaf
+         * outside its snapshot and re-reads it (ProcessTracker.note_record), which registers the
+         * table again. Further up, the frames walked are kept: a stack cut short, counted. */
+        if (fallback) {
+            if (st->frames <= 1)
+                read_user_stack(ctx, r, st->kn, 0);
+            else
+                unwind_count(UNWIND_FALLBACK_NO_COPY);
+        }
         offcpu_stash_record(r);
         return;
     }

@@ -558,7 +558,8 @@ class ProgRunInfo(ctypes.Structure):
                 ("jited_line_info", ctypes.c_uint64), ("nr_jited_line_info", ctypes.c_uint32),
                 ("line_info_rec_size", ctypes.c_uint32), ("jited_line_info_rec_size", ctypes.c_uint32),
                 ("nr_prog_tags", ctypes.c_uint32), ("prog_tags", ctypes.c_uint64),
-                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
+                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
+                ("recursion_misses", ctypes.c_uint64)]
 
 
 def bpf_stats_enabled() -> bool:
@@ -574,6 +575,12 @@ def prog_run_time(fd: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a program so far; zeros while the kernel does not count them."""
     info = _obj_info(fd, ProgRunInfo())
     return int(info.run_time_ns), int(info.run_cnt)
+
+
+def prog_recursion_misses(fd: int) -> int:
+    """Runs of a program the kernel skipped because another BPF program was running on that CPU (counted
+    whether or not run-time statistics are on; 0 on kernels before 5.12, which do not count them)."""
+    return int(_obj_info(fd, ProgRunInfo()).recursion_misses)
 
 
 def prog_run_info(prog_id: int) -> ProgRunInfo | None:

@@ -206,7 +206,8 @@ class CapturePipeline:
             self.interval_samples += 1
             if rec.kernel_ips:
                 self.has_kernel_stacks = True
-            rec.image = self.tracker.note_record(rec.pid, rec.tid, rec.thread_name)
+            rec.image = self.tracker.note_record(rec.pid, rec.tid, rec.thread_name,
+                                                 rec.user_ips[0] if rec.user_ips else 0)
             if self._tables is not None:
                 self._tables.note(rec.pid, rec.image)
             counts = self.family_records

@@ -9,6 +9,7 @@ too; the `state` label tells them apart from sleeps.
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Callable
 
 from agent.bpfload import libbpf
@@ -24,12 +25,15 @@ from exporters.profile import Location, Profile
 # Threads whose stacks can wait in the stash at once (~2 KiB each, kernel memory);
 # beyond that the least recently switched-out are evicted and their block is lost.
 MAX_THREADS = 8192
+# Counting the stash's entries (for its evictions) is a syscall per entry, up to MAX_THREADS (~20 ms):
+# done at every cut only while the stash may be near full (where evictions happen), else this often.
+EVICTION_WALK_S = 60.0
 # Threads of Python processes whose frames can wait at once (~0.5 KiB each): their own LRU, so that the
 # stash does not carry room for a trailer most threads never have; beyond it a block loses its Python
 # frames (counted), not its native stack.
 MAX_PYTHON_THREADS = 2048
 # Counters of offcpu_counts (bpf/offcpu.bpf.c OFFCPU_*).
-STASH_FAILED, SHORT, PY_LOST = 0, 1, 2
+STASH_FAILED, SHORT, PY_LOST, TOO_BIG, UNSENT, UNCONSUMED, STASHED, CONSUMED, NO_SCRATCH = range(9)
 
 # prev_state at switch-out: the kernel's TASK_REPORT bits, 0x100 = preempted.
 # 0 (TASK_RUNNING) is a runnable thread that gave the CPU up (cond_resched,
@@ -102,14 +106,23 @@ class OffCpuProbe(ProbeFamily):
     reads_python = True
     # Blocks per CPU-second that pass the threshold on a busy host; sizes the ring buffer.
     events_per_cpu_s = 2000
+    STASH = "offcpu_stash"
     LOSSES = {"offcpu_stash_failed": "off-CPU blocks (stash update failed)",
-              "offcpu_python_lost": "off-CPU blocks' Python frames (evicted before the switch-in)"}
+              "offcpu_python_lost": "off-CPU blocks' Python frames (evicted before the switch-in)",
+              "offcpu_stash_evicted": "off-CPU blocks (evicted from a full stash before the switch-in)",
+              "offcpu_too_big": "off-CPU blocks (stash entry larger than a record)",
+              "offcpu_unsent": "off-CPU blocks (record with Python frames too big to send)",
+              "offcpu_switch_in_missed": "off-CPU blocks (switch-in not seen: overwritten at the next switch-out)",
+              "offcpu_switch_missed": "off-CPU blocks (sched_switch runs the program missed)",
+              "offcpu_no_scratch": "off-CPU blocks (no per-CPU scratch at the switch-out)"}
 
     def __init__(self, config: ProbeConfig, tracker: ProcessTracker) -> None:
         super().__init__(config, tracker)
         self._short_before = 0
         self.min_ns = SettingChanges(config.offcpu_min_ns)  # the offcpu_min_ns map; set_min_ns moves it
         self.needs_drain_clock = True  # a stashed sleep is sent at switch-in without an immediate wake-up
+        self._evicted = 0  # the highest eviction count read (a reading races the programs: never lower it)
+        self._walked_at = -EVICTION_WALK_S  # monotonic time of the last count of the stash's entries
 
     def defines(self) -> dict[str, int]:
         return {"OFFCPU_MAX_THREADS": MAX_THREADS, "OFFCPU_PY_THREADS": MAX_PYTHON_THREADS, **super().defines()}
@@ -118,7 +131,7 @@ class OffCpuProbe(ProbeFamily):
         return {self.PROGRAM: ProgType.TRACEPOINT}
 
     def maps(self) -> list[str]:
-        return [self.COUNTERS, self.MIN_NS]
+        return [self.COUNTERS, self.MIN_NS, self.STASH]
 
     def attach(self, objs: LoadedObjects) -> list[int]:
         super().attach(objs)
@@ -134,8 +147,40 @@ class OffCpuProbe(ProbeFamily):
         self.min_ns.set(min_ns)
 
     def loss_totals(self) -> dict[str, int]:
-        return {"offcpu_stash_failed": read_percpu_total(self.objs, self.COUNTERS, STASH_FAILED),
-                "offcpu_python_lost": read_percpu_total(self.objs, self.COUNTERS, PY_LOST)}
+        def count(index: int) -> int:
+            return read_percpu_total(self.objs, self.COUNTERS, index)
+
+        return {"offcpu_stash_failed": count(STASH_FAILED), "offcpu_python_lost": count(PY_LOST),
+                "offcpu_stash_evicted": self.evicted(), "offcpu_too_big": count(TOO_BIG),
+                "offcpu_unsent": count(UNSENT), "offcpu_switch_in_missed": count(UNCONSUMED),
+                "offcpu_switch_missed": self.switch_misses(), "offcpu_no_scratch": count(NO_SCRATCH)}
+
+    def evicted(self) -> int:
+        """Stash entries the LRU evicted so far (blocks lost): added - deleted at switch-in - still there.
+
+        Read in that order, a count can only come out low while the programs run (entries added after the
+        first reading, deleted before the last), never high: the highest reading is kept.
+        """
+        if self.objs is None or self.STASH not in self.objs.maps:
+            return 0
+        stashed = read_percpu_total(self.objs, self.COUNTERS, STASHED)
+        now = time.monotonic()
+        # stashed - consumed = entries left + evicted: under half the capacity, a walk now finds at most the
+        # evictions of a past crowd, which the walk every EVICTION_WALK_S counts (late, not lost).
+        if (stashed - read_percpu_total(self.objs, self.COUNTERS, CONSUMED) < MAX_THREADS // 2
+                and now - self._walked_at < EVICTION_WALK_S):
+            return self._evicted
+        self._walked_at = now
+        left = len(set(libbpf.map_keys_u32(self.objs.maps[self.STASH])))
+        consumed = read_percpu_total(self.objs, self.COUNTERS, CONSUMED)
+        self._evicted = max(self._evicted, stashed - consumed - left)
+        return self._evicted
+
+    def switch_misses(self) -> int:
+        """sched_switch runs the kernel skipped for the program (recursion misses): each may lose a block."""
+        if self.objs is None or self.PROGRAM not in self.objs.programs:
+            return 0
+        return libbpf.prog_recursion_misses(self.objs.programs[self.PROGRAM])
 
     def short_blocks_since_last(self) -> int:
         """Blocks left out for being short since the last call (at each cut)."""

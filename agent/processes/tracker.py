@@ -13,6 +13,7 @@ import errno
 import inspect
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,11 +54,16 @@ class TrackerStats:
     refresh_misses: int = 0  # refreshes that kept the snapshot held: the process was gone or exiting
     evictions: int = 0  # processes dropped by evict()
     refused: int = 0  # first sights turned away because the table was full
+    leaf_refreshes: int = 0  # re-reads for a record whose leaf was outside the snapshot (see note_record)
 
 
 # (dev, inode) -> symbols entries kept; past it the table is cleared (binaries
 # that churn, such as a build, would grow it without bound).
 INODE_CACHE_MAX = 4096
+# A process is re-read for a record's leaf outside its snapshot at most this often (note_record): code
+# that is never in a snapshot (freed JIT code) must not have every record re-read it.
+LEAF_REFRESH_S = 0.25
+USER_SPACE_END = 1 << 47  # x86_64 user addresses lie below; [vsyscall] is above and in no snapshot
 _MISSING: Any = object()  # a dict.get default that tells "absent" from a held None
 
 
@@ -89,6 +95,7 @@ class ProcessTracker:
         # Told of every pid evicted once no interval may still need what they hold of it (on_evict)
         self._listeners: list[Callable[[], Callable[[int], None] | None]] = []
         self._forget_later: dict[int, int] = {}  # evicted pid -> the interval that may still need it
+        self._leaf_refreshed: dict[int, float] = {}  # pid -> when a record's leaf last had it re-read
         self.stats = TrackerStats()
 
     def on_evict(self, forget: Callable[[int], None]) -> None:
@@ -143,7 +150,7 @@ class ProcessTracker:
         self._procs[info.pid] = info
         self._start.setdefault(info.pid, None)
 
-    def note_record(self, pid: int, tid: int, thread_name: str) -> ProcessInfo | None:
+    def note_record(self, pid: int, tid: int, thread_name: str, leaf: int = 0) -> ProcessInfo | None:
         """Call for every record: snapshots new processes, re-snapshots after an exec.
 
         An exec keeps the pid but replaces every mapping; the main thread's
@@ -151,8 +158,22 @@ class ProcessTracker:
         no longer matching the snapshot's is the cheap sign. The new image
         must be read while the process is alive: after it exits, a refresh
         at symbolization time would find nothing.
+
+        A snapshot taken while the process was still being set up has the
+        new name but not all its code: mid-exec, or before the dynamic loader
+        mapped libc. `leaf`, the record's first user address (0: none), is
+        code that ran: one outside the snapshot has it re-read (at most every
+        LEAF_REFRESH_S per process), or every later frame there stays
+        unresolved and the BPF walker's table (built from the snapshot)
+        stops at it.
         """
         info = self._procs.get(pid) if pid in self._procs else self.observe(pid)
+        if info is not None and 0 < leaf < USER_SPACE_END and info.symbols.mapping_at(leaf) is None:
+            now = time.monotonic()
+            if now - self._leaf_refreshed.get(pid, -LEAF_REFRESH_S) >= LEAF_REFRESH_S:
+                self._leaf_refreshed[pid] = now
+                self.stats.leaf_refreshes += 1
+                info = self.refresh(pid)
         if info is not None and tid == pid and thread_name and thread_name != info.name:
             info = self.refresh(pid)
         elif info is not None and tid != pid and thread_name and (pid, tid) not in self._named_tids:
@@ -290,6 +311,7 @@ class ProcessTracker:
                 gone += [pid for _, pid in candidates if pid not in gone_set][:excess]
         for pid in gone:
             self._procs.pop(pid, None)
+            self._leaf_refreshed.pop(pid, None)
             seq = self._last_seen.pop(pid, None)
             self._start.pop(pid, None)
             if seq is None or seq < safe_seq:

@@ -15,8 +15,10 @@ from agent.bpfload import libbpf
 from agent.daemon.config import AgentConfig, ProfilingConfig, SelectionConfig
 from agent.daemon.daemon import BpfCollector
 from agent.daemon.metrics import AgentStats
+from agent.probes import offcpu
 from agent.probes.heap import HEAP_STAT_LIVE_FULL, STATS_MAP
 from agent.probes.lock import MAP_FULL, LockProbe
+from agent.probes.offcpu import OffCpuProbe
 from agent.processes.tracker import ProcessTracker
 
 
@@ -51,6 +53,36 @@ def test_family_losses_become_lost_samples_once_per_growth():
         _set_percpu(maps[STATS_MAP], HEAP_STAT_LIVE_FULL, 5)
         collector.cut()
         assert stats.lost_samples["heap_live_map_full"] == 5 * libbpf.possible_cpus()
+    finally:
+        collector.close()
+        target.kill()
+        target.wait()
+
+
+def test_off_cpu_blocks_lost_on_every_path_are_counted(monkeypatch):
+    """Each way bpf/offcpu.bpf.c can leave a block unsent has a reason, and a stash entry the LRU evicted
+    is counted from what was added, deleted at switch-in, and is left (counted at every cut here; the
+    agent counts the entries left only every EVICTION_WALK_S while the stash is far from full)."""
+    monkeypatch.setattr(offcpu, "EVICTION_WALK_S", 0.0)
+    target = subprocess.Popen(["sleep", "120"])  # asleep the whole time: it adds nothing to the stash
+    cfg = AgentConfig(profiling=ProfilingConfig(profiles=("offcpu",)), selection=SelectionConfig(pids=(target.pid,)))
+    stats = AgentStats()
+    collector = BpfCollector(cfg, ProcessTracker(max_processes=cfg.limits.max_processes), stats)
+    try:
+        collector.start()
+        fd = collector.pipeline.objs.maps[OffCpuProbe.COUNTERS]
+        collector.cut()
+        assert not {r for r in stats.lost_samples if r.startswith("offcpu_")}  # nothing lost yet
+        want = {"offcpu_too_big": _set_percpu(fd, offcpu.TOO_BIG, 1),
+                "offcpu_unsent": _set_percpu(fd, offcpu.UNSENT, 2),
+                "offcpu_switch_in_missed": _set_percpu(fd, offcpu.UNCONSUMED, 3),
+                "offcpu_no_scratch": _set_percpu(fd, offcpu.NO_SCRATCH, 4),
+                "offcpu_stash_evicted": _set_percpu(fd, offcpu.STASHED, 7) - _set_percpu(fd, offcpu.CONSUMED, 2)}
+        interval = collector.cut()
+        assert {r: stats.lost_samples[r] for r in want} == want
+        assert {loss.reason: loss.count for loss in interval.losses if loss.reason in want} == want
+        collector.cut()  # no growth: nothing more
+        assert {r: stats.lost_samples[r] for r in want} == want
     finally:
         collector.close()
         target.kill()

@@ -71,3 +71,23 @@ def test_min_duration_threshold_leaves_short_blocks_out(tmp_path):
     comments = [prof.raw.string_table[i] for i in prof.raw.comment]
     left_out = [int(c.rsplit(" ", 1)[1]) for c in comments if "shorter than 5000000 ns left out" in c]
     assert left_out and left_out[0] >= 1900  # the naps (less any a busy machine stretched), counted in BPF
+
+
+def test_blocks_in_code_mapped_after_the_first_records_keep_their_stacks(tmp_path):
+    """The process is snapshotted (and its BPF unwind table written) at its first record, before it maps
+    the code it later blocks in: as when that first record comes before the dynamic loader mapped libc.
+    A block whose leaf lies outside the table was stashed with that leaf alone, and with no name change
+    nothing had the process read again: every block there lost its callers, its leaf unresolved."""
+    lib = build_c("offcpu_late_lib", flags=("-O2", "-g", "-fno-omit-frame-pointer", "-shared", "-fPIC"))
+    binary = build_c("offcpu_late_code")
+    out = tmp_path / "late.pb.gz"
+    proc = run_bpfprof("record", "--profile", "offcpu", "-o", str(out), "--", str(binary), str(lib), "0.5")
+    truth = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("wait_in_late_code ")))
+    prof = read_pprof(out)
+    mine = [s for s in prof.samples if "wait_in_late_code" in s.functions]
+    got = sum(s.values[1] for s in mine)
+    assert abs(got - truth) <= 0.10 * truth, (got, truth)
+    assert 20 <= sum(s.values[0] for s in mine) <= 22
+    # the leaf resolves in the library, under its caller, above the kernel's nanosleep
+    assert sum(s.values[1] for s in mine if "late_nap" in s.functions and any("do_nanosleep" in f for f in s.functions)) \
+        >= 0.95 * got
