@@ -458,6 +458,10 @@ class Daemon:
         changes = {"cpu": f"sampling frequency {before.frequency_hz} -> {after.frequency_hz} Hz",
                    "heap": f"heap sample rate {before.heap_sample_bytes} -> {after.heap_sample_bytes} bytes",
                    "offcpu": f"off-CPU threshold {before.offcpu_min_ns // 1000} -> {after.offcpu_min_ns // 1000} us"}
+        differ = {"cpu": before.frequency_hz != after.frequency_hz,
+                  "heap": before.heap_sample_bytes != after.heap_sample_bytes,
+                  "offcpu": before.offcpu_min_ns != after.offcpu_min_ns}
+        moved = [name for name in moved if differ[name]] or moved
         shares = ", ".join(f"{name} {c:.2f}%" for name, c in sorted(self.stats.family_cost_percent.items(),
                                                                    key=lambda kv: -kv[1]))
         log.info("overhead governor: cost %.2f%% of %d CPUs (budget %.2f%%; %s): %s%s", self.stats.cost_percent,
