@@ -617,7 +617,7 @@ class Daemon:
         the server is down. One no longer valid (the local file changed) is logged and dropped."""
         if not local.opamp.endpoint or self.reload_config is None:
             return local
-        kept = load_remote_config(local.opamp.remote_config_file)
+        kept = load_remote_config(local.opamp.remote_config_file, local.opamp.endpoint)
         if kept is None:
             return local
         try:
@@ -625,7 +625,7 @@ class Daemon:
         except BpfprofError as e:
             log.warning("opamp: the remote config %s kept from the last run is not valid here (%s): starting "
                         "with the local config", kept.config_hash.hex()[:16], e)
-            save_remote_config(local.opamp.remote_config_file, RemoteOffer(kept.config_hash, {}))
+            save_remote_config(local.opamp.remote_config_file, RemoteOffer(kept.config_hash, {}), local.opamp.endpoint)
             return local
         log.info("opamp: starting with the remote config %s kept from the last run", kept.config_hash.hex()[:16])
         self._remote, self._restored = kept.tree, kept
@@ -746,7 +746,7 @@ class Daemon:
         if offer is not None:
             self._remote = offer.tree
             self._remote_outcome(offer)
-            save_remote_config(new.opamp.remote_config_file, offer)
+            save_remote_config(new.opamp.remote_config_file, offer, new.opamp.endpoint)
         else:
             log.info("config reloaded")
         if new.export.interval_s != old.export.interval_s:

@@ -219,10 +219,11 @@ def read_offer(remote: opamp_pb2.AgentRemoteConfig) -> RemoteOffer:
         return RemoteOffer(h, None, str(e))
 
 
-def save_remote_config(path: str, offer: RemoteOffer) -> None:
-    """Keep the remote config just applied in `path` (JSON: its hash and tree; atomically, 0600: it may
-    carry export headers), so the next start runs it before the server answers; an empty one (the
-    server's "no remote config") removes the file. A failure is logged: the config lives for this run."""
+def save_remote_config(path: str, offer: RemoteOffer, endpoint: str) -> None:
+    """Keep the remote config just applied, from the server at `endpoint`, in `path` (JSON: the endpoint,
+    the hash and the tree; atomically, 0600: it may carry export headers), so the next start runs it
+    before the server answers; an empty one (the server's "no remote config") removes the file. A failure
+    is logged: the config lives for this run."""
     if not path:
         return
     try:
@@ -234,15 +235,16 @@ def save_remote_config(path: str, offer: RemoteOffer) -> None:
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"config_hash": offer.config_hash.hex(), "config": offer.tree}, f)
+            json.dump({"endpoint": endpoint, "config_hash": offer.config_hash.hex(), "config": offer.tree}, f)
         os.replace(tmp, path)
     except (OSError, TypeError, ValueError) as e:
         log.warning("opamp: cannot keep the remote config in %s (%s): the next start begins with the local one",
                     path, e)
 
 
-def load_remote_config(path: str) -> RemoteOffer | None:
-    """The remote config kept by save_remote_config, or None (none kept; one unreadable is logged and
+def load_remote_config(path: str, endpoint: str) -> RemoteOffer | None:
+    """The remote config kept by save_remote_config from the server at `endpoint`, or None (none kept, or
+    one from another server: left for a start that reports there again; one unreadable is logged and
     removed, never half-used). The caller validates it against the local file like any offer."""
     if not path:
         return None
@@ -250,6 +252,10 @@ def load_remote_config(path: str) -> RemoteOffer | None:
         data = json.loads(read_bounded(path, REMOTE_FILE_MAX_BYTES))
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not data["config"]:
             raise ValueError("not a kept remote config")
+        if data.get("endpoint") != endpoint:
+            log.info("opamp: the remote config kept in %s came from %s, not %s: starting with the local config",
+                     path, data.get("endpoint"), endpoint)
+            return None
         return RemoteOffer(bytes.fromhex(data.get("config_hash", "")), data["config"])
     except FileNotFoundError:
         return None

@@ -75,7 +75,8 @@ def test_remote_config_applied_then_a_bad_one_failed_while_profiling_goes_on(tmp
             "selection": {"exe_names": ["burn_a"]},
             "export": {"interval_s": 2, "pprof_dir": {"path": str(pprof_dir)}},
             "opamp": {"endpoint": server.endpoint, "heartbeat_interval_s": 1,
-                      "instance_uid_file": str(tmp_path / "instance_uid")}})
+                      "instance_uid_file": str(tmp_path / "instance_uid"),
+                      "remote_config_file": str(tmp_path / "remote_config.json")}})
         try:
             agent.wait_ready()
             reported = server.wait_for(lambda s: s.get("health", {}).get("healthy") and "effective_config" in s)

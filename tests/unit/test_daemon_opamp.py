@@ -142,8 +142,8 @@ def test_remote_config_applied_failed_and_kept_across_sighup(running):
 
 def test_the_applied_remote_config_is_kept_for_the_next_start(running, tmp_path, caplog):
     """The config a server applied is what the next start runs, before the server answers (here: never,
-    it is gone), still bounded by the local file; an empty offer ends it; a kept file that is garbage or
-    no longer allowed is dropped with a log line, and the local config runs."""
+    it answers 503), still bounded by the local file, and only while the agent reports to that server; a
+    kept file that is garbage or no longer allowed is dropped with a log line, and the local config runs."""
     daemon, server, path = running
     kept = tmp_path / "state" / "remote_config.json"
     good = server.offer("profiling:\n  frequency_hz: 49\n")
@@ -153,7 +153,8 @@ def test_the_applied_remote_config_is_kept_for_the_next_start(running, tmp_path,
     assert json.loads(kept.read_text())["config_hash"] == good, "a FAILED offer does not replace the kept one"
     assert kept.stat().st_mode & 0o777 == 0o600
     daemon.stop()
-    local = path.read_text().replace(server.endpoint, "http://127.0.0.1:9/v1/opamp")  # nobody listens there
+    server.mode("unavailable")  # the server is down when the agent starts again (503 to every message)
+    local = path.read_text()
 
     def start() -> Daemon:
         path.write_text(local)
@@ -171,6 +172,11 @@ def test_the_applied_remote_config_is_kept_for_the_next_start(running, tmp_path,
         assert again.opamp._seen_hash.hex() == good, "the same offer is not applied twice"
     finally:
         again.opamp.stop(0.1)
+
+    local = local.replace(server.endpoint, "http://127.0.0.1:9/v1/opamp")
+    assert start().cfg.profiling.frequency_hz == 199, "a config kept from another server is not applied"
+    local = local.replace("http://127.0.0.1:9/v1/opamp", server.endpoint)
+    assert kept.exists() and start().cfg.profiling.frequency_hz == 49, "...and kept for that server"
 
     tree = yaml.safe_load(local)
     tree["opamp"]["allow_remote"] = ["export"]
