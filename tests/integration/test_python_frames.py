@@ -10,6 +10,7 @@ Python frames up to the module's top level (or, in a thread, the thread's bootst
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -190,3 +191,26 @@ def test_unsupported_version_keeps_native_frames_and_is_named(tmp_path):
     assert not any("<module>" in s.functions for s in prof.samples)
     comments = [prof.raw.string_table[i] for i in prof.raw.comment]
     assert any("CPython 3.8" in c and "not supported" in c for c in comments), comments
+
+
+CFRAME_PYTHONS = [p for p in PYTHONS if re.search(r"python3\.1[12]$", p)]
+
+
+@pytest.mark.parametrize("python", CFRAME_PYTHONS)
+def test_an_eval_call_sampled_before_its_frame_is_linked_keeps_its_callers(python, tmp_path):
+    """3.11 and 3.12 link an eval call's _PyCFrame before they set its current frame: a sample there found
+    a stale or unreadable frame, and 1 % of this fixture's samples had no Python frame (counted as
+    unreadable). Now they read the caller's frames; the call, not yet running, stays a native frame."""
+    out = tmp_path / "inits.pb.gz"
+    run_bpfprof("record", "--frequency", str(HZ), "--no-kernel", "-o", str(out), "--",
+                python, str(FIXTURES / "class_inits.py"), "4")
+    prof = read_pprof(out)
+    calls = [s for s in prof.samples if "slot_tp_init" in s.functions]
+    assert len(calls) > 500, len(calls)
+    missing = [s.functions[:8] for s in calls if python_names(s)[-2:] != ["make", "<module>"]]
+    assert not missing, f"{len(missing)} of {len(calls)} samples without their callers' frames: {missing[:3]}"
+    # the window itself was sampled: the innermost eval call left native, under slot_tp_init
+    unlinked = [s for s in calls if EVAL_FRAME in s.functions[:s.functions.index("slot_tp_init")]]
+    assert unlinked, "no sample in the window before an eval call's frame is linked"
+    comments = [prof.raw.string_table[c] for c in prof.raw.comment]
+    assert not [c for c in comments if "Python frames could not be read" in c], comments
