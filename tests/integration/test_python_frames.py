@@ -119,12 +119,13 @@ def assert_all_reach(samples: list[DecodedSample], tops: set[str]) -> None:
     reached = [s for s in python if python_names(s) and python_names(s)[-1] in tops]
     n, total = sum(s.values[0] for s in reached), sum(s.values[0] for s in python)
     missing = [s.functions for s in python if s not in reached][:3]
-    # Known open defect (#16): at most one sample in a thousand may miss. Fixed: outer Python frames
-    # dropped when the native walk ended in unnamed addresses (python3.11+0x184b24) below the outer
-    # interpreter frames (they now follow the walk's last frame, PythonFrames.merge). Open: a CI run had
-    # 1 of 1274 thread samples on 3.12 with no Python frame at all (a thread in its start-up,
-    # thread_run -> type_call -> slot_tp_init -> _PyEval_EvalFrameDefault): its thread state not found
-    # or unreadable in BPF at that moment.
+    # At most one sample in a thousand may miss. Fixed: outer Python frames dropped when the native walk
+    # ended in unnamed addresses (python3.11+0x184b24) below the outer interpreter frames (they now follow
+    # the walk's last frame, PythonFrames.merge); samples of 3.11/3.12 between an eval call's cframe link
+    # and its frame link (thread_run -> ... type_call -> slot_tp_init -> _PyEval_EvalFrameDefault with no
+    # Python frame: 1 in 1274 thread samples in a CI run; test_an_eval_call_sampled_before_its_frame_is_
+    # linked_keeps_its_callers). Left: samples at interpreter start-up and finalization, where the thread
+    # state is not (or no longer) in the interpreter's list.
     assert total - n <= total // 1000, f"{n} of {total} samples reach {tops}; e.g. {missing}"
 
 
