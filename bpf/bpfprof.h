@@ -200,7 +200,7 @@ struct bpfprof_py_proc {
     u8 entry_kind;          /* BPFPROF_PY_ENTRY_* */
     u8 instr_kind;          /* BPFPROF_PY_INSTR_* */
     u8 owner_cstack;        /* FRAME_OWNED_BY_CSTACK (BPFPROF_PY_ENTRY_OWNER) */
-    u8 pad;
+    u8 cframe_previous;     /* _PyCFrame.previous (3.11, 3.12); unused without a cframe */
 };
 
 struct bpfprof_py_frames {

@@ -115,9 +115,44 @@ static __always_inline void py_read_frames(u32 tgid, u64 fsbase)
         goto fail;
     if (pp->cframe_current_frame == BPFPROF_PY_NO_CFRAME) {
         frame = cur;
-    } else if (cur == 0 ||
-               bpf_probe_read_user(&frame, 8, (void *)(cur + pp->cframe_current_frame)) != 0) {
-        goto fail;
+    } else {
+        if (cur == 0 || bpf_probe_read_user(&frame, 8, (void *)(cur + pp->cframe_current_frame)) != 0)
+            goto fail;
+        /* 3.11, 3.12: an eval call links its own _PyCFrame (tstate->cframe = &cframe, on its C stack) a few
+         * instructions before it sets cframe.current_frame, which until then is whatever that stack slot
+         * held: 0, an unreadable address, or a frame of an earlier call whose links are stale. Sampled
+         * there, the frames to read are the caller's: its cframe (cframe.previous, set first) names the
+         * frame that made the call, and the agent leaves the innermost eval frame native
+         * (PythonFrames.merge: fewer runs than eval calls). A chain is the call's own when its first entry
+         * frame (3.11: is_entry; 3.12: the C-stack shim) links to that caller frame. */
+        u64 prev_cf = 0, caller = 0;
+        if (bpf_probe_read_user(&prev_cf, 8, (void *)(cur + pp->cframe_previous)) != 0)
+            goto fail;
+        if (prev_cf != 0) {  /* 0: the thread's root cframe, whose current_frame is the chain's end */
+            if (bpf_probe_read_user(&caller, 8, (void *)(prev_cf + pp->cframe_current_frame)) != 0)
+                goto fail;
+            u8 is_bool = pp->entry_kind == BPFPROF_PY_ENTRY_BOOL, cstack = pp->owner_cstack;
+            u64 off_prev = pp->frame_previous, off_entry = pp->frame_entry, f = frame;
+            int stale = frame == 0;  /* a chain unread past 64 frames (deep recursion in one call) is kept */
+            for (int i = 0; i < BPFPROF_PY_MAX_FRAMES && !stale; i++) {
+                u64 prev = 0;
+                u8 mark = 0;
+                if (bpf_probe_read_user(&prev, 8, (void *)(f + off_prev)) != 0 ||
+                    bpf_probe_read_user(&mark, 1, (void *)(f + off_entry)) != 0) {
+                    stale = 1;
+                    break;
+                }
+                if (is_bool ? mark != 0 : mark == cstack) {
+                    stale = prev != caller;
+                    break;
+                }
+                f = prev;
+                if (f == 0)
+                    stale = 1;  /* the chain ended without the call's entry frame */
+            }
+            if (stale)
+                frame = caller;
+        }
     }
     int n;
     if (pp->entry_kind == BPFPROF_PY_ENTRY_ALL && pp->instr_kind == BPFPROF_PY_INSTR_LASTI_BYTES)

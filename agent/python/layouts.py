@@ -57,6 +57,9 @@ class PyLayout:
     unicode_state: int
     ascii_data: int  # sizeof(PyASCIIObject): a compact ASCII string's characters
     compact_data: int  # sizeof(PyCompactUnicodeObject): other compact strings' characters
+    # _PyCFrame.previous (3.11, 3.12): the caller's cframe, read when an eval call's own cframe is linked but
+    # its current_frame not yet set (bpf/python.bpf.h); 0 without a cframe
+    cframe_previous: int = 0
 
 
 # Mirrors of bpf/bpfprof.h's BPFPROF_PY_ENTRY_* and BPFPROF_PY_INSTR_*.
@@ -92,12 +95,14 @@ LAYOUTS: dict[tuple[int, int], PyLayout] = {
         **_STRINGS_OLD),
     (3, 11): PyLayout(
         version=(3, 11), runtime_interpreters_head=40, interp_threads_head=16, tstate_next=8, tstate_thread_id=152,
-        tstate_frame=56, cframe_current_frame=8, frame_code=32, frame_previous=48, frame_instr=56, frame_entry=68,
+        tstate_frame=56, cframe_current_frame=8, cframe_previous=16, frame_code=32, frame_previous=48,
+        frame_instr=56, frame_entry=68,
         entry_kind=ENTRY_BOOL, instr_kind=INSTR_POINTER, owner_cstack=0, code_filename=112, code_qualname=128,
         code_linetable=136, code_firstlineno=72, code_adaptive=184, line_table=LINE_LOCATIONS, **_STRINGS_OLD),
     (3, 12): PyLayout(
         version=(3, 12), runtime_interpreters_head=40, interp_threads_head=72, tstate_next=8, tstate_thread_id=136,
-        tstate_frame=56, cframe_current_frame=0, frame_code=0, frame_previous=8, frame_instr=56, frame_entry=70,
+        tstate_frame=56, cframe_current_frame=0, cframe_previous=8, frame_code=0, frame_previous=8,
+        frame_instr=56, frame_entry=70,
         entry_kind=ENTRY_OWNER, instr_kind=INSTR_POINTER, owner_cstack=3, code_filename=112, code_qualname=128,
         code_linetable=136, code_firstlineno=68, code_adaptive=192, line_table=LINE_LOCATIONS, **_STRINGS_NEW),
     (3, 13): PyLayout(

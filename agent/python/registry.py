@@ -75,7 +75,7 @@ class PyProcess:
         v.interpreters_head = self.runtime_addr + lay.runtime_interpreters_head
         for name in ("interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_frame",
                      "cframe_current_frame", "frame_code", "frame_previous", "frame_instr", "frame_entry",
-                     "code_adaptive", "entry_kind", "instr_kind", "owner_cstack"):
+                     "code_adaptive", "entry_kind", "instr_kind", "owner_cstack", "cframe_previous"):
             setattr(v, name, getattr(lay, name))
         return v
 
