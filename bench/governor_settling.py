@@ -7,7 +7,8 @@
 `bpfprof agent` profiles the whole machine at `--frequency` Hz with
 `limits.cpu_percent: --budget` while the Go fixture cpusplit burns its 70/30
 split on both CPUs and `--rate` short-lived processes a minute come and go.
-Every 5 s it prints the agent's cost over those 5 s, measured from outside
+Every export interval (10 s: each point holds one interval's build) it prints
+the agent's cost over it, measured from outside
 (its /proc/PID/stat CPU time, every thread, plus its BPF run time from the
 kernel: kernel.bpf_stats_enabled is switched on for the run and restored),
 next to the frequency the governor set (and, with `--profiles cpu,offcpu`,
@@ -40,7 +41,7 @@ from agent_churn import Churn, build_churn  # noqa: E402
 from fixtures.builder import build_go  # noqa: E402
 from recording import BPFPROF, read_pprof  # noqa: E402
 
-STEP_S = 5.0
+STEP_S = 10.0  # the export interval run() configures: every point holds one build
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -519,6 +519,7 @@ class Daemon:
                 self._builder_wake.wait()  # set by _cut and the shutdown: no timeout, no idle wake-ups
                 continue
             self._builder_done.clear()
+            cpu0 = time.thread_time()
             try:
                 self._build_one(interval)
             except Exception:  # noqa: BLE001  (one bad interval must not end the agent)
@@ -526,6 +527,7 @@ class Daemon:
                 self.stats.lose("build_error", interval.samples)
             released = self.cache.enforce_budget()  # here: no lookup is under way between two builds
             self._gc.after_build(released > 0)
+            self.meter.built(time.thread_time() - cpu0, self.cfg.export.interval_s)
             self._built.set()  # the sampling loop evicts what only this interval needed
             self._wake()
 

@@ -13,6 +13,10 @@ profiling.frequency_hz for all three:
     heap    BPF sample rate     = configured bytes between sampled allocations / factor
     offcpu  off-CPU threshold   = configured threshold + OFFCPU_STEP_NS x (1 / factor - 1)
 
+An interval's build is a burst of the agent's CPU once per export interval;
+the meter counts each build spread evenly over its interval (CostMeter.built),
+so that 5 s windows with and without one agree and decisions do not hunt.
+
 Each family's cost is its own programs' BPF run time plus the agent's CPU
 shared out by the records each family delivered (records are what the
 agent's work follows: parse, unwind, symbolize, build). Every
@@ -44,6 +48,7 @@ import collections
 import logging
 import os
 import resource
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -236,7 +241,15 @@ class CostMeter:
     """Cumulative agent CPU and BPF run time; the BPF figures and sample counts come from the pipeline."""
 
     def __init__(self, use_bpf_stats: bool) -> None:
+        """An interval's build is a burst of the agent's CPU once per export interval (tens of ms): windows
+        with and without one would alternate and the governor hunt around its budget. The builder reports
+        each build's CPU (built); a reading counts builds spread evenly over their interval instead."""
         self.use_bpf_stats = use_bpf_stats
+        self._lock = threading.Lock()
+        self._builds_cpu_s = 0.0  # CPU of every build so far (the builder thread's own clock)
+        self._build_rate = 0.0  # the last build's CPU per second of its interval
+        self._spread_s = 0.0  # builds' CPU counted so far, at the rate of the last one
+        self._spread_at: float | None = None
         self.source = "bpf_stats" if use_bpf_stats else "estimate"
         self._base: dict[str, int] = {}  # run time of pipelines already closed (a reload restarts the probes)
         self._last: dict[str, int] = {}
@@ -254,6 +267,20 @@ class CostMeter:
             out[name] = base.get(name, 0) + n
         return out
 
+    def built(self, cpu_s: float, interval_s: float) -> None:
+        """The builder thread spent `cpu_s` on an interval `interval_s` long (called from that thread)."""
+        with self._lock:
+            self._builds_cpu_s += cpu_s
+            self._build_rate = cpu_s / interval_s if interval_s > 0 else 0.0
+
+    def _agent_cpu_s(self, now: float) -> float:
+        """The process's CPU with builds counted at the rate of the last one instead of as they happened."""
+        with self._lock:
+            if self._spread_at is not None:
+                self._spread_s += self._build_rate * (now - self._spread_at)
+            self._spread_at = now
+            return own_cpu_s() - self._builds_cpu_s + self._spread_s
+
     def read(self, bpf_run_time_ns: Mapping[str, int], samples: int,
              family_records: Mapping[str, int] | None = None) -> Reading:
         """A reading from the programs' run time by family (`shared`: programs of no one family), the samples
@@ -266,4 +293,5 @@ class CostMeter:
             total = samples * BPF_NS_PER_SAMPLE_ESTIMATE / 1e9
             # The estimate is per sample; samples are the families' records.
             family_bpf = {name: n * BPF_NS_PER_SAMPLE_ESTIMATE / 1e9 for name, n in records.items()}
-        return Reading(time.monotonic(), own_cpu_s(), total, family_bpf, records)
+        now = time.monotonic()
+        return Reading(now, self._agent_cpu_s(now), total, family_bpf, records)

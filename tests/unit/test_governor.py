@@ -218,3 +218,25 @@ def test_cost_meter_keeps_counts_rising_across_a_restart_of_the_probes():
     est = CostMeter(use_bpf_stats=False).read({}, 1000, {"cpu": 800, "offcpu": 200})
     assert est.bpf_s == 1000 * BPF_NS_PER_SAMPLE_ESTIMATE / 1e9
     assert est.family_bpf_s == {"cpu": 800 * BPF_NS_PER_SAMPLE_ESTIMATE / 1e9, "offcpu": 200 * BPF_NS_PER_SAMPLE_ESTIMATE / 1e9}
+
+
+def test_builds_count_spread_over_their_interval_so_windows_agree(monkeypatch):
+    """An interval's build is a burst once per export interval: 5 s windows with and without one differed
+    by the whole build and the governor hunted around its budget. Counted at the last build's rate, every
+    window after the first build costs the same."""
+    from agent.daemon import governor
+
+    cpu = [0.0]
+    monkeypatch.setattr(governor, "own_cpu_s", lambda: cpu[0])
+    meter = CostMeter(use_bpf_stats=False)
+    sampling, build = 0.01, 0.05  # CPU s/s of the sampling thread; CPU s of each build, every 10 s
+    readings = [meter._agent_cpu_s(0.0)]
+    for step in range(1, 13):  # 5 s steps; a build at the end of every other one
+        cpu[0] += sampling * 5
+        if step % 2 == 0:
+            cpu[0] += build
+            meter.built(build, 10.0)
+        readings.append(meter._agent_cpu_s(step * 5.0))
+    windows = [(b - a) / 5 for a, b in zip(readings[2:], readings[3:], strict=False)]
+    assert all(abs(w - (sampling + build / 10)) < 1e-9 for w in windows), windows
+    assert abs(readings[-1] - cpu[0]) <= build, "the CPU counted stays within a build of the process's own"
