@@ -184,7 +184,7 @@ class FallbackSink(Protocol):
 
     def want(self, pid: int, refresh: bool = False) -> None: ...
 
-    def lost_table(self, pid: int) -> bool: ...
+    def lost_table(self, pid: int, ktime_ns: int) -> bool: ...
 
 
 class UserStacks:
@@ -226,7 +226,7 @@ class UserStacks:
         continued = bool(flags & USTACK_CONTINUE)
         info = rec.image or self.tracker.get(rec.pid) or self.tracker.observe(rec.pid)
         if self.tables is not None:
-            if not continued and self.tables.lost_table(rec.pid):
+            if not continued and self.tables.lost_table(rec.pid, rec.ktime_ns):
                 # BPF found no table for a process it had one for: it exec'd (the exec hook deleted it).
                 # Re-read it now, so that this and later samples resolve in the new image.
                 info = self.tracker.refresh(rec.pid) or info

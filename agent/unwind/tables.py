@@ -242,11 +242,16 @@ class UnwindTables:
             # command) would otherwise leave the new image on the fallback until something else asks.
             self.want(pid, force=True)
 
-    def lost_table(self, pid: int) -> bool:
+    def lost_table(self, pid: int, ktime_ns: int) -> bool:
         """True once per registration of `pid` when BPF found no table for it since: an exec (or its
-        exit) deleted it. The caller re-reads the process's maps; want() registers it again."""
+        exit) deleted it. The caller re-reads the process's maps; want() registers it again.
+
+        `ktime_ns` (CLOCK_MONOTONIC, as time.monotonic) is when BPF looked: a sample taken before the
+        registration and read after it (a new process's first samples, as under churn) lost nothing,
+        and re-reading for it cost a snapshot per new process."""
         with self._lock:
-            if pid not in self._registered or pid in self._lost:
+            got = self._registered.get(pid)
+            if got is None or pid in self._lost or ktime_ns < got[0] * 1e9:
                 return False
             self._lost.add(pid)
             return True

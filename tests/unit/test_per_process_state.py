@@ -127,3 +127,20 @@ def test_a_pid_evicted_is_re_read_again_at_a_pc_outside_its_snapshot():
         child.kill()
         child.wait()
 
+
+
+def test_a_sample_taken_before_its_process_was_registered_did_not_lose_the_table():
+    """A new process's first samples fall back (no table yet) and are often read after the worker has
+    registered it: taken for a lost table (an exec), each re-read the process, a second snapshot per new
+    process under churn. BPF's time of the sample tells the two apart."""
+    import time
+
+    tracker = ProcessTracker(cache=SymbolCache(), max_processes=64)
+    tables = UnwindTables({"unwind_rows": -1, "unwind_procs": -1, "unwind_stats": -1}, tracker, 1024)
+    before_ns = time.monotonic_ns()
+    tables._registered[4242] = (time.monotonic(), frozenset())  # as register() leaves it
+    after_ns = time.monotonic_ns() + 1
+    assert not tables.lost_table(4242, before_ns), "sampled before the registration: nothing was lost"
+    assert tables.lost_table(4242, after_ns), "after it: the exec hook deleted the table"
+    assert not tables.lost_table(4242, after_ns), "once per registration"
+    assert not tables.lost_table(4343, after_ns), "never registered"
