@@ -79,7 +79,8 @@ def make_records(raw: list[bytes], n: int) -> list[bytes]:
 
 
 def dispatcher(deliver, deliver_buf=None):
-    """The probe set's ring-buffer callback, built by ProbeSet.start without BPF: (address, size) -> None."""
+    """The probe set's ring-buffer callback, built by ProbeSet.start without BPF, behind a stand-in for the ring
+    buffer's consume: [(address, size)] -> None."""
     from agent.probes import probe_set
 
     captured = {}
@@ -99,11 +100,17 @@ def dispatcher(deliver, deliver_buf=None):
         probe_set.libbpf.RingBuffer = real
     cb = captured["cb"]
     string_at = ctypes.string_at
+    batch = getattr(probe_set.libbpf, "BATCH", None)  # trees whose ring buffer hands records over in batches
 
-    def on_record(data: int, size: int) -> None:  # libbpf.RingBuffer's on_record body
-        cb(string_at(data, size))
+    def deliver_all(spans: list[tuple[int, int]]) -> None:  # libbpf.RingBuffer's consume: copy out, hand over
+        if batch is None:
+            for data, size in spans:
+                cb(string_at(data, size))
+            return
+        for i in range(0, len(spans), batch):
+            cb([string_at(data, size) for data, size in spans[i:i + batch]])
 
-    return on_record
+    return deliver_all
 
 
 def capture(out: Path, seconds: float) -> None:
@@ -195,11 +202,11 @@ def measure(n: int, repeat: int, profile_stage: str | None, records_path: Path |
         pipeline._kernel = kernel
         pipeline.begin()
         parse_only = dispatcher(lambda rec: None)
-        full = dispatcher(pipeline.deliver, getattr(pipeline, "deliver_buf", None))  # older trees: no deliver_buf
+        # older trees: deliver_buf (one record), or neither
+        full = dispatcher(pipeline.deliver, getattr(pipeline, "deliver_bufs", getattr(pipeline, "deliver_buf", None)))
 
-        def run(cb):
-            for data, size in spans:
-                cb(data, size)
+        def run(deliver_all):
+            deliver_all(spans)
 
         timed("parse", run, parse_only)
         timed("deliver", run, full)

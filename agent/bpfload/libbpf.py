@@ -9,10 +9,10 @@ agent/bpfload/bpf_compile.py.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import select
@@ -119,7 +119,10 @@ def online_cpus() -> list[int]:
     return _cpu_list("/sys/devices/system/cpu/online")
 
 
+@functools.cache
 def possible_cpus() -> int:
+    """Per-CPU map values per key. Fixed at boot (CPUs hot-plugged later are already counted as possible),
+    so read once: the counters read it for every key they look up."""
     return max(_cpu_list("/sys/devices/system/cpu/possible")) + 1
 
 
@@ -225,10 +228,13 @@ def _libc() -> ctypes.CDLL:
 
 # The longest one consume() delivers records before returning to its caller.
 MAX_CONSUME_S = 0.25
+# Records per callback: per-sample work that can be done per batch is (CapturePipeline.deliver_bufs);
+# small enough that the deadline above is looked at often.
+BATCH = 256
 
 
 class RingBuffer:
-    """A BPF ring buffer map read in place; `callback(bytes)` per record.
+    """A BPF ring buffer map read in place; `callback(list of bytes)` per batch of records.
 
     The map is mapped the way the kernel lays it out for consumers (and as
     libbpf reads it): a page holding the consumer position (ours to write),
@@ -245,13 +251,14 @@ class RingBuffer:
     wait at once, so a waiting loop needs no short timeout to notice a stop.
     """
 
-    def __init__(self, map_fd: int, callback: Callable[[bytes], None],
+    def __init__(self, map_fd: int, callback: Callable[[list[bytes]], None],
                  max_consume_s: float = MAX_CONSUME_S) -> None:
         self._callback = callback
         self.max_consume_s = max_consume_s
         self.errors = 0
         self.stopped_early = False  # the last consume() left records behind (max_consume_s)
-        self._backlog: collections.deque[bytes] = collections.deque()
+        self._pending: list[bytes] = []  # taken out, delivered up to _at
+        self._at = 0
         size = map_info(map_fd).max_entries  # data bytes, a power of two
         self._mask = size - 1
         self._libc = _libc()
@@ -315,29 +322,32 @@ class RingBuffer:
         return out
 
     def consume(self) -> int:
-        """Deliver what the buffer holds, for at most max_consume_s: when BPF writes faster than the
-        agent reads, the caller's loop still gets its turn (interval cuts, the overhead governor,
-        signals); records taken out and not yet delivered wait for the next call, at most one
-        ring's worth, so a slow agent still makes BPF drop (counted), never grows without bound.
-        A record the callback fails on is counted in `errors` and logged (the first, then at
-        powers of two), not fatal. Returns the number delivered."""
-        backlog = self._backlog
-        if not backlog:
-            backlog.extend(self.take())
+        """Deliver what the buffer holds, BATCH records to a callback, for at most max_consume_s: when BPF
+        writes faster than the agent reads, the caller's loop still gets its turn (interval cuts, the
+        overhead governor, signals); records taken out and not yet delivered wait for the next call, at
+        most one ring's worth, so a slow agent still makes BPF drop (counted), never grows without bound.
+        A batch the callback fails on is counted in `errors` and logged (the first, then at powers of
+        two), not fatal: the callback keeps one bad record from costing its batch (deliver_bufs).
+        Returns the number delivered."""
+        pending, at = self._pending, self._at
+        if at >= len(pending):
+            pending, at = self.take(), 0
         deadline = time.monotonic() + self.max_consume_s
         callback, n = self._callback, 0
-        while backlog:
-            buf = backlog.popleft()
-            n += 1
+        while at < len(pending):
+            batch = pending[at:at + BATCH]
+            at += len(batch)
+            n += len(batch)
             try:
-                callback(buf)
+                callback(batch)
             except Exception:
                 self.errors += 1
                 if self.errors & (self.errors - 1) == 0:
-                    log.exception("ring-buffer record %d bytes not handled (%d so far)", len(buf), self.errors)
-            if not n & 63 and time.monotonic() > deadline:
+                    log.exception("%d ring-buffer records not handled (%d batches so far)", len(batch), self.errors)
+            if time.monotonic() > deadline:
                 break
-        self.stopped_early = bool(backlog)
+        self._pending, self._at = pending, at
+        self.stopped_early = at < len(pending)
         return n
 
     def close(self) -> None:

@@ -280,8 +280,9 @@ def _labels(buf: bytes, pos: int, end: int) -> tuple[tuple[tuple[str, str], ...]
 
 # A record's time and value, the header's only fields that differ between repeats of one sample.
 _TIME_VALUE = struct.Struct("<QQ")
-_TIME_AT = Header.ktime_ns.offset  # after kind, pid, tid, cpu
-assert Header.value.offset == _TIME_AT + 8
+TIME_AT = Header.ktime_ns.offset  # after kind, pid, tid, cpu
+AFTER_TIME = TIME_AT + _TIME_VALUE.size  # the time, then the value
+assert Header.value.offset == TIME_AT + 8
 # Records longer than this carry a stack copy (kilobytes, different every time): never repeats.
 REPEAT_MAX_BYTES = 2048
 
@@ -295,12 +296,12 @@ def repeat_key(buf: bytes) -> bytes | None:
     """
     if len(buf) > REPEAT_MAX_BYTES:
         return None
-    return buf[:_TIME_AT] + buf[_TIME_AT + 16:]
+    return buf[:TIME_AT] + buf[AFTER_TIME:]
 
 
 def time_value(buf: bytes) -> tuple[int, int]:
     """(ktime_ns, value) of a record."""
-    return _TIME_VALUE.unpack_from(buf, _TIME_AT)
+    return _TIME_VALUE.unpack_from(buf, TIME_AT)
 
 
 def parse_record(buf: bytes) -> RawRecord:

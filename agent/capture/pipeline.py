@@ -18,12 +18,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from agent.bpfload import libbpf
 from agent.bpfload.bpf_compile import LoadedObjects
-from agent.bpfload.records import DROP_DESCRIPTIONS, Loss, RawRecord, parse_record, repeat_key, time_value
+from agent.bpfload.records import (
+    AFTER_TIME,
+    DROP_DESCRIPTIONS,
+    REPEAT_MAX_BYTES,
+    TIME_AT,
+    Loss,
+    RawRecord,
+    parse_record,
+)
 from agent.probes.family import Accumulator, ProbeConfig, ProbeFamily, Repeat, Window
 from agent.probes.probe_set import ProbeSet
 from agent.probes.profile_builder import add_process_meta
@@ -44,6 +53,8 @@ QUIET_WAIT_S = 1.0
 # Bytes of keys (records less 16 bytes, ~0.1-2 KB each) an interval keeps to know repeats by
 # (CapturePipeline.deliver_buf); past it, new distinct samples are parsed every time they come.
 MAX_REPEAT_BYTES = 8 << 20
+# Without a cap (record), a bound no batch reaches.
+MAX_REPEATS_PER_BATCH = 1 << 62
 SHARED_PROGRAMS = "shared"  # bpf_run_time_ns: the programs of no one family (fork and exec hooks)
 
 
@@ -87,7 +98,7 @@ class CapturePipeline:
     def __init__(self, config: ProbeConfig, profiles: Iterable[str], tracker: ProcessTracker,
                  targets: Iterable[int] | None = None, follow_children: bool = False,
                  accept: Callable[[RawRecord], bool] | None = None,
-                 accept_repeat: Callable[[int], bool] | None = None,
+                 interval_cap: Callable[[], int] | None = None,
                  drain_interval_s: float = DRAIN_INTERVAL_S) -> None:
         wanted = list(profiles)
         unknown = [p for p in wanted if p not in PROBES]
@@ -104,9 +115,14 @@ class CapturePipeline:
         self._follow = follow_children
         self._drain_interval_s = drain_interval_s
         self.accept = accept
-        # For a repeat (deliver_buf), in place of accept(): the selection it passed holds until
-        # forget_repeats(); what is left is the daemon's per-interval cap and counts.
-        self.accept_repeat: Callable[[int], bool] | None = accept_repeat
+        # For a repeat (deliver_bufs), in place of accept(): the selection it passed holds until
+        # forget_repeats(); what is left is the daemon's per-interval cap, read once per batch, and its
+        # counts (take_repeat_counts).
+        self.interval_cap = interval_cap
+        self.repeats_taken = 0
+        self.repeats_capped = 0
+        self.record_errors = 0  # records deliver_bufs could not handle
+        self._images = tracker.lookup()
         self._repeats: dict[bytes, Repeat] = {}
         self._repeat_bytes = 0
         self._set: ProbeSet | None = None
@@ -152,7 +168,7 @@ class CapturePipeline:
         if self._set is None:
             self.load()
         assert self._set is not None
-        self._set.start(self.deliver, self.deliver_buf)
+        self._set.start(self.deliver, self.deliver_bufs)
         self.begin()
         for f in self.families:
             f.on_start(self._set.objs, self._current[f])
@@ -166,26 +182,73 @@ class CapturePipeline:
 
     # -- records -------------------------------------------------------------------
 
+    def deliver_bufs(self, bufs: Sequence[bytes], one: Callable[[bytes], Repeat | None] | None = None) -> None:
+        """Take ring-buffer records as they came (the probe set's callback, a batch at a time).
+
+        A repeat of a sample already taken this interval (records.repeat_key; most samples of a steady
+        host: the same threads in the same stacks) costs a key, a lookup and one append of its time and
+        value to its entry, inline; what the accumulator and the daemon do per sample besides (counts,
+        the trace-context and Python re-checks) runs once per batch and entry (Repeat.after). Others are
+        handed to `one` (the probe set's: paused exits; default: parse and deliver()), each on its own:
+        one that raises is logged and counted in `record_errors`, the batch goes on.
+        """
+        repeats, images = self._repeats.get, self._images
+        room = self._room()
+        hits: list[Repeat] = []
+        for buf in bufs:
+            if len(buf) <= REPEAT_MAX_BYTES:
+                key = buf[:TIME_AT] + buf[AFTER_TIME:]
+                rep = repeats(key)
+                if rep is not None and images(rep.pid) is rep.image:
+                    if len(hits) < room:
+                        rep.events.frombytes(buf[TIME_AT:AFTER_TIME])
+                        hits.append(rep)
+                    else:
+                        self.repeats_capped += 1
+                    continue
+            else:
+                key = None
+            try:
+                rep = (one or self._parse_deliver)(buf)
+            except Exception:
+                self.record_errors += 1
+                if self.record_errors & (self.record_errors - 1) == 0:  # the first, then at powers of two
+                    log.exception("ring-buffer record %d bytes not handled (%d so far)", len(buf),
+                                  self.record_errors)
+                continue
+            if rep is not None and key is not None and self._repeat_bytes < MAX_REPEAT_BYTES:
+                self._repeats[key] = rep
+                self._repeat_bytes += len(key)
+            room = self._room()  # what it delivered counts against the cap; hits are counted after the loop
+        if hits:
+            self._count_repeats(hits)
+
     def deliver_buf(self, buf: bytes) -> None:
-        """Take one ring-buffer record as it came (the probe set's callback): a repeat of a sample already
-        taken this interval (records.repeat_key) goes straight to its entry, without a parse or a record
-        object (most samples of a steady host: the same threads in the same stacks); others are parsed
-        and delivered."""
-        key = repeat_key(buf)
-        if key is not None:
-            rep = self._repeats.get(key)
-            if rep is not None and self.tracker.get(rep.pid) is rep.image:
-                if self.accept_repeat is None or self.accept_repeat(rep.pid):
-                    self.samples += 1
-                    self.family_records[rep.family] += 1
-                    self.interval_samples += 1
-                    ktime_ns, value = time_value(buf)
-                    rep.add(rep, ktime_ns, value)
-                return
-        rep = self.deliver(parse_record(buf))
-        if rep is not None and key is not None and self._repeat_bytes < MAX_REPEAT_BYTES:
-            self._repeats[key] = rep
-            self._repeat_bytes += len(key)
+        """One record as it came (tests, replays): deliver_bufs of one."""
+        self.deliver_bufs((buf,))
+
+    def _parse_deliver(self, buf: bytes) -> Repeat | None:
+        return self.deliver(parse_record(buf))
+
+    def _room(self) -> int:
+        """Repeats the interval may still take under the cap (interval_cap)."""
+        return (self.interval_cap() if self.interval_cap is not None else MAX_REPEATS_PER_BATCH) - self.interval_samples
+
+    def _count_repeats(self, hits: list[Repeat]) -> None:
+        n = len(hits)
+        self.samples += n
+        self.interval_samples += n
+        self.repeats_taken += n
+        counts = self.family_records
+        for rep, k in Counter(hits).items():
+            counts[rep.family] += k
+            rep.after(rep, k)
+
+    def take_repeat_counts(self) -> tuple[int, int]:
+        """(repeats taken, repeats refused by the cap) since the last call: the daemon's books."""
+        out = (self.repeats_taken, self.repeats_capped)
+        self.repeats_taken = self.repeats_capped = 0
+        return out
 
     def deliver(self, rec: RawRecord) -> Repeat | None:
         """Take one parsed ring-buffer record: accept, count, route to its families' accumulators. Returns

@@ -98,7 +98,7 @@ class BpfCollector:
                              offcpu_min_ns=p.offcpu_min_us * 1000, heap_sample_bytes=p.heap_sample_bytes,
                              pids=pids, unwind=UnwindMode(p.unwind), unwind_table_bytes=p.unwind_table_bytes)
         self.pipeline = CapturePipeline(config, p.profiles, tracker, targets=pids, accept=self.accept,
-                                        accept_repeat=self.accept_repeat)
+                                        interval_cap=lambda: self.cfg.limits.max_interval_samples)
         self._selected: dict[tuple[int, str], bool] = {}  # (pid, thread name) -> selected
 
     def start(self) -> None:
@@ -131,19 +131,19 @@ class BpfCollector:
         self.tracker.seen(pid, self.pipeline.seq)
         return True
 
-    def accept_repeat(self, _pid: int) -> bool:
-        """accept() for a repeat of a sample accepted this interval (CapturePipeline.deliver_buf): its
-        selection holds (set_selection forgets repeats) and its process is marked seen; the cap and counts."""
-        if self.pipeline.interval_samples >= self.cfg.limits.max_interval_samples:
-            self.stats.lose("interval_full")
-            return False
-        self.stats.samples += 1
-        return True
-
     def poll(self, timeout_s: float) -> None:
         """Records until `timeout_s` (at most the pipeline's wait) or wake()."""
         self.pipeline.poll(min(timeout_s, self.pipeline.wait_s))
+        self.count_repeats()
         self.stats.ring_buffer_bytes += self.pipeline.take_ring_bytes()
+
+    def count_repeats(self) -> None:
+        """Into the books: repeats of samples accepted this interval (CapturePipeline.deliver_bufs; their
+        selection holds, set_selection forgets repeats), and those the per-interval cap refused."""
+        taken, capped = self.pipeline.take_repeat_counts()
+        self.stats.samples += taken
+        if capped:
+            self.stats.lose("interval_full", capped)
 
     def wake(self) -> None:
         self.pipeline.wake()
@@ -151,6 +151,7 @@ class BpfCollector:
     def cut(self) -> Interval:
         """End the current interval (call from the polling thread); sampling goes on."""
         interval = self.pipeline.cut()
+        self.count_repeats()  # cut() drains the ring buffer first
         self.stats.unwind = self.pipeline.unwind_totals()
         for loss in interval.losses:
             self.stats.lose(loss.reason, loss.count)

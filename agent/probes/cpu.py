@@ -58,18 +58,19 @@ class CpuAccumulator(Accumulator):
             return None  # process with no snapshot is looked for again at its next record
         stacks = family.user_stacks
         no_copy = bool(rec.user_ips) and stacks is not None and stacks.tables is None
-        return Repeat(self._repeat, index, rec.pid, rec.thread_name, rec.image, family.name, no_copy)
+        return Repeat(self._after_repeats, self.samples.events[index], rec.pid, rec.thread_name, rec.image,
+                      family.name, no_copy)
 
-    def _repeat(self, rep: Repeat, ktime_ns: int, value: int) -> None:
-        """on_record of a record equal to entry `rep.index`'s but for time and value (its Repeat)."""
+    def _after_repeats(self, rep: Repeat, n: int) -> None:
+        """What on_record does besides storing, for `n` repeats of `rep`'s entry (their events are in)."""
         family = self.family
+        self.samples.count += n
         if family.python is not None:
             family.python.observe_thread(rep.pid, rep.thread_name)
-        self.samples.repeat(rep.index, ktime_ns, value)
         if family.trace_contexts is not None:
             family.trace_contexts.observe(rep.pid, rep.thread_name)
         if rep.no_copy:
-            family.user_stacks.outcomes[NO_COPY] += 1
+            family.user_stacks.outcomes[NO_COPY] += n
 
     def record_count(self) -> int:
         return len(self.samples)

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import math
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -128,15 +129,16 @@ class SettingChanges:
         return ", ".join(f"{v}{unit} from {(t + window.wall_offset_ns) / 1e9:.3f}" for t, v in changes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # counted per batch by identity (CapturePipeline._count_repeats)
 class Repeat:
     """Where a sample went in its accumulator, so that its repeats in the interval go there by their bytes
-    alone: CapturePipeline.deliver_buf keys it by records.repeat_key, and checks `image` (the process
-    snapshot it was delivered under) is still the process's before calling add(self, ktime_ns, value),
-    which adds one event to entry `index` and does what the accumulator does per record besides."""
+    alone: CapturePipeline.deliver_bufs keys it by records.repeat_key, checks `image` (the process snapshot
+    it was delivered under) is still the process's, and appends each repeat's time and value to `events`
+    (its SampleStore entry's). Once per batch of records, `after(self, n)` does for its n repeats what the
+    accumulator does per record besides."""
 
-    add: Callable[[Repeat, int, int], None]
-    index: int
+    after: Callable[[Repeat, int], None]
+    events: array
     pid: int
     thread_name: str
     image: object

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -229,21 +228,25 @@ class ProbeSet:
         libbpf.map_update(self.objs.maps["targets"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
 
     def start(self, deliver: Callable[[RawRecord], object],
-              deliver_buf: Callable[[bytes], None] | None = None) -> None:
-        """Attach every family; each record is parsed and handed to `deliver`, or, with `deliver_buf`,
-        handed as it came to that (which parses what it needs to) unless it is a paused exit."""
-        go_exit = struct.pack("<I", RecordKind.GO_EXIT)
+              deliver_bufs: Callable[[list[bytes], Callable[[bytes], object]], None] | None = None) -> None:
+        """Attach every family; each record is parsed and handed to `deliver`, or, with `deliver_bufs`,
+        each batch is handed as it came to that, with the function that parses and delivers one record
+        (paused exits included) for those it does not take itself."""
 
-        def dispatch(buf: bytes) -> None:
-            self.received_bytes += len(buf)
-            if deliver_buf is not None and buf[:4] != go_exit:
-                deliver_buf(buf)
-                return
+        def one(buf: bytes) -> object:
             rec = parse_record(buf)
             if rec.kind == RecordKind.GO_EXIT:
                 self._at_go_exit(rec, deliver)
-            else:
-                deliver(rec)
+                return None
+            return deliver(rec)
+
+        def dispatch(bufs: list[bytes]) -> None:
+            self.received_bytes += sum(map(len, bufs))
+            if deliver_bufs is not None:
+                deliver_bufs(bufs, one)
+                return
+            for buf in bufs:
+                one(buf)
 
         self._ring = libbpf.RingBuffer(self.objs.maps["records"], dispatch)
         if self._follow:

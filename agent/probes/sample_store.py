@@ -2,8 +2,8 @@
 
 Records that differ only in their time and value (the same process image,
 thread, CPU, stacks, trace context and aux word) are one entry: the first
-such record, kept, and two arrays with the time and value of every event.
-A sample costs a key, one dict lookup and two appends; what is kept per
+such record, kept, and an array with the time and value of every event.
+A sample costs a key, one dict lookup and an append; what is kept per
 sample is 16 bytes, not a record object, so an interval of a busy host holds
 its distinct stacks, not its samples (issue #12). Profiles are built from the
 entries (profile_builder.add_records), each resolved once.
@@ -33,45 +33,48 @@ def identity(rec: RawRecord) -> tuple:
 
 
 class SampleStore:
-    """Interned samples: `records[i]` stands for the events `times[i]` (CLOCK_MONOTONIC ns) and
-    `values[i]` (the record's value each time). Only the polling thread adds; the builder reads
+    """Interned samples: `records[i]` stands for the events in `events[i]`, (time, value) pairs one after
+    the other (CLOCK_MONOTONIC ns; the record's value each time), so that a repeat's 16 header bytes go in
+    with one frombytes (CapturePipeline.deliver_bufs). Only the polling thread adds; the builder reads
     after the interval is cut."""
 
-    __slots__ = ("_index", "records", "times", "values", "count")
+    __slots__ = ("_index", "records", "events", "count")
 
     def __init__(self) -> None:
         self._index: dict[tuple, int] = {}
         self.records: list[RawRecord] = []
-        self.times: list[array] = []
-        self.values: list[array] = []
+        self.events: list[array] = []
         self.count = 0  # events added
 
     def add(self, rec: RawRecord) -> int:
-        """One event: its entry's arrays grow, or the record becomes a new entry. Returns the entry's index."""
+        """One event: its entry's array grows, or the record becomes a new entry. Returns the entry's index."""
         key = identity(rec)
         i = self._index.get(key)
         if i is None:
             i = self._index[key] = len(self.records)
             self.records.append(rec)
-            self.times.append(array("q"))
-            self.values.append(array("q"))
-        self.times[i].append(rec.ktime_ns)
-        self.values[i].append(rec.value)
+            self.events.append(array("q"))
+        self.events[i].extend((rec.ktime_ns, rec.value))
         self.count += 1
         return i
 
     def repeat(self, i: int, ktime_ns: int, value: int) -> None:
         """One more event of entry `i` (a record identical to its first but for time and value)."""
-        self.times[i].append(ktime_ns)
-        self.values[i].append(value)
+        self.events[i].extend((ktime_ns, value))
         self.count += 1
 
     def __len__(self) -> int:
         return self.count
 
+    @property
+    def times(self) -> list[array]:
+        """Each entry's event times."""
+        return [ev[0::2] for ev in self.events]
+
     def entries(self) -> Iterator[tuple[RawRecord, array, array]]:
         """(first record, times, values) of each distinct entry, in arrival order."""
-        return zip(self.records, self.times, self.values, strict=True)
+        for rec, ev in zip(self.records, self.events, strict=True):
+            yield rec, ev[0::2], ev[1::2]
 
     @classmethod
     def of(cls, records: list[RawRecord]) -> SampleStore:

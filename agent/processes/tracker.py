@@ -122,6 +122,10 @@ class ProcessTracker:
     def get(self, pid: int) -> ProcessInfo | None:
         return self._procs.get(pid)
 
+    def lookup(self) -> Callable[[int], ProcessInfo | None]:
+        """get() without a method call of its own, for the per-sample loop (CapturePipeline.deliver_bufs)."""
+        return self._procs.get
+
     def __len__(self) -> int:
         return len(self._procs)
 

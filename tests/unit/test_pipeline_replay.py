@@ -257,3 +257,15 @@ def test_daemon_caps_and_counts_repeats_as_it_does_parsed_records(recording, tmp
     [profile], _ = collector.build(collector.cut())
     assert profile.total() == stats.samples == cap
     assert stats.lost_samples == {"interval_full": RECORDS - cap}
+
+
+def test_a_record_that_cannot_be_handled_costs_itself_not_its_batch(recording, tracker):
+    """The ring buffer hands records over in batches (libbpf.BATCH); a record that fails (here: cut short)
+    is logged and counted, and the records after it in the same batch are still taken, repeats included."""
+    pipeline = cpu_pipeline(tracker)
+    bad = recording.records[0][:12]
+    batch = recording.records[:100] + [bad] + recording.records[100:]
+    pipeline.deliver_bufs(batch)
+    assert pipeline.record_errors == 1
+    assert pipeline.take_repeat_counts() == (RECORDS - len({repeat_key(b) for b in recording.records}), 0)
+    assert stacks_of(pipeline, [pipeline.cut()]) == Counter(recording.meta["live"]["stacks"])
