@@ -2,14 +2,17 @@
 
 Run as root from the repository root:
 
-    .venv/bin/python bench/hotpath_vs_bcc.py                        # 20 s steady state, cfi and fp
-    .venv/bin/python bench/hotpath_vs_bcc.py --duration 60 --unwind cfi   # the issue #12 figures
+    .venv/bin/python bench/hotpath_vs_bcc.py --duration 120 --unwind cfi   # the issue #12 figures
+    .venv/bin/python bench/hotpath_vs_bcc.py --interval 5 --duration 60 --unwind cfi  # short intervals
 
 Every CPU is kept busy by the cpusplit Go fixture. Part 1, steady state: the
-agent (exporting a pprof directory every --interval s) and profile-bpfcc run
-at the same time at --frequency Hz. After --warmup s (start-up, the first
-interval's build and the BPF compile left out) the script takes a mark, and
-another --duration s later; every figure is a difference between the marks:
+agent (exporting a pprof directory every --interval s, default 60 as the
+agent's own) and profile-bpfcc run at the same time at --frequency Hz. After
+--warmup s (start-up, the first interval's build and the BPF compile left
+out) the script takes a mark right after the agent completes an interval,
+and another --duration s (rounded to whole intervals) later, again right
+after one: the window holds whole intervals, their builds and exports each
+counted once. Every figure is a difference between the marks:
 
 - agent CPU in user space (and system) per sample: utime/stime of
   /proc/PID/stat, over the samples the agent accepted (bpfprof_samples_total);
@@ -63,6 +66,8 @@ BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 MAX_SAMPLE_RATE = Path("/proc/sys/kernel/perf_event_max_sample_rate")
 READY_TIMEOUT_S = 120.0
 LOSS_REASON = "ringbuf_full"
+# Part 2's export interval: a step must see cuts (losses are read at cuts; none means a stalled loop).
+RATE_INTERVAL_S = 5.0
 
 # Issue #12's targets.
 TARGET_AGENT_US = 10.0
@@ -209,6 +214,19 @@ class AgentRun:
     def mark(self) -> Mark:
         return mark(self.proc.pid, self.port)
 
+    def mark_after_interval(self, limit_s: float) -> Mark:
+        """A mark taken as soon as the agent has completed another export interval (built and handed to
+        its exporter): between two such marks lie whole intervals, each build counted once, whatever
+        the interval's length."""
+        deadline = time.monotonic() + limit_s
+        before = scrape(self.port).get("bpfprof_intervals_total")
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            m = mark(self.proc.pid, self.port)
+            if m.metrics.get("bpfprof_intervals_total") != before:
+                return m
+        raise BenchError(f"the agent completed no interval in {limit_s:.0f} s")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -261,9 +279,13 @@ def steady_state(args: argparse.Namespace, unwind: str, work: Path, bcc_profile:
         time.sleep(args.warmup)
         settled = agent.wait_settled()
         print(f"  (the agent's start-up backlog settled {settled:.0f} s after the warm-up)")
-        a0, b0 = agent.mark(), mark(bcc.pid) if bcc else None
-        time.sleep(args.duration)
-        a1, b1 = agent.mark(), mark(bcc.pid) if bcc else None
+        limit = args.interval + READY_TIMEOUT_S
+        a0 = agent.mark_after_interval(limit)
+        b0 = mark(bcc.pid) if bcc else None
+        for _ in range(max(1, round(args.duration / args.interval)) - 1):
+            agent.mark_after_interval(limit)
+        a1 = agent.mark_after_interval(limit)
+        b1 = mark(bcc.pid) if bcc else None
     finally:
         agent.stop()
         if bcc:
@@ -322,7 +344,7 @@ def max_rate(args: argparse.Namespace, unwind: str, work: Path, cpus: int) -> No
         if hz > cap:
             print(f"  {hz:>6} skipped: above perf_event_max_sample_rate")
             continue
-        agent = AgentRun(work, hz, unwind, args.interval, f"rate-{unwind}-{hz}")
+        agent = AgentRun(work, hz, unwind, RATE_INTERVAL_S, f"rate-{unwind}-{hz}")
         try:
             agent.wait_ready()
             time.sleep(args.step_warmup)
@@ -358,11 +380,13 @@ def _interrupt(*_: object) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=20.0, help="steady-state seconds between the marks (default 20;"
-                                                                  " the issue's figures: 60)")
+    ap.add_argument("--duration", type=float, default=120.0,
+                    help="steady-state seconds between the marks, rounded to whole intervals (default 120)")
     ap.add_argument("--warmup", type=float, default=8.0, help="seconds from ready to the first mark (default 8: more"
                                                               " than one interval, so its build is left out)")
-    ap.add_argument("--interval", type=float, default=5.0, help="the agent's export interval (default 5)")
+    ap.add_argument("--interval", type=float, default=60.0,
+                    help="the agent's export interval (default 60, the agent's own); the marks fall right after "
+                         "completed intervals, --duration rounded to whole ones")
     ap.add_argument("--frequency", type=int, default=99, help="Hz per CPU of the steady state (default 99)")
     ap.add_argument("--unwind", default="cfi,fp", help="comma-separated unwind modes to run (default cfi,fp)")
     ap.add_argument("--rates", default="99,499,999,2000,5000,10000,20000", help="Hz steps of part 2")
