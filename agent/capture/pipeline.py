@@ -137,6 +137,7 @@ class CapturePipeline:
         self._start_ns = 0
         self._totals_before: dict[str, int] = {}
         self._kernel: KernelSymbols | None = None
+        self._resolver: StackResolver | None = None  # kept across builds (StackResolver.begin_build)
         self.resolver_stats = ResolverStats()  # of the last build()
 
     # -- set-up --------------------------------------------------------------------
@@ -436,7 +437,10 @@ class CapturePipeline:
                 except (BpfprofError, OSError) as e:
                     log.warning("kernel symbols unavailable: %s", e)
             kernel = self._kernel
-        resolver = StackResolver(self.tracker, kernel)
+        resolver = self._resolver
+        if resolver is None or resolver.kernel is not kernel:
+            resolver = self._resolver = StackResolver(self.tracker, kernel)
+        resolver.begin_build()
         out = []
         for acc in interval.accumulators:
             for profile in acc.profiles(resolver, self.tracker, interval.window):

@@ -71,19 +71,15 @@ def add_records(profile: Profile, store: SampleStore, resolver: StackResolver, t
 
     The store interned identical records as they arrived; here a stack (pid,
     image and raw addresses) is resolved once, and each distinct sample
-    (stack, thread, cpu, trace context, labels) has its SampleKey built once.
+    (stack, thread, cpu, trace context, labels) has its SampleKey built once,
+    both kept by the resolver for the next interval's build.
     """
-    stacks: dict[tuple, tuple[Location, ...]] = {}
     samples: dict[tuple, Sample] = {}
+    sample_keys = resolver.sample_keys
     wall_offset_ns = window.wall_offset_ns
     for r, times, values in store.entries():
         kernel_ips = r.kernel_ips if with_kernel else ()
-        # An UnwoundStack's `exact` changes how its addresses resolve: part of the stack's identity.
-        # So does the image (a pid that exec'd): its snapshot object, alive through the build.
-        where = (r.pid, kernel_ips, r.user_ips, getattr(r.user_ips, "exact", None), id(r.image))
-        stack = stacks.get(where)
-        if stack is None:
-            stack = stacks[where] = resolver.stack(r.pid, kernel_ips, r.user_ips, r.image)
+        stack, complete = resolver.cached_stack(r.pid, kernel_ips, r.user_ips, r.image)
         if reshape is None:
             extra = labels(r) if labels is not None else ()
         else:
@@ -91,11 +87,17 @@ def add_records(profile: Profile, store: SampleStore, resolver: StackResolver, t
             if reshaped is None:
                 continue
             stack, extra = reshaped
-        # Locations are the resolver's, alive for the whole build: their ids name a (reshaped) stack.
-        key = (r.pid, tuple(map(id, stack)), r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra)
+        # The resolver keeps the Locations alive as long as a key naming them by id: their ids name a
+        # (reshaped) stack. The image names the process (its name is a label).
+        key = (r.pid, tuple(map(id, stack)), r.tid, r.thread_name, r.cpu, r.go_labels, r.otel_link, extra,
+               id(r.image))
         sample = samples.get(key)
         if sample is None:
-            sample = samples[key] = profile.sample(_sample_key(r, stack, extra, tracker))
+            got = sample_keys.get(key)
+            if got is None or got[1] is not r.image:
+                got = (_sample_key(r, stack, extra, tracker), r.image, complete)
+                sample_keys.put(key, got)
+            sample = samples[key] = profile.sample(got[0])
         totals = sample.values
         for i, v in enumerate(weights(values, times)):
             totals[i] += v

@@ -22,10 +22,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.bpfload.records import USTACK_CONTINUE, USTACK_RBP_UNKNOWN, USTACK_RIP_RETURN, Loss, RawRecord
 from agent.processes.tracker import ProcessInfo, ProcessTracker
@@ -44,6 +45,8 @@ from symbolizer.unwinder import FrameSource, StopReason, Unwinder
 # per-CPU output buffer (common.bpf.h ustack_out: record + copy + one page of
 # verifier slack) must stay under the kernel's 32 KiB per-CPU value limit.
 DEFAULT_USTACK_BYTES = 16384
+# Kernel locations a resolver keeps across builds before it starts over (a few MB).
+MAX_KERNEL_LOCATIONS = 200_000
 MAX_USTACK_BYTES = 24576
 
 
@@ -85,8 +88,50 @@ class ResolverStats:
     kernel_unresolved: int = 0
 
 
+class KeptAcrossBuilds:
+    """A build's lookups kept for the next build: what the last build used lives on, the rest goes.
+
+    A steady host samples the same stacks interval after interval; each
+    build finds last build's entries here instead of resolving and keying
+    them again, and memory holds about one interval's working set.
+    next_build() keeps only the entries `keep` accepts (stacks with an
+    unresolved frame are resolved again: a late debug file or new maps may
+    name them).
+    """
+
+    __slots__ = ("_cur", "_prev")
+
+    def __init__(self) -> None:
+        self._cur: dict = {}
+        self._prev: dict = {}
+
+    def get(self, key: object) -> Any:
+        got = self._cur.get(key)
+        if got is None:
+            got = self._prev.pop(key, None)
+            if got is not None:
+                self._cur[key] = got
+        return got
+
+    def put(self, key: object, value: object) -> None:
+        self._cur[key] = value
+
+    def next_build(self, keep: Callable[[Any], bool]) -> None:
+        self._prev = {k: v for k, v in self._cur.items() if keep(v)}
+        self._cur = {}
+
+    def __len__(self) -> int:
+        return len(self._cur) + len(self._prev)
+
+
 class StackResolver:
-    """Turns a sample's kernel and user addresses into a leaf-first Location stack."""
+    """Turns a sample's kernel and user addresses into a leaf-first Location stack.
+
+    One lives as long as its pipeline: begin_build() starts each interval's
+    build with fresh per-address lookups and counts, and keeps the stacks
+    (and the builders' SampleKeys, `sample_keys`) the last build used and
+    resolved completely.
+    """
 
     def __init__(self, tracker: ProcessTracker, kernel: KernelSymbols | None) -> None:
         self.tracker = tracker
@@ -98,6 +143,38 @@ class StackResolver:
                                       build_id=kernel_build_id(),
                                       build_id_kind=BuildIdKind.GNU)
         self.stats = ResolverStats()
+        # (pid, kernel ips, user ips, exact, id(image)) -> (stack, image, every frame resolved)
+        self._stacks = KeptAcrossBuilds()
+        self.sample_keys = KeptAcrossBuilds()  # the builders': (key, image, stack complete) by what they key
+        self.stack_hits = 0  # stacks found resolved by an earlier build, in this build
+
+    def begin_build(self) -> None:
+        """Start another interval's build: user addresses are looked up afresh (a process's maps may have
+        changed), kernel ones are kept (kallsyms is read once), and so are last build's complete stacks."""
+        self.stats = ResolverStats()
+        self.stack_hits = 0
+        self._user = {}
+        self._refreshed = set()
+        if len(self._kernel) > MAX_KERNEL_LOCATIONS:
+            self._kernel = {}
+        self._stacks.next_build(lambda got: got[2])
+        self.sample_keys.next_build(lambda got: got[2])
+
+    def cached_stack(self, pid: int, kernel_ips: tuple[int, ...], user_ips: tuple[int, ...],
+                     image: ProcessInfo | None) -> tuple[tuple[Location, ...], bool]:
+        """stack() of a record's addresses, once per build and across builds: (stack, every frame resolved).
+        The image is part of the key, by identity (a pid that exec'd has other code at the same addresses),
+        and held by the entry so that its id is not reused while it is."""
+        where = (pid, kernel_ips, user_ips, getattr(user_ips, "exact", None), id(image))
+        got = self._stacks.get(where)
+        if got is not None and got[1] is image:
+            if got[2]:
+                self.stack_hits += 1
+            return got[0], got[2]
+        stack = self.stack(pid, kernel_ips, user_ips, image)
+        complete = all(loc.frames for loc in stack)
+        self._stacks.put(where, (stack, image, complete))
+        return stack, complete
 
     def stack(self, pid: int, kernel_ips: tuple[int, ...], user_ips: tuple[int, ...],
               image: ProcessInfo | None = None) -> tuple[Location, ...]:
