@@ -47,6 +47,8 @@ from symbolizer.unwinder import FrameSource, StopReason, Unwinder
 DEFAULT_USTACK_BYTES = 16384
 # Kernel locations a resolver keeps across builds before it starts over (a few MB).
 MAX_KERNEL_LOCATIONS = 200_000
+# Every this many builds a resolver starts over: what is kept is at most this many intervals old.
+REFRESH_BUILDS = 10
 MAX_USTACK_BYTES = 24576
 
 
@@ -94,9 +96,10 @@ class KeptAcrossBuilds:
     A steady host samples the same stacks interval after interval; each
     build finds last build's entries here instead of resolving and keying
     them again, and memory holds about one interval's working set.
-    next_build() keeps only the entries `keep` accepts (stacks with an
-    unresolved frame are resolved again: a late debug file or new maps may
-    name them).
+    next_build() keeps only the entries `keep` accepts (a stack with an
+    address outside its process's snapshot is resolved again: new maps may
+    place it), and every REFRESH_BUILDS builds none (a debug file found
+    since may name what was left unnamed).
     """
 
     __slots__ = ("_cur", "_prev")
@@ -120,6 +123,9 @@ class KeptAcrossBuilds:
         self._prev = {k: v for k, v in self._cur.items() if keep(v)}
         self._cur = {}
 
+    def clear(self) -> None:
+        self._prev, self._cur = {}, {}
+
     def __len__(self) -> int:
         return len(self._cur) + len(self._prev)
 
@@ -129,8 +135,8 @@ class StackResolver:
 
     One lives as long as its pipeline: begin_build() starts each interval's
     build with fresh per-address lookups and counts, and keeps the stacks
-    (and the builders' SampleKeys, `sample_keys`) the last build used and
-    resolved completely.
+    (and the builders' SampleKeys, `sample_keys`) the last build used whose
+    every address lies in a mapping.
     """
 
     def __init__(self, tracker: ProcessTracker, kernel: KernelSymbols | None) -> None:
@@ -143,26 +149,32 @@ class StackResolver:
                                       build_id=kernel_build_id(),
                                       build_id_kind=BuildIdKind.GNU)
         self.stats = ResolverStats()
-        # (pid, kernel ips, user ips, exact, id(image)) -> (stack, image, every frame resolved)
+        # (pid, kernel ips, user ips, exact, id(image)) -> (stack, image, every address placed in a mapping)
         self._stacks = KeptAcrossBuilds()
-        self.sample_keys = KeptAcrossBuilds()  # the builders': (key, image, stack complete) by what they key
-        self.stack_hits = 0  # stacks found resolved by an earlier build, in this build
+        self.sample_keys = KeptAcrossBuilds()  # the builders': (key, image, stack placed) by what they key
+        self.stack_hits = 0  # stack lookups of this build answered from what was resolved before
+        self.builds = 0
 
     def begin_build(self) -> None:
         """Start another interval's build: user addresses are looked up afresh (a process's maps may have
-        changed), kernel ones are kept (kallsyms is read once), and so are last build's complete stacks."""
+        changed), kernel ones are kept (kallsyms is read once), and so are last build's placed stacks."""
         self.stats = ResolverStats()
         self.stack_hits = 0
         self._user = {}
         self._refreshed = set()
-        if len(self._kernel) > MAX_KERNEL_LOCATIONS:
+        self.builds += 1
+        if len(self._kernel) > MAX_KERNEL_LOCATIONS or self.builds % REFRESH_BUILDS == 0:
             self._kernel = {}
-        self._stacks.next_build(lambda got: got[2])
-        self.sample_keys.next_build(lambda got: got[2])
+            self._stacks.clear()
+            self.sample_keys.clear()
+        else:
+            self._stacks.next_build(lambda got: got[2])
+            self.sample_keys.next_build(lambda got: got[2])
 
     def cached_stack(self, pid: int, kernel_ips: tuple[int, ...], user_ips: tuple[int, ...],
                      image: ProcessInfo | None) -> tuple[tuple[Location, ...], bool]:
-        """stack() of a record's addresses, once per build and across builds: (stack, every frame resolved).
+        """stack() of a record's addresses, once per build and across builds: (stack, every address placed in
+        a mapping: what a new snapshot cannot change).
         The image is part of the key, by identity (a pid that exec'd has other code at the same addresses),
         and held by the entry so that its id is not reused while it is."""
         where = (pid, kernel_ips, user_ips, getattr(user_ips, "exact", None), id(image))
@@ -172,7 +184,7 @@ class StackResolver:
                 self.stack_hits += 1
             return got[0], got[2]
         stack = self.stack(pid, kernel_ips, user_ips, image)
-        complete = all(loc.frames for loc in stack)
+        complete = all(loc.mapping is not None for loc in stack)
         self._stacks.put(where, (stack, image, complete))
         return stack, complete
 
