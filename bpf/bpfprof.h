@@ -53,7 +53,8 @@ enum bpfprof_drop {
     BPFPROF_DROP_TRACE_CTX_READ_ERR = 6, /* a user read on the way to the trace context failed */
     BPFPROF_DROP_PY_READ_ERR = 7,  /* a user read on the way to the Python frames failed */
     BPFPROF_DROP_PY_TRUNCATED = 8, /* Python stack deeper than BPFPROF_PY_MAX_FRAMES: outer frames lost */
-    BPFPROF_DROP_MAX = 9,
+    BPFPROF_DROP_PY_THREAD_UNSEEN = 9, /* the thread's state not reached yet among many (python.bpf.h) */
+    BPFPROF_DROP_MAX = 10,
 };
 
 /* Kind of the trace context a record may carry after its addresses. */

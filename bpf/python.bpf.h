@@ -30,9 +30,26 @@
 
 #include "common.bpf.h"
 
-#define PY_MAX_THREADS 32   /* threads of the interpreter looked at for the sampled one */
+#define PY_MAX_THREADS 32   /* thread states of the interpreter looked at per sample for the sampled one */
 
 BPF_F_TABLE("hash", u32, struct bpfprof_py_proc, py_procs, MAX_TARGETS, BPF_F_NO_PREALLOC);
+
+/* Where a thread's PyThreadState is: `ts` once found (checked by one read of its thread_id at each use);
+ * until then `resume`, the state the next look starts at, `looks` made so far. New thread states go to
+ * the head of the interpreter's list, so the main thread's is last: in a process with more threads than
+ * one look reads, it is found over a few samples (each counted), then at once. `passed`: a whole look
+ * found it nowhere (a thread Python does not know, as C libraries' own): later looks read the head
+ * only, where a state it is given later (PyGILState_Ensure) goes, and count nothing. */
+#define PY_MAX_LOOKS 32  /* a look resumed this many times starts again from the head (a stale resume) */
+struct py_tstate_hint {
+    u64 ts;
+    u64 resume;
+    u32 looks;
+    u32 passed;
+    u32 tgid;  /* the process it was found in: a thread id reused by another process starts over */
+    u32 pad;
+};
+BPF_TABLE("lru_hash", u32, struct py_tstate_hint, py_tstates, 16384);
 
 /* One word per frame from `frame` outwards into out->frames, for one way of telling entry frames
  * (`ek`) and reading the code unit (`ik`), both constants at each call: the verifier then walks loops
@@ -95,21 +112,55 @@ static __always_inline void py_read_frames(u32 tgid, u64 fsbase)
     struct bpfprof_py_frames *out = py_scratch.lookup(&zero);
     if (!out)
         return;
-    u64 interp = 0, ts = 0, tid = 0;
-    if (bpf_probe_read_user(&interp, 8, (void *)pp->interpreters_head) != 0 || interp == 0)
-        goto fail;
-    if (bpf_probe_read_user(&ts, 8, (void *)(interp + pp->interp_threads_head)) != 0)
-        goto fail;
-    for (int i = 0; i < PY_MAX_THREADS && ts; i++) {
-        if (bpf_probe_read_user(&tid, 8, (void *)(ts + pp->tstate_thread_id)) != 0)
-            goto fail;
-        if (tid == fsbase)
-            break;
-        if (bpf_probe_read_user(&ts, 8, (void *)(ts + pp->tstate_next)) != 0)
-            goto fail;
+    u32 thread = (u32)bpf_get_current_pid_tgid();
+    struct py_tstate_hint *hint = py_tstates.lookup(&thread);
+    if (hint && hint->tgid != tgid)
+        hint = 0;
+    u64 ts = 0, tid = 0;
+    if (hint && hint->ts && bpf_probe_read_user(&tid, 8, (void *)(hint->ts + pp->tstate_thread_id)) == 0 &&
+        tid == fsbase) {
+        ts = hint->ts;
+    } else {
+        u32 passed = hint ? hint->passed : 0;
+        u32 looks = hint && !passed && hint->resume && hint->looks < PY_MAX_LOOKS ? hint->looks : 0;
+        ts = looks ? hint->resume : 0;
+        if (ts == 0) {
+            u64 interp = 0;
+            if (bpf_probe_read_user(&interp, 8, (void *)pp->interpreters_head) != 0 || interp == 0)
+                goto fail;
+            if (bpf_probe_read_user(&ts, 8, (void *)(interp + pp->interp_threads_head)) != 0)
+                goto fail;
+        }
+        tid = 0;
+        for (int i = 0; i < PY_MAX_THREADS && ts; i++) {
+            if (bpf_probe_read_user(&tid, 8, (void *)(ts + pp->tstate_thread_id)) != 0) {
+                py_tstates.delete(&thread);  /* a stale place to resume from: the head next time */
+                goto fail;
+            }
+            if (tid == fsbase)
+                break;
+            if (bpf_probe_read_user(&ts, 8, (void *)(ts + pp->tstate_next)) != 0) {
+                py_tstates.delete(&thread);
+                goto fail;
+            }
+        }
+        struct py_tstate_hint h = {};
+        h.tgid = tgid;
+        if (ts != 0 && tid == fsbase) {
+            h.ts = ts;
+        } else if (ts != 0 && !passed) {
+            h.resume = ts;  /* looked at all one look may: on from here at the next sample */
+            h.looks = looks + 1;
+        } else {
+            h.passed = 1;  /* the list ended without it (or it was passed before): not a Python thread now */
+        }
+        py_tstates.update(&thread, &h);
+        if (h.ts == 0) {
+            if (h.resume)
+                count_drop(BPFPROF_DROP_PY_THREAD_UNSEEN);
+            return;  /* native frames only */
+        }
     }
-    if (ts == 0 || tid != fsbase)
-        return;  /* a thread Python does not know (yet): native frames only */
     u64 frame = 0, cur = 0;
     if (bpf_probe_read_user(&cur, 8, (void *)(ts + pp->tstate_frame)) != 0)
         goto fail;

@@ -47,6 +47,7 @@ class Drop(enum.IntEnum):
     TRACE_CTX_READ_ERR = 6
     PY_READ_ERR = 7
     PY_TRUNCATED = 8
+    PY_THREAD_UNSEEN = 9
 
 
 DROP_DESCRIPTIONS = {
@@ -59,6 +60,7 @@ DROP_DESCRIPTIONS = {
     Drop.TRACE_CTX_READ_ERR: "samples whose trace context could not be read",
     Drop.PY_READ_ERR: "samples whose Python frames could not be read",
     Drop.PY_TRUNCATED: f"Python stacks cut at {PY_MAX_FRAMES} frames",
+    Drop.PY_THREAD_UNSEEN: "samples of a Python thread not reached yet among its process's many threads",
 }
 
 

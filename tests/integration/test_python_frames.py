@@ -22,7 +22,8 @@ from agent.python.layouts import LAYOUTS
 from recording import BPFPROF, Decoded, DecodedSample, kill_all, read_pprof, run_bpfprof, track_group
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "python"
-SPLIT, THREADS, ZLIB = (FIXTURES / f"{name}.py" for name in ("split7030", "threads", "zlib_calls"))
+SPLIT, THREADS, ZLIB, MANY = (FIXTURES / f"{name}.py" for name in ("split7030", "threads", "zlib_calls",
+                                                                     "many_threads"))
 PYENV = Path("/root/.pyenv/versions")
 PYTHONS = ["/usr/bin/python3.11", *(str(p) for v in sorted(LAYOUTS)
                                     for p in sorted(PYENV.glob(f"3.{v[1]}.*/bin/python3.{v[1]}")))]
@@ -61,14 +62,11 @@ def ran_python(s: DecodedSample) -> bool:
     return bool(python_names(s)) or EVAL_FRAME in s.functions
 
 
-@pytest.fixture(scope="module", params=PYTHONS)
-def run(request, tmp_path_factory) -> Run:
+def record_fixtures(python: str, fixtures: list[Path], out: Path) -> Run:
     """Fixtures started first and waiting ("ready"), the agent attached to them (`record --pid`, so every
     sample is taken with the interpreter registered: a process started before the agent), then released."""
-    python = request.param
-    out = tmp_path_factory.mktemp("py") / "py.pb.gz"
     procs = {f: subprocess.Popen([python, str(f), str(CPU_SECONDS), "wait"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True) for f in (SPLIT, THREADS, ZLIB)}
+                                 stdout=subprocess.PIPE, text=True) for f in fixtures}
     agent = None
     try:
         for f, p in procs.items():
@@ -92,12 +90,18 @@ def run(request, tmp_path_factory) -> Run:
             rows = json.loads(p.stdout.read().strip().splitlines()[-1])["cpu"]
             truth[f] = [(int(tid), name, float(s)) for tid, name, s in rows]
             assert p.wait(timeout=90) == 0
-        agent.send_signal(signal.SIGINT)  # all three done: stop, write the profile
+        agent.send_signal(signal.SIGINT)  # all done: stop, write the profile
         rest = agent.stderr.read()
         assert agent.wait(timeout=120) == 0, "".join(err) + rest
     finally:
         kill_all(*procs.values(), agent)
     return Run(python, read_pprof(out), {f: p.pid for f, p in procs.items()}, truth)
+
+
+@pytest.fixture(scope="module", params=PYTHONS)
+def run(request, tmp_path_factory) -> Run:
+    """The three fixtures under one interpreter, in one recording."""
+    return record_fixtures(request.param, [SPLIT, THREADS, ZLIB], tmp_path_factory.mktemp("py") / "py.pb.gz")
 
 
 def share_in_profile(samples: list[DecodedSample], a: str, b: str) -> tuple[float, int]:
@@ -217,3 +221,24 @@ def test_an_eval_call_sampled_before_its_frame_is_linked_keeps_its_callers(pytho
     # Left: a sample in one in a thousand or so without any (a garbage collection the call set off, seen once)
     bare = sum(s.values[0] for s in calls if not python_names(s))
     assert bare <= n // 200, f"{bare} of {n} calls without a Python frame"
+
+
+@pytest.mark.parametrize("python", [PYTHONS[0], PYTHONS[-1]])  # Debian's 3.11, the newest pyenv build
+def test_the_main_thread_behind_many_threads_has_its_python_frames(python, tmp_path):
+    """The main thread's state is the last of the interpreter's list: behind 80 idle threads, more than
+    BPF reads in one sample. It was never reached, and its samples had no Python frame and no count. Now
+    the look goes on where it stopped at the thread's next samples, each counted until it is found, and
+    the thread's state is kept: every later sample reaches `<module>`."""
+    run = record_fixtures(python, [MANY], tmp_path / "many.pb.gz")
+    main = [s for s in run.samples(MANY) if s.num_labels.get("tid") == run.pids[MANY]]
+    working = [s for s in main if "main_work" in s.functions]
+    n = sum(s.values[0] for s in working)
+    assert n >= 1000, f"only {n} samples of the main thread in main_work"
+    reached = sum(s.values[0] for s in working if python_names(s) and python_names(s)[-1] in TOP_LEVEL)
+    assert n - reached <= 5, f"{reached} of {n} main_work samples have Python frames up to <module>"
+    # Counted: the main thread's first looks (81 states, 32 a look: 2), and those of idle threads sampled as
+    # they end (each at most 2 looks before its own is found).
+    others = sum(s.values[0] for s in run.samples(MANY) if s.num_labels.get("tid") != run.pids[MANY])
+    comments = [run.prof.raw.string_table[i] for i in run.prof.raw.comment]
+    unseen = [c for c in comments if "not reached yet" in c]  # "dropped: N samples of a Python thread ..."
+    assert unseen and 1 <= int(unseen[0].split()[1]) <= 2 + 2 * others, (others, comments)
