@@ -18,7 +18,7 @@ through the functions the agent runs:
            what every record cost before repeats were known by their bytes
   deliver  the same dispatch into the daemon's BpfCollector pipeline, what
            the agent runs per record: a repeat of a sample of the interval
-           straight to its entry (CapturePipeline.deliver_buf), else the parse,
+           straight to its entry (CapturePipeline.deliver_bufs), else the parse,
            accept (selection, cap), counts, tracker.note_record, route, the
            CPU accumulator's on_record (the parse included, not added to it)
   build    cut + build: symbolization (StackResolver), SampleKeys, Profile.add

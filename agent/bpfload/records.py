@@ -294,7 +294,7 @@ def repeat_key(buf: bytes) -> bytes | None:
 
     Two records with the same key are the same sample taken twice: same kind,
     process, thread, CPU, name, stacks and trailers. The pipeline uses it to
-    add a repeat to its entry without parsing it (CapturePipeline.deliver_buf).
+    add a repeat to its entry without parsing it (CapturePipeline.deliver_bufs).
     """
     if len(buf) > REPEAT_MAX_BYTES:
         return None

@@ -51,7 +51,7 @@ DRAIN_INTERVAL_S = 0.1
 # must act on at once, and every wake-up costs a sleeping thread tens of microseconds of CPU on a VM.
 QUIET_WAIT_S = 1.0
 # Bytes of keys (records less 16 bytes, ~0.1-2 KB each) an interval keeps to know repeats by
-# (CapturePipeline.deliver_buf); past it, new distinct samples are parsed every time they come.
+# (CapturePipeline.deliver_bufs); past it, new distinct samples are parsed every time they come.
 MAX_REPEAT_BYTES = 8 << 20
 # Without a cap (record), a bound no batch reaches.
 MAX_REPEATS_PER_BATCH = 1 << 62
