@@ -135,13 +135,15 @@ def test_off_cpu_split_by_python_function_matches_measured(run):
 
 def test_lock_profile_names_the_python_waiter(run):
     samples = run.samples(run.lock, CONTEND)
-    # The Python lock's waits. A kernel lock a thread met inside `contend` (a CI run had one: lock
-    # "kernel", a spinlock on the futex path) is a lock wait of its own, recorded as such.
+    # The Python lock's waits. Another lock a thread met inside `contend` is a lock wait of its own,
+    # recorded as such, and rare: CI runs had a kernel spinlock on the futex path (lock "kernel") and
+    # a pthread mutex (lock "pthread_mutex"; the GIL is guarded by one, taken back after the wait).
     in_contend = [s for s in samples if "contend" in python_names(s)]
     waited = [s for s in in_contend if s.labels.get("lock") == "python"]
-    kernel = sum(s.values[1] for s in in_contend if s.labels.get("lock") == "kernel")
+    others = sum(s.values[1] for s in in_contend if s.labels.get("lock") != "python")
     ns = sum(s.values[1] for s in waited)
-    assert {s.labels.get("lock") for s in in_contend} <= {"python", "kernel"} and kernel <= 0.05 * ns, kernel
+    assert {s.labels.get("lock") for s in in_contend} <= {"python", "kernel", "pthread_mutex"}, in_contend
+    assert others <= 0.05 * ns, (others, ns)
     want = run.blocked[CONTEND]["contend"] * 1e9
     print(f"{Path(run.python).name} contend: {ns / 1e9:.3f} s waited, measured {want / 1e9:.3f} s")
     assert want > 1e9, want  # the fixture really contended
