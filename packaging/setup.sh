@@ -57,6 +57,10 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     "$VENV/bin/python" -m pip install -q -e ".[test]"
     touch "$stamp"
 fi
+# The editable install runs the sources in place: their bytecode compiled now (what pip does for an
+# installed package), not at every start, which under PYTHONDONTWRITEBYTECODE is never kept (~50 ms of
+# each start here). Up-to-date files are skipped.
+"$VENV/bin/python" -m compileall -q -j 0 -x node_modules agent symbolizer exporters bpf viewer >/dev/null
 
 # The web UI's JS libraries (viewer/package-lock.json) into viewer/node_modules, never into git.
 npm_stamp="viewer/node_modules/.bpfprof-installed"
