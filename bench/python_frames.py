@@ -11,8 +11,8 @@ at --hz). Printed per interpreter:
 - py-spy: hot share, samples, its CPU (wait4's rusage) and the ratio of the two tools' CPU.
 
 Run as root under the heavy lock:
-    flock /tmp/work/heavy.lock .venv/bin/python bench/python_frames.py --py-spy /tmp/spy/bin/py-spy
-py-spy: a PyPI package (pip install py-spy into any venv; not a dependency of bpfprof).
+    flock /tmp/work/heavy.lock .venv/bin/python bench/python_frames.py
+py-spy: a PyPI package, in the test extra (the venv's is the default; --py-spy PATH for another).
 Prints figures; asserts nothing.
 """
 
@@ -159,7 +159,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu-seconds", type=float, default=5.0)
     ap.add_argument("--hz", type=int, default=997)
-    ap.add_argument("--py-spy", default="", help="path of a py-spy binary (none: bpfprof only)")
+    venv_spy = Path(sys.executable).parent / "py-spy"  # the test extra installs it
+    ap.add_argument("--py-spy", default=str(venv_spy) if venv_spy.exists() else "",
+                    help="path of a py-spy binary (default: the venv's; none: bpfprof only)")
     a = ap.parse_args()
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     before = stats.read_text().strip()
