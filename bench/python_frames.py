@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,25 +133,18 @@ def bpfprof_run(python: str, cpu_seconds: float, hz: int) -> Result:
 
 
 def pyspy_run(pyspy: str, python: str, cpu_seconds: float, hz: int) -> Result:
+    from pyspy_tool import py_spy_counts, start_py_spy
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "spy.txt"
         fx = start_fixture(python, cpu_seconds)
-        spy = subprocess.Popen([pyspy, "record", "--format", "raw", "--rate", str(hz), "-o",
-                                str(out), "--pid", str(fx.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-        time.sleep(1.0)  # py-spy has no ready line: give it its attach
+        spy = start_py_spy(fx.pid, out, hz, Path(pyspy))
         truth = release(fx)
-        spy_cpu = cpu_of(spy.pid)
+        said = spy.stdout.read()  # to its end: py-spy exits with the fixture
+        spy_cpu = cpu_of(spy.pid)  # wait4's rusage, so not Popen.wait
         spy.returncode = 0
-        counts: Counter[str] = Counter()
-        total = 0
-        for line in out.read_text().splitlines() if out.exists() else ():
-            stack, _, n = line.rpartition(" ")
-            total += int(n)
-            for fn in ("hot", "warm"):
-                if f";{fn} (" in ";" + stack:
-                    counts[fn] += int(n)
-    return Result(counts["hot"] / max(counts["hot"] + counts["warm"], 1), total, truth, spy_cpu)
+        counts = py_spy_counts(out, said)
+    return Result(counts["hot"] / max(counts["hot"] + counts["warm"], 1), counts[""], truth, spy_cpu)
 
 
 def main() -> None:

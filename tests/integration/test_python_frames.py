@@ -15,8 +15,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent.python.layouts import LAYOUTS
+from pyspy_tool import py_spy_counts, start_py_spy
 from recording import BPFPROF, Decoded, DecodedSample, kill_all, read_pprof, run_bpfprof, track_group
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "python"
@@ -36,7 +35,6 @@ CPU_SECONDS = 2.5  # each fixture runs until it has used this much CPU: ~2500 sa
 HZ = 997
 TOLERANCE = 0.02  # share points: the issue's bound; errors measured here are a fraction of it
 EVAL_FRAME = "_PyEval_EvalFrameDefault"
-PY_SPY = Path(sys.executable).parent / "py-spy"
 TOP_LEVEL = {"<module>"}
 THREAD_TOP = {"Thread._bootstrap", "_bootstrap"}  # co_qualname (3.11+), co_name (3.9, 3.10)
 
@@ -92,7 +90,7 @@ def record_fixtures(python: str, fixtures: list[Path], out: Path, spy_on: Path |
         else:
             raise AssertionError("agent did not start: " + "".join(err))
         if spy_on is not None:
-            spy = start_py_spy(procs[spy_on].pid, out.with_suffix(".spy"))
+            spy = start_py_spy(procs[spy_on].pid, out.with_suffix(".spy"), HZ)
         for p in procs.values():
             p.stdin.write("go\n")
             p.stdin.flush()
@@ -111,44 +109,6 @@ def record_fixtures(python: str, fixtures: list[Path], out: Path, spy_on: Path |
     finally:
         kill_all(*procs.values(), agent, spy)
     return Run(python, read_pprof(out), {f: p.pid for f, p in procs.items()}, truth, counts)
-
-
-def start_py_spy(pid: int, out: Path) -> subprocess.Popen:
-    """py-spy recording `pid` at HZ without pausing it (--nonblocking: the agent's samples are not taken
-    of a stopped process), raw folded stacks into `out`; returned once it says it is sampling."""
-    spy = subprocess.Popen([str(PY_SPY), "record", "--pid", str(pid), "--rate", str(HZ), "--nonblocking",
-                            "--format", "raw", "-o", str(out)], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    seen: list[str] = []
-    sampling = threading.Event()
-
-    def watch() -> None:  # its first lines, then none: communicate() reads the rest at the end
-        for line in spy.stdout:
-            seen.append(line)
-            if "Sampling process" in line:
-                sampling.set()
-                return
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    if not sampling.wait(timeout=30):
-        spy.kill()
-        raise AssertionError(f"py-spy did not start sampling {pid}: {''.join(seen)}")
-    watcher.join()
-    return spy
-
-
-def py_spy_counts(path: Path, said: str) -> Counter[str]:
-    """Samples per Python function in py-spy's raw output (`frame;frame;... count`, a frame being
-    `function (file:line)`), each function counted once per stack; "" holds the total."""
-    assert path.exists(), f"py-spy wrote nothing: {said}"
-    counts: Counter[str] = Counter()
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        counts[""] += int(n)
-        for fn in {frame.split(" (", 1)[0] for frame in stack.split(";")}:
-            counts[fn] += int(n)
-    return counts
 
 
 @pytest.fixture(scope="module", params=PYTHONS)
