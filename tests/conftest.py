@@ -1,8 +1,12 @@
-"""Shared test set-up: fixture builders and the CI rule that BPF tests never skip."""
+"""Shared test set-up: fixture builders, the CI rule that BPF tests never skip, and the machine
+shared between the suite's parallel workers (pytest-xdist)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +32,31 @@ def _private_cache_dir(tmp_path_factory):
     """
     os.environ["BPFPROF_CACHE_DIR"] = str(tmp_path_factory.mktemp("bpfprof-cache"))
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone: judges the whole machine's CPU (a cost budget), so no other test runs beside it")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist every test holds the machine lock shared, an `alone` test holds it exclusive.
+
+    Around the whole protocol, so the module fixtures a test sets up (a capture several tests read) are
+    inside it too. A turnstile in front keeps waiting `alone` tests from being starved by the others.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"bpfprof-suite-{os.environ['PYTEST_XDIST_TESTRUNUID']}"  # the run's
+    alone = item.get_closest_marker("alone") is not None
+    with open(f"{base}.turnstile", "w") as turnstile, open(f"{base}.machine", "w") as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if alone:
+            fcntl.flock(machine, fcntl.LOCK_EX)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(machine, fcntl.LOCK_SH)
+        yield

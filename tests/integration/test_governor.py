@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from governor_settling import fixture_figures, run  # noqa: E402
@@ -26,6 +28,9 @@ from governor_settling import fixture_figures, run  # noqa: E402
 from fixtures.builder import build_c  # noqa: E402
 from integration.test_agent import Agent  # noqa: E402
 from recording import read_pprof  # noqa: E402
+
+# The agent's cost is judged against a budget of the machine's CPU: no other test's agents and processes beside.
+pytestmark = pytest.mark.alone
 
 BUDGET_PERCENT = 1.0
 SHARE_TOLERANCE = 0.05  # shares of a 40-90 s run sampled partly at a few tens of Hz
