@@ -28,15 +28,22 @@ def _private_cache_dir(tmp_path_factory):
     """Caches that outlive a process (unwind tables) go to a directory of this run's own.
 
     A table cached by another checkout's code must never answer a test;
-    child bpfprof processes inherit the variable.
+    child bpfprof processes inherit the variable. The run's parallel workers share it (entries are
+    written atomically), so each program selection is compiled once a run, not once a worker.
     """
-    os.environ["BPFPROF_CACHE_DIR"] = str(tmp_path_factory.mktemp("bpfprof-cache"))
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the workers' directories are side by side in the run's
+    path = root / "bpfprof-cache"
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.environ["BPFPROF_CACHE_DIR"] = str(path)
     yield
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "alone: judges the whole machine's CPU (a cost budget), so no other test runs beside it")
+        "markers", "alone: no other test runs beside it (pytest-xdist): it judges the machine's CPU (a cost "
+        "budget), or its fixtures run for a wall time and need the CPU they ask for")
 
 
 @pytest.hookimpl(hookwrapper=True)

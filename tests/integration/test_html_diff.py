@@ -28,6 +28,9 @@ from browser import offline_chromium
 from fixtures.builder import build_go
 from recording import BPFPROF, read_pprof, run_bpfprof
 
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
+
 DURATION = "8s"
 FREQUENCY_HZ = "499"
 TOLERANCE_POINTS = 3.0

@@ -15,6 +15,9 @@ from exporters.profile import Profile
 from fixtures.builder import build_c
 from recording import BPFPROF, Decoded, read_pprof, run_bpfprof
 
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
+
 SECONDS = "2"
 
 

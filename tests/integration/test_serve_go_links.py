@@ -14,10 +14,14 @@ import json
 import subprocess
 import urllib.request
 
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from fixtures.builder import build_go
 from integration.test_serve_e2e import _json, _start_agent, _start_serve, _stop, _wait
+
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
 
 SPANS = 6
 

@@ -18,9 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from browser import offline_chromium
 
 from integration.test_serve_e2e import ARTIFACTS, _json, _start_agent, _start_serve, _stop, _wait
+
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
 
 APP = Path(__file__).resolve().parents[1] / "fixtures" / "python" / "otel_spans.py"
 SLOW_FN, FAST_FN = "Worker.slow_work", "fast_work"

@@ -180,6 +180,7 @@ def _fresh_copies(binary: Path, where: Path, n: int) -> list[Path]:
     return copies
 
 
+@pytest.mark.alone  # each binary runs 200 ms and must get its CPU to be sampled ~100 times
 def test_fresh_binary_every_200ms_complete_from_the_first_sample(tmp_path, record_property):
     """One process execs a never-seen file every 200 ms (of CPU) for 10 s: every file's samples are
     symbolized and reach `main` through the fixture's frames, the first file's as much as the last one's.
