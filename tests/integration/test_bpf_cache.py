@@ -188,6 +188,7 @@ def test_doctor_plan_sees_the_entry(cache_dir):
     assert plan.is_cached()
 
 
+@pytest.mark.alone  # a 2-thread fixture for a wall time, its own runtime/pprof samples counted
 def test_warm_capture_samples_the_fixture_as_its_own_profile(cache_dir, tmp_path):
     binary = build_go("cpusplit")
     # the same options (the frequency only sizes the ring buffer, set at load time, but the test needs no other)

@@ -8,6 +8,9 @@ from fixtures.builder import build_go
 from gotool import gotool_total
 from recording import read_pprof, run_bpfprof
 
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
+
 FUNCTIONS = ("main.spinA", "main.spinB", "main.mix")
 TOLERANCE = 0.03  # percentage points, as a fraction
 # runtime/pprof asks for 500 Hz but gets ~130 Hz per thread here (its timers

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from fixtures.builder import build_c
 from gotool import gotool_total
 from recording import by_pid, read_pprof, run_bpfprof
+
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
 
 KERNEL = "[kernel.kallsyms]"
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import subprocess
 import threading
 
+import pytest
+
 from agent.capture.session import RecordOptions, RecordSession
 from agent.processes.tracker import ProcessTracker
 from fixtures.builder import build_go
 from symbolizer.file_symbols import SymbolCache
+
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
 
 
 def _capture(binary, cache):

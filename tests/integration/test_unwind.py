@@ -27,6 +27,9 @@ from symbolizer.file_symbols import SymbolCache
 
 BPF_MAP_TYPE_HASH, BPF_F_NO_PREALLOC = 1, 1
 
+# Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
+pytestmark = pytest.mark.alone
+
 FREQUENCY_HZ = "499"
 TOLERANCE = 0.03  # percentage points, as a fraction
 
@@ -180,7 +183,6 @@ def _fresh_copies(binary: Path, where: Path, n: int) -> list[Path]:
     return copies
 
 
-@pytest.mark.alone  # each binary runs 200 ms and must get its CPU to be sampled ~100 times
 def test_fresh_binary_every_200ms_complete_from_the_first_sample(tmp_path, record_property):
     """One process execs a never-seen file every 200 ms (of CPU) for 10 s: every file's samples are
     symbolized and reach `main` through the fixture's frames, the first file's as much as the last one's.
