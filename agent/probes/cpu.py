@@ -111,7 +111,7 @@ class CpuAccumulator(Accumulator):
         add_records(profile, self.samples, resolver, tracker, window, weights, with_kernel=config.with_kernel,
                     reshape=reshape)
         if python is not None:
-            profile.comments.extend(python.comments())
+            profile.comments.extend(python.comments(self.samples.entries()))
         return [profile]
 
 

@@ -346,7 +346,7 @@ class LockAccumulator(Accumulator):
         profile = waits_profile("lock", self.samples, resolver, tracker, window, self.family.config.with_kernel,
                                 reshape=self._reshape)
         if self.family.python is not None:
-            profile.comments.extend(self.family.python.comments())
+            profile.comments.extend(self.family.python.comments(self.samples.entries()))
         return [profile]
 
 

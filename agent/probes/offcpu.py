@@ -79,7 +79,7 @@ class OffCpuAccumulator(Accumulator):
         profile = waits_profile("offcpu", self.samples, resolver, tracker, window, config.with_kernel,
                                 labels=lambda r: (("state", state_label(r.aux)),), reshape=reshape)
         if python is not None:
-            profile.comments.extend(python.comments())
+            profile.comments.extend(python.comments(self.samples.entries()))
         min_ns = self.family.min_ns
         if min_ns.now or min_ns.changes:
             profile.comments.append(f"off-CPU blocks shorter than {min_ns.now} ns left out: {self.short_blocks}")

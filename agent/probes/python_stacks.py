@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 from agent.bpfload import libbpf
 from agent.bpfload.records import PyProc, RawRecord
@@ -89,6 +89,18 @@ class PythonStacks:
             return stack
         return self.frames.merge(rec.pid, stack, rec.py_frames, proc.layout)
 
-    def comments(self) -> list[str]:
-        """The profile's comment lines about the interpreters seen (PythonRegistry.comments)."""
-        return self.registry.comments()
+    def comments(self, entries: Iterable[tuple[RawRecord, Sequence[int], Sequence[int]]] = ()) -> list[str]:
+        """The profile's comment lines about the interpreters seen (PythonRegistry.comments), and how many
+        of `entries`' samples (SampleStore.entries) were taken before their process's interpreter was
+        registered: BPF had nothing to read them with, so they keep their native frames only."""
+        since = self.registry.reading_since
+        early = 0
+        for rec, times, _ in entries:
+            start = since.get(rec.pid)
+            if start is not None and not rec.py_frames:
+                early += sum(1 for t in times if t < start)
+        lines = self.registry.comments()
+        if early:
+            lines.append(f"Python frames: {early} samples taken before their process's interpreter was "
+                         "registered (at its first record) have native frames only")
+        return lines

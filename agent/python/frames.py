@@ -214,7 +214,7 @@ class PythonFrames:
         When the counts disagree: more runs than interpreter frames means the native walk was cut (or
         stopped at a frame it could not name): the innermost runs take the interpreter frames there are
         and the others follow the walk's last frame, outermost last, so the sample still reaches the
-        module's top level. Fewer runs, the last one complete (its outermost
+        module's top level (all of them, when the walk was cut below the first interpreter frame). Fewer runs, the last one complete (its outermost
         word an entry frame), means an interpreter call was sampled between its entry and its first
         frame's push (or its last pop and its return): that is the innermost call, so the runs take the
         outermost interpreter frames and the innermost keeps its native name. A cut Python walk (the
@@ -228,8 +228,10 @@ class PythonFrames:
         if not groups[-1]:
             groups.pop()
         evals = [i for i, loc in enumerate(stack) if _is_eval(loc)]
-        if not evals or not groups:
+        if not groups:
             return stack
+        if not evals:  # the native walk was cut below every interpreter frame: all the runs follow it
+            return stack + tuple(loc for run in groups for loc in run)
         if len(groups) < len(evals) and split_word(words[-1])[2]:
             evals = evals[len(evals) - len(groups):]
         runs = dict(zip(evals, groups, strict=False))

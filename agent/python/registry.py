@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,9 @@ class PythonRegistry:
         self._by_file: dict[FileId, PyBinary | None] = {}
         self._vaddrs: dict[tuple[FileId, int], int | None] = {}  # (file, mapped offset) -> its vaddr
         self.processes: dict[int, PyProcess | None] = {}
+        # CLOCK_MONOTONIC ns at which BPF was given the pid's interpreter: its samples from before have
+        # no Python frames (a process is registered at its first record, ~a drain period after it starts)
+        self.reading_since: dict[int, int] = {}
         self._names: dict[int, set[str]] = {}  # thread names the pid's records have shown
         # observe/forget run on the drain thread, comments on the build thread: a set comprehension over
         # the live dict raised "dictionary changed size during iteration" and lost a whole interval.
@@ -166,10 +170,12 @@ class PythonRegistry:
             self.processes[pid] = found
         if found is None and known is not None:
             self._write(pid, None)  # exec'd into something else (BPF deletes it at exec too)
+            self.reading_since.pop(pid, None)
         if found is not None:
             value = found.proc_value()
             if value is not None:
                 self._write(pid, value)
+                self.reading_since[pid] = time.monotonic_ns()
                 log.info("pid %d: CPython %s frames read in BPF (%s)", pid, found.version, found.path)
             else:
                 log.info("pid %d: %s", pid, found.reason)
@@ -179,6 +185,7 @@ class PythonRegistry:
         """A pid that exec'd or exited: looked at again at its next record."""
         with self._lock:
             self.processes.pop(pid, None)
+            self.reading_since.pop(pid, None)
         self._names.pop(pid, None)
 
     def comments(self) -> list[str]:

@@ -254,13 +254,14 @@ def test_an_eval_call_sampled_before_its_frame_is_linked_keeps_its_callers(pytho
     # the window itself was sampled: the innermost eval call left native, under slot_tp_init, its callers' frames
     unlinked = [s for s in calls if EVAL_FRAME in s.functions[:s.functions.index("slot_tp_init")] and python_names(s)]
     assert unlinked and all(python_names(s)[-2:] == ["make", "<module>"] for s in unlinked), unlinked[:3]
-    # Left: samples without any, in other windows where a frame is pushed or popped (leaf
-    # _PyFrame_Initialize, _PyThreadState_PopFrame, _PyEvalFrameClearAndPop) or the class machinery
-    # runs: 0-3 of 730-1330 calls in each of 15 runs here (both CPUs busy or not), 8 of 1167 in a CI run
-    # (3.12), none of them counted as an unreadable frame. Bounded at 1 %: the window this test is about
-    # left 1-3 % of calls bare before, and `unlinked` above checks that window itself.
+    # Left without any: calls made at start-up, sampled before the agent registered the new process's
+    # interpreter (at its first record), which the profile counts. (Up to 8 of 1167 were left before these
+    # were counted and before a sample whose native walk stopped below every interpreter frame kept its
+    # Python frames after the cut.)
     bare = sum(s.values[0] for s in calls if not python_names(s))
-    assert bare <= n // 100, f"{bare} of {n} calls without a Python frame"
+    comments = [prof.raw.string_table[i] for i in prof.raw.comment]
+    early = [int(c.split()[2]) for c in comments if c.startswith("Python frames:") and "registered" in c]
+    assert bare <= sum(early) + n // 1000, (f"{bare} of {n} calls without a Python frame", comments)
 
 
 @pytest.mark.parametrize("python", [PYTHONS[0], PYTHONS[-1]])  # Debian's 3.11, the newest pyenv build

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import struct
 
-from agent.bpfload.records import HEADER_SIZE, PY_ENTRY_BIT, PY_SHIM, PY_UNIT_SHIFT, CtxKind, parse_record
+from agent.bpfload.records import (
+    HEADER_SIZE,
+    PY_ENTRY_BIT,
+    PY_SHIM,
+    PY_UNIT_SHIFT,
+    CtxKind,
+    RawRecord,
+    RecordKind,
+    parse_record,
+)
+from agent.probes.python_stacks import PythonStacks
 from agent.python.frames import EVAL_FRAME, PythonFrames, split_word
 from agent.python.layouts import LAYOUTS
 from exporters.profile import Location
@@ -60,7 +70,8 @@ def test_an_interpreter_call_without_frames_yet_keeps_the_innermost_native():
     stack = (native(EVAL_FRAME, 2), native("call", 3), native(EVAL_FRAME, 4), native("main", 5))
     words = [word(0xA, 1, False), word(0xB, 1, True)]  # one complete run for two interpreter frames
     assert names(Named().merge(1, stack, words, LAYOUT)) == [EVAL_FRAME, "call", "pya", "pyb", "main"]
-    assert Named().merge(1, (native("main", 5),), words, LAYOUT) == (native("main", 5),)
+    # no interpreter frame at all: the native walk was cut (at its leaf, say) below them all
+    assert names(Named().merge(1, (native("leaf", 5),), words, LAYOUT)) == ["leaf", "pya", "pyb"]
 
 
 def test_a_cut_python_walk_fills_the_innermost():
@@ -94,3 +105,17 @@ def test_shim_words_end_runs_and_an_empty_run_keeps_its_native_frame():
                                                            "main"]
     frames.read_codes(1, [PY_SHIM], LAYOUT)  # no code object behind a shim
     assert frames.unreadable == 0
+
+
+def test_samples_taken_before_the_interpreter_was_registered_are_counted():
+    # a process is registered at its first record: its samples from before have no Python frame to read
+    stacks = PythonStacks(lambda pid, value: None)
+    stacks.registry.reading_since[7] = 1_000
+    early = RawRecord(RecordKind.CPU, 7, 7, 0, 0, 1, 0, "app", (), (0x401000,))
+    framed = RawRecord(RecordKind.CPU, 7, 7, 0, 0, 1, 0, "app", (), (0x401000,), py_frames=(word(0xA, 1, True),))
+    other = RawRecord(RecordKind.CPU, 8, 8, 0, 0, 1, 0, "c", (), (0x401000,))  # not a Python process
+    entries = [(early, [900, 999, 1_000, 5_000], [1] * 4), (framed, [800], [1]), (other, [10], [1])]
+    assert stacks.comments(entries) == ["Python frames: 2 samples taken before their process's interpreter was "
+                                        "registered (at its first record) have native frames only"]
+    stacks.forget(7)
+    assert stacks.comments(entries) == []
