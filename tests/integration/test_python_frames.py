@@ -151,10 +151,17 @@ def test_split_matches_measured_cpu(run):
     assert_share(run, SPLIT, "hot", "warm", at_least=1500)
     assert_all_reach(samples, TOP_LEVEL)
     # Python frames in place of the interpreter loop, native frames kept below (the C entry) and above
-    spin = [s.functions for s in samples if "spin" in s.functions]
+    spin = [s for s in samples if "spin" in s.functions]
     assert spin, "no sample in spin"
-    for names in spin:
+    for names in (s.functions for s in spin if "Py_RunMain" in s.functions):
         assert names.index("spin") < names.index("<module>") < names.index("Py_RunMain")
+    # but where the native walk stopped short of the interpreter, its Python frames follow where it
+    # stopped. Left to the unwinder: a leaf the eval loop calls (PyNumber_Multiply, PyLong_FromLong) given
+    # a zero or non-code caller, 1-12 of ~2500 spin samples in each of 14 runs here, most in pyenv's 3.9/3.10
+    short = [s for s in spin if "Py_RunMain" not in s.functions]
+    n_spin, n_short = (sum(s.values[0] for s in group) for group in (spin, short))
+    assert n_short <= n_spin // 100, (n_short, n_spin, short[:3])
+    assert all(s.functions.index("spin") < s.functions.index("<module>") for s in short)
     # spin's frames name its loop's lines (from the code object's line table), in the fixture's file
     raw = run.prof.raw
     spin_ids = {f.id for f in raw.function if raw.string_table[f.name] == "spin"}
