@@ -6,7 +6,9 @@ These are the only symbolizer names `exporters` may import.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from operator import attrgetter
 
 
 def hash_once(obj: object) -> int:
@@ -18,13 +20,25 @@ def hash_once(obj: object) -> int:
     interval's build and most of its pprof encode before). Frozen: the fields
     never change, so neither does the hash. Not for objects that cross
     processes (str hashes are salted per process): none of these do.
+
+    Most objects are hashed once (each build makes its own), so the first hash
+    is the cost: the fields are read by one attrgetter per class, and the kept
+    hash is looked up in the instance dict (a missing attribute's exception
+    cost as much as the hash itself).
     """
-    try:
-        return obj._hash  # type: ignore[attr-defined]
-    except AttributeError:
-        h = hash(tuple(getattr(obj, f.name) for f in fields(obj)))
-        object.__setattr__(obj, "_hash", h)
-        return h
+    d = obj.__dict__
+    h = d.get("_hash")
+    if h is None:
+        fields_of = _FIELDS_OF.get(type(obj))
+        if fields_of is None:
+            names = [f.name for f in fields(obj)]
+            get = attrgetter(*names)
+            fields_of = _FIELDS_OF[type(obj)] = get if len(names) > 1 else lambda o: (get(o),)
+        h = d["_hash"] = hash(fields_of(obj))
+    return h
+
+
+_FIELDS_OF: dict[type, Callable[[object], tuple]] = {}
 
 
 class FrameKind(enum.StrEnum):
