@@ -267,6 +267,7 @@ class LockAccumulator(Accumulator):
         self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
         self.merged_sleeps = 0
         self.not_lock_waits = 0  # waits left out: not lock acquisitions (is_lock_wait)
+        self._left_out: set[int] = set()  # id() of the entries' records left out, for the Python comments
         self._trimmed: dict[tuple[int, int], tuple[Location, Location]] = {}  # (id, frame) -> (original, trimmed)
 
     def on_record(self, rec: RawRecord) -> None:
@@ -334,19 +335,22 @@ class LockAccumulator(Accumulator):
                 stack = (self._from_lock_function(stack[i]),) + stack[i + 1:]
             elif not is_lock_wait(source, stack):
                 self.not_lock_waits += 1
+                self._left_out.add(id(rec))
                 return None
             elif is_go_runtime_futex(_names(stack)):
                 source = LockSource.GO_RUNTIME
         elif not is_lock_wait(source, stack):
             self.not_lock_waits += 1
+            self._left_out.add(id(rec))
             return None
         return stack, (("lock", source.name.lower()),)
 
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         profile = waits_profile("lock", self.samples, resolver, tracker, window, self.family.config.with_kernel,
                                 reshape=self._reshape)
-        if self.family.python is not None:
-            profile.comments.extend(self.family.python.comments(self.samples.entries()))
+        if self.family.python is not None:  # of the waits in the profile, not of those left out
+            kept = (e for e in self.samples.entries() if id(e[0]) not in self._left_out)
+            profile.comments.extend(self.family.python.comments(kept))
         return [profile]
 
 
