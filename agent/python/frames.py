@@ -214,8 +214,8 @@ class PythonFrames:
         When the counts disagree: more runs than interpreter frames means the native walk was cut (or
         stopped at a frame it could not name): the innermost runs take the interpreter frames there are
         and the others follow the walk's last frame, outermost last, so the sample still reaches the
-        module's top level (all of them, when the walk was cut below the first interpreter frame). Fewer runs, the last one complete (its outermost
-        word an entry frame), means an interpreter call was sampled between its entry and its first
+        module's top level (all of them, when the walk was cut below the first interpreter frame).
+        Fewer runs, the last one complete (its outermost word an entry frame), means an interpreter call was sampled between its entry and its first
         frame's push (or its last pop and its return): that is the innermost call, so the runs take the
         outermost interpreter frames and the innermost keeps its native name. A cut Python walk (the
         last run incomplete) takes the innermost ones."""
