@@ -344,6 +344,10 @@ class Unwinder:
             if source == FrameSource.CFI and rbp_off != RBP_SAME:
                 if rbp_off == RBP_LOST:
                     new_rbp = None
+                elif cfa + rbp_off < rsp:
+                    # A save slot below RSP: an epilogue popped RBP already, and GCC's CFI keeps the rule
+                    # to the `ret` (no restore note). RBP holds the caller's value; the copy starts at RSP.
+                    pass
                 else:
                     if cfa + rbp_off < base or cfa + rbp_off + 8 > limit:
                         stop = StopReason.STACK_TRUNCATED

@@ -160,12 +160,13 @@ def test_split_matches_measured_cpu(run):
     assert spin, "no sample in spin"
     for names in (s.functions for s in spin if "Py_RunMain" in s.functions):
         assert names.index("spin") < names.index("<module>") < names.index("Py_RunMain")
-    # but where the native walk stopped short of the interpreter, its Python frames follow where it
-    # stopped. Left to the unwinder: a leaf the eval loop calls (PyNumber_Multiply, PyLong_FromLong) given
-    # a zero or non-code caller, 1-12 of ~2500 spin samples in each of 14 runs here, most in pyenv's 3.9/3.10
+    # but where the native walk stopped short of the interpreter (a stack read that failed), its Python
+    # frames follow where it stopped. Such walks are rare: a leaf sampled in its epilogue, after `pop %rbp`,
+    # once lost its caller in the agent's walk of a stack copy (24-28 of ~2500 in a loaded CI run); none in
+    # 6 loaded runs since
     short = [s for s in spin if "Py_RunMain" not in s.functions]
     n_spin, n_short = (sum(s.values[0] for s in group) for group in (spin, short))
-    assert n_short <= n_spin // 100, (n_short, n_spin, short[:3])
+    assert n_short <= n_spin // 1000, (n_short, n_spin, short[:3])
     assert all(s.functions.index("spin") < s.functions.index("<module>") for s in short)
     # spin's frames name its loop's lines (from the code object's line table), in the fixture's file
     raw = run.prof.raw

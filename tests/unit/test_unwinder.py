@@ -280,6 +280,19 @@ def test_synthetic_frame_pointer_fallback_is_marked():
     assert res.sources[1] == FrameSource.FP
 
 
+def test_synthetic_epilogue_after_pop_rbp_keeps_the_callers_rbp():
+    # GCC's epilogue: `pop %rbp` moves the CFA to RSP+8 but no note restores RBP's rule, which still puts
+    # the save at CFA-16, below RSP now (libpython's x_add and PyLong_FromSsize_t, sampled there). The
+    # copy starts at RSP: the popped value is RBP itself, and the caller, whose CFA is RBP-based, goes on.
+    table = _table([(0x2000, CfaKind.RSP, 8, -16), (0x3000, CfaKind.RBP, 16, -16),
+                    (0x4000, CfaKind.OUTERMOST, 0, 0)])
+    callers_rbp = RSP + 24
+    stack = _stack(0x3005, 0, 0, RSP + 48, 0x4005)  # [RSP]=RA; the caller's frame: [RBP]=saved, [RBP+8]=RA
+    res = unwind(Regs(0x2010, RSP, callers_rbp), stack, _proc(table))
+    assert res.pcs == [0x2010, 0x3005, 0x4005]
+    assert res.stop == StopReason.OUTERMOST
+
+
 @pytest.mark.parametrize(("regs", "stack", "reason"), [
     (Regs(0x99999, RSP, 0), _stack(0x2000), StopReason.UNMAPPED_PC),  # leaf outside every mapping
     (Regs(0x2000, RSP, 0), _stack(0x99999), StopReason.UNMAPPED_PC),  # RA outside: kept, then stop
