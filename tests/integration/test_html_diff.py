@@ -1,12 +1,15 @@
 """`record --format pprof,html`, `bpfprof diff` and `bpfprof view` on real captures of a known CPU split.
 
 The Go fixture cpusplit runs spinA/spinB at 7/3 of its work (twice) and at
-4/6 (once). Ground truth of the diff: each run's own runtime/pprof profile
-(the fixture writes it), whose shares move by what the CPU really did (a
+4/6 (once). Ground truth of the diff: each run's own clock (cpusplit
+-measure: each function's thread CPU time around every call, over the
+process's CPU time), whose shares move by what the CPU really did (a
 prediction from loop counts missed by 3.3 points once: the two loops' cost
-per tenth is not the same in every run); `diff` must name spinA and spinB
-first, with runtime/pprof's signs and sizes within 3 points, and two runs of the same
-split must give no significant change. The HTML pages (a capture's, and
+per tenth is not the same in every run; runtime/pprof's shares, the witness
+before, moved by -27.7 to -33.0 points between runs whose bpfprof diffs all
+read -29.1 to -29.5: its timers tick with the kernel's jiffies); `diff` must
+name spinA and spinB first, with the measured signs and sizes within 3 points,
+and two runs of the same split must give no significant change. The HTML pages (a capture's, and
 `diff --html`'s) are opened from a file: URL in headless Chromium with its
 network cut off, and what they draw (flame graph frames, top table, the
 diff's changes) is read back and compared with the pprof files written by the
@@ -17,6 +20,7 @@ against `bpfprof diff`'s.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -34,7 +38,6 @@ pytestmark = pytest.mark.alone
 DURATION = "8s"
 FREQUENCY_HZ = "499"
 TOLERANCE_POINTS = 3.0
-GO_HZ = "500"  # runtime/pprof's own rate in the fixture (the truth of the diff)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,7 @@ def captures(tmp_path_factory):
     out = {}
     for name, tenths in (("base", "7"), ("same", "7"), ("new", "4")):
         run_bpfprof("record", "--frequency", FREQUENCY_HZ, "--format", "pprof,html,otlp", "-o", str(tmp / f"{name}.pb.gz"),
-                    "--", str(binary), "-duration", DURATION, "-a", tenths, "-hz", GO_HZ,
-                    "-cpuprofile", str(tmp / f"{name}.go.pb.gz"))
+                    "--", str(binary), "-duration", DURATION, "-a", tenths, "-measure", str(tmp / f"{name}.cpu.json"))
         out[name] = tmp / f"{name}.pb.gz"
         assert (tmp / f"{name}.html").is_file(), "pprof,html did not write the html file beside the pprof"
         assert (tmp / f"{name}.otlp.pb").is_file(), "pprof,html,otlp did not write the OTLP file beside the pprof"
@@ -69,16 +71,17 @@ def test_diff_names_the_shifted_functions_with_their_size(captures):
     base = read_pprof(f["base"])
     a, b = 100 * base.cum_share("main.spinA", 1), 100 * base.cum_share("main.spinB", 1)
     assert 60 < 100 * a / (a + b) < 80, f"the base run did not run its 70/30 split: {a:.1f} / {b:.1f}"
-    go_base, go_new = read_pprof(tmp / "base.go.pb.gz"), read_pprof(tmp / "new.go.pb.gz")
-    assert min(go_base.total(), go_new.total()) > 1000, "the fixture's own profiles are too small to compare with"
-    predicted = {fn: 100 * (go_new.cum_share(fn, 1) - go_base.cum_share(fn, 1)) for fn in ("main.spinA", "main.spinB")}
+    clock = {name: json.loads((tmp / f"{name}.cpu.json").read_text()) for name in ("base", "new")}
+    assert min(c["process"] for c in clock.values()) > 8, f"the fixture did not burn its CPU: {clock}"
+    predicted = {fn: 100 * (clock["new"][fn] / clock["new"]["process"] - clock["base"][fn] / clock["base"]["process"])
+                 for fn in ("main.spinA", "main.spinB")}
 
     proc = run_bpfprof("diff", str(f["base"]), str(f["new"]), "--html", str(tmp / "diff.html"))
     rows = _rows(proc.stdout, "total")
     assert {r[4] for r in rows[:2]} == set(predicted), proc.stdout
     for _, _, change, significant, fn in rows[:2]:
         assert significant, proc.stdout
-        assert abs(change - predicted[fn]) <= TOLERANCE_POINTS, f"{fn}: {change:+.2f} vs runtime/pprof {predicted[fn]:+.2f}"
+        assert abs(change - predicted[fn]) <= TOLERANCE_POINTS, f"{fn}: {change:+.2f} vs measured {predicted[fn]:+.2f}"
     self_rows = _rows(proc.stdout, "self")
     assert self_rows[0][4] in ("main.spinA", "main.mix", "main.spinB") and self_rows[0][3], proc.stdout
     assert (tmp / "diff.html").read_bytes().startswith(b"<!doctype html>")
