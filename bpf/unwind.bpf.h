@@ -58,8 +58,8 @@
 
 #define UNWIND_MAX_MAPPINGS 256         /* per process; a power of two (the index mask) */
 #define UNWIND_MAPPING_STEPS 9          /* log2(UNWIND_MAX_MAPPINGS) + 1 */
-#define UNWIND_FRAMES_PER_CALL 16       /* ~80k instructions to verify; 32 twice that */
-#define UNWIND_MAX_CALLS 12             /* 13 x 16 frames > BPFPROF_MAX_USER_FRAMES; the kernel allows 33 */
+#define UNWIND_FRAMES_PER_CALL 8        /* ~40k instructions to verify (~75 ms of a CPU here); 16 twice that */
+#define UNWIND_MAX_CALLS 16             /* 17 x 8 frames > BPFPROF_MAX_USER_FRAMES; the kernel allows 33 */
 #define UNWIND_FP_ROWS 0xffffffffu      /* `first` of a mapping walked by frame pointers */
 
 /* Row kinds: symbolizer/cfi.py CfaKind, then Go's. */
