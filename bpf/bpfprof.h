@@ -202,6 +202,12 @@ struct bpfprof_py_proc {
     u8 instr_kind;          /* BPFPROF_PY_INSTR_* */
     u8 owner_cstack;        /* FRAME_OWNED_BY_CSTACK (BPFPROF_PY_ENTRY_OWNER) */
     u8 cframe_previous;     /* _PyCFrame.previous (3.11, 3.12); unused without a cframe */
+    /* The same facts as the walk's loop reads them (agent/python/registry.py derives them), so that one
+     * walk serves a family of versions without branching on the version inside its loop: */
+    u8 shim_owner;          /* owner byte of a shim frame: owner_cstack (3.12+), 0xff (never: 3.11) */
+    u8 entry_keep;          /* mask of the entry byte of other frames: 0 (3.12+), 0xff (3.11: is_entry) */
+    u8 lasti_shift;         /* f_lasti >> this is the code unit: 1 (3.9, bytes), 0 (3.10) */
+    u8 pad;
 };
 
 struct bpfprof_py_frames {

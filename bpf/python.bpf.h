@@ -51,16 +51,20 @@ struct py_tstate_hint {
 };
 BPF_TABLE("lru_hash", u32, struct py_tstate_hint, py_tstates, 16384);
 
-/* One word per frame from `frame` outwards into out->frames, for one way of telling entry frames
- * (`ek`) and reading the code unit (`ik`), both constants at each call: the verifier then walks loops
- * without version branches in them. Returns the number of words, -1 if a read failed; *rest is the
- * frame the walk stopped at (0: the chain's end). */
+/* One word per frame from `frame` outwards into out->frames. `ek` is a constant at each call: entry
+ * frames told by every frame being one and the code unit from f_lasti (BPFPROF_PY_ENTRY_ALL: 3.9, 3.10),
+ * or by the frame's entry byte and the code unit from an instruction pointer (3.11+). Within a family
+ * the versions differ only by values the loop reads (shim_owner, entry_keep, lasti_shift), not by
+ * branches: the verifier walks one loop per family, a loop's worth of instructions per call site (a
+ * walk per version took ~30k more of on_cpu_sample's, ~50 ms more to load). Returns the number of
+ * words, -1 if a read failed; *rest is the frame the walk stopped at (0: the chain's end). */
 static __always_inline int py_walk(struct bpfprof_py_proc *pp, struct bpfprof_py_frames *out, u64 frame,
-                                   const int ek, const int ik, u64 *rest)
+                                   const int ek, u64 *rest)
 {
     u64 off_code = pp->frame_code, off_instr = pp->frame_instr, off_prev = pp->frame_previous;
     u64 off_entry = pp->frame_entry, adaptive = pp->code_adaptive;
-    u8 cstack = pp->owner_cstack;
+    u8 shim = pp->shim_owner, keep = pp->entry_keep;
+    u64 shift = pp->lasti_shift & 1;
     int n = 0;
     for (int i = 0; i < BPFPROF_PY_MAX_FRAMES; i++) {
         if (frame == 0)
@@ -74,20 +78,19 @@ static __always_inline int py_walk(struct bpfprof_py_proc *pp, struct bpfprof_py
         if (ek != BPFPROF_PY_ENTRY_ALL && bpf_probe_read_user(&entry, 1, (void *)(frame + off_entry)) != 0)
             return -1;
         u64 word;
-        if (ek == BPFPROF_PY_ENTRY_OWNER && entry == cstack) {
+        if (ek != BPFPROF_PY_ENTRY_ALL && entry == shim) {
             word = BPFPROF_PY_SHIM;  /* the shim under an eval call's first frame: the word before it */
         } else {
-            if (ek == BPFPROF_PY_ENTRY_OWNER)
-                entry = 0;
             u64 unit = 0;
-            if (ik == BPFPROF_PY_INSTR_POINTER) {
+            if (ek != BPFPROF_PY_ENTRY_ALL) {
+                entry &= keep;
                 u64 first = code + adaptive;
                 if (instr >= first)
                     unit = (instr - first) / 2;
             } else {
                 s32 lasti = (s32)instr;  /* f_lasti, -1 before the first instruction */
                 if (lasti > 0)
-                    unit = ik == BPFPROF_PY_INSTR_LASTI_BYTES ? (u64)lasti / 2 : (u64)lasti;
+                    unit = (u64)lasti >> shift;
             }
             if (unit > BPFPROF_PY_UNIT_MASK)
                 unit = BPFPROF_PY_UNIT_MASK;
@@ -206,14 +209,10 @@ static __always_inline void py_read_frames(u32 tgid, u64 fsbase)
         }
     }
     int n;
-    if (pp->entry_kind == BPFPROF_PY_ENTRY_ALL && pp->instr_kind == BPFPROF_PY_INSTR_LASTI_BYTES)
-        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_ALL, BPFPROF_PY_INSTR_LASTI_BYTES, &frame);  /* 3.9 */
-    else if (pp->entry_kind == BPFPROF_PY_ENTRY_ALL)
-        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_ALL, BPFPROF_PY_INSTR_LASTI_UNITS, &frame);  /* 3.10 */
-    else if (pp->entry_kind == BPFPROF_PY_ENTRY_OWNER)
-        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_OWNER, BPFPROF_PY_INSTR_POINTER, &frame);  /* 3.12+ */
+    if (pp->entry_kind == BPFPROF_PY_ENTRY_ALL)
+        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_ALL, &frame);  /* 3.9, 3.10 */
     else
-        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_BOOL, BPFPROF_PY_INSTR_POINTER, &frame);  /* 3.11 */
+        n = py_walk(pp, out, frame, BPFPROF_PY_ENTRY_OWNER, &frame);  /* 3.11+ */
     if (n < 0)
         goto fail;
     if (frame != 0)

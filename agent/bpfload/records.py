@@ -172,7 +172,8 @@ class PyProc(ctypes.Structure):
             "interp_threads_head", "tstate_next", "tstate_thread_id", "tstate_frame", "cframe_current_frame",
             "frame_code", "frame_previous", "frame_instr", "frame_entry", "code_adaptive")] + [
         ("entry_kind", ctypes.c_uint8), ("instr_kind", ctypes.c_uint8), ("owner_cstack", ctypes.c_uint8),
-        ("cframe_previous", ctypes.c_uint8)]
+        ("cframe_previous", ctypes.c_uint8), ("shim_owner", ctypes.c_uint8), ("entry_keep", ctypes.c_uint8),
+        ("lasti_shift", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
 # One word of a PYTHON trailer (BPFPROF_PY_*): the code object, the code unit it ran, an entry frame.

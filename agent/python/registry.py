@@ -27,6 +27,9 @@ from typing import Any
 from agent.bpfload.records import PyProc
 from agent.python.layouts import (
     DEBUG_OFFSETS_313_BYTES,
+    ENTRY_BOOL,
+    ENTRY_OWNER,
+    INSTR_LASTI_BYTES,
     LAYOUTS,
     DebugOffsetsError,
     PyLayout,
@@ -78,6 +81,10 @@ class PyProcess:
                      "cframe_current_frame", "frame_code", "frame_previous", "frame_instr", "frame_entry",
                      "code_adaptive", "entry_kind", "instr_kind", "owner_cstack", "cframe_previous"):
             setattr(v, name, getattr(lay, name))
+        # what the BPF walk's loop reads in place of branching on the version (bpf/bpfprof.h)
+        v.shim_owner = lay.owner_cstack if lay.entry_kind == ENTRY_OWNER else 0xFF
+        v.entry_keep = 0xFF if lay.entry_kind == ENTRY_BOOL else 0
+        v.lasti_shift = 1 if lay.instr_kind == INSTR_LASTI_BYTES else 0
         return v
 
 
