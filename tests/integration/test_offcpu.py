@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fixtures.builder import build_c
@@ -50,8 +52,13 @@ def test_off_cpu_time_per_function_matches_known_blocks(tmp_path, types):
         assert sum(s.values[1] for s in mine if any(kernel_fn in f for f in s.functions)) >= 0.95 * _off_cpu_ns(
             prof, function), function
         assert {s.labels["state"] for s in mine} <= {"sleeping", "preempted"}
-    # blocks are counted one by one: 30 naps, 40 polls, 40 reads
-    assert 30 <= sum(s.values[0] for s in prof.samples if "wait_in_nanosleep" in s.functions) <= 32
+    # blocks are counted one by one: 30 naps (40 polls, 40 reads), each in the profile or counted lost. A
+    # switch-in the program did not see loses its block (counted: the loss comment). One block of 9 loaded
+    # runs here was lost so (not a nap), and a CI run had 29 naps
+    naps = sum(s.values[0] for s in prof.samples if "wait_in_nanosleep" in s.functions)
+    missed = sum(int(m[1]) for c in prof.raw.comment
+                 if (m := re.match(r"dropped: (\d+) off-CPU blocks \(switch-in not seen", prof.raw.string_table[c])))
+    assert 30 - missed <= naps <= 32, (naps, missed)
     for index, unit in (("samples", "minimum"), ("off_cpu", "ns")):
         assert gotool_total(tmp_path, out, index, unit) == prof.total(0 if index == "samples" else 1)
     if types.startswith("cpu,"):  # the CPU profile of the same run, read by go tool pprof too
