@@ -266,7 +266,7 @@ class LockAccumulator(Accumulator):
         self.samples = SampleStore()
         self._sleeps: dict[int, _Sleep] = {}  # tid -> its last futex sleep, until it cannot continue
         self.merged_sleeps = 0
-        self.not_lock_waits = 0  # waits left out: not lock acquisitions (is_lock_wait)
+        self.not_lock_waits = 0  # distinct stacks (entries) left out: not lock acquisitions (is_lock_wait)
         self._left_out: set[int] = set()  # id() of the entries' records left out, for the Python comments
         self._trimmed: dict[tuple[int, int], tuple[Location, Location]] = {}  # (id, frame) -> (original, trimmed)
 
@@ -348,6 +348,11 @@ class LockAccumulator(Accumulator):
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         profile = waits_profile("lock", self.samples, resolver, tracker, window, self.family.config.with_kernel,
                                 reshape=self._reshape)
+        if self._left_out:  # what the profile is not: waits for events, which users may look for here
+            left = [values for rec, _, values in self.samples.entries() if id(rec) in self._left_out]
+            profile.comments.append(
+                f"lock: {sum(map(len, left))} futex waits ({sum(map(sum, left)) / 1e6:.1f} ms) left out as no lock "
+                "acquisition (joins, condition variables, semaphores, WaitGroups, idle threads)")
         if self.family.python is not None:  # of the waits in the profile, not of those left out
             kept = (e for e in self.samples.entries() if id(e[0]) not in self._left_out)
             profile.comments.extend(self.family.python.comments(kept))

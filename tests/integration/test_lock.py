@@ -119,6 +119,10 @@ def test_go_lock_profile_is_contention_only(tmp_path):
     assert contended >= 0.95 * total, (contended, total)
     assert abs(total - go_total) <= 0.10 * go_total, (total, go_total)
     assert abs(contended - go_total) <= 0.10 * go_total, (contended, go_total)
+    # what was left out is said: main's WaitGroup wait at least
+    left = [m for c in prof.raw.comment
+            if (m := re.match(r"lock: (\d+) futex waits \(([\d.]+) ms\) left out", prof.raw.string_table[c]))]
+    assert len(left) == 1 and int(left[0][1]) >= 1 and float(left[0][2]) > 0, [prof.raw.string_table[c] for c in prof.raw.comment]
 
 
 def _uprobe_handles(pid: int) -> tuple[int, int]:
