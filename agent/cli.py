@@ -33,6 +33,10 @@ COMMANDS = {
 }
 
 
+# Commands whose cached BPF programs are loaded while they import (agent/bpfload/preload.py).
+PRELOADS = frozenset({"record", "agent"})
+
+
 class _Group(click.Group):
     """Click group with lazily imported subcommands, whose errors are one line."""
 
@@ -45,6 +49,14 @@ class _Group(click.Group):
             return None
         module, _, attr = target.partition(":")
         return getattr(importlib.import_module(module), attr)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] in PRELOADS:
+            # before the command's imports: its BPF programs verify in the kernel meanwhile
+            from agent.bpfload import preload  # noqa: PLC0415  (only for the commands that load BPF)
+
+            preload.start(args[0], args[1:])
+        return super().resolve_command(ctx, args)
 
     def main(self, *args, **kwargs):  # type: ignore[override]
         kwargs["standalone_mode"] = False

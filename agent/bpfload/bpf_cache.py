@@ -305,7 +305,12 @@ def discard(path: Path) -> None:
 
 def write(key: str, data: bytes, directory: Path | None = None) -> Path | None:
     """Store encoded entry bytes atomically; the path, or None (logged) when it cannot be written."""
-    directory = directory or cache_dir()
+    return write_file(entry_path(key, directory), data)
+
+
+def write_file(path: Path, data: bytes) -> Path | None:
+    """Write a file of the cache directory atomically (mode 0600); None (logged) when it cannot be."""
+    directory = path.parent
     if not _private_dir(directory):
         return None
     tmp = None
@@ -313,7 +318,6 @@ def write(key: str, data: bytes, directory: Path | None = None) -> Path | None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")  # mode 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        path = entry_path(key, directory)
         os.replace(tmp, path)
         return path
     except OSError as e:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.bpfload import bpf_cache, kernel_headers, libbpf
+from agent.bpfload import bpf_cache, kernel_headers, libbpf, preload
 from agent.errors import BpfLoadError, PrivilegeError
 from bpf import BPF_DIR
 
@@ -223,6 +223,11 @@ def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgTy
     key = cache_key(text, defines, programs, maps, headers) if use_cache else ""
     if key:
         t0 = time.monotonic()
+        ahead = preload.take(key, map_entries)
+        if ahead is not None:
+            log.info("BPF programs loaded from the cache ahead of the start (%s)", bpf_cache.entry_path(key))
+            preload.remember(key, map_entries)
+            return LoadedObjects(*ahead)
         entry = bpf_cache.read(key)
         if entry is not None:
             try:
@@ -235,6 +240,7 @@ def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgTy
                 if set(progs) == set(programs) and set(map_fds) == set(maps):
                     log.info("BPF programs loaded from the cache in %.0f ms (%s)", (time.monotonic() - t0) * 1000,
                              bpf_cache.entry_path(key))
+                    preload.remember(key, map_entries)
                     return LoadedObjects(progs, map_fds)
                 LoadedObjects(progs, map_fds).close()
                 log.warning("BPF cache entry %s holds another selection: discarded, compiling again",
@@ -242,6 +248,8 @@ def load_programs(text: str, defines: dict[str, int], programs: dict[str, ProgTy
                 bpf_cache.discard(bpf_cache.entry_path(key))
     log.info("kernel headers: %s", headers.describe())
     loaded, entry = _compile_in_child(text, _cflags(defines), programs, maps, key)
+    if entry is not None:  # cached: the next start with these options loads it ahead
+        preload.remember(key, map_entries)
     if map_entries and any(libbpf.map_info(loaded.maps[name]).max_entries != n for name, n in map_entries.items()):
         # the child made them at their compiled size: made again from the description, at the asked one
         if entry is None:

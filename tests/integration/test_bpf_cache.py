@@ -10,10 +10,11 @@ import ctypes
 import logging
 import os
 import struct
+import subprocess
 
 import pytest
 
-from agent.bpfload import bpf_cache, bpf_compile, libbpf
+from agent.bpfload import bpf_cache, bpf_compile, libbpf, preload
 from agent.probes.family import ProbeConfig
 from agent.probes.lock import go_sema_sites
 from agent.probes.probe_set import MIN_RINGBUF_PAGES, PAGE_SIZE, ProbeSet, compile_plan
@@ -198,9 +199,32 @@ def test_warm_capture_samples_the_fixture_as_its_own_profile(cache_dir, tmp_path
     ours, theirs = tmp_path / "warm.pb.gz", tmp_path / "go.pb.gz"
     warm = run_bpfprof("--log-level", "info", "record", "--frequency", "499", "-o", str(ours), "--",
                        str(binary), "-duration", "20s", "-hz", "500", "-cpuprofile", str(theirs))
-    assert "loaded from the cache" in warm.stderr and "compiled BPF" not in warm.stderr, warm.stderr
+    # the last start's hint: loaded by a thread of the CLI while the agent's modules were imported
+    assert "loaded from the cache ahead of the start" in warm.stderr and "compiled BPF" not in warm.stderr, warm.stderr
     mine, go = read_pprof(ours), read_pprof(theirs)
     assert go.total() > 2500, "the fixture's own profile is too small to compare with"
     for fn in FUNCTIONS:
         assert abs(mine.cum_share(fn) - go.cum_share(fn)) <= TOLERANCE, (
             f"{fn}: bpfprof {mine.cum_share(fn):.3f} vs runtime/pprof {go.cum_share(fn):.3f}")
+
+
+def test_a_stale_start_hint_is_closed_and_the_start_loads_its_own(cache_dir, tmp_path):
+    """A hint naming another selection's entry: that load is closed, the start loads its own and fixes the hint."""
+    def record(*opts: str) -> subprocess.CompletedProcess:
+        return run_bpfprof("--log-level", "info", "record", *opts, "--duration", "0.5", "--pid", str(os.getpid()),
+                           "-o", str(tmp_path / "out.pb.gz"))
+
+    record("--no-kernel")
+    record()  # a second entry, and its hint
+    hints = {p.name: p for p in cache_dir.glob("*.start")}
+    assert len(hints) == 2, hints
+    ours = cache_dir / (preload.hint_name("record", ["--duration", "0.5", "--pid", "1", "-o", "x"]) + ".start")
+    other = next(p for p in hints.values() if p != ours)
+    right = ours.read_bytes()
+    ours.write_bytes(other.read_bytes())  # the no-kernel start's key under this start's name
+    stale = record()
+    assert "stale start hint" in stale.stderr and "loaded from the cache in" in stale.stderr, stale.stderr
+    assert "compiled BPF" not in stale.stderr, stale.stderr
+    assert read_pprof(tmp_path / "out.pb.gz").total() > 0
+    assert ours.read_bytes() == right  # rewritten: the next start loads ahead again
+    assert "ahead of the start" in record().stderr

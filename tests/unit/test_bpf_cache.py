@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -9,7 +10,7 @@ import struct
 
 import pytest
 
-from agent.bpfload import bpf_cache
+from agent.bpfload import bpf_cache, preload
 from agent.bpfload.bpf_cache import CacheEntryError, Entry, MapDef, NotCacheable, ProgDef
 
 KEY = bpf_cache.key_digest({"source": "test"})
@@ -151,3 +152,34 @@ def test_a_group_writable_directory_is_made_private(tmp_path):
     assert bpf_cache.write(KEY, bpf_cache.encode(KEY, entry()), d) is not None
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
 
+
+
+# -- start hints (agent/bpfload/preload.py) ----------------------------------------------------------------
+
+
+def test_a_start_hint_names_the_options_not_the_run():
+    name = preload.hint_name
+    base = name("record", ["--duration", "10", "-o", "a.pb.gz", "--pid", "1"])
+    assert base == name("record", ["--duration=30", "-o", "b.pb.gz", "--pid", "77"]) != name("record", ["--duration", "10"])
+    assert name("record", ["--", "./app", "x"]) == name("record", ["--", "./other"])
+    for other in (["--no-kernel"], ["--unwind", "fp"], ["--profile", "cpu,lock"], ["--frequency", "999"]):
+        assert name("record", other) not in (name("record", []), name("agent", other))
+
+
+def test_only_a_private_well_formed_hint_is_read(tmp_path):
+    good = {"key": KEY, "map_entries": {"events": 1 << 20}}
+    path = tmp_path / "h.start"
+    assert bpf_cache.write_file(path, json.dumps(good).encode()) == path
+    assert preload._read_hint(path) == (KEY, {"events": 1 << 20})
+    for bad in (b"", b"{", b"[]", json.dumps({**good, "key": "../x"}).encode(),
+                json.dumps({**good, "map_entries": {"events": -1}}).encode(),
+                json.dumps({**good, "map_entries": {"events": True}}).encode(), b" " * 5000):
+        path.write_bytes(bad)
+        assert preload._read_hint(path) is None, bad
+    path.write_bytes(json.dumps(good).encode())
+    os.chmod(path, 0o644)  # another user could have written it
+    assert preload._read_hint(path) is None
+    link = tmp_path / "l.start"
+    os.chmod(path, 0o600)
+    link.symlink_to(path)
+    assert preload._read_hint(link) is None
