@@ -77,7 +77,9 @@ def test_diff_names_the_shifted_functions_with_their_size(captures):
                  for fn in ("main.spinA", "main.spinB")}
 
     proc = run_bpfprof("diff", str(f["base"]), str(f["new"]), "--html", str(tmp / "diff.html"))
-    rows = _rows(proc.stdout, "total")
+    # main.mix, inlined into spinB, runs only inside it: its change is spinB's less spinB's own few samples, a
+    # tie with spinB that either wins (a CI run listed mix second, both +28.96). The two that moved are the rest.
+    rows = [r for r in _rows(proc.stdout, "total") if r[4] != "main.mix"]
     assert {r[4] for r in rows[:2]} == set(predicted), proc.stdout
     for _, _, change, significant, fn in rows[:2]:
         assert significant, proc.stdout
@@ -187,7 +189,7 @@ def test_diff_page_offline_shows_both_profiles_totals(captures):
             scaled_base = sum(v - d for name, v, _, d in frames if name == fn)
             assert abs(100 * scaled_base / root - 100 * base_total[fn] / base.total(1)) < 0.5, fn
         changes = driver.execute_script(CHANGES)
-        assert {c[0] for c in [c for c in changes if c[1] == "total"][:2]} == {"main.spinA", "main.spinB"}, changes[:6]
+        assert {c[0] for c in [c for c in changes if c[1] == "total" and c[0] != "main.mix"][:2]} == {"main.spinA", "main.spinB"}, changes[:6]
         for fn, measure, points, significant in changes:
             if (fn, measure) in printed:
                 assert abs(points - printed[fn, measure][0]) < 0.01 and significant == printed[fn, measure][1], fn
@@ -228,7 +230,7 @@ def test_view_opens_pprof_and_otlp_files_on_loopback(captures):
             changes = driver.execute_script(CHANGES)
             printed = run_bpfprof("diff", str(f["base"]), str(f["new"])).stdout
             expected = {(r[4], measure): (r[2], r[3]) for measure in ("self", "total") for r in _rows(printed, measure)}
-            assert {c[0] for c in [c for c in changes if c[1] == "total"][:2]} == {"main.spinA", "main.spinB"}, changes[:6]
+            assert {c[0] for c in [c for c in changes if c[1] == "total" and c[0] != "main.mix"][:2]} == {"main.spinA", "main.spinB"}, changes[:6]
             for fn, measure, points, significant in changes:
                 if (fn, measure) in expected:
                     assert abs(points - expected[fn, measure][0]) < 0.01, (fn, measure, points, expected[fn, measure])
