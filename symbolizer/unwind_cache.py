@@ -29,6 +29,10 @@ MAGIC = b"BPFUNW"
 FORMAT_VERSION = 1  # bump whenever symbolizer/cfi.py changes what a row means
 _HEADER = struct.Struct("<6sHBxQQQ")  # magic, version, little-endian?, rows, fde_count, unsupported_fdes
 _TYPECODES = ("Q", "B", "i", "i")  # pcs, kinds, cfa_offs, rbp_offs (as cfi.UnwindTable builds them)
+ROWS_MAGIC = b"BPFROW"
+# magic, the rows format's version (symbolizer/unwind_rows.py), row size, base, payload length, payload sha256
+_ROWS_HEADER = struct.Struct("<6sHIQQ32s")
+MAX_ROWS_BYTES = 1 << 30  # a bound on what is read; libxul's rows are tens of MB
 
 
 def cache_dir() -> Path:
@@ -57,9 +61,9 @@ def private_dir(path: Path) -> str | None:
     return None
 
 
-def _path(build_id: str, kind: str, directory: Path) -> Path:
+def _path(build_id: str, kind: str, directory: Path, suffix: str = ".unw") -> Path:
     # Go build ids hold slashes: hash the key into a file name
-    return directory / (hashlib.sha256(f"{kind}:{build_id}".encode()).hexdigest()[:40] + ".unw")
+    return directory / (hashlib.sha256(f"{kind}:{build_id}".encode()).hexdigest()[:40] + suffix)
 
 
 def load(build_id: str, kind: str, directory: Path | None = None) -> UnwindTable | None:
@@ -107,6 +111,63 @@ def store(build_id: str, kind: str, table: UnwindTable, directory: Path | None =
             for a in arrays:
                 f.write(a.tobytes())
         os.replace(tmp, _path(build_id, kind, directory))
+        return True
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        return False
+
+
+def load_rows(build_id: str, kind: str, version: int, row_bytes: int,
+              directory: Path | None = None) -> tuple[int, bytes] | None:
+    """(base, packed rows) of this build id as the BPF unwinder reads them, or None (absent, another
+    rows format, corrupt: the checksum covers every byte, since the rows go into the kernel's map)."""
+    if not build_id:
+        return None
+    path = _path(build_id, kind, directory or cache_dir(), ".rows")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return None
+        if not _ROWS_HEADER.size <= st.st_size <= _ROWS_HEADER.size + MAX_ROWS_BYTES:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(st.st_size + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        magic, got_version, got_row, base, length, digest = _ROWS_HEADER.unpack_from(data)
+    except struct.error:
+        return None
+    payload = data[_ROWS_HEADER.size:]
+    if (magic, got_version, got_row) != (ROWS_MAGIC, version, row_bytes) or length != len(payload) \
+            or length % row_bytes or hashlib.sha256(payload).digest() != digest:
+        return None
+    return base, payload
+
+
+def store_rows(build_id: str, kind: str, version: int, row_bytes: int, base: int, rows: bytes,
+               directory: Path | None = None) -> bool:
+    """Keep a file's packed rows for the next capture; False (nothing written) if it cannot be."""
+    if not build_id or len(rows) > MAX_ROWS_BYTES:
+        return False
+    directory = directory or cache_dir()
+    if private_dir(directory) is not None:
+        return False
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mode 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(_ROWS_HEADER.pack(ROWS_MAGIC, version, row_bytes, base, len(rows),
+                                      hashlib.sha256(rows).digest()))
+            f.write(rows)
+        os.replace(tmp, _path(build_id, kind, directory, ".rows"))
         return True
     except OSError:
         if tmp is not None:

@@ -33,8 +33,10 @@ from agent.bpfload import libbpf
 from agent.bpfload.records import Loss
 from agent.errors import BpfLoadError
 from agent.processes.tracker import ProcessInfo, ProcessTracker
+from symbolizer import unwind_cache
 from symbolizer.file_symbols import FileId, FileSymbols
-from symbolizer.unwind_rows import ROW, file_rows
+from symbolizer.frames import BuildIdKind
+from symbolizer.unwind_rows import ROW, ROWS_FORMAT_VERSION, file_rows
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +184,16 @@ class RowStore:
 
 
 def _default_rows(fs: FileSymbols) -> tuple[int, bytes] | None:
+    """A file's (base, rows): from the on-disk cache by build id, else built (a Go binary's pclntab walk:
+    ~50 ms for a small one, a second for a big one, again at every start) and cached; None: no rows."""
+    # only by a build id the linker computed: a head-and-tail hash could name a rebuilt file's old rows
+    build_id = fs.id.build_id if fs.id.kind in (BuildIdKind.GNU, BuildIdKind.GO) else ""
+    kind = fs.id.kind.value
+    cached = unwind_cache.load_rows(build_id, kind, ROWS_FORMAT_VERSION, ROW.size)
+    if cached is not None:
+        return cached if cached[1] else None
     rows = file_rows(fs)
+    unwind_cache.store_rows(build_id, kind, ROWS_FORMAT_VERSION, ROW.size, rows.base, rows.data if rows.count else b"")
     if not rows.count:
         return None
     return rows.base, rows.data

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.builder import build_go
 from symbolizer import unwind_cache
 from symbolizer.cfi import UnwindTable
 from symbolizer.elf import ElfFile
 from symbolizer.file_symbols import FileSymbols, file_id
+from symbolizer.unwind_rows import ROW, ROWS_FORMAT_VERSION, file_rows
 
 LIBC = Path("/usr/lib/x86_64-linux-gnu/libc.so.6")
 
@@ -65,3 +67,58 @@ def test_unwritable_directory_is_not_an_error(tmp_path):
     table = UnwindTable.from_elf(ElfFile(LIBC))
     assert unwind_cache.store("abc", "gnu", table, directory=blocked / "sub") is False
     assert unwind_cache.load("abc", "gnu", directory=blocked / "sub") is None
+
+
+# -- the BPF unwinder's packed rows (agent/unwind/tables.py) --------------------------------------------
+
+
+def _rows_file(cache: Path) -> Path:
+    files = list(cache.glob("*.rows"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_packed_rows_come_from_disk_the_second_time_byte_for_byte(cache, monkeypatch):
+    from agent.unwind import tables  # noqa: PLC0415  (the agent's use of the cache)
+
+    for binary in (LIBC, Path(build_go("cpusplit"))):  # CFI rows; Go pclntab rows
+        elf = ElfFile(binary)
+        built = file_rows(FileSymbols(elf, file_id(elf)))
+        assert built.count > 1000
+        assert tables._default_rows(FileSymbols(elf, file_id(elf))) == (built.base, built.data)
+
+        def no_build(_fs):
+            raise AssertionError("rows built again although cached")
+
+        with monkeypatch.context() as mp:
+            mp.setattr(tables, "file_rows", no_build)
+            assert tables._default_rows(FileSymbols(elf, file_id(elf))) == (built.base, built.data)
+        for p in cache.glob("*.rows"):
+            p.unlink()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "version", "row size", "other user", "symlink"])
+def test_damaged_rows_are_never_loaded(cache, damage, tmp_path):
+    rows = bytes(range(256)) * 8 * ROW.size
+    assert unwind_cache.store_rows("ab" * 20, "gnu", ROWS_FORMAT_VERSION, ROW.size, 0x1000, rows)
+    path = _rows_file(cache)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert unwind_cache.load_rows("ab" * 20, "gnu", ROWS_FORMAT_VERSION, ROW.size) == (0x1000, rows)
+    version, row = ROWS_FORMAT_VERSION, ROW.size
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 1
+        path.write_bytes(data)
+    elif damage == "truncate":
+        path.write_bytes(data[:-ROW.size])
+    elif damage == "version":
+        version += 1
+    elif damage == "row size":
+        row += 1
+    elif damage == "other user":
+        path.chmod(0o644)
+    else:
+        real = tmp_path / "real.rows"
+        path.rename(real)
+        path.symlink_to(real)
+    assert unwind_cache.load_rows("ab" * 20, "gnu", version, row) is None
