@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 __all__ = ["ROW", "RowKind", "RowStats", "UnwindRows", "build_rows", "decode_row", "file_rows", "lookup"]
 
 ROW = struct.Struct("<IBbh")  # pc, kind, rbp, cfa: see the module docstring; bpf/ mirrors it
-# Bump whenever what build_rows makes of the same file changes: rows are cached on disk by build id.
+# Bump whenever what build_rows makes of the same file changes (its inputs too: symbolizer/cfi.py's rules,
+# symbolizer/gopclntab.py's SP deltas): rows are cached on disk by build id.
 ROWS_FORMAT_VERSION = 1
 
 
