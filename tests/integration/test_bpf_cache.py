@@ -11,6 +11,7 @@ import logging
 import os
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -208,10 +209,19 @@ def test_warm_capture_samples_the_fixture_as_its_own_profile(cache_dir, tmp_path
             f"{fn}: bpfprof {mine.cum_share(fn):.3f} vs runtime/pprof {go.cum_share(fn):.3f}")
 
 
-def test_a_stale_start_hint_is_closed_and_the_start_loads_its_own(cache_dir, tmp_path):
+@pytest.fixture
+def spinner():
+    """A process that burns a CPU: ~50 samples in each half-second capture of it."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield spin
+    spin.kill()
+    spin.wait()
+
+
+def test_a_stale_start_hint_is_closed_and_the_start_loads_its_own(cache_dir, tmp_path, spinner):
     """A hint naming another selection's entry: that load is closed, the start loads its own and fixes the hint."""
     def record(*opts: str) -> subprocess.CompletedProcess:
-        return run_bpfprof("--log-level", "info", "record", *opts, "--duration", "0.5", "--pid", str(os.getpid()),
+        return run_bpfprof("--log-level", "info", "record", *opts, "--duration", "0.5", "--pid", str(spinner.pid),
                            "-o", str(tmp_path / "out.pb.gz"))
 
     record("--no-kernel")
