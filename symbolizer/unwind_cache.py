@@ -61,6 +61,29 @@ def private_dir(path: Path) -> str | None:
     return None
 
 
+class NotPrivate(ValueError):
+    """A cache file that is not a regular file of this user closed to others, or is too big to read."""
+
+
+def read_private(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a cache file that only this user can have written: no symlink followed, at most
+    `max_bytes`. FileNotFoundError if absent, another OSError if unreadable, NotPrivate otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise NotPrivate("not a private file of this user")
+        if st.st_size > max_bytes:
+            raise NotPrivate(f"{st.st_size} bytes, over {max_bytes}")
+        chunks, left = [], st.st_size + 1  # one more byte: a file growing under us is refused by the caller
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _path(build_id: str, kind: str, directory: Path, suffix: str = ".unw") -> Path:
     # Go build ids hold slashes: hash the key into a file name
     return directory / (hashlib.sha256(f"{kind}:{build_id}".encode()).hexdigest()[:40] + suffix)
@@ -126,21 +149,9 @@ def load_rows(build_id: str, kind: str, version: int, row_bytes: int,
         return None
     path = _path(build_id, kind, directory or cache_dir(), ".rows")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        data = read_private(path, _ROWS_HEADER.size + MAX_ROWS_BYTES)
+    except (OSError, NotPrivate):
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            return None
-        if not _ROWS_HEADER.size <= st.st_size <= _ROWS_HEADER.size + MAX_ROWS_BYTES:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(st.st_size + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     try:
         magic, got_version, got_row, base, length, digest = _ROWS_HEADER.unpack_from(data)
     except struct.error:

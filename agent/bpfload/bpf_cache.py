@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import struct
 import tempfile
 import threading
@@ -263,28 +262,17 @@ def entry_path(key: str, directory: Path | None = None) -> Path:
 
 def read(key: str, directory: Path | None = None) -> Entry | None:
     """The entry for `key`; None if absent. A bad entry is removed with one log line, and None."""
+    from symbolizer.unwind_cache import NotPrivate, read_private  # noqa: PLC0415  (keeps start-up imports small)
+
     path = entry_path(key, directory)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        data = read_private(path, MAX_ENTRY_BYTES)
     except FileNotFoundError:
         return None
     except OSError as e:
-        return _discard(path, f"cannot open: {e.strerror}")
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            return _discard(path, "not a private file of this user")
-        if st.st_size > MAX_ENTRY_BYTES:
-            return _discard(path, f"{st.st_size} bytes, over {MAX_ENTRY_BYTES}")
-        chunks, left = [], st.st_size + 1  # one more byte: a file growing under us is refused by the length check
-        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-    except OSError as e:
         return _discard(path, f"cannot read: {e.strerror}")
-    finally:
-        os.close(fd)
+    except NotPrivate as e:
+        return _discard(path, str(e))
     try:
         return decode(key, data)
     except CacheEntryError as e:

@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent.bpfload import bpf_cache
+from symbolizer.unwind_cache import read_private
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,7 @@ def _hint_path(name: str) -> Path:
 def _read_hint(path: Path) -> tuple[str, dict[str, int]] | None:
     """(key, map sizes) of a private hint file, None if absent or not one (bounded, no symlinks)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            return None
-        data = json.loads(os.read(fd, MAX_HINT_BYTES + 1)[:MAX_HINT_BYTES + 1])
+        data = json.loads(read_private(path, MAX_HINT_BYTES))
         key, sizes = data["key"], data["map_entries"]
         if not (isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)):
             return None
@@ -110,10 +103,8 @@ def _read_hint(path: Path) -> tuple[str, dict[str, int]] | None:
                                                 for k, v in sizes.items())):
             return None
         return key, sizes
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # NotPrivate and JSON's errors are ValueErrors
         return None
-    finally:
-        os.close(fd)
 
 
 def start(command: str, args: Sequence[str]) -> None:
