@@ -37,6 +37,7 @@ low milliseconds.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import mmap
 import re
@@ -271,6 +272,13 @@ class GoPclntab:
         self._rebase(text_start)
         self._func_size = 44 if self.version != "1.18" else 36
         self._inl_size = 16 if self.version != "1.18" else 20
+
+    def fingerprint(self) -> bytes:
+        """A digest of everything this table's answers come from: its bytes, where it says text starts,
+        the go:func.* offset. Equal digests give equal tables, whatever file and build id they came in."""
+        h = hashlib.sha256(self._buf[self._base:self._limit])
+        h.update(struct.pack("<Qq", self.text_start, -1 if self._gofunc_off is None else self._gofunc_off))
+        return h.digest()
 
     def _rebase(self, text_start: int) -> None:
         """Set the text start entry offsets are relative to; drops caches."""

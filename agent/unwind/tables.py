@@ -20,6 +20,7 @@ binary's more, and the drain loop must not wait for it.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import mmap
 import queue
@@ -28,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.bpfload import libbpf
 from agent.bpfload.records import Loss
@@ -35,8 +37,11 @@ from agent.errors import BpfLoadError
 from agent.processes.tracker import ProcessInfo, ProcessTracker
 from symbolizer import unwind_cache
 from symbolizer.file_symbols import FileId, FileSymbols
-from symbolizer.frames import BuildIdKind
 from symbolizer.unwind_rows import ROW, ROWS_FORMAT_VERSION, file_rows
+
+if TYPE_CHECKING:
+    from symbolizer.cfi import UnwindTable
+    from symbolizer.gopclntab import GoPclntab
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +188,32 @@ class RowStore:
         """Nothing stays mapped between writes; kept for the callers' lifecycle."""
 
 
+def rows_key(table: UnwindTable | None, go: GoPclntab | None) -> str:
+    """The cache name of the rows build_rows makes of these inputs: a digest of the inputs themselves.
+
+    Not the file's build id: a copy of a binary with its build-id note kept and its .gopclntab section
+    header bent (a test does that; so could any user) would otherwise swap its rows with the real file's,
+    for every capture after, and walk the real binary's stacks with them (a CI run lost main.worker so).
+    """
+    h = hashlib.sha256(b"cfi")
+    if table is not None:
+        for a in (table.pcs, table.kinds, table.cfa_offs, table.rbp_offs):
+            h.update(len(a).to_bytes(8, "little"))
+            h.update(memoryview(a).cast("B"))
+    h.update(b"go" + (go.fingerprint() if go is not None else b""))
+    return h.hexdigest()
+
+
 def _default_rows(fs: FileSymbols) -> tuple[int, bytes] | None:
-    """A file's (base, rows): from the on-disk cache by build id, else built (a Go binary's pclntab walk:
-    ~50 ms for a small one, a second for a big one, again at every start) and cached; None: no rows."""
-    # only by a build id the linker computed: a head-and-tail hash could name a rebuilt file's old rows
-    build_id = fs.id.build_id if fs.id.kind in (BuildIdKind.GNU, BuildIdKind.GO) else ""
-    kind = fs.id.kind.value
-    cached = unwind_cache.load_rows(build_id, kind, ROWS_FORMAT_VERSION, ROW.size)
+    """A file's (base, rows), None when it has none: from the on-disk cache when the same inputs were
+    packed before (a Go binary's pclntab walk costs ~50 ms for a small one, a second for a big one,
+    again at every start), else built and cached."""
+    key = rows_key(fs.unwind_table, fs.go)
+    cached = unwind_cache.load_rows(key, "rows", ROWS_FORMAT_VERSION, ROW.size)
     if cached is not None:
         return cached if cached[1] else None
     rows = file_rows(fs)
-    unwind_cache.store_rows(build_id, kind, ROWS_FORMAT_VERSION, ROW.size, rows.base, rows.data if rows.count else b"")
+    unwind_cache.store_rows(key, "rows", ROWS_FORMAT_VERSION, ROW.size, rows.base, rows.data if rows.count else b"")
     if not rows.count:
         return None
     return rows.base, rows.data

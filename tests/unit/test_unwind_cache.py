@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,40 @@ def test_packed_rows_come_from_disk_the_second_time_byte_for_byte(cache, monkeyp
             assert tables._default_rows(FileSymbols(elf, file_id(elf))) == (built.base, built.data)
         for p in cache.glob("*.rows"):
             p.unlink()
+
+
+def test_a_copy_with_the_same_build_id_and_other_inputs_gets_its_own_rows(cache, tmp_path):
+    """A copy of a Go binary, build-id note kept, .gopclntab's section header bent (as test_agent's malformed
+    binaries): keyed by build id, whichever was packed first walked both (a CI run lost main.worker so)."""
+    real = Path(build_go("cpusplit"))
+    data = bytearray(real.read_bytes())
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    entsize, shnum, strndx = struct.unpack_from("<HHH", data, 0x3A)
+    str_off, = struct.unpack_from("<Q", data, shoff + strndx * entsize + 0x18)
+    for i in range(shnum):
+        hdr = shoff + i * entsize
+        name_off, = struct.unpack_from("<I", data, hdr)
+        if data[str_off + name_off:].split(b"\0", 1)[0] == b".gopclntab":
+            struct.pack_into("<Q", data, hdr + 0x18, 64)  # sh_offset: the program headers
+    bent = tmp_path / "bent"
+    bent.write_bytes(data)
+    assert file_id(ElfFile(bent)) == file_id(ElfFile(real))
+
+    def own(path: Path) -> tuple[int, bytes] | None:
+        elf = ElfFile(path)
+        rows = file_rows(FileSymbols(elf, file_id(elf)))
+        return (rows.base, rows.data) if rows.count else None
+
+    from agent.unwind import tables  # noqa: PLC0415  (the agent's use of the cache)
+
+    want = {p: own(p) for p in (bent, real)}
+    assert want[bent] != want[real]
+    for first, second in ((bent, real), (real, bent)):
+        for p in cache.glob("*.rows"):
+            p.unlink()
+        for path in (first, second, first, second):  # packed, packed, then each from the cache
+            elf = ElfFile(path)
+            assert tables._default_rows(FileSymbols(elf, file_id(elf))) == want[path], path
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "version", "row size", "other user", "symlink"])
