@@ -52,6 +52,7 @@ few hundred microseconds instead of building it again.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import sys
 import threading
@@ -617,24 +618,51 @@ class UnwindTable:
         itself unwinds with). Raises ElfParseError on corrupt CFI or a
         non-x86-64 file.
         """
-        with elf_errors(f"{elf.path}: CFI"):
-            if elf.machine != "EM_X86_64" or elf.elfclass != 64:
-                raise ElfParseError(f"{elf.path}: unwind tables are x86-64 only ({elf.machine})")
-            sections: list[_Section] = []
-            for name, is_eh in ((".eh_frame", True), (".debug_frame", False)):
-                sec = elf.section(name)
-                if sec is not None and sec["sh_type"] != "SHT_NOBITS" and sec["sh_size"]:
-                    data = elf.section_bytes(name)
-                    if data:
-                        sections.append(_Section(bytes(data), sec["sh_addr"] if is_eh else 0, is_eh))
-            if not any(s.is_eh for s in sections):
-                found = _eh_frame_from_segments(elf)
-                if found is not None:
-                    sections.insert(0, found)
-            text = elf.section(".text")
-            got = elf.section(".got")
-            return parse_cfi(sections, text["sh_addr"] if text is not None else 0,
-                             got["sh_addr"] if got is not None else 0)
+        return cfi_inputs(elf).parse()
+
+
+class CfiInputs(NamedTuple):
+    """Everything a file's UnwindTable is built from: its CFI sections' bytes and two addresses."""
+
+    path: str
+    sections: list[_Section]
+    text_vaddr: int
+    got_vaddr: int
+
+    def digest(self) -> str:
+        """Equal digests build equal tables: the disk cache's key (a build id can be copied into any file)."""
+        h = hashlib.sha256(struct.pack("<QQ", self.text_vaddr, self.got_vaddr))
+        for sec in self.sections:
+            h.update(struct.pack("<?QQ", sec.is_eh, sec.vaddr, len(sec.data)))
+            h.update(sec.data)
+        return h.hexdigest()
+
+    def parse(self) -> UnwindTable:
+        """The table (ElfParseError on corrupt CFI)."""
+        with elf_errors(f"{self.path}: CFI"):
+            return parse_cfi(self.sections, self.text_vaddr, self.got_vaddr)
+
+
+def cfi_inputs(elf: ElfFile) -> CfiInputs:
+    """The CFI sections of an x86-64 file, read but not parsed (ElfParseError on a bad or foreign file)."""
+    with elf_errors(f"{elf.path}: CFI"):
+        if elf.machine != "EM_X86_64" or elf.elfclass != 64:
+            raise ElfParseError(f"{elf.path}: unwind tables are x86-64 only ({elf.machine})")
+        sections: list[_Section] = []
+        for name, is_eh in ((".eh_frame", True), (".debug_frame", False)):
+            sec = elf.section(name)
+            if sec is not None and sec["sh_type"] != "SHT_NOBITS" and sec["sh_size"]:
+                data = elf.section_bytes(name)
+                if data:
+                    sections.append(_Section(bytes(data), sec["sh_addr"] if is_eh else 0, is_eh))
+        if not any(s.is_eh for s in sections):
+            found = _eh_frame_from_segments(elf)
+            if found is not None:
+                sections.insert(0, found)
+        text = elf.section(".text")
+        got = elf.section(".got")
+        return CfiInputs(str(elf.path), sections, text["sh_addr"] if text is not None else 0,
+                         got["sh_addr"] if got is not None else 0)
 
 
 def parse_cfi(sections: list[_Section], text_vaddr: int = 0, got_vaddr: int = 0) -> UnwindTable:

@@ -177,17 +177,23 @@ class FileSymbols:
 
     @cached_property
     def unwind_table(self) -> UnwindTable | None:
-        """CFI rows for the unwinder (None if corrupt): from the on-disk cache by build id,
-        else built (libc: ~50 ms, node: ~0.8 s) and cached for the next capture."""
+        """CFI rows for the unwinder (None if corrupt): from the on-disk cache when the same CFI
+        sections were parsed before, else built (libc: ~50 ms, node: ~0.8 s) and cached."""
         from symbolizer import unwind_cache  # noqa: PLC0415  (only unwinding needs it)
-        from symbolizer.cfi import UnwindTable  # noqa: PLC0415
+        from symbolizer.cfi import CfiInputs, cfi_inputs  # noqa: PLC0415
 
-        cached = unwind_cache.load(self.id.build_id, self.id.kind.value)
+        # Keyed by the CFI sections' own bytes, not the build id: a copy of a binary can keep its build id
+        # with other CFI, and its table must not be served to the real file (nor the other way round).
+        inputs: CfiInputs | None = self._guarded("unwind table", lambda: cfi_inputs(self.elf))  # type: ignore[assignment]
+        if inputs is None:
+            return None
+        key = inputs.digest()
+        cached = unwind_cache.load(key, "cfi")
         if cached is not None:
             return cached
-        table = self._guarded("unwind table", lambda: UnwindTable.from_elf(self.elf))
+        table = self._guarded("unwind table", inputs.parse)
         if table is not None:
-            unwind_cache.store(self.id.build_id, self.id.kind.value, table)
+            unwind_cache.store(key, "cfi", table)
         return table
 
     @cached_property

@@ -1,10 +1,13 @@
-"""Unwind tables kept on disk per build id.
+"""Unwind tables (and the BPF walker's packed rows) kept on disk.
 
 Building libc's table takes ~50 ms and a large binary's ~0.8 s, which a
 5-second capture pays again every run; read back from disk it is a few
-hundred microseconds. Files are keyed by build id (never by path), written
-atomically, and carry a format version and the byte order: anything that
-does not match is ignored and rebuilt, never trusted.
+hundred microseconds. Files are keyed by a digest of what they are built
+from (the CFI sections' bytes: symbolizer/cfi.py CfiInputs; the rows' inputs:
+agent/unwind/tables.py), never by path or build id alone, which a copy of a
+binary keeps whatever else it changes; written atomically, they carry a format
+version and the byte order: anything that does not match is ignored and
+rebuilt, never trusted.
 
 The directory: $BPFPROF_CACHE_DIR, else /var/cache/bpfprof/unwind when
 writable (the agent runs as root), else ~/.cache/bpfprof/unwind.

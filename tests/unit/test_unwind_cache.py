@@ -9,8 +9,9 @@ import pytest
 
 from fixtures.builder import build_go
 from symbolizer import unwind_cache
-from symbolizer.cfi import UnwindTable
+from symbolizer.cfi import CfiInputs, UnwindTable
 from symbolizer.elf import ElfFile
+from symbolizer.errors import ElfParseError
 from symbolizer.file_symbols import FileSymbols, file_id
 from symbolizer.unwind_rows import ROW, ROWS_FORMAT_VERSION, file_rows
 
@@ -29,10 +30,10 @@ def test_second_load_comes_from_disk_and_is_identical(cache, monkeypatch):
     assert built is not None and len(built) > 1000
     assert len(list(cache.iterdir())) == 1
 
-    def no_build(_elf):
+    def no_build(_inputs):
         raise AssertionError("rebuilt although cached")
 
-    monkeypatch.setattr(UnwindTable, "from_elf", staticmethod(no_build))
+    monkeypatch.setattr(CfiInputs, "parse", no_build)
     loaded = FileSymbols(elf, file_id(elf)).unwind_table
     assert loaded.sources == ("cache",)
     for name in ("pcs", "kinds", "cfa_offs", "rbp_offs"):
@@ -40,6 +41,36 @@ def test_second_load_comes_from_disk_and_is_identical(cache, monkeypatch):
     assert (loaded.fde_count, loaded.unsupported_fdes) == (built.fde_count, built.unsupported_fdes)
     for vaddr in list(built.pcs)[::997]:
         assert loaded.lookup(vaddr + 1) == built.lookup(vaddr + 1)
+
+
+def test_a_copy_with_the_same_build_id_and_other_cfi_gets_its_own_table(cache, tmp_path):
+    """libc with one .eh_frame byte changed and its build-id note kept: keyed by build id, whichever was
+    parsed first was served to both."""
+    elf = ElfFile(LIBC)
+    sec = elf.section(".eh_frame")
+    data = bytearray(LIBC.read_bytes())
+    data[sec["sh_offset"] + sec["sh_size"] // 2] ^= 0x01
+    copy = tmp_path / "libc-copy.so"
+    copy.write_bytes(data)
+    assert file_id(ElfFile(copy)) == file_id(elf)
+
+    def fields(t: UnwindTable) -> tuple:
+        return tuple(getattr(t, n).tobytes() for n in ("pcs", "kinds", "cfa_offs", "rbp_offs"))
+
+    want = {}
+    for path in (LIBC, copy):
+        try:
+            want[path] = fields(UnwindTable.from_elf(ElfFile(path)))
+        except ElfParseError:
+            want[path] = None
+    assert want[LIBC] != want[copy]
+    for order in ((copy, LIBC), (LIBC, copy)):
+        for p in cache.glob("*.unw"):
+            p.unlink()
+        for path in order * 2:  # parsed, parsed, then each from the cache
+            e = ElfFile(path)
+            table = FileSymbols(e, file_id(e)).unwind_table
+            assert (None if table is None else fields(table)) == want[path], path
 
 
 @pytest.mark.parametrize("damage", ["truncate", "version", "garbage", "extra"])
