@@ -36,6 +36,7 @@ ROWS_MAGIC = b"BPFROW"
 # magic, the rows format's version (symbolizer/unwind_rows.py), row size, base, payload length, payload sha256
 _ROWS_HEADER = struct.Struct("<6sHIQQ32s")
 MAX_ROWS_BYTES = 1 << 30  # a bound on what is read; libxul's rows are tens of MB
+MAX_TABLE_BYTES = 4 << 30  # a table is ~17 bytes a row: libLLVM's 949k rows are 16 MB
 
 
 def cache_dir() -> Path:
@@ -87,18 +88,38 @@ def read_private(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def _path(build_id: str, kind: str, directory: Path, suffix: str = ".unw") -> Path:
-    # Go build ids hold slashes: hash the key into a file name
-    return directory / (hashlib.sha256(f"{kind}:{build_id}".encode()).hexdigest()[:40] + suffix)
-
-
-def load(build_id: str, kind: str, directory: Path | None = None) -> UnwindTable | None:
-    """The cached table of this build id, or None (absent, other version, corrupt)."""
-    if not build_id:
-        return None
-    path = _path(build_id, kind, directory or cache_dir())
+def write_private(path: Path, *parts: bytes) -> str | None:
+    """Write a cache file atomically, mode 0600, in a directory only this user can write (made so);
+    None when written, else why not."""
+    why = private_dir(path.parent)
+    if why is not None:
+        return why
+    tmp = None
     try:
-        data = path.read_bytes()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")  # mode 0600
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(tmp, path)
+        return None
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        return str(e)
+
+
+def _path(key: str, kind: str, directory: Path, suffix: str = ".unw") -> Path:
+    # keys of any length and alphabet: hash them into a file name
+    return directory / (hashlib.sha256(f"{kind}:{key}".encode()).hexdigest()[:40] + suffix)
+
+
+def load(key: str, kind: str, directory: Path | None = None) -> UnwindTable | None:
+    """The cached table of `key` (CfiInputs.digest), or None (absent, other version, corrupt)."""
+    if not key:
+        return None
+    path = _path(key, kind, directory or cache_dir())
+    try:
+        data = read_private(path, MAX_TABLE_BYTES)
         magic, version, little, rows, fdes, unsupported = _HEADER.unpack_from(data)
         if magic != MAGIC or version != FORMAT_VERSION or bool(little) != (sys.byteorder == "little"):
             return None
@@ -115,42 +136,27 @@ def load(build_id: str, kind: str, directory: Path | None = None) -> UnwindTable
         if off != len(data):
             return None
         return UnwindTable(*arrays, fde_count=fdes, unsupported_fdes=unsupported, sources=("cache",))
-    except (OSError, struct.error, ValueError):
+    except (OSError, struct.error, ValueError):  # NotPrivate is a ValueError
         return None
 
 
-def store(build_id: str, kind: str, table: UnwindTable, directory: Path | None = None) -> bool:
-    """Write the table for this build id; False (and nothing written) if the directory is not writable."""
-    if not build_id:
-        return False
-    directory = directory or cache_dir()
+def store(key: str, kind: str, table: UnwindTable, directory: Path | None = None) -> bool:
+    """Write the table for `key`; False (and nothing written) if the directory is not usable."""
     arrays = (table.pcs, table.kinds, table.cfa_offs, table.rbp_offs)
-    if tuple(a.typecode for a in arrays) != _TYPECODES:
+    if not key or tuple(a.typecode for a in arrays) != _TYPECODES:
         return False
-    tmp = None
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, sys.byteorder == "little", len(table.pcs),
-                                 table.fde_count, table.unsupported_fdes))
-            for a in arrays:
-                f.write(a.tobytes())
-        os.replace(tmp, _path(build_id, kind, directory))
-        return True
-    except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        return False
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, sys.byteorder == "little", len(table.pcs), table.fde_count,
+                        table.unsupported_fdes)
+    return write_private(_path(key, kind, directory or cache_dir()), head, *(a.tobytes() for a in arrays)) is None
 
 
-def load_rows(build_id: str, kind: str, version: int, row_bytes: int,
+def load_rows(key: str, kind: str, version: int, row_bytes: int,
               directory: Path | None = None) -> tuple[int, bytes] | None:
-    """(base, packed rows) of this build id as the BPF unwinder reads them, or None (absent, another
-    rows format, corrupt: the checksum covers every byte, since the rows go into the kernel's map)."""
-    if not build_id:
+    """(base, packed rows) of `key` as the BPF unwinder reads them, or None (absent, another rows
+    format, corrupt: the checksum covers every byte, since the rows go into the kernel's map)."""
+    if not key:
         return None
-    path = _path(build_id, kind, directory or cache_dir(), ".rows")
+    path = _path(key, kind, directory or cache_dir(), ".rows")
     try:
         data = read_private(path, _ROWS_HEADER.size + MAX_ROWS_BYTES)
     except (OSError, NotPrivate):
@@ -166,24 +172,10 @@ def load_rows(build_id: str, kind: str, version: int, row_bytes: int,
     return base, payload
 
 
-def store_rows(build_id: str, kind: str, version: int, row_bytes: int, base: int, rows: bytes,
+def store_rows(key: str, kind: str, version: int, row_bytes: int, base: int, rows: bytes,
                directory: Path | None = None) -> bool:
     """Keep a file's packed rows for the next capture; False (nothing written) if it cannot be."""
-    if not build_id or len(rows) > MAX_ROWS_BYTES:
+    if not key or len(rows) > MAX_ROWS_BYTES:
         return False
-    directory = directory or cache_dir()
-    if private_dir(directory) is not None:
-        return False
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mode 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(_ROWS_HEADER.pack(ROWS_MAGIC, version, row_bytes, base, len(rows),
-                                      hashlib.sha256(rows).digest()))
-            f.write(rows)
-        os.replace(tmp, _path(build_id, kind, directory, ".rows"))
-        return True
-    except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        return False
+    head = _ROWS_HEADER.pack(ROWS_MAGIC, version, row_bytes, base, len(rows), hashlib.sha256(rows).digest())
+    return write_private(_path(key, kind, directory or cache_dir(), ".rows"), head, rows) is None

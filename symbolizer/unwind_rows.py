@@ -65,7 +65,7 @@ __all__ = ["ROW", "RowKind", "RowStats", "UnwindRows", "build_rows", "decode_row
 
 ROW = struct.Struct("<IBbh")  # pc, kind, rbp, cfa: see the module docstring; bpf/ mirrors it
 # Bump whenever what build_rows makes of the same file changes (its inputs too: symbolizer/cfi.py's rules,
-# symbolizer/gopclntab.py's SP deltas): rows are cached on disk by build id.
+# symbolizer/gopclntab.py's SP deltas): rows are cached on disk (agent/unwind/tables.py rows_key).
 ROWS_FORMAT_VERSION = 1
 
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,16 +245,6 @@ def decode(key: str, data: bytes) -> Entry:
 # -- the directory ----------------------------------------------------------------------------------------
 
 
-def _private_dir(directory: Path) -> bool:
-    """symbolizer/unwind_cache.private_dir, with the cache's log line when it cannot be used."""
-    from symbolizer.unwind_cache import private_dir  # noqa: PLC0415  (keeps start-up imports small)
-
-    why = private_dir(directory)
-    if why is not None:
-        log.warning("BPF cache %s unusable (%s): compiling every start", directory, why)
-    return why is None
-
-
 def entry_path(key: str, directory: Path | None = None) -> Path:
     return (directory or cache_dir()) / f"{key[:48]}.bpfc"
 
@@ -298,21 +287,13 @@ def write(key: str, data: bytes, directory: Path | None = None) -> Path | None:
 
 def write_file(path: Path, data: bytes) -> Path | None:
     """Write a file of the cache directory atomically (mode 0600); None (logged) when it cannot be."""
-    directory = path.parent
-    if not _private_dir(directory):
+    from symbolizer.unwind_cache import write_private  # noqa: PLC0415  (keeps start-up imports small)
+
+    why = write_private(path, data)
+    if why is not None:
+        log.warning("BPF cache file %s not written (%s): compiling every start", path, why)
         return None
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")  # mode 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return path
-    except OSError as e:
-        log.warning("BPF cache %s not written: %s", directory, e)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        return None
+    return path
 
 
 # -- loading an entry (no BCC) --------------------------------------------------------------------------

@@ -63,8 +63,8 @@ def hint_name(command: str, args: Sequence[str]) -> str:
 
 
 class _Preload:
-    def __init__(self, name: str, key: str, map_entries: dict[str, int]) -> None:
-        self.name, self.key, self.map_entries = name, key, map_entries
+    def __init__(self, key: str, map_entries: dict[str, int]) -> None:
+        self.key, self.map_entries = key, map_entries
         self.objects: tuple[dict[str, int], dict[str, int]] | None = None
         self.thread = threading.Thread(target=self._run, name="bpf-preload", daemon=True)
 
@@ -119,7 +119,7 @@ def start(command: str, args: Sequence[str]) -> None:
         hint = _read_hint(_hint_path(_name))
         if hint is None:
             return
-        _pending = _Preload(_name, *hint)
+        _pending = _Preload(*hint)
         _pending.thread.start()
 
 
