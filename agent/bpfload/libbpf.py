@@ -168,21 +168,22 @@ def attach_cpu_clock(prog_fd: int, frequency_hz: int) -> list[int]:
     return fds
 
 
-def set_cpu_clock_frequency(fds: list[int], frequency_hz: int) -> None:
-    """Change the frequency of attach_cpu_clock's events in place: no detach, no BPF reload, no gap.
+def set_cpu_clock_period(fds: list[int], period_ns: int) -> None:
+    """Change the sampling period of attach_cpu_clock's events in place: no detach, no BPF reload.
 
     The argument of PERF_EVENT_IOC_PERIOD is a period unless the event is in frequency mode, and the
     kernel turns a cpu-clock event opened with freq=1 into a fixed-period hrtimer at open time
-    (perf_swevent_init_hrtimer clears attr.freq): so the period in ns is what it takes. Passing the
-    frequency would set a period of a few ns, which the kernel rounds up to 10 us: 100 kHz.
-    BpfLoadError if the kernel refuses.
+    (perf_swevent_init_hrtimer clears attr.freq): so it takes a period in ns (a frequency passed there
+    would be a period of a few ns, which the kernel rounds up to 10 us: 100 kHz). The kernel restarts
+    each event's timer from the call (__perf_event_period clears period_left): the part of the period
+    that had run is not sampled. BpfLoadError if the kernel refuses.
     """
-    arg = ctypes.c_uint64(max(1, 1_000_000_000 // frequency_hz))
+    arg = ctypes.c_uint64(max(1, period_ns))
     for fd in fds:
         try:
             fcntl.ioctl(fd, PERF_EVENT_IOC_PERIOD, arg)
         except OSError as e:
-            raise BpfLoadError(f"perf event frequency {frequency_hz} Hz: {e.strerror}") from None
+            raise BpfLoadError(f"perf event period {period_ns} ns: {e.strerror}") from None
 
 
 def tracepoint_id(category: str, name: str) -> int:

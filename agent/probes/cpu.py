@@ -16,6 +16,8 @@ from __future__ import annotations
 import bisect
 import ctypes
 import logging
+import math
+import random
 import time
 from array import array
 
@@ -36,6 +38,20 @@ log = logging.getLogger(__name__)
 TRACE_PROCS_MAP = "trace_procs"
 # Frequency changes kept (CpuProbe.set_frequency): far more than the records of an interval can span.
 MAX_FREQUENCY_CHANGES = 4096
+# Sampling periods kept (CpuProbe.periods): one per draw, a few a second, far more than an interval spans.
+MAX_PERIODS = 65536
+# A fixed sampling period locks step with a workload periodic at a multiple of it: a loop of 2 ms cycles
+# read 100 % in one of its phases at 500 Hz (tests/fixtures/c/phase_locked.c), a Go loop of ~0.3 ms
+# cycles up to 4 points off at 499 Hz. So the rate is drawn anew, uniformly within +-DITHER of the
+# frequency, for a run of DITHER_RUN periods (drawn too); a run starts at a moment the workload does not
+# know of, so runs sample independent phases. A narrow band is not enough: at +-10 % over runs of 100
+# periods the 2 ms loop still read 26-32 % for 30.
+DITHER = 0.5
+DITHER_RUN = (20, 60)
+# Each draw restarts the events' timers (libbpf.set_cpu_clock_period): the part of the old period that
+# had run, half of it on average, goes unsampled; a rate this much higher makes up for it.
+_MEAN_PERIOD = math.log((1 + DITHER) / (1 - DITHER)) / (2 * DITHER)  # E[1 / (1 + u)] for u ~ U(-D, D)
+DITHER_MAKEUP = 1 + _MEAN_PERIOD / sum(DITHER_RUN)
 
 
 
@@ -75,6 +91,9 @@ class CpuAccumulator(Accumulator):
     def record_count(self) -> int:
         return len(self.samples)
 
+    def tick(self) -> None:
+        self.family.dither(time.monotonic())
+
     def profiles(self, resolver: StackResolver, tracker: ProcessTracker, window: Window) -> list[Profile]:
         config = self.family.config
         changes = list(self.family.frequency_changes)  # (monotonic ns, Hz) in time order
@@ -82,22 +101,17 @@ class CpuAccumulator(Accumulator):
         hz_at_end = self.family.frequency_at(end_ktime, changes)
         profile = cpu_profile(window.start_ns, window.duration_ns, hz_at_end)
         start_ktime = window.start_ns - window.wall_offset_ns
+        # Each sample weighs the period it was taken at: drawn by dither(), or set by set_frequency().
+        pairs = self.family.periods[:]  # (CLOCK_MONOTONIC ns, period ns), one after the other, in time order
+        starts, lengths = pairs[0::2].tolist(), pairs[1::2].tolist()
+        first = 1_000_000_000 // config.frequency_hz
+
+        def weights(values: array, times: array) -> list[int]:
+            at = [bisect.bisect_right(starts, t) - 1 for t in times]
+            return [sum(values), sum(v * (lengths[i] if i >= 0 else first) for v, i in zip(values, at, strict=True))]
+
         inside = [(t, hz) for t, hz in changes if start_ktime < t <= end_ktime]
-        if not inside:
-            period = profile.period
-
-            def weights(values: array, _times: array) -> list[int]:
-                n = sum(values)
-                return [n, n * period]
-        else:  # the frequency changed in this interval (governor, reload): each sample weighs its own period
-            starts = [t for t, _ in changes]
-            periods = [1_000_000_000 // hz for _, hz in changes]
-            first = 1_000_000_000 // config.frequency_hz
-
-            def weights(values: array, times: array) -> list[int]:
-                at = [bisect.bisect_right(starts, t) - 1 for t in times]
-                return [sum(values), sum(v * (periods[i] if i >= 0 else first) for v, i in zip(values, at, strict=True))]
-
+        if inside:
             profile.comments.append("sampling frequency changed (overhead governor or reload): "
                                     + ", ".join(f"{hz} Hz from {(t + window.wall_offset_ns) / 1e9:.3f}"
                                                 for t, hz in inside))
@@ -134,9 +148,14 @@ class CpuProbe(ProbeFamily):
         self.events_per_cpu_s = config.frequency_hz
         self.trace_contexts: TraceContextRegistry | None = None
         self.frequency_hz = config.frequency_hz  # what the perf events sample at now (set_frequency)
-        # (CLOCK_MONOTONIC ns, Hz) of each change, so an interval's samples weigh the period they were taken at.
+        # (CLOCK_MONOTONIC ns, Hz) of each set_frequency(), for the profiles' comments.
         self.frequency_changes: list[tuple[int, int]] = []
+        # (CLOCK_MONOTONIC ns, period ns) of each period from then on, one after the other, so that an
+        # interval's samples weigh the period they were taken at; only the polling thread appends.
+        self.periods = array("q")
         self._event_fds: list[int] = []
+        self._random = random.Random()
+        self._next_dither_s = 0.0  # time.monotonic() of the next period drawn (dither)
         tracker.on_evict(self.forget)
 
     def forget(self, pid: int) -> None:
@@ -159,10 +178,30 @@ class CpuProbe(ProbeFamily):
         if the kernel refuses. Samples keep the period they were taken at (profiles())."""
         if frequency_hz == self.frequency_hz:
             return
-        libbpf.set_cpu_clock_frequency(self._event_fds, frequency_hz)
-        self.frequency_changes.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), frequency_hz))
-        del self.frequency_changes[:-MAX_FREQUENCY_CHANGES]
         self.frequency_hz = frequency_hz
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self.frequency_changes.append((now_ns, frequency_hz))
+        del self.frequency_changes[:-MAX_FREQUENCY_CHANGES]
+        self._next_dither_s = 0.0
+        if not self.dither(time.monotonic()):  # no events (a replay): the plain period
+            self._keep_period(now_ns, 1_000_000_000 // frequency_hz)
+
+    def dither(self, now_s: float) -> bool:
+        """Draw the next sampling period if the last one has run its course (see DITHER); True if drawn.
+        BpfLoadError if the kernel refuses it."""
+        if now_s < self._next_dither_s or not self._event_fds:
+            return False
+        draw = self._random.uniform
+        rate = self.frequency_hz * (1 + draw(-DITHER, DITHER))
+        self._keep_period(time.clock_gettime_ns(time.CLOCK_MONOTONIC), round(1e9 / rate))
+        libbpf.set_cpu_clock_period(self._event_fds, round(1e9 / (rate * DITHER_MAKEUP)))
+        self._next_dither_s = now_s + draw(*DITHER_RUN) / self.frequency_hz
+        return True
+
+    def _keep_period(self, ktime_ns: int, period_ns: int) -> None:
+        self.periods.extend((ktime_ns, period_ns))  # one call: a reader's copy has whole pairs
+        if len(self.periods) > 4 * MAX_PERIODS:
+            del self.periods[:-2 * MAX_PERIODS]
 
     def programs(self) -> dict[str, ProgType]:
         return {self.PROGRAM: ProgType.PERF_EVENT}
@@ -174,6 +213,10 @@ class CpuProbe(ProbeFamily):
         super().attach(objs)
         self._event_fds = libbpf.attach_cpu_clock(objs.programs[self.PROGRAM], self.config.frequency_hz)
         return list(self._event_fds)
+
+    def detach(self) -> None:
+        """The probe set closes the events: their fd numbers are no longer ours to change."""
+        self._event_fds = []
 
     def on_start(self, objs: LoadedObjects, first: Accumulator) -> None:
         fd = objs.maps[TRACE_PROCS_MAP]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
 from fixtures.builder import build_c
 from gotool import gotool_total
-from recording import by_pid, read_pprof, run_bpfprof
+from recording import Decoded, by_pid, read_pprof, run_bpfprof
 
 # Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
 pytestmark = pytest.mark.alone
@@ -25,6 +26,25 @@ def test_c_stacks_reach_main(tmp_path):
     assert prof.cum_share("main") >= 0.99
     assert prof.cum_share("spin") >= 0.5  # where the fixture burns its CPU
     assert gotool_total(tmp_path, out) == prof.total()
+
+
+def test_a_loop_periodic_at_the_sampling_period_reads_its_split(tmp_path):
+    """phase_locked spends the first 30 % of every 2 ms in in_a. A sampler with a fixed 2 ms period lands at
+    one phase of that loop in every sample and reads 0 or 100 % (the product did, before it drew its periods:
+    agent/probes/cpu.py DITHER); bpfprof must read the share and the CPU time of the fixture's own clock."""
+    binary = build_c("phase_locked", flags=("-O2", "-g"))
+    out = tmp_path / "phase.pb.gz"
+    proc = run_bpfprof("record", "--frequency", "500", "--no-kernel", "-o", str(out), "--", str(binary), "2000", "30", "6")
+    clock = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    prof = read_pprof(out)
+    own = Decoded([s for s in prof.samples if s.labels.get("process_name") == binary.name[:15]],
+                  prof.sample_types, prof.inline_pairs, prof.raw)
+    assert own.total() > 2000, "too few samples to judge a share"  # ~3000: one sample's share is 0.8 points
+    truth = clock["in_a"] / (clock["in_a"] + clock["in_b"])
+    assert 0.25 < truth < 0.35, f"the fixture did not keep to its phases: {clock}"
+    assert abs(own.cum_share("in_a") - truth) <= 0.03, f"in_a {own.cum_share('in_a'):.3f} vs its clock {truth:.3f}"
+    cpu_s = sum(s.values[1] for s in own.samples) / 1e9
+    assert abs(cpu_s / (clock["in_a"] + clock["in_b"]) - 1) <= 0.03, f"{cpu_s:.3f} s of CPU vs its clock's {clock}"
 
 
 def test_process_that_exited_and_was_deleted_is_symbolized(tmp_path):
