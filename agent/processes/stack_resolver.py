@@ -265,7 +265,7 @@ class UnwoundStack(tuple):
 COMPLETE = "complete"  # the walk reached the outermost frame
 FP_CONTINUED = "fp_continued"  # the walk stopped; the frame-pointer stack continued it from a frame both saw
 NO_COPY = "no_copy"  # no registers/stack copy: the frame-pointer stack as BPF sent it
-NO_PROCESS = "no_process"  # the process was gone before its maps were read
+NO_PROCESS = "no_process"  # the process was gone before its maps were read, or the full table refused it
 
 
 class FallbackSink(Protocol):
@@ -308,7 +308,11 @@ class UserStacks:
         A copy sent where the BPF walker stopped (USTACK_CONTINUE) continues the frames it walked.
         """
         if rec.user_regs is None:
-            if rec.user_ips and self.tables is None:  # walked in BPF: no copy is the normal case
+            if rec.image is None and self.tracker.get(rec.pid) is None:
+                # No copy and no process: one exiting (its memory gone) or refused by the full table.
+                # The sample stays, unnamed, and is counted as such.
+                self.outcomes[NO_PROCESS] += 1
+            elif rec.user_ips and self.tables is None:  # walked in BPF: no copy is the normal case
                 self.outcomes[NO_COPY] += 1
             return rec
         flags = rec.ustack_flags
@@ -361,7 +365,8 @@ class UserStacks:
             elif outcome == NO_COPY:
                 out.append(Loss("unwind_no_copy", n, "user stacks from frame pointers only (no stack copy)"))
             elif outcome == NO_PROCESS:
-                out.append(Loss("unwind_no_process", n, "user stacks of processes gone before their maps were read"))
+                out.append(Loss("unwind_no_process", n, "user stacks of processes gone before their maps were read "
+                                                        "or refused by the full process table"))
         return out
 
 

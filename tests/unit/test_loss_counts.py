@@ -19,7 +19,7 @@ from agent.processes.stack_resolver import UnwindMode
 from agent.processes.tracker import ProcessTracker
 from symbolizer.errors import BpfprofError
 
-GONE = "user stacks of processes gone before their maps were read"
+GONE = "user stacks of processes gone before their maps were read or refused by the full process table"
 
 
 def fake_process(root: Path, pid: int, start_ticks: int = 555, maps: bool = True) -> None:
