@@ -156,6 +156,7 @@ class CpuProbe(ProbeFamily):
         self._event_fds: list[int] = []
         self._random = random.Random()
         self._next_dither_s = 0.0  # time.monotonic() of the next period drawn (dither)
+        self._dither_failed = False
         tracker.on_evict(self.forget)
 
     def forget(self, pid: int) -> None:
@@ -183,18 +184,26 @@ class CpuProbe(ProbeFamily):
         self.frequency_changes.append((now_ns, frequency_hz))
         del self.frequency_changes[:-MAX_FREQUENCY_CHANGES]
         self._next_dither_s = 0.0
-        if not self.dither(time.monotonic()):  # no events (a replay): the plain period
-            self._keep_period(now_ns, 1_000_000_000 // frequency_hz)
+        if not self.dither(time.monotonic()):  # no events (a replay), or no draws: the plain period
+            period = 1_000_000_000 // frequency_hz
+            libbpf.set_cpu_clock_period(self._event_fds, period)
+            self._keep_period(now_ns, period)
 
     def dither(self, now_s: float) -> bool:
         """Draw the next sampling period if the last one has run its course (see DITHER); True if drawn.
-        BpfLoadError if the kernel refuses it."""
-        if now_s < self._next_dither_s or not self._event_fds:
+        If the kernel refuses one, a log line, and the period stays as it is from then on."""
+        if now_s < self._next_dither_s or not self._event_fds or self._dither_failed:
             return False
         draw = self._random.uniform
         rate = self.frequency_hz * (1 + draw(-DITHER, DITHER))
-        self._keep_period(time.clock_gettime_ns(time.CLOCK_MONOTONIC), round(1e9 / rate))
-        libbpf.set_cpu_clock_period(self._event_fds, round(1e9 / (rate * DITHER_MAKEUP)))
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        try:
+            libbpf.set_cpu_clock_period(self._event_fds, round(1e9 / (rate * DITHER_MAKEUP)))
+        except BpfLoadError as e:
+            log.warning("cpu: the sampling period is no longer drawn (it may lock step with a periodic loop): %s", e)
+            self._dither_failed = True
+            return False
+        self._keep_period(now_ns, round(1e9 / rate))
         self._next_dither_s = now_s + draw(*DITHER_RUN) / self.frequency_hz
         return True
 
