@@ -112,6 +112,13 @@ def read_pprof(path: Path) -> Decoded:
     return Decoded(samples, types, pairs, p)
 
 
+def of_binary(prof: Decoded, binary_name: str) -> Decoded:
+    """Only the samples of processes named after `binary_name` (the kernel's 15-character comm): a
+    fixture's own, not the gate's exec or a shell's."""
+    return Decoded([s for s in prof.samples if s.labels.get("process_name") == binary_name[:15]],
+                   prof.sample_types, prof.inline_pairs, prof.raw)
+
+
 def by_pid(decoded: Decoded) -> dict[int, list[DecodedSample]]:
     out: dict[int, list[DecodedSample]] = defaultdict(list)
     for s in decoded.samples:

@@ -9,7 +9,7 @@ import pytest
 
 from fixtures.builder import build_c
 from gotool import gotool_total
-from recording import Decoded, by_pid, read_pprof, run_bpfprof
+from recording import by_pid, of_binary, read_pprof, run_bpfprof
 
 # Its fixtures run for a wall time and need the CPU they ask for (sample counts): no other test beside.
 pytestmark = pytest.mark.alone
@@ -37,8 +37,7 @@ def test_a_loop_periodic_at_the_sampling_period_reads_its_split(tmp_path):
     proc = run_bpfprof("record", "--frequency", "500", "--no-kernel", "-o", str(out), "--", str(binary), "2000", "30", "6")
     clock = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     prof = read_pprof(out)
-    own = Decoded([s for s in prof.samples if s.labels.get("process_name") == binary.name[:15]],
-                  prof.sample_types, prof.inline_pairs, prof.raw)
+    own = of_binary(prof, binary.name)
     assert own.total() > 2000, "too few samples to judge a share"  # ~3000: one sample's share is 0.8 points
     truth = clock["in_a"] / (clock["in_a"] + clock["in_b"])
     assert 0.25 < truth < 0.35, f"the fixture did not keep to its phases: {clock}"

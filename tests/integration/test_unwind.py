@@ -21,7 +21,7 @@ from agent.bpfload import libbpf
 from agent.processes.tracker import ProcessTracker
 from agent.unwind.tables import UnwindProc, UnwindTables
 from fixtures.builder import build_c, build_go
-from recording import Decoded, read_pprof, run_bpfprof
+from recording import Decoded, of_binary, read_pprof, run_bpfprof
 from symbolizer.elf import ElfFile
 from symbolizer.file_symbols import SymbolCache
 
@@ -48,17 +48,11 @@ def _record_with_output(tmp_path, name: str, *command: str, unwind: str | None =
     return read_pprof(out), proc.stdout
 
 
-def _of_binary(prof: Decoded, binary_name: str) -> Decoded:
-    """Only the fixture's own samples (not the gate's exec or a shell)."""
-    return Decoded([s for s in prof.samples if s.labels.get("process_name") == binary_name[:15]],
-                   prof.sample_types, prof.inline_pairs, prof.raw)
-
-
 @pytest.mark.parametrize("flags", [("-O2", "-fno-omit-frame-pointer"), ("-O2", "-fomit-frame-pointer")],
                          ids=["frame-pointers", "omit-frame-pointer"])
 def test_leaf_callers_in_known_split(tmp_path, flags):
     binary = build_c("unwind_split", flags=flags)
-    prof = _of_binary(_record(tmp_path, "split", str(binary), "6"), binary.name)
+    prof = of_binary(_record(tmp_path, "split", str(binary), "6"), binary.name)
     assert prof.total() > 1000
     assert prof.cum_share("main") >= 0.99
     assert abs(prof.cum_share("caller_a") - 0.7) <= TOLERANCE, prof.cum_share("caller_a")
@@ -68,14 +62,14 @@ def test_leaf_callers_in_known_split(tmp_path, flags):
 def test_frame_pointer_mode_still_loses_the_leaf_caller(tmp_path):
     """The baseline the issue is about: `--unwind fp` keeps bpf_get_stack's walk."""
     binary = build_c("unwind_split", flags=("-O2", "-fno-omit-frame-pointer"))
-    prof = _of_binary(_record(tmp_path, "split-fp", str(binary), "2", unwind="fp"), binary.name)
+    prof = of_binary(_record(tmp_path, "split-fp", str(binary), "2", unwind="fp"), binary.name)
     assert prof.total() > 300
     assert prof.cum_share("caller_a") + prof.cum_share("caller_b") < 0.2
 
 
 def test_cpp_templates_without_frame_pointers(tmp_path):
     binary = build_c("unwind_deep", flags=("-O2", "-g", "-fomit-frame-pointer"))
-    prof = _of_binary(_record(tmp_path, "deep", str(binary), "4"), binary.name)
+    prof = of_binary(_record(tmp_path, "deep", str(binary), "4"), binary.name)
     chain = ["deep::Level<0>::run(unsigned long)", *(f"deep::Level<{n}>::run(unsigned long)" for n in range(1, 6)),
              "deep::through_function(std::function<unsigned long (unsigned long)> const&, unsigned long)", "main"]
     hot = [s for s in prof.samples if s.functions and s.functions[0] == chain[0]]
@@ -93,7 +87,7 @@ def _in_order(functions: list[str], chain: list[str]) -> bool:
 
 def test_caller_above_libc_without_frame_pointers(tmp_path):
     binary = build_c("unwind_qsort")
-    prof = _of_binary(_record(tmp_path, "qsort", str(binary), "4"), binary.name)
+    prof = of_binary(_record(tmp_path, "qsort", str(binary), "4"), binary.name)
     assert prof.total() > 1000
     # qsort_r by the alias perf picks from libc6-dbg's .symtab (__GI___qsort_r), or .dynsym's without it
     in_sort = [s for s in prof.samples if "compare" in s.functions
@@ -131,7 +125,7 @@ def test_recursion_deeper_than_a_stack_copy(tmp_path):
     stack from the leaf has every frame."""
     binary = build_c("unwind_recursion", flags=("-O2", "-fomit-frame-pointer"))
     recorded, stdout = _record_with_output(tmp_path, "recursion", str(binary), "8")
-    prof = _of_binary(recorded, binary.name)
+    prof = of_binary(recorded, binary.name)
     truth = {fields[0]: int(fields[1]) for fields in (line.split() for line in stdout.splitlines())
              if len(fields) == 2 and fields[0] in ("caller_a", "caller_b")}
     truth_a = truth["caller_a"] / (truth["caller_a"] + truth["caller_b"])
